@@ -1,0 +1,174 @@
+//! The one interface every compression method implements.
+
+use crate::store::HeadData;
+use crate::Error;
+use std::collections::BTreeMap;
+
+/// Attention statistics the engine collects for one (layer, KV head) during prefill.
+/// Each vector has one entry per slot; with grouped-query attention, entries are
+/// summed over the query heads that share the KV head.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HeadStats {
+    /// Column sums of the softmax attention over every prompt query (H2O's score).
+    pub accumulated: Option<Vec<f32>>,
+    /// Attention of the last `window` prompt queries, summed over those queries (SnapKV).
+    pub window: Option<Vec<f32>>,
+    /// Attention row of the newest query (TOVA).
+    pub last: Option<Vec<f32>>,
+}
+
+/// Which statistics a method reads, so the engine collects only those.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsNeeds {
+    pub accumulated: bool,
+    /// Size of the observation window, if the method needs one.
+    pub window: Option<usize>,
+    pub last: bool,
+}
+
+impl StatsNeeds {
+    pub fn union(self, other: StatsNeeds) -> StatsNeeds {
+        StatsNeeds {
+            accumulated: self.accumulated || other.accumulated,
+            window: match (self.window, other.window) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            },
+            last: self.last || other.last,
+        }
+    }
+    pub fn any(&self) -> bool {
+        self.accumulated || self.window.is_some() || self.last
+    }
+}
+
+/// Where a head sits in the model, for methods whose behaviour depends on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadPos {
+    pub layer: usize,
+    pub n_layers: usize,
+    pub kv_head: usize,
+    pub n_kv_heads: usize,
+}
+
+/// Everything a method reads to compress one head.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadInput<'a> {
+    pub data: &'a HeadData,
+    pub stats: &'a HeadStats,
+    pub pos: HeadPos,
+    /// Number of slots this head may keep.
+    pub budget: usize,
+}
+
+/// How the engine must treat a merged slot's attention (see spec: attention mass).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MassCorrection {
+    #[default]
+    None,
+    /// Merged values were scaled by their member count.
+    ValueScale,
+    /// A logit bias (stored in `SlotMeta::bias`) was set on merged slots.
+    LogitBias,
+}
+
+/// A compression method: reads one head's slots and statistics, returns a smaller set of slots.
+pub trait Method: Send + Sync {
+    /// The registry name.
+    fn name(&self) -> &str;
+    /// The statistics this method reads.
+    fn needs(&self) -> StatsNeeds;
+    /// The compressed head. Must not return more than `input.budget` slots unless the
+    /// method's documented mode (e.g. KVMerger's paper mode) says its size is not enforced.
+    fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error>;
+}
+
+/// Method options as `key=value` strings, checked by each method for unknown keys.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Options {
+    map: BTreeMap<String, String>,
+}
+
+impl Options {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Parse `key=value`.
+    pub fn parse_pair(&mut self, pair: &str) -> Result<(), Error> {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| Error::InvalidOption(format!("'{pair}' is not of the form key=value")))?;
+        let k = k.trim();
+        if k.is_empty() {
+            return Err(Error::InvalidOption(format!("'{pair}' has an empty key")));
+        }
+        self.map.insert(k.to_string(), v.trim().to_string());
+        Ok(())
+    }
+    pub fn set(&mut self, key: &str, value: impl ToString) {
+        self.map.insert(key.to_string(), value.to_string());
+    }
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.map.get(key).map(|s| s.as_str())
+    }
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(|s| s.as_str())
+    }
+    /// Error on any key not in `allowed`.
+    pub fn check_known(&self, method: &str, allowed: &[&str]) -> Result<(), Error> {
+        for k in self.map.keys() {
+            if !allowed.contains(&k.as_str()) {
+                return Err(Error::InvalidOption(format!(
+                    "method '{method}' has no option '{k}' (known: {})",
+                    if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") }
+                )));
+            }
+        }
+        Ok(())
+    }
+    pub fn f32_or(&self, key: &str, default: f32) -> Result<f32, Error> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse::<f32>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| Error::InvalidOption(format!("option {key}='{v}' is not a finite number"))),
+        }
+    }
+    pub fn usize_or(&self, key: &str, default: usize) -> Result<usize, Error> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.parse::<usize>().map_err(|_| {
+                Error::InvalidOption(format!("option {key}='{v}' is not a non-negative integer"))
+            }),
+        }
+    }
+    pub fn u64_or(&self, key: &str, default: u64) -> Result<u64, Error> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.parse::<u64>().map_err(|_| {
+                Error::InvalidOption(format!("option {key}='{v}' is not a non-negative integer"))
+            }),
+        }
+    }
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool, Error> {
+        match self.get(key) {
+            None => Ok(default),
+            Some("true" | "1" | "yes") => Ok(true),
+            Some("false" | "0" | "no") => Ok(false),
+            Some(v) => Err(Error::InvalidOption(format!("option {key}='{v}' is not true or false"))),
+        }
+    }
+    /// One of `choices`, or `default`.
+    pub fn choice_or<'a>(&'a self, key: &str, choices: &[&str], default: &'a str) -> Result<&'a str, Error> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) if choices.contains(&v) => Ok(v),
+            Some(v) => Err(Error::InvalidOption(format!(
+                "option {key}='{v}' must be one of: {}",
+                choices.join(", ")
+            ))),
+        }
+    }
+}

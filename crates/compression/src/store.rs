@@ -1,0 +1,304 @@
+//! The per-(layer, KV head) slot store that the engine's cache is made of.
+//!
+//! Every store has its own length, so compression can leave heads at different
+//! sizes; replacing a store (see [`HeadStore::from_data`]) really frees the
+//! memory of the slots that were dropped.
+
+use half::f16;
+
+/// Element type of stored keys and values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    #[default]
+    F16,
+    F32,
+}
+
+impl KvDtype {
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F16 => 2,
+            KvDtype::F32 => 4,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Ok(KvDtype::F16),
+            "f32" => Ok(KvDtype::F32),
+            other => Err(format!("unknown KV dtype '{other}' (expected f16 or f32)")),
+        }
+    }
+}
+
+/// What compression needs to know of a slot besides its key and value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SlotMeta {
+    /// Position of the token in the original sequence (for a merged slot, the pivot's).
+    pub position: u32,
+    /// Number of original tokens this slot stands for (1 for a plain token).
+    pub count: u32,
+    /// Accumulated attention the slot has received (H2O's score).
+    pub score: f32,
+    /// Additive bias on the attention logit of this slot (0 = none).
+    pub bias: f32,
+}
+
+impl SlotMeta {
+    pub fn token(position: u32) -> Self {
+        SlotMeta { position, count: 1, score: 0.0, bias: 0.0 }
+    }
+}
+
+/// Borrowed view of stored keys or values in their storage type.
+#[derive(Clone, Copy, Debug)]
+pub enum KvSlice<'a> {
+    F16(&'a [f16]),
+    F32(&'a [f32]),
+}
+
+#[derive(Clone, Debug)]
+enum Storage {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl Storage {
+    fn new(dtype: KvDtype, capacity: usize) -> Self {
+        match dtype {
+            KvDtype::F16 => Storage::F16(Vec::with_capacity(capacity)),
+            KvDtype::F32 => Storage::F32(Vec::with_capacity(capacity)),
+        }
+    }
+    fn push(&mut self, x: &[f32]) {
+        match self {
+            Storage::F16(v) => v.extend(x.iter().map(|&a| f16::from_f32(a))),
+            Storage::F32(v) => v.extend_from_slice(x),
+        }
+    }
+    fn slice(&self) -> KvSlice<'_> {
+        match self {
+            Storage::F16(v) => KvSlice::F16(v),
+            Storage::F32(v) => KvSlice::F32(v),
+        }
+    }
+    fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Storage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Storage::F32(v) => v.clone(),
+        }
+    }
+    fn read(&self, start: usize, out: &mut [f32]) {
+        match self {
+            Storage::F16(v) => {
+                for (o, x) in out.iter_mut().zip(&v[start..start + out.len()]) {
+                    *o = x.to_f32();
+                }
+            }
+            Storage::F32(v) => out.copy_from_slice(&v[start..start + out.len()]),
+        }
+    }
+    fn capacity(&self) -> usize {
+        match self {
+            Storage::F16(v) => v.capacity(),
+            Storage::F32(v) => v.capacity(),
+        }
+    }
+    fn reserve(&mut self, extra: usize) {
+        match self {
+            Storage::F16(v) => v.reserve(extra),
+            Storage::F32(v) => v.reserve(extra),
+        }
+    }
+}
+
+/// Keys, values and slot metadata of one (layer, KV head), as f32, for compression to read and write.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HeadData {
+    pub dim: usize,
+    /// `len * dim` keys, row-major (one key per slot), after RoPE.
+    pub keys: Vec<f32>,
+    /// `len * dim` values, row-major.
+    pub values: Vec<f32>,
+    pub meta: Vec<SlotMeta>,
+}
+
+impl HeadData {
+    pub fn new(dim: usize) -> Self {
+        HeadData { dim, ..Default::default() }
+    }
+    pub fn len(&self) -> usize {
+        self.meta.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty()
+    }
+    pub fn key(&self, i: usize) -> &[f32] {
+        &self.keys[i * self.dim..(i + 1) * self.dim]
+    }
+    pub fn value(&self, i: usize) -> &[f32] {
+        &self.values[i * self.dim..(i + 1) * self.dim]
+    }
+    pub fn push(&mut self, key: &[f32], value: &[f32], meta: SlotMeta) {
+        debug_assert_eq!(key.len(), self.dim);
+        debug_assert_eq!(value.len(), self.dim);
+        self.keys.extend_from_slice(key);
+        self.values.extend_from_slice(value);
+        self.meta.push(meta);
+    }
+    /// The slots at `indices`, in that order, unchanged.
+    pub fn gather(&self, indices: &[usize]) -> HeadData {
+        let mut out = HeadData::new(self.dim);
+        out.keys.reserve(indices.len() * self.dim);
+        out.values.reserve(indices.len() * self.dim);
+        out.meta.reserve(indices.len());
+        for &i in indices {
+            out.push(self.key(i), self.value(i), self.meta[i]);
+        }
+        out
+    }
+}
+
+/// Keys and values of one (layer, KV head) in their storage type, with per-slot metadata.
+#[derive(Clone, Debug)]
+pub struct HeadStore {
+    dim: usize,
+    dtype: KvDtype,
+    keys: Storage,
+    values: Storage,
+    meta: Vec<SlotMeta>,
+    biased: bool,
+}
+
+impl HeadStore {
+    pub fn new(dim: usize, dtype: KvDtype) -> Self {
+        Self::with_capacity(dim, dtype, 0)
+    }
+
+    /// A store with room for `slots` slots, so that appending up to that many never reallocates.
+    pub fn with_capacity(dim: usize, dtype: KvDtype, slots: usize) -> Self {
+        HeadStore {
+            dim,
+            dtype,
+            keys: Storage::new(dtype, slots * dim),
+            values: Storage::new(dtype, slots * dim),
+            meta: Vec::with_capacity(slots),
+            biased: false,
+        }
+    }
+
+    /// A store holding exactly `data` (capacity = length: nothing more is allocated).
+    pub fn from_data(data: &HeadData, dtype: KvDtype) -> Self {
+        let mut s = Self::with_capacity(data.dim, dtype, data.len());
+        s.keys.push(&data.keys);
+        s.values.push(&data.values);
+        s.meta.extend_from_slice(&data.meta);
+        s.biased = s.meta.iter().any(|m| m.bias != 0.0);
+        s
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
+    }
+    pub fn len(&self) -> usize {
+        self.meta.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty()
+    }
+    pub fn meta(&self) -> &[SlotMeta] {
+        &self.meta
+    }
+    /// Whether any slot carries a non-zero logit bias (attention can skip the bias otherwise).
+    pub fn has_bias(&self) -> bool {
+        self.biased
+    }
+    pub fn keys(&self) -> KvSlice<'_> {
+        self.keys.slice()
+    }
+    pub fn values(&self) -> KvSlice<'_> {
+        self.values.slice()
+    }
+
+    pub fn push(&mut self, key: &[f32], value: &[f32], meta: SlotMeta) {
+        assert_eq!(key.len(), self.dim, "key length must equal the head dimension");
+        assert_eq!(value.len(), self.dim, "value length must equal the head dimension");
+        self.keys.push(key);
+        self.values.push(value);
+        self.biased |= meta.bias != 0.0;
+        self.meta.push(meta);
+    }
+
+    /// Make room for `extra` more slots without reallocating later.
+    pub fn reserve(&mut self, extra: usize) {
+        self.keys.reserve(extra * self.dim);
+        self.values.reserve(extra * self.dim);
+        self.meta.reserve(extra);
+    }
+
+    /// Add `scores[i]` to the accumulated attention of slot `i`.
+    pub fn add_scores(&mut self, scores: &[f32]) {
+        for (m, s) in self.meta.iter_mut().zip(scores) {
+            m.score += s;
+        }
+    }
+
+    pub fn key_f32(&self, i: usize, out: &mut [f32]) {
+        self.keys.read(i * self.dim, &mut out[..self.dim]);
+    }
+    pub fn value_f32(&self, i: usize, out: &mut [f32]) {
+        self.values.read(i * self.dim, &mut out[..self.dim]);
+    }
+
+    /// Everything in the store as f32 (exact: f16 -> f32 -> f16 round-trips bit for bit).
+    pub fn to_data(&self) -> HeadData {
+        HeadData {
+            dim: self.dim,
+            keys: self.keys.to_f32(),
+            values: self.values.to_f32(),
+            meta: self.meta.clone(),
+        }
+    }
+
+    /// Bytes held by the live slots: keys, values and metadata.
+    pub fn bytes(&self) -> usize {
+        self.len() * (2 * self.dim * self.dtype.size() + std::mem::size_of::<SlotMeta>())
+    }
+
+    /// Bytes allocated, including reserved room not yet used.
+    pub fn allocated_bytes(&self) -> usize {
+        (self.keys.capacity() + self.values.capacity()) * self.dtype.size()
+            + self.meta.capacity() * std::mem::size_of::<SlotMeta>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_store_round_trips_through_head_data_bit_for_bit() {
+        let mut s = HeadStore::new(4, KvDtype::F16);
+        for i in 0..5u32 {
+            let k: Vec<f32> = (0..4).map(|j| (i * 4 + j) as f32 * 0.37 - 3.1).collect();
+            s.push(&k, &k, SlotMeta::token(i));
+        }
+        let d = s.to_data();
+        let s2 = HeadStore::from_data(&d, KvDtype::F16);
+        assert_eq!(s2.to_data(), d);
+        assert_eq!(s2.allocated_bytes(), s2.bytes());
+    }
+
+    #[test]
+    fn bytes_count_keys_values_and_metadata() {
+        let mut s = HeadStore::new(64, KvDtype::F32);
+        s.push(&[0.0; 64], &[1.0; 64], SlotMeta::token(0));
+        assert_eq!(s.bytes(), 2 * 64 * 4 + 16);
+    }
+}
