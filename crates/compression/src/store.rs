@@ -94,7 +94,8 @@ impl Storage {
     fn read(&self, start: usize, out: &mut [f32]) {
         match self {
             Storage::F16(v) => {
-                for (o, x) in out.iter_mut().zip(&v[start..start + out.len()]) {
+                let n = out.len();
+                for (o, x) in out.iter_mut().zip(&v[start..start + n]) {
                     *o = x.to_f32();
                 }
             }
