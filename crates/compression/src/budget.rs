@@ -68,6 +68,13 @@ impl std::fmt::Display for Budget {
     }
 }
 
+/// Whether a head of `len` slots should be compressed again while decoding: once it has
+/// grown past its `budget` by more than `margin` slots. Re-compressing in batches of
+/// `margin` tokens, rather than at every step, keeps the cost per decoded token small.
+pub fn should_recompress(len: usize, budget: usize, margin: usize) -> bool {
+    len > budget.saturating_add(margin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +92,15 @@ mod tests {
         for bad in ["0", "0.0", "-0.2", "1.5", "-3", "abc", "", "nan"] {
             assert!(bad.parse::<Budget>().is_err(), "{bad} should be rejected");
         }
+    }
+
+    #[test]
+    fn recompression_waits_until_the_budget_is_passed_by_the_margin() {
+        assert!(!should_recompress(100, 100, 0));
+        assert!(should_recompress(101, 100, 0));
+        assert!(!should_recompress(116, 100, 16));
+        assert!(should_recompress(117, 100, 16));
+        assert!(!should_recompress(10, usize::MAX, 5));
     }
 
     #[test]

@@ -9,26 +9,66 @@
 //! - [`store`]: the slot store ([`HeadStore`], f16 or f32) and its f32 view ([`HeadData`]);
 //! - [`method`]: the [`Method`] trait, the attention statistics it may read ([`HeadStats`]),
 //!   and string options;
-//! - [`budget`]: budgets as a fraction of the prompt or a token count.
+//! - [`budget`]: budgets as a fraction of the prompt or a token count, and
+//!   [`should_recompress`] for decode-time re-compression;
+//! - [`schedule`]: how one budget is shared between layers ([`Schedule`]);
+//! - [`methods`]: one file per method; [`registry`]: names, descriptions, options, [`registry::build`].
+//!
+//! Methods (`registry::names()`):
+//!
+//! | name | what it keeps | statistic |
+//! |---|---|---|
+//! | `full` | everything (the reference) | none |
+//! | `streaming` | attention sinks + recent window (StreamingLLM) | none |
+//! | `h2o` | recent window + heavy hitters (H2O) | accumulated |
+//! | `tova` | what the newest query attends to most (TOVA) | last |
+//! | `snapkv` | observation window + pooled window votes (SnapKV) | window |
+//! | `pyramidkv` | SnapKV with budgets shrinking up the layers (PyramidKV) | window |
+//! | `knorm` | smallest key norms (+ optional recent window) | none |
+//! | `random` | seeded random subset + recent window | none |
+//! | `cam` | streaming or H2O eviction, evicted values merged forward (CaM) | accumulated |
+//! | `d2o` | H2O eviction, evicted slots merged into similar kept ones (D2O) | accumulated |
+//! | `kvmerger` | recent + heavy hitters, similar consecutive keys merged (KVMerger) | accumulated or window |
+//! | `kvmerger+` | SnapKV selection, neighbours' values merged into kept keys, mass bias | window |
+//!
+//! Every method returns at most its budget of slots except `full`, `pyramidkv` (whose
+//! lower layers get more than the mean, by design) and `kvmerger` in `mode=paper`.
 //!
 //! Using it on your own tensors, without the engine:
 //!
-//! ```ignore
+//! ```
 //! use kvmerger_compression::*;
-//! let mut data = HeadData::new(64);
-//! // push one key/value per token (keys after RoPE) with its position
-//! // data.push(&key, &value, SlotMeta::token(pos));
-//! let method = registry::build("streaming", &Options::new())?;
-//! let out = method.compress(HeadInput { data: &data, stats: &HeadStats::default(),
-//!     pos: HeadPos { layer: 0, n_layers: 1, kv_head: 0, n_kv_heads: 1 }, budget: 128 })?;
+//! # fn main() -> Result<(), Error> {
+//! let mut data = HeadData::new(4);
+//! for pos in 0..256u32 {
+//!     // one key (after RoPE) and value per token, with its position
+//!     let key = [1.0, (pos as f32 * 0.01).sin(), 0.5, -0.5];
+//!     data.push(&key, &[pos as f32; 4], SlotMeta::token(pos));
+//! }
+//! let mut opts = Options::new();
+//! opts.parse_pair("sinks=4")?;
+//! let method = registry::build("streaming", &opts)?;
+//! let out = method.compress(HeadInput {
+//!     data: &data,
+//!     stats: &HeadStats::default(), // `method.needs()` says which statistics to fill
+//!     pos: HeadPos { layer: 0, n_layers: 1, kv_head: 0, n_kv_heads: 1 },
+//!     budget: 128,
+//! })?;
+//! assert_eq!(out.len(), 128);
+//! # Ok(())
+//! # }
 //! ```
 
 pub mod budget;
 pub mod method;
+pub mod methods;
+pub mod registry;
+pub mod schedule;
 pub mod store;
 
-pub use budget::Budget;
+pub use budget::{should_recompress, Budget};
 pub use method::{HeadInput, HeadPos, HeadStats, MassCorrection, Method, Options, StatsNeeds};
+pub use schedule::Schedule;
 pub use store::{HeadData, HeadStore, KvDtype, KvSlice, SlotMeta};
 
 /// Errors from building or running a compression method.
@@ -60,7 +100,12 @@ pub fn compress_head(
         return Ok(());
     }
     let data = store.to_data();
-    let out = method.compress(HeadInput { data: &data, stats, pos, budget })?;
+    let out = method.compress(HeadInput {
+        data: &data,
+        stats,
+        pos,
+        budget,
+    })?;
     *store = HeadStore::from_data(&out, store.dtype());
     Ok(())
 }

@@ -81,6 +81,10 @@ pub trait Method: Send + Sync {
     /// The compressed head. Must not return more than `input.budget` slots unless the
     /// method's documented mode (e.g. KVMerger's paper mode) says its size is not enforced.
     fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error>;
+    /// How the engine must treat the slots this method merges (most methods merge none).
+    fn mass_correction(&self) -> MassCorrection {
+        MassCorrection::None
+    }
 }
 
 /// Method options as `key=value` strings, checked by each method for unknown keys.
@@ -95,9 +99,9 @@ impl Options {
     }
     /// Parse `key=value`.
     pub fn parse_pair(&mut self, pair: &str) -> Result<(), Error> {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| Error::InvalidOption(format!("'{pair}' is not of the form key=value")))?;
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            Error::InvalidOption(format!("'{pair}' is not of the form key=value"))
+        })?;
         let k = k.trim();
         if k.is_empty() {
             return Err(Error::InvalidOption(format!("'{pair}' has an empty key")));
@@ -120,7 +124,11 @@ impl Options {
             if !allowed.contains(&k.as_str()) {
                 return Err(Error::InvalidOption(format!(
                     "method '{method}' has no option '{k}' (known: {})",
-                    if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") }
+                    if allowed.is_empty() {
+                        "none".to_string()
+                    } else {
+                        allowed.join(", ")
+                    }
                 )));
             }
         }
@@ -133,7 +141,9 @@ impl Options {
                 .parse::<f32>()
                 .ok()
                 .filter(|x| x.is_finite())
-                .ok_or_else(|| Error::InvalidOption(format!("option {key}='{v}' is not a finite number"))),
+                .ok_or_else(|| {
+                    Error::InvalidOption(format!("option {key}='{v}' is not a finite number"))
+                }),
         }
     }
     pub fn usize_or(&self, key: &str, default: usize) -> Result<usize, Error> {
@@ -157,11 +167,18 @@ impl Options {
             None => Ok(default),
             Some("true" | "1" | "yes") => Ok(true),
             Some("false" | "0" | "no") => Ok(false),
-            Some(v) => Err(Error::InvalidOption(format!("option {key}='{v}' is not true or false"))),
+            Some(v) => Err(Error::InvalidOption(format!(
+                "option {key}='{v}' is not true or false"
+            ))),
         }
     }
     /// One of `choices`, or `default`.
-    pub fn choice_or<'a>(&'a self, key: &str, choices: &[&str], default: &'a str) -> Result<&'a str, Error> {
+    pub fn choice_or<'a>(
+        &'a self,
+        key: &str,
+        choices: &[&str],
+        default: &'a str,
+    ) -> Result<&'a str, Error> {
         match self.get(key) {
             None => Ok(default),
             Some(v) if choices.contains(&v) => Ok(v),

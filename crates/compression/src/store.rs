@@ -49,7 +49,12 @@ pub struct SlotMeta {
 
 impl SlotMeta {
     pub fn token(position: u32) -> Self {
-        SlotMeta { position, count: 1, score: 0.0, bias: 0.0 }
+        SlotMeta {
+            position,
+            count: 1,
+            score: 0.0,
+            bias: 0.0,
+        }
     }
 }
 
@@ -129,7 +134,10 @@ pub struct HeadData {
 
 impl HeadData {
     pub fn new(dim: usize) -> Self {
-        HeadData { dim, ..Default::default() }
+        HeadData {
+            dim,
+            ..Default::default()
+        }
     }
     pub fn len(&self) -> usize {
         self.meta.len()
@@ -228,8 +236,16 @@ impl HeadStore {
     }
 
     pub fn push(&mut self, key: &[f32], value: &[f32], meta: SlotMeta) {
-        assert_eq!(key.len(), self.dim, "key length must equal the head dimension");
-        assert_eq!(value.len(), self.dim, "value length must equal the head dimension");
+        assert_eq!(
+            key.len(),
+            self.dim,
+            "key length must equal the head dimension"
+        );
+        assert_eq!(
+            value.len(),
+            self.dim,
+            "value length must equal the head dimension"
+        );
         self.keys.push(key);
         self.values.push(value);
         self.biased |= meta.bias != 0.0;

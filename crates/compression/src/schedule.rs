@@ -1,0 +1,156 @@
+//! Per-layer budget schedules: how one overall budget is shared between layers.
+//!
+//! Every schedule keeps the overall budget: the layer budgets of a head position sum to
+//! at most `n_layers` times the base budget (rounding goes down), each layer gets at
+//! least one slot and at most the head's length.
+//!
+//! - [`Schedule::Uniform`]: every layer gets the base budget.
+//! - [`Schedule::Pyramid`]: an arithmetic progression from `(1 + beta)` times the base in
+//!   the first layer to `(1 - beta)` times it in the last (PyramidKV's shape; the
+//!   `pyramidkv` method applies the same shape to its selectable part only).
+//! - [`Schedule::File`]: one ratio per layer, e.g. measured offline from KVMerger's
+//!   "persistent sparsity" (the per-layer compression a similarity threshold produces).
+//!   The ratios are relative: they are normalised to mean 1 and scale the base budget.
+
+use crate::budget::Budget;
+use crate::Error;
+
+/// The slope `beta = 0.95` corresponds to PyramidKV's official β = 20.
+pub const DEFAULT_PYRAMID_BETA: f64 = 0.95;
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub enum Schedule {
+    #[default]
+    Uniform,
+    /// Slope in [0, 1]; 0 is uniform.
+    Pyramid { beta: f64 },
+    /// One relative ratio per layer.
+    File(Vec<f64>),
+}
+
+/// Weight of `layer` in a pyramid of `n_layers` with the given slope: the weights fall
+/// linearly from `1 + slope` to `1 - slope` and average exactly 1.
+pub fn pyramid_weight(layer: usize, n_layers: usize, slope: f64) -> f64 {
+    if n_layers <= 1 {
+        return 1.0;
+    }
+    let top = (n_layers - 1) as f64;
+    let x = 1.0 - 2.0 * layer.min(n_layers - 1) as f64 / top;
+    1.0 + slope.clamp(0.0, 1.0) * x
+}
+
+impl Schedule {
+    /// Ratios from text: one per layer, in layer order. Accepts one number per line, or
+    /// CSV/TSV rows whose last field is the ratio (`layer,ratio`), an optional header
+    /// line, blank lines and `#` comments. Ratios must be finite and not negative, and
+    /// not all zero.
+    pub fn parse_ratios(text: &str) -> Result<Schedule, Error> {
+        let mut ratios = Vec::new();
+        let mut seen_line = false;
+        for (no, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let first_line = !seen_line;
+            seen_line = true;
+            let field = line
+                .split(|c: char| c == ',' || c == ';' || c.is_whitespace())
+                .rfind(|f| !f.is_empty())
+                .unwrap_or("");
+            let ratio: f64 = match field.parse() {
+                Ok(r) => r,
+                Err(_) if first_line => continue, // a header such as "layer,ratio"
+                Err(_) => {
+                    return Err(Error::Invalid(format!(
+                        "layer ratios, line {}: '{field}' is not a number",
+                        no + 1
+                    )))
+                }
+            };
+            if !(ratio.is_finite() && ratio >= 0.0) {
+                return Err(Error::Invalid(format!(
+                    "layer ratios, line {}: a ratio must be a finite number >= 0, got {field}",
+                    no + 1
+                )));
+            }
+            ratios.push(ratio);
+        }
+        if ratios.is_empty() {
+            return Err(Error::Invalid("layer ratios: no ratio found".into()));
+        }
+        if ratios.iter().all(|&r| r == 0.0) {
+            return Err(Error::Invalid("layer ratios: all ratios are zero".into()));
+        }
+        Ok(Schedule::File(ratios))
+    }
+
+    /// Errors if the schedule cannot describe a model of `n_layers` layers exactly
+    /// (a ratio file for another depth). [`Schedule::layer_budget`] still works then,
+    /// by reading the ratios at the same relative depth, but callers usually want to know.
+    pub fn check(&self, n_layers: usize) -> Result<(), Error> {
+        match self {
+            Schedule::File(r) if r.len() != n_layers => Err(Error::Invalid(format!(
+                "the layer ratios list {} layers but the model has {n_layers}",
+                r.len()
+            ))),
+            Schedule::Pyramid { beta } if !(0.0..=1.0).contains(beta) => Err(Error::Invalid(
+                format!("pyramid slope {beta} must be in [0, 1]"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn weight(&self, layer: usize, n_layers: usize) -> f64 {
+        match self {
+            Schedule::Uniform => 1.0,
+            Schedule::Pyramid { beta } => pyramid_weight(layer, n_layers, *beta),
+            Schedule::File(r) => {
+                let mean = r.iter().sum::<f64>() / r.len() as f64;
+                let at = if r.len() == n_layers || n_layers <= 1 {
+                    layer.min(r.len() - 1)
+                } else {
+                    // Same relative depth in a list written for another number of layers.
+                    let rel = layer.min(n_layers - 1) as f64 / (n_layers - 1) as f64;
+                    (rel * (r.len() - 1) as f64).round() as usize
+                };
+                r[at] / mean
+            }
+        }
+    }
+
+    /// Slots each head of `layer` may keep, for a head of `len` slots under `base`.
+    pub fn layer_budget(&self, base: Budget, layer: usize, n_layers: usize, len: usize) -> usize {
+        let b = base.slots(len) as f64;
+        // The tiny allowance keeps products like 100 * 0.2 / 0.4 from rounding down to 49.
+        let scaled = (b * self.weight(layer, n_layers) + 1e-9).floor() as usize;
+        scaled.clamp(1.min(len), len)
+    }
+}
+
+impl std::str::FromStr for Schedule {
+    type Err = Error;
+    /// `uniform`, `pyramid` (slope 0.95) or `pyramid:<slope>`. Ratio files are read by
+    /// the caller and given to [`Schedule::parse_ratios`].
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let t = s.trim();
+        match t.split_once(':') {
+            None if t == "uniform" => Ok(Schedule::Uniform),
+            None if t == "pyramid" => Ok(Schedule::Pyramid {
+                beta: DEFAULT_PYRAMID_BETA,
+            }),
+            Some(("pyramid", b)) => {
+                let beta: f64 = b
+                    .trim()
+                    .parse()
+                    .map_err(|_| Error::Invalid(format!("pyramid slope '{b}' is not a number")))?;
+                let s = Schedule::Pyramid { beta };
+                s.check(0)?;
+                Ok(s)
+            }
+            _ => Err(Error::Invalid(format!(
+                "unknown layer schedule '{t}' (expected uniform, pyramid or pyramid:<slope>)"
+            ))),
+        }
+    }
+}

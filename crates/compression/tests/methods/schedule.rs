@@ -1,0 +1,88 @@
+//! Per-layer budget schedules and decode-time re-compression.
+
+use kvmerger_compression::{Budget, Schedule};
+
+#[test]
+fn a_uniform_schedule_gives_every_layer_the_base_budget() {
+    for l in 0..30 {
+        assert_eq!(
+            Schedule::Uniform.layer_budget(Budget::Fraction(0.5), l, 30, 4096),
+            2048
+        );
+    }
+}
+
+#[test]
+fn a_pyramid_shrinks_up_the_layers_and_keeps_the_overall_budget() {
+    let s = Schedule::Pyramid { beta: 0.5 };
+    let b: Vec<usize> = (0..30)
+        .map(|l| s.layer_budget(Budget::Tokens(1000), l, 30, 4096))
+        .collect();
+    assert_eq!((b[0], b[29]), (1500, 500));
+    assert!(b.windows(2).all(|w| w[0] >= w[1]));
+    let total: usize = b.iter().sum();
+    assert!(total <= 30_000 && total + 30 >= 30_000);
+}
+
+#[test]
+fn layer_budgets_stay_between_one_slot_and_the_head_length() {
+    let s = Schedule::Pyramid { beta: 1.0 };
+    assert_eq!(s.layer_budget(Budget::Tokens(800), 0, 10, 1000), 1000);
+    assert_eq!(s.layer_budget(Budget::Tokens(800), 9, 10, 1000), 1);
+}
+
+#[test]
+fn ratio_files_are_relative_weights_per_layer() {
+    let s = Schedule::parse_ratios(
+        "# measured at epsilon 0.75\nlayer,ratio\n0,0.2\n1,0.6\n\n2, 0.4 # middle\n",
+    )
+    .unwrap();
+    assert_eq!(s, Schedule::File(vec![0.2, 0.6, 0.4]));
+    s.check(3).unwrap();
+    assert!(s.check(4).is_err());
+    let b: Vec<usize> = (0..3)
+        .map(|l| s.layer_budget(Budget::Tokens(100), l, 3, 1000))
+        .collect();
+    assert_eq!(b, vec![50, 150, 100]);
+    assert_eq!(
+        Schedule::parse_ratios("1\n2\n").unwrap(),
+        Schedule::File(vec![1.0, 2.0])
+    );
+}
+
+#[test]
+fn a_ratio_file_for_another_depth_is_read_at_the_same_relative_depth() {
+    let s = Schedule::File(vec![1.0, 3.0]);
+    assert_eq!(s.layer_budget(Budget::Tokens(100), 0, 4, 1000), 50);
+    assert_eq!(s.layer_budget(Budget::Tokens(100), 3, 4, 1000), 150);
+}
+
+#[test]
+fn malformed_ratio_files_are_errors() {
+    for bad in [
+        "",
+        "# nothing\n",
+        "0.5\nabc\n",
+        "0.5\n-1\n",
+        "0\n0\n",
+        "0.5\ninf\n",
+    ] {
+        assert!(Schedule::parse_ratios(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn schedules_parse_from_their_names() {
+    assert_eq!("uniform".parse::<Schedule>().unwrap(), Schedule::Uniform);
+    assert_eq!(
+        "pyramid:0.3".parse::<Schedule>().unwrap(),
+        Schedule::Pyramid { beta: 0.3 }
+    );
+    assert!(matches!(
+        "pyramid".parse::<Schedule>().unwrap(),
+        Schedule::Pyramid { .. }
+    ));
+    for bad in ["pyramid:2", "pyramid:x", "cone", ""] {
+        assert!(bad.parse::<Schedule>().is_err(), "{bad}");
+    }
+}
