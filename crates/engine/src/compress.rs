@@ -1,8 +1,11 @@
-//! Applying a compression method to the whole cache, and what it saved.
+//! Applying a compression method to the whole cache: once after prefill, and again
+//! during decoding whenever a head passes its budget by a margin.
 
 use crate::cache::{KvCache, PrefillStats};
 use crate::Error;
-use kvmerger_compression::{compress_head, Budget, HeadPos, HeadStats, Method};
+use kvmerger_compression::{
+    compress_head, registry, Budget, HeadPos, HeadStats, Method, Options, Schedule, StatsNeeds,
+};
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -18,12 +21,107 @@ pub struct CompressReport {
 }
 
 impl CompressReport {
+    /// Bytes after over bytes before.
     pub fn ratio(&self) -> f64 {
         if self.bytes_before == 0 {
             1.0
         } else {
             self.bytes_after as f64 / self.bytes_before as f64
         }
+    }
+    /// Slots kept over slots before, per layer.
+    pub fn layer_ratios(&self) -> Vec<f64> {
+        self.layer_slots.iter().map(|&(b, a)| if b == 0 { 1.0 } else { a as f64 / b as f64 }).collect()
+    }
+}
+
+/// A method with its budget and schedule, ready to compress caches.
+pub struct Compressor {
+    pub method: Box<dyn Method>,
+    pub budget: Budget,
+    pub schedule: Schedule,
+    /// During decoding, re-compress once a head holds this many slots over its budget.
+    pub recompress_margin: Option<usize>,
+}
+
+impl Compressor {
+    pub fn new(name: &str, opts: &Options, budget: Budget, schedule: Schedule) -> Result<Compressor, Error> {
+        Ok(Compressor { method: registry::build(name, opts)?, budget, schedule, recompress_margin: None })
+    }
+
+    /// No compression at all.
+    pub fn full() -> Compressor {
+        Compressor::new("full", &Options::new(), Budget::Fraction(1.0), Schedule::Uniform).expect("full always builds")
+    }
+
+    pub fn name(&self) -> &str {
+        self.method.name()
+    }
+
+    pub fn needs(&self) -> StatsNeeds {
+        self.method.needs()
+    }
+
+    /// Whether this compressor can change anything.
+    pub fn is_noop(&self) -> bool {
+        self.method.name() == "full" || self.budget == Budget::Fraction(1.0) && self.schedule == Schedule::Uniform
+    }
+
+    /// Slot budget of each layer's heads for a prompt of `len` tokens.
+    pub fn targets(&self, n_layers: usize, len: usize) -> Vec<usize> {
+        (0..n_layers).map(|l| self.schedule.layer_budget(self.budget, l, n_layers, len)).collect()
+    }
+
+    /// Compress a freshly prefilled cache. Returns the report and the per-layer slot
+    /// targets, which bound the cache during decoding.
+    pub fn compress_prompt(&self, cache: &mut KvCache, stats: &PrefillStats) -> Result<(CompressReport, Vec<usize>), Error> {
+        self.schedule.check(cache.layers.len())?;
+        let targets = self.targets(cache.layers.len(), cache.n_seen);
+        let report = compress_cache(cache, self.method.as_ref(), stats, &|l, _| targets[l])?;
+        Ok((report, targets))
+    }
+}
+
+/// Re-compression state carried through a decode loop.
+pub struct DecodeCompression<'a> {
+    pub compressor: &'a Compressor,
+    pub targets: Vec<usize>,
+    /// Statistics of the decode steps since the last compression.
+    pub stats: PrefillStats,
+    pub passes: usize,
+    pub secs: f64,
+}
+
+impl<'a> DecodeCompression<'a> {
+    pub fn new(compressor: &'a Compressor, targets: Vec<usize>) -> Self {
+        DecodeCompression { compressor, targets, stats: PrefillStats::default(), passes: 0, secs: 0.0 }
+    }
+
+    /// Statistics each decode step must collect.
+    pub fn needs(&self) -> StatsNeeds {
+        match self.compressor.recompress_margin {
+            Some(_) => self.compressor.needs(),
+            None => StatsNeeds::default(),
+        }
+    }
+
+    /// Re-compress if some head passed its budget by the margin.
+    pub fn after_step(&mut self, cache: &mut KvCache) -> Result<(), Error> {
+        let Some(margin) = self.compressor.recompress_margin else { return Ok(()) };
+        let over = cache
+            .layers
+            .iter()
+            .zip(&self.targets)
+            .any(|(heads, &t)| heads.iter().any(|h| h.len() > t + margin));
+        if !over {
+            return Ok(());
+        }
+        let targets = &self.targets;
+        let report = compress_cache(cache, self.compressor.method.as_ref(), &self.stats, &|l, _| targets[l])?;
+        self.stats = PrefillStats::default();
+        self.passes += 1;
+        self.secs += report.secs;
+        Ok(())
     }
 }
 
@@ -79,9 +177,4 @@ pub fn compress_cache(
         layer_slots: before.into_iter().zip(after).collect(),
         secs: t0.elapsed().as_secs_f64(),
     })
-}
-
-/// A uniform budget for every layer.
-pub fn uniform(b: Budget) -> impl Fn(usize, usize) -> usize + Sync {
-    move |_, len| b.slots(len)
 }

@@ -1,6 +1,7 @@
 //! The decode loop: sample, append, stream text, stop.
 
 use crate::cache::KvCache;
+use crate::compress::DecodeCompression;
 use crate::model::{Logits, Model};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{Detokenizer, Tokenizer};
@@ -49,9 +50,24 @@ pub fn decode(
     model: &Model,
     tok: &Tokenizer,
     cache: &mut KvCache,
+    logits: Vec<f32>,
+    prompt: &[u32],
+    params: &GenerateParams,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<Generation, Error> {
+    decode_with(model, tok, cache, logits, prompt, params, None, on_text)
+}
+
+/// [`decode`], re-compressing the cache whenever it passes its budget by a margin.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_with(
+    model: &Model,
+    tok: &Tokenizer,
+    cache: &mut KvCache,
     mut logits: Vec<f32>,
     prompt: &[u32],
     params: &GenerateParams,
+    mut compression: Option<&mut DecodeCompression<'_>>,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation, Error> {
     let mut sampler = Sampler::new(params.sampling.clone())?;
@@ -100,7 +116,14 @@ pub fn decode(
             reason = StopReason::Context;
             break;
         }
-        logits = model.forward(&[next], cache, StatsNeeds::default(), None, Logits::Last)?;
+        match compression.as_deref_mut() {
+            Some(dc) => {
+                let needs = dc.needs();
+                logits = model.forward(&[next], cache, needs, Some(&mut dc.stats), Logits::Last)?;
+                dc.after_step(cache)?;
+            }
+            None => logits = model.forward(&[next], cache, StatsNeeds::default(), None, Logits::Last)?,
+        }
     }
     if reason != StopReason::StopString {
         if let Some(rest) = detok.flush() {

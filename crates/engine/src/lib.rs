@@ -12,14 +12,18 @@
 
 pub mod attention;
 pub mod cache;
+pub mod chat;
 pub mod compress;
 pub mod config;
+pub mod generate;
 pub mod gguf;
 pub mod kernels;
+pub mod load;
 pub mod model;
 pub mod quant;
 pub mod sampling;
 pub mod st;
+pub mod tokenizer;
 
 use std::path::PathBuf;
 

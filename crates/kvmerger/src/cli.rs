@@ -24,8 +24,13 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Chat with a model in the terminal.
     Chat(ChatArgs),
-    /// Measure prompt processing and generation speed, and peak memory.
+    /// Measure prompt processing and generation speed, compression time, and peak memory.
     Bench(BenchArgs),
+    /// Side by side: a long prompt with a fact buried in it, answered with the full cache
+    /// and with compressed caches.
+    Demo(DemoArgs),
+    /// List the compression methods and their options.
+    Methods,
 }
 
 #[derive(Args, Debug)]
@@ -72,10 +77,38 @@ pub struct SamplingArgs {
     pub stop: Vec<String>,
 }
 
+/// KV cache compression, shared by every generating command.
+#[derive(Args, Debug, Clone, Default)]
+pub struct CompressArgs {
+    /// Compression method (see `kvmerger methods`).
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Budget per head: a fraction of the prompt (0.5, 35%) or a token count (2048).
+    #[arg(long)]
+    pub budget: Option<String>,
+    /// A method option, key=value (repeatable; see `kvmerger methods`).
+    #[arg(long = "opt", value_name = "KEY=VALUE")]
+    pub opts: Vec<String>,
+    /// A TOML file with `method`, `budget`, `schedule`, `recompress_margin` and an
+    /// `[options]` table; flags given on the command line win.
+    #[arg(long, value_name = "FILE")]
+    pub compress_config: Option<PathBuf>,
+    /// How the budget is shared between layers: uniform, pyramid, pyramid:<slope>, or a
+    /// file with one ratio per layer (as `kvmerger analyze` writes).
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// During decoding, re-compress when a head passes its budget by this many slots
+    /// (off by default: decoded tokens are appended uncompressed, as in the paper).
+    #[arg(long)]
+    pub recompress_margin: Option<usize>,
+}
+
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub compress: CompressArgs,
     /// The prompt text.
     #[arg(long, short = 'p', conflicts_with = "prompt_file")]
     pub prompt: Option<String>,
@@ -93,6 +126,8 @@ pub struct GenerateArgs {
 pub struct ChatArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub compress: CompressArgs,
     /// System prompt.
     #[arg(long)]
     pub system: Option<String>,
@@ -104,6 +139,8 @@ pub struct ChatArgs {
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub compress: CompressArgs,
     /// Prompt tokens to process.
     #[arg(long, default_value_t = 512)]
     pub pp: usize,
@@ -116,4 +153,28 @@ pub struct BenchArgs {
     /// Repetitions; the best is reported.
     #[arg(long, default_value_t = 1)]
     pub reps: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Approximate prompt length in tokens.
+    #[arg(long, default_value_t = 2048)]
+    pub length: usize,
+    /// Where the fact sits in the prompt, from 0 (start) to 1 (end).
+    #[arg(long, default_value_t = 0.4)]
+    pub depth: f64,
+    /// Methods to compare with the full cache (comma-separated).
+    #[arg(long, default_value = "kvmerger,h2o,streaming", value_delimiter = ',')]
+    pub methods: Vec<String>,
+    /// Budgets to compare (comma-separated).
+    #[arg(long, default_value = "0.5,0.35", value_delimiter = ',')]
+    pub budgets: Vec<String>,
+    /// Seed for the buried fact.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Tokens to generate per answer.
+    #[arg(long, default_value_t = 16)]
+    pub max_tokens: usize,
 }

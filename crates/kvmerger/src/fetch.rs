@@ -48,7 +48,7 @@ pub fn run(id: Option<&str>, list: bool, dir: &Path) -> Result<()> {
             println!(
                 "{:<16} {:<6} {:<7} {}",
                 a.id,
-                format!("{:?}", a.kind).to_lowercase(),
+                format!("{:?}", a.kind()).to_lowercase(),
                 if cached { "yes" } else { "no" },
                 a.description
             );

@@ -2,6 +2,8 @@
 
 mod bench;
 mod cli;
+mod compress;
+mod demo;
 mod fetch;
 mod run;
 

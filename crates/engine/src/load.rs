@@ -1,0 +1,63 @@
+//! Opening a model with its tokenizer and chat template, from a GGUF file or a
+//! Hugging Face-style directory.
+
+use crate::chat::ChatTemplate;
+use crate::config::Config;
+use crate::gguf::GgufFile;
+use crate::model::Model;
+use crate::st::{config_from_json, SafetensorsDir};
+use crate::tokenizer::Tokenizer;
+use crate::Error;
+use std::path::{Path, PathBuf};
+
+pub struct LoadedModel {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub path: PathBuf,
+    /// A short name for reports (the file or directory name).
+    pub name: String,
+}
+
+impl LoadedModel {
+    /// A GGUF file, or a directory with config.json, tokenizer.json and *.safetensors.
+    pub fn open(path: &Path) -> Result<LoadedModel, Error> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
+            .unwrap_or_else(|| path.display().to_string());
+        if path.is_dir() {
+            Self::open_hf_dir(path, name)
+        } else {
+            let f = GgufFile::open(path)?;
+            let model = Model::from_gguf(&f)?;
+            let tokenizer = Tokenizer::from_gguf(&f)?;
+            if tokenizer.vocab_size() > model.cfg.vocab {
+                return Err(Error::Tokenizer(format!(
+                    "the tokenizer has {} tokens but the model only {}",
+                    tokenizer.vocab_size(),
+                    model.cfg.vocab
+                )));
+            }
+            let template = ChatTemplate::from_gguf(&f);
+            Ok(LoadedModel { model, tokenizer, template, path: path.to_path_buf(), name })
+        }
+    }
+
+    fn open_hf_dir(dir: &Path, name: String) -> Result<LoadedModel, Error> {
+        let cfg_path = dir.join("config.json");
+        if !cfg_path.exists() {
+            return Err(Error::Format { path: dir.to_path_buf(), msg: "not a model directory: config.json is missing".into() });
+        }
+        let cfg: Config = config_from_json(&cfg_path)?;
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.exists() {
+            return Err(Error::Tokenizer(format!("{}: tokenizer.json is missing", dir.display())));
+        }
+        let weights = SafetensorsDir::open(dir, cfg.arch)?;
+        let model = Model::load(cfg, &weights)?;
+        let tokenizer = Tokenizer::from_tokenizer_json(&tok_path)?;
+        let template = ChatTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json"));
+        Ok(LoadedModel { model, tokenizer, template, path: dir.to_path_buf(), name })
+    }
+}

@@ -1,0 +1,633 @@
+//! AVX2 + FMA + F16C kernels (x86-64). Every function here is `unsafe` and
+//! may only be called after checking for those features ([`super::Isa`]).
+//! They reproduce the arithmetic of [`super::scalar`]: the same activation
+//! bytes, the same exact integer block sums; only the order of the `f32`
+//! additions differs.
+
+use super::act::{ActRow, QActs};
+use super::formats::k_scale_min;
+use super::panel::{Panel, SumsT, PR, PT};
+use super::GgmlType;
+use std::arch::x86_64::*;
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+#[inline(always)]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+#[inline(always)]
+unsafe fn f16_1(p: *const u8) -> f32 {
+    let bits = (p as *const u16).read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+#[inline(always)]
+unsafe fn loadu(p: *const u8) -> __m256i {
+    _mm256_loadu_si256(p as *const __m256i)
+}
+
+/// 16 bytes of packed nibbles -> 32 bytes: low nibbles then high nibbles.
+#[inline(always)]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    let q = _mm_loadu_si128(p as *const __m128i);
+    let v = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
+    _mm256_and_si256(v, _mm256_set1_epi8(0x0f))
+}
+
+/// The 32 bits of `qh` -> 32 bytes, `0x10` where the bit is set.
+#[inline(always)]
+unsafe fn bits_to_0x10(qh: u32) -> __m256i {
+    let v = _mm256_set1_epi32(qh as i32);
+    let shuf = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+    );
+    let v = _mm256_shuffle_epi8(v, shuf);
+    let sel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let hit = _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
+    _mm256_and_si256(hit, _mm256_set1_epi8(0x10))
+}
+
+/// Sum of u8 x i8 products, as 8 lanes of i32.
+#[inline(always)]
+unsafe fn dot_u8i8(w: __m256i, x: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+}
+
+/// Sum of i8 x i8 products, as 8 lanes of i32.
+#[inline(always)]
+unsafe fn dot_i8i8(w: __m256i, x: __m256i) -> __m256i {
+    dot_u8i8(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w))
+}
+
+// ---------------------------------------------------------------------------
+// Activation quantization
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_act_blocks(x: &[f32], qs: &mut [i8], d: &mut [f32], ds: &mut [f32], ds16: &mut [f32]) {
+    let nb = d.len();
+    assert!(x.len() >= nb * 32 && qs.len() >= nb * 32 && ds.len() >= nb && ds16.len() >= 2 * nb);
+    let sign = _mm256_set1_ps(-0.0);
+    let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for b in 0..nb {
+        let p = x.as_ptr().add(32 * b);
+        let v0 = _mm256_loadu_ps(p);
+        let v1 = _mm256_loadu_ps(p.add(8));
+        let v2 = _mm256_loadu_ps(p.add(16));
+        let v3 = _mm256_loadu_ps(p.add(24));
+        let a = _mm256_max_ps(
+            _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+            _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+        let amax = _mm_cvtss_f32(m);
+        let id = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+        // Rounds to nearest even (the default MXCSR mode).
+        let i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, id));
+        let i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, id));
+        let i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, id));
+        let i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, id));
+        let s0 = hsum_i32(_mm256_add_epi32(i0, i1));
+        let s1 = hsum_i32(_mm256_add_epi32(i2, i3));
+        let p01 = _mm256_packs_epi32(i0, i1);
+        let p23 = _mm256_packs_epi32(i2, i3);
+        let q = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), perm);
+        _mm256_storeu_si256(qs.as_mut_ptr().add(32 * b) as *mut __m256i, q);
+        let db = amax / 127.0;
+        d[b] = db;
+        ds[b] = db * (s0 + s1) as f32;
+        ds16[2 * b] = db * s0 as f32;
+        ds16[2 * b + 1] = db * s1 as f32;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Matrix-vector kernels straight from the file's blocks
+
+/// Dot product of one quantized row with one token's activations.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn vec_dot(ty: GgmlType, row: &[u8], a: ActRow<'_>) -> f32 {
+    let nb = a.d.len();
+    debug_assert!(row.len() >= ty.row_bytes(32 * nb));
+    match ty {
+        GgmlType::Q4_0 => dot_q4q5::<18, false, false>(row, a),
+        GgmlType::Q4_1 => dot_q4q5::<20, false, true>(row, a),
+        GgmlType::Q5_0 => dot_q4q5::<22, true, false>(row, a),
+        GgmlType::Q5_1 => dot_q4q5::<24, true, true>(row, a),
+        GgmlType::Q8_0 => dot_q8_0(row, a),
+        GgmlType::Q4_K => dot_q4k_q5k::<false>(row, a),
+        GgmlType::Q5_K => dot_q4k_q5k::<true>(row, a),
+        GgmlType::Q6_K => dot_q6_k(row, a),
+        _ => super::scalar::vec_dot(ty, row, a),
+    }
+}
+
+/// Q4_0 / Q4_1 / Q5_0 / Q5_1 (block of `TS` bytes).
+#[inline(always)]
+unsafe fn dot_q4q5<const TS: usize, const FIVE: bool, const MIN: bool>(row: &[u8], a: ActRow<'_>) -> f32 {
+    let nb = a.d.len();
+    let (qh_off, qs_off) = match (FIVE, MIN) {
+        (false, false) => (0, 2),
+        (false, true) => (0, 4),
+        (true, false) => (2, 6),
+        (true, true) => (4, 8),
+    };
+    let off = if FIVE { -16.0 } else { -8.0 };
+    let rp = row.as_ptr();
+    let xp = a.qs.as_ptr() as *const u8;
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut accm = [0f32; 2];
+    for b in 0..nb {
+        let p = rp.add(b * TS);
+        let d = f16_1(p);
+        let m = if MIN { f16_1(p.add(2)) } else { off * d };
+        let mut w = nibbles(p.add(qs_off));
+        if FIVE {
+            let qh = (p.add(qh_off) as *const u32).read_unaligned();
+            w = _mm256_or_si256(w, bits_to_0x10(qh));
+        }
+        let f = _mm256_cvtepi32_ps(dot_u8i8(w, loadu(xp.add(32 * b))));
+        let s = _mm256_set1_ps(d * *a.d.get_unchecked(b));
+        acc[b & 1] = _mm256_fmadd_ps(f, s, acc[b & 1]);
+        accm[b & 1] += m * *a.ds.get_unchecked(b);
+    }
+    hsum(_mm256_add_ps(acc[0], acc[1])) + (accm[0] + accm[1])
+}
+
+#[inline(always)]
+unsafe fn dot_q8_0(row: &[u8], a: ActRow<'_>) -> f32 {
+    let nb = a.d.len();
+    let rp = row.as_ptr();
+    let xp = a.qs.as_ptr() as *const u8;
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for b in 0..nb {
+        let p = rp.add(b * 34);
+        let d = f16_1(p);
+        let f = _mm256_cvtepi32_ps(dot_i8i8(loadu(p.add(2)), loadu(xp.add(32 * b))));
+        acc[b & 1] = _mm256_fmadd_ps(f, _mm256_set1_ps(d * *a.d.get_unchecked(b)), acc[b & 1]);
+    }
+    hsum(_mm256_add_ps(acc[0], acc[1]))
+}
+
+#[inline(always)]
+unsafe fn dot_q4k_q5k<const FIVE: bool>(row: &[u8], a: ActRow<'_>) -> f32 {
+    let nsb = a.d.len() / 8;
+    let ts = if FIVE { 176 } else { 144 };
+    let qs_off = if FIVE { 48 } else { 16 };
+    let rp = row.as_ptr();
+    let xp = a.qs.as_ptr() as *const u8;
+    let mask = _mm256_set1_epi8(0x0f);
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut accm = 0f32;
+    for s in 0..nsb {
+        let p = rp.add(s * ts);
+        let d = f16_1(p);
+        let dmin = f16_1(p.add(2));
+        let scales = std::slice::from_raw_parts(p.add(4), 12);
+        let qh = if FIVE { loadu(p.add(16)) } else { _mm256_setzero_si256() };
+        let mut msum = 0f32;
+        for c in 0..4 {
+            let b = 8 * s + 2 * c;
+            let q = loadu(p.add(qs_off + 32 * c));
+            let mut lo = _mm256_and_si256(q, mask);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
+            if FIVE {
+                let bit = _mm256_set1_epi8(1 << (2 * c));
+                let bit2 = _mm256_set1_epi8(2 << (2 * c));
+                let x10 = _mm256_set1_epi8(0x10);
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit), x10));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit2), bit2), x10));
+            }
+            let (s1, m1) = k_scale_min(scales, 2 * c);
+            let (s2, m2) = k_scale_min(scales, 2 * c + 1);
+            let f0 = _mm256_cvtepi32_ps(dot_u8i8(lo, loadu(xp.add(32 * b))));
+            let f1 = _mm256_cvtepi32_ps(dot_u8i8(hi, loadu(xp.add(32 * b + 32))));
+            acc[0] = _mm256_fmadd_ps(f0, _mm256_set1_ps(d * s1 as f32 * *a.d.get_unchecked(b)), acc[0]);
+            acc[1] = _mm256_fmadd_ps(f1, _mm256_set1_ps(d * s2 as f32 * *a.d.get_unchecked(b + 1)), acc[1]);
+            msum += m1 as f32 * *a.ds.get_unchecked(b) + m2 as f32 * *a.ds.get_unchecked(b + 1);
+        }
+        accm -= dmin * msum;
+    }
+    hsum(_mm256_add_ps(acc[0], acc[1])) + accm
+}
+
+/// Q6_K with unsigned 6-bit values; the `-32` offset is applied through the
+/// activation sums of each 16.
+#[inline(always)]
+unsafe fn dot_q6_k(row: &[u8], a: ActRow<'_>) -> f32 {
+    let nsb = a.d.len() / 8;
+    let rp = row.as_ptr();
+    let xp = a.qs.as_ptr() as *const u8;
+    let mask = _mm256_set1_epi8(0x0f);
+    let m30 = _mm256_set1_epi8(0x30);
+    // Picks i16 lanes (2j, 2j+1) of a dword-broadcast vector: low half <- word 0, high half <- word 1.
+    let spread = _mm256_setr_epi8(
+        0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+    );
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut accm = _mm256_setzero_ps();
+    for s in 0..nsb {
+        let p = rp.add(s * 210);
+        let d = f16_1(p.add(208));
+        let sc8 = _mm_loadu_si128(p.add(192) as *const __m128i);
+        let sc16 = _mm256_cvtepi8_epi16(sc8);
+        // Offset term: -32 * d * sum_j sc[j] * ds16[j].
+        let ds16 = a.ds16.as_ptr().add(16 * s);
+        let scf0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8));
+        let scf1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8)));
+        let t = _mm256_fmadd_ps(scf0, _mm256_loadu_ps(ds16), _mm256_mul_ps(scf1, _mm256_loadu_ps(ds16.add(8))));
+        accm = _mm256_fmadd_ps(t, _mm256_set1_ps(-32.0 * d), accm);
+        for h in 0..2 {
+            let ql0 = loadu(p.add(64 * h));
+            let ql1 = loadu(p.add(64 * h + 32));
+            let qh = loadu(p.add(128 + 32 * h));
+            let qs = [
+                _mm256_or_si256(_mm256_and_si256(ql0, mask), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
+                _mm256_or_si256(_mm256_and_si256(ql1, mask), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), mask), _mm256_and_si256(qh, m30)),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), mask),
+                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+                ),
+            ];
+            for (g, &q) in qs.iter().enumerate() {
+                let j = 4 * h + g;
+                let b = 8 * s + j;
+                let scv = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(sc16, _mm256_set1_epi32(j as i32)), spread);
+                let pi = _mm256_madd_epi16(_mm256_maddubs_epi16(q, loadu(xp.add(32 * b))), scv);
+                acc[g & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pi), _mm256_set1_ps(d * *a.d.get_unchecked(b)), acc[g & 1]);
+            }
+        }
+    }
+    hsum(_mm256_add_ps(acc[0], acc[1])) + hsum(accm)
+}
+
+// ---------------------------------------------------------------------------
+// Panels and tiles
+
+pub(crate) const K_U: u8 = 0;
+pub(crate) const K_U16: u8 = 1;
+pub(crate) const K_S: u8 = 2;
+
+/// Decodes one row into panel slots (block `b` at `q + b*PR*32`, `d + b*PR`,
+/// `sc + b*PR`; offsets at `m[0..nm]`). Returns false for types without a
+/// vector decoder.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn decode_row(
+    ty: GgmlType,
+    row: &[u8],
+    nb: usize,
+    q: *mut u8,
+    d: *mut f32,
+    sc: *mut [i16; 2],
+    m: *mut f32,
+) -> bool {
+    debug_assert!(row.len() >= ty.row_bytes(32 * nb));
+    let rp = row.as_ptr();
+    let st = |b: usize, v: __m256i| _mm256_storeu_si256(q.add(b * PR * 32) as *mut __m256i, v);
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            let ts = ty.type_size();
+            let five = matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1);
+            let min = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+            let qh_off = if min { 4 } else { 2 };
+            let qs_off = qh_off + if five { 4 } else { 0 };
+            let off = if five { -16.0 } else { -8.0 };
+            for b in 0..nb {
+                let p = rp.add(b * ts);
+                let db = f16_1(p);
+                *d.add(b * PR) = db;
+                *m.add(b) = if min { f16_1(p.add(2)) } else { off * db };
+                let mut w = nibbles(p.add(qs_off));
+                if five {
+                    w = _mm256_or_si256(w, bits_to_0x10((p.add(qh_off) as *const u32).read_unaligned()));
+                }
+                st(b, w);
+            }
+        }
+        GgmlType::Q8_0 => {
+            for b in 0..nb {
+                let p = rp.add(b * 34);
+                *d.add(b * PR) = f16_1(p);
+                st(b, loadu(p.add(2)));
+            }
+        }
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            let five = ty == GgmlType::Q5_K;
+            let ts = ty.type_size();
+            let qs_off = if five { 48 } else { 16 };
+            let mask = _mm256_set1_epi8(0x0f);
+            let x10 = _mm256_set1_epi8(0x10);
+            for s in 0..nb / 8 {
+                let p = rp.add(s * ts);
+                let dd = f16_1(p);
+                let dmin = f16_1(p.add(2));
+                let scales = std::slice::from_raw_parts(p.add(4), 12);
+                let qh = if five { loadu(p.add(16)) } else { _mm256_setzero_si256() };
+                for c in 0..4 {
+                    let b = 8 * s + 2 * c;
+                    let v = loadu(p.add(qs_off + 32 * c));
+                    let mut lo = _mm256_and_si256(v, mask);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    if five {
+                        let bit = _mm256_set1_epi8(1 << (2 * c));
+                        let bit2 = _mm256_set1_epi8(2 << (2 * c));
+                        lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit), x10));
+                        hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit2), bit2), x10));
+                    }
+                    st(b, lo);
+                    st(b + 1, hi);
+                    let (s1, m1) = k_scale_min(scales, 2 * c);
+                    let (s2, m2) = k_scale_min(scales, 2 * c + 1);
+                    *d.add(b * PR) = dd * s1 as f32;
+                    *d.add((b + 1) * PR) = dd * s2 as f32;
+                    *m.add(b) = -dmin * m1 as f32;
+                    *m.add(b + 1) = -dmin * m2 as f32;
+                }
+            }
+        }
+        GgmlType::Q6_K => {
+            let mask = _mm256_set1_epi8(0x0f);
+            let m30 = _mm256_set1_epi8(0x30);
+            for s in 0..nb / 8 {
+                let p = rp.add(s * 210);
+                let dd = f16_1(p.add(208));
+                for h in 0..2 {
+                    let ql0 = loadu(p.add(64 * h));
+                    let ql1 = loadu(p.add(64 * h + 32));
+                    let qh = loadu(p.add(128 + 32 * h));
+                    let b = 8 * s + 4 * h;
+                    st(b, _mm256_or_si256(_mm256_and_si256(ql0, mask), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)));
+                    st(b + 1, _mm256_or_si256(_mm256_and_si256(ql1, mask), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)));
+                    st(
+                        b + 2,
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), mask), _mm256_and_si256(qh, m30)),
+                    );
+                    st(
+                        b + 3,
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), mask),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+                        ),
+                    );
+                }
+                for j in 0..8 {
+                    let b = 8 * s + j;
+                    let s0 = *p.add(192 + 2 * j) as i8 as i16;
+                    let s1 = *p.add(193 + 2 * j) as i8 as i16;
+                    *d.add(b * PR) = dd;
+                    *sc.add(b * PR) = [s0, s1];
+                    *m.add(2 * b) = -32.0 * dd * s0 as f32;
+                    *m.add(2 * b + 1) = -32.0 * dd * s1 as f32;
+                }
+            }
+        }
+        _ => return false,
+    }
+    true
+}
+
+/// `mins[t*PR + r] = sum_j pan.m[r][j] * sums[j][t]` for every token.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn panel_mins(pan: &Panel, sums: &SumsT, mins: &mut [f32]) {
+    let (nm, npad) = (pan.nm, sums.npad);
+    debug_assert!(sums.v.len() >= nm * npad && mins.len() >= npad * PR && pan.m.len() >= PR * nm);
+    let mp = pan.m.as_ptr();
+    let sp = sums.v.as_ptr();
+    for t in (0..npad).step_by(8) {
+        let mut acc = [_mm256_setzero_ps(); PR];
+        for j in 0..nm {
+            let s = _mm256_loadu_ps(sp.add(j * npad + t));
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(_mm256_set1_ps(*mp.add(r * nm + j)), s, *a);
+            }
+        }
+        // Transpose 4 rows x 8 tokens into [t][PR].
+        let mut tmp = [[0f32; 8]; PR];
+        for r in 0..PR {
+            _mm256_storeu_ps(tmp[r].as_mut_ptr(), acc[r]);
+        }
+        for i in 0..8 {
+            for r in 0..PR {
+                mins[(t + i) * PR + r] = tmp[r][i];
+            }
+        }
+    }
+}
+
+/// Computes `out[(t0+t)*ld + r] = W[r] . x[t0+t] + mins[(t0+t)*PR + r]` for the
+/// first `rr` rows of the panel and `T` tokens, `RT` rows at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn tile<const KIND: u8, const RT: usize, const T: usize>(
+    pan: &Panel,
+    a: &QActs,
+    t0: usize,
+    rr: usize,
+    mins: &[f32],
+    sbuf: &mut Vec<f32>,
+    out: *mut f32,
+    ld: usize,
+) {
+    let nb = pan.nb;
+    debug_assert!(a.n >= t0 + T && pan.q.len() >= nb * PR * 32 && PR % RT == 0);
+    // Products of weight and activation scales, [b][t][PR].
+    sbuf.resize(nb * T * PR, 0.0);
+    let sb = sbuf.as_mut_ptr();
+    let dp = pan.d.as_ptr();
+    let mut xq = [std::ptr::null::<u8>(); T];
+    for t in 0..T {
+        xq[t] = a.qs.as_ptr().add((t0 + t) * a.cols) as *const u8;
+        let xd = a.d.as_ptr().add((t0 + t) * nb);
+        for b in 0..nb {
+            let dw4 = _mm_loadu_ps(dp.add(b * PR));
+            _mm_storeu_ps(sb.add((b * T + t) * PR), _mm_mul_ps(dw4, _mm_broadcast_ss(&*xd.add(b))));
+        }
+    }
+    let mut r0 = 0;
+    while r0 < rr {
+        let acc = tile_rows::<KIND, RT, T>(pan, r0, &xq, sb);
+        for r in 0..RT.min(rr - r0) {
+            for t in 0..T {
+                let v = hsum(acc[r][t]) + if KIND == K_S { 0.0 } else { mins[(t0 + t) * PR + r0 + r] };
+                *out.add((t0 + t) * ld + r0 + r) = v;
+            }
+        }
+        r0 += RT;
+    }
+}
+
+#[inline(always)]
+unsafe fn tile_rows<const KIND: u8, const RT: usize, const T: usize>(
+    pan: &Panel,
+    r0: usize,
+    xq: &[*const u8; T],
+    sb: *const f32,
+) -> [[__m256; T]; RT] {
+    let nb = pan.nb;
+    let mut acc = [[_mm256_setzero_ps(); T]; RT];
+    let qp = pan.q.as_ptr().add(r0 * 32);
+    let scp = pan.sc.as_ptr().add(r0);
+    let ones = _mm256_set1_epi16(1);
+    let spread = _mm256_setr_epi8(
+        0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+    );
+    for b in 0..nb {
+        let sbb = sb.add(b * T * PR + r0);
+        for r in 0..RT {
+            let w = loadu(qp.add((b * PR + r) * 32));
+            match KIND {
+                K_U => {
+                    for t in 0..T {
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, loadu(xq[t].add(32 * b))), ones);
+                        let s = _mm256_broadcast_ss(&*sbb.add(t * PR + r));
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][t]);
+                    }
+                }
+                K_U16 => {
+                    let scv = _mm256_shuffle_epi8(_mm256_set1_epi32((scp.add(b * PR + r) as *const i32).read()), spread);
+                    for t in 0..T {
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, loadu(xq[t].add(32 * b))), scv);
+                        let s = _mm256_broadcast_ss(&*sbb.add(t * PR + r));
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][t]);
+                    }
+                }
+                _ => {
+                    let aw = _mm256_abs_epi8(w);
+                    for t in 0..T {
+                        let xs = _mm256_sign_epi8(loadu(xq[t].add(32 * b)), w);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), ones);
+                        let s = _mm256_broadcast_ss(&*sbb.add(t * PR + r));
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][t]);
+                    }
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// Plain `f32` dot product.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 16 <= n {
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(i)), _mm256_loadu_ps(bp.add(i)), acc[0]);
+        acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(i + 8)), _mm256_loadu_ps(bp.add(i + 8)), acc[1]);
+        i += 16;
+    }
+    if i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(i)), _mm256_loadu_ps(bp.add(i)), acc[0]);
+        i += 8;
+    }
+    let mut s = hsum(_mm256_add_ps(acc[0], acc[1]));
+    while i < n {
+        s += a[i] * b[i];
+        i += 1;
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------
+// Float weights
+
+/// Eight weights of a float row, as f32.
+#[inline(always)]
+unsafe fn load8(ty: GgmlType, p: *const u8) -> __m256 {
+    match ty {
+        GgmlType::F32 => _mm256_loadu_ps(p as *const f32),
+        GgmlType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+        _ => _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+            16,
+        )),
+    }
+}
+
+#[inline(always)]
+unsafe fn float_dot_t(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
+    let n = x.len();
+    let es = ty.type_size();
+    debug_assert!(row.len() >= n * es);
+    let (rp, xp) = (row.as_ptr(), x.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for k in 0..4 {
+            let j = i + 8 * k;
+            acc[k] = _mm256_fmadd_ps(load8(ty, rp.add(j * es)), _mm256_loadu_ps(xp.add(j)), acc[k]);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(load8(ty, rp.add(i * es)), _mm256_loadu_ps(xp.add(i)), acc[0]);
+        i += 8;
+    }
+    let mut s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    if i < n {
+        s += super::scalar::float_dot(ty, &row[i * es..], &x[i..]);
+    }
+    s
+}
+
+/// Dot product of an F32/F16/BF16 row with `x`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn float_dot(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
+    match ty {
+        GgmlType::F32 => float_dot_t(GgmlType::F32, row, x),
+        GgmlType::F16 => float_dot_t(GgmlType::F16, row, x),
+        _ => float_dot_t(GgmlType::BF16, row, x),
+    }
+}
+
+/// Float tile: `PR` rows of f32 weights (`w[r*cols..]`) x `T` tokens of `x`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn float_tile<const T: usize>(
+    w: &[f32],
+    cols: usize,
+    x: &[f32],
+    t0: usize,
+    rr: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    debug_assert!(w.len() >= PR * cols && x.len() >= (t0 + T) * cols);
+    let mut acc = [[_mm256_setzero_ps(); T]; PR];
+    let wp = w.as_ptr();
+    let xp = x.as_ptr().add(t0 * cols);
+    let main = cols / 8 * 8;
+    let mut c = 0;
+    while c < main {
+        for r in 0..PR {
+            let wv = _mm256_loadu_ps(wp.add(r * cols + c));
+            for t in 0..T {
+                acc[r][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(t * cols + c)), acc[r][t]);
+            }
+        }
+        c += 8;
+    }
+    for r in 0..rr {
+        for t in 0..T {
+            let mut v = hsum(acc[r][t]);
+            for k in main..cols {
+                v += w[r * cols + k] * x[(t0 + t) * cols + k];
+            }
+            *out.add((t0 + t) * ld + r) = v;
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Hand-run timings on real weights: `cargo test --release quant::bench -- --ignored --nocapture`.
+
+use super::*;
+use std::path::Path;
+use std::time::Instant;
+
+fn time_it(mut f: impl FnMut(), min_secs: f64) -> f64 {
+    f(); // warm up
+    let mut best = f64::INFINITY;
+    let start = Instant::now();
+    let mut iters = 0;
+    while iters < 3 || start.elapsed().as_secs_f64() < min_secs {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+        iters += 1;
+    }
+    best
+}
+
+/// CPU time of the calling thread (ns), from /proc (tick granularity: use long runs).
+fn thread_cpu_ns() -> u64 {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    s.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Seconds of CPU per call on a one-thread pool (robust to other load on the machine).
+fn cpu_time_1thread(mut f: impl FnMut() + Send, min_secs: f64) -> f64 {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    pool.install(|| {
+        f();
+        let start = Instant::now();
+        let c0 = thread_cpu_ns();
+        let mut iters = 0u64;
+        while iters < 3 || start.elapsed().as_secs_f64() < min_secs {
+            f();
+            iters += 1;
+        }
+        (thread_cpu_ns() - c0) as f64 / 1e9 / iters as f64
+    })
+}
+
+fn bench_tensor(file: &GgufFile, name: &str, ns: &[usize]) {
+    let m = QMatrix::from_gguf(file, name).unwrap();
+    for &n in ns {
+        let x = tests::rand_vec(n * m.cols(), 3);
+        let mut out = vec![0f32; n * m.rows()];
+        let secs = time_it(|| m.matmul(&x, n, &mut out), 0.5);
+        let cpu1 = cpu_time_1thread(|| m.matmul(&x, n, &mut out), 0.5);
+        let flops = 2.0 * (m.rows() * m.cols() * n) as f64;
+        println!(
+            "{:<24} {:>4} [{:>6}x{:>5}] n={:<4} | {} threads: {:>9.1} us {:>6.1} GFLOP/s {:>5.1} GB/s | 1 thread (cpu time): {:>6.1} GFLOP/s {:>5.1} GB/s",
+            name.trim_end_matches(".weight"),
+            m.dtype().name(),
+            m.rows(),
+            m.cols(),
+            n,
+            rayon::current_num_threads(),
+            secs * 1e6,
+            flops / secs / 1e9,
+            m.bytes() as f64 / secs / 1e9,
+            flops / cpu1 / 1e9,
+            m.bytes() as f64 / cpu1 / 1e9,
+        );
+    }
+}
+
+#[test]
+#[ignore]
+fn bench_real_weights() {
+    let dir = Path::new("/root/.cache/kvmerger/models");
+    println!("threads: {}", rayon::current_num_threads());
+    // Memory bandwidth yardstick: sum 256 MiB with all threads.
+    let big = vec![1u8; 256 << 20];
+    let secs = time_it(
+        || {
+            let s: u64 = big.par_chunks(1 << 20).map(|c| c.iter().map(|&b| b as u64).sum::<u64>()).sum();
+            assert_eq!(s, 256 << 20);
+        },
+        0.5,
+    );
+    println!("memory read: {:.1} GB/s", (256 << 20) as f64 / secs / 1e9);
+    drop(big);
+    let f = GgufFile::open(&dir.join("smollm2-135m.gguf")).unwrap();
+    for name in ["blk.0.ffn_up.weight", "blk.0.ffn_down.weight", "blk.0.attn_q.weight"] {
+        bench_tensor(&f, name, &[1, 64, 512]);
+    }
+    bench_tensor(&f, "token_embd.weight", &[1, 16]);
+    let f = GgufFile::open(&dir.join("qwen2.5-0.5b.gguf")).unwrap();
+    for name in ["blk.0.ffn_up.weight", "blk.0.ffn_down.weight", "blk.11.ffn_down.weight", "blk.0.attn_v.weight"] {
+        bench_tensor(&f, name, &[1, 64, 512]);
+    }
+    bench_tensor(&f, "output.weight", &[1]);
+}
+
+/// A loop to profile by hand (`perf record`): `QBENCH=tensor:n:secs`.
+#[test]
+#[ignore]
+fn profile_loop() {
+    let spec = std::env::var("QBENCH").unwrap_or_else(|_| "smollm2-135m:blk.0.ffn_up.weight:64:3".into());
+    let p: Vec<&str> = spec.split(':').collect();
+    let f = GgufFile::open(&Path::new("/root/.cache/kvmerger/models").join(format!("{}.gguf", p[0]))).unwrap();
+    let m = QMatrix::from_gguf(&f, p[1]).unwrap();
+    let n: usize = p[2].parse().unwrap();
+    let secs: f64 = p[3].parse().unwrap();
+    let x = tests::rand_vec(n * m.cols(), 3);
+    let mut out = vec![0f32; n * m.rows()];
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let cpu = pool.install(|| {
+        let start = Instant::now();
+        let c0 = thread_cpu_ns();
+        let mut iters = 0;
+        while start.elapsed().as_secs_f64() < secs {
+            m.matmul(&x, n, &mut out);
+            iters += 1;
+        }
+        (thread_cpu_ns() - c0) as f64 / 1e9 / iters as f64
+    });
+    println!("{spec}: {:.1} GFLOP/s (1 thread, cpu time)", 2.0 * (m.rows() * m.cols() * n) as f64 / cpu / 1e9);
+}

@@ -1,0 +1,536 @@
+//! Block formats (the ggml family) and the quantized matrix kernels.
+//!
+//! A [`QMatrix`] holds a weight matrix in its file format (borrowed from the
+//! memory map when it comes from GGUF) and multiplies activations by it.
+//! [`dequantize_row`] turns blocks back into `f32`.
+
+mod act;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod formats;
+mod panel;
+mod scalar;
+
+pub use formats::{dequantize_row, quantize_row};
+
+use act::QActs;
+use panel::PR;
+
+use crate::gguf::GgufFile;
+use crate::Error;
+use memmap2::Mmap;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Tensor element types, with their ggml ids.
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    Q8_K,
+}
+
+impl GgmlType {
+    /// Every supported type.
+    pub const ALL: [GgmlType; 12] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+        GgmlType::Q8_K,
+    ];
+
+    /// The type with ggml id `x`, or `None` for an unknown or unsupported id.
+    pub fn from_u32(x: u32) -> Option<Self> {
+        Some(match x {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
+            8 => GgmlType::Q8_0,
+            12 => GgmlType::Q4_K,
+            13 => GgmlType::Q5_K,
+            14 => GgmlType::Q6_K,
+            15 => GgmlType::Q8_K,
+            30 => GgmlType::BF16,
+            _ => return None,
+        })
+    }
+
+    /// The ggml id.
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q4_K => 12,
+            GgmlType::Q5_K => 13,
+            GgmlType::Q6_K => 14,
+            GgmlType::Q8_K => 15,
+            GgmlType::BF16 => 30,
+        }
+    }
+
+    /// Elements per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+                32
+            }
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K | GgmlType::Q8_K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        match self {
+            GgmlType::F32 => 4,
+            GgmlType::F16 | GgmlType::BF16 => 2,
+            GgmlType::Q4_0 => 18,
+            GgmlType::Q4_1 => 20,
+            GgmlType::Q5_0 => 22,
+            GgmlType::Q5_1 => 24,
+            GgmlType::Q8_0 => 34,
+            GgmlType::Q4_K => 144,
+            GgmlType::Q5_K => 176,
+            GgmlType::Q6_K => 210,
+            GgmlType::Q8_K => 292,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlType::F32 => "F32",
+            GgmlType::F16 => "F16",
+            GgmlType::BF16 => "BF16",
+            GgmlType::Q4_0 => "Q4_0",
+            GgmlType::Q4_1 => "Q4_1",
+            GgmlType::Q5_0 => "Q5_0",
+            GgmlType::Q5_1 => "Q5_1",
+            GgmlType::Q8_0 => "Q8_0",
+            GgmlType::Q4_K => "Q4_K",
+            GgmlType::Q5_K => "Q5_K",
+            GgmlType::Q6_K => "Q6_K",
+            GgmlType::Q8_K => "Q8_K",
+        }
+    }
+
+    /// Bytes taken by a row of `n` elements (`n` a multiple of the block size).
+    pub fn row_bytes(self, n: usize) -> usize {
+        n / self.block_size() * self.type_size()
+    }
+}
+
+impl std::fmt::Display for GgmlType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+enum Storage {
+    Mmap {
+        map: Arc<Mmap>,
+        offset: usize,
+        len: usize,
+    },
+    Bytes(Vec<u8>),
+    F32(Vec<f32>),
+}
+
+/// A weight matrix `[rows][cols]` (rows = output features, cols = input
+/// features = ggml `dims[0]`), stored in its block format.
+pub struct QMatrix {
+    dtype: GgmlType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    storage: Storage,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QMatrix")
+            .field("dtype", &self.dtype)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish()
+    }
+}
+
+impl QMatrix {
+    /// The tensor `name` of a GGUF file, borrowing its bytes from the memory map.
+    /// A tensor with more than two dimensions is seen as `[prod(dims[1..])][dims[0]]`;
+    /// a 1-D tensor as one row.
+    pub fn from_gguf(file: &GgufFile, name: &str) -> Result<QMatrix, Error> {
+        let info = file.tensor(name)?;
+        let cols = info.dims[0] as usize;
+        let rows = info.dims[1..].iter().product::<u64>() as usize;
+        let ty = info.dtype;
+        let row_bytes = ty.row_bytes(cols);
+        if cols % ty.block_size() != 0 || row_bytes * rows != info.size {
+            return Err(Error::Format {
+                path: file.path.clone(),
+                msg: format!(
+                    "tensor '{name}': {ty} data of {} bytes does not fit dims {:?}",
+                    info.size, info.dims
+                ),
+            });
+        }
+        Ok(QMatrix {
+            dtype: ty,
+            rows,
+            cols,
+            row_bytes,
+            storage: Storage::Mmap {
+                map: Arc::clone(file.mmap()),
+                offset: info.offset,
+                len: info.size,
+            },
+        })
+    }
+
+    /// A row-major `f32` matrix.
+    pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> QMatrix {
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "QMatrix::from_f32: data length != rows * cols"
+        );
+        QMatrix {
+            dtype: GgmlType::F32,
+            rows,
+            cols,
+            row_bytes: cols * 4,
+            storage: Storage::F32(data),
+        }
+    }
+
+    /// A row-major matrix of little-endian IEEE half floats.
+    pub fn from_f16_bytes(rows: usize, cols: usize, bytes: Vec<u8>) -> QMatrix {
+        Self::from_bytes(GgmlType::F16, rows, cols, bytes)
+    }
+
+    /// A row-major matrix of little-endian bfloat16.
+    pub fn from_bf16_bytes(rows: usize, cols: usize, bytes: Vec<u8>) -> QMatrix {
+        Self::from_bytes(GgmlType::BF16, rows, cols, bytes)
+    }
+
+    /// A row-major matrix already in block format `ty` (each row `ty.row_bytes(cols)` bytes).
+    pub fn from_bytes(ty: GgmlType, rows: usize, cols: usize, bytes: Vec<u8>) -> QMatrix {
+        assert_eq!(
+            cols % ty.block_size(),
+            0,
+            "QMatrix::from_bytes: cols is not a multiple of the block size"
+        );
+        let row_bytes = ty.row_bytes(cols);
+        assert_eq!(
+            bytes.len(),
+            rows * row_bytes,
+            "QMatrix::from_bytes: wrong byte count for {ty}"
+        );
+        QMatrix {
+            dtype: ty,
+            rows,
+            cols,
+            row_bytes,
+            storage: Storage::Bytes(bytes),
+        }
+    }
+
+    /// Quantizes a row-major `f32` matrix to `ty` (with a simple round-to-nearest quantizer).
+    pub fn quantize(ty: GgmlType, rows: usize, cols: usize, data: &[f32]) -> QMatrix {
+        assert_eq!(data.len(), rows * cols);
+        if ty == GgmlType::F32 {
+            return Self::from_f32(rows, cols, data.to_vec());
+        }
+        let mut bytes = Vec::with_capacity(rows * ty.row_bytes(cols));
+        for r in 0..rows {
+            bytes.extend_from_slice(&quantize_row(ty, &data[r * cols..(r + 1) * cols]));
+        }
+        Self::from_bytes(ty, rows, cols, bytes)
+    }
+
+    pub fn dtype(&self) -> GgmlType {
+        self.dtype
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Bytes of weight data.
+    pub fn bytes(&self) -> usize {
+        self.rows * self.row_bytes
+    }
+
+    /// All the weight bytes, row after row.
+    pub fn raw(&self) -> &[u8] {
+        match &self.storage {
+            Storage::Mmap { map, offset, len } => &map[*offset..*offset + *len],
+            Storage::Bytes(b) => b,
+            // SAFETY: any initialized f32 memory is valid as bytes, and u8 has alignment 1.
+            Storage::F32(v) => unsafe {
+                std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4)
+            },
+        }
+    }
+
+    /// The bytes of row `r`.
+    pub fn row_raw(&self, r: usize) -> &[u8] {
+        &self.raw()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// Row `r` as `f32` (`out.len() == cols`).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.rows, "row {r} out of range ({} rows)", self.rows);
+        assert_eq!(out.len(), self.cols);
+        dequantize_row(self.dtype, self.row_raw(r), out);
+    }
+
+    /// The whole matrix as row-major `f32`.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        if self.cols > 0 {
+            for (r, o) in out.chunks_exact_mut(self.cols).enumerate() {
+                self.dequantize_row(r, o);
+            }
+        }
+        out
+    }
+
+    /// `out[t*rows + r] = sum_c W[r][c] * x[t*cols + c]` for `t` in `0..n`,
+    /// on the rayon global pool.
+    ///
+    /// Quantized weights multiply activations quantized to 8 bits per block
+    /// of 32 (integer dot products); float weights use `f32` FMA.
+    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        self.matmul_isa(Isa::detect(), x, n, out)
+    }
+
+    pub(crate) fn matmul_isa(&self, isa: Isa, x: &[f32], n: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), n * self.cols, "matmul: x has {} values, expected {n} x {}", x.len(), self.cols);
+        assert_eq!(out.len(), n * self.rows, "matmul: out has {} values, expected {n} x {}", out.len(), self.rows);
+        if n == 0 || self.rows == 0 {
+            return;
+        }
+        if self.cols == 0 {
+            out.fill(0.0);
+            return;
+        }
+        let (rows, cols) = (self.rows, self.cols);
+        let dst = SyncPtr(out.as_mut_ptr());
+        let work = rows * cols * n;
+        match self.dtype {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+                if n < MIN_PANEL_TOKENS {
+                    par_rows(rows, 1, work, |r0, r1| {
+                        for r in r0..r1 {
+                            let row = self.row_raw(r);
+                            for t in 0..n {
+                                let v = float_dot(isa, self.dtype, row, &x[t * cols..(t + 1) * cols]);
+                                // SAFETY: this task owns rows r0..r1 of every token.
+                                unsafe { *dst.get().add(t * rows + r) = v };
+                            }
+                        }
+                    });
+                } else {
+                    par_rows(rows, PR, work, |r0, r1| self.float_panel_rows(isa, x, n, r0, r1, dst.get()));
+                }
+            }
+            _ => {
+                let a = QActs::quantize(isa, x, n, cols);
+                if n < MIN_PANEL_TOKENS {
+                    par_rows(rows, 1, work, |r0, r1| {
+                        for r in r0..r1 {
+                            let row = self.row_raw(r);
+                            for t in 0..n {
+                                let v = vec_dot(isa, self.dtype, row, a.row(t));
+                                // SAFETY: this task owns rows r0..r1 of every token.
+                                unsafe { *dst.get().add(t * rows + r) = v };
+                            }
+                        }
+                    });
+                } else {
+                    let sums = panel::SumsT::new(&a, scalar::kind(self.dtype));
+                    par_rows(rows, PR, work, |r0, r1| {
+                        panel::panel_rows(isa, self, &a, &sums, r0, r1, dst.get(), rows)
+                    });
+                }
+            }
+        }
+    }
+
+    /// Float weights, `n` tokens, rows `r0..r1`: decode `PR` rows to f32, then tiles.
+    fn float_panel_rows(&self, isa: Isa, x: &[f32], n: usize, r0: usize, r1: usize, out: *mut f32) {
+        let (rows, cols) = (self.rows, self.cols);
+        let mut w = vec![0f32; PR * cols];
+        let mut r = r0;
+        while r < r1 {
+            let rr = (r1 - r).min(PR);
+            for i in 0..PR {
+                if i < rr {
+                    self.dequantize_row(r + i, &mut w[i * cols..(i + 1) * cols]);
+                } else {
+                    w[i * cols..(i + 1) * cols].fill(0.0);
+                }
+            }
+            // SAFETY: the caller owns rows r0..r1 of every token.
+            let o = unsafe { out.add(r) };
+            let mut t = 0;
+            while t < n {
+                let tt = (n - t).min(3);
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe {
+                        match tt {
+                            1 => avx2::float_tile::<1>(&w, cols, x, t, rr, o, rows),
+                            2 => avx2::float_tile::<2>(&w, cols, x, t, rr, o, rows),
+                            _ => avx2::float_tile::<3>(&w, cols, x, t, rr, o, rows),
+                        }
+                    },
+                    _ => {
+                        for tk in t..t + tt {
+                            for i in 0..rr {
+                                let v = dot_f32(&w[i * cols..(i + 1) * cols], &x[tk * cols..(tk + 1) * cols]);
+                                unsafe { *o.add(tk * rows + i) = v };
+                            }
+                        }
+                    }
+                }
+                t += tt;
+            }
+            r += rr;
+        }
+    }
+}
+
+/// Token counts from which matmul decodes weight panels once and reuses them.
+const MIN_PANEL_TOKENS: usize = 2;
+
+/// Multiply-accumulates below which a matmul runs on the calling thread.
+const MIN_PARALLEL_WORK: usize = 1 << 17;
+
+/// Instruction sets with kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Isa {
+    pub(crate) fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::sync::OnceLock;
+            static ISA: OnceLock<Isa> = OnceLock::new();
+            *ISA.get_or_init(|| {
+                let off = std::env::var_os("KVMERGER_NO_SIMD").is_some_and(|v| !v.is_empty() && v != "0");
+                if !off
+                    && is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+                {
+                    Isa::Avx2
+                } else {
+                    Isa::Scalar
+                }
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Scalar
+    }
+}
+
+fn vec_dot(isa: Isa, ty: GgmlType, row: &[u8], a: act::ActRow<'_>) -> f32 {
+    match isa {
+        // SAFETY: Isa::Avx2 is only chosen when the CPU has the features.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::vec_dot(ty, row, a) },
+        Isa::Scalar => scalar::vec_dot(ty, row, a),
+    }
+}
+
+fn float_dot(isa: Isa, ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
+    match isa {
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::float_dot(ty, row, x) },
+        Isa::Scalar => scalar::float_dot(ty, row, x),
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint cells.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: every task writes a disjoint set of cells (its own rows).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    #[inline(always)]
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Runs `f(r0, r1)` over chunks of `0..rows` (multiples of `align` rows),
+/// in parallel when `work` is large enough to pay for it.
+fn par_rows(rows: usize, align: usize, work: usize, f: impl Fn(usize, usize) + Sync) {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || work < MIN_PARALLEL_WORK || rows <= align {
+        f(0, rows);
+        return;
+    }
+    // A few chunks per thread evens out uneven progress; each is still large.
+    let per_chunk_work = (work / (4 * threads)).max(MIN_PARALLEL_WORK / 2);
+    let n_chunks = (work / per_chunk_work).clamp(1, rows.div_ceil(align));
+    let chunk = rows.div_ceil(n_chunks).div_ceil(align) * align;
+    let n_chunks = rows.div_ceil(chunk);
+    (0..n_chunks).into_par_iter().for_each(|i| f(i * chunk, ((i + 1) * chunk).min(rows)));
+}
+
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        s += x * y;
+    }
+    s
+}
+
+#[cfg(test)]
+mod bench;
+#[cfg(test)]
+mod tests;

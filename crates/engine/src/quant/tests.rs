@@ -1,0 +1,287 @@
+use super::*;
+
+/// Deterministic pseudo-random values in [-1, 1) (xorshift).
+pub(crate) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Worst-case round-trip error bound for `ty` relative to the block's max magnitude.
+fn rel_tolerance(ty: GgmlType) -> f32 {
+    match ty {
+        GgmlType::F32 => 0.0,
+        GgmlType::F16 => 1e-3,
+        GgmlType::BF16 => 1e-2,
+        GgmlType::Q8_0 | GgmlType::Q8_K => 1.0 / 127.0,
+        GgmlType::Q6_K => 2.5 / 32.0,
+        GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K => 2.5 / 16.0,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K => 2.5 / 8.0,
+    }
+}
+
+#[test]
+fn ids_round_trip() {
+    for ty in GgmlType::ALL {
+        assert_eq!(GgmlType::from_u32(ty.id()), Some(ty));
+        assert_eq!(ty.row_bytes(ty.block_size()), ty.type_size());
+    }
+    assert_eq!(GgmlType::from_u32(9), None);
+}
+
+#[test]
+fn quantize_dequantize_round_trip() {
+    for ty in GgmlType::ALL {
+        let n = 512;
+        let x: Vec<f32> = rand_vec(n, 7)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * (1.0 + (i % 97) as f32 / 10.0))
+            .collect();
+        let q = quantize_row(ty, &x);
+        assert_eq!(q.len(), ty.row_bytes(n), "{ty}");
+        let mut y = vec![0f32; n];
+        dequantize_row(ty, &q, &mut y);
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let tol = rel_tolerance(ty) * amax + 1e-6;
+        for i in 0..n {
+            assert!(
+                (x[i] - y[i]).abs() <= tol,
+                "{ty}: elem {i}: {} vs {} (tol {tol})",
+                x[i],
+                y[i]
+            );
+        }
+    }
+}
+
+/// Hand-built blocks with known values, independent of the quantizers.
+#[test]
+fn known_blocks() {
+    let one = half::f16::from_f32(0.5).to_bits().to_le_bytes();
+    // Q4_0: d=0.5, elem j = nibble j&15 -> (q-8)*0.5.
+    let mut b = one.to_vec();
+    for j in 0..16u8 {
+        b.push(j | ((15 - j) << 4));
+    }
+    let mut y = [0f32; 32];
+    dequantize_row(GgmlType::Q4_0, &b, &mut y);
+    for j in 0..16 {
+        assert_eq!(y[j], (j as f32 - 8.0) * 0.5);
+        assert_eq!(y[j + 16], (7.0 - j as f32) * 0.5);
+    }
+    // Q5_0: same nibbles, qh = bit i set for odd i.
+    let mut b = one.to_vec();
+    b.extend_from_slice(&0xAAAA_AAAAu32.to_le_bytes());
+    for j in 0..16u8 {
+        b.push(j | ((15 - j) << 4));
+    }
+    dequantize_row(GgmlType::Q5_0, &b, &mut y);
+    for j in 0..16 {
+        let h = if j % 2 == 1 { 16.0 } else { 0.0 };
+        assert_eq!(y[j], (j as f32 + h - 16.0) * 0.5);
+        assert_eq!(y[j + 16], (15.0 - j as f32 + h - 16.0) * 0.5);
+    }
+}
+
+#[test]
+fn qmatrix_basics() {
+    let (rows, cols) = (3, 64);
+    let data = rand_vec(rows * cols, 1);
+    let m = QMatrix::from_f32(rows, cols, data.clone());
+    assert_eq!(m.to_f32(), data);
+    let mut row = vec![0f32; cols];
+    m.dequantize_row(2, &mut row);
+    assert_eq!(row, data[2 * cols..]);
+    let bytes: Vec<u8> = data
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
+        .collect();
+    let h = QMatrix::from_f16_bytes(rows, cols, bytes);
+    assert_eq!(h.bytes(), rows * cols * 2);
+    for (a, b) in h.to_f32().iter().zip(&data) {
+        assert!((a - b).abs() < 1e-3);
+    }
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<QMatrix>();
+}
+
+fn isas() -> Vec<Isa> {
+    let mut v = vec![Isa::Scalar];
+    if Isa::detect() != Isa::Scalar {
+        v.push(Isa::detect());
+    }
+    v
+}
+
+/// matmul equals dequantize-then-dot in f64, for every type, every kernel
+/// set and several shapes (token tails, row tails, parallel splits).
+#[test]
+fn matmul_matches_dequantized_dot() {
+    for isa in isas() {
+        for ty in GgmlType::ALL {
+            check_matmul(isa, ty);
+        }
+    }
+}
+
+fn check_matmul(isa: Isa, ty: GgmlType) {
+    {
+        let bs = ty.block_size().max(32);
+        for &(rows, cols, n) in &[
+            (1, bs, 1),
+            (5, 2 * bs, 1),
+            (7, 3 * bs, 3),
+            (13, bs * 2, 9),
+            (33, bs * 3, 17),
+        ] {
+            if ty.block_size() == 256 && cols % 256 != 0 {
+                continue;
+            }
+            let w = rand_vec(rows * cols, rows as u64 * 31 + cols as u64);
+            let m = QMatrix::quantize(ty, rows, cols, &w);
+            let wd = m.to_f32();
+            let x: Vec<f32> = rand_vec(n * cols, 99 + n as u64)
+                .iter()
+                .map(|v| v * 3.0 + 0.7)
+                .collect();
+            let mut out = vec![f32::NAN; n * rows];
+            m.matmul_isa(isa, &x, n, &mut out);
+            for t in 0..n {
+                let xt = &x[t * cols..(t + 1) * cols];
+                // Per-element bound of the 8-bit activation rounding: amax(block)/254.
+                let xerr: Vec<f64> = xt
+                    .chunks(32)
+                    .flat_map(|b| {
+                        let a = b.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 254.0;
+                        std::iter::repeat(if ty.block_size() == 1 { 0.0 } else { a }).take(b.len())
+                    })
+                    .collect();
+                for r in 0..rows {
+                    let exact: f64 = (0..cols).map(|c| wd[r * cols + c] as f64 * xt[c] as f64).sum();
+                    let bound: f64 = (0..cols).map(|c| wd[r * cols + c].abs() as f64 * xerr[c]).sum();
+                    let mag: f64 = (0..cols).map(|c| (wd[r * cols + c] as f64 * xt[c] as f64).abs()).sum();
+                    let tol = bound * 1.01 + mag * 1e-5 + 1e-6;
+                    let got = out[t * rows + r] as f64;
+                    assert!(
+                        (got - exact).abs() <= tol,
+                        "{isa:?} {ty} {rows}x{cols} n={n}: out[{t}][{r}] = {got}, expected {exact} (tol {tol})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Compares dequantization of real model tensors with rows dumped by the
+/// `gguf` Python package (`gguf.quants.dequantize`). Run by hand after writing
+/// `/tmp/quant_ref/index.txt` (lines: `file tensor dump.f32 row,row,...`).
+#[test]
+#[ignore]
+fn matches_python_gguf_dump() {
+    let dir = std::path::Path::new("/root/.cache/kvmerger/models");
+    let index =
+        std::fs::read_to_string("/tmp/quant_ref/index.txt").expect("no /tmp/quant_ref/index.txt");
+    for line in index.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let file = GgufFile::open(&dir.join(f[0])).unwrap();
+        let m = QMatrix::from_gguf(&file, f[1]).unwrap();
+        let dump: Vec<f32> = std::fs::read(f[2])
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let mut row = vec![0f32; m.cols()];
+        for (i, r) in f[3]
+            .split(',')
+            .map(|s| s.parse::<usize>().unwrap())
+            .enumerate()
+        {
+            m.dequantize_row(r, &mut row);
+            let want = &dump[i * m.cols()..(i + 1) * m.cols()];
+            for c in 0..m.cols() {
+                assert!(
+                    (row[c] - want[c]).abs() <= 1e-6 * want[c].abs().max(1e-3),
+                    "{} {} ({}): row {r} col {c}: {} vs {}",
+                    f[0],
+                    f[1],
+                    m.dtype(),
+                    row[c],
+                    want[c]
+                );
+            }
+        }
+        eprintln!(
+            "ok {} {} {} [{}x{}]",
+            f[0],
+            f[1],
+            m.dtype(),
+            m.rows(),
+            m.cols()
+        );
+    }
+}
+
+/// Compares dequantization of random block bytes with `gguf.quants.dequantize`
+/// (files `/tmp/quant_ref/rand/{TYPE}.bin` and `.f32`, written by hand).
+#[test]
+#[ignore]
+fn matches_python_on_random_blocks() {
+    for ty in GgmlType::ALL {
+        let Ok(raw) = std::fs::read(format!("/tmp/quant_ref/rand/{}.bin", ty.name())) else {
+            eprintln!("skip {ty}");
+            continue;
+        };
+        let want: Vec<f32> = std::fs::read(format!("/tmp/quant_ref/rand/{}.f32", ty.name()))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let mut got = vec![0f32; want.len()];
+        dequantize_row(ty, &raw, &mut got);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let same = g == w || (g.is_nan() && w.is_nan()) || (g - w).abs() <= 1e-6 * w.abs();
+            assert!(same, "{ty}: elem {i}: {g} vs {w}");
+        }
+        eprintln!("ok {ty} ({} values)", want.len());
+    }
+}
+
+/// The scalar and SIMD kernels agree closely (same integer sums, different
+/// f32 summation order), and quantize activations to the same bytes.
+#[test]
+fn isas_agree() {
+    let isa = Isa::detect();
+    if isa == Isa::Scalar {
+        return;
+    }
+    let cols = 768;
+    let x: Vec<f32> = rand_vec(5 * cols, 4).iter().map(|v| v * v * v * 10.0).collect();
+    let a = act::QActs::quantize(Isa::Scalar, &x, 5, cols);
+    let b = act::QActs::quantize(isa, &x, 5, cols);
+    assert_eq!(a.qs, b.qs);
+    assert_eq!(a.d, b.d);
+    assert_eq!(a.ds, b.ds);
+    assert_eq!(a.ds16, b.ds16);
+    for ty in GgmlType::ALL {
+        let rows = 37;
+        let w: Vec<f32> = rand_vec(rows * cols, 8).iter().map(|v| v * (1.0 + v * v * 4.0)).collect();
+        let m = QMatrix::quantize(ty, rows, cols, &w);
+        for n in [1, 2, 4, 5] {
+            let mut o1 = vec![0f32; n * rows];
+            let mut o2 = vec![0f32; n * rows];
+            m.matmul_isa(Isa::Scalar, &x[..n * cols], n, &mut o1);
+            m.matmul_isa(isa, &x[..n * cols], n, &mut o2);
+            let scale = o1.iter().fold(0f32, |s, v| s.max(v.abs()));
+            for i in 0..o1.len() {
+                assert!((o1[i] - o2[i]).abs() <= 2e-5 * scale, "{ty} n={n} [{i}]: {} vs {}", o1[i], o2[i]);
+            }
+        }
+    }
+}

