@@ -7,28 +7,31 @@ use crate::run::load_model;
 use anyhow::{bail, Result};
 use kvmerger_compression::{Budget, Options, Schedule, StatsNeeds};
 use kvmerger_engine::cache::PrefillStats;
+use kvmerger_engine::chat::Message;
 use kvmerger_engine::compress::{Compressor, DecodeCompression};
 use kvmerger_engine::generate::{decode_with, GenerateParams};
 use kvmerger_engine::model::Logits;
 use std::time::Instant;
 
 const FILLER: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+const CITIES: &[&str] = &[
+    "Lisbon", "Nairobi", "Osaka", "Montreal", "Krakow", "Santiago", "Hanoi", "Reykjavik", "Marrakesh", "Tbilisi",
+];
 
-/// The haystack with the pass key sentence at `depth`, about `tokens` tokens long.
-pub fn passkey_prompt(tokens: usize, depth: f64, key: u32) -> String {
-    // The filler is about 25 tokens per sentence group for BPE vocabularies.
+/// A user message of about `tokens` tokens of filler with one fact at `depth`, and the
+/// question about it.
+pub fn haystack(tokens: usize, depth: f64, city: &str) -> String {
+    // One filler group is about 25 tokens in BPE vocabularies.
     let reps = (tokens / 25).max(2);
     let at = ((reps as f64) * depth.clamp(0.0, 1.0)).round() as usize;
-    let mut s = String::from(
-        "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it.\n\n",
-    );
+    let mut s = String::new();
     for i in 0..reps {
         if i == at {
-            s.push_str(&format!("The pass key is {key}. Remember it. {key} is the pass key. "));
+            s.push_str(&format!("The secret city is {city}. Remember it: the secret city is {city}. "));
         }
         s.push_str(FILLER);
     }
-    s.push_str("\n\nWhat is the pass key? The pass key is");
+    s.push_str("\n\nQuestion: What is the secret city?");
     s
 }
 
@@ -47,21 +50,23 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
         }
     }
     let (lm, dtype) = load_model(&a.model, dir)?;
-    let key = 10000 + (a.seed.wrapping_mul(2654435761) % 90000) as u32;
-    let ids = lm.tokenizer.encode(&passkey_prompt(a.length, a.depth, key), true)?;
+    let city = CITIES[(a.seed % CITIES.len() as u64) as usize];
+    let text = haystack(a.length, a.depth, city);
+    let prompt = lm.template.render(&[Message::new("user", &text)], true)?;
+    let ids = lm.tokenizer.encode(&prompt, true)?;
     if ids.len() >= lm.model.cfg.ctx_len {
         bail!("a prompt of {} tokens does not fit the context of {}", ids.len(), lm.model.cfg.ctx_len);
     }
     let needs = runs.iter().fold(StatsNeeds::default(), |n, (_, c)| n.union(c.needs()));
-    eprintln!("prefilling {} tokens once (pass key {key} at depth {:.0}%)...", ids.len(), a.depth * 100.0);
+    eprintln!("prefilling {} tokens once (the fact {city:?} at depth {:.0}%)...", ids.len(), a.depth * 100.0);
     let mut base = lm.model.new_cache(dtype);
     let mut stats = PrefillStats::default();
     let t0 = Instant::now();
     let logits = lm.model.forward(&ids, &mut base, needs, Some(&mut stats), Logits::Last)?;
     let prefill = t0.elapsed().as_secs_f64();
-    let params = GenerateParams { max_tokens: a.max_tokens, stop: vec!["\n".into()], ..Default::default() };
+    let params = GenerateParams { max_tokens: a.max_tokens, stop: vec!["\n\n".into()], ..Default::default() };
 
-    println!("model {}, prompt {} tokens, prefill {:.2}s, pass key {key}\n", lm.name, ids.len(), prefill);
+    println!("model {}, prompt {} tokens, prefill {:.2}s, secret city {city}\n", lm.name, ids.len(), prefill);
     println!("| method | answer | correct | KV cache | kept | compress | decode |");
     println!("|---|---|---|---|---|---|---|");
     for (label, comp) in &runs {
@@ -73,13 +78,14 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
             secs = r.secs;
             dc = Some(DecodeCompression::new(comp, targets));
         }
+        let kept = cache.bytes();
         let gen = decode_with(&lm.model, &lm.tokenizer, &mut cache, logits.clone(), &ids, &params, dc.as_mut(), &mut |_| true)?;
         let answer = gen.text.trim().replace('|', "/");
         println!(
             "| {label} | {answer} | {} | {:.2} MiB | {:.0}% | {:.1} ms | {:.2}s |",
-            if answer.contains(&key.to_string()) { "yes" } else { "no" },
-            mib(cache.bytes()),
-            100.0 * cache.bytes() as f64 / base.bytes() as f64,
+            if answer.contains(city) { "yes" } else { "no" },
+            mib(kept),
+            100.0 * kept as f64 / base.bytes() as f64,
             secs * 1e3,
             gen.decode_secs
         );
