@@ -31,32 +31,36 @@ impl QActs {
             cols,
             nb,
             qs: vec![0; n * cols],
-            d: vec![0.0; n * nb],
-            ds: vec![0.0; n * nb],
+            // Padded so that kernels may load 8 scales from any block.
+            d: vec![0.0; n * nb + 8],
+            ds: vec![0.0; n * nb + 8],
             ds16: vec![0.0; 2 * n * nb],
         };
         if n * cols >= 1 << 16 && n > 1 {
             use rayon::prelude::*;
             let per = (n / (4 * rayon::current_num_threads())).max(1);
             a.qs.par_chunks_mut(per * cols)
-                .zip(a.d.par_chunks_mut(per * nb))
-                .zip(a.ds.par_chunks_mut(per * nb))
+                .zip(a.d[..n * nb].par_chunks_mut(per * nb))
+                .zip(a.ds[..n * nb].par_chunks_mut(per * nb))
                 .zip(a.ds16.par_chunks_mut(2 * per * nb))
                 .zip(x.par_chunks(per * cols))
                 .for_each(|((((qs, d), ds), ds16), x)| quantize_blocks(isa, x, qs, d, ds, ds16));
         } else {
-            quantize_blocks(isa, x, &mut a.qs, &mut a.d, &mut a.ds, &mut a.ds16);
+            quantize_blocks(isa, x, &mut a.qs, &mut a.d[..n * nb], &mut a.ds[..n * nb], &mut a.ds16);
         }
         a
     }
 
+    /// Token `t`; its `d` and `ds` slices extend 8 values past the row
+    /// (`nb` is `qs.len() / 32`).
     #[inline(always)]
     pub fn row(&self, t: usize) -> ActRow<'_> {
         let nb = self.nb;
         ActRow {
+            nb,
             qs: &self.qs[t * self.cols..(t + 1) * self.cols],
-            d: &self.d[t * nb..(t + 1) * nb],
-            ds: &self.ds[t * nb..(t + 1) * nb],
+            d: &self.d[t * nb..(t + 1) * nb + 8],
+            ds: &self.ds[t * nb..(t + 1) * nb + 8],
             ds16: &self.ds16[2 * t * nb..2 * (t + 1) * nb],
         }
     }
@@ -65,6 +69,7 @@ impl QActs {
 /// One token's quantized activations.
 #[derive(Clone, Copy)]
 pub(crate) struct ActRow<'a> {
+    pub nb: usize,
     pub qs: &'a [i8],
     pub d: &'a [f32],
     pub ds: &'a [f32],

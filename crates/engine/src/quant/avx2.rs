@@ -32,6 +32,22 @@ unsafe fn f16_1(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
+/// Broadcast of the f32 at `p`, as an opaque load: the compiler would
+/// otherwise turn a store-then-broadcast through a stack buffer into a chain
+/// of shuffles, which cost more than the load.
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn bcast_mem(p: *const f32) -> __m256 {
+    let r: __m256;
+    std::arch::asm!(
+        "vbroadcastss {r}, dword ptr [{p}]",
+        r = lateout(ymm_reg) r,
+        p = in(reg) p,
+        options(pure, readonly, nostack, preserves_flags)
+    );
+    r
+}
+
 #[inline(always)]
 unsafe fn loadu(p: *const u8) -> __m256i {
     _mm256_loadu_si256(p as *const __m256i)
@@ -116,28 +132,44 @@ pub(crate) unsafe fn quantize_act_blocks(x: &[f32], qs: &mut [i8], d: &mut [f32]
 // ---------------------------------------------------------------------------
 // Matrix-vector kernels straight from the file's blocks
 
-/// Dot product of one quantized row with one token's activations.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn vec_dot(ty: GgmlType, row: &[u8], a: ActRow<'_>) -> f32 {
-    let nb = a.d.len();
-    debug_assert!(row.len() >= ty.row_bytes(32 * nb));
-    match ty {
-        GgmlType::Q4_0 => dot_q4q5::<18, false, false>(row, a),
-        GgmlType::Q4_1 => dot_q4q5::<20, false, true>(row, a),
-        GgmlType::Q5_0 => dot_q4q5::<22, true, false>(row, a),
-        GgmlType::Q5_1 => dot_q4q5::<24, true, true>(row, a),
-        GgmlType::Q8_0 => dot_q8_0(row, a),
-        GgmlType::Q4_K => dot_q4k_q5k::<false>(row, a),
-        GgmlType::Q5_K => dot_q4k_q5k::<true>(row, a),
-        GgmlType::Q6_K => dot_q6_k(row, a),
-        _ => super::scalar::vec_dot(ty, row, a),
-    }
+/// Eight half floats at `p`, `p + stride`, ... as f32.
+#[inline(always)]
+unsafe fn f16x8_strided(p: *const u8, stride: usize) -> __m256 {
+    let h = |k: usize| (p.add(k * stride) as *const u16).read_unaligned() as u64;
+    let lo = h(0) | h(1) << 16 | h(2) << 32 | h(3) << 48;
+    let hi = h(4) | h(5) << 16 | h(6) << 32 | h(7) << 48;
+    _mm256_cvtph_ps(_mm_set_epi64x(hi as i64, lo as i64))
 }
 
-/// Q4_0 / Q4_1 / Q5_0 / Q5_1 (block of `TS` bytes).
+/// 16 bytes of packed nibbles -> 32 bytes (low nibbles, then high), from one
+/// 128-bit broadcast and a per-lane shift.
 #[inline(always)]
-unsafe fn dot_q4q5<const TS: usize, const FIVE: bool, const MIN: bool>(row: &[u8], a: ActRow<'_>) -> f32 {
-    let nb = a.d.len();
+unsafe fn nibbles_b(p: *const u8) -> __m256i {
+    let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
+    _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(0x0f))
+}
+
+/// Up to eight half floats at `p`, `p + stride`, ... as f32 (zeros past `n`).
+#[inline(always)]
+unsafe fn f16x8_strided_n(p: *const u8, stride: usize, n: usize) -> __m256 {
+    if n >= 8 {
+        return f16x8_strided(p, stride);
+    }
+    let mut v = [0u16; 8];
+    for (k, x) in v.iter_mut().enumerate().take(n) {
+        *x = (p.add(k * stride) as *const u16).read_unaligned();
+    }
+    _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr() as *const __m128i))
+}
+
+/// `NR` rows of Q4_0 / Q4_1 / Q5_0 / Q5_1 (blocks of `TS` bytes) with one
+/// token. Scales are handled eight blocks at a time.
+#[inline(always)]
+unsafe fn dot_q4q5<const TS: usize, const FIVE: bool, const MIN: bool, const NR: usize>(
+    rows: [*const u8; NR],
+    a: ActRow<'_>,
+) -> [f32; NR] {
+    let nb = a.nb;
     let (qh_off, qs_off) = match (FIVE, MIN) {
         (false, false) => (0, 2),
         (false, true) => (0, 4),
@@ -145,45 +177,152 @@ unsafe fn dot_q4q5<const TS: usize, const FIVE: bool, const MIN: bool>(row: &[u8
         (true, true) => (4, 8),
     };
     let off = if FIVE { -16.0 } else { -8.0 };
-    let rp = row.as_ptr();
     let xp = a.qs.as_ptr() as *const u8;
-    let mut acc = [_mm256_setzero_ps(); 2];
-    let mut accm = [0f32; 2];
-    for b in 0..nb {
-        let p = rp.add(b * TS);
-        let d = f16_1(p);
-        let m = if MIN { f16_1(p.add(2)) } else { off * d };
-        let mut w = nibbles(p.add(qs_off));
-        if FIVE {
-            let qh = (p.add(qh_off) as *const u32).read_unaligned();
-            w = _mm256_or_si256(w, bits_to_0x10(qh));
+    let mut acc = [_mm256_setzero_ps(); NR];
+    let mut accm = [_mm256_setzero_ps(); NR];
+    let mut sbuf = [[0f32; 8]; NR];
+    let mut b0 = 0;
+    while b0 < nb {
+        let kn = (nb - b0).min(8);
+        // a.d and a.ds are padded by 8 past the last token; d8 is 0 past kn.
+        let dx8 = _mm256_loadu_ps(a.d.as_ptr().add(b0));
+        let ds8 = _mm256_loadu_ps(a.ds.as_ptr().add(b0));
+        for j in 0..NR {
+            let p0 = rows[j].add(b0 * TS);
+            let d8 = f16x8_strided_n(p0, TS, kn);
+            _mm256_storeu_ps(sbuf[j].as_mut_ptr(), _mm256_mul_ps(d8, dx8));
+            let m8 = if MIN { f16x8_strided_n(p0.add(2), TS, kn) } else { d8 };
+            accm[j] = _mm256_fmadd_ps(m8, ds8, accm[j]);
         }
-        let f = _mm256_cvtepi32_ps(dot_u8i8(w, loadu(xp.add(32 * b))));
-        let s = _mm256_set1_ps(d * *a.d.get_unchecked(b));
-        acc[b & 1] = _mm256_fmadd_ps(f, s, acc[b & 1]);
-        accm[b & 1] += m * *a.ds.get_unchecked(b);
+        // (A macro, not a closure: closures do not inherit target features.)
+        macro_rules! blk {
+            ($k:expr) => {{
+                let k = $k;
+                let x = loadu(xp.add(32 * (b0 + k)));
+                for j in 0..NR {
+                    let p = rows[j].add((b0 + k) * TS);
+                    let mut w = nibbles_b(p.add(qs_off));
+                    if FIVE {
+                        w = _mm256_or_si256(w, bits_to_0x10((p.add(qh_off) as *const u32).read_unaligned()));
+                    }
+                    let f = _mm256_cvtepi32_ps(dot_u8i8(w, x));
+                    acc[j] = _mm256_fmadd_ps(f, bcast_mem(sbuf[j].as_ptr().add(k)), acc[j]);
+                }
+            }};
+        }
+        if kn == 8 {
+            for k in 0..8 {
+                blk!(k);
+            }
+        } else {
+            for k in 0..kn {
+                blk!(k);
+            }
+        }
+        b0 += 8;
     }
-    hsum(_mm256_add_ps(acc[0], acc[1])) + (accm[0] + accm[1])
+    let mut r = [0f32; NR];
+    for j in 0..NR {
+        let m = if MIN { accm[j] } else { _mm256_mul_ps(accm[j], _mm256_set1_ps(off)) };
+        r[j] = hsum(_mm256_add_ps(acc[j], m));
+    }
+    r
 }
 
+/// `NR` rows of Q8_0 with one token.
 #[inline(always)]
-unsafe fn dot_q8_0(row: &[u8], a: ActRow<'_>) -> f32 {
-    let nb = a.d.len();
-    let rp = row.as_ptr();
+unsafe fn dot_q8_0<const NR: usize>(rows: [*const u8; NR], a: ActRow<'_>) -> [f32; NR] {
+    let nb = a.nb;
     let xp = a.qs.as_ptr() as *const u8;
-    let mut acc = [_mm256_setzero_ps(); 2];
-    for b in 0..nb {
-        let p = rp.add(b * 34);
-        let d = f16_1(p);
-        let f = _mm256_cvtepi32_ps(dot_i8i8(loadu(p.add(2)), loadu(xp.add(32 * b))));
-        acc[b & 1] = _mm256_fmadd_ps(f, _mm256_set1_ps(d * *a.d.get_unchecked(b)), acc[b & 1]);
+    let mut acc = [_mm256_setzero_ps(); NR];
+    let mut sbuf = [[0f32; 8]; NR];
+    let mut b0 = 0;
+    while b0 < nb {
+        let kn = (nb - b0).min(8);
+        let dx8 = _mm256_loadu_ps(a.d.as_ptr().add(b0));
+        for j in 0..NR {
+            let d8 = f16x8_strided_n(rows[j].add(b0 * 34), 34, kn);
+            _mm256_storeu_ps(sbuf[j].as_mut_ptr(), _mm256_mul_ps(d8, dx8));
+        }
+        macro_rules! blk {
+            ($k:expr) => {{
+                let k = $k;
+                let x = loadu(xp.add(32 * (b0 + k)));
+                for j in 0..NR {
+                    let f = _mm256_cvtepi32_ps(dot_i8i8(loadu(rows[j].add((b0 + k) * 34 + 2)), x));
+                    acc[j] = _mm256_fmadd_ps(f, bcast_mem(sbuf[j].as_ptr().add(k)), acc[j]);
+                }
+            }};
+        }
+        if kn == 8 {
+            for k in 0..8 {
+                blk!(k);
+            }
+        } else {
+            for k in 0..kn {
+                blk!(k);
+            }
+        }
+        b0 += 8;
     }
-    hsum(_mm256_add_ps(acc[0], acc[1]))
+    let mut r = [0f32; NR];
+    for j in 0..NR {
+        r[j] = hsum(acc[j]);
+    }
+    r
+}
+
+/// `out[r] = W[r] . x` for rows `r0..r1` of a quantized matrix (`rb` bytes per
+/// row) and one token.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn matvec_rows(
+    ty: GgmlType,
+    raw: &[u8],
+    rb: usize,
+    r0: usize,
+    r1: usize,
+    a: ActRow<'_>,
+    out: *mut f32,
+) {
+    debug_assert!(raw.len() >= r1 * rb && rb >= ty.row_bytes(32 * a.nb));
+    let base = raw.as_ptr();
+    macro_rules! rows2 {
+        ($f:ident $(, $c:expr)*) => {{
+            let mut r = r0;
+            while r + 2 <= r1 {
+                let v = $f::<$($c,)* 2>([base.add(r * rb), base.add((r + 1) * rb)], a);
+                *out.add(r) = v[0];
+                *out.add(r + 1) = v[1];
+                r += 2;
+            }
+            if r < r1 {
+                *out.add(r) = $f::<$($c,)* 1>([base.add(r * rb)], a)[0];
+            }
+        }};
+    }
+    match ty {
+        GgmlType::Q4_0 => rows2!(dot_q4q5, 18, false, false),
+        GgmlType::Q4_1 => rows2!(dot_q4q5, 20, false, true),
+        GgmlType::Q5_0 => rows2!(dot_q4q5, 22, true, false),
+        GgmlType::Q5_1 => rows2!(dot_q4q5, 24, true, true),
+        GgmlType::Q8_0 => rows2!(dot_q8_0),
+        _ => {
+            for r in r0..r1 {
+                let row = std::slice::from_raw_parts(base.add(r * rb), rb);
+                *out.add(r) = match ty {
+                    GgmlType::Q4_K => dot_q4k_q5k::<false>(row, a),
+                    GgmlType::Q5_K => dot_q4k_q5k::<true>(row, a),
+                    GgmlType::Q6_K => dot_q6_k(row, a),
+                    _ => super::scalar::vec_dot(ty, row, a),
+                };
+            }
+        }
+    }
 }
 
 #[inline(always)]
 unsafe fn dot_q4k_q5k<const FIVE: bool>(row: &[u8], a: ActRow<'_>) -> f32 {
-    let nsb = a.d.len() / 8;
+    let nsb = a.nb / 8;
     let ts = if FIVE { 176 } else { 144 };
     let qs_off = if FIVE { 48 } else { 16 };
     let rp = row.as_ptr();
@@ -227,7 +366,7 @@ unsafe fn dot_q4k_q5k<const FIVE: bool>(row: &[u8], a: ActRow<'_>) -> f32 {
 /// activation sums of each 16.
 #[inline(always)]
 unsafe fn dot_q6_k(row: &[u8], a: ActRow<'_>) -> f32 {
-    let nsb = a.d.len() / 8;
+    let nsb = a.nb / 8;
     let rp = row.as_ptr();
     let xp = a.qs.as_ptr() as *const u8;
     let mask = _mm256_set1_epi8(0x0f);
@@ -492,7 +631,7 @@ unsafe fn tile_rows<const KIND: u8, const RT: usize, const T: usize>(
                 K_U => {
                     for t in 0..T {
                         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, loadu(xq[t].add(32 * b))), ones);
-                        let s = _mm256_broadcast_ss(&*sbb.add(t * PR + r));
+                        let s = bcast_mem(sbb.add(t * PR + r));
                         acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][t]);
                     }
                 }
@@ -500,7 +639,7 @@ unsafe fn tile_rows<const KIND: u8, const RT: usize, const T: usize>(
                     let scv = _mm256_shuffle_epi8(_mm256_set1_epi32((scp.add(b * PR + r) as *const i32).read()), spread);
                     for t in 0..T {
                         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, loadu(xq[t].add(32 * b))), scv);
-                        let s = _mm256_broadcast_ss(&*sbb.add(t * PR + r));
+                        let s = bcast_mem(sbb.add(t * PR + r));
                         acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][t]);
                     }
                 }
@@ -509,7 +648,7 @@ unsafe fn tile_rows<const KIND: u8, const RT: usize, const T: usize>(
                     for t in 0..T {
                         let xs = _mm256_sign_epi8(loadu(xq[t].add(32 * b)), w);
                         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), ones);
-                        let s = _mm256_broadcast_ss(&*sbb.add(t * PR + r));
+                        let s = bcast_mem(sbb.add(t * PR + r));
                         acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][t]);
                     }
                 }

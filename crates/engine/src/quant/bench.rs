@@ -106,15 +106,93 @@ fn profile_loop() {
     let x = tests::rand_vec(n * m.cols(), 3);
     let mut out = vec![0f32; n * m.rows()];
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-    let cpu = pool.install(|| {
+    let (cpu, best) = pool.install(|| {
         let start = Instant::now();
         let c0 = thread_cpu_ns();
         let mut iters = 0;
+        let mut best = f64::INFINITY;
         while start.elapsed().as_secs_f64() < secs {
+            let t = Instant::now();
             m.matmul(&x, n, &mut out);
+            best = best.min(t.elapsed().as_secs_f64());
             iters += 1;
         }
-        (thread_cpu_ns() - c0) as f64 / 1e9 / iters as f64
+        ((thread_cpu_ns() - c0) as f64 / 1e9 / iters as f64, best)
     });
-    println!("{spec}: {:.1} GFLOP/s (1 thread, cpu time)", 2.0 * (m.rows() * m.cols() * n) as f64 / cpu / 1e9);
+    let fl = 2.0 * (m.rows() * m.cols() * n) as f64;
+    println!("{spec}: 1 thread: {:.1} GFLOP/s (mean cpu time), {:.1} GFLOP/s (best wall)", fl / cpu / 1e9, fl / best / 1e9);
+}
+
+/// All the weight matrices of a model's layers (and its output head), run in
+/// order as a forward pass would, with `n` tokens: the matmul share of a
+/// token's (or a prompt's) time. `QMODEL=name:n[,n...]`.
+#[test]
+#[ignore]
+fn bench_model_matmuls() {
+    let spec = std::env::var("QMODEL").unwrap_or_else(|_| "smollm2-135m:1,64,512".into());
+    let (name, ns) = spec.split_once(':').unwrap();
+    let f = GgufFile::open(&Path::new("/root/.cache/kvmerger/models").join(format!("{name}.gguf"))).unwrap();
+    let n_layers = f.u64(&format!("{}.block_count", f.str("general.architecture").unwrap())).unwrap() as usize;
+    let mut mats = Vec::new();
+    for l in 0..n_layers {
+        for t in ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"] {
+            mats.push(QMatrix::from_gguf(&f, &format!("blk.{l}.{t}.weight")).unwrap());
+        }
+    }
+    let head = QMatrix::from_gguf(&f, "output.weight").or_else(|_| QMatrix::from_gguf(&f, "token_embd.weight")).unwrap();
+    let bytes: usize = mats.iter().map(|m| m.bytes()).sum();
+    let macs: usize = mats.iter().map(|m| m.rows() * m.cols()).sum();
+    for n in ns.split(',').map(|v| v.parse::<usize>().unwrap()) {
+        let max_cols = mats.iter().map(|m| m.cols()).max().unwrap().max(head.cols());
+        let max_rows = mats.iter().map(|m| m.rows()).max().unwrap().max(head.rows());
+        let x = tests::rand_vec(n * max_cols, 5);
+        let mut out = vec![0f32; n * max_rows];
+        let mut run = |with_head: bool| {
+            for m in &mats {
+                m.matmul(&x[..n * m.cols()], n, &mut out[..n * m.rows()]);
+            }
+            if with_head {
+                // The head runs for the last token only.
+                head.matmul(&x[..head.cols()], 1, &mut out[..head.rows()]);
+            }
+        };
+        // QINSTALL=1: run the whole pass on a pool thread, as a forward pass
+        // inside `ThreadPool::install` would.
+        let install = std::env::var_os("QINSTALL").is_some();
+        let mut timed = |with_head: bool| {
+            if install {
+                let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
+                pool.install(|| time_it(|| run(with_head), 1.0))
+            } else {
+                time_it(|| run(with_head), 1.0)
+            }
+        };
+        let layers = timed(false);
+        let total = timed(true);
+        println!(
+            "{name} n={n:<4} layers: {:>8.2} ms ({:>6.1} GFLOP/s, {:>5.1} GB/s) + head {:>6.2} ms => {:>7.1} tok/s from matmuls alone",
+            layers * 1e3,
+            2.0 * (macs * n) as f64 / layers / 1e9,
+            bytes as f64 / layers / 1e9,
+            (total - layers) * 1e3,
+            n as f64 / total
+        );
+    }
+}
+
+/// Cost of one parallel split with no work in it.
+#[test]
+#[ignore]
+fn bench_fork_join_overhead() {
+    let f = || {
+        for _ in 0..1000 {
+            par_rows(1024, 4, 1 << 30, |r0, r1| {
+                std::hint::black_box((r0, r1));
+            });
+        }
+    };
+    let outside = time_it(f, 1.0) / 1000.0;
+    let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
+    let inside = pool.install(|| time_it(f, 1.0)) / 1000.0;
+    println!("fork-join: {:.1} us from outside the pool, {:.1} us inside", outside * 1e6, inside * 1e6);
 }

@@ -365,14 +365,10 @@ impl QMatrix {
             _ => {
                 let a = QActs::quantize(isa, x, n, cols);
                 if n < MIN_PANEL_TOKENS {
-                    par_rows(rows, 1, work, |r0, r1| {
-                        for r in r0..r1 {
-                            let row = self.row_raw(r);
-                            for t in 0..n {
-                                let v = vec_dot(isa, self.dtype, row, a.row(t));
-                                // SAFETY: this task owns rows r0..r1 of every token.
-                                unsafe { *dst.get().add(t * rows + r) = v };
-                            }
+                    par_rows(rows, 2, work, |r0, r1| {
+                        for t in 0..n {
+                            // SAFETY: this task owns rows r0..r1 of every token.
+                            unsafe { matvec_rows(isa, self, r0, r1, a.row(t), dst.get().add(t * rows)) };
                         }
                     });
                 } else {
@@ -467,12 +463,20 @@ impl Isa {
     }
 }
 
-fn vec_dot(isa: Isa, ty: GgmlType, row: &[u8], a: act::ActRow<'_>) -> f32 {
+/// `out[r] = W[r] . x` for rows `r0..r1` and one token.
+///
+/// # Safety
+/// `out` must be valid for writes at `r0..r1`.
+unsafe fn matvec_rows(isa: Isa, w: &QMatrix, r0: usize, r1: usize, a: act::ActRow<'_>, out: *mut f32) {
     match isa {
         // SAFETY: Isa::Avx2 is only chosen when the CPU has the features.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::vec_dot(ty, row, a) },
-        Isa::Scalar => scalar::vec_dot(ty, row, a),
+        Isa::Avx2 => avx2::matvec_rows(w.dtype, w.raw(), w.row_bytes, r0, r1, a, out),
+        Isa::Scalar => {
+            for r in r0..r1 {
+                *out.add(r) = scalar::vec_dot(w.dtype, w.row_raw(r), a);
+            }
+        }
     }
 }
 
@@ -506,9 +510,10 @@ fn par_rows(rows: usize, align: usize, work: usize, f: impl Fn(usize, usize) + S
         f(0, rows);
         return;
     }
-    // A few chunks per thread evens out uneven progress; each is still large.
-    let per_chunk_work = (work / (4 * threads)).max(MIN_PARALLEL_WORK / 2);
-    let n_chunks = (work / per_chunk_work).clamp(1, rows.div_ceil(align));
+    // A multiple of the thread count, a few per thread when there is enough
+    // work (evens out uneven progress), none smaller than MIN_PARALLEL_WORK / 2.
+    let per_thread = (work / (threads * MIN_PARALLEL_WORK / 2)).clamp(1, 4);
+    let n_chunks = (threads * per_thread).min(rows.div_ceil(align));
     let chunk = rows.div_ceil(n_chunks).div_ceil(align) * align;
     let n_chunks = rows.div_ceil(chunk);
     (0..n_chunks).into_par_iter().for_each(|i| f(i * chunk, ((i + 1) * chunk).min(rows)));

@@ -128,7 +128,7 @@ pub(crate) fn vec_dot(ty: GgmlType, row: &[u8], a: ActRow<'_>) -> f32 {
     let kind = kind(ty);
     let mut acc = 0f32;
     let mut accm = 0f32;
-    for b in 0..a.d.len() {
+    for b in 0..a.nb {
         let k = decode_blk(ty, row, b);
         let isum = blk_isum(kind, &k, &a.qs[32 * b..32 * b + 32]);
         acc += k.d * a.d[b] * isum as f32;

@@ -10,9 +10,11 @@
 //! - `llama`: SentencePiece-style BPE. Spaces become `▁`, adjacent symbols
 //!   merge while their concatenation is a token, highest
 //!   `tokenizer.ggml.scores` first, and characters left without a token are
-//!   spelled with `<0xNN>` byte tokens. A `▁` is put in front of the input
+//!   spelled with `<0xNN>` byte tokens. A `▁` is put in front of the text
+//!   (and of each stretch of text after a special token, as llama.cpp does)
 //!   only when `tokenizer.ggml.add_space_prefix` says so (absent: yes, as
 //!   SentencePiece does by default; Gemma 3 files set it to false).
+//!   [`Tokenizer::decode`] then drops the space of the first text token.
 //!
 //! In both, control tokens (type 3, e.g. `<|im_start|>`) and user-defined
 //! tokens (type 4) that appear in the input are matched first, leftmost and
@@ -432,8 +434,21 @@ impl Tokenizer {
     /// Loads a Hugging Face `tokenizer.json`. When a `tokenizer_config.json`
     /// lies beside it, its `bos_token` and `eos_token` name BOS and EOS;
     /// otherwise they are guessed from the special tokens' names.
-    #[cfg(feature = "hf-tokenizers")]
+    ///
+    /// Needs the cargo feature `hf-tokenizers` (on by default); without it
+    /// this returns an error saying so.
     pub fn from_tokenizer_json(path: &std::path::Path) -> Result<Tokenizer> {
+        #[cfg(feature = "hf-tokenizers")]
+        return Tokenizer::from_tokenizer_json_impl(path);
+        #[cfg(not(feature = "hf-tokenizers"))]
+        return Err(Error::Tokenizer(format!(
+            "{}: reading tokenizer.json needs kvmerger-engine's `hf-tokenizers` feature",
+            path.display()
+        )));
+    }
+
+    #[cfg(feature = "hf-tokenizers")]
+    fn from_tokenizer_json_impl(path: &std::path::Path) -> Result<Tokenizer> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
             path: path.to_path_buf(),
             source: e,
@@ -559,14 +574,14 @@ impl Tokenizer {
         if let Some(ac) = &specials.automaton {
             for m in ac.find_iter(text) {
                 if m.start() > last {
-                    self.encode_text(&text[last..m.start()], last == 0, &mut out, &mut merger)?;
+                    self.encode_text(&text[last..m.start()], &mut out, &mut merger)?;
                 }
                 out.push(specials.ids[m.pattern().as_usize()]);
                 last = m.end();
             }
         }
         if last < text.len() {
-            self.encode_text(&text[last..], last == 0, &mut out, &mut merger)?;
+            self.encode_text(&text[last..], &mut out, &mut merger)?;
         }
         self.dedupe_bos(&mut out, add_special);
         if add_special && self.add_eos {
@@ -587,16 +602,10 @@ impl Tokenizer {
         }
     }
 
-    fn encode_text(
-        &self,
-        text: &str,
-        at_start: bool,
-        out: &mut Vec<u32>,
-        merger: &mut Merger,
-    ) -> Result<()> {
+    fn encode_text(&self, text: &str, out: &mut Vec<u32>, merger: &mut Merger) -> Result<()> {
         match &self.model {
             Model::Bpe(b) => b.encode(text, out, merger),
-            Model::Spm(s) => s.encode(text, at_start, out, merger),
+            Model::Spm(s) => s.encode(text, out, merger),
             #[cfg(feature = "hf-tokenizers")]
             Model::Hf(_) => Err(Error::Tokenizer(
                 "internal: tokenizer.json models encode whole".into(),

@@ -35,17 +35,13 @@ impl Spm {
         }
     }
 
-    /// Appends the tokens of a piece of plain text; `at_start` says whether it
-    /// begins the input (where the space prefix, if any, goes).
-    pub fn encode(
-        &self,
-        text: &str,
-        at_start: bool,
-        out: &mut Vec<u32>,
-        merger: &mut Merger,
-    ) -> Result<(), Error> {
+    /// Appends the tokens of a piece of plain text (the input, or a part of
+    /// it between special tokens); with `add_space_prefix` each such part gets
+    /// a `▁` in front, as in llama.cpp and the legacy Hugging Face Llama
+    /// tokenizer.
+    pub fn encode(&self, text: &str, out: &mut Vec<u32>, merger: &mut Merger) -> Result<(), Error> {
         let mut norm = String::with_capacity(text.len() * 3 / 2 + 3);
-        if self.add_space_prefix && at_start {
+        if self.add_space_prefix {
             norm.push(SPACE);
         }
         for c in text.chars() {

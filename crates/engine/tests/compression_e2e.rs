@@ -1,0 +1,105 @@
+//! Compression inside the engine, end to end on the default model.
+
+mod common;
+
+use common::model_path;
+use kvmerger_compression::{registry, Budget, HeadStore, KvDtype, Options, Schedule, SlotMeta, StatsNeeds};
+use kvmerger_engine::attention::{attend, LayerAttn, StatsRequest};
+use kvmerger_engine::cache::PrefillStats;
+use kvmerger_engine::compress::{Compressor, DecodeCompression};
+use kvmerger_engine::generate::{decode_with, GenerateParams};
+use kvmerger_engine::load::LoadedModel;
+use kvmerger_engine::model::Logits;
+
+const PROMPT: &str = "Alice keeps bees behind the old mill. Every morning she counts the hives, \
+writes the number in a green notebook, and walks to the river to watch the herons. \
+One day the notebook went missing, and the whole village helped her look for it. \
+Where did Alice write the number of hives?";
+
+fn generate(lm: &LoadedModel, comp: &Compressor, ids: &[u32], max_tokens: usize) -> (Vec<u32>, kvmerger_engine::cache::KvCache) {
+    let mut cache = lm.model.new_cache(KvDtype::F16);
+    let mut stats = PrefillStats::default();
+    let logits = lm.model.forward(ids, &mut cache, comp.needs(), Some(&mut stats), Logits::Last).unwrap();
+    let (_, targets) = comp.compress_prompt(&mut cache, &stats).unwrap();
+    let mut dc = DecodeCompression::new(comp, targets);
+    let params = GenerateParams { max_tokens, ..Default::default() };
+    let gen = decode_with(&lm.model, &lm.tokenizer, &mut cache, logits, ids, &params, Some(&mut dc), &mut |_| true).unwrap();
+    (gen.tokens, cache)
+}
+
+#[test]
+fn at_budget_one_every_method_generates_exactly_what_full_does() {
+    let lm = LoadedModel::open(&model_path("smollm2-135m")).unwrap();
+    let ids = lm.tokenizer.encode(PROMPT, true).unwrap();
+    let (want, _) = generate(&lm, &Compressor::full(), &ids, 12);
+    for name in registry::names() {
+        let comp = Compressor::new(name, &Options::new(), Budget::Fraction(1.0), Schedule::Uniform).unwrap();
+        let (got, _) = generate(&lm, &comp, &ids, 12);
+        assert_eq!(got, want, "{name} at budget 1.0 changed the generation");
+    }
+}
+
+#[test]
+fn compression_frees_the_memory_of_dropped_slots() {
+    let lm = LoadedModel::open(&model_path("smollm2-135m")).unwrap();
+    let ids = lm.tokenizer.encode(&PROMPT.repeat(4), true).unwrap();
+    for (name, frac) in [("kvmerger", 0.5), ("h2o", 0.35), ("snapkv", 0.5), ("streaming", 0.35)] {
+        let comp = Compressor::new(name, &Options::new(), Budget::Fraction(frac), Schedule::Uniform).unwrap();
+        let mut cache = lm.model.new_cache(KvDtype::F16);
+        let mut stats = PrefillStats::default();
+        lm.model.forward(&ids, &mut cache, comp.needs(), Some(&mut stats), Logits::Last).unwrap();
+        let before = cache.bytes();
+        let (report, _) = comp.compress_prompt(&mut cache, &stats).unwrap();
+        let ratio = cache.bytes() as f64 / before as f64;
+        assert!((ratio - frac).abs() < 0.02, "{name}: kept {ratio:.3} of the bytes at budget {frac}");
+        assert_eq!(report.bytes_after, cache.bytes());
+        // What is allocated is what is kept: the dropped slots' memory was released.
+        assert_eq!(cache.allocated_bytes(), cache.bytes(), "{name}");
+    }
+}
+
+#[test]
+fn decode_time_recompression_keeps_every_head_bounded() {
+    let lm = LoadedModel::open(&model_path("smollm2-135m")).unwrap();
+    let ids = lm.tokenizer.encode(PROMPT, true).unwrap();
+    for name in ["h2o", "kvmerger", "snapkv", "tova", "streaming"] {
+        let mut comp = Compressor::new(name, &Options::new(), Budget::Tokens(40), Schedule::Uniform).unwrap();
+        comp.recompress_margin = Some(8);
+        let (tokens, cache) = generate(&lm, &comp, &ids, 48);
+        assert_eq!(tokens.len(), 48, "{name} stopped early");
+        for (l, heads) in cache.layers.iter().enumerate() {
+            for h in heads {
+                assert!(h.len() <= 48, "{name}: layer {l} holds {} slots, budget 40 + margin 8", h.len());
+            }
+        }
+        assert_eq!(cache.n_seen, ids.len() + 47);
+    }
+}
+
+/// A slot standing for `c` identical keys, with a log(c) logit bias, attends exactly like
+/// the `c` copies did.
+#[test]
+fn a_merged_slot_with_log_count_bias_reproduces_full_attention_in_the_engine() {
+    let d = 16;
+    let key = |i: usize| -> Vec<f32> { (0..d).map(|j| ((i * 31 + j * 7) % 13) as f32 * 0.1 - 0.6).collect() };
+    let val = |i: usize| -> Vec<f32> { (0..d).map(|j| ((i * 17 + j * 3) % 11) as f32 * 0.2 - 1.0).collect() };
+    let mut full = HeadStore::new(d, KvDtype::F32);
+    let mut merged = HeadStore::new(d, KvDtype::F32);
+    for i in 0..3 {
+        full.push(&key(i), &val(i), SlotMeta::token(i as u32));
+        merged.push(&key(i), &val(i), SlotMeta::token(i as u32));
+    }
+    for p in 3..8 {
+        full.push(&key(99), &val(99), SlotMeta::token(p));
+    }
+    merged.push(&key(99), &val(99), SlotMeta { position: 3, count: 5, score: 0.0, bias: 5f32.ln() });
+    let q: Vec<f32> = (0..2 * d).map(|j| (j as f32 * 0.37).sin()).collect();
+    let p = LayerAttn { n_heads: 2, n_kv_heads: 1, head_dim: d, scale: 0.25, window: None };
+    let (mut a, mut b) = (vec![0.0; 2 * d], vec![0.0; 2 * d]);
+    attend(p, std::slice::from_ref(&full), &q, 1, &[8], StatsRequest::default(), &mut a);
+    attend(p, std::slice::from_ref(&merged), &q, 1, &[8], StatsRequest::default(), &mut b);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+    }
+    let _ = StatsNeeds::default();
+}
