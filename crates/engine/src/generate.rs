@@ -15,11 +15,13 @@ pub struct GenerateParams {
     pub sampling: SamplingParams,
     /// Generation stops when the text ends with one of these; it is not included in the output.
     pub stop: Vec<String>,
+    /// Keep going past end-of-sequence tokens (for benchmarks and tests of long decodes).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        GenerateParams { max_tokens: 128, sampling: SamplingParams::default(), stop: Vec::new() }
+        GenerateParams { max_tokens: 128, sampling: SamplingParams::default(), stop: Vec::new(), ignore_eos: false }
     }
 }
 
@@ -84,7 +86,7 @@ pub fn decode_with(
     let mut cancelled = false;
     while tokens.len() < params.max_tokens {
         let next = sampler.sample(&mut logits, &history);
-        if stops.contains(&next) {
+        if !params.ignore_eos && stops.contains(&next) {
             reason = StopReason::Eos;
             break;
         }

@@ -151,7 +151,9 @@ impl<'a> Reader<'a> {
         let n = self.u64()?;
         // No element is smaller than a byte, so a count larger than what is left is corrupt.
         if n > (self.buf.len() - self.pos) as u64 {
-            return Err(self.err(&format!("{what} length {n} exceeds the file size")));
+            return Err(self.err(&format!(
+                "file is truncated or corrupt: {what} length {n} exceeds the file size"
+            )));
         }
         Ok(n as usize)
     }

@@ -15,6 +15,7 @@ pub mod cache;
 pub mod chat;
 pub mod compress;
 pub mod config;
+pub mod exact;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;

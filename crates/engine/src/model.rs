@@ -3,6 +3,7 @@
 use crate::attention::{attend, LayerAttn, StatsRequest};
 use crate::cache::{KvCache, PrefillStats};
 use crate::config::{Activation, Arch, Config, RopeStyle};
+use crate::exact::{matmul_exact, Precision};
 use crate::gguf::GgufFile;
 use crate::kernels::{gelu_tanh, rms_norm, rms_norm_inplace, silu};
 use crate::quant::QMatrix;
@@ -54,6 +55,8 @@ pub struct Model {
     out_norm: Vec<f32>,
     /// None when the output head is tied to the embedding.
     output: Option<QMatrix>,
+    /// How matrix products treat activations.
+    pub precision: Precision,
 }
 
 /// Which logits a forward call returns.
@@ -135,7 +138,7 @@ impl Model {
         } else {
             None
         };
-        Ok(Model { cfg, embed, layers, out_norm, output })
+        Ok(Model { cfg, embed, layers, out_norm, output, precision: Precision::default() })
     }
 
     pub fn from_gguf(f: &GgufFile) -> Result<Model, Error> {
@@ -160,6 +163,13 @@ impl Model {
 
     pub fn new_cache(&self, dtype: KvDtype) -> KvCache {
         KvCache::new(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
+    }
+
+    fn mm(&self, w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
+        match self.precision {
+            Precision::Fast => w.matmul(x, n, out),
+            Precision::Exact => matmul_exact(w, x, n, out),
+        }
     }
 
     fn output(&self) -> &QMatrix {
@@ -259,9 +269,9 @@ impl Model {
             for i in 0..t {
                 rms_norm(&x[i * hd..(i + 1) * hd], &layer.attn_norm, c.rms_eps, &mut xn[i * hd..(i + 1) * hd]);
             }
-            layer.wq.matmul(&xn, t, &mut q);
-            layer.wk.matmul(&xn, t, &mut k);
-            layer.wv.matmul(&xn, t, &mut v);
+            self.mm(&layer.wq, &xn, t, &mut q);
+            self.mm(&layer.wk, &xn, t, &mut k);
+            self.mm(&layer.wv, &xn, t, &mut v);
             add_bias(&mut q, layer.bq.as_deref());
             add_bias(&mut k, layer.bk.as_deref());
             add_bias(&mut v, layer.bv.as_deref());
@@ -293,7 +303,7 @@ impl Model {
             if req.any() {
                 fold_stats(c, li, &rows, stores, stats.as_deref_mut());
             }
-            layer.wo.matmul(&att, t, &mut o);
+            self.mm(&layer.wo, &att, t, &mut o);
             if let Some(w) = &layer.post_attn_norm {
                 o.chunks_mut(hd).for_each(|r| rms_norm_inplace(r, w, c.rms_eps));
             }
@@ -302,13 +312,13 @@ impl Model {
             for i in 0..t {
                 rms_norm(&x[i * hd..(i + 1) * hd], &layer.ffn_norm, c.rms_eps, &mut xn[i * hd..(i + 1) * hd]);
             }
-            layer.w_gate.matmul(&xn, t, &mut g);
-            layer.w_up.matmul(&xn, t, &mut u);
+            self.mm(&layer.w_gate, &xn, t, &mut g);
+            self.mm(&layer.w_up, &xn, t, &mut u);
             match c.activation {
                 Activation::Silu => g.iter_mut().zip(&u).for_each(|(a, b)| *a = silu(*a) * b),
                 Activation::GeluTanh => g.iter_mut().zip(&u).for_each(|(a, b)| *a = gelu_tanh(*a) * b),
             }
-            layer.w_down.matmul(&g, t, &mut o);
+            self.mm(&layer.w_down, &g, t, &mut o);
             if let Some(w) = &layer.post_ffn_norm {
                 o.chunks_mut(hd).for_each(|r| rms_norm_inplace(r, w, c.rms_eps));
             }
@@ -327,7 +337,7 @@ impl Model {
             rms_norm(&rows[i * hd..(i + 1) * hd], &self.out_norm, c.rms_eps, &mut normed[i * hd..(i + 1) * hd]);
         }
         let mut logits = vec![0.0f32; n * c.vocab];
-        self.output().matmul(&normed, n, &mut logits);
+        self.mm(self.output(), &normed, n, &mut logits);
         logits
     }
 }

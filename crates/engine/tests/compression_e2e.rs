@@ -16,13 +16,13 @@ writes the number in a green notebook, and walks to the river to watch the heron
 One day the notebook went missing, and the whole village helped her look for it. \
 Where did Alice write the number of hives?";
 
-fn generate(lm: &LoadedModel, comp: &Compressor, ids: &[u32], max_tokens: usize) -> (Vec<u32>, kvmerger_engine::cache::KvCache) {
+fn generate(lm: &LoadedModel, comp: &Compressor, ids: &[u32], max_tokens: usize, ignore_eos: bool) -> (Vec<u32>, kvmerger_engine::cache::KvCache) {
     let mut cache = lm.model.new_cache(KvDtype::F16);
     let mut stats = PrefillStats::default();
     let logits = lm.model.forward(ids, &mut cache, comp.needs(), Some(&mut stats), Logits::Last).unwrap();
     let (_, targets) = comp.compress_prompt(&mut cache, &stats).unwrap();
     let mut dc = DecodeCompression::new(comp, targets);
-    let params = GenerateParams { max_tokens, ..Default::default() };
+    let params = GenerateParams { max_tokens, ignore_eos, ..Default::default() };
     let gen = decode_with(&lm.model, &lm.tokenizer, &mut cache, logits, ids, &params, Some(&mut dc), &mut |_| true).unwrap();
     (gen.tokens, cache)
 }
@@ -31,10 +31,10 @@ fn generate(lm: &LoadedModel, comp: &Compressor, ids: &[u32], max_tokens: usize)
 fn at_budget_one_every_method_generates_exactly_what_full_does() {
     let lm = LoadedModel::open(&model_path("smollm2-135m")).unwrap();
     let ids = lm.tokenizer.encode(PROMPT, true).unwrap();
-    let (want, _) = generate(&lm, &Compressor::full(), &ids, 12);
+    let (want, _) = generate(&lm, &Compressor::full(), &ids, 12, false);
     for name in registry::names() {
         let comp = Compressor::new(name, &Options::new(), Budget::Fraction(1.0), Schedule::Uniform).unwrap();
-        let (got, _) = generate(&lm, &comp, &ids, 12);
+        let (got, _) = generate(&lm, &comp, &ids, 12, false);
         assert_eq!(got, want, "{name} at budget 1.0 changed the generation");
     }
 }
@@ -65,7 +65,7 @@ fn decode_time_recompression_keeps_every_head_bounded() {
     for name in ["h2o", "kvmerger", "snapkv", "tova", "streaming"] {
         let mut comp = Compressor::new(name, &Options::new(), Budget::Tokens(40), Schedule::Uniform).unwrap();
         comp.recompress_margin = Some(8);
-        let (tokens, cache) = generate(&lm, &comp, &ids, 48);
+        let (tokens, cache) = generate(&lm, &comp, &ids, 48, true);
         assert_eq!(tokens.len(), 48, "{name} stopped early");
         for (l, heads) in cache.layers.iter().enumerate() {
             for h in heads {

@@ -50,6 +50,10 @@ pub struct ModelArgs {
     /// Storage type of the KV cache: f16 or f32.
     #[arg(long, default_value = "f16")]
     pub kv_dtype: String,
+    /// Matrix products: fast (8-bit activations, as llama.cpp) or exact (f32 activations,
+    /// matching fp32 references; slower).
+    #[arg(long, default_value = "fast")]
+    pub precision: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -58,16 +62,16 @@ pub struct SamplingArgs {
     #[arg(long, short = 'n', default_value_t = 128)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Keep only the k most likely tokens (0: off).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// Nucleus sampling threshold in (0, 1] (1: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Penalty on recently seen tokens (1: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repeat_penalty: f32,
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
@@ -75,6 +79,9 @@ pub struct SamplingArgs {
     /// Stop when the output contains this string (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
 }
 
 /// KV cache compression, shared by every generating command.
@@ -84,7 +91,7 @@ pub struct CompressArgs {
     #[arg(long)]
     pub method: Option<String>,
     /// Budget per head: a fraction of the prompt (0.5, 35%) or a token count (2048).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub budget: Option<String>,
     /// A method option, key=value (repeatable; see `kvmerger methods`).
     #[arg(long = "opt", value_name = "KEY=VALUE")]

@@ -40,6 +40,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
 /// Resolve, fetching on first use, and load a model with a spinner.
 pub fn load_model(m: &ModelArgs, dir: &std::path::Path) -> Result<(LoadedModel, KvDtype)> {
     let dtype: KvDtype = m.kv_dtype.parse().map_err(anyhow::Error::msg)?;
+    let precision: kvmerger_engine::exact::Precision = m.precision.parse().map_err(anyhow::Error::msg)?;
     let bar = Bar::new();
     let src = assets::resolve_model(&m.model, dir, &bar);
     let path: PathBuf = match src {
@@ -52,7 +53,9 @@ pub fn load_model(m: &ModelArgs, dir: &std::path::Path) -> Result<(LoadedModel, 
     bar.stage(&format!("loading {}", path.display()));
     let loaded = LoadedModel::open(&path);
     bar.finish();
-    Ok((loaded.with_context(|| format!("loading model {}", path.display()))?, dtype))
+    let mut loaded = loaded.with_context(|| format!("loading model {}", path.display()))?;
+    loaded.model.precision = precision;
+    Ok((loaded, dtype))
 }
 
 pub fn sampling(s: &SamplingArgs) -> Result<GenerateParams> {
@@ -68,7 +71,7 @@ pub fn sampling(s: &SamplingArgs) -> Result<GenerateParams> {
     if s.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
-    Ok(GenerateParams { max_tokens: s.max_tokens, sampling, stop: s.stop.clone() })
+    Ok(GenerateParams { max_tokens: s.max_tokens, sampling, stop: s.stop.clone(), ignore_eos: s.ignore_eos })
 }
 
 fn read_prompt(a: &GenerateArgs) -> Result<String> {

@@ -3,6 +3,34 @@
 //! A [`QMatrix`] holds a weight matrix in its file format (borrowed from the
 //! memory map when it comes from GGUF) and multiplies activations by it.
 //! [`dequantize_row`] turns blocks back into `f32`.
+//!
+//! How [`QMatrix::matmul`] works, for quantized weights:
+//!
+//! - the activations are quantized once per call to 8 bits in blocks of 32
+//!   (`act`): one scale per block, or per super-block of 256 for the K-quants;
+//! - one token (`n == 1`, decoding): each row is dotted straight from the
+//!   file's blocks (`avx2::matvec_rows`): integer dot products per block
+//!   (`vpmaddubsw`/`vpmaddwd`), block scales eight at a time, two rows per
+//!   pass, weight rows prefetched ahead (decoding streams weights from DRAM);
+//! - several tokens (prefill): four rows at a time are decoded into a panel
+//!   of integer blocks (`panel`), which tile kernels reuse for every token
+//!   (4 rows x 2 tokens of accumulators); tokens go in blocks that keep their
+//!   activations in L2; the K-quants add up integer sums over each
+//!   super-block; the per-block offsets (`m` of Q4_1, `-8 d` of Q4_0, the
+//!   mins of Q4_K, ...) are applied through per-block activation sums, as a
+//!   small f32 product;
+//! - rows are split into chunks over the rayon pool (a multiple of the
+//!   thread count); small products stay on the calling thread.
+//!
+//! The AVX2 kernels are chosen at run time (`is_x86_feature_detected!`, or
+//! never with `KVMERGER_NO_SIMD=1`); the portable ones (`scalar`) define the
+//! arithmetic and give the same integer sums, so results differ only by f32
+//! rounding order.
+//!
+//! Performance note: the forward pass should run on a pool thread
+//! (`ThreadPool::install`, or inside `rayon::scope`): a matmul called from
+//! outside the pool pays ~10-15 us to hand its chunks over and wait, which
+//! over the ~200 matmuls of a decoded token is milliseconds.
 
 mod act;
 #[cfg(target_arch = "x86_64")]
@@ -324,17 +352,30 @@ impl QMatrix {
     }
 
     /// `out[t*rows + r] = sum_c W[r][c] * x[t*cols + c]` for `t` in `0..n`,
-    /// on the rayon global pool.
+    /// on the rayon pool of the calling thread (the global one by default).
     ///
     /// Quantized weights multiply activations quantized to 8 bits per block
-    /// of 32 (integer dot products); float weights use `f32` FMA.
+    /// of 32 (integer dot products); float weights use `f32` FMA. Call it
+    /// from a pool thread when called often (see the module docs).
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
         self.matmul_isa(Isa::detect(), x, n, out)
     }
 
     pub(crate) fn matmul_isa(&self, isa: Isa, x: &[f32], n: usize, out: &mut [f32]) {
-        assert_eq!(x.len(), n * self.cols, "matmul: x has {} values, expected {n} x {}", x.len(), self.cols);
-        assert_eq!(out.len(), n * self.rows, "matmul: out has {} values, expected {n} x {}", out.len(), self.rows);
+        assert_eq!(
+            x.len(),
+            n * self.cols,
+            "matmul: x has {} values, expected {n} x {}",
+            x.len(),
+            self.cols
+        );
+        assert_eq!(
+            out.len(),
+            n * self.rows,
+            "matmul: out has {} values, expected {n} x {}",
+            out.len(),
+            self.rows
+        );
         if n == 0 || self.rows == 0 {
             return;
         }
@@ -349,35 +390,152 @@ impl QMatrix {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
                 if n < MIN_PANEL_TOKENS {
                     par_rows(rows, 1, work, |r0, r1| {
-                        for r in r0..r1 {
-                            let row = self.row_raw(r);
-                            for t in 0..n {
-                                let v = float_dot(isa, self.dtype, row, &x[t * cols..(t + 1) * cols]);
-                                // SAFETY: this task owns rows r0..r1 of every token.
-                                unsafe { *dst.get().add(t * rows + r) = v };
-                            }
+                        for t in 0..n {
+                            let xt = &x[t * cols..(t + 1) * cols];
+                            // SAFETY: this task owns rows r0..r1 of every token.
+                            unsafe {
+                                float_matvec_rows(isa, self, r0, r1, xt, dst.get().add(t * rows))
+                            };
                         }
                     });
                 } else {
-                    par_rows(rows, PR, work, |r0, r1| self.float_panel_rows(isa, x, n, r0, r1, dst.get()));
+                    par_rows(rows, PR, work, |r0, r1| {
+                        self.float_panel_rows(isa, x, n, r0, r1, dst.get())
+                    });
                 }
             }
             _ => {
                 let a = QActs::quantize(isa, x, n, cols);
-                if n < MIN_PANEL_TOKENS {
-                    par_rows(rows, 2, work, |r0, r1| {
-                        for t in 0..n {
-                            // SAFETY: this task owns rows r0..r1 of every token.
-                            unsafe { matvec_rows(isa, self, r0, r1, a.row(t), dst.get().add(t * rows)) };
-                        }
-                    });
+                let sums = (n >= MIN_PANEL_TOKENS)
+                    .then(|| panel::SumsT::new(&a, scalar::kind(self.dtype)));
+                par_rows(rows, self.row_align(n), work, |r0, r1| {
+                    self.quant_rows(isa, &a, sums.as_ref(), r0, r1, dst)
+                });
+            }
+        }
+    }
+
+    /// Row chunks are multiples of this.
+    fn row_align(&self, n: usize) -> usize {
+        if n < MIN_PANEL_TOKENS {
+            2
+        } else {
+            PR
+        }
+    }
+
+    /// Quantized weights: rows `r0..r1` of every token of `a` into `dst`
+    /// (`sums` present for the panel path).
+    fn quant_rows(
+        &self,
+        isa: Isa,
+        a: &QActs,
+        sums: Option<&panel::SumsT>,
+        r0: usize,
+        r1: usize,
+        dst: SyncPtr,
+    ) {
+        let rows = self.rows;
+        match sums {
+            None => {
+                // A few tokens: rows in slices that stay in L1/L2 while every
+                // token goes over them.
+                let step = if a.n == 1 {
+                    r1 - r0
                 } else {
-                    let sums = panel::SumsT::new(&a, scalar::kind(self.dtype));
-                    par_rows(rows, PR, work, |r0, r1| {
-                        panel::panel_rows(isa, self, &a, &sums, r0, r1, dst.get(), rows)
-                    });
+                    (16384 / self.row_bytes).max(2)
+                };
+                let mut s0 = r0;
+                while s0 < r1 {
+                    let s1 = (s0 + step).min(r1);
+                    for t in 0..a.n {
+                        // SAFETY: this task owns rows r0..r1 of every token.
+                        unsafe {
+                            matvec_rows(isa, self, s0, s1, a.row(t), dst.get().add(t * rows))
+                        };
+                    }
+                    s0 = s1;
                 }
             }
+            Some(sums) => panel::panel_rows(isa, self, a, sums, r0, r1, dst.get(), rows),
+        }
+    }
+
+    /// Several matrices with the same input `x` (e.g. the Q, K and V
+    /// projections, or the gate and up projections):
+    /// `outs[i][t*rows_i + r] = sum_c W_i[r][c] * x[t*cols + c]`.
+    ///
+    /// Equal to calling [`matmul`](Self::matmul) on each, but quantizes the
+    /// activations once and runs all the matrices in one parallel pass (one
+    /// fork-join instead of one per matrix), which matters for single-token
+    /// decoding.
+    pub fn matmul_multi(mats: &[&QMatrix], x: &[f32], n: usize, outs: &mut [&mut [f32]]) {
+        Self::matmul_multi_isa(Isa::detect(), mats, x, n, outs)
+    }
+
+    pub(crate) fn matmul_multi_isa(
+        isa: Isa,
+        mats: &[&QMatrix],
+        x: &[f32],
+        n: usize,
+        outs: &mut [&mut [f32]],
+    ) {
+        assert_eq!(
+            mats.len(),
+            outs.len(),
+            "matmul_multi: {} matrices but {} outputs",
+            mats.len(),
+            outs.len()
+        );
+        let Some(first) = mats.first() else { return };
+        let cols = first.cols;
+        for (m, o) in mats.iter().zip(outs.iter()) {
+            assert_eq!(
+                m.cols, cols,
+                "matmul_multi: matrices have different column counts"
+            );
+            assert_eq!(
+                o.len(),
+                n * m.rows,
+                "matmul_multi: out has {} values, expected {n} x {}",
+                o.len(),
+                m.rows
+            );
+        }
+        assert_eq!(
+            x.len(),
+            n * cols,
+            "matmul_multi: x has {} values, expected {n} x {cols}",
+            x.len()
+        );
+        let float = |m: &QMatrix| matches!(m.dtype, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+        if mats.len() == 1 || n == 0 || cols == 0 || mats.iter().any(|m| float(m)) {
+            for (m, o) in mats.iter().zip(outs.iter_mut()) {
+                m.matmul_isa(isa, x, n, o);
+            }
+            return;
+        }
+        // Activations once, offset sums once per matrix.
+        let a = QActs::quantize(isa, x, n, cols);
+        let sums: Vec<Option<panel::SumsT>> = mats
+            .iter()
+            .map(|m| (n >= MIN_PANEL_TOKENS).then(|| panel::SumsT::new(&a, scalar::kind(m.dtype))))
+            .collect();
+        let dsts: Vec<SyncPtr> = outs.iter_mut().map(|o| SyncPtr(o.as_mut_ptr())).collect();
+        let mut tasks = Vec::new();
+        for (i, m) in mats.iter().enumerate() {
+            for (r0, r1) in row_chunks(m.rows, m.row_align(n), m.rows * cols * n) {
+                tasks.push((i, r0, r1));
+            }
+        }
+        let run = |&(i, r0, r1): &(usize, usize, usize)| {
+            mats[i].quant_rows(isa, &a, sums[i].as_ref(), r0, r1, dsts[i])
+        };
+        let total: usize = mats.iter().map(|m| m.rows * cols * n).sum();
+        if rayon::current_num_threads() <= 1 || total < MIN_PARALLEL_WORK {
+            tasks.iter().for_each(run);
+        } else {
+            tasks.par_iter().for_each(run);
         }
     }
 
@@ -390,7 +548,15 @@ impl QMatrix {
             let rr = (r1 - r).min(PR);
             for i in 0..PR {
                 if i < rr {
-                    self.dequantize_row(r + i, &mut w[i * cols..(i + 1) * cols]);
+                    let wr = &mut w[i * cols..(i + 1) * cols];
+                    match isa {
+                        // SAFETY: Isa::Avx2 means the CPU has the features.
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx2 => unsafe {
+                            avx2::float_row_to_f32(self.dtype, self.row_raw(r + i), wr)
+                        },
+                        _ => self.dequantize_row(r + i, wr),
+                    }
                 } else {
                     w[i * cols..(i + 1) * cols].fill(0.0);
                 }
@@ -412,7 +578,10 @@ impl QMatrix {
                     _ => {
                         for tk in t..t + tt {
                             for i in 0..rr {
-                                let v = dot_f32(&w[i * cols..(i + 1) * cols], &x[tk * cols..(tk + 1) * cols]);
+                                let v = dot_f32(
+                                    &w[i * cols..(i + 1) * cols],
+                                    &x[tk * cols..(tk + 1) * cols],
+                                );
                                 unsafe { *o.add(tk * rows + i) = v };
                             }
                         }
@@ -426,7 +595,7 @@ impl QMatrix {
 }
 
 /// Token counts from which matmul decodes weight panels once and reuses them.
-const MIN_PANEL_TOKENS: usize = 2;
+const MIN_PANEL_TOKENS: usize = 4;
 
 /// Multiply-accumulates below which a matmul runs on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 17;
@@ -446,7 +615,8 @@ impl Isa {
             use std::sync::OnceLock;
             static ISA: OnceLock<Isa> = OnceLock::new();
             *ISA.get_or_init(|| {
-                let off = std::env::var_os("KVMERGER_NO_SIMD").is_some_and(|v| !v.is_empty() && v != "0");
+                let off =
+                    std::env::var_os("KVMERGER_NO_SIMD").is_some_and(|v| !v.is_empty() && v != "0");
                 if !off
                     && is_x86_feature_detected!("avx2")
                     && is_x86_feature_detected!("fma")
@@ -467,7 +637,14 @@ impl Isa {
 ///
 /// # Safety
 /// `out` must be valid for writes at `r0..r1`.
-unsafe fn matvec_rows(isa: Isa, w: &QMatrix, r0: usize, r1: usize, a: act::ActRow<'_>, out: *mut f32) {
+unsafe fn matvec_rows(
+    isa: Isa,
+    w: &QMatrix,
+    r0: usize,
+    r1: usize,
+    a: act::ActRow<'_>,
+    out: *mut f32,
+) {
     match isa {
         // SAFETY: Isa::Avx2 is only chosen when the CPU has the features.
         #[cfg(target_arch = "x86_64")]
@@ -480,12 +657,20 @@ unsafe fn matvec_rows(isa: Isa, w: &QMatrix, r0: usize, r1: usize, a: act::ActRo
     }
 }
 
-fn float_dot(isa: Isa, ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
+/// `out[r] = W[r] . x` for rows `r0..r1` of a float matrix.
+///
+/// # Safety
+/// `out` must be valid for writes at `r0..r1`.
+unsafe fn float_matvec_rows(isa: Isa, w: &QMatrix, r0: usize, r1: usize, x: &[f32], out: *mut f32) {
     match isa {
-        // SAFETY: as above.
+        // SAFETY: Isa::Avx2 is only chosen when the CPU has the features.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::float_dot(ty, row, x) },
-        Isa::Scalar => scalar::float_dot(ty, row, x),
+        Isa::Avx2 => avx2::float_matvec_rows(w.dtype, w.raw(), w.row_bytes, r0, r1, x, out),
+        Isa::Scalar => {
+            for r in r0..r1 {
+                *out.add(r) = scalar::float_dot(w.dtype, w.row_raw(r), x);
+            }
+        }
     }
 }
 
@@ -505,18 +690,29 @@ impl SyncPtr {
 /// Runs `f(r0, r1)` over chunks of `0..rows` (multiples of `align` rows),
 /// in parallel when `work` is large enough to pay for it.
 fn par_rows(rows: usize, align: usize, work: usize, f: impl Fn(usize, usize) + Sync) {
+    let chunks = row_chunks(rows, align, work);
+    if chunks.len() <= 1 {
+        f(0, rows);
+    } else {
+        chunks.into_par_iter().for_each(|(r0, r1)| f(r0, r1));
+    }
+}
+
+/// Splits `0..rows` into chunks (multiples of `align` rows) for the thread
+/// pool: one chunk when `work` is too small to pay for a fork-join, else a
+/// multiple of the thread count, a few per thread when there is enough work
+/// (evens out uneven progress), none smaller than `MIN_PARALLEL_WORK / 2`.
+fn row_chunks(rows: usize, align: usize, work: usize) -> Vec<(usize, usize)> {
     let threads = rayon::current_num_threads();
     if threads <= 1 || work < MIN_PARALLEL_WORK || rows <= align {
-        f(0, rows);
-        return;
+        return vec![(0, rows)];
     }
-    // A multiple of the thread count, a few per thread when there is enough
-    // work (evens out uneven progress), none smaller than MIN_PARALLEL_WORK / 2.
     let per_thread = (work / (threads * MIN_PARALLEL_WORK / 2)).clamp(1, 4);
     let n_chunks = (threads * per_thread).min(rows.div_ceil(align));
     let chunk = rows.div_ceil(n_chunks).div_ceil(align) * align;
-    let n_chunks = rows.div_ceil(chunk);
-    (0..n_chunks).into_par_iter().for_each(|i| f(i * chunk, ((i + 1) * chunk).min(rows)));
+    (0..rows.div_ceil(chunk))
+        .map(|i| (i * chunk, ((i + 1) * chunk).min(rows)))
+        .collect()
 }
 
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {

@@ -9,9 +9,10 @@ use super::{Isa, QMatrix};
 /// Rows per panel.
 pub(crate) const PR: usize = 4;
 /// Tokens per tile (the widest tile kernel).
-pub(crate) const PT: usize = 4;
+pub(crate) const PT: usize = 2;
 /// Rows per register tile (divides `PR`).
-const RT: usize = 2;
+#[cfg(target_arch = "x86_64")]
+const RT: usize = 4;
 
 pub(crate) struct Panel {
     pub kind: Kind,
@@ -22,6 +23,9 @@ pub(crate) struct Panel {
     pub d: Vec<f32>,
     /// `[nb][PR]` integer scales of each 16 ([`Kind::Unsigned16`]).
     pub sc: Vec<[i16; 2]>,
+    /// `[nb][PR]` the same, spread over the 16 lanes of a `vpmaddwd`
+    /// operand ([`Kind::Unsigned16`] only, else empty).
+    pub scv: Vec<[i16; 16]>,
     /// Offsets per row: `nb` ([`Kind::Unsigned`]), `2 nb` ([`Kind::Unsigned16`]) or 0.
     pub nm: usize,
     /// `[PR][nm]` offsets.
@@ -41,6 +45,11 @@ impl Panel {
             q: vec![0; nb * PR * 32],
             d: vec![0.0; nb * PR],
             sc: vec![[1, 1]; nb * PR],
+            scv: if kind == Kind::Unsigned16 {
+                vec![[0; 16]; nb * PR]
+            } else {
+                Vec::new()
+            },
             nm,
             m: vec![0.0; PR * nm],
         }
@@ -74,6 +83,7 @@ impl Panel {
                     )
                 };
                 if done {
+                    self.spread_scales(r);
                     continue;
                 }
             }
@@ -92,6 +102,18 @@ impl Panel {
                     Kind::Signed => {}
                 }
             }
+            self.spread_scales(r);
+        }
+    }
+
+    fn spread_scales(&mut self, r: usize) {
+        if self.kind == Kind::Unsigned16 {
+            for b in 0..self.nb {
+                let [s0, s1] = self.sc[b * PR + r];
+                let v = &mut self.scv[b * PR + r];
+                v[..8].fill(s0);
+                v[8..].fill(s1);
+            }
         }
     }
 
@@ -102,12 +124,19 @@ impl Panel {
             Kind::Unsigned16 => (0.0, [self.m[r * nm + 2 * b], self.m[r * nm + 2 * b + 1]]),
             Kind::Signed => (0.0, [0.0; 2]),
         };
-        Blk { q: self.q[(b * PR + r) * 32..][..32].try_into().unwrap(), d: self.d[b * PR + r], m, m16, sc: self.sc[b * PR + r] }
+        Blk {
+            q: self.q[(b * PR + r) * 32..][..32].try_into().unwrap(),
+            d: self.d[b * PR + r],
+            m,
+            m16,
+            sc: self.sc[b * PR + r],
+        }
     }
 }
 
 /// Activation block sums laid out `[j][npad]` (token-contiguous, `npad` a
 /// multiple of 8, zero padded), per 32 or per 16 elements.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct SumsT {
     pub npad: usize,
     pub v: Vec<f32>,
@@ -119,7 +148,12 @@ impl SumsT {
         let (src, per) = match kind {
             Kind::Unsigned => (&a.ds, a.nb),
             Kind::Unsigned16 => (&a.ds16, 2 * a.nb),
-            Kind::Signed => return SumsT { npad, v: Vec::new() },
+            Kind::Signed => {
+                return SumsT {
+                    npad,
+                    v: Vec::new(),
+                }
+            }
         };
         let mut v = vec![0f32; per * npad];
         for t in 0..a.n {
@@ -131,34 +165,56 @@ impl SumsT {
     }
 }
 
+/// Activation bytes per token block: small enough to stay in L2 while a
+/// row chunk's panels sweep over them.
+const TOKEN_BLOCK_BYTES: usize = 256 << 10;
+
 /// Rows `r0..r1` of `out[t*ld + r]` for all tokens of `a`, through panels.
-pub(crate) fn panel_rows(isa: Isa, w: &QMatrix, a: &QActs, sums: &SumsT, r0: usize, r1: usize, out: *mut f32, ld: usize) {
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn panel_rows(
+    isa: Isa,
+    w: &QMatrix,
+    a: &QActs,
+    sums: &SumsT,
+    r0: usize,
+    r1: usize,
+    out: *mut f32,
+    ld: usize,
+) {
     let kd = kind(w.dtype);
     let mut pan = Panel::new(kd, a.nb);
-    let mut mins = vec![0f32; sums.npad * PR];
-    let mut sbuf = Vec::new();
-    let mut r = r0;
-    while r < r1 {
-        let rr = (r1 - r).min(PR);
-        pan.decode(isa, w, r, rr);
-        // SAFETY: the caller owns out[t*ld + r0..r1] for every t.
-        let o = unsafe { out.add(r) };
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe {
-                if kd != Kind::Signed {
-                    super::avx2::panel_mins(&pan, sums, &mut mins);
-                }
-                let mut t = 0;
-                while t < a.n {
-                    let tt = (a.n - t).min(PT);
-                    avx2_tile(kd, tt, &pan, a, t, rr, &mins, &mut sbuf, o, ld);
-                    t += tt;
-                }
-            },
-            _ => scalar_panel(&pan, a, rr, o, ld),
+    #[cfg(target_arch = "x86_64")]
+    let (mut mins, mut sbuf) = (vec![0f32; sums.npad * PR], Vec::new());
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = sums;
+    let tb = (TOKEN_BLOCK_BYTES / a.cols / PT * PT).max(16 * PT);
+    let mut t0 = 0;
+    while t0 < a.n {
+        let t1 = (t0 + tb).min(a.n);
+        let mut r = r0;
+        while r < r1 {
+            let rr = (r1 - r).min(PR);
+            pan.decode(isa, w, r, rr);
+            // SAFETY: the caller owns out[t*ld + r0..r1] for every t.
+            let o = unsafe { out.add(r) };
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe {
+                    if kd != Kind::Signed {
+                        super::avx2::panel_mins(&pan, sums, t0, t1, &mut mins);
+                    }
+                    let mut t = t0;
+                    while t < t1 {
+                        let tt = (t1 - t).min(PT);
+                        avx2_tile(kd, tt, &pan, a, t, rr, &mins, &mut sbuf, o, ld);
+                        t += tt;
+                    }
+                },
+                _ => scalar_panel(&pan, a, t0, t1, rr, o, ld),
+            }
+            r += rr;
         }
-        r += rr;
+        t0 = t1;
     }
 }
 
@@ -208,8 +264,9 @@ unsafe fn avx2_tile_k<const K: u8>(
     }
 }
 
-fn scalar_panel(pan: &Panel, a: &QActs, rr: usize, out: *mut f32, ld: usize) {
-    for t in 0..a.n {
+#[allow(clippy::too_many_arguments)]
+fn scalar_panel(pan: &Panel, a: &QActs, t0: usize, t1: usize, rr: usize, out: *mut f32, ld: usize) {
+    for t in t0..t1 {
         let x = a.row(t);
         for r in 0..rr {
             let mut acc = 0f32;

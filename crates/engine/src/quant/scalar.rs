@@ -3,6 +3,9 @@
 //! [`QActs`](super::act::QActs), exact integer dot products per block of 32,
 //! then `f32`.
 
+// Kernels index several arrays with one counter; iterators would obscure them.
+#![allow(clippy::needless_range_loop)]
+
 use super::act::ActRow;
 use super::formats::{f16_at, k_scale_min};
 use super::GgmlType;
@@ -41,7 +44,10 @@ pub(crate) fn kind(ty: GgmlType) -> Kind {
 
 /// Block `b` (of 32 elements) of a quantized row.
 pub(crate) fn decode_blk(ty: GgmlType, row: &[u8], b: usize) -> Blk {
-    let mut k = Blk { sc: [1, 1], ..Blk::default() };
+    let mut k = Blk {
+        sc: [1, 1],
+        ..Blk::default()
+    };
     match ty {
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
             let blk = &row[b * ty.type_size()..(b + 1) * ty.type_size()];
@@ -49,8 +55,14 @@ pub(crate) fn decode_blk(ty: GgmlType, row: &[u8], b: usize) -> Blk {
             let (qh, qs) = match ty {
                 GgmlType::Q4_0 => (0, &blk[2..18]),
                 GgmlType::Q4_1 => (0, &blk[4..20]),
-                GgmlType::Q5_0 => (u32::from_le_bytes(blk[2..6].try_into().unwrap()), &blk[6..22]),
-                _ => (u32::from_le_bytes(blk[4..8].try_into().unwrap()), &blk[8..24]),
+                GgmlType::Q5_0 => (
+                    u32::from_le_bytes(blk[2..6].try_into().unwrap()),
+                    &blk[6..22],
+                ),
+                _ => (
+                    u32::from_le_bytes(blk[4..8].try_into().unwrap()),
+                    &blk[8..24],
+                ),
             };
             k.m = match ty {
                 GgmlType::Q4_0 => -8.0 * k.d,
@@ -76,7 +88,11 @@ pub(crate) fn decode_blk(ty: GgmlType, row: &[u8], b: usize) -> Blk {
             k.m = -f16_at(sb, 2) * m as f32;
             let c = j / 2;
             let shift = 4 * (j % 2);
-            let qs = if ty == GgmlType::Q4_K { &sb[16 + 32 * c..48 + 32 * c] } else { &sb[48 + 32 * c..80 + 32 * c] };
+            let qs = if ty == GgmlType::Q4_K {
+                &sb[16 + 32 * c..48 + 32 * c]
+            } else {
+                &sb[48 + 32 * c..80 + 32 * c]
+            };
             for l in 0..32 {
                 k.q[l] = (qs[l] >> shift) & 0x0f;
                 if ty == GgmlType::Q5_K {
@@ -96,7 +112,10 @@ pub(crate) fn decode_blk(ty: GgmlType, row: &[u8], b: usize) -> Blk {
                 k.q[l] = lo | (hi << 4);
             }
             k.d = f16_at(sb, 208);
-            k.sc = [sb[192 + 2 * j] as i8 as i16, sb[192 + 2 * j + 1] as i8 as i16];
+            k.sc = [
+                sb[192 + 2 * j] as i8 as i16,
+                sb[192 + 2 * j + 1] as i8 as i16,
+            ];
             k.m16 = [-32.0 * k.d * k.sc[0] as f32, -32.0 * k.d * k.sc[1] as f32];
         }
         GgmlType::Q8_K => {
@@ -104,7 +123,9 @@ pub(crate) fn decode_blk(ty: GgmlType, row: &[u8], b: usize) -> Blk {
             k.d = f32::from_le_bytes(sb[0..4].try_into().unwrap());
             k.q.copy_from_slice(&sb[4 + 32 * (b % 8)..][..32]);
         }
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("decode_blk on a float type"),
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+            unreachable!("decode_blk on a float type")
+        }
     }
     k
 }

@@ -164,9 +164,15 @@ fn check_matmul(isa: Isa, ty: GgmlType) {
                     })
                     .collect();
                 for r in 0..rows {
-                    let exact: f64 = (0..cols).map(|c| wd[r * cols + c] as f64 * xt[c] as f64).sum();
-                    let bound: f64 = (0..cols).map(|c| wd[r * cols + c].abs() as f64 * xerr[c]).sum();
-                    let mag: f64 = (0..cols).map(|c| (wd[r * cols + c] as f64 * xt[c] as f64).abs()).sum();
+                    let exact: f64 = (0..cols)
+                        .map(|c| wd[r * cols + c] as f64 * xt[c] as f64)
+                        .sum();
+                    let bound: f64 = (0..cols)
+                        .map(|c| wd[r * cols + c].abs() as f64 * xerr[c])
+                        .sum();
+                    let mag: f64 = (0..cols)
+                        .map(|c| (wd[r * cols + c] as f64 * xt[c] as f64).abs())
+                        .sum();
                     let tol = bound * 1.01 + mag * 1e-5 + 1e-6;
                     let got = out[t * rows + r] as f64;
                     assert!(
@@ -262,7 +268,10 @@ fn isas_agree() {
         return;
     }
     let cols = 768;
-    let x: Vec<f32> = rand_vec(5 * cols, 4).iter().map(|v| v * v * v * 10.0).collect();
+    let x: Vec<f32> = rand_vec(5 * cols, 4)
+        .iter()
+        .map(|v| v * v * v * 10.0)
+        .collect();
     let a = act::QActs::quantize(Isa::Scalar, &x, 5, cols);
     let b = act::QActs::quantize(isa, &x, 5, cols);
     assert_eq!(a.qs, b.qs);
@@ -271,7 +280,10 @@ fn isas_agree() {
     assert_eq!(a.ds16, b.ds16);
     for ty in GgmlType::ALL {
         let rows = 37;
-        let w: Vec<f32> = rand_vec(rows * cols, 8).iter().map(|v| v * (1.0 + v * v * 4.0)).collect();
+        let w: Vec<f32> = rand_vec(rows * cols, 8)
+            .iter()
+            .map(|v| v * (1.0 + v * v * 4.0))
+            .collect();
         let m = QMatrix::quantize(ty, rows, cols, &w);
         for n in [1, 2, 4, 5] {
             let mut o1 = vec![0f32; n * rows];
@@ -280,7 +292,132 @@ fn isas_agree() {
             m.matmul_isa(isa, &x[..n * cols], n, &mut o2);
             let scale = o1.iter().fold(0f32, |s, v| s.max(v.abs()));
             for i in 0..o1.len() {
-                assert!((o1[i] - o2[i]).abs() <= 2e-5 * scale, "{ty} n={n} [{i}]: {} vs {}", o1[i], o2[i]);
+                assert!(
+                    (o1[i] - o2[i]).abs() <= 2e-5 * scale,
+                    "{ty} n={n} [{i}]: {} vs {}",
+                    o1[i],
+                    o2[i]
+                );
+            }
+        }
+    }
+}
+
+/// matmul_multi gives what separate matmuls give.
+#[test]
+fn matmul_multi_matches_matmul() {
+    for isa in isas() {
+        for n in [1, 3, 8] {
+            let cols = 512;
+            let x = rand_vec(n * cols, 77);
+            let types = [
+                GgmlType::Q4_1,
+                GgmlType::Q4_K,
+                GgmlType::Q8_0,
+                GgmlType::Q6_K,
+                GgmlType::Q5_0,
+            ];
+            let mats: Vec<QMatrix> = types
+                .iter()
+                .enumerate()
+                .map(|(i, &ty)| {
+                    let rows = 40 + 37 * i;
+                    QMatrix::quantize(ty, rows, cols, &rand_vec(rows * cols, i as u64))
+                })
+                .collect();
+            let refs: Vec<&QMatrix> = mats.iter().collect();
+            let mut outs: Vec<Vec<f32>> =
+                mats.iter().map(|m| vec![f32::NAN; n * m.rows()]).collect();
+            let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            QMatrix::matmul_multi_isa(isa, &refs, &x, n, &mut views);
+            for (m, o) in mats.iter().zip(&outs) {
+                let mut want = vec![0f32; n * m.rows()];
+                m.matmul_isa(isa, &x, n, &mut want);
+                assert_eq!(o, &want, "{isa:?} {} n={n}", m.dtype());
+            }
+        }
+    }
+    // Mixed with a float matrix (falls back to separate calls).
+    let a = QMatrix::quantize(GgmlType::F16, 3, 64, &rand_vec(192, 1));
+    let b = QMatrix::quantize(GgmlType::Q8_0, 5, 64, &rand_vec(320, 2));
+    let x = rand_vec(128, 3);
+    let (mut oa, mut ob) = (vec![0f32; 6], vec![0f32; 10]);
+    QMatrix::matmul_multi(&[&a, &b], &x, 2, &mut [&mut oa, &mut ob]);
+    let (mut wa, mut wb) = (vec![0f32; 6], vec![0f32; 10]);
+    a.matmul(&x, 2, &mut wa);
+    b.matmul(&x, 2, &mut wb);
+    assert_eq!((oa, ob), (wa, wb));
+}
+
+/// Real weights of the cached models: matmul (every kernel set, one token and
+/// several) against dequantize-then-dot in f64. Run by hand.
+#[test]
+#[ignore]
+fn real_weights_matmul_accuracy() {
+    let dir = std::path::Path::new("/root/.cache/kvmerger/models");
+    for (model, names) in [
+        (
+            "smollm2-135m",
+            &[
+                "blk.0.ffn_down.weight",
+                "blk.3.attn_k.weight",
+                "token_embd.weight",
+            ][..],
+        ),
+        (
+            "qwen2.5-0.5b",
+            &[
+                "blk.0.ffn_up.weight",
+                "blk.0.ffn_down.weight",
+                "blk.11.ffn_down.weight",
+                "blk.0.attn_v.weight",
+            ][..],
+        ),
+        (
+            "gemma3-270m",
+            &[
+                "blk.0.attn_output.weight",
+                "blk.0.ffn_down.weight",
+                "blk.0.attn_q.weight",
+            ][..],
+        ),
+    ] {
+        let f = GgufFile::open(&dir.join(format!("{model}.gguf"))).unwrap();
+        for name in names {
+            let m = QMatrix::from_gguf(&f, name).unwrap();
+            let rows = m.rows().min(256);
+            let cols = m.cols();
+            let mut wd = vec![0f32; rows * cols];
+            for r in 0..rows {
+                m.dequantize_row(r, &mut wd[r * cols..(r + 1) * cols]);
+            }
+            // Activations with an outlier channel, as hidden states have.
+            let n = 5;
+            let mut x = rand_vec(n * cols, 11);
+            for t in 0..n {
+                x[t * cols + 7] = 40.0;
+            }
+            for isa in isas() {
+                for nn in [1, n] {
+                    let mut out = vec![0f32; nn * m.rows()];
+                    m.matmul_isa(isa, &x[..nn * cols], nn, &mut out);
+                    let (mut err, mut norm) = (0f64, 0f64);
+                    for t in 0..nn {
+                        for r in 0..rows {
+                            let exact: f64 = (0..cols)
+                                .map(|c| wd[r * cols + c] as f64 * x[t * cols + c] as f64)
+                                .sum();
+                            err += (out[t * m.rows() + r] as f64 - exact).powi(2);
+                            norm += exact * exact;
+                        }
+                    }
+                    let rel = (err / norm).sqrt();
+                    eprintln!(
+                        "{model} {name} {} {isa:?} n={nn}: relative error {rel:.2e}",
+                        m.dtype()
+                    );
+                    assert!(rel < 2e-2, "{model} {name}: relative error {rel}");
+                }
             }
         }
     }
