@@ -15,7 +15,11 @@ impl KvCache {
     pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize, dtype: KvDtype) -> Self {
         KvCache {
             layers: (0..n_layers)
-                .map(|_| (0..n_kv_heads).map(|_| HeadStore::new(head_dim, dtype)).collect())
+                .map(|_| {
+                    (0..n_kv_heads)
+                        .map(|_| HeadStore::new(head_dim, dtype))
+                        .collect()
+                })
                 .collect(),
             n_seen: 0,
             dtype,
@@ -33,22 +37,34 @@ impl KvCache {
 
     /// Bytes held by live slots, in all heads.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.iter().map(|h| h.bytes()).sum::<usize>()).sum()
+        self.layers
+            .iter()
+            .map(|l| l.iter().map(|h| h.bytes()).sum::<usize>())
+            .sum()
     }
     /// Bytes allocated, including room reserved for tokens to come.
     pub fn allocated_bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.iter().map(|h| h.allocated_bytes()).sum::<usize>()).sum()
+        self.layers
+            .iter()
+            .map(|l| l.iter().map(|h| h.allocated_bytes()).sum::<usize>())
+            .sum()
     }
     pub fn layer_bytes(&self, layer: usize) -> usize {
         self.layers[layer].iter().map(|h| h.bytes()).sum()
     }
     /// Slots kept per (layer, KV head).
     pub fn lengths(&self) -> Vec<Vec<usize>> {
-        self.layers.iter().map(|l| l.iter().map(|h| h.len()).collect()).collect()
+        self.layers
+            .iter()
+            .map(|l| l.iter().map(|h| h.len()).collect())
+            .collect()
     }
     /// Total slots over all heads.
     pub fn total_slots(&self) -> usize {
-        self.layers.iter().map(|l| l.iter().map(|h| h.len()).sum::<usize>()).sum()
+        self.layers
+            .iter()
+            .map(|l| l.iter().map(|h| h.len()).sum::<usize>())
+            .sum()
     }
     pub fn clear(&mut self) {
         for l in &mut self.layers {

@@ -31,7 +31,10 @@ impl CompressReport {
     }
     /// Slots kept over slots before, per layer.
     pub fn layer_ratios(&self) -> Vec<f64> {
-        self.layer_slots.iter().map(|&(b, a)| if b == 0 { 1.0 } else { a as f64 / b as f64 }).collect()
+        self.layer_slots
+            .iter()
+            .map(|&(b, a)| if b == 0 { 1.0 } else { a as f64 / b as f64 })
+            .collect()
     }
 }
 
@@ -45,13 +48,29 @@ pub struct Compressor {
 }
 
 impl Compressor {
-    pub fn new(name: &str, opts: &Options, budget: Budget, schedule: Schedule) -> Result<Compressor, Error> {
-        Ok(Compressor { method: registry::build(name, opts)?, budget, schedule, recompress_margin: None })
+    pub fn new(
+        name: &str,
+        opts: &Options,
+        budget: Budget,
+        schedule: Schedule,
+    ) -> Result<Compressor, Error> {
+        Ok(Compressor {
+            method: registry::build(name, opts)?,
+            budget,
+            schedule,
+            recompress_margin: None,
+        })
     }
 
     /// No compression at all.
     pub fn full() -> Compressor {
-        Compressor::new("full", &Options::new(), Budget::Fraction(1.0), Schedule::Uniform).expect("full always builds")
+        Compressor::new(
+            "full",
+            &Options::new(),
+            Budget::Fraction(1.0),
+            Schedule::Uniform,
+        )
+        .expect("full always builds")
     }
 
     pub fn name(&self) -> &str {
@@ -64,17 +83,24 @@ impl Compressor {
 
     /// Whether this compressor can change anything.
     pub fn is_noop(&self) -> bool {
-        self.method.name() == "full" || self.budget == Budget::Fraction(1.0) && self.schedule == Schedule::Uniform
+        self.method.name() == "full"
+            || self.budget == Budget::Fraction(1.0) && self.schedule == Schedule::Uniform
     }
 
     /// Slot budget of each layer's heads for a prompt of `len` tokens.
     pub fn targets(&self, n_layers: usize, len: usize) -> Vec<usize> {
-        (0..n_layers).map(|l| self.schedule.layer_budget(self.budget, l, n_layers, len)).collect()
+        (0..n_layers)
+            .map(|l| self.schedule.layer_budget(self.budget, l, n_layers, len))
+            .collect()
     }
 
     /// Compress a freshly prefilled cache. Returns the report and the per-layer slot
     /// targets, which bound the cache during decoding.
-    pub fn compress_prompt(&self, cache: &mut KvCache, stats: &PrefillStats) -> Result<(CompressReport, Vec<usize>), Error> {
+    pub fn compress_prompt(
+        &self,
+        cache: &mut KvCache,
+        stats: &PrefillStats,
+    ) -> Result<(CompressReport, Vec<usize>), Error> {
         self.schedule.check(cache.layers.len())?;
         let targets = self.targets(cache.layers.len(), cache.n_seen);
         let report = compress_cache(cache, self.method.as_ref(), stats, &|l, _| targets[l])?;
@@ -94,7 +120,13 @@ pub struct DecodeCompression<'a> {
 
 impl<'a> DecodeCompression<'a> {
     pub fn new(compressor: &'a Compressor, targets: Vec<usize>) -> Self {
-        DecodeCompression { compressor, targets, stats: PrefillStats::default(), passes: 0, secs: 0.0 }
+        DecodeCompression {
+            compressor,
+            targets,
+            stats: PrefillStats::default(),
+            passes: 0,
+            secs: 0.0,
+        }
     }
 
     /// Statistics each decode step must collect.
@@ -107,7 +139,9 @@ impl<'a> DecodeCompression<'a> {
 
     /// Re-compress if some head passed its budget by the margin.
     pub fn after_step(&mut self, cache: &mut KvCache) -> Result<(), Error> {
-        let Some(margin) = self.compressor.recompress_margin else { return Ok(()) };
+        let Some(margin) = self.compressor.recompress_margin else {
+            return Ok(());
+        };
         let over = cache
             .layers
             .iter()
@@ -117,7 +151,12 @@ impl<'a> DecodeCompression<'a> {
             return Ok(());
         }
         let targets = &self.targets;
-        let report = compress_cache(cache, self.compressor.method.as_ref(), &self.stats, &|l, _| targets[l])?;
+        let report = compress_cache(
+            cache,
+            self.compressor.method.as_ref(),
+            &self.stats,
+            &|l, _| targets[l],
+        )?;
         self.stats = PrefillStats::default();
         self.passes += 1;
         self.secs += report.secs;
@@ -138,7 +177,11 @@ pub fn compress_cache(
 ) -> Result<CompressReport, Error> {
     let t0 = Instant::now();
     let bytes_before = cache.bytes();
-    let before: Vec<usize> = cache.layers.iter().map(|l| l.iter().map(|h| h.len()).sum()).collect();
+    let before: Vec<usize> = cache
+        .layers
+        .iter()
+        .map(|l| l.iter().map(|h| h.len()).sum())
+        .collect();
     let needs = method.needs();
     let n_layers = cache.layers.len();
     let results: Vec<Result<(), Error>> = cache
@@ -147,7 +190,10 @@ pub fn compress_cache(
         .enumerate()
         .flat_map_iter(|(layer, heads)| {
             let n_kv = heads.len();
-            heads.iter_mut().enumerate().map(move |(kv_head, store)| (layer, n_kv, kv_head, store))
+            heads
+                .iter_mut()
+                .enumerate()
+                .map(move |(kv_head, store)| (layer, n_kv, kv_head, store))
         })
         .map(|(layer, n_kv_heads, kv_head, store)| {
             let src = stats.heads.get(layer).and_then(|l| l.get(kv_head));
@@ -156,12 +202,21 @@ pub fn compress_cache(
                 hs.accumulated = Some(store.meta().iter().map(|m| m.score).collect());
             }
             if needs.window.is_some() {
-                hs.window = src.and_then(|s| s.window.clone()).filter(|w| w.len() == store.len());
+                hs.window = src
+                    .and_then(|s| s.window.clone())
+                    .filter(|w| w.len() == store.len());
             }
             if needs.last {
-                hs.last = src.and_then(|s| s.last.clone()).filter(|w| w.len() == store.len());
+                hs.last = src
+                    .and_then(|s| s.last.clone())
+                    .filter(|w| w.len() == store.len());
             }
-            let pos = HeadPos { layer, n_layers, kv_head, n_kv_heads };
+            let pos = HeadPos {
+                layer,
+                n_layers,
+                kv_head,
+                n_kv_heads,
+            };
             let b = budget(layer, store.len());
             compress_head(store, method, &hs, pos, b).map_err(Error::from)
         })
@@ -170,7 +225,11 @@ pub fn compress_cache(
         r?;
     }
     release_freed_memory();
-    let after: Vec<usize> = cache.layers.iter().map(|l| l.iter().map(|h| h.len()).sum()).collect();
+    let after: Vec<usize> = cache
+        .layers
+        .iter()
+        .map(|l| l.iter().map(|h| h.len()).sum())
+        .collect();
     Ok(CompressReport {
         method: method.name().to_string(),
         bytes_before,

@@ -64,7 +64,7 @@ pub struct Config {
 impl Config {
     /// Whether `layer` attends only within the sliding window.
     pub fn is_local(&self, layer: usize) -> bool {
-        self.sliding_window.is_some() && (layer + 1) % self.global_every != 0
+        self.sliding_window.is_some() && !(layer + 1).is_multiple_of(self.global_every.max(1))
     }
     pub fn layer_rope_base(&self, layer: usize) -> f32 {
         if self.is_local(layer) {
@@ -89,7 +89,10 @@ impl Config {
         let k = |s: &str| format!("{a}.{s}");
         let hidden = f.u64(&k("embedding_length"))? as usize;
         let n_heads = f.u64(&k("attention.head_count"))? as usize;
-        let n_kv_heads = f.get(&k("attention.head_count_kv")).and_then(|v| v.as_u64()).unwrap_or(n_heads as u64) as usize;
+        let n_kv_heads = f
+            .get(&k("attention.head_count_kv"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(n_heads as u64) as usize;
         let head_dim = match f.get(&k("attention.key_length")).and_then(|v| v.as_u64()) {
             Some(d) => d as usize,
             None if n_heads > 0 => hidden / n_heads,
@@ -106,10 +109,17 @@ impl Config {
                 RopeStyle::Neox,
                 Activation::GeluTanh,
                 (hidden as f32).sqrt(),
-                Some(f.get(&k("attention.sliding_window")).and_then(|v| v.as_u64()).unwrap_or(512) as usize),
+                Some(
+                    f.get(&k("attention.sliding_window"))
+                        .and_then(|v| v.as_u64())
+                        .unwrap_or(512) as usize,
+                ),
             ),
         };
-        let rope_base = f.get(&k("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32;
+        let rope_base = f
+            .get(&k("rope.freq_base"))
+            .and_then(|v| v.as_f64())
+            .unwrap_or(10000.0) as f32;
         let cfg = Config {
             arch,
             n_layers: f.u64(&k("block_count"))? as usize,
@@ -119,30 +129,49 @@ impl Config {
             head_dim,
             ffn: f.u64(&k("feed_forward_length"))? as usize,
             vocab,
-            ctx_len: f.get(&k("context_length")).and_then(|v| v.as_u64()).unwrap_or(4096) as usize,
+            ctx_len: f
+                .get(&k("context_length"))
+                .and_then(|v| v.as_u64())
+                .unwrap_or(4096) as usize,
             rope_base,
             rope_base_local: 10000.0,
             rope_style,
-            rms_eps: f.get(&k("attention.layer_norm_rms_epsilon")).and_then(|v| v.as_f64()).unwrap_or(1e-6) as f32,
+            rms_eps: f
+                .get(&k("attention.layer_norm_rms_epsilon"))
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-6) as f32,
             sliding_window,
             global_every: 6,
             activation,
             embed_scale,
             attn_scale: 1.0 / (head_dim as f32).sqrt(),
         };
-        cfg.validate().map_err(|msg| Error::Format { path: f.path.clone(), msg })?;
+        cfg.validate().map_err(|msg| Error::Format {
+            path: f.path.clone(),
+            msg,
+        })?;
         Ok(cfg)
     }
 
     pub fn validate(&self) -> Result<(), String> {
         let c = self;
-        if c.n_layers == 0 || c.hidden == 0 || c.n_heads == 0 || c.n_kv_heads == 0 || c.head_dim == 0 || c.ffn == 0 || c.vocab == 0 {
+        if c.n_layers == 0
+            || c.hidden == 0
+            || c.n_heads == 0
+            || c.n_kv_heads == 0
+            || c.head_dim == 0
+            || c.ffn == 0
+            || c.vocab == 0
+        {
             return Err(format!("implausible hyperparameters: {c:?}"));
         }
-        if c.n_heads % c.n_kv_heads != 0 {
-            return Err(format!("{} query heads are not a multiple of {} KV heads", c.n_heads, c.n_kv_heads));
+        if !c.n_heads.is_multiple_of(c.n_kv_heads) {
+            return Err(format!(
+                "{} query heads are not a multiple of {} KV heads",
+                c.n_heads, c.n_kv_heads
+            ));
         }
-        if c.head_dim % 2 != 0 {
+        if !c.head_dim.is_multiple_of(2) {
             return Err(format!("head dimension {} is odd", c.head_dim));
         }
         if c.n_layers > 1024 || c.hidden > 1 << 16 || c.head_dim > 1024 {

@@ -25,7 +25,9 @@ impl std::str::FromStr for Precision {
         match s {
             "fast" => Ok(Precision::Fast),
             "exact" => Ok(Precision::Exact),
-            other => Err(format!("unknown precision '{other}' (expected fast or exact)")),
+            other => Err(format!(
+                "unknown precision '{other}' (expected fast or exact)"
+            )),
         }
     }
 }
@@ -35,15 +37,17 @@ pub fn matmul_exact(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
     let (rows, cols) = (w.rows(), w.cols());
     const BLOCK: usize = 16;
     let mut tmp = vec![0.0f32; rows * n];
-    tmp.par_chunks_mut(BLOCK * n).enumerate().for_each(|(b, chunk)| {
-        let mut row = vec![0.0f32; cols];
-        for (i, dst) in chunk.chunks_mut(n).enumerate() {
-            w.dequantize_row(b * BLOCK + i, &mut row);
-            for (t, o) in dst.iter_mut().enumerate() {
-                *o = dot_f32(&row, &x[t * cols..(t + 1) * cols]);
+    tmp.par_chunks_mut(BLOCK * n)
+        .enumerate()
+        .for_each(|(b, chunk)| {
+            let mut row = vec![0.0f32; cols];
+            for (i, dst) in chunk.chunks_mut(n).enumerate() {
+                w.dequantize_row(b * BLOCK + i, &mut row);
+                for (t, o) in dst.iter_mut().enumerate() {
+                    *o = dot_f32(&row, &x[t * cols..(t + 1) * cols]);
+                }
             }
-        }
-    });
+        });
     for r in 0..rows {
         for t in 0..n {
             out[t * rows + r] = tmp[r * n + t];

@@ -21,7 +21,12 @@ pub struct GenerateParams {
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        GenerateParams { max_tokens: 128, sampling: SamplingParams::default(), stop: Vec::new(), ignore_eos: false }
+        GenerateParams {
+            max_tokens: 128,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
     }
 }
 
@@ -100,7 +105,12 @@ pub fn decode_with(
             reason = StopReason::StopString;
             break;
         }
-        let safe = safe_boundary(&text, text.len().saturating_sub(hold.saturating_sub(1)).max(emitted));
+        let safe = safe_boundary(
+            &text,
+            text.len()
+                .saturating_sub(hold.saturating_sub(1))
+                .max(emitted),
+        );
         if safe > emitted {
             if !on_text(&text[emitted..safe]) {
                 cancelled = true;
@@ -124,7 +134,9 @@ pub fn decode_with(
                 logits = model.forward(&[next], cache, needs, Some(&mut dc.stats), Logits::Last)?;
                 dc.after_step(cache)?;
             }
-            None => logits = model.forward(&[next], cache, StatsNeeds::default(), None, Logits::Last)?,
+            None => {
+                logits = model.forward(&[next], cache, StatsNeeds::default(), None, Logits::Last)?
+            }
         }
     }
     if reason != StopReason::StopString {
@@ -135,7 +147,12 @@ pub fn decode_with(
     if !cancelled && text.len() > emitted {
         on_text(&text[emitted..]);
     }
-    Ok(Generation { text, tokens, stop: reason, decode_secs: t0.elapsed().as_secs_f64() })
+    Ok(Generation {
+        text,
+        tokens,
+        stop: reason,
+        decode_secs: t0.elapsed().as_secs_f64(),
+    })
 }
 
 /// Byte offset where the earliest stop string starts, searching text that may overlap `from`.

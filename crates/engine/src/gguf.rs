@@ -139,13 +139,19 @@ impl<'a> Reader<'a> {
         Ok(self.take(1, "a u8")?[0])
     }
     fn u16(&mut self) -> Result<u16, Error> {
-        Ok(u16::from_le_bytes(self.take(2, "a u16")?.try_into().unwrap()))
+        Ok(u16::from_le_bytes(
+            self.take(2, "a u16")?.try_into().unwrap(),
+        ))
     }
     fn u32(&mut self) -> Result<u32, Error> {
-        Ok(u32::from_le_bytes(self.take(4, "a u32")?.try_into().unwrap()))
+        Ok(u32::from_le_bytes(
+            self.take(4, "a u32")?.try_into().unwrap(),
+        ))
     }
     fn u64(&mut self) -> Result<u64, Error> {
-        Ok(u64::from_le_bytes(self.take(8, "a u64")?.try_into().unwrap()))
+        Ok(u64::from_le_bytes(
+            self.take(8, "a u64")?.try_into().unwrap(),
+        ))
     }
     fn len(&mut self, what: &str) -> Result<usize, Error> {
         let n = self.u64()?;
@@ -212,7 +218,9 @@ impl GgufFile {
         r.pos = 4;
         let version = r.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(r.err(&format!("unsupported GGUF version {version} (expected 2 or 3)")));
+            return Err(r.err(&format!(
+                "unsupported GGUF version {version} (expected 2 or 3)"
+            )));
         }
         let n_tensors = r.u64()?;
         let n_kv = r.u64()?;
@@ -256,7 +264,10 @@ impl GgufFile {
         let data_start = r.pos.div_ceil(alignment) * alignment;
         let mut tensors = BTreeMap::new();
         for (name, dims, dtype, offset) in infos {
-            let n: u64 = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).unwrap_or(u64::MAX);
+            let n: u64 = dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .unwrap_or(u64::MAX);
             let bs = dtype.block_size() as u64;
             if dims[0] % bs != 0 {
                 return Err(r.err(&format!(
@@ -312,13 +323,19 @@ impl GgufFile {
     }
 
     pub fn str(&self, key: &str) -> Result<&str, Error> {
-        self.get(key).and_then(|v| v.as_str()).ok_or_else(|| self.missing(key, "a string"))
+        self.get(key)
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| self.missing(key, "a string"))
     }
     pub fn u64(&self, key: &str) -> Result<u64, Error> {
-        self.get(key).and_then(|v| v.as_u64()).ok_or_else(|| self.missing(key, "an integer"))
+        self.get(key)
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| self.missing(key, "an integer"))
     }
     pub fn f64(&self, key: &str) -> Result<f64, Error> {
-        self.get(key).and_then(|v| v.as_f64()).ok_or_else(|| self.missing(key, "a number"))
+        self.get(key)
+            .and_then(|v| v.as_f64())
+            .ok_or_else(|| self.missing(key, "a number"))
     }
     pub fn str_array(&self, key: &str) -> Result<Vec<String>, Error> {
         let a = self
@@ -326,7 +343,11 @@ impl GgufFile {
             .and_then(|v| v.as_array())
             .ok_or_else(|| self.missing(key, "an array"))?;
         a.iter()
-            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| self.missing(key, "an array of strings")))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| self.missing(key, "an array of strings"))
+            })
             .collect()
     }
     pub fn f32_array(&self, key: &str) -> Result<Vec<f32>, Error> {
@@ -335,7 +356,11 @@ impl GgufFile {
             .and_then(|v| v.as_array())
             .ok_or_else(|| self.missing(key, "an array"))?;
         a.iter()
-            .map(|v| v.as_f64().map(|x| x as f32).ok_or_else(|| self.missing(key, "an array of numbers")))
+            .map(|v| {
+                v.as_f64()
+                    .map(|x| x as f32)
+                    .ok_or_else(|| self.missing(key, "an array of numbers"))
+            })
             .collect()
     }
     pub fn i64_array(&self, key: &str) -> Result<Vec<i64>, Error> {
@@ -344,7 +369,10 @@ impl GgufFile {
             .and_then(|v| v.as_array())
             .ok_or_else(|| self.missing(key, "an array"))?;
         a.iter()
-            .map(|v| v.as_i64().ok_or_else(|| self.missing(key, "an array of integers")))
+            .map(|v| {
+                v.as_i64()
+                    .ok_or_else(|| self.missing(key, "an array of integers"))
+            })
             .collect()
     }
 

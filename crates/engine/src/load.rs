@@ -40,24 +40,42 @@ impl LoadedModel {
                 )));
             }
             let template = ChatTemplate::from_gguf(&f);
-            Ok(LoadedModel { model, tokenizer, template, path: path.to_path_buf(), name })
+            Ok(LoadedModel {
+                model,
+                tokenizer,
+                template,
+                path: path.to_path_buf(),
+                name,
+            })
         }
     }
 
     fn open_hf_dir(dir: &Path, name: String) -> Result<LoadedModel, Error> {
         let cfg_path = dir.join("config.json");
         if !cfg_path.exists() {
-            return Err(Error::Format { path: dir.to_path_buf(), msg: "not a model directory: config.json is missing".into() });
+            return Err(Error::Format {
+                path: dir.to_path_buf(),
+                msg: "not a model directory: config.json is missing".into(),
+            });
         }
         let cfg: Config = config_from_json(&cfg_path)?;
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.exists() {
-            return Err(Error::Tokenizer(format!("{}: tokenizer.json is missing", dir.display())));
+            return Err(Error::Tokenizer(format!(
+                "{}: tokenizer.json is missing",
+                dir.display()
+            )));
         }
         let weights = SafetensorsDir::open(dir, cfg.arch)?;
         let model = Model::load(cfg, &weights)?;
         let tokenizer = Tokenizer::from_tokenizer_json(&tok_path)?;
         let template = ChatTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json"));
-        Ok(LoadedModel { model, tokenizer, template, path: dir.to_path_buf(), name })
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            template,
+            path: dir.to_path_buf(),
+            name,
+        })
     }
 }

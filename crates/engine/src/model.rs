@@ -81,7 +81,10 @@ fn check_shape(name: &str, m: &QMatrix, rows: usize, cols: usize) -> Result<(), 
 
 fn check_len(name: &str, v: &[f32], len: usize) -> Result<(), Error> {
     if v.len() != len {
-        return Err(Error::Invalid(format!("tensor '{name}' has {} values, expected {len}", v.len())));
+        return Err(Error::Invalid(format!(
+            "tensor '{name}' has {} values, expected {len}",
+            v.len()
+        )));
     }
     Ok(())
 }
@@ -122,14 +125,30 @@ impl Model {
                 bq: opt_vec(&n("attn_q.bias"), qd)?,
                 bk: opt_vec(&n("attn_k.bias"), kd)?,
                 bv: opt_vec(&n("attn_v.bias"), kd)?,
-                q_norm: if gemma { Some(vec(&n("attn_q_norm.weight"), c.head_dim)?) } else { None },
-                k_norm: if gemma { Some(vec(&n("attn_k_norm.weight"), c.head_dim)?) } else { None },
-                post_attn_norm: if gemma { Some(vec(&n("post_attention_norm.weight"), c.hidden)?) } else { None },
+                q_norm: if gemma {
+                    Some(vec(&n("attn_q_norm.weight"), c.head_dim)?)
+                } else {
+                    None
+                },
+                k_norm: if gemma {
+                    Some(vec(&n("attn_k_norm.weight"), c.head_dim)?)
+                } else {
+                    None
+                },
+                post_attn_norm: if gemma {
+                    Some(vec(&n("post_attention_norm.weight"), c.hidden)?)
+                } else {
+                    None
+                },
                 ffn_norm: vec(&n("ffn_norm.weight"), c.hidden)?,
                 w_gate: mat(&n("ffn_gate.weight"), c.ffn, c.hidden)?,
                 w_up: mat(&n("ffn_up.weight"), c.ffn, c.hidden)?,
                 w_down: mat(&n("ffn_down.weight"), c.hidden, c.ffn)?,
-                post_ffn_norm: if gemma { Some(vec(&n("post_ffw_norm.weight"), c.hidden)?) } else { None },
+                post_ffn_norm: if gemma {
+                    Some(vec(&n("post_ffw_norm.weight"), c.hidden)?)
+                } else {
+                    None
+                },
             });
         }
         let out_norm = vec("output_norm.weight", c.hidden)?;
@@ -138,7 +157,14 @@ impl Model {
         } else {
             None
         };
-        Ok(Model { cfg, embed, layers, out_norm, output, precision: Precision::default() })
+        Ok(Model {
+            cfg,
+            embed,
+            layers,
+            out_norm,
+            output,
+            precision: Precision::default(),
+        })
     }
 
     pub fn from_gguf(f: &GgufFile) -> Result<Model, Error> {
@@ -162,7 +188,12 @@ impl Model {
     }
 
     pub fn new_cache(&self, dtype: KvDtype) -> KvCache {
-        KvCache::new(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
+        KvCache::new(
+            self.cfg.n_layers,
+            self.cfg.n_kv_heads,
+            self.cfg.head_dim,
+            dtype,
+        )
     }
 
     fn mm(&self, w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
@@ -194,10 +225,16 @@ impl Model {
             return Err(Error::Invalid("no tokens to process".into()));
         }
         if cache.n_seen + tokens.len() > c.ctx_len {
-            return Err(Error::ContextOverflow { prompt: cache.n_seen + tokens.len(), ctx: c.ctx_len });
+            return Err(Error::ContextOverflow {
+                prompt: cache.n_seen + tokens.len(),
+                ctx: c.ctx_len,
+            });
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
-            return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary of {}", c.vocab)));
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                c.vocab
+            )));
         }
         if cache.layers.len() != c.n_layers {
             return Err(Error::Invalid("cache does not belong to this model".into()));
@@ -267,7 +304,12 @@ impl Model {
 
         for (li, layer) in self.layers.iter().enumerate() {
             for i in 0..t {
-                rms_norm(&x[i * hd..(i + 1) * hd], &layer.attn_norm, c.rms_eps, &mut xn[i * hd..(i + 1) * hd]);
+                rms_norm(
+                    &x[i * hd..(i + 1) * hd],
+                    &layer.attn_norm,
+                    c.rms_eps,
+                    &mut xn[i * hd..(i + 1) * hd],
+                );
             }
             self.mm(&layer.wq, &xn, t, &mut q);
             self.mm(&layer.wk, &xn, t, &mut k);
@@ -276,20 +318,22 @@ impl Model {
             add_bias(&mut k, layer.bk.as_deref());
             add_bias(&mut v, layer.bv.as_deref());
             if let Some(w) = &layer.q_norm {
-                q.chunks_mut(d).for_each(|h| rms_norm_inplace(h, w, c.rms_eps));
+                q.chunks_mut(d)
+                    .for_each(|h| rms_norm_inplace(h, w, c.rms_eps));
             }
             if let Some(w) = &layer.k_norm {
-                k.chunks_mut(d).for_each(|h| rms_norm_inplace(h, w, c.rms_eps));
+                k.chunks_mut(d)
+                    .for_each(|h| rms_norm_inplace(h, w, c.rms_eps));
             }
             let base = c.layer_rope_base(li);
             rope(&mut q, &positions, d, base, c.rope_style);
             rope(&mut k, &positions, d, base, c.rope_style);
 
             let stores = &mut cache.layers[li];
-            for i in 0..t {
+            for (i, &pos) in positions.iter().enumerate() {
                 for (h, store) in stores.iter_mut().enumerate() {
                     let off = i * kd + h * d;
-                    store.push(&k[off..off + d], &v[off..off + d], SlotMeta::token(positions[i]));
+                    store.push(&k[off..off + d], &v[off..off + d], SlotMeta::token(pos));
                 }
             }
             let p = LayerAttn {
@@ -297,7 +341,11 @@ impl Model {
                 n_kv_heads: c.n_kv_heads,
                 head_dim: d,
                 scale: c.attn_scale,
-                window: if c.is_local(li) { c.sliding_window } else { None },
+                window: if c.is_local(li) {
+                    c.sliding_window
+                } else {
+                    None
+                },
             };
             let rows = attend(p, stores, &q, t, &positions, req, &mut att);
             if req.any() {
@@ -305,22 +353,32 @@ impl Model {
             }
             self.mm(&layer.wo, &att, t, &mut o);
             if let Some(w) = &layer.post_attn_norm {
-                o.chunks_mut(hd).for_each(|r| rms_norm_inplace(r, w, c.rms_eps));
+                o.chunks_mut(hd)
+                    .for_each(|r| rms_norm_inplace(r, w, c.rms_eps));
             }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 
             for i in 0..t {
-                rms_norm(&x[i * hd..(i + 1) * hd], &layer.ffn_norm, c.rms_eps, &mut xn[i * hd..(i + 1) * hd]);
+                rms_norm(
+                    &x[i * hd..(i + 1) * hd],
+                    &layer.ffn_norm,
+                    c.rms_eps,
+                    &mut xn[i * hd..(i + 1) * hd],
+                );
             }
             self.mm(&layer.w_gate, &xn, t, &mut g);
             self.mm(&layer.w_up, &xn, t, &mut u);
             match c.activation {
                 Activation::Silu => g.iter_mut().zip(&u).for_each(|(a, b)| *a = silu(*a) * b),
-                Activation::GeluTanh => g.iter_mut().zip(&u).for_each(|(a, b)| *a = gelu_tanh(*a) * b),
+                Activation::GeluTanh => g
+                    .iter_mut()
+                    .zip(&u)
+                    .for_each(|(a, b)| *a = gelu_tanh(*a) * b),
             }
             self.mm(&layer.w_down, &g, t, &mut o);
             if let Some(w) = &layer.post_ffn_norm {
-                o.chunks_mut(hd).for_each(|r| rms_norm_inplace(r, w, c.rms_eps));
+                o.chunks_mut(hd)
+                    .for_each(|r| rms_norm_inplace(r, w, c.rms_eps));
             }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
@@ -334,7 +392,12 @@ impl Model {
         let n = rows.len() / hd;
         let mut normed = vec![0.0f32; rows.len()];
         for i in 0..n {
-            rms_norm(&rows[i * hd..(i + 1) * hd], &self.out_norm, c.rms_eps, &mut normed[i * hd..(i + 1) * hd]);
+            rms_norm(
+                &rows[i * hd..(i + 1) * hd],
+                &self.out_norm,
+                c.rms_eps,
+                &mut normed[i * hd..(i + 1) * hd],
+            );
         }
         let mut logits = vec![0.0f32; n * c.vocab];
         self.mm(self.output(), &normed, n, &mut logits);
@@ -353,7 +416,9 @@ fn add_bias(x: &mut [f32], b: Option<&[f32]>) {
 /// Rotary position embedding, in place, on rows of heads of size `d`.
 fn rope(x: &mut [f32], positions: &[u32], d: usize, base: f32, style: RopeStyle) {
     let half = d / 2;
-    let inv: Vec<f64> = (0..half).map(|i| (base as f64).powf(-2.0 * i as f64 / d as f64)).collect();
+    let inv: Vec<f64> = (0..half)
+        .map(|i| (base as f64).powf(-2.0 * i as f64 / d as f64))
+        .collect();
     let per_tok = x.len() / positions.len();
     let mut cs = vec![(0.0f32, 0.0f32); half];
     for (row, &pos) in x.chunks_mut(per_tok).zip(positions) {
@@ -391,7 +456,9 @@ fn fold_stats(
         if !heads[0].accumulated.is_empty() {
             let mut sum = vec![0.0f32; n];
             for r in heads {
-                sum.iter_mut().zip(&r.accumulated).for_each(|(a, b)| *a += b);
+                sum.iter_mut()
+                    .zip(&r.accumulated)
+                    .for_each(|(a, b)| *a += b);
             }
             store.add_scores(&sum);
         }

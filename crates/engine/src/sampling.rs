@@ -21,17 +21,30 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, repeat_last_n: 64, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
     }
 }
 
 impl SamplingParams {
     pub fn validate(&self) -> Result<(), Error> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(Error::Sampling(format!("temperature must be a number >= 0, got {}", self.temperature)));
+            return Err(Error::Sampling(format!(
+                "temperature must be a number >= 0, got {}",
+                self.temperature
+            )));
         }
         if !self.top_p.is_finite() || self.top_p <= 0.0 || self.top_p > 1.0 {
-            return Err(Error::Sampling(format!("top-p must be in (0, 1], got {}", self.top_p)));
+            return Err(Error::Sampling(format!(
+                "top-p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
             return Err(Error::Sampling(format!(
@@ -64,7 +77,11 @@ impl Sampler {
             for &t in &history[from..] {
                 if seen.insert(t) {
                     if let Some(l) = logits.get_mut(t as usize) {
-                        *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                        *l = if *l > 0.0 {
+                            *l / p.repetition_penalty
+                        } else {
+                            *l * p.repetition_penalty
+                        };
                     }
                 }
             }
@@ -72,7 +89,11 @@ impl Sampler {
         if p.temperature == 0.0 {
             return argmax(logits) as u32;
         }
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .collect();
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
             cand.truncate(p.top_k);
@@ -130,17 +151,30 @@ mod tests {
 
     #[test]
     fn same_seed_same_samples() {
-        let params = SamplingParams { temperature: 1.0, top_k: 3, top_p: 0.9, seed: 7, ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 3,
+            top_p: 0.9,
+            seed: 7,
+            ..Default::default()
+        };
         let run = || {
             let mut s = Sampler::new(params.clone()).unwrap();
-            (0..20).map(|_| s.sample(&mut [1.0, 1.1, 0.9, 0.2, -3.0], &[])).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| s.sample(&mut [1.0, 1.1, 0.9, 0.2, -3.0], &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
     }
 
     #[test]
     fn top_k_one_is_greedy() {
-        let params = SamplingParams { temperature: 5.0, top_k: 1, seed: 3, ..Default::default() };
+        let params = SamplingParams {
+            temperature: 5.0,
+            top_k: 1,
+            seed: 3,
+            ..Default::default()
+        };
         let mut s = Sampler::new(params).unwrap();
         for _ in 0..10 {
             assert_eq!(s.sample(&mut [0.0, 0.5, 0.2], &[]), 1);
@@ -149,7 +183,10 @@ mod tests {
 
     #[test]
     fn repetition_penalty_demotes_seen_tokens() {
-        let params = SamplingParams { repetition_penalty: 2.0, ..Default::default() };
+        let params = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
         let mut s = Sampler::new(params).unwrap();
         assert_eq!(s.sample(&mut [2.0, 1.5], &[0]), 1);
     }
@@ -157,11 +194,26 @@ mod tests {
     #[test]
     fn invalid_values_are_rejected() {
         for p in [
-            SamplingParams { temperature: -1.0, ..Default::default() },
-            SamplingParams { temperature: f32::NAN, ..Default::default() },
-            SamplingParams { top_p: 0.0, ..Default::default() },
-            SamplingParams { top_p: 1.5, ..Default::default() },
-            SamplingParams { repetition_penalty: 0.0, ..Default::default() },
+            SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: f32::NAN,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 1.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..Default::default()
+            },
         ] {
             assert!(matches!(Sampler::new(p), Err(Error::Sampling(_))));
         }

@@ -27,11 +27,17 @@ pub struct SafetensorsDir {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |e| Error::Io { path: path.to_path_buf(), source: e }
+    move |e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    }
 }
 
 fn format(path: &Path, msg: impl Into<String>) -> Error {
-    Error::Format { path: path.to_path_buf(), msg: msg.into() }
+    Error::Format {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 fn parse_header(path: &Path, buf: &[u8]) -> Result<(usize, Json), Error> {
@@ -40,10 +46,14 @@ fn parse_header(path: &Path, buf: &[u8]) -> Result<(usize, Json), Error> {
     }
     let n = u64::from_le_bytes(buf[..8].try_into().unwrap());
     if n > (buf.len() - 8) as u64 {
-        return Err(format(path, format!("header length {n} exceeds the file size {}", buf.len())));
+        return Err(format(
+            path,
+            format!("header length {n} exceeds the file size {}", buf.len()),
+        ));
     }
     let n = n as usize;
-    let json: Json = serde_json::from_slice(&buf[8..8 + n]).map_err(|e| format(path, format!("header is not valid JSON: {e}")))?;
+    let json: Json = serde_json::from_slice(&buf[8..8 + n])
+        .map_err(|e| format(path, format!("header is not valid JSON: {e}")))?;
     Ok((8 + n, json))
 }
 
@@ -65,13 +75,24 @@ impl SafetensorsDir {
             // SAFETY: read-only mapping of a file treated as immutable bytes.
             let map = unsafe { Mmap::map(&f) }.map_err(io(path))?;
             let (data_start, header) = parse_header(path, &map)?;
-            let obj = header.as_object().ok_or_else(|| format(path, "header is not a JSON object"))?;
+            let obj = header
+                .as_object()
+                .ok_or_else(|| format(path, "header is not a JSON object"))?;
             for (name, info) in obj {
                 if name == "__metadata__" {
                     continue;
                 }
-                let bad = || format(path, format!("tensor '{name}' has a malformed header entry"));
-                let dtype = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(bad)?.to_string();
+                let bad = || {
+                    format(
+                        path,
+                        format!("tensor '{name}' has a malformed header entry"),
+                    )
+                };
+                let dtype = info
+                    .get("dtype")
+                    .and_then(|d| d.as_str())
+                    .ok_or_else(bad)?
+                    .to_string();
                 let shape: Vec<usize> = info
                     .get("shape")
                     .and_then(|s| s.as_array())
@@ -79,7 +100,10 @@ impl SafetensorsDir {
                     .iter()
                     .map(|x| x.as_u64().map(|x| x as usize).ok_or_else(bad))
                     .collect::<Result<_, _>>()?;
-                let offs = info.get("data_offsets").and_then(|s| s.as_array()).ok_or_else(bad)?;
+                let offs = info
+                    .get("data_offsets")
+                    .and_then(|s| s.as_array())
+                    .ok_or_else(bad)?;
                 if offs.len() != 2 {
                     return Err(bad());
                 }
@@ -89,7 +113,10 @@ impl SafetensorsDir {
                     "F32" => 4,
                     "F16" | "BF16" => 2,
                     other => {
-                        return Err(Error::UnsupportedTensorType { tensor: name.clone(), ty: other.to_string() });
+                        return Err(Error::UnsupportedTensorType {
+                            tensor: name.clone(),
+                            ty: other.to_string(),
+                        });
                     }
                 };
                 let n: usize = shape.iter().product();
@@ -99,11 +126,25 @@ impl SafetensorsDir {
                         format!("tensor '{name}' lies past the end of the file or has the wrong size (truncated?)"),
                     ));
                 }
-                entries.insert(name.clone(), Entry { file: fi, dtype, shape, start: data_start + s, end: data_start + e });
+                entries.insert(
+                    name.clone(),
+                    Entry {
+                        file: fi,
+                        dtype,
+                        shape,
+                        start: data_start + s,
+                        end: data_start + e,
+                    },
+                );
             }
             maps.push(map);
         }
-        Ok(SafetensorsDir { dir: dir.to_path_buf(), maps, entries, arch })
+        Ok(SafetensorsDir {
+            dir: dir.to_path_buf(),
+            maps,
+            entries,
+            arch,
+        })
     }
 
     /// The Hugging Face name of a tensor given its GGUF name.
@@ -115,7 +156,9 @@ impl SafetensorsDir {
             "output.weight" => return "lm_head.weight".into(),
             _ => {}
         }
-        let Some(rest) = gguf.strip_prefix("blk.") else { return gguf.to_string() };
+        let Some(rest) = gguf.strip_prefix("blk.") else {
+            return gguf.to_string();
+        };
         let (layer, tail) = rest.split_once('.').unwrap_or((rest, ""));
         let (stem, kind) = tail.rsplit_once('.').unwrap_or((tail, "weight"));
         let hf = match stem {
@@ -143,7 +186,10 @@ impl SafetensorsDir {
         let e = self
             .entries
             .get(&name)
-            .ok_or_else(|| Error::MissingTensor { path: self.dir.clone(), name: name.clone() })?;
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.dir.clone(),
+                name: name.clone(),
+            })?;
         Ok((e, &self.maps[e.file][e.start..e.end]))
     }
 }
@@ -154,10 +200,21 @@ impl WeightSource for SafetensorsDir {
         let (rows, cols) = match e.shape.as_slice() {
             [r, c] => (*r, *c),
             [c] => (1, *c),
-            s => return Err(Error::Invalid(format!("tensor '{name}' has shape {s:?}, expected 2-D"))),
+            s => {
+                return Err(Error::Invalid(format!(
+                    "tensor '{name}' has shape {s:?}, expected 2-D"
+                )))
+            }
         };
         Ok(match e.dtype.as_str() {
-            "F32" => QMatrix::from_f32(rows, cols, bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()),
+            "F32" => QMatrix::from_f32(
+                rows,
+                cols,
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+            ),
             "F16" => QMatrix::from_f16_bytes(rows, cols, bytes.to_vec()),
             _ => QMatrix::from_bf16_bytes(rows, cols, bytes.to_vec()),
         })
@@ -180,7 +237,8 @@ impl WeightSource for SafetensorsDir {
 /// Hyperparameters from a Hugging Face config.json.
 pub fn config_from_json(path: &Path) -> Result<Config, Error> {
     let text = std::fs::read_to_string(path).map_err(io(path))?;
-    let root: Json = serde_json::from_str(&text).map_err(|e| format(path, format!("not valid JSON: {e}")))?;
+    let root: Json =
+        serde_json::from_str(&text).map_err(|e| format(path, format!("not valid JSON: {e}")))?;
     // Multimodal gemma3 configs nest the language model's settings.
     let j = root.get("text_config").unwrap_or(&root);
     let model_type = j
@@ -195,30 +253,64 @@ pub fn config_from_json(path: &Path) -> Result<Config, Error> {
         other => return Err(Error::UnsupportedArchitecture(other.to_string())),
     };
     let u = |k: &str| -> Result<usize, Error> {
-        j.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| format(path, format!("config.json: '{k}' is missing or not an integer")))
+        j.get(k)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .ok_or_else(|| {
+                format(
+                    path,
+                    format!("config.json: '{k}' is missing or not an integer"),
+                )
+            })
     };
     let f = |k: &str, d: f64| j.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
     let hidden = u("hidden_size")?;
     let n_heads = u("num_attention_heads")?;
-    let head_dim = j.get("head_dim").and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(hidden / n_heads.max(1));
+    let head_dim = j
+        .get("head_dim")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .unwrap_or(hidden / n_heads.max(1));
     let gemma = arch == Arch::Gemma3;
     let cfg = Config {
         arch,
         n_layers: u("num_hidden_layers")?,
         hidden,
         n_heads,
-        n_kv_heads: j.get("num_key_value_heads").and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(n_heads),
+        n_kv_heads: j
+            .get("num_key_value_heads")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .unwrap_or(n_heads),
         head_dim,
         ffn: u("intermediate_size")?,
         vocab: u("vocab_size")?,
-        ctx_len: j.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(4096) as usize,
+        ctx_len: j
+            .get("max_position_embeddings")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(4096) as usize,
         rope_base: f("rope_theta", 10000.0) as f32,
         rope_base_local: f("rope_local_base_freq", 10000.0) as f32,
         rope_style: RopeStyle::Neox,
         rms_eps: f("rms_norm_eps", 1e-6) as f32,
-        sliding_window: if gemma { Some(j.get("sliding_window").and_then(|v| v.as_u64()).unwrap_or(512) as usize) } else { None },
-        global_every: j.get("sliding_window_pattern").and_then(|v| v.as_u64()).unwrap_or(6) as usize,
-        activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
+        sliding_window: if gemma {
+            Some(
+                j.get("sliding_window")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(512) as usize,
+            )
+        } else {
+            None
+        },
+        global_every: j
+            .get("sliding_window_pattern")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(6) as usize,
+        activation: if gemma {
+            Activation::GeluTanh
+        } else {
+            Activation::Silu
+        },
         embed_scale: if gemma { (hidden as f32).sqrt() } else { 1.0 },
         attn_scale: 1.0 / (f("query_pre_attn_scalar", head_dim as f64) as f32).sqrt(),
     };

@@ -58,7 +58,16 @@ fn a_tiny_well_formed_model_loads_and_runs() {
     tiny_llama(&p, "llama", true);
     let lm = LoadedModel::open(&p).unwrap();
     let mut cache = lm.model.new_cache(KvDtype::F16);
-    let logits = lm.model.forward(&[0, 1, 2], &mut cache, StatsNeeds::default(), None, Logits::Last).unwrap();
+    let logits = lm
+        .model
+        .forward(
+            &[0, 1, 2],
+            &mut cache,
+            StatsNeeds::default(),
+            None,
+            Logits::Last,
+        )
+        .unwrap();
     assert_eq!(logits.len(), 4);
     assert!(logits.iter().all(|x| x.is_finite()));
 }
@@ -76,9 +85,16 @@ fn an_unknown_architecture_is_named() {
 fn an_unknown_tensor_type_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("t.gguf");
-    write_gguf(&p, &[("general.architecture", Meta::Str("llama".into()))], &[("weird", vec![32], 99, vec![0; 64])]);
+    write_gguf(
+        &p,
+        &[("general.architecture", Meta::Str("llama".into()))],
+        &[("weird", vec![32], 99, vec![0; 64])],
+    );
     let e = GgufFile::open(&p).err().expect("must fail").to_string();
-    assert!(e.contains("'weird'") && e.contains("unsupported type 99"), "{e}");
+    assert!(
+        e.contains("'weird'") && e.contains("unsupported type 99"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -100,11 +116,21 @@ fn a_prompt_longer_than_the_context_is_refused_before_any_work() {
     let mut cache = m.new_cache(KvDtype::F16);
     let long = vec![1u32; 40];
     match m.forward(&long, &mut cache, StatsNeeds::default(), None, Logits::Last) {
-        Err(Error::ContextOverflow { prompt: 40, ctx: 32 }) => {}
-        other => panic!("expected a context overflow, got {:?}", other.map(|v| v.len())),
+        Err(Error::ContextOverflow {
+            prompt: 40,
+            ctx: 32,
+        }) => {}
+        other => panic!(
+            "expected a context overflow, got {:?}",
+            other.map(|v| v.len())
+        ),
     }
     assert_eq!(cache.n_seen, 0);
-    assert!(m.forward(&[7], &mut cache, StatsNeeds::default(), None, Logits::Last).unwrap_err().to_string().contains("outside the vocabulary"));
+    assert!(m
+        .forward(&[7], &mut cache, StatsNeeds::default(), None, Logits::Last)
+        .unwrap_err()
+        .to_string()
+        .contains("outside the vocabulary"));
 }
 
 #[test]
@@ -114,7 +140,11 @@ fn hf_directories_with_missing_or_broken_files_are_rejected() {
     assert!(open_err(d).contains("config.json is missing"));
     std::fs::write(d.join("config.json"), "{ not json").unwrap();
     assert!(open_err(d).contains("not valid JSON"));
-    std::fs::write(d.join("config.json"), r#"{"model_type": "bert", "hidden_size": 8}"#).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        r#"{"model_type": "bert", "hidden_size": 8}"#,
+    )
+    .unwrap();
     assert!(open_err(d).contains("unsupported architecture 'bert'"));
     std::fs::write(
         d.join("config.json"),
@@ -126,7 +156,8 @@ fn hf_directories_with_missing_or_broken_files_are_rejected() {
     std::fs::write(d.join("tokenizer.json"), "{}").unwrap();
     assert!(open_err(d).contains("no *.safetensors files"));
     // A header that promises more data than the file holds.
-    let header = br#"{"model.embed_tokens.weight":{"dtype":"F32","shape":[4,8],"data_offsets":[0,128]}}"#;
+    let header =
+        br#"{"model.embed_tokens.weight":{"dtype":"F32","shape":[4,8],"data_offsets":[0,128]}}"#;
     let mut st = (header.len() as u64).to_le_bytes().to_vec();
     st.extend_from_slice(header);
     st.extend_from_slice(&[0u8; 20]);

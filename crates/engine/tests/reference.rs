@@ -6,8 +6,8 @@ mod common;
 
 use common::model_path;
 use kvmerger_compression::{KvDtype, StatsNeeds};
-use kvmerger_engine::generate::{decode, GenerateParams};
 use kvmerger_engine::exact::Precision;
+use kvmerger_engine::generate::{decode, GenerateParams};
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::model::Logits;
 
@@ -58,21 +58,46 @@ fn check(r: &Reference, precision: Precision) {
     assert_eq!(ids, r.ids, "{}: prompt ids", r.id);
 
     let mut cache = lm.model.new_cache(KvDtype::F16);
-    let logits = lm.model.forward(&ids, &mut cache, StatsNeeds::default(), None, Logits::Last).unwrap();
+    let logits = lm
+        .model
+        .forward(&ids, &mut cache, StatsNeeds::default(), None, Logits::Last)
+        .unwrap();
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
     for (rank, (tok, want)) in r.top.iter().enumerate() {
         let got = order[rank];
-        assert_eq!(lm.tokenizer.token_str(got as u32), Some(*tok), "{}: rank {rank} token", r.id);
+        assert_eq!(
+            lm.tokenizer.token_str(got as u32),
+            Some(*tok),
+            "{}: rank {rank} token",
+            r.id
+        );
         let rel = (logits[got] - want).abs() / want.abs();
-        assert!(rel < 1e-2, "{}: logit of {tok} is {}, reference {want} (rel err {rel})", r.id, logits[got]);
+        assert!(
+            rel < 1e-2,
+            "{}: logit of {tok} is {}, reference {want} (rel err {rel})",
+            r.id,
+            logits[got]
+        );
     }
 
     if precision == Precision::Fast {
         return;
     }
-    let params = GenerateParams { max_tokens: r.greedy_tokens, ..Default::default() };
-    let gen = decode(&lm.model, &lm.tokenizer, &mut cache, logits, &ids, &params, &mut |_| true).unwrap();
+    let params = GenerateParams {
+        max_tokens: r.greedy_tokens,
+        ..Default::default()
+    };
+    let gen = decode(
+        &lm.model,
+        &lm.tokenizer,
+        &mut cache,
+        logits,
+        &ids,
+        &params,
+        &mut |_| true,
+    )
+    .unwrap();
     assert_eq!(gen.text, r.greedy, "{}: greedy continuation", r.id);
 }
 
@@ -101,16 +126,67 @@ fn fast_precision_keeps_the_reference_ids_top_tokens_and_logits_within_one_perce
 /// A long, varied English text, deterministic, tokenized to at least `min` tokens.
 pub fn long_text(min_words: usize) -> String {
     const WORDS: &[&str] = &[
-        "the", "river", "ran", "past", "old", "mill", "where", "Anna", "kept", "her", "records", "of", "every",
-        "harvest", "since", "1872", "and", "each", "spring", "she", "wrote", "down", "how", "many", "sacks", "of",
-        "grain", "had", "come", "in", "from", "north", "fields", "while", "children", "played", "by", "water", ".",
-        "Nobody", "remembered", "why", "ledger", "mattered", ",", "but", "it", "did", ";", "numbers", "tell",
-        "stories", "too", "!",
+        "the",
+        "river",
+        "ran",
+        "past",
+        "old",
+        "mill",
+        "where",
+        "Anna",
+        "kept",
+        "her",
+        "records",
+        "of",
+        "every",
+        "harvest",
+        "since",
+        "1872",
+        "and",
+        "each",
+        "spring",
+        "she",
+        "wrote",
+        "down",
+        "how",
+        "many",
+        "sacks",
+        "of",
+        "grain",
+        "had",
+        "come",
+        "in",
+        "from",
+        "north",
+        "fields",
+        "while",
+        "children",
+        "played",
+        "by",
+        "water",
+        ".",
+        "Nobody",
+        "remembered",
+        "why",
+        "ledger",
+        "mattered",
+        ",",
+        "but",
+        "it",
+        "did",
+        ";",
+        "numbers",
+        "tell",
+        "stories",
+        "too",
+        "!",
     ];
     let mut s = String::new();
     let mut x: u64 = 12345;
     for i in 0..min_words {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let w = WORDS[(x >> 33) as usize % WORDS.len()];
         if i > 0 && !matches!(w, "." | "," | ";" | "!") {
             s.push(' ');
@@ -129,8 +205,18 @@ fn compare_with_numpy(id: &str, words: usize) {
     let dir = tempfile::tempdir().unwrap();
     let ids_file = dir.path().join("ids.txt");
     let out = dir.path().join("logits.f32");
-    std::fs::write(&ids_file, ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" ")).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/reference_forward.py");
+    std::fs::write(
+        &ids_file,
+        ids.iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+    .unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/reference_forward.py"
+    );
     let status = std::process::Command::new("python3")
         .arg(script)
         .arg(model_path(id))
@@ -141,36 +227,78 @@ fn compare_with_numpy(id: &str, words: usize) {
         .stdout(std::process::Stdio::null())
         .status()
         .expect("python3 must be installed to run the reference");
-    assert!(status.success(), "the numpy reference failed (pip install -r scripts/requirements-reference.txt)");
-    let want: Vec<f32> = std::fs::read(&out).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    assert!(
+        status.success(),
+        "the numpy reference failed (pip install -r scripts/requirements-reference.txt)"
+    );
+    let want: Vec<f32> = std::fs::read(&out)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     let vocab = lm.model.cfg.vocab;
     assert_eq!(want.len(), ids.len() * vocab);
 
-    for (precision, min_agreement, max_rel_rms) in [(Precision::Exact, 0.995, 2e-3), (Precision::Fast, 0.90, 0.10)] {
+    for (precision, min_agreement, max_rel_rms) in [
+        (Precision::Exact, 0.995, 2e-3),
+        (Precision::Fast, 0.90, 0.10),
+    ] {
         lm.model.precision = precision;
         let mut cache = lm.model.new_cache(KvDtype::F32);
-        let got = lm.model.forward(&ids, &mut cache, StatsNeeds::default(), None, Logits::All).unwrap();
-        compare(id, precision, &got, &want, vocab, min_agreement, max_rel_rms);
+        let got = lm
+            .model
+            .forward(&ids, &mut cache, StatsNeeds::default(), None, Logits::All)
+            .unwrap();
+        compare(
+            id,
+            precision,
+            &got,
+            &want,
+            vocab,
+            min_agreement,
+            max_rel_rms,
+        );
     }
 }
 
-fn compare(id: &str, precision: Precision, got: &[f32], want: &[f32], vocab: usize, min_agreement: f64, max_rel_rms: f64) {
+fn compare(
+    id: &str,
+    precision: Precision,
+    got: &[f32],
+    want: &[f32],
+    vocab: usize,
+    min_agreement: f64,
+    max_rel_rms: f64,
+) {
     let n = want.len() / vocab;
     assert_eq!(got.len(), want.len());
     let mut agree = 0;
     let mut worst_rel_rms = 0.0f64;
     for p in 0..n {
-        let (g, w) = (&got[p * vocab..(p + 1) * vocab], &want[p * vocab..(p + 1) * vocab]);
+        let (g, w) = (
+            &got[p * vocab..(p + 1) * vocab],
+            &want[p * vocab..(p + 1) * vocab],
+        );
         let argmax = |x: &[f32]| (0..x.len()).max_by(|&a, &b| x[a].total_cmp(&x[b])).unwrap();
         agree += (argmax(g) == argmax(w)) as usize;
-        let err: f64 = g.iter().zip(w).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+        let err: f64 = g
+            .iter()
+            .zip(w)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>();
         let norm: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum::<f64>();
         worst_rel_rms = worst_rel_rms.max((err / norm).sqrt());
     }
     let agreement = agree as f64 / n as f64;
     eprintln!("{id} {precision:?}: {n} positions, top-1 agreement {agreement:.4}, worst relative RMS error {worst_rel_rms:.5}");
-    assert!(agreement >= min_agreement, "{id} {precision:?}: top-1 agreement with the reference only {agreement}");
-    assert!(worst_rel_rms < max_rel_rms, "{id} {precision:?}: relative RMS error {worst_rel_rms} at some position");
+    assert!(
+        agreement >= min_agreement,
+        "{id} {precision:?}: top-1 agreement with the reference only {agreement}"
+    );
+    assert!(
+        worst_rel_rms < max_rel_rms,
+        "{id} {precision:?}: relative RMS error {worst_rel_rms} at some position"
+    );
 }
 
 #[test]

@@ -36,7 +36,9 @@ pub fn rss_bytes() -> u64 {
 
 /// Deterministic prompt tokens spread over the vocabulary (like llama-bench's).
 fn bench_tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i * 7919 + salt * 104729 + 13) % (vocab - 1)) as u32 + 1).collect()
+    (0..n)
+        .map(|i| ((i * 7919 + salt * 104729 + 13) % (vocab - 1)) as u32 + 1)
+        .collect()
 }
 
 pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
@@ -71,25 +73,55 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
             m.forward(&toks, &mut cache, StatsNeeds::default(), None, Logits::Last)?;
             best = best.min(t0.elapsed().as_secs_f64());
         }
-        println!("| pp{} | {} | {:.3} | {:.1} |", a.pp, a.pp, best, a.pp as f64 / best);
+        println!(
+            "| pp{} | {} | {:.3} | {:.1} |",
+            a.pp,
+            a.pp,
+            best,
+            a.pp as f64 / best
+        );
     }
     if a.tg > 0 {
         let mut best = f64::INFINITY;
         for r in 0..reps {
             let mut cache = m.new_cache(dtype);
             let ctx = a.ctx.max(1);
-            let mut logits = m.forward(&bench_tokens(ctx, vocab, r + 100), &mut cache, StatsNeeds::default(), None, Logits::Last)?;
+            let mut logits = m.forward(
+                &bench_tokens(ctx, vocab, r + 100),
+                &mut cache,
+                StatsNeeds::default(),
+                None,
+                Logits::Last,
+            )?;
             let t0 = Instant::now();
             for _ in 0..a.tg {
                 let next = argmax(&logits) as u32;
-                logits = m.forward(&[next], &mut cache, StatsNeeds::default(), None, Logits::Last)?;
+                logits = m.forward(
+                    &[next],
+                    &mut cache,
+                    StatsNeeds::default(),
+                    None,
+                    Logits::Last,
+                )?;
             }
             best = best.min(t0.elapsed().as_secs_f64());
         }
-        let label = if a.ctx > 0 { format!("tg{} @ ctx {}", a.tg, a.ctx) } else { format!("tg{}", a.tg) };
-        println!("| {label} | {} | {:.3} | {:.1} |", a.tg, best, a.tg as f64 / best);
+        let label = if a.ctx > 0 {
+            format!("tg{} @ ctx {}", a.tg, a.ctx)
+        } else {
+            format!("tg{}", a.tg)
+        };
+        println!(
+            "| {label} | {} | {:.3} | {:.1} |",
+            a.tg,
+            best,
+            a.tg as f64 / best
+        );
     }
-    println!("peak resident memory: {:.1} MiB", peak_rss_bytes() as f64 / (1 << 20) as f64);
+    println!(
+        "peak resident memory: {:.1} MiB",
+        peak_rss_bytes() as f64 / (1 << 20) as f64
+    );
     Ok(())
 }
 
@@ -112,9 +144,19 @@ fn run_compressed(
     let mut cache = m.new_cache(dtype);
     let mut stats = PrefillStats::default();
     let t0 = Instant::now();
-    let mut logits = m.forward(&toks, &mut cache, comp.needs(), Some(&mut stats), Logits::Last)?;
+    let mut logits = m.forward(
+        &toks,
+        &mut cache,
+        comp.needs(),
+        Some(&mut stats),
+        Logits::Last,
+    )?;
     let prefill = t0.elapsed().as_secs_f64();
-    println!("| pp{pp} (collecting {:?}) | {pp} | {prefill:.3} | {:.1} |", comp.needs(), pp as f64 / prefill);
+    println!(
+        "| pp{pp} (collecting {:?}) | {pp} | {prefill:.3} | {:.1} |",
+        comp.needs(),
+        pp as f64 / prefill
+    );
     let rss_before = rss_bytes();
     let (report, targets) = comp.compress_prompt(&mut cache, &stats)?;
     drop(stats);
@@ -130,11 +172,22 @@ fn run_compressed(
         let t0 = Instant::now();
         for _ in 0..a.tg {
             let next = argmax(&logits) as u32;
-            logits = m.forward(&[next], &mut cache, dc.needs(), Some(&mut dc.stats), Logits::Last)?;
+            logits = m.forward(
+                &[next],
+                &mut cache,
+                dc.needs(),
+                Some(&mut dc.stats),
+                Logits::Last,
+            )?;
             dc.after_step(&mut cache)?;
         }
         let secs = t0.elapsed().as_secs_f64();
-        println!("| tg{} @ ctx {pp}, compressed | {} | {secs:.3} | {:.1} |", a.tg, a.tg, a.tg as f64 / secs);
+        println!(
+            "| tg{} @ ctx {pp}, compressed | {} | {secs:.3} | {:.1} |",
+            a.tg,
+            a.tg,
+            a.tg as f64 / secs
+        );
     }
     println!(
         "KV cache {:.2} MiB -> {:.2} MiB ({:.1}%); resident memory {:.1} MiB -> {:.1} MiB (-{:.1} MiB)",
@@ -145,8 +198,15 @@ fn run_compressed(
         rss_after as f64 / (1 << 20) as f64,
         (rss_before as f64 - rss_after as f64) / (1 << 20) as f64
     );
-    let ratios: Vec<String> = report.layer_ratios().iter().map(|x| format!("{x:.2}")).collect();
+    let ratios: Vec<String> = report
+        .layer_ratios()
+        .iter()
+        .map(|x| format!("{x:.2}"))
+        .collect();
     println!("kept per layer: {}", ratios.join(" "));
-    println!("peak resident memory: {:.1} MiB", peak_rss_bytes() as f64 / (1 << 20) as f64);
+    println!(
+        "peak resident memory: {:.1} MiB",
+        peak_rss_bytes() as f64 / (1 << 20) as f64
+    );
     Ok(())
 }

@@ -4,7 +4,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "kvmerger", version, about = "Long-context LLM inference with KV cache merging and compression")]
+#[command(
+    name = "kvmerger",
+    version,
+    about = "Long-context LLM inference with KV cache merging and compression"
+)]
 pub struct Cli {
     /// Where models and data are cached (default: $KVMERGER_HOME, else $XDG_CACHE_HOME/kvmerger, else ~/.cache/kvmerger).
     #[arg(long, global = true, env = "KVMERGER_HOME")]

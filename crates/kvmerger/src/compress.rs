@@ -31,12 +31,18 @@ fn scalar(v: &toml::Value) -> Result<String> {
 pub fn build(a: &CompressArgs) -> Result<Compressor> {
     let file: FileConfig = match &a.compress_config {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str(&text).with_context(|| format!("{} is not a valid compression config", p.display()))?
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text)
+                .with_context(|| format!("{} is not a valid compression config", p.display()))?
         }
         None => FileConfig::default(),
     };
-    let method = a.method.clone().or(file.method).unwrap_or_else(|| "full".to_string());
+    let method = a
+        .method
+        .clone()
+        .or(file.method)
+        .unwrap_or_else(|| "full".to_string());
     let budget_text = match (&a.budget, &file.budget) {
         (Some(b), _) => b.clone(),
         (None, Some(b)) => scalar(b)?,
@@ -57,7 +63,8 @@ pub fn build(a: &CompressArgs) -> Result<Compressor> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("--schedule '{path}' is neither uniform, pyramid[:slope] nor a readable ratio file"))?;
-            Schedule::parse_ratios(&text).with_context(|| format!("reading layer ratios from {path}"))?
+            Schedule::parse_ratios(&text)
+                .with_context(|| format!("reading layer ratios from {path}"))?
         }
     };
     let mut c = Compressor::new(&method, &opts, budget, schedule)?;

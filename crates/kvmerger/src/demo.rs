@@ -13,9 +13,19 @@ use kvmerger_engine::generate::{decode_with, GenerateParams};
 use kvmerger_engine::model::Logits;
 use std::time::Instant;
 
-const FILLER: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+const FILLER: &str =
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
 const CITIES: &[&str] = &[
-    "Lisbon", "Nairobi", "Osaka", "Montreal", "Krakow", "Santiago", "Hanoi", "Reykjavik", "Marrakesh", "Tbilisi",
+    "Lisbon",
+    "Nairobi",
+    "Osaka",
+    "Montreal",
+    "Krakow",
+    "Santiago",
+    "Hanoi",
+    "Reykjavik",
+    "Marrakesh",
+    "Tbilisi",
 ];
 
 /// A user message of about `tokens` tokens of filler with one fact at `depth`, and the
@@ -27,7 +37,9 @@ pub fn haystack(tokens: usize, depth: f64, city: &str) -> String {
     let mut s = String::new();
     for i in 0..reps {
         if i == at {
-            s.push_str(&format!("The secret city is {city}. Remember it: the secret city is {city}. "));
+            s.push_str(&format!(
+                "The secret city is {city}. Remember it: the secret city is {city}. "
+            ));
         }
         s.push_str(FILLER);
     }
@@ -46,7 +58,10 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
     for b in &a.budgets {
         let budget: Budget = b.parse()?;
         for m in &a.methods {
-            runs.push((format!("{m} @ {budget}"), Compressor::new(m, &Options::new(), budget, Schedule::Uniform)?));
+            runs.push((
+                format!("{m} @ {budget}"),
+                Compressor::new(m, &Options::new(), budget, Schedule::Uniform)?,
+            ));
         }
     }
     let (lm, dtype) = load_model(&a.model, dir)?;
@@ -55,18 +70,39 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
     let prompt = lm.template.render(&[Message::new("user", &text)], true)?;
     let ids = lm.tokenizer.encode(&prompt, true)?;
     if ids.len() >= lm.model.cfg.ctx_len {
-        bail!("a prompt of {} tokens does not fit the context of {}", ids.len(), lm.model.cfg.ctx_len);
+        bail!(
+            "a prompt of {} tokens does not fit the context of {}",
+            ids.len(),
+            lm.model.cfg.ctx_len
+        );
     }
-    let needs = runs.iter().fold(StatsNeeds::default(), |n, (_, c)| n.union(c.needs()));
-    eprintln!("prefilling {} tokens once (the fact {city:?} at depth {:.0}%)...", ids.len(), a.depth * 100.0);
+    let needs = runs
+        .iter()
+        .fold(StatsNeeds::default(), |n, (_, c)| n.union(c.needs()));
+    eprintln!(
+        "prefilling {} tokens once (the fact {city:?} at depth {:.0}%)...",
+        ids.len(),
+        a.depth * 100.0
+    );
     let mut base = lm.model.new_cache(dtype);
     let mut stats = PrefillStats::default();
     let t0 = Instant::now();
-    let logits = lm.model.forward(&ids, &mut base, needs, Some(&mut stats), Logits::Last)?;
+    let logits = lm
+        .model
+        .forward(&ids, &mut base, needs, Some(&mut stats), Logits::Last)?;
     let prefill = t0.elapsed().as_secs_f64();
-    let params = GenerateParams { max_tokens: a.max_tokens, stop: vec!["\n\n".into()], ..Default::default() };
+    let params = GenerateParams {
+        max_tokens: a.max_tokens,
+        stop: vec!["\n\n".into()],
+        ..Default::default()
+    };
 
-    println!("model {}, prompt {} tokens, prefill {:.2}s, secret city {city}\n", lm.name, ids.len(), prefill);
+    println!(
+        "model {}, prompt {} tokens, prefill {:.2}s, secret city {city}\n",
+        lm.name,
+        ids.len(),
+        prefill
+    );
     println!("| method | answer | correct | KV cache | kept | compress | decode |");
     println!("|---|---|---|---|---|---|---|");
     for (label, comp) in &runs {
@@ -79,7 +115,16 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
             dc = Some(DecodeCompression::new(comp, targets));
         }
         let kept = cache.bytes();
-        let gen = decode_with(&lm.model, &lm.tokenizer, &mut cache, logits.clone(), &ids, &params, dc.as_mut(), &mut |_| true)?;
+        let gen = decode_with(
+            &lm.model,
+            &lm.tokenizer,
+            &mut cache,
+            logits.clone(),
+            &ids,
+            &params,
+            dc.as_mut(),
+            &mut |_| true,
+        )?;
         let answer = gen.text.trim().replace('|', "/");
         println!(
             "| {label} | {answer} | {} | {:.2} MiB | {:.0}% | {:.1} ms | {:.2}s |",

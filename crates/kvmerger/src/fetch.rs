@@ -21,16 +21,19 @@ impl Bar {
 
 impl Progress for Bar {
     fn stage(&self, msg: &str) {
-        self.bar.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").unwrap());
+        self.bar
+            .set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").unwrap());
         self.bar.set_message(msg.to_string());
     }
     fn start_bytes(&self, total: u64) {
         self.bar.set_length(total);
         self.bar.set_position(0);
         self.bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})")
-                .unwrap()
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
+            )
+            .unwrap()
+            .progress_chars("=> "),
         );
     }
     fn advance(&self, n: u64) {

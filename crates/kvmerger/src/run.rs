@@ -5,10 +5,10 @@ use crate::fetch::Bar;
 use anyhow::{bail, Context, Result};
 use kvmerger_assets::{self as assets, ModelSource, Progress};
 use kvmerger_compression::{KvDtype, StatsNeeds};
-use kvmerger_engine::chat::Message;
 use kvmerger_engine::cache::{KvCache, PrefillStats};
+use kvmerger_engine::chat::Message;
 use kvmerger_engine::compress::{Compressor, DecodeCompression};
-use kvmerger_engine::generate::{decode_with, Generation, GenerateParams};
+use kvmerger_engine::generate::{decode_with, GenerateParams, Generation};
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::model::Logits;
 use kvmerger_engine::sampling::SamplingParams;
@@ -21,7 +21,10 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("starting the thread pool")?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("starting the thread pool")?;
     }
     let dir = assets::data_dir(cli.data_dir.as_deref());
     match cli.command {
@@ -40,7 +43,8 @@ pub fn dispatch(cli: Cli) -> Result<()> {
 /// Resolve, fetching on first use, and load a model with a spinner.
 pub fn load_model(m: &ModelArgs, dir: &std::path::Path) -> Result<(LoadedModel, KvDtype)> {
     let dtype: KvDtype = m.kv_dtype.parse().map_err(anyhow::Error::msg)?;
-    let precision: kvmerger_engine::exact::Precision = m.precision.parse().map_err(anyhow::Error::msg)?;
+    let precision: kvmerger_engine::exact::Precision =
+        m.precision.parse().map_err(anyhow::Error::msg)?;
     let bar = Bar::new();
     let src = assets::resolve_model(&m.model, dir, &bar);
     let path: PathBuf = match src {
@@ -71,16 +75,26 @@ pub fn sampling(s: &SamplingArgs) -> Result<GenerateParams> {
     if s.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
-    Ok(GenerateParams { max_tokens: s.max_tokens, sampling, stop: s.stop.clone(), ignore_eos: s.ignore_eos })
+    Ok(GenerateParams {
+        max_tokens: s.max_tokens,
+        sampling,
+        stop: s.stop.clone(),
+        ignore_eos: s.ignore_eos,
+    })
 }
 
 fn read_prompt(a: &GenerateArgs) -> Result<String> {
     match (&a.prompt, &a.prompt_file) {
         (Some(p), _) => Ok(p.clone()),
         (None, Some(f)) => {
-            let bytes = std::fs::read(f).with_context(|| format!("reading prompt file {}", f.display()))?;
+            let bytes =
+                std::fs::read(f).with_context(|| format!("reading prompt file {}", f.display()))?;
             String::from_utf8(bytes).map_err(|e| {
-                anyhow::anyhow!("prompt file {} is not valid UTF-8 (invalid byte at offset {})", f.display(), e.utf8_error().valid_up_to())
+                anyhow::anyhow!(
+                    "prompt file {} is not valid UTF-8 (invalid byte at offset {})",
+                    f.display(),
+                    e.utf8_error().valid_up_to()
+                )
             })
         }
         (None, None) => bail!("give a prompt with --prompt TEXT or --prompt-file FILE"),
@@ -135,10 +149,16 @@ pub fn run_compressed(
     params: &GenerateParams,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<(Generation, f64)> {
-    let needs = if comp.is_noop() { StatsNeeds::default() } else { comp.needs() };
+    let needs = if comp.is_noop() {
+        StatsNeeds::default()
+    } else {
+        comp.needs()
+    };
     let mut stats = PrefillStats::default();
     let t0 = Instant::now();
-    let logits = lm.model.forward(ids, cache, needs, Some(&mut stats), Logits::Last)?;
+    let logits = lm
+        .model
+        .forward(ids, cache, needs, Some(&mut stats), Logits::Last)?;
     let prefill = t0.elapsed().as_secs_f64();
     let mut dc = None;
     if !comp.is_noop() {
@@ -147,9 +167,23 @@ pub fn run_compressed(
         crate::compress::report(&report, prefill);
         dc = Some(DecodeCompression::new(comp, targets));
     }
-    let gen = decode_with(&lm.model, &lm.tokenizer, cache, logits, ids, params, dc.as_mut(), on_text)?;
+    let gen = decode_with(
+        &lm.model,
+        &lm.tokenizer,
+        cache,
+        logits,
+        ids,
+        params,
+        dc.as_mut(),
+        on_text,
+    )?;
     if let Some(dc) = dc.filter(|d| d.passes > 0) {
-        eprintln!("[{}] re-compressed {} times while decoding ({:.1} ms)", comp.name(), dc.passes, dc.secs * 1e3);
+        eprintln!(
+            "[{}] re-compressed {} times while decoding ({:.1} ms)",
+            comp.name(),
+            dc.passes,
+            dc.secs * 1e3
+        );
     }
     Ok((gen, prefill))
 }
@@ -178,7 +212,11 @@ fn chat(a: ChatArgs, dir: &std::path::Path) -> Result<()> {
         let text = lm.template.render(&messages, true)?;
         let ids = lm.tokenizer.encode(&text, true)?;
         // Reuse the cached prefix when the new rendering extends what is in the cache.
-        let common = in_cache.iter().zip(&ids).take_while(|(a, b)| a == b).count();
+        let common = in_cache
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count();
         if common < in_cache.len() || common == ids.len() {
             cache.clear();
             in_cache.clear();
@@ -191,8 +229,19 @@ fn chat(a: ChatArgs, dir: &std::path::Path) -> Result<()> {
         };
         let gen = if comp.is_noop() {
             let new = &ids[in_cache.len()..];
-            let logits = lm.model.forward(new, &mut cache, StatsNeeds::default(), None, Logits::Last)?;
-            decode_with(&lm.model, &lm.tokenizer, &mut cache, logits, &ids, &params, None, &mut print)?
+            let logits =
+                lm.model
+                    .forward(new, &mut cache, StatsNeeds::default(), None, Logits::Last)?;
+            decode_with(
+                &lm.model,
+                &lm.tokenizer,
+                &mut cache,
+                logits,
+                &ids,
+                &params,
+                None,
+                &mut print,
+            )?
         } else {
             // A compressed cache no longer matches the token history: prefill the whole
             // conversation again and compress it.

@@ -3,7 +3,10 @@
 use std::process::{Command, Output};
 
 fn kvmerger(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kvmerger")).args(args).output().expect("the binary runs")
+    Command::new(env!("CARGO_BIN_EXE_kvmerger"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
 }
 
 /// Runs, expects failure, and returns stderr.
@@ -15,7 +18,13 @@ fn fails(args: &[&str]) -> String {
     err
 }
 
-const P: &[&str] = &["generate", "-n", "2", "-p", "One two three four five six seven eight nine ten eleven twelve"];
+const P: &[&str] = &[
+    "generate",
+    "-n",
+    "2",
+    "-p",
+    "One two three four five six seven eight nine ten eleven twelve",
+];
 
 fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     P.iter().copied().chain(extra.iter().copied()).collect()
@@ -23,28 +32,64 @@ fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
 
 #[test]
 fn unknown_methods_and_options_are_named() {
-    assert!(fails(&with(&["--method", "nope", "--budget", "0.5"])).contains("unknown compression method 'nope'"));
-    let e = fails(&with(&["--method", "kvmerger", "--budget", "0.5", "--opt", "colour=blue"]));
+    assert!(fails(&with(&["--method", "nope", "--budget", "0.5"]))
+        .contains("unknown compression method 'nope'"));
+    let e = fails(&with(&[
+        "--method",
+        "kvmerger",
+        "--budget",
+        "0.5",
+        "--opt",
+        "colour=blue",
+    ]));
     assert!(e.contains("has no option 'colour'"), "{e}");
-    let e = fails(&with(&["--method", "kvmerger", "--budget", "0.5", "--opt", "epsilon=lots"]));
+    let e = fails(&with(&[
+        "--method",
+        "kvmerger",
+        "--budget",
+        "0.5",
+        "--opt",
+        "epsilon=lots",
+    ]));
     assert!(e.contains("epsilon"), "{e}");
-    assert!(fails(&with(&["--method", "h2o", "--budget", "0.5", "--opt", "novalue"])).contains("key=value"));
+    assert!(fails(&with(&[
+        "--method", "h2o", "--budget", "0.5", "--opt", "novalue"
+    ]))
+    .contains("key=value"));
 }
 
 #[test]
 fn budgets_out_of_range_are_refused() {
-    for (b, why) in [("0", "above 0"), ("0.0", "(0, 1]"), ("1.5", "(0, 1]"), ("-3", "negative"), ("lots", "not a number")] {
+    for (b, why) in [
+        ("0", "above 0"),
+        ("0.0", "(0, 1]"),
+        ("1.5", "(0, 1]"),
+        ("-3", "negative"),
+        ("lots", "not a number"),
+    ] {
         let e = fails(&with(&["--method", "h2o", "--budget", b]));
-        assert!(e.contains("invalid budget") && e.contains(why), "budget {b}: {e}");
+        assert!(
+            e.contains("invalid budget") && e.contains(why),
+            "budget {b}: {e}"
+        );
     }
     assert!(fails(&with(&["--method", "h2o"])).contains("--budget is required"));
 }
 
 #[test]
 fn windows_larger_than_the_budget_are_refused() {
-    let e = fails(&with(&["--method", "streaming", "--budget", "6", "--opt", "sinks=10"]));
+    let e = fails(&with(&[
+        "--method",
+        "streaming",
+        "--budget",
+        "6",
+        "--opt",
+        "sinks=10",
+    ]));
     assert!(e.contains("sinks") || e.contains("budget"), "{e}");
-    let e = fails(&with(&["--method", "snapkv", "--budget", "6", "--opt", "window=8"]));
+    let e = fails(&with(&[
+        "--method", "snapkv", "--budget", "6", "--opt", "window=8",
+    ]));
     assert!(e.contains("window"), "{e}");
 }
 
@@ -69,7 +114,10 @@ fn bad_prompt_files_and_models_are_named() {
     assert!(e.contains("/nonexistent/prompt.txt"), "{e}");
     assert!(fails(&["generate"]).contains("--prompt"));
     let e = fails(&["generate", "-p", "x", "-m", "no-such-model"]);
-    assert!(e.contains("no-such-model") && e.contains("smollm2-135m"), "{e}");
+    assert!(
+        e.contains("no-such-model") && e.contains("smollm2-135m"),
+        "{e}"
+    );
     let junk = dir.path().join("junk.gguf");
     std::fs::write(&junk, b"GGUF\x03\x00\x00\x00 short").unwrap();
     let e = fails(&["generate", "-p", "x", "-m", junk.to_str().unwrap()]);
@@ -94,5 +142,8 @@ fn generation_with_compression_reports_the_kv_bytes_saved() {
     let out = kvmerger(&with(&["--method", "kvmerger", "--budget", "0.5"]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("[kvmerger] KV cache") && err.contains("kept per layer"), "{err}");
+    assert!(
+        err.contains("[kvmerger] KV cache") && err.contains("kept per layer"),
+        "{err}"
+    );
 }

@@ -708,7 +708,7 @@ pub(crate) unsafe fn tile<const KIND: u8, const RT: usize, const T: usize>(
     ld: usize,
 ) {
     let nb = pan.nb;
-    debug_assert!(a.n >= t0 + T && pan.q.len() >= nb * PR * 32 && PR % RT == 0);
+    debug_assert!(a.n >= t0 + T && pan.q.len() >= nb * PR * 32 && PR / RT * RT == PR);
     // Products of weight and activation scales, [b][t][PR].
     sbuf.resize(nb * T * PR, 0.0);
     let sb = sbuf.as_mut_ptr();
@@ -797,6 +797,201 @@ unsafe fn tile_rows<const KIND: u8, const RT: usize, const T: usize>(
 }
 
 // ---------------------------------------------------------------------------
+// Dequantization to f32, with the scalar code's arithmetic (same bits)
+
+/// Eight u8 (or i8 with `SIGNED`) from byte `k*8` of `v` as f32.
+#[inline(always)]
+unsafe fn bytes8_f32<const SIGNED: bool>(v: __m256i, k: usize) -> __m256i {
+    let h = if k < 2 {
+        _mm256_castsi256_si128(v)
+    } else {
+        _mm256_extracti128_si256(v, 1)
+    };
+    let h = if k % 2 == 1 {
+        _mm_unpackhi_epi64(h, h)
+    } else {
+        h
+    };
+    if SIGNED {
+        _mm256_cvtepi8_epi32(h)
+    } else {
+        _mm256_cvtepu8_epi32(h)
+    }
+}
+
+/// Stores at `o` the 32 values `body` for the 32 bytes of `q`, each bound to
+/// `v` as i32 lanes. (A macro, not a closure: closures do not inherit target
+/// features.)
+macro_rules! store32 {
+    ($signed:literal, $q:expr, $o:expr, |$v:ident| $body:expr) => {{
+        let (q, o) = ($q, $o);
+        for k in 0..4 {
+            let $v = bytes8_f32::<$signed>(q, k);
+            _mm256_storeu_ps(o.add(8 * k), $body);
+        }
+    }};
+}
+
+/// Dequantizes `out.len()` elements of `ty` (lengths checked by the caller).
+/// Returns false for types without a vector version.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) -> bool {
+    let n = out.len();
+    assert!(n / ty.block_size() * ty.block_size() == n && src.len() >= ty.row_bytes(n));
+    let sp = src.as_ptr();
+    let op = out.as_mut_ptr();
+    let mask = _mm256_set1_epi8(0x0f);
+    match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+            float_row_to_f32(ty, src, out);
+        }
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            let ts = ty.type_size();
+            let five = matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1);
+            let min = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+            let qh_off = if min { 4 } else { 2 };
+            let qs_off = qh_off + if five { 4 } else { 0 };
+            let off = _mm256_set1_epi32(if five { 16 } else { 8 });
+            for b in 0..n / 32 {
+                let p = sp.add(b * ts);
+                let d = _mm256_set1_ps(f16_1(p));
+                let mut w = nibbles_b(p.add(qs_off));
+                if five {
+                    w = _mm256_or_si256(
+                        w,
+                        bits_to_0x10((p.add(qh_off) as *const u32).read_unaligned()),
+                    );
+                }
+                let o = op.add(32 * b);
+                if min {
+                    // q*d + m
+                    let m = _mm256_set1_ps(f16_1(p.add(2)));
+                    store32!(false, w, o, |q| _mm256_add_ps(
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(q), d),
+                        m
+                    ));
+                } else {
+                    // (q - off) * d
+                    store32!(false, w, o, |q| _mm256_mul_ps(
+                        _mm256_cvtepi32_ps(_mm256_sub_epi32(q, off)),
+                        d
+                    ));
+                }
+            }
+        }
+        GgmlType::Q8_0 => {
+            for b in 0..n / 32 {
+                let p = sp.add(b * 34);
+                let d = _mm256_set1_ps(f16_1(p));
+                store32!(true, loadu(p.add(2)), op.add(32 * b), |q| _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(q),
+                    d
+                ));
+            }
+        }
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            let five = ty == GgmlType::Q5_K;
+            let ts = ty.type_size();
+            let qs_off = if five { 48 } else { 16 };
+            let x10 = _mm256_set1_epi8(0x10);
+            for s in 0..n / 256 {
+                let p = sp.add(s * ts);
+                let dd = f16_1(p);
+                let dmin = f16_1(p.add(2));
+                let scales = std::slice::from_raw_parts(p.add(4), 12);
+                let qh = if five {
+                    loadu(p.add(16))
+                } else {
+                    _mm256_setzero_si256()
+                };
+                for c in 0..4 {
+                    let v = loadu(p.add(qs_off + 32 * c));
+                    let mut lo = _mm256_and_si256(v, mask);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    if five {
+                        let bit = _mm256_set1_epi8(1 << (2 * c));
+                        let bit2 = _mm256_set1_epi8(2 << (2 * c));
+                        lo = _mm256_or_si256(
+                            lo,
+                            _mm256_and_si256(
+                                _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit),
+                                x10,
+                            ),
+                        );
+                        hi = _mm256_or_si256(
+                            hi,
+                            _mm256_and_si256(
+                                _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit2), bit2),
+                                x10,
+                            ),
+                        );
+                    }
+                    for (j, q) in [(2 * c, lo), (2 * c + 1, hi)] {
+                        let (sc, m) = k_scale_min(scales, j);
+                        // d1 * q - m1
+                        let d1 = _mm256_set1_ps(dd * sc as f32);
+                        let m1 = _mm256_set1_ps(dmin * m as f32);
+                        let o = op.add(256 * s + 32 * j);
+                        store32!(false, q, o, |v| _mm256_sub_ps(
+                            _mm256_mul_ps(d1, _mm256_cvtepi32_ps(v)),
+                            m1
+                        ));
+                    }
+                }
+            }
+        }
+        GgmlType::Q6_K => {
+            let m30 = _mm256_set1_epi8(0x30);
+            let c32 = _mm256_set1_epi32(32);
+            for s in 0..n / 256 {
+                let p = sp.add(s * 210);
+                let dd = f16_1(p.add(208));
+                for h in 0..2 {
+                    let ql0 = loadu(p.add(64 * h));
+                    let ql1 = loadu(p.add(64 * h + 32));
+                    let qh = loadu(p.add(128 + 32 * h));
+                    let groups = [
+                        _mm256_or_si256(
+                            _mm256_and_si256(ql0, mask),
+                            _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(ql1, mask),
+                            _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), mask),
+                            _mm256_and_si256(qh, m30),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), mask),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+                        ),
+                    ];
+                    for (g, &q) in groups.iter().enumerate() {
+                        let j = 4 * h + g;
+                        let o = op.add(256 * s + 32 * j);
+                        for half in 0..2 {
+                            // d * sc * (q - 32), left to right as in the scalar code
+                            let ds = _mm256_set1_ps(dd * (*p.add(192 + 2 * j + half) as i8) as f32);
+                            for k in 2 * half..2 * half + 2 {
+                                let qi = _mm256_sub_epi32(bytes8_f32::<false>(q, k), c32);
+                                _mm256_storeu_ps(
+                                    o.add(8 * k),
+                                    _mm256_mul_ps(ds, _mm256_cvtepi32_ps(qi)),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        _ => return false,
+    }
+    true
+}
+
+// ---------------------------------------------------------------------------
 // Float weights
 
 /// Eight weights of a float row, as f32.
@@ -861,7 +1056,7 @@ pub(crate) unsafe fn float_row_to_f32(ty: GgmlType, row: &[u8], out: &mut [f32])
         i += 8;
     }
     if i < n {
-        super::formats::dequantize_row(ty, &row[i * es..], &mut out[i..]);
+        super::formats::dequantize_row_scalar(ty, &row[i * es..], &mut out[i..]);
     }
 }
 

@@ -51,8 +51,10 @@ fn k_pack_scales(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
     s
 }
 
-/// Dequantizes `out.len()` elements (a multiple of the block size) of type `ty` from `src`.
-pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
+/// Dequantizes `out.len()` elements (a multiple of the block size) of type
+/// `ty` from `src`: the portable version, which defines the values (the SIMD
+/// one gives the same bits).
+pub(crate) fn dequantize_row_scalar(ty: GgmlType, src: &[u8], out: &mut [f32]) {
     let n = out.len();
     let bs = ty.block_size();
     assert_eq!(

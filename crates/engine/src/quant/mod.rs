@@ -39,7 +39,7 @@ mod formats;
 mod panel;
 mod scalar;
 
-pub use formats::{dequantize_row, quantize_row};
+pub use formats::quantize_row;
 
 use act::QActs;
 use panel::PR;
@@ -49,6 +49,33 @@ use crate::Error;
 use memmap2::Mmap;
 use rayon::prelude::*;
 use std::sync::Arc;
+
+/// Dequantizes `out.len()` elements (a multiple of the block size) of type
+/// `ty` from `src` (at least `ty.row_bytes(out.len())` bytes). Values are
+/// those of the ggml reference (`gguf.quants.dequantize`), bit for bit,
+/// whichever kernel runs.
+pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    let bs = ty.block_size();
+    assert_eq!(
+        n % bs,
+        0,
+        "dequantize_row: {n} elements is not a multiple of the {ty} block size {bs}"
+    );
+    assert!(
+        src.len() >= ty.row_bytes(n),
+        "dequantize_row: {} bytes is too short for {n} {ty} elements",
+        src.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if Isa::detect() == Isa::Avx2 {
+        // SAFETY: the CPU has the features; lengths are checked above.
+        if unsafe { avx2::dequantize_row(ty, src, out) } {
+            return;
+        }
+    }
+    formats::dequantize_row_scalar(ty, src, out)
+}
 
 /// Tensor element types, with their ggml ids.
 #[allow(non_camel_case_types)]
@@ -219,7 +246,8 @@ impl QMatrix {
         let rows = info.dims[1..].iter().product::<u64>() as usize;
         let ty = info.dtype;
         let row_bytes = ty.row_bytes(cols);
-        if cols % ty.block_size() != 0 || row_bytes * rows != info.size {
+        let whole_blocks = cols / ty.block_size() * ty.block_size() == cols;
+        if !whole_blocks || row_bytes * rows != info.size {
             return Err(Error::Format {
                 path: file.path.clone(),
                 msg: format!(

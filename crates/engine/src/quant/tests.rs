@@ -160,7 +160,8 @@ fn check_matmul(isa: Isa, ty: GgmlType) {
                     .chunks(32)
                     .flat_map(|b| {
                         let a = b.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 254.0;
-                        std::iter::repeat(if ty.block_size() == 1 { 0.0 } else { a }).take(b.len())
+                        let e = if ty.block_size() == 1 { 0.0 } else { a };
+                        b.iter().map(move |_| e)
                     })
                     .collect();
                 for r in 0..rows {
@@ -419,6 +420,44 @@ fn real_weights_matmul_accuracy() {
                     assert!(rel < 2e-2, "{model} {name}: relative error {rel}");
                 }
             }
+        }
+    }
+}
+
+/// The SIMD dequantizer gives the scalar one's bits, on random block bytes
+/// (finite scales) of every type.
+#[test]
+fn dequantize_kernels_agree_bitwise() {
+    let mut s = 0x1234_5678_9abc_def0u64;
+    let mut byte = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 24) as u8
+    };
+    for ty in GgmlType::ALL {
+        let n = 4 * ty.block_size().max(64);
+        let mut src: Vec<u8> = (0..ty.row_bytes(n)).map(|_| byte()).collect();
+        // Keep half-float fields finite: clear the top exponent bit of every
+        // odd byte (a harmless change to other fields).
+        if !matches!(ty, GgmlType::F32 | GgmlType::BF16 | GgmlType::Q8_K) {
+            for (i, b) in src.iter_mut().enumerate() {
+                if i % 2 == 1 {
+                    *b &= !0x40;
+                }
+            }
+        }
+        let mut a = vec![0f32; n];
+        let mut b = vec![0f32; n];
+        formats::dequantize_row_scalar(ty, &src, &mut a);
+        dequantize_row(ty, &src, &mut b);
+        for i in 0..n {
+            assert!(
+                a[i].to_bits() == b[i].to_bits() || (a[i].is_nan() && b[i].is_nan()),
+                "{ty} [{i}]: {} vs {}",
+                a[i],
+                b[i]
+            );
         }
     }
 }

@@ -79,18 +79,40 @@ pub fn write_gguf(path: &Path, meta: &[(&str, Meta)], tensors: &[(&str, Vec<u64>
 
 /// A tiny but complete llama-architecture model: 1 layer, hidden 8, 2 heads, vocab 4.
 pub fn tiny_llama(path: &Path, arch: &str, with_tokenizer: bool) {
-    let f32s = |n: usize| -> Vec<u8> { (0..n).flat_map(|i| ((i % 7) as f32 * 0.1).to_le_bytes()).collect() };
+    let f32s = |n: usize| -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| ((i % 7) as f32 * 0.1).to_le_bytes())
+            .collect()
+    };
     let mut meta = vec![
         ("general.architecture", Meta::Str(arch.into())),
-        (Box::leak(format!("{arch}.block_count").into_boxed_str()) as &str, Meta::U32(1)),
-        (Box::leak(format!("{arch}.embedding_length").into_boxed_str()), Meta::U32(8)),
-        (Box::leak(format!("{arch}.feed_forward_length").into_boxed_str()), Meta::U32(16)),
-        (Box::leak(format!("{arch}.attention.head_count").into_boxed_str()), Meta::U32(2)),
-        (Box::leak(format!("{arch}.context_length").into_boxed_str()), Meta::U32(32)),
+        (
+            Box::leak(format!("{arch}.block_count").into_boxed_str()) as &str,
+            Meta::U32(1),
+        ),
+        (
+            Box::leak(format!("{arch}.embedding_length").into_boxed_str()),
+            Meta::U32(8),
+        ),
+        (
+            Box::leak(format!("{arch}.feed_forward_length").into_boxed_str()),
+            Meta::U32(16),
+        ),
+        (
+            Box::leak(format!("{arch}.attention.head_count").into_boxed_str()),
+            Meta::U32(2),
+        ),
+        (
+            Box::leak(format!("{arch}.context_length").into_boxed_str()),
+            Meta::U32(32),
+        ),
     ];
     if with_tokenizer {
         meta.push(("tokenizer.ggml.model", Meta::Str("gpt2".into())));
-        meta.push(("tokenizer.ggml.tokens", Meta::StrArr(vec!["a".into(), "b".into(), "ab".into(), "c".into()])));
+        meta.push((
+            "tokenizer.ggml.tokens",
+            Meta::StrArr(vec!["a".into(), "b".into(), "ab".into(), "c".into()]),
+        ));
         meta.push(("tokenizer.ggml.merges", Meta::StrArr(vec!["a b".into()])));
     }
     let t = |name: &'static str, dims: Vec<u64>| {
