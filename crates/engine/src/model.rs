@@ -203,6 +203,18 @@ impl Model {
         }
     }
 
+    /// Several products of the same activations (quantized once in fast precision).
+    fn mm3(&self, ws: &[&QMatrix], x: &[f32], n: usize, outs: &mut [&mut [f32]]) {
+        match self.precision {
+            Precision::Fast => QMatrix::matmul_multi(ws, x, n, outs),
+            Precision::Exact => {
+                for (w, o) in ws.iter().zip(outs.iter_mut()) {
+                    matmul_exact(w, x, n, o);
+                }
+            }
+        }
+    }
+
     fn output(&self) -> &QMatrix {
         self.output.as_ref().unwrap_or(&self.embed)
     }
@@ -311,9 +323,12 @@ impl Model {
                     &mut xn[i * hd..(i + 1) * hd],
                 );
             }
-            self.mm(&layer.wq, &xn, t, &mut q);
-            self.mm(&layer.wk, &xn, t, &mut k);
-            self.mm(&layer.wv, &xn, t, &mut v);
+            self.mm3(
+                &[&layer.wq, &layer.wk, &layer.wv],
+                &xn,
+                t,
+                &mut [&mut q, &mut k, &mut v],
+            );
             add_bias(&mut q, layer.bq.as_deref());
             add_bias(&mut k, layer.bk.as_deref());
             add_bias(&mut v, layer.bv.as_deref());
@@ -366,8 +381,7 @@ impl Model {
                     &mut xn[i * hd..(i + 1) * hd],
                 );
             }
-            self.mm(&layer.w_gate, &xn, t, &mut g);
-            self.mm(&layer.w_up, &xn, t, &mut u);
+            self.mm3(&[&layer.w_gate, &layer.w_up], &xn, t, &mut [&mut g, &mut u]);
             match c.activation {
                 Activation::Silu => g.iter_mut().zip(&u).for_each(|(a, b)| *a = silu(*a) * b),
                 Activation::GeluTanh => g

@@ -17,15 +17,20 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 pub fn dispatch(cli: Cli) -> Result<()> {
+    let mut pool = rayon::ThreadPoolBuilder::new();
     if let Some(n) = cli.threads {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("starting the thread pool")?;
+        pool = pool.num_threads(n);
     }
+    // The whole command runs on a pool thread: handing work to the pool from outside
+    // costs microseconds per matrix product, from inside a fraction of one.
+    let pool = pool.build().context("starting the thread pool")?;
+    pool.install(|| dispatch_in_pool(cli))
+}
+
+fn dispatch_in_pool(cli: Cli) -> Result<()> {
     let dir = assets::data_dir(cli.data_dir.as_deref());
     match cli.command {
         Command::Fetch(a) => crate::fetch::run(a.id.as_deref(), a.list, &dir),
