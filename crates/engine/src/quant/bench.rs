@@ -77,7 +77,7 @@ fn bench_matrix(name: &str, m: &QMatrix, ns: &[usize]) {
 #[test]
 #[ignore]
 fn bench_real_weights() {
-    let dir = Path::new("/root/.cache/kvmerger/models");
+    let dir = kvmerger_assets::data_dir(None).join("models");
     println!("threads: {}", rayon::current_num_threads());
     // Memory bandwidth yardstick: sum 512 MiB with all threads.
     let big = vec![1u64; 64 << 20];
@@ -135,9 +135,12 @@ fn profile_loop() {
     let spec =
         std::env::var("QBENCH").unwrap_or_else(|_| "smollm2-135m:blk.0.ffn_up.weight:64:3".into());
     let p: Vec<&str> = spec.split(':').collect();
-    let f =
-        GgufFile::open(&Path::new("/root/.cache/kvmerger/models").join(format!("{}.gguf", p[0])))
-            .unwrap();
+    let f = GgufFile::open(
+        &kvmerger_assets::data_dir(None)
+            .join("models")
+            .join(format!("{}.gguf", p[0])),
+    )
+    .unwrap();
     let m = QMatrix::from_gguf(&f, p[1]).unwrap();
     let n: usize = p[2].parse().unwrap();
     let secs: f64 = p[3].parse().unwrap();
@@ -176,8 +179,12 @@ fn profile_loop() {
 fn bench_model_matmuls() {
     let spec = std::env::var("QMODEL").unwrap_or_else(|_| "smollm2-135m:1,64,512".into());
     let (name, ns) = spec.split_once(':').unwrap();
-    let f = GgufFile::open(&Path::new("/root/.cache/kvmerger/models").join(format!("{name}.gguf")))
-        .unwrap();
+    let f = GgufFile::open(
+        &kvmerger_assets::data_dir(None)
+            .join("models")
+            .join(format!("{name}.gguf")),
+    )
+    .unwrap();
     let n_layers = f
         .u64(&format!(
             "{}.block_count",

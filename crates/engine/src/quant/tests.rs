@@ -186,80 +186,6 @@ fn check_matmul(isa: Isa, ty: GgmlType) {
     }
 }
 
-/// Compares dequantization of real model tensors with rows dumped by the
-/// `gguf` Python package (`gguf.quants.dequantize`). Run by hand after writing
-/// `/tmp/quant_ref/index.txt` (lines: `file tensor dump.f32 row,row,...`).
-#[test]
-#[ignore]
-fn matches_python_gguf_dump() {
-    let dir = std::path::Path::new("/root/.cache/kvmerger/models");
-    let index =
-        std::fs::read_to_string("/tmp/quant_ref/index.txt").expect("no /tmp/quant_ref/index.txt");
-    for line in index.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let file = GgufFile::open(&dir.join(f[0])).unwrap();
-        let m = QMatrix::from_gguf(&file, f[1]).unwrap();
-        let dump: Vec<f32> = std::fs::read(f[2])
-            .unwrap()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        let mut row = vec![0f32; m.cols()];
-        for (i, r) in f[3]
-            .split(',')
-            .map(|s| s.parse::<usize>().unwrap())
-            .enumerate()
-        {
-            m.dequantize_row(r, &mut row);
-            let want = &dump[i * m.cols()..(i + 1) * m.cols()];
-            for c in 0..m.cols() {
-                assert!(
-                    (row[c] - want[c]).abs() <= 1e-6 * want[c].abs().max(1e-3),
-                    "{} {} ({}): row {r} col {c}: {} vs {}",
-                    f[0],
-                    f[1],
-                    m.dtype(),
-                    row[c],
-                    want[c]
-                );
-            }
-        }
-        eprintln!(
-            "ok {} {} {} [{}x{}]",
-            f[0],
-            f[1],
-            m.dtype(),
-            m.rows(),
-            m.cols()
-        );
-    }
-}
-
-/// Compares dequantization of random block bytes with `gguf.quants.dequantize`
-/// (files `/tmp/quant_ref/rand/{TYPE}.bin` and `.f32`, written by hand).
-#[test]
-#[ignore]
-fn matches_python_on_random_blocks() {
-    for ty in GgmlType::ALL {
-        let Ok(raw) = std::fs::read(format!("/tmp/quant_ref/rand/{}.bin", ty.name())) else {
-            eprintln!("skip {ty}");
-            continue;
-        };
-        let want: Vec<f32> = std::fs::read(format!("/tmp/quant_ref/rand/{}.f32", ty.name()))
-            .unwrap()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        let mut got = vec![0f32; want.len()];
-        dequantize_row(ty, &raw, &mut got);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let same = g == w || (g.is_nan() && w.is_nan()) || (g - w).abs() <= 1e-6 * w.abs();
-            assert!(same, "{ty}: elem {i}: {g} vs {w}");
-        }
-        eprintln!("ok {ty} ({} values)", want.len());
-    }
-}
-
 /// The scalar and SIMD kernels agree closely (same integer sums, different
 /// f32 summation order), and quantize activations to the same bytes.
 #[test]
@@ -350,12 +276,11 @@ fn matmul_multi_matches_matmul() {
     assert_eq!((oa, ob), (wa, wb));
 }
 
-/// Real weights of the cached models: matmul (every kernel set, one token and
-/// several) against dequantize-then-dot in f64. Run by hand.
+/// Real weights of the three models: matmul (every kernel set, one token and
+/// several) against dequantize-then-dot in f64, with an outlier activation channel.
 #[test]
-#[ignore]
 fn real_weights_matmul_accuracy() {
-    let dir = std::path::Path::new("/root/.cache/kvmerger/models");
+    let dir = kvmerger_assets::data_dir(None).join("models");
     for (model, names) in [
         (
             "smollm2-135m",
