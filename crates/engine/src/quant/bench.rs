@@ -1,7 +1,6 @@
 //! Hand-run timings on real weights: `cargo test --release quant::bench -- --ignored --nocapture`.
 
 use super::*;
-use std::path::Path;
 use std::time::Instant;
 
 fn time_it(mut f: impl FnMut(), min_secs: f64) -> f64 {
