@@ -2,8 +2,10 @@
 //! f32 activations, as a reference implementation computes it.
 //!
 //! The fast kernels in [`crate::quant`] quantize activations to 8 bits (as llama.cpp
-//! does), which moves logits by about 1% and can flip a greedy choice between two
-//! nearly tied tokens. `Precision::Exact` trades speed for agreement with fp32 references.
+//! does), which moves logits by about 1% per product and, over a deep model, can flip
+//! greedy choices. `Precision::Exact`, the default, agrees with fp32 references; one-token
+//! products of the commonest formats (Q4_1, Q8_0) use fused kernels that dot the file's
+//! blocks with f32 activations directly.
 
 use crate::kernels::dot_f32;
 use crate::quant::{GgmlType, QMatrix};
@@ -12,10 +14,10 @@ use rayon::prelude::*;
 /// How matrix products treat activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Precision {
-    /// 8-bit quantized activations with integer dot products (fast; the default).
-    #[default]
+    /// 8-bit quantized activations with integer dot products (llama.cpp's numerics; fastest).
     Fast,
-    /// f32 activations against dequantized weights (matches fp32 references).
+    /// f32 activations against the file's weights (matches fp32 references; the default).
+    #[default]
     Exact,
 }
 
