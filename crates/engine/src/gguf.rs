@@ -337,43 +337,29 @@ impl GgufFile {
             .and_then(|v| v.as_f64())
             .ok_or_else(|| self.missing(key, "a number"))
     }
-    pub fn str_array(&self, key: &str) -> Result<Vec<String>, Error> {
+    /// An array whose every element `elem` converts; `what` names the element kind.
+    fn array<T>(
+        &self,
+        key: &str,
+        what: &str,
+        elem: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Vec<T>, Error> {
         let a = self
             .get(key)
             .and_then(|v| v.as_array())
             .ok_or_else(|| self.missing(key, "an array"))?;
         a.iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| self.missing(key, "an array of strings"))
-            })
+            .map(|v| elem(v).ok_or_else(|| self.missing(key, &format!("an array of {what}"))))
             .collect()
+    }
+    pub fn str_array(&self, key: &str) -> Result<Vec<String>, Error> {
+        self.array(key, "strings", |v| v.as_str().map(str::to_string))
     }
     pub fn f32_array(&self, key: &str) -> Result<Vec<f32>, Error> {
-        let a = self
-            .get(key)
-            .and_then(|v| v.as_array())
-            .ok_or_else(|| self.missing(key, "an array"))?;
-        a.iter()
-            .map(|v| {
-                v.as_f64()
-                    .map(|x| x as f32)
-                    .ok_or_else(|| self.missing(key, "an array of numbers"))
-            })
-            .collect()
+        self.array(key, "numbers", |v| v.as_f64().map(|x| x as f32))
     }
     pub fn i64_array(&self, key: &str) -> Result<Vec<i64>, Error> {
-        let a = self
-            .get(key)
-            .and_then(|v| v.as_array())
-            .ok_or_else(|| self.missing(key, "an array"))?;
-        a.iter()
-            .map(|v| {
-                v.as_i64()
-                    .ok_or_else(|| self.missing(key, "an array of integers"))
-            })
-            .collect()
+        self.array(key, "integers", |v| v.as_i64())
     }
 
     pub fn tensor(&self, name: &str) -> Result<&TensorInfo, Error> {
