@@ -6,7 +6,7 @@
 //! caller asks for attention statistics, the softmax rows are folded into them
 //! as they are computed; when it does not, nothing extra is done.
 
-use crate::kernels::{axpy_f16, axpy_f32, dot_f16, dot_f32};
+use crate::kernels::{axpy_f32, dot_f32, scores_f16, weighted_sum_f16};
 use kvmerger_compression::{HeadStore, KvSlice};
 use rayon::prelude::*;
 
@@ -95,11 +95,7 @@ pub fn attend(
                 };
                 scores.clear();
                 match store.keys() {
-                    KvSlice::F16(k) => {
-                        for j in lo..hi {
-                            scores.push(dot_f16(qi, &k[j * d..(j + 1) * d]) * p.scale);
-                        }
-                    }
+                    KvSlice::F16(k) => scores_f16(qi, &k[lo * d..hi * d], p.scale, &mut scores),
                     KvSlice::F32(k) => {
                         for j in lo..hi {
                             scores.push(dot_f32(qi, &k[j * d..(j + 1) * d]) * p.scale);
@@ -115,11 +111,7 @@ pub fn attend(
                 let o = &mut ho[i * d..(i + 1) * d];
                 o.fill(0.0);
                 match store.values() {
-                    KvSlice::F16(v) => {
-                        for (j, &pj) in (lo..hi).zip(&scores) {
-                            axpy_f16(o, pj, &v[j * d..(j + 1) * d]);
-                        }
-                    }
+                    KvSlice::F16(v) => weighted_sum_f16(o, &scores, &v[lo * d..hi * d]),
                     KvSlice::F32(v) => {
                         for (j, &pj) in (lo..hi).zip(&scores) {
                             axpy_f32(o, pj, &v[j * d..(j + 1) * d]);

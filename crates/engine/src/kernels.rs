@@ -50,6 +50,39 @@ pub fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
     }
 }
 
+/// `out[j] = q · k_j * scale` for every key row `k_j` (of `q.len()` values) in `keys`.
+pub fn scores_f16(q: &[f32], keys: &[f16], scale: f32, out: &mut Vec<f32>) {
+    let d = q.len();
+    out.clear();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() && d.is_multiple_of(8) {
+            out.resize(keys.len() / d, 0.0);
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked above); d is a multiple of 8.
+            unsafe { x86::scores_f16(q, keys, scale, out) };
+            return;
+        }
+    }
+    out.extend(keys.chunks_exact(d).map(|k| dot_f16(q, k) * scale));
+}
+
+/// `out = sum_j p[j] * v_j` over value rows `v_j` (of `out.len()` values) in `values`.
+pub fn weighted_sum_f16(out: &mut [f32], p: &[f32], values: &[f16]) {
+    let d = out.len();
+    out.fill(0.0);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() && d.is_multiple_of(8) && d <= 256 {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked above); d is a multiple of 8.
+            unsafe { x86::weighted_sum_f16(out, p, values) };
+            return;
+        }
+    }
+    for (&pj, v) in p.iter().zip(values.chunks_exact(d)) {
+        axpy_f16(out, pj, v);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn has_avx2() -> bool {
@@ -134,6 +167,57 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scores_f16(q: &[f32], keys: &[f16], scale: f32, out: &mut [f32]) {
+        let d = q.len();
+        let pk = keys.as_ptr() as *const u16;
+        let pq = q.as_ptr();
+        for (j, o) in out.iter_mut().enumerate() {
+            let k = pk.add(j * d);
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            let mut i = 0;
+            while i + 16 <= d {
+                let k0 = _mm256_cvtph_ps(_mm_loadu_si128(k.add(i) as *const __m128i));
+                let k1 = _mm256_cvtph_ps(_mm_loadu_si128(k.add(i + 8) as *const __m128i));
+                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i)), k0, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i + 8)), k1, acc1);
+                i += 16;
+            }
+            if i < d {
+                let k0 = _mm256_cvtph_ps(_mm_loadu_si128(k.add(i) as *const __m128i));
+                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i)), k0, acc0);
+            }
+            *o = hsum(_mm256_add_ps(acc0, acc1)) * scale;
+        }
+    }
+
+    /// Accumulates in registers: up to 32 vectors of 8 (d <= 256).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn weighted_sum_f16(out: &mut [f32], p: &[f32], values: &[f16]) {
+        let d = out.len();
+        let pv = values.as_ptr() as *const u16;
+        let mut start = 0;
+        // Blocks of 64 columns keep 8 accumulators in registers.
+        while start < d {
+            let w = (d - start).min(64);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let nv = w / 8;
+            for (j, &pj) in p.iter().enumerate() {
+                let a = _mm256_set1_ps(pj);
+                let v = pv.add(j * d + start);
+                for (c, acc) in acc.iter_mut().enumerate().take(nv) {
+                    let x = _mm256_cvtph_ps(_mm_loadu_si128(v.add(8 * c) as *const __m128i));
+                    *acc = _mm256_fmadd_ps(a, x, *acc);
+                }
+            }
+            for (c, acc) in acc.iter().enumerate().take(nv) {
+                _mm256_storeu_ps(out.as_mut_ptr().add(start + 8 * c), *acc);
+            }
+            start += w;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
         let n = y.len().min(x.len());
         let py = y.as_mut_ptr();
@@ -210,6 +294,32 @@ mod tests {
         let want_h: f32 = a.iter().zip(&bh).map(|(x, y)| x * y.to_f32()).sum();
         assert!((dot_f32(&a, &b) - want).abs() < 1e-4);
         assert!((dot_f16(&a, &bh) - want_h).abs() < 1e-4);
+        // Whole-matrix kernels against the per-row ones.
+        for d in [64usize, 256, 24] {
+            let n = 13;
+            let keys: Vec<f16> = (0..n * d)
+                .map(|i| f16::from_f32((i as f32 * 0.013).sin()))
+                .collect();
+            let q: Vec<f32> = (0..d).map(|i| (i as f32 * 0.07).cos()).collect();
+            let mut s = Vec::new();
+            scores_f16(&q, &keys, 0.5, &mut s);
+            for (j, sj) in s.iter().enumerate() {
+                let want: f32 = q
+                    .iter()
+                    .zip(&keys[j * d..(j + 1) * d])
+                    .map(|(a, b)| a * b.to_f32())
+                    .sum::<f32>()
+                    * 0.5;
+                assert!((sj - want).abs() < 1e-4, "d {d} key {j}: {sj} vs {want}");
+            }
+            let p: Vec<f32> = (0..n).map(|j| 1.0 / (j + 1) as f32).collect();
+            let mut o = vec![0.0f32; d];
+            weighted_sum_f16(&mut o, &p, &keys);
+            for (c, oc) in o.iter().enumerate() {
+                let want: f32 = (0..n).map(|j| p[j] * keys[j * d + c].to_f32()).sum();
+                assert!((oc - want).abs() < 1e-4, "d {d} col {c}: {oc} vs {want}");
+            }
+        }
         let mut y = vec![1.0f32; 77];
         axpy_f16(&mut y, 0.5, &bh);
         for (i, v) in y.iter().enumerate() {
