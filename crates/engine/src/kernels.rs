@@ -72,7 +72,7 @@ pub fn weighted_sum_f16(out: &mut [f32], p: &[f32], values: &[f16]) {
     out.fill(0.0);
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx2() && d.is_multiple_of(8) && d <= 256 {
+        if has_avx2() && d.is_multiple_of(8) {
             // SAFETY: the CPU supports AVX2, FMA and F16C (checked above); d is a multiple of 8.
             unsafe { x86::weighted_sum_f16(out, p, values) };
             return;
@@ -191,7 +191,7 @@ mod x86 {
         }
     }
 
-    /// Accumulates in registers: up to 32 vectors of 8 (d <= 256).
+    /// Accumulates each block of 64 columns in eight registers across all rows.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn weighted_sum_f16(out: &mut [f32], p: &[f32], values: &[f16]) {
         let d = out.len();
