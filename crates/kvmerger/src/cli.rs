@@ -105,7 +105,7 @@ pub struct CompressArgs {
     #[arg(long, value_name = "FILE")]
     pub compress_config: Option<PathBuf>,
     /// How the budget is shared between layers: uniform, pyramid, pyramid:<slope>, or a
-    /// file with one ratio per layer (as `kvmerger analyze` writes).
+    /// file with one ratio per layer (e.g. measured offline from persistent sparsity).
     #[arg(long)]
     pub schedule: Option<String>,
     /// During decoding, re-compress when a head passes its budget by this many slots
