@@ -575,28 +575,16 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    /// Where the test models live: `$KVMERGER_HOME/models/<id>.gguf`, else
-    /// `~/.cache/kvmerger/models/<id>.gguf`.
+    /// A real test model, fetched by the project's own fetch code on first use.
     fn model_path(id: &str) -> PathBuf {
-        let home = std::env::var_os("KVMERGER_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                    .join(".cache")
-                    .join("kvmerger")
-            });
-        home.join("models").join(format!("{id}.gguf"))
+        let dir = kvmerger_assets::data_dir(None);
+        kvmerger_assets::fetch(id, &dir, &kvmerger_assets::NoProgress)
+            .unwrap_or_else(|e| panic!("could not fetch test model {id}: {e}"))
     }
 
-    fn load(id: &str) -> Option<ChatTemplate> {
+    fn load(id: &str) -> ChatTemplate {
         let path = model_path(id);
-        if !path.exists() {
-            eprintln!("skipping: {} not found", path.display());
-            return None;
-        }
-        Some(ChatTemplate::from_gguf(
-            &GgufFile::open(&path).expect("open gguf"),
-        ))
+        ChatTemplate::from_gguf(&GgufFile::open(&path).expect("open gguf"))
     }
 
     fn convo() -> Vec<Message> {
@@ -742,9 +730,7 @@ mod tests {
 
     #[test]
     fn tokenizer_chat_smollm2_renders_chatml() {
-        let Some(t) = load("smollm2-135m") else {
-            return;
-        };
+        let t = load("smollm2-135m");
         assert!(!t.is_fallback(), "{:?}", t.fallback_reason());
         assert_eq!(t.render(&convo(), true).unwrap(), CHATML_EXPECTED);
         // Without a system message it adds its own.
@@ -758,9 +744,7 @@ mod tests {
 
     #[test]
     fn tokenizer_chat_qwen25_renders_chatml() {
-        let Some(t) = load("qwen2.5-0.5b") else {
-            return;
-        };
+        let t = load("qwen2.5-0.5b");
         assert!(!t.is_fallback(), "{:?}", t.fallback_reason());
         assert_eq!(t.bos_token(), "<|endoftext|>");
         assert_eq!(t.eos_token(), "<|im_end|>");
@@ -777,7 +761,7 @@ mod tests {
 
     #[test]
     fn tokenizer_chat_gemma3_renders_turns() {
-        let Some(t) = load("gemma3-270m") else { return };
+        let t = load("gemma3-270m");
         // This file carries no tokenizer.chat_template: the built-in Gemma
         // format stands in.
         assert_eq!(t.kind(), TemplateKind::Gemma);

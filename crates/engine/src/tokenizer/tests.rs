@@ -1,29 +1,18 @@
 use super::*;
 use std::path::PathBuf;
 
-/// Where the test models live: `$KVMERGER_HOME/models/<id>.gguf`, else
-/// `~/.cache/kvmerger/models/<id>.gguf`.
+/// A real test model, fetched by the project's own fetch code on first use.
 fn model_path(id: &str) -> PathBuf {
-    let home = std::env::var_os("KVMERGER_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache")
-                .join("kvmerger")
-        });
-    home.join("models").join(format!("{id}.gguf"))
+    let dir = kvmerger_assets::data_dir(None);
+    kvmerger_assets::fetch(id, &dir, &kvmerger_assets::NoProgress)
+        .unwrap_or_else(|e| panic!("could not fetch test model {id}: {e}"))
 }
 
-/// The tokenizer of a cached model, or `None` (with a note) when the model
-/// file is absent.
-fn load(id: &str) -> Option<Tokenizer> {
+/// The tokenizer of a real test model.
+fn load(id: &str) -> Tokenizer {
     let path = model_path(id);
-    if !path.exists() {
-        eprintln!("skipping: {} not found", path.display());
-        return None;
-    }
     let f = GgufFile::open(&path).expect("open gguf");
-    Some(Tokenizer::from_gguf(&f).expect("tokenizer from gguf"))
+    Tokenizer::from_gguf(&f).expect("tokenizer from gguf")
 }
 
 const TRICKY: &[&str] = &[
@@ -317,9 +306,7 @@ fn tokenizer_json_errors_are_clear() {
 
 #[test]
 fn tokenizer_smollm2_matches_reference_ids() {
-    let Some(tok) = load("smollm2-135m") else {
-        return;
-    };
+    let tok = load("smollm2-135m");
     assert_eq!(tok.model_kind(), "gpt2");
     assert_eq!(tok.pre_tokenizer(), Some("digits+gpt2"));
     assert_eq!(
@@ -336,9 +323,7 @@ fn tokenizer_smollm2_matches_reference_ids() {
 
 #[test]
 fn tokenizer_qwen25_matches_reference_ids() {
-    let Some(tok) = load("qwen2.5-0.5b") else {
-        return;
-    };
+    let tok = load("qwen2.5-0.5b");
     assert_eq!(tok.pre_tokenizer(), Some("qwen2"));
     assert_eq!(
         tok.encode("The capital of France is", true).unwrap(),
@@ -355,9 +340,7 @@ fn tokenizer_qwen25_matches_reference_ids() {
 
 #[test]
 fn tokenizer_gemma3_matches_reference_ids() {
-    let Some(tok) = load("gemma3-270m") else {
-        return;
-    };
+    let tok = load("gemma3-270m");
     assert_eq!(tok.model_kind(), "llama");
     // Cross-checked against SentencePiece run on this vocabulary.
     assert_eq!(
@@ -401,7 +384,7 @@ fn tokenizer_encodes_50k_chars_fast() {
     let text = long_text();
     for id in ["smollm2-135m", "qwen2.5-0.5b", "gemma3-270m"] {
         let t = std::time::Instant::now();
-        let Some(tok) = load(id) else { continue };
+        let tok = load(id);
         let loading = t.elapsed();
         let t = std::time::Instant::now();
         let ids = tok.encode(&text, false).unwrap();
