@@ -1,0 +1,1 @@
+//! Sample generators and readers.
