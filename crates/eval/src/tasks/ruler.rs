@@ -9,9 +9,11 @@
 //! - Word keys (`adjective-noun` from `wonderwords` in RULER) are pairs of words from
 //!   the essay vocabulary ([`super::data::vocabulary`]); CWE's words come from the same
 //!   list.
-//! - Needle depths: see [`super::DEPTHS`]. In the repeat and needle haystacks RULER
-//!   picks random sentence slots; here a needle at depth `d` goes before sentence
-//!   `floor(d * n)`, other needles at RULER's depths drawn at random.
+//! - Needle depths: see [`super::DEPTHS`]. RULER puts a needle at depth `d` before
+//!   sentence `floor(d * sentences)` (essays) or in a random slot (other haystacks);
+//!   here it goes to the sentence boundary nearest to fraction `d` of the haystack's
+//!   bytes, so the recorded depth is close to the asked one in every haystack. The
+//!   other needles of a sample go to depths drawn from RULER's 40.
 //! - Essay sentences are split by a small rule-based splitter instead of NLTK Punkt.
 //! - FWE fits `length - 50` like every other task (RULER fits its input to the whole
 //!   length and only then adds the 50 tokens to generate).
@@ -151,8 +153,9 @@ fn join_keys(keys: &[String]) -> String {
 /// Where the needles go: `(fraction 0..1, needle index)`, the answer needle first.
 type Placement = Vec<(f64, usize)>;
 
-/// Builds a context of `units` (joined by `sep`) with the needles before unit
-/// `floor(fraction * units.len())`; returns it with each needle's byte offset.
+/// Builds a context of `units` (joined by `sep`) with each needle at the unit
+/// boundary nearest to its fraction of the haystack's bytes; returns it with each
+/// needle's byte offset.
 fn place(
     units: &[&str],
     sep: &str,
@@ -160,10 +163,27 @@ fn place(
     at: &Placement,
 ) -> (String, Vec<(usize, usize)>) {
     let n = units.len();
+    // before[j]: bytes of the units before boundary j.
+    let mut before = Vec::with_capacity(n + 1);
+    let mut total = 0usize;
+    before.push(0);
+    for u in units {
+        total += u.len() + sep.len();
+        before.push(total);
+    }
+    let slot = |f: f64| -> usize {
+        let goal = f.clamp(0.0, 1.0) * total as f64;
+        let j = before.partition_point(|&b| (b as f64) < goal).min(n);
+        if j > 0 && goal - before[j - 1] as f64 <= before[j] as f64 - goal {
+            j - 1
+        } else {
+            j
+        }
+    };
     let mut slots: Vec<(usize, usize, usize)> = at
         .iter()
         .enumerate()
-        .map(|(order, &(f, i))| (((f * n as f64).floor() as usize).min(n), order, i))
+        .map(|(order, &(f, i))| (slot(f), order, i))
         .collect();
     slots.sort();
     let mut out = String::new();
