@@ -373,7 +373,7 @@ fn vt_hides_the_whole_chain_and_asks_for_its_value() {
 #[test]
 fn passkey_is_at_its_depth() {
     let g = Generator::new();
-    for index in 0..DEPTHS.len() {
+    for (index, &target) in DEPTHS.iter().enumerate() {
         let s = gen(&g, "passkey", 8192, index);
         let key = &s.references[0];
         assert_eq!(key.len(), 5);
@@ -382,7 +382,7 @@ fn passkey_is_at_its_depth() {
             "The pass key is {key}. Remember it. {key} is the pass key."
         )));
         let depth = meta_f64(&s, "depth");
-        assert!((depth - DEPTHS[index]).abs() < 0.02, "{index}: {depth}");
+        assert!((depth - target).abs() < 0.02, "{index}: {depth}");
         assert!(s.input.ends_with("What is the pass key?"));
         assert_eq!(s.answer_prefix, " The pass key is");
     }
@@ -439,7 +439,7 @@ fn fwe_references_are_the_most_frequent_coded_words() {
         }
     }
     let mut ranked: Vec<(&str, usize)> = counts.into_iter().collect();
-    ranked.sort_by(|a, b| b.1.cmp(&a.1));
+    ranked.sort_by_key(|x| std::cmp::Reverse(x.1));
     let top: Vec<&str> = ranked[..3].iter().map(|x| x.0).collect();
     assert_eq!(top, s.references);
     assert!(ranked[2].1 > ranked[3].1);
