@@ -558,3 +558,78 @@ fn a_missing_data_folder_is_a_clear_error() {
     // The repeat haystack with number keys needs no data... but word keys do; passkey none.
     assert!(Generator::new().generate("passkey", &c, 0).is_ok());
 }
+
+fn austen_dir() -> PathBuf {
+    let home = kvmerger_assets::data_dir(None);
+    kvmerger_assets::fetch("austen", &home, &kvmerger_assets::NoProgress)
+        .unwrap_or_else(|e| panic!("could not fetch the Austen data: {e}"))
+}
+
+#[test]
+fn austen_has_six_novels() {
+    let novels = tasks::text::austen(&austen_dir()).unwrap();
+    let titles: Vec<&str> = novels.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        titles,
+        [
+            "Sense & Sensibility",
+            "Pride & Prejudice",
+            "Mansfield Park",
+            "Emma",
+            "Northanger Abbey",
+            "Persuasion"
+        ]
+    );
+    for (title, text) in &novels {
+        assert!(text.len() > 100_000, "{title}: {} bytes", text.len());
+        assert!(text.to_lowercase().contains("\nchapter "), "{title}");
+    }
+    let pride = &novels[1].1;
+    assert!(pride.contains("It is a truth universally acknowledged"));
+    assert!(novels[3]
+        .1
+        .contains("Emma Woodhouse, handsome, clever, and rich"));
+}
+
+#[test]
+fn austen_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = tasks::text::austen(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("Rdata.rdx"), "{err}");
+    std::fs::write(dir.path().join("Rdata.rdx"), b"not R data at all").unwrap();
+    let err = tasks::text::austen(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("Rdata.rdx"), "{err}");
+    // A good index with a damaged data file.
+    let real = austen_dir();
+    std::fs::copy(real.join("Rdata.rdx"), dir.path().join("Rdata.rdx")).unwrap();
+    std::fs::write(dir.path().join("Rdata.rdb"), vec![0u8; 1000]).unwrap();
+    let err = tasks::text::austen(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("Rdata.rdb") && err.contains("variable"),
+        "{err}"
+    );
+}
+
+#[test]
+fn text_files_are_read_whole_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.txt");
+    std::fs::write(&good, "héllo\nworld\n").unwrap();
+    assert_eq!(
+        tasks::text::read_text_file(&good).unwrap(),
+        "héllo\nworld\n"
+    );
+    let missing = dir.path().join("missing.txt");
+    let err = tasks::text::read_text_file(&missing).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }));
+    assert!(err.to_string().contains("missing.txt"), "{err}");
+    let latin1 = dir.path().join("latin1.txt");
+    std::fs::write(&latin1, b"caf\xe9 au lait").unwrap();
+    let err = tasks::text::read_text_file(&latin1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("latin1.txt") && err.contains("UTF-8") && err.contains("offset 3"),
+        "{err}"
+    );
+}
