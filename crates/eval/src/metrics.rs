@@ -35,7 +35,8 @@
 //!
 //! `meta` keys read by [`score_sample`]: `postprocess` = `"first_line"` keeps only the
 //! first line of the prediction (after leading newlines), as LongBench does for
-//! trec, triviaqa, samsum and lsht.
+//! trec, triviaqa, samsum and lsht; `"choice_letter"` reduces a prediction that starts
+//! with an option letter (`B`, `(B) ...`, `B. ...`) to that letter (QuALITY).
 
 use std::collections::HashMap;
 
@@ -58,13 +59,35 @@ pub fn score(metric: &Metric, prediction: &str, references: &[String]) -> f64 {
 }
 
 /// [`score`] for a sample, after the post-processing its `meta` asks for
-/// (`postprocess: "first_line"`).
+/// (`postprocess`: `"first_line"` or `"choice_letter"`).
 pub fn score_sample(sample: &Sample, prediction: &str) -> f64 {
+    let letter;
     let prediction = match sample.meta.get("postprocess").and_then(|v| v.as_str()) {
         Some("first_line") => first_line(prediction),
+        Some("choice_letter") => match choice_letter(prediction) {
+            Some(c) => {
+                letter = c.to_string();
+                letter.as_str()
+            }
+            None => prediction,
+        },
         _ => prediction,
     };
     score(&sample.metric, prediction, &sample.references)
+}
+
+/// The option letter a multiple-choice answer starts with: `B`, `(B) the ship`,
+/// `B. the ship`, `B: ...` give `B`; anything else `None`.
+pub fn choice_letter(s: &str) -> Option<char> {
+    let t = s.trim_start();
+    let t = t.strip_prefix('(').unwrap_or(t);
+    let mut chars = t.chars();
+    let letter = chars.next().filter(|c| c.is_ascii_uppercase())?;
+    match chars.next() {
+        None => Some(letter),
+        Some(c) if c == ')' || c == '.' || c == ':' || c.is_whitespace() => Some(letter),
+        _ => None,
+    }
 }
 
 /// The first line of `s` after any leading newlines.

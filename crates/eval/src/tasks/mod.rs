@@ -85,7 +85,10 @@ mod ruler;
 pub mod text;
 pub(crate) mod util;
 
-pub use jsonl::{read_longbench, read_zeroscrolls, JsonlSamples, LineError};
+pub use jsonl::{
+    longbench_datasets, read_longbench, read_zeroscrolls, zeroscrolls_datasets, JsonlSamples,
+    LineError,
+};
 
 /// What a generated sample must fit and where its data lives.
 pub struct GenConfig<'a> {
