@@ -28,11 +28,12 @@
 //! RULER's own spelling), since they define the benchmark; see each module.
 //!
 //! **Length fitting.** As in RULER, the haystack size is the largest one for which
-//! `count_tokens(input + answer_prefix) + max_new_tokens <= length`; the search
-//! ([`util::fit`]) uses secant steps and bisection instead of RULER's fixed
-//! increments and stops once the input is within 2% of its budget, so inputs land
-//! between 98% and 100% of `length - max_new_tokens` unless the source runs out
-//! (CWE's word list, QA's documents). As RULER sizes all samples from one, the size
+//! `count_tokens(input + answer_prefix) + max_new_tokens <= length`. The search
+//! uses secant steps and bisection instead of RULER's fixed increments, and stops
+//! once a fitting input is within 2% of its budget or one more unit (sentence, word,
+//! document) would not fit; so inputs use 98–100% of `length - max_new_tokens`
+//! except where units are coarse (a QA document at short lengths) or the source runs
+//! out (CWE's word list, QA's documents). As RULER sizes all samples from one, the size
 //! found for sample 0 of `(task, length, seed, counter)` is cached and is where every
 //! other index starts (typically one count when it still fits); sample 0 is made
 //! first when needed, so results never depend on the order samples are asked for.
@@ -164,7 +165,7 @@ const FINGERPRINT: &str = "Fingerprint: The quick brown fox (jumps) over 13 lazy
      a4f1c2d3-5e6f-4a7b-8c9d-0e1f2a3b4c5d";
 
 /// Holds loaded data (per data folder, each file on first use) and the haystack sizes
-/// found for sample 0 of each task and length (see [`Ctx::fit`]); share one across
+/// found for sample 0 of each task and length (see the module documentation); share one across
 /// threads and calls. What it caches never changes a sample.
 #[derive(Default)]
 pub struct Generator {
