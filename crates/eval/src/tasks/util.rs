@@ -164,6 +164,6 @@ pub(crate) fn fit<T>(
     best.ok_or_else(|| Error::TooShort {
         task: task.to_string(),
         length,
-        needed: min_tokens.map(|t| t + (length - budget)),
+        needed: min_tokens.map(|t| t + length.saturating_sub(budget)),
     })
 }
