@@ -35,6 +35,12 @@ pub enum Command {
     Demo(DemoArgs),
     /// List the compression methods and their options.
     Methods,
+    /// Evaluate methods × budgets × tasks × lengths: prefill each sample once, score
+    /// every configuration from a copy of its cache (resumable, shardable).
+    Eval(EvalArgs),
+    /// Reproduce the paper's observations on a model: key similarity of neighbouring
+    /// tokens, per-layer sparsity of merging sets, and merge maps.
+    Analyze(AnalyzeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -188,4 +194,191 @@ pub struct DemoArgs {
     /// Tokens to generate per answer.
     #[arg(long, default_value_t = 16)]
     pub max_tokens: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(subcommand)]
+    pub command: EvalCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EvalCommand {
+    /// Run a grid (or this shard of it), appending to OUT/samples*.jsonl; samples already
+    /// there are skipped, so an interrupted run continues where it stopped.
+    Run(Box<EvalRunArgs>),
+    /// Summaries (Markdown, CSV) and charts (SVG, PNG) of the results in one or more
+    /// directories.
+    Report(EvalReportArgs),
+    /// Merge the shards of a grid (from one or more directories) into
+    /// OUT/samples.merged.jsonl, then report.
+    Merge(EvalReportArgs),
+    /// List the task names.
+    Tasks,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalRunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A TOML grid (methods, budgets, tasks, lengths, samples, seed, text, ppl_tokens,
+    /// recompress_margin); flags given on the command line win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Methods, comma-separated, each `name` or `name:key=value,...`
+    /// (`all`: every method), e.g. `kvmerger,kvmerger:sigma=2,mass=none,h2o`.
+    #[arg(long)]
+    pub methods: Option<String>,
+    /// Budgets, comma-separated (0.5, 35%, 2048).
+    #[arg(long, value_delimiter = ',')]
+    pub budgets: Option<Vec<String>>,
+    /// Tasks, comma-separated (see `kvmerger eval tasks`; `ppl` for perplexity and fidelity).
+    #[arg(long, value_delimiter = ',')]
+    pub tasks: Option<Vec<String>>,
+    /// Prompt lengths in tokens, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub lengths: Option<Vec<usize>>,
+    /// Samples per task and length (default 10).
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Seed of the task generators (default 42).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Text for `ppl`: `austen` (default) or a UTF-8 file.
+    #[arg(long)]
+    pub text: Option<String>,
+    /// Tokens scored after the compressed prefix, for `ppl` (default 128).
+    #[arg(long)]
+    pub ppl_tokens: Option<usize>,
+    /// Re-compress during decoding past the budget by this many slots (default: off).
+    #[arg(long)]
+    pub recompress_margin: Option<usize>,
+    /// A LongBench JSONL file; its datasets become tasks `longbench/<dataset>`.
+    #[arg(long, value_name = "FILE")]
+    pub longbench: Option<PathBuf>,
+    /// A ZeroSCROLLS JSONL file; its datasets become tasks `zeroscrolls/<dataset>`.
+    #[arg(long, value_name = "FILE")]
+    pub zeroscrolls: Option<PathBuf>,
+    /// The dataset of --longbench/--zeroscrolls files whose lines do not name it.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Output directory.
+    #[arg(long, short = 'o', default_value = "eval-results")]
+    pub out: PathBuf,
+    /// Run only shard i of n (0 <= i < n): items i, i+n, i+2n, ...
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+    /// Do not write the summary and charts at the end.
+    #[arg(long)]
+    pub no_report: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalReportArgs {
+    /// Directories holding samples*.jsonl files.
+    #[arg(required = true)]
+    pub dirs: Vec<PathBuf>,
+    /// Where to write the reports (default: the first directory).
+    #[arg(long, short = 'o')]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct AnalyzeArgs {
+    #[command(subcommand)]
+    pub command: AnalyzeCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AnalyzeCommand {
+    /// Observation 1: cosine similarity of keys (and values) against token distance, per
+    /// layer and head.
+    Similarity(SimilarityArgs),
+    /// Observation 2: the fraction of slots the merging-set scan keeps per layer at a
+    /// threshold, across samples of several tasks; written as a budget schedule.
+    Sparsity(SparsityArgs),
+    /// Which tokens of one prompt went into which slot.
+    MergeMap(MergeMapArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AnalyzeInput {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Tasks whose samples are analysed, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "niah_single_2,niah_multikey_1,vt,qa_1,qa_2,cwe"
+    )]
+    pub tasks: Vec<String>,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 2048)]
+    pub length: usize,
+    /// Samples per task.
+    #[arg(long, default_value_t = 3)]
+    pub samples: usize,
+    /// Seed of the task generators.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Output directory.
+    #[arg(long, short = 'o', default_value = "analysis")]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct SimilarityArgs {
+    #[command(flatten)]
+    pub input: AnalyzeInput,
+    /// Largest token distance measured.
+    #[arg(long, default_value_t = 32)]
+    pub max_distance: usize,
+    /// Layer of the token × token heatmap (default: the middle layer).
+    #[arg(long)]
+    pub layer: Option<usize>,
+    /// KV head of the token × token heatmap.
+    #[arg(long, default_value_t = 0)]
+    pub head: usize,
+    /// Tokens in the token × token heatmap.
+    #[arg(long, default_value_t = 96)]
+    pub tokens: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct SparsityArgs {
+    #[command(flatten)]
+    pub input: AnalyzeInput,
+    /// Cosine threshold of the merging-set scan.
+    #[arg(long, default_value_t = 0.75)]
+    pub epsilon: f32,
+}
+
+#[derive(Args, Debug)]
+pub struct MergeMapArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Read the prompt from this file (else a sample of --task).
+    #[arg(long, short = 'f')]
+    pub prompt_file: Option<PathBuf>,
+    /// Task whose sample 0 is the prompt.
+    #[arg(long, default_value = "niah_single_2")]
+    pub task: String,
+    /// Prompt length in tokens, for --task.
+    #[arg(long, default_value_t = 512)]
+    pub length: usize,
+    /// KVMerger's budget per head.
+    #[arg(long, default_value = "0.35")]
+    pub budget: String,
+    /// A kvmerger option, key=value (repeatable).
+    #[arg(long = "opt", value_name = "KEY=VALUE")]
+    pub opts: Vec<String>,
+    /// Layer of the token-level picture (default: the middle layer).
+    #[arg(long)]
+    pub layer: Option<usize>,
+    /// KV head.
+    #[arg(long, default_value_t = 0)]
+    pub head: usize,
+    /// Output directory.
+    #[arg(long, short = 'o', default_value = "analysis")]
+    pub out: PathBuf,
 }

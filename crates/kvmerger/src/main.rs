@@ -1,9 +1,11 @@
 //! The `kvmerger` command line: thin wiring over the engine, compression and assets crates.
 
+mod analyze;
 mod bench;
 mod cli;
 mod compress;
 mod demo;
+mod eval;
 mod fetch;
 mod run;
 

@@ -38,6 +38,8 @@ fn dispatch_in_pool(cli: Cli) -> Result<()> {
         Command::Chat(a) => chat(a, &dir),
         Command::Bench(a) => crate::bench::run(a, &dir),
         Command::Demo(a) => crate::demo::run(a, &dir),
+        Command::Eval(a) => crate::eval::run(a, &dir),
+        Command::Analyze(a) => crate::analyze::run(a, &dir),
         Command::Methods => {
             crate::compress::print_methods();
             Ok(())

@@ -1,0 +1,354 @@
+//! A grid of methods × budgets × tasks × lengths, and how it is cut into work items.
+//!
+//! A work item is one sample: (task, length, index). Every configuration (the full
+//! cache, and each method at each budget) is evaluated on it from one prefill, so the
+//! item, not the configuration, is the unit of work, of resumption and of sharding.
+
+use kvmerger_compression::{registry, Budget, Options};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Task names that score text continuation rather than answers: perplexity of the
+/// next tokens and fidelity to the full cache, on a long text.
+pub const TEXT_TASK: &str = "ppl";
+
+/// A grid as written in a TOML file or assembled from command-line flags.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GridSpec {
+    /// Methods, each `name` or `name:key=value,key=value` (e.g. `kvmerger:sigma=2`).
+    /// The full cache is always evaluated as the reference and need not be listed.
+    pub methods: Vec<String>,
+    /// Budgets: fractions (`0.5`, `35%`) or token counts (`1024`).
+    pub budgets: Vec<String>,
+    /// Task names (see `tasks::task_names()`), or `ppl` for perplexity and fidelity.
+    pub tasks: Vec<String>,
+    /// Prompt lengths in tokens.
+    pub lengths: Vec<usize>,
+    /// Samples per (task, length).
+    #[serde(default = "default_samples")]
+    pub samples: usize,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// For `ppl`: the text, `austen` (the default) or a path to a UTF-8 file.
+    #[serde(default = "default_text")]
+    pub text: String,
+    /// For `ppl`: how many tokens after the compressed prefix are scored.
+    #[serde(default = "default_ppl_tokens")]
+    pub ppl_tokens: usize,
+    /// Re-compress during decoding once a head passes its budget by this many slots;
+    /// unset: compress the prompt once and let decoding grow the cache.
+    #[serde(default)]
+    pub recompress_margin: Option<usize>,
+}
+
+fn default_samples() -> usize {
+    10
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_text() -> String {
+    "austen".into()
+}
+fn default_ppl_tokens() -> usize {
+    128
+}
+
+impl Default for GridSpec {
+    fn default() -> Self {
+        GridSpec {
+            methods: Vec::new(),
+            budgets: Vec::new(),
+            tasks: Vec::new(),
+            lengths: Vec::new(),
+            samples: default_samples(),
+            seed: default_seed(),
+            text: default_text(),
+            ppl_tokens: default_ppl_tokens(),
+            recompress_margin: None,
+        }
+    }
+}
+
+/// One configuration of the grid: a method at a budget, or the full cache.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunConfig {
+    /// `full`, or `method@budget` with the method spec as written (`kvmerger:sigma=2@0.5`).
+    pub label: String,
+    pub method: String,
+    pub options: Options,
+    /// None for the full cache.
+    pub budget: Option<Budget>,
+    /// The budget as written, for reports.
+    pub budget_label: String,
+}
+
+impl RunConfig {
+    pub fn full() -> RunConfig {
+        RunConfig {
+            label: "full".into(),
+            method: "full".into(),
+            options: Options::new(),
+            budget: None,
+            budget_label: "1".into(),
+        }
+    }
+}
+
+/// `name` or `name:key=value,key=value`.
+pub fn parse_method_spec(spec: &str) -> Result<(String, Options), GridError> {
+    let (name, opts) = match spec.split_once(':') {
+        Some((n, o)) => (n.trim(), o),
+        None => (spec.trim(), ""),
+    };
+    if registry::info(name).is_none() {
+        return Err(GridError(format!(
+            "unknown method '{name}' (known: {})",
+            registry::names().join(", ")
+        )));
+    }
+    let mut options = Options::new();
+    for pair in opts.split(',').filter(|p| !p.trim().is_empty()) {
+        options
+            .parse_pair(pair)
+            .map_err(|e| GridError(format!("method '{spec}': {e}")))?;
+    }
+    // Building the method checks its options now rather than in the middle of a grid.
+    registry::build(name, &options).map_err(|e| GridError(format!("method '{spec}': {e}")))?;
+    Ok((name.to_string(), options))
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GridError(pub String);
+
+impl fmt::Display for GridError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for GridError {}
+
+impl GridSpec {
+    /// Parse a TOML grid file's text.
+    pub fn from_toml(text: &str) -> Result<GridSpec, GridError> {
+        toml::from_str(text).map_err(|e| GridError(format!("grid file: {e}")))
+    }
+
+    /// Check everything that can be checked before loading a model.
+    pub fn validate(&self, known_tasks: &[&str]) -> Result<(), GridError> {
+        if self.tasks.is_empty() {
+            return Err(GridError("the grid has no tasks".into()));
+        }
+        if self.lengths.is_empty() {
+            return Err(GridError("the grid has no lengths".into()));
+        }
+        if self.samples == 0 {
+            return Err(GridError("samples must be at least 1".into()));
+        }
+        if !self.methods.iter().all(|m| m.trim() == "full") && self.budgets.is_empty() {
+            return Err(GridError("methods were given but no budgets".into()));
+        }
+        for t in &self.tasks {
+            if t != TEXT_TASK && !known_tasks.contains(&t.as_str()) {
+                return Err(GridError(format!(
+                    "unknown task '{t}' (known: {}, {TEXT_TASK})",
+                    known_tasks.join(", ")
+                )));
+            }
+        }
+        if let Some(&l) = self.lengths.iter().find(|&&l| l < 64) {
+            return Err(GridError(format!(
+                "length {l} is too short: lengths are prompt tokens, at least 64"
+            )));
+        }
+        if self.tasks.iter().any(|t| t == TEXT_TASK) && self.ppl_tokens == 0 {
+            return Err(GridError("ppl_tokens must be at least 1".into()));
+        }
+        self.configs().map(|_| ())
+    }
+
+    /// The full cache first, then every method at every budget, in the order given.
+    pub fn configs(&self) -> Result<Vec<RunConfig>, GridError> {
+        let mut out = vec![RunConfig::full()];
+        let mut budgets = Vec::new();
+        for b in &self.budgets {
+            let budget = Budget::from_str(b).map_err(|e| GridError(e.to_string()))?;
+            budgets.push((b.trim().to_string(), budget));
+        }
+        for m in &self.methods {
+            if m.trim() == "full" {
+                continue;
+            }
+            let (method, options) = parse_method_spec(m)?;
+            for (label, budget) in &budgets {
+                let c = RunConfig {
+                    label: format!("{}@{label}", m.trim()),
+                    method: method.clone(),
+                    options: options.clone(),
+                    budget: Some(*budget),
+                    budget_label: label.clone(),
+                };
+                if out.iter().any(|o: &RunConfig| o.label == c.label) {
+                    return Err(GridError(format!("'{}' is listed twice", c.label)));
+                }
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every work item, in a fixed order: tasks, then lengths, then sample indices.
+    pub fn items(&self) -> Vec<WorkItem> {
+        let mut v = Vec::new();
+        for t in &self.tasks {
+            for &length in &self.lengths {
+                for index in 0..self.samples {
+                    v.push(WorkItem {
+                        task: t.clone(),
+                        length,
+                        index,
+                    });
+                }
+            }
+        }
+        v
+    }
+}
+
+/// One sample of the grid.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct WorkItem {
+    pub task: String,
+    pub length: usize,
+    pub index: usize,
+}
+
+/// `i/n`: this process runs items `i, i + n, i + 2n, ...` (0 ≤ i < n).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    pub const WHOLE: Shard = Shard { index: 0, count: 1 };
+
+    pub fn select<T: Clone>(&self, items: &[T]) -> Vec<T> {
+        items
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % self.count == self.index)
+            .map(|(_, t)| t.clone())
+            .collect()
+    }
+
+    /// The file a shard writes its records to.
+    pub fn file_name(&self) -> String {
+        if self.count == 1 {
+            "samples.jsonl".into()
+        } else {
+            format!("samples.shard-{}-of-{}.jsonl", self.index, self.count)
+        }
+    }
+}
+
+impl FromStr for Shard {
+    type Err = GridError;
+    fn from_str(s: &str) -> Result<Shard, GridError> {
+        let bad = || {
+            GridError(format!(
+                "--shard '{s}': expected i/n with 0 <= i < n, e.g. 0/4"
+            ))
+        };
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let index: usize = i.trim().parse().map_err(|_| bad())?;
+        let count: usize = n.trim().parse().map_err(|_| bad())?;
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> GridSpec {
+        GridSpec {
+            methods: vec!["kvmerger".into(), "h2o:recent=0.1".into()],
+            budgets: vec!["0.5".into(), "35%".into()],
+            tasks: vec!["a".into(), "b".into()],
+            lengths: vec![256, 512],
+            samples: 3,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn configs_are_full_then_each_method_at_each_budget() {
+        let labels: Vec<_> = spec()
+            .configs()
+            .unwrap()
+            .into_iter()
+            .map(|c| c.label)
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                "full",
+                "kvmerger@0.5",
+                "kvmerger@35%",
+                "h2o:recent=0.1@0.5",
+                "h2o:recent=0.1@35%"
+            ]
+        );
+    }
+
+    #[test]
+    fn shards_partition_the_items() {
+        let items = spec().items();
+        assert_eq!(items.len(), 2 * 2 * 3);
+        let mut all: Vec<WorkItem> = (0..5)
+            .flat_map(|i| Shard { index: i, count: 5 }.select(&items))
+            .collect();
+        all.sort();
+        let mut expect = items.clone();
+        expect.sort();
+        assert_eq!(all, expect);
+    }
+
+    #[test]
+    fn bad_grids_say_what_is_wrong() {
+        let known = ["a", "b"];
+        let mut s = spec();
+        s.tasks.push("nope".into());
+        assert!(s
+            .validate(&known)
+            .unwrap_err()
+            .0
+            .contains("unknown task 'nope'"));
+        let mut s = spec();
+        s.methods.push("zip".into());
+        assert!(s
+            .validate(&known)
+            .unwrap_err()
+            .0
+            .contains("unknown method 'zip'"));
+        let mut s = spec();
+        s.methods = vec!["kvmerger:colour=red".into()];
+        assert!(s.validate(&known).unwrap_err().0.contains("colour"));
+        let mut s = spec();
+        s.budgets = vec!["2.5".into()];
+        assert!(s.validate(&known).is_err());
+        assert!(GridSpec::from_toml("tasks = [\"a\"]\nbogus = 1").is_err());
+        assert!("3/3".parse::<Shard>().is_err());
+        assert!("x".parse::<Shard>().is_err());
+        assert_eq!(
+            "1/3".parse::<Shard>().unwrap(),
+            Shard { index: 1, count: 3 }
+        );
+    }
+}

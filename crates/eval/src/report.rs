@@ -1,0 +1,704 @@
+//! Summaries of a grid's records: a Markdown table and a CSV of means per
+//! configuration, and the charts (score against budget, per-task bars, NIAH depth ×
+//! length heatmaps, perplexity and fidelity).
+
+use crate::plot::{self, Series};
+use crate::records::Record;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Means over the samples of one (run, task, length, config).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cell {
+    pub run: String,
+    pub task: String,
+    pub length: usize,
+    pub config: String,
+    pub method: String,
+    pub budget: String,
+    pub n: usize,
+    pub score: Option<f64>,
+    pub kv_ratio: f64,
+    pub ppl: Option<f64>,
+    pub kl: Option<f64>,
+    pub top1: Option<f64>,
+}
+
+fn mean(v: impl Iterator<Item = f64>) -> Option<f64> {
+    let (s, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    (n > 0).then(|| s / n as f64)
+}
+
+/// Order configurations: full first, then by budget (largest first), then by method in
+/// order of first appearance.
+fn config_order(records: &[Record]) -> Vec<String> {
+    let mut seen: Vec<(String, String, String)> = Vec::new();
+    for r in records {
+        if !seen.iter().any(|s| s.0 == r.config) {
+            seen.push((r.config.clone(), r.method.clone(), r.budget.clone()));
+        }
+    }
+    let methods: Vec<String> = seen.iter().fold(Vec::new(), |mut v, s| {
+        if !v.contains(&s.1) {
+            v.push(s.1.clone());
+        }
+        v
+    });
+    seen.sort_by(|a, b| {
+        let fa = a.1 == "full";
+        let fb = b.1 == "full";
+        fb.cmp(&fa)
+            .then(budget_value(&b.2).total_cmp(&budget_value(&a.2)))
+            .then(
+                methods
+                    .iter()
+                    .position(|m| *m == a.1)
+                    .cmp(&methods.iter().position(|m| *m == b.1)),
+            )
+            .then(a.0.cmp(&b.0))
+    });
+    seen.into_iter().map(|s| s.0).collect()
+}
+
+/// A budget label as a number for ordering and plotting: fractions as themselves,
+/// percentages divided by 100, token counts as they are.
+pub fn budget_value(label: &str) -> f64 {
+    let t = label.trim();
+    if let Some(p) = t.strip_suffix('%') {
+        return p
+            .trim()
+            .parse::<f64>()
+            .map(|v| v / 100.0)
+            .unwrap_or(f64::NAN);
+    }
+    t.parse::<f64>().unwrap_or(f64::NAN)
+}
+
+pub fn cells(records: &[Record]) -> Vec<Cell> {
+    let mut groups: BTreeMap<(String, String, usize, String), Vec<&Record>> = BTreeMap::new();
+    for r in records {
+        groups
+            .entry((r.run.clone(), r.task.clone(), r.length, r.config.clone()))
+            .or_default()
+            .push(r);
+    }
+    groups
+        .into_iter()
+        .map(|((run, task, length, config), rs)| Cell {
+            run,
+            task,
+            length,
+            method: rs[0].method.clone(),
+            budget: rs[0].budget.clone(),
+            config,
+            n: rs.len(),
+            score: mean(rs.iter().filter_map(|r| r.score)),
+            kv_ratio: mean(rs.iter().map(|r| r.kv_ratio())).unwrap_or(1.0),
+            ppl: mean(rs.iter().filter_map(|r| r.ppl)),
+            kl: mean(rs.iter().filter_map(|r| r.kl)),
+            top1: mean(rs.iter().filter_map(|r| r.top1)),
+        })
+        .collect()
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$}")).unwrap_or_default()
+}
+
+pub fn csv(cells: &[Cell]) -> String {
+    let mut s = String::from("run,task,length,config,method,budget,n,score,kv_ratio,ppl,kl,top1\n");
+    let q = |t: &str| {
+        if t.contains([',', '"', '\n']) {
+            format!("\"{}\"", t.replace('"', "\"\""))
+        } else {
+            t.to_string()
+        }
+    };
+    for c in cells {
+        let _ = writeln!(
+            s,
+            "{},{},{},{},{},{},{},{},{:.4},{},{},{}",
+            q(&c.run),
+            q(&c.task),
+            c.length,
+            q(&c.config),
+            q(&c.method),
+            q(&c.budget),
+            c.n,
+            opt(c.score, 4),
+            c.kv_ratio,
+            opt(c.ppl, 4),
+            opt(c.kl, 5),
+            opt(c.top1, 4)
+        );
+    }
+    s
+}
+
+fn short_len(l: usize) -> String {
+    if l >= 1024 && l.is_multiple_of(1024) {
+        format!("{}k", l / 1024)
+    } else {
+        l.to_string()
+    }
+}
+
+/// The Markdown summary: per run, a table of answer-task scores (×100) with one column
+/// per task and length, and a table of perplexity and fidelity. The best compressed
+/// score of each budget in each column is in bold.
+pub fn markdown(records: &[Record]) -> String {
+    let cells = cells(records);
+    let order = config_order(records);
+    let runs: BTreeSet<&str> = cells.iter().map(|c| c.run.as_str()).collect();
+    let mut s = String::new();
+    for run in runs {
+        let cs: Vec<&Cell> = cells.iter().filter(|c| c.run == run).collect();
+        let _ = writeln!(s, "### {run}\n");
+        let cols: BTreeSet<(String, usize)> = cs
+            .iter()
+            .filter(|c| c.score.is_some())
+            .map(|c| (c.task.clone(), c.length))
+            .collect();
+        let cols: Vec<(String, usize)> = cols.into_iter().collect();
+        let find = |cfg: &str, t: &str, l: usize| {
+            cs.iter()
+                .find(|c| c.config == cfg && c.task == t && c.length == l)
+                .copied()
+        };
+        if !cols.is_empty() {
+            let _ = write!(s, "| config | KV kept |");
+            for (t, l) in &cols {
+                let _ = write!(s, " {t} {} |", short_len(*l));
+            }
+            let _ = writeln!(s, " mean |");
+            let _ = writeln!(s, "|---|---:|{}---:|", "---:|".repeat(cols.len()));
+            let budget_of = |cfg: &str| {
+                cs.iter()
+                    .find(|c| c.config == cfg)
+                    .map(|c| c.budget.clone())
+            };
+            // Best compressed score per (budget, column), and the row mean.
+            let row_mean = |cfg: &str| {
+                mean(
+                    cols.iter()
+                        .filter_map(|(t, l)| find(cfg, t, *l).and_then(|c| c.score)),
+                )
+            };
+            let best = |cfg: &str, col: Option<&(String, usize)>| -> bool {
+                let Some(b) = budget_of(cfg) else {
+                    return false;
+                };
+                if cfg == "full" {
+                    return false;
+                }
+                let val = |c: &str| match col {
+                    Some((t, l)) => find(c, t, *l).and_then(|x| x.score),
+                    None => row_mean(c),
+                };
+                let Some(mine) = val(cfg) else { return false };
+                order
+                    .iter()
+                    .filter(|o| o.as_str() != "full" && budget_of(o) == Some(b.clone()))
+                    .filter_map(|o| val(o))
+                    .all(|v| v <= mine + 1e-12)
+            };
+            for cfg in &order {
+                let row: Vec<&Cell> = cs
+                    .iter()
+                    .filter(|c| c.config == *cfg && c.score.is_some())
+                    .copied()
+                    .collect();
+                if row.is_empty() {
+                    continue;
+                }
+                let kv = mean(row.iter().map(|c| c.kv_ratio)).unwrap_or(1.0);
+                let _ = write!(s, "| {cfg} | {:.0}% |", kv * 100.0);
+                for col in &cols {
+                    match find(cfg, &col.0, col.1).and_then(|c| c.score.map(|v| (v, c.n))) {
+                        Some((v, _)) if best(cfg, Some(col)) => {
+                            let _ = write!(s, " **{:.1}** |", v * 100.0);
+                        }
+                        Some((v, _)) => {
+                            let _ = write!(s, " {:.1} |", v * 100.0);
+                        }
+                        None => s.push_str(" |"),
+                    }
+                }
+                match row_mean(cfg) {
+                    Some(m) if best(cfg, None) => {
+                        let _ = writeln!(s, " **{:.1}** |", m * 100.0);
+                    }
+                    Some(m) => {
+                        let _ = writeln!(s, " {:.1} |", m * 100.0);
+                    }
+                    None => s.push_str(" |\n"),
+                }
+            }
+            let ns: BTreeSet<usize> = cs
+                .iter()
+                .filter(|c| c.score.is_some())
+                .map(|c| c.n)
+                .collect();
+            let ns: Vec<String> = ns.iter().map(|n| n.to_string()).collect();
+            let _ = writeln!(
+                s,
+                "\nScores ×100, mean over {} samples per cell; bold: the best compressed configuration at that budget.\n",
+                ns.join("/")
+            );
+        }
+        let text: Vec<&Cell> = cs.iter().filter(|c| c.ppl.is_some()).copied().collect();
+        if !text.is_empty() {
+            let _ = writeln!(s, "| config | length | KV kept | perplexity | KL vs full | top-1 agreement | samples |");
+            let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
+            let lengths: BTreeSet<usize> = text.iter().map(|c| c.length).collect();
+            for l in lengths {
+                for cfg in &order {
+                    if let Some(c) = text.iter().find(|c| c.config == *cfg && c.length == l) {
+                        let _ = writeln!(
+                            s,
+                            "| {cfg} | {} | {:.0}% | {} | {} | {} | {} |",
+                            short_len(l),
+                            c.kv_ratio * 100.0,
+                            opt(c.ppl, 3),
+                            opt(c.kl, 4),
+                            c.top1
+                                .map(|v| format!("{:.1}%", v * 100.0))
+                                .unwrap_or_default(),
+                            c.n
+                        );
+                    }
+                }
+            }
+            s.push('\n');
+        }
+    }
+    s
+}
+
+fn slug(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Write summary.md, summary.csv and the charts under `out`. Returns the files written.
+pub fn write_all(records: &[Record], out: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut files = Vec::new();
+    let md = out.join("summary.md");
+    plot::write_atomic(&md, markdown(records).as_bytes())?;
+    files.push(md);
+    let cs = cells(records);
+    let csv_path = out.join("summary.csv");
+    plot::write_atomic(&csv_path, csv(&cs).as_bytes())?;
+    files.push(csv_path);
+    let order = config_order(records);
+    let runs: BTreeSet<&str> = cs.iter().map(|c| c.run.as_str()).collect();
+    let multi = runs.len() > 1;
+    for run in runs {
+        let prefix = if multi {
+            format!("{}-", slug(run))
+        } else {
+            String::new()
+        };
+        let rc: Vec<&Cell> = cs.iter().filter(|c| c.run == run).collect();
+        let answer: Vec<&Cell> = rc.iter().filter(|c| c.score.is_some()).copied().collect();
+        if !answer.is_empty() {
+            files.extend(score_vs_budget(
+                run,
+                &answer,
+                &out.join(format!("{prefix}score_vs_budget")),
+            )?);
+            let budgets: BTreeSet<String> = answer
+                .iter()
+                .filter(|c| c.method != "full")
+                .map(|c| c.budget.clone())
+                .collect();
+            for b in budgets {
+                files.extend(task_bars(
+                    run,
+                    &answer,
+                    &order,
+                    &b,
+                    &out.join(format!("{prefix}tasks_at_{}", slug(&b))),
+                )?);
+            }
+        }
+        let niah: Vec<&Record> = records
+            .iter()
+            .filter(|r| r.run == run && r.task.starts_with("niah") && r.score.is_some())
+            .collect();
+        if !niah.is_empty() {
+            for cfg in &order {
+                let rs: Vec<&Record> = niah.iter().filter(|r| r.config == *cfg).copied().collect();
+                if !rs.is_empty() {
+                    files.extend(niah_heatmap(
+                        run,
+                        cfg,
+                        &rs,
+                        &out.join(format!("{prefix}niah_{}", slug(cfg))),
+                    )?);
+                }
+            }
+        }
+        let text: Vec<&Cell> = rc.iter().filter(|c| c.ppl.is_some()).copied().collect();
+        if !text.is_empty() {
+            files.extend(text_bars(
+                run,
+                &text,
+                &order,
+                &out.join(format!("{prefix}perplexity")),
+            )?);
+        }
+    }
+    Ok(files)
+}
+
+fn score_vs_budget(run: &str, cells: &[&Cell], stem: &Path) -> Result<Vec<PathBuf>, String> {
+    // Mean over every (task, length) column, per configuration.
+    let mut by_cfg: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    for c in cells {
+        by_cfg
+            .entry((c.method.clone(), c.budget.clone()))
+            .or_default()
+            .push(c.score.unwrap_or(0.0));
+    }
+    let mut methods: Vec<String> = Vec::new();
+    for c in cells {
+        if c.method != "full" && !methods.contains(&c.method) {
+            methods.push(c.method.clone());
+        }
+    }
+    let budgets: Vec<f64> = by_cfg
+        .keys()
+        .filter(|k| k.0 != "full")
+        .map(|k| budget_value(&k.1))
+        .filter(|b| b.is_finite() && *b <= 1.0)
+        .collect();
+    let full = by_cfg
+        .iter()
+        .find(|(k, _)| k.0 == "full")
+        .and_then(|(_, v)| mean(v.iter().copied()));
+    let mut series = Vec::new();
+    if let Some(f) = full {
+        let lo = budgets.iter().copied().fold(1.0f64, f64::min);
+        series.push(Series {
+            name: "full cache".into(),
+            points: vec![(lo, f * 100.0), (1.0, f * 100.0)],
+            dashed: true,
+        });
+    }
+    for m in methods {
+        let points: Vec<(f64, f64)> = by_cfg
+            .iter()
+            .filter(|(k, _)| k.0 == m)
+            .filter_map(|(k, v)| {
+                let b = budget_value(&k.1);
+                (b.is_finite() && b <= 1.0)
+                    .then(|| (b, mean(v.iter().copied()).unwrap_or(0.0) * 100.0))
+            })
+            .collect();
+        if !points.is_empty() {
+            series.push(Series {
+                name: m,
+                points,
+                dashed: false,
+            });
+        }
+    }
+    let svg = plot::line_chart(
+        &format!("{run}: mean score against KV budget"),
+        "budget (fraction of the prompt's KV cache kept)",
+        "mean score over tasks (×100)",
+        &series,
+        Some((0.0, 100.0)),
+    );
+    plot::save(&svg, stem)
+}
+
+fn task_bars(
+    run: &str,
+    cells: &[&Cell],
+    order: &[String],
+    budget: &str,
+    stem: &Path,
+) -> Result<Vec<PathBuf>, String> {
+    let cols: BTreeSet<(String, usize)> =
+        cells.iter().map(|c| (c.task.clone(), c.length)).collect();
+    let cols: Vec<(String, usize)> = cols.into_iter().collect();
+    let cfgs: Vec<&String> = order
+        .iter()
+        .filter(|o| {
+            cells
+                .iter()
+                .any(|c| &c.config == *o && (c.method == "full" || c.budget == budget))
+        })
+        .collect();
+    let values: Vec<Vec<Option<f64>>> = cfgs
+        .iter()
+        .map(|cfg| {
+            cols.iter()
+                .map(|(t, l)| {
+                    cells
+                        .iter()
+                        .find(|c| &c.config == *cfg && &c.task == t && c.length == *l)
+                        .and_then(|c| c.score.map(|v| v * 100.0))
+                })
+                .collect()
+        })
+        .collect();
+    let groups: Vec<String> = cols
+        .iter()
+        .map(|(t, l)| format!("{t} {}", short_len(*l)))
+        .collect();
+    let names: Vec<String> = cfgs.iter().map(|s| s.to_string()).collect();
+    let svg = plot::bar_chart(
+        &format!("{run}: score per task at budget {budget}"),
+        "score (×100)",
+        &groups,
+        &names,
+        &values,
+        Some((0.0, 100.0)),
+    );
+    plot::save(&svg, stem)
+}
+
+/// Depth bins of a NIAH heatmap.
+const DEPTH_BINS: usize = 5;
+
+fn niah_heatmap(run: &str, cfg: &str, rs: &[&Record], stem: &Path) -> Result<Vec<PathBuf>, String> {
+    let lengths: BTreeSet<usize> = rs.iter().map(|r| r.length).collect();
+    let lengths: Vec<usize> = lengths.into_iter().collect();
+    let mut sum = vec![vec![(0.0, 0usize); lengths.len()]; DEPTH_BINS];
+    for r in rs {
+        let Some(d) = r.meta.get("depth").and_then(|v| v.as_f64()) else {
+            continue;
+        };
+        let bin = ((d.clamp(0.0, 1.0) * DEPTH_BINS as f64) as usize).min(DEPTH_BINS - 1);
+        let col = lengths.iter().position(|&l| l == r.length).unwrap_or(0);
+        sum[bin][col].0 += r.score.unwrap_or(0.0);
+        sum[bin][col].1 += 1;
+    }
+    let values: Vec<Vec<Option<f64>>> = sum
+        .iter()
+        .map(|row| {
+            row.iter()
+                .map(|&(s, n)| (n > 0).then(|| s / n as f64))
+                .collect()
+        })
+        .collect();
+    let rows: Vec<String> = (0..DEPTH_BINS)
+        .map(|b| {
+            format!(
+                "{:.0}–{:.0}%",
+                100.0 * b as f64 / DEPTH_BINS as f64,
+                100.0 * (b + 1) as f64 / DEPTH_BINS as f64
+            )
+        })
+        .collect();
+    let cols: Vec<String> = lengths.iter().map(|&l| short_len(l)).collect();
+    let svg = plot::heatmap(
+        &format!("{run}: needle retrieval, {cfg}"),
+        "context length (tokens)",
+        "needle depth",
+        &cols,
+        &rows,
+        &values,
+        (0.0, 1.0),
+        true,
+    );
+    plot::save(&svg, stem)
+}
+
+fn text_bars(
+    run: &str,
+    cells: &[&Cell],
+    order: &[String],
+    stem: &Path,
+) -> Result<Vec<PathBuf>, String> {
+    let lengths: BTreeSet<usize> = cells.iter().map(|c| c.length).collect();
+    let lengths: Vec<usize> = lengths.into_iter().collect();
+    let cfgs: Vec<&String> = order
+        .iter()
+        .filter(|o| cells.iter().any(|c| &c.config == *o))
+        .collect();
+    let get = |f: &dyn Fn(&Cell) -> Option<f64>| -> Vec<Vec<Option<f64>>> {
+        cfgs.iter()
+            .map(|cfg| {
+                lengths
+                    .iter()
+                    .map(|l| {
+                        cells
+                            .iter()
+                            .find(|c| &c.config == *cfg && c.length == *l)
+                            .and_then(|c| f(c))
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let groups: Vec<String> = lengths
+        .iter()
+        .map(|&l| format!("{} tokens", short_len(l)))
+        .collect();
+    let names: Vec<String> = cfgs.iter().map(|s| s.to_string()).collect();
+    let mut files = plot::save(
+        &plot::bar_chart(
+            &format!("{run}: perplexity of the next tokens"),
+            "perplexity",
+            &groups,
+            &names,
+            &get(&|c| c.ppl),
+            None,
+        ),
+        stem,
+    )?;
+    let kl_stem = stem.with_file_name(format!(
+        "{}_kl",
+        stem.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("perplexity")
+    ));
+    files.extend(plot::save(
+        &plot::bar_chart(
+            &format!("{run}: KL divergence from the full cache"),
+            "mean KL per token (nats)",
+            &groups,
+            &names,
+            &get(&|c| c.kl),
+            None,
+        ),
+        &kl_stem,
+    )?);
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::Timing;
+
+    fn rec(
+        task: &str,
+        config: &str,
+        method: &str,
+        budget: &str,
+        i: usize,
+        score: f64,
+        depth: f64,
+    ) -> Record {
+        let mut meta = serde_json::Map::new();
+        meta.insert("depth".into(), depth.into());
+        Record {
+            run: "m".into(),
+            task: task.into(),
+            length: 4096,
+            index: i,
+            config: config.into(),
+            method: method.into(),
+            budget: budget.into(),
+            prompt_tokens: 4000,
+            kv_bytes_full: 100,
+            kv_bytes: if method == "full" { 100 } else { 50 },
+            score: Some(score),
+            prediction: None,
+            references: vec![],
+            ppl: None,
+            kl: None,
+            top1: None,
+            meta,
+            timing: Timing::default(),
+        }
+    }
+
+    fn records() -> Vec<Record> {
+        let mut v = Vec::new();
+        for i in 0..4 {
+            v.push(rec(
+                "niah_single_1",
+                "full",
+                "full",
+                "1",
+                i,
+                1.0,
+                i as f64 / 4.0,
+            ));
+            v.push(rec(
+                "niah_single_1",
+                "h2o@0.5",
+                "h2o",
+                "0.5",
+                i,
+                (i % 2) as f64,
+                i as f64 / 4.0,
+            ));
+            v.push(rec(
+                "niah_single_1",
+                "kvmerger@0.5",
+                "kvmerger",
+                "0.5",
+                i,
+                0.75,
+                i as f64 / 4.0,
+            ));
+        }
+        v
+    }
+
+    #[test]
+    fn means_and_kv_ratios_are_per_configuration() {
+        let cs = cells(&records());
+        let h2o = cs.iter().find(|c| c.config == "h2o@0.5").unwrap();
+        assert_eq!(h2o.n, 4);
+        assert_eq!(h2o.score, Some(0.5));
+        assert_eq!(h2o.kv_ratio, 0.5);
+    }
+
+    #[test]
+    fn the_table_lists_full_first_and_bolds_the_best_at_each_budget() {
+        let md = markdown(&records());
+        let full = md.find("| full |").unwrap();
+        let kvm = md.find("| kvmerger@0.5 |").unwrap();
+        assert!(full < kvm);
+        assert!(
+            md.contains("| kvmerger@0.5 | 50% | **75.0** | **75.0** |"),
+            "{md}"
+        );
+        assert!(md.contains("| h2o@0.5 | 50% | 50.0 | 50.0 |"), "{md}");
+        assert!(md.contains("| full | 100% | 100.0 | 100.0 |"), "{md}");
+    }
+
+    #[test]
+    fn all_reports_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_all(&records(), dir.path()).unwrap();
+        let names: Vec<String> = files
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        for want in [
+            "summary.md",
+            "summary.csv",
+            "score_vs_budget.svg",
+            "score_vs_budget.png",
+            "tasks_at_0.5.png",
+            "niah_kvmerger_0.5.svg",
+        ] {
+            assert!(
+                names.iter().any(|n| n == want),
+                "{want} missing from {names:?}"
+            );
+        }
+        let csv = std::fs::read_to_string(dir.path().join("summary.csv")).unwrap();
+        assert!(
+            csv.contains("m,niah_single_1,4096,h2o@0.5,h2o,0.5,4,0.5000,0.5000,,,"),
+            "{csv}"
+        );
+    }
+}

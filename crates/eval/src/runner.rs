@@ -1,0 +1,480 @@
+//! Running a grid: each work item is prefilled once, collecting every statistic any
+//! configuration needs, and every configuration is evaluated from its own copy of that
+//! cache.
+
+use crate::grid::{GridSpec, RunConfig, Shard, WorkItem, TEXT_TASK};
+use crate::records::{Record, RecordFile, Timing};
+use crate::sample::Sample;
+use crate::{metrics, Error};
+use kvmerger_compression::{KvDtype, Schedule, StatsNeeds};
+use kvmerger_engine::cache::{KvCache, PrefillStats};
+use kvmerger_engine::chat::Message;
+use kvmerger_engine::compress::{Compressor, DecodeCompression};
+use kvmerger_engine::generate::{decode_with, GenerateParams};
+use kvmerger_engine::load::LoadedModel;
+use kvmerger_engine::model::Logits;
+use std::path::Path;
+use std::time::Instant;
+
+/// Where answer-task samples come from (the task generators, or a user's JSONL file).
+pub trait SampleSource: Sync {
+    fn sample(&self, task: &str, length: usize, index: usize) -> Result<Sample, Error>;
+    /// How many samples `task` has, when it is a finite set (a file); None: unbounded.
+    fn available(&self, _task: &str) -> Option<usize> {
+        None
+    }
+}
+
+/// Progress reports and cancellation.
+pub trait Observer {
+    /// Before the first item: how many items this run has and how many were already done.
+    fn begin(&self, _total: usize, _already_done: usize) {}
+    /// What is happening now, for a progress line.
+    fn stage(&self, _item: &WorkItem, _what: &str) {}
+    /// An item finished with these records.
+    fn item_done(&self, _item: &WorkItem, _records: &[Record]) {}
+    /// Checked between items: false stops the run (its finished items are kept).
+    fn keep_going(&self) -> bool {
+        true
+    }
+}
+
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// A long text to score continuations of, split into documents (e.g. novels).
+pub struct TextSource {
+    pub documents: Vec<(String, String)>,
+}
+
+/// A configuration ready to run.
+struct Prepared {
+    config: RunConfig,
+    compressor: Compressor,
+}
+
+pub struct Runner<'a> {
+    pub lm: &'a LoadedModel,
+    pub dtype: KvDtype,
+    /// Identifies the model and settings in every record.
+    pub run: String,
+    pub spec: &'a GridSpec,
+    pub samples: &'a dyn SampleSource,
+    pub text: Option<&'a TextSource>,
+}
+
+/// What a run did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RunSummary {
+    pub items: usize,
+    pub skipped: usize,
+    pub evaluated: usize,
+    pub stopped_early: bool,
+}
+
+impl Runner<'_> {
+    fn prepare(&self) -> Result<Vec<Prepared>, Error> {
+        let mut out = Vec::new();
+        for config in self.spec.configs()? {
+            let compressor = match config.budget {
+                None => Compressor::full(),
+                Some(b) => {
+                    let mut c =
+                        Compressor::new(&config.method, &config.options, b, Schedule::Uniform)?;
+                    c.recompress_margin = self.spec.recompress_margin;
+                    c
+                }
+            };
+            out.push(Prepared { config, compressor });
+        }
+        Ok(out)
+    }
+
+    /// Run this shard of the grid, appending to `out_dir/<shard file>` and skipping
+    /// items already recorded there.
+    pub fn run(
+        &self,
+        out_dir: &Path,
+        shard: Shard,
+        obs: &dyn Observer,
+    ) -> Result<RunSummary, Error> {
+        let prepared = self.prepare()?;
+        let path = out_dir.join(shard.file_name());
+        let mut file =
+            RecordFile::open(&path).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        let all: Vec<WorkItem> = self
+            .spec
+            .items()
+            .into_iter()
+            .filter(|it| {
+                self.samples
+                    .available(&it.task)
+                    .is_none_or(|n| it.index < n)
+            })
+            .collect();
+        let items = shard.select(&all);
+        let todo: Vec<(WorkItem, Vec<usize>)> = items
+            .iter()
+            .map(|it| {
+                let missing = (0..prepared.len())
+                    .filter(|&c| !file.has(&self.key(it, &prepared[c].config)))
+                    .collect();
+                (it.clone(), missing)
+            })
+            .collect();
+        let mut summary = RunSummary {
+            items: items.len(),
+            skipped: todo.iter().filter(|(_, m)| m.is_empty()).count(),
+            ..Default::default()
+        };
+        obs.begin(items.len(), summary.skipped);
+        for (item, missing) in todo {
+            if missing.is_empty() {
+                continue;
+            }
+            if !obs.keep_going() {
+                summary.stopped_early = true;
+                break;
+            }
+            let configs: Vec<&Prepared> = missing.iter().map(|&c| &prepared[c]).collect();
+            let records = if item.task == TEXT_TASK {
+                self.text_item(&item, &configs, obs)?
+            } else {
+                self.answer_item(&item, &configs, obs)?
+            };
+            file.append(&records)
+                .map_err(|e| Error::msg(format!("{}: {e}", file.path().display())))?;
+            summary.evaluated += 1;
+            obs.item_done(&item, &records);
+        }
+        Ok(summary)
+    }
+
+    fn key(&self, it: &WorkItem, c: &RunConfig) -> crate::records::RecordKey {
+        (
+            self.run.clone(),
+            it.task.clone(),
+            it.length,
+            it.index,
+            c.label.clone(),
+        )
+    }
+
+    fn prefill(
+        &self,
+        ids: &[u32],
+        configs: &[&Prepared],
+    ) -> Result<(KvCache, PrefillStats, Vec<f32>, f64), Error> {
+        let model = &self.lm.model;
+        if ids.len() >= model.cfg.ctx_len {
+            return Err(Error::msg(format!(
+                "a prompt of {} tokens does not fit the model's context of {}",
+                ids.len(),
+                model.cfg.ctx_len
+            )));
+        }
+        let needs = configs
+            .iter()
+            .fold(StatsNeeds::default(), |n, p| n.union(p.compressor.needs()));
+        let mut cache = model.new_cache(self.dtype);
+        cache.reserve(ids.len() + 1);
+        let mut stats = PrefillStats::default();
+        let t0 = Instant::now();
+        let logits = model.forward(ids, &mut cache, needs, Some(&mut stats), Logits::Last)?;
+        Ok((cache, stats, logits, t0.elapsed().as_secs_f64()))
+    }
+
+    fn record(&self, item: &WorkItem, c: &RunConfig, prompt_tokens: usize) -> Record {
+        Record {
+            run: self.run.clone(),
+            task: item.task.clone(),
+            length: item.length,
+            index: item.index,
+            config: c.label.clone(),
+            method: c.method.clone(),
+            budget: c.budget_label.clone(),
+            prompt_tokens,
+            kv_bytes_full: 0,
+            kv_bytes: 0,
+            score: None,
+            prediction: None,
+            references: Vec::new(),
+            ppl: None,
+            kl: None,
+            top1: None,
+            meta: Default::default(),
+            timing: Timing::default(),
+        }
+    }
+
+    fn answer_item(
+        &self,
+        item: &WorkItem,
+        configs: &[&Prepared],
+        obs: &dyn Observer,
+    ) -> Result<Vec<Record>, Error> {
+        obs.stage(item, "generating the sample");
+        let sample = self.samples.sample(&item.task, item.length, item.index)?;
+        let lm = self.lm;
+        // LongBench feeds its few-shot and code datasets as raw text.
+        let raw = sample.meta.get("chat_template") == Some(&serde_json::Value::Bool(false));
+        let mut prompt = if raw {
+            sample.input.clone()
+        } else {
+            lm.template.render(&[Message::user(&sample.input)], true)?
+        };
+        prompt.push_str(&sample.answer_prefix);
+        let ids = lm.tokenizer.encode(&prompt, true)?;
+        obs.stage(item, &format!("prefilling {} tokens", ids.len()));
+        let (base, stats, logits, prefill_s) = self.prefill(&ids, configs)?;
+        let params = GenerateParams {
+            max_tokens: sample.max_new_tokens.max(1),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        for p in configs {
+            obs.stage(item, &p.config.label);
+            let mut cache = base.clone();
+            let mut compress_s = 0.0;
+            let mut dc = None;
+            if !p.compressor.is_noop() {
+                let (report, targets) = p.compressor.compress_prompt(&mut cache, &stats)?;
+                compress_s = report.secs;
+                dc = Some(DecodeCompression::new(&p.compressor, targets));
+            }
+            let kv_bytes = cache.bytes();
+            let gen = decode_with(
+                &lm.model,
+                &lm.tokenizer,
+                &mut cache,
+                logits.clone(),
+                &ids,
+                &params,
+                dc.as_mut(),
+                &mut |_| true,
+            )?;
+            let mut r = self.record(item, &p.config, ids.len());
+            r.kv_bytes_full = base.bytes();
+            r.kv_bytes = kv_bytes;
+            r.score = Some(metrics::score_sample(&sample, &gen.text));
+            r.prediction = Some(gen.text);
+            r.references = sample.references.clone();
+            r.meta = sample.meta.clone();
+            r.timing = Timing {
+                prefill_s,
+                compress_s,
+                decode_s: gen.decode_secs,
+            };
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// The token ids of text-task sample `index`: `length` context tokens followed by
+    /// `ppl_tokens + 1` continuation tokens.
+    pub fn text_ids(&self, item: &WorkItem) -> Result<(Vec<u32>, String), Error> {
+        let text = self
+            .text
+            .ok_or_else(|| Error::msg("the grid has a ppl task but no text was loaded"))?;
+        text_window(
+            &self.lm.tokenizer,
+            text,
+            item.index,
+            item.length + self.spec.ppl_tokens + 1,
+        )
+    }
+
+    fn text_item(
+        &self,
+        item: &WorkItem,
+        configs: &[&Prepared],
+        obs: &dyn Observer,
+    ) -> Result<Vec<Record>, Error> {
+        obs.stage(item, "tokenizing the text");
+        let (ids, doc) = self.text_ids(item)?;
+        let (context, cont) = ids.split_at(item.length);
+        obs.stage(item, &format!("prefilling {} tokens", context.len()));
+        // The full cache is always the reference, even when only other configs are missing.
+        let full = Compressor::full();
+        let full_prep = Prepared {
+            config: RunConfig::full(),
+            compressor: full,
+        };
+        let mut all: Vec<&Prepared> = vec![&full_prep];
+        all.extend(configs.iter().filter(|p| !p.compressor.is_noop()));
+        let (base, stats, _, prefill_s) = self.prefill(context, &all)?;
+        let mut reference: Vec<Vec<f32>> = Vec::new();
+        let mut out = Vec::new();
+        for (ci, p) in all.iter().enumerate() {
+            obs.stage(
+                item,
+                &format!("{} (scoring {} tokens)", p.config.label, cont.len() - 1),
+            );
+            let mut cache = base.clone();
+            let mut compress_s = 0.0;
+            let mut dc = None;
+            if !p.compressor.is_noop() {
+                let (report, targets) = p.compressor.compress_prompt(&mut cache, &stats)?;
+                compress_s = report.secs;
+                dc = Some(DecodeCompression::new(&p.compressor, targets));
+            }
+            let kv_bytes = cache.bytes();
+            let t0 = Instant::now();
+            let mut nll = 0.0f64;
+            let (mut kl, mut agree) = (0.0f64, 0usize);
+            // Feed the true continuation; each step's logits predict the next true token.
+            for step in 0..cont.len() - 1 {
+                let logits = match dc.as_mut() {
+                    Some(dc) => {
+                        let needs = dc.needs();
+                        let l = self.lm.model.forward(
+                            &cont[step..step + 1],
+                            &mut cache,
+                            needs,
+                            Some(&mut dc.stats),
+                            Logits::Last,
+                        )?;
+                        dc.after_step(&mut cache)?;
+                        l
+                    }
+                    None => self.lm.model.forward(
+                        &cont[step..step + 1],
+                        &mut cache,
+                        StatsNeeds::default(),
+                        None,
+                        Logits::Last,
+                    )?,
+                };
+                let lp = log_softmax(&logits);
+                nll -= lp[cont[step + 1] as usize] as f64;
+                if ci == 0 {
+                    reference.push(lp);
+                } else {
+                    let r = &reference[step];
+                    kl += kl_divergence(r, &lp);
+                    agree += (argmax(r) == argmax(&lp)) as usize;
+                }
+            }
+            let steps = (cont.len() - 1) as f64;
+            let decode_s = t0.elapsed().as_secs_f64();
+            if ci == 0 && !configs.iter().any(|c| c.compressor.is_noop()) {
+                continue; // the reference was only needed, not asked for
+            }
+            let mut r = self.record(item, &p.config, context.len());
+            r.kv_bytes_full = base.bytes();
+            r.kv_bytes = kv_bytes;
+            r.ppl = Some((nll / steps).exp());
+            r.kl = Some(if ci == 0 { 0.0 } else { kl / steps });
+            r.top1 = Some(if ci == 0 { 1.0 } else { agree as f64 / steps });
+            r.meta.insert("document".into(), doc.clone().into());
+            r.meta
+                .insert("scored_tokens".into(), (steps as usize).into());
+            r.timing = Timing {
+                prefill_s,
+                compress_s,
+                decode_s,
+            };
+            out.push(r);
+        }
+        Ok(out)
+    }
+}
+
+/// Sample `index` of a text: document `index % n`, starting at a different place on
+/// each pass over the documents, `tokens` token ids long.
+pub fn text_window(
+    tok: &kvmerger_engine::tokenizer::Tokenizer,
+    text: &TextSource,
+    index: usize,
+    tokens: usize,
+) -> Result<(Vec<u32>, String), Error> {
+    if text.documents.is_empty() {
+        return Err(Error::msg("the text has no documents"));
+    }
+    let (title, doc) = &text.documents[index % text.documents.len()];
+    let pass = index / text.documents.len();
+    // Skip front matter, then step through the document a different stretch per pass.
+    let mut start = (doc.len() / 50 + pass * doc.len() / 7) % doc.len().max(1);
+    let mut chars = tokens * 6;
+    loop {
+        while !doc.is_char_boundary(start) {
+            start += 1;
+        }
+        // Begin at a word boundary so the first token is a whole word.
+        if let Some(ws) = doc[start..].find(char::is_whitespace) {
+            start += ws;
+        }
+        let mut end = (start + chars).min(doc.len());
+        while !doc.is_char_boundary(end) {
+            end -= 1;
+        }
+        let ids = tok.encode(doc[start..end].trim_start(), true)?;
+        if ids.len() >= tokens {
+            return Ok((ids[..tokens].to_vec(), title.clone()));
+        }
+        if end == doc.len() {
+            if start == 0 {
+                return Err(Error::msg(format!(
+                    "'{title}' has only {} tokens; {tokens} are needed",
+                    ids.len()
+                )));
+            }
+            start = 0; // too near the end: start over from the beginning
+        }
+        chars *= 2;
+    }
+}
+
+pub fn log_softmax(x: &[f32]) -> Vec<f32> {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = x.iter().map(|&v| ((v - m) as f64).exp()).sum();
+    let lse = m + sum.ln() as f32;
+    x.iter().map(|&v| v - lse).collect()
+}
+
+/// KL(p || q) from log-probabilities.
+pub fn kl_divergence(log_p: &[f32], log_q: &[f32]) -> f64 {
+    log_p
+        .iter()
+        .zip(log_q)
+        .map(|(&a, &b)| {
+            let p = (a as f64).exp();
+            if p == 0.0 {
+                0.0
+            } else {
+                p * (a as f64 - b as f64)
+            }
+        })
+        .sum::<f64>()
+        .max(0.0)
+}
+
+pub fn argmax(x: &[f32]) -> usize {
+    x.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kl_of_a_distribution_with_itself_is_zero_and_positive_otherwise() {
+        let p = log_softmax(&[1.0, 2.0, 3.0]);
+        let q = log_softmax(&[3.0, 2.0, 1.0]);
+        assert!(kl_divergence(&p, &p).abs() < 1e-9);
+        // By hand: q reverses p, so ln(p_i/q_i) = x_i - y_i = (-2, 0, 2) and
+        // KL(p||q) = 2 (p_3 - p_1).
+        let expect = 2.0 * ((p[2] as f64).exp() - (p[0] as f64).exp());
+        assert!((kl_divergence(&p, &q) - expect).abs() < 1e-6);
+        assert_eq!(argmax(&[0.1, 0.7, 0.2]), 1);
+    }
+}
