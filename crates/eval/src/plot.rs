@@ -311,6 +311,8 @@ pub fn heatmap(
     range: (f64, f64),
     annotate: bool,
 ) -> String {
+    // Room for row labels such as "80–100%" or "L29 H2" beside the axis title.
+    const LEFT: f64 = 110.0;
     let pw = W - LEFT - RIGHT + 60.0;
     let ph = H - TOP - BOTTOM;
     let cw = pw / cols.len().max(1) as f64;

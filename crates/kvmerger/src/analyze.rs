@@ -108,6 +108,7 @@ fn similarity(a: SimilarityArgs, dir: &Path) -> Result<()> {
     if a.max_distance == 0 {
         bail!("--max-distance must be at least 1");
     }
+    check_tasks(&a.input.tasks)?;
     let (lm, _) = load_model(&a.input.model, dir)?;
     let n_layers = lm.model.cfg.n_layers;
     let layer = a.layer.unwrap_or(n_layers / 2);
@@ -159,6 +160,7 @@ fn sparsity(a: SparsityArgs, dir: &Path) -> Result<()> {
     if !(a.epsilon.is_finite() && (-1.0..=1.0).contains(&a.epsilon)) {
         bail!("--epsilon must be a cosine similarity in [-1, 1]");
     }
+    check_tasks(&a.input.tasks)?;
     let (lm, _) = load_model(&a.input.model, dir)?;
     let mut sp = Sparsity {
         epsilon: a.epsilon,

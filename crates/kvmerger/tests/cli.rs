@@ -147,3 +147,97 @@ fn generation_with_compression_reports_the_kv_bytes_saved() {
         "{err}"
     );
 }
+
+#[test]
+fn eval_names_unknown_tasks_methods_and_bad_grids() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r");
+    let out = out.to_str().unwrap();
+    let e = fails(&["eval", "run", "--tasks", "niah_nope", "-o", out]);
+    assert!(
+        e.contains("unknown task 'niah_nope'") && e.contains("niah_single_1"),
+        "{e}"
+    );
+    let e = fails(&[
+        "eval",
+        "run",
+        "--methods",
+        "zip",
+        "--tasks",
+        "passkey",
+        "-o",
+        out,
+    ]);
+    assert!(e.contains("unknown method 'zip'"), "{e}");
+    let e = fails(&[
+        "eval",
+        "run",
+        "--budgets",
+        "1.5",
+        "--tasks",
+        "passkey",
+        "-o",
+        out,
+    ]);
+    assert!(e.contains("budget"), "{e}");
+    let e = fails(&[
+        "eval", "run", "--shard", "4/4", "--tasks", "passkey", "-o", out,
+    ]);
+    assert!(e.contains("0 <= i < n"), "{e}");
+    let grid = dir.path().join("grid.toml");
+    std::fs::write(&grid, "tasks = [\"passkey\"]\nlenghts = [4096]\n").unwrap();
+    let e = fails(&["eval", "run", "--config", grid.to_str().unwrap(), "-o", out]);
+    assert!(e.contains("lenghts"), "{e}");
+    let e = fails(&["eval", "report", dir.path().to_str().unwrap()]);
+    assert!(e.contains("no results"), "{e}");
+    let e = fails(&["analyze", "sparsity", "--tasks", "nope", "-o", out]);
+    assert!(e.contains("unknown task 'nope'"), "{e}");
+    let e = fails(&["analyze", "merge-map", "--budget", "0", "-o", out]);
+    assert!(e.contains("budget"), "{e}");
+}
+
+#[test]
+fn eval_reports_malformed_jsonl_lines_by_number_and_evaluates_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lb.jsonl");
+    let good = |id: &str, answer: &str| {
+        format!(
+            r#"{{"input": "What colour is the door?", "context": "The door of house {id} is painted {answer}. The garden is green.", "answers": ["{answer}"], "length": 12, "dataset": "hotpotqa", "language": "en", "all_classes": null, "_id": "{id}"}}"#
+        )
+    };
+    let lines = [
+        good("a", "red"),
+        "{\"input\": \"broken".to_string(),
+        r#"{"input": "q", "context": "c", "length": 1, "dataset": "hotpotqa", "language": "en", "all_classes": null, "_id": "x"}"#.to_string(),
+        good("b", "blue"),
+    ];
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let out_dir = dir.path().join("out");
+    let out = kvmerger(&[
+        "eval",
+        "run",
+        "--longbench",
+        file.to_str().unwrap(),
+        "--methods",
+        "streaming",
+        "--budgets",
+        "0.5",
+        "--lengths",
+        "512",
+        "-o",
+        out_dir.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("lb.jsonl:2:"), "{err}");
+    assert!(
+        err.contains("lb.jsonl:3:") && err.contains("answers"),
+        "{err}"
+    );
+    let records = std::fs::read_to_string(out_dir.join("samples.jsonl")).unwrap();
+    // Two good samples, each with the full cache and streaming at 50%.
+    assert_eq!(records.lines().count(), 4, "{records}");
+    let summary = std::fs::read_to_string(out_dir.join("summary.md")).unwrap();
+    assert!(summary.contains("longbench/hotpotqa"), "{summary}");
+    assert!(out_dir.join("summary.csv").exists() && out_dir.join("score_vs_budget.png").exists());
+}
