@@ -11,6 +11,7 @@ use kvmerger_eval::records::{self, Record};
 use kvmerger_eval::runner::{Observer, Runner, TextSource};
 use kvmerger_eval::sources::TaskSamples;
 use kvmerger_eval::{report, tasks};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -106,6 +107,18 @@ fn split_methods(s: &str) -> Vec<String> {
 
 struct EvalBar {
     bar: ProgressBar,
+    /// Not a terminal (a batch job's log): plain lines instead of a bar.
+    plain: bool,
+}
+
+impl EvalBar {
+    fn line(&self, s: String) {
+        if self.plain {
+            eprintln!("{s}");
+        } else {
+            self.bar.println(s);
+        }
+    }
 }
 
 impl Observer for EvalBar {
@@ -114,8 +127,7 @@ impl Observer for EvalBar {
         self.bar.set_position(done as u64);
         self.bar.reset_eta();
         if done > 0 {
-            self.bar
-                .println(format!("resuming: {done} of {total} samples already done"));
+            self.line(format!("resuming: {done} of {total} samples already done"));
         }
     }
     fn stage(&self, item: &WorkItem, what: &str) {
@@ -126,6 +138,9 @@ impl Observer for EvalBar {
     }
     fn item_done(&self, item: &WorkItem, records: &[Record]) {
         self.bar.inc(1);
+        let pos = self.bar.position();
+        let len = self.bar.length().unwrap_or(0);
+        let eta = self.bar.eta().as_secs();
         let full = records.iter().find(|r| r.config == "full");
         let mean = |f: &dyn Fn(&Record) -> Option<f64>| {
             let v: Vec<f64> = records
@@ -142,8 +157,13 @@ impl Observer for EvalBar {
                 _ => String::new(),
             },
         };
-        self.bar.println(format!(
-            "{} {} #{}: {line}",
+        let progress = if self.plain {
+            format!("[{pos}/{len}, eta {}h{:02}m] ", eta / 3600, eta / 60 % 60)
+        } else {
+            String::new()
+        };
+        self.line(format!(
+            "{progress}{} {} #{}: {line}",
             item.task, item.length, item.index
         ));
     }
@@ -263,7 +283,10 @@ fn run_grid(a: EvalRunArgs, dir: &Path) -> Result<()> {
         .progress_chars("=> "),
     );
     bar.enable_steady_tick(Duration::from_millis(500));
-    let obs = EvalBar { bar };
+    let obs = EvalBar {
+        bar,
+        plain: !std::io::stderr().is_terminal(),
+    };
     let summary = runner.run(&out, shard, &obs);
     obs.bar.finish_and_clear();
     let summary = summary?;
