@@ -160,9 +160,12 @@ fn fused_dot(ty: GgmlType) -> Option<FusedDot> {
             && is_x86_feature_detected!("f16c")
         {
             return match ty {
-                // SAFETY (both): the CPU features were checked just above.
+                // SAFETY (all): the CPU features were checked just above.
                 GgmlType::Q4_1 => Some(|w, x| unsafe { x86::dot_q4_1(w, x) }),
                 GgmlType::Q8_0 => Some(|w, x| unsafe { x86::dot_q8_0(w, x) }),
+                GgmlType::Q5_0 => Some(|w, x| unsafe { x86::dot_q5_0(w, x) }),
+                GgmlType::Q4_K => Some(|w, x| unsafe { x86::dot_q4_k(w, x) }),
+                GgmlType::Q6_K => Some(|w, x| unsafe { x86::dot_q6_k(w, x) }),
                 _ => None,
             };
         }
@@ -255,6 +258,140 @@ mod x86 {
         hsum(acc)
     }
 
+    /// Dot of 32 signed bytes with 32 f32 activations: the sums over the first and the
+    /// last 16 (eight lanes each).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot32(q: __m256i, x: *const f32) -> (__m256, __m256) {
+        let lo = _mm256_castsi256_si128(q);
+        let hi = _mm256_extracti128_si256(q, 1);
+        let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+        let a = _mm256_fmadd_ps(
+            f(lo),
+            _mm256_loadu_ps(x),
+            _mm256_mul_ps(f(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(x.add(8))),
+        );
+        let b = _mm256_fmadd_ps(
+            f(hi),
+            _mm256_loadu_ps(x.add(16)),
+            _mm256_mul_ps(f(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(x.add(24))),
+        );
+        (a, b)
+    }
+
+    /// Q5_0 blocks of 32: {d: f16, qh: u32, qs: [u8; 16]}; element j's high bit is bit j
+    /// of qh, low nibbles are elements 0..16; value = (q - 16) * d.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q5_0(w: &[u8], x: &[f32]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mask = _mm_set1_epi8(0x0F);
+        let shuf = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+            3, 3, 3,
+        );
+        let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let sixteen = _mm256_set1_epi8(16);
+        for (b, xs) in w.chunks_exact(22).zip(x.chunks_exact(32)) {
+            let d = f16(&b[0..2]);
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            let qs = _mm_loadu_si128(b.as_ptr().add(6) as *const __m128i);
+            let nib = _mm256_set_m128i(
+                _mm_and_si128(_mm_srli_epi16(qs, 4), mask),
+                _mm_and_si128(qs, mask),
+            );
+            let hb = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuf);
+            let hb = _mm256_cmpeq_epi8(_mm256_and_si256(hb, bits), bits);
+            let q = _mm256_sub_epi8(_mm256_or_si256(nib, _mm256_and_si256(hb, sixteen)), sixteen);
+            let (s0, s1) = dot32(q, xs.as_ptr());
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_add_ps(s0, s1), acc);
+        }
+        hsum(acc)
+    }
+
+    /// Q4_K super-blocks of 256: {d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]};
+    /// eight sub-blocks of 32 with 6-bit scales and mins; value = d*sc*q - dmin*m.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_k(w: &[u8], x: &[f32]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mask = _mm256_set1_epi8(0x0F);
+        for (b, xs) in w.chunks_exact(144).zip(x.chunks_exact(256)) {
+            let d = f16(&b[0..2]);
+            let dmin = f16(&b[2..4]);
+            let sc = &b[4..16];
+            let scale_min = |j: usize| -> (f32, f32) {
+                if j < 4 {
+                    ((sc[j] & 63) as f32, (sc[j + 4] & 63) as f32)
+                } else {
+                    (
+                        ((sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4)) as f32,
+                        ((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)) as f32,
+                    )
+                }
+            };
+            let px = xs.as_ptr();
+            for j in 0..4 {
+                let v = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * j) as *const __m256i);
+                for (h, q) in [
+                    (0usize, _mm256_and_si256(v, mask)),
+                    (1, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask)),
+                ] {
+                    let (scale, min) = scale_min(2 * j + h);
+                    let xp = px.add(64 * j + 32 * h);
+                    let (s0, s1) = dot32(q, xp);
+                    let sx = _mm256_add_ps(
+                        _mm256_add_ps(_mm256_loadu_ps(xp), _mm256_loadu_ps(xp.add(8))),
+                        _mm256_add_ps(_mm256_loadu_ps(xp.add(16)), _mm256_loadu_ps(xp.add(24))),
+                    );
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * scale), _mm256_add_ps(s0, s1), acc);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * min), sx, acc);
+                }
+            }
+        }
+        hsum(acc)
+    }
+
+    /// Q6_K super-blocks of 256: {ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16};
+    /// sixteen sub-blocks of 16 with 8-bit scales; value = d * sc * (q - 32).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q6_k(w: &[u8], x: &[f32]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(0x03);
+        let off = _mm256_set1_epi8(32);
+        for (b, xs) in w.chunks_exact(210).zip(x.chunks_exact(256)) {
+            let d = f16(&b[208..210]);
+            let sc = &b[192..208];
+            let px = xs.as_ptr();
+            for n in 0..2 {
+                let ql0 = _mm256_loadu_si256(b.as_ptr().add(64 * n) as *const __m256i);
+                let ql1 = _mm256_loadu_si256(b.as_ptr().add(64 * n + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(b.as_ptr().add(128 + 32 * n) as *const __m256i);
+                let hi = |shift: i32| -> __m256i {
+                    let h = match shift {
+                        0 => qh,
+                        2 => _mm256_srli_epi16(qh, 2),
+                        4 => _mm256_srli_epi16(qh, 4),
+                        _ => _mm256_srli_epi16(qh, 6),
+                    };
+                    _mm256_slli_epi16(_mm256_and_si256(h, m2), 4)
+                };
+                let groups = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, m4), hi(0)),
+                    _mm256_or_si256(_mm256_and_si256(ql1, m4), hi(2)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), hi(4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), hi(6)),
+                ];
+                for (g, q) in groups.into_iter().enumerate() {
+                    let (s0, s1) = dot32(_mm256_sub_epi8(q, off), px.add(128 * n + 32 * g));
+                    let k = 8 * n + 2 * g;
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (sc[k] as i8) as f32), s0, acc);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (sc[k + 1] as i8) as f32), s1, acc);
+                }
+            }
+        }
+        hsum(acc)
+    }
+
     /// Q8_0 blocks of 32: {d: f16, qs: [i8; 32]}, value = q * d.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q8_0(w: &[u8], x: &[f32]) -> f32 {
@@ -319,14 +456,20 @@ mod tests {
     /// The fused one-token kernels give what dequantize-then-dot gives.
     #[test]
     fn fused_kernels_match_dequantize_then_dot() {
-        let (rows, cols) = (70, 576);
+        let (rows, cols) = (70, 768);
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 2.0)
             .collect();
         let x: Vec<f32> = (0..cols)
             .map(|i| ((i * 31 % 97) as f32 / 97.0 - 0.5) * 3.0)
             .collect();
-        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q5_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+        ] {
             let bytes: Vec<u8> = w.chunks(cols).flat_map(|r| quantize_row(ty, r)).collect();
             let m = QMatrix::from_bytes(ty, rows, cols, bytes);
             let mut fused = vec![0.0f32; rows];
