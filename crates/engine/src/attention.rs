@@ -11,7 +11,9 @@
 //! When the caller asks for attention statistics, the softmax rows are folded into
 //! them; when it does not, nothing extra is done.
 
-use crate::kernels::{add_weighted_rows, dot_rows, exp_shifted_sum, f16_to_f32, max_f32};
+use crate::kernels::{
+    add_weighted_rows, dot_rows, exp_shifted_sum, f16_to_f32, max_f32, q8_0_to_f32,
+};
 use kvmerger_compression::{HeadStore, KvSlice};
 use rayon::prelude::*;
 
@@ -63,6 +65,15 @@ fn rows_f32(s: KvSlice<'_>, d: usize, start: usize, n: usize, out: &mut [f32]) {
     match s {
         KvSlice::F16(x) => f16_to_f32(&x[start * d..(start + n) * d], out),
         KvSlice::F32(x) => out.copy_from_slice(&x[start * d..(start + n) * d]),
+        KvSlice::Q8_0 { q, d: scales } => {
+            let nb = d.div_ceil(kvmerger_compression::Q8_BLOCK);
+            q8_0_to_f32(
+                &q[start * d..(start + n) * d],
+                &scales[start * nb..(start + n) * nb],
+                d,
+                out,
+            )
+        }
     }
 }
 
@@ -477,6 +488,8 @@ mod tests {
         check(6, 2, 64, 5, 37, None, KvDtype::F16);
         check(4, 1, 24, 0, 9, None, KvDtype::F32);
         check(4, 4, 16, 3, 20, Some(6), KvDtype::F16);
+        check(6, 2, 64, 11, 29, None, KvDtype::Q8_0);
+        check(4, 2, 40, 0, 12, None, KvDtype::Q8_0);
     }
 
     #[test]
@@ -484,5 +497,6 @@ mod tests {
         check(7, 1, 64, 1500, 1, None, KvDtype::F16);
         check(6, 3, 32, 2100, 1, Some(700), KvDtype::F32);
         check(2, 2, 8, 0, 1, None, KvDtype::F16);
+        check(7, 1, 64, 1300, 1, None, KvDtype::Q8_0);
     }
 }

@@ -100,6 +100,23 @@ pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
     }
 }
 
+/// Dequantizes q8_0 rows of `dim` values (one f16 scale per block of 32 values of a
+/// row) into `out`.
+pub fn q8_0_to_f32(q: &[i8], d: &[f16], dim: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() && dim.is_multiple_of(32) {
+            let out = &mut out[..q.len()];
+            assert!(d.len() * 32 >= q.len());
+            // SAFETY: the CPU supports AVX2 and F16C (checked above); `out` and `d`
+            // cover `q` (asserted above) and rows are whole blocks.
+            unsafe { x86::q8_0_to_f32(q, d, out) };
+            return;
+        }
+    }
+    kvmerger_compression::dequantize_q8_0(q, d, dim, out);
+}
+
 /// `out[r * stride + j] = (q_r · k_j) * scale` for the `q.len() / d` query rows and
 /// the `keys.len() / d` key rows (both row-major, `d` values each).
 pub fn dot_rows(q: &[f32], keys: &[f32], d: usize, scale: f32, out: &mut [f32], stride: usize) {
@@ -309,6 +326,20 @@ mod x86 {
         while i < n {
             *pd.add(i) = src[i].to_f32();
             i += 1;
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn q8_0_to_f32(q: &[i8], d: &[f16], out: &mut [f32]) {
+        let pq = q.as_ptr();
+        let po = out.as_mut_ptr();
+        for b in 0..q.len() / 32 {
+            let s = _mm256_set1_ps(d[b].to_f32());
+            for k in 0..4 {
+                let v = _mm_loadl_epi64(pq.add(32 * b + 8 * k) as *const __m128i);
+                let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                _mm256_storeu_ps(po.add(32 * b + 8 * k), _mm256_mul_ps(f, s));
+            }
         }
     }
 
