@@ -69,7 +69,9 @@ pub mod store;
 pub use budget::{should_recompress, Budget};
 pub use method::{HeadInput, HeadPos, HeadStats, MassCorrection, Method, Options, StatsNeeds};
 pub use schedule::Schedule;
-pub use store::{HeadData, HeadStore, KvDtype, KvSlice, SlotMeta};
+pub use store::{
+    dequantize_q8_0, quantize_q8_0, HeadData, HeadStore, KvDtype, KvSlice, SlotMeta, Q8_BLOCK,
+};
 
 /// Errors from building or running a compression method.
 #[derive(Debug, thiserror::Error)]

@@ -12,13 +12,29 @@ pub enum KvDtype {
     #[default]
     F16,
     F32,
+    /// 8-bit integers with one f16 scale per block of [`Q8_BLOCK`] values of a row
+    /// (ggml's q8_0): 34 bytes per 32 values.
+    Q8_0,
 }
 
+/// Values per scale in [`KvDtype::Q8_0`] storage (a row's last block may be shorter).
+pub const Q8_BLOCK: usize = 32;
+
 impl KvDtype {
+    /// Bytes per stored value, not counting q8_0's per-block scales (see [`KvDtype::row_bytes`]).
     pub fn size(self) -> usize {
         match self {
             KvDtype::F16 => 2,
             KvDtype::F32 => 4,
+            KvDtype::Q8_0 => 1,
+        }
+    }
+
+    /// Exact bytes of one stored key (or value) row of `dim` values.
+    pub fn row_bytes(self, dim: usize) -> usize {
+        match self {
+            KvDtype::Q8_0 => dim + 2 * dim.div_ceil(Q8_BLOCK),
+            _ => dim * self.size(),
         }
     }
 }
@@ -29,7 +45,10 @@ impl std::str::FromStr for KvDtype {
         match s.to_ascii_lowercase().as_str() {
             "f16" => Ok(KvDtype::F16),
             "f32" => Ok(KvDtype::F32),
-            other => Err(format!("unknown KV dtype '{other}' (expected f16 or f32)")),
+            "q8_0" | "q8" => Ok(KvDtype::Q8_0),
+            other => Err(format!(
+                "unknown KV dtype '{other}' (expected f16, f32 or q8_0)"
+            )),
         }
     }
 }
@@ -63,39 +82,94 @@ impl SlotMeta {
 pub enum KvSlice<'a> {
     F16(&'a [f16]),
     F32(&'a [f32]),
+    /// q8_0 rows: `q` holds the values (row-major), `d` one scale per block of
+    /// [`Q8_BLOCK`] values of each row (`dim.div_ceil(Q8_BLOCK)` scales per row);
+    /// value = q * d.
+    Q8_0 {
+        q: &'a [i8],
+        d: &'a [f16],
+    },
+}
+
+/// Quantizes one row to q8_0: per block, the scale maps the largest magnitude to 127.
+/// Re-quantizing a dequantized row gives the same bytes back.
+pub fn quantize_q8_0(x: &[f32], q: &mut Vec<i8>, d: &mut Vec<f16>) {
+    for b in x.chunks(Q8_BLOCK) {
+        let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let scale = f16::from_f32(amax / 127.0);
+        let s = scale.to_f32();
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        d.push(scale);
+        q.extend(
+            b.iter()
+                .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8),
+        );
+    }
+}
+
+/// Dequantizes q8_0 values `q` (whole rows of `dim`) with their scales `d`, into `out`.
+pub fn dequantize_q8_0(q: &[i8], d: &[f16], dim: usize, out: &mut [f32]) {
+    let nb = dim.div_ceil(Q8_BLOCK);
+    for ((qr, dr), or) in q.chunks(dim).zip(d.chunks(nb)).zip(out.chunks_mut(dim)) {
+        for ((qb, s), ob) in qr.chunks(Q8_BLOCK).zip(dr).zip(or.chunks_mut(Q8_BLOCK)) {
+            let s = s.to_f32();
+            for (o, &v) in ob.iter_mut().zip(qb) {
+                *o = v as f32 * s;
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
 enum Storage {
     F16(Vec<f16>),
     F32(Vec<f32>),
+    Q8_0 { dim: usize, q: Vec<i8>, d: Vec<f16> },
 }
 
 impl Storage {
-    fn new(dtype: KvDtype, capacity: usize) -> Self {
+    fn new(dtype: KvDtype, dim: usize, slots: usize) -> Self {
         match dtype {
-            KvDtype::F16 => Storage::F16(Vec::with_capacity(capacity)),
-            KvDtype::F32 => Storage::F32(Vec::with_capacity(capacity)),
+            KvDtype::F16 => Storage::F16(Vec::with_capacity(slots * dim)),
+            KvDtype::F32 => Storage::F32(Vec::with_capacity(slots * dim)),
+            KvDtype::Q8_0 => Storage::Q8_0 {
+                dim,
+                q: Vec::with_capacity(slots * dim),
+                d: Vec::with_capacity(slots * dim.div_ceil(Q8_BLOCK)),
+            },
         }
     }
+    /// Appends whole rows.
     fn push(&mut self, x: &[f32]) {
         match self {
             Storage::F16(v) => v.extend(x.iter().map(|&a| f16::from_f32(a))),
             Storage::F32(v) => v.extend_from_slice(x),
+            Storage::Q8_0 { dim, q, d } => {
+                for row in x.chunks(*dim) {
+                    quantize_q8_0(row, q, d);
+                }
+            }
         }
     }
     fn slice(&self) -> KvSlice<'_> {
         match self {
             Storage::F16(v) => KvSlice::F16(v),
             Storage::F32(v) => KvSlice::F32(v),
+            Storage::Q8_0 { q, d, .. } => KvSlice::Q8_0 { q, d },
         }
     }
     fn to_f32(&self) -> Vec<f32> {
         match self {
             Storage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Storage::F32(v) => v.clone(),
+            Storage::Q8_0 { dim, q, d } => {
+                let mut out = vec![0.0; q.len()];
+                dequantize_q8_0(q, d, *dim, &mut out);
+                out
+            }
         }
     }
+    /// Reads one whole row starting at value `start`.
     fn read(&self, start: usize, out: &mut [f32]) {
         match self {
             Storage::F16(v) => {
@@ -105,18 +179,34 @@ impl Storage {
                 }
             }
             Storage::F32(v) => out.copy_from_slice(&v[start..start + out.len()]),
+            Storage::Q8_0 { dim, q, d } => {
+                let nb = dim.div_ceil(Q8_BLOCK);
+                let row = start / *dim;
+                dequantize_q8_0(
+                    &q[start..start + dim],
+                    &d[row * nb..(row + 1) * nb],
+                    *dim,
+                    out,
+                );
+            }
         }
     }
-    fn capacity(&self) -> usize {
+    /// Bytes allocated.
+    fn capacity_bytes(&self) -> usize {
         match self {
-            Storage::F16(v) => v.capacity(),
-            Storage::F32(v) => v.capacity(),
+            Storage::F16(v) => v.capacity() * 2,
+            Storage::F32(v) => v.capacity() * 4,
+            Storage::Q8_0 { q, d, .. } => q.capacity() + d.capacity() * 2,
         }
     }
-    fn reserve(&mut self, extra: usize) {
+    fn reserve(&mut self, slots: usize, dim: usize) {
         match self {
-            Storage::F16(v) => v.reserve(extra),
-            Storage::F32(v) => v.reserve(extra),
+            Storage::F16(v) => v.reserve(slots * dim),
+            Storage::F32(v) => v.reserve(slots * dim),
+            Storage::Q8_0 { q, d, .. } => {
+                q.reserve(slots * dim);
+                d.reserve(slots * dim.div_ceil(Q8_BLOCK));
+            }
         }
     }
 }
@@ -192,8 +282,8 @@ impl HeadStore {
         HeadStore {
             dim,
             dtype,
-            keys: Storage::new(dtype, slots * dim),
-            values: Storage::new(dtype, slots * dim),
+            keys: Storage::new(dtype, dim, slots),
+            values: Storage::new(dtype, dim, slots),
             meta: Vec::with_capacity(slots),
             biased: false,
         }
@@ -254,8 +344,8 @@ impl HeadStore {
 
     /// Make room for `extra` more slots without reallocating later.
     pub fn reserve(&mut self, extra: usize) {
-        self.keys.reserve(extra * self.dim);
-        self.values.reserve(extra * self.dim);
+        self.keys.reserve(extra, self.dim);
+        self.values.reserve(extra, self.dim);
         self.meta.reserve(extra);
     }
 
@@ -273,7 +363,8 @@ impl HeadStore {
         self.values.read(i * self.dim, &mut out[..self.dim]);
     }
 
-    /// Everything in the store as f32 (exact: f16 -> f32 -> f16 round-trips bit for bit).
+    /// Everything in the store as f32 (exact: f16 -> f32 -> f16, and q8_0 -> f32 -> q8_0,
+    /// round-trip bit for bit).
     pub fn to_data(&self) -> HeadData {
         HeadData {
             dim: self.dim,
@@ -285,12 +376,13 @@ impl HeadStore {
 
     /// Bytes held by the live slots: keys, values and metadata.
     pub fn bytes(&self) -> usize {
-        self.len() * (2 * self.dim * self.dtype.size() + std::mem::size_of::<SlotMeta>())
+        self.len() * (2 * self.dtype.row_bytes(self.dim) + std::mem::size_of::<SlotMeta>())
     }
 
     /// Bytes allocated, including reserved room not yet used.
     pub fn allocated_bytes(&self) -> usize {
-        (self.keys.capacity() + self.values.capacity()) * self.dtype.size()
+        self.keys.capacity_bytes()
+            + self.values.capacity_bytes()
             + self.meta.capacity() * std::mem::size_of::<SlotMeta>()
     }
 }
@@ -310,6 +402,32 @@ mod tests {
         let s2 = HeadStore::from_data(&d, KvDtype::F16);
         assert_eq!(s2.to_data(), d);
         assert_eq!(s2.allocated_bytes(), s2.bytes());
+    }
+
+    #[test]
+    fn q8_0_store_round_trips_through_head_data_bit_for_bit_and_stays_close() {
+        for dim in [64usize, 40] {
+            let mut s = HeadStore::new(dim, KvDtype::Q8_0);
+            let mut want = Vec::new();
+            for i in 0..7u32 {
+                let k: Vec<f32> = (0..dim)
+                    .map(|j| ((i as usize * dim + j) as f32 * 0.37).sin() * 3.0)
+                    .collect();
+                s.push(&k, &k, SlotMeta::token(i));
+                want.extend(k);
+            }
+            let d = s.to_data();
+            for (a, b) in d.keys.iter().zip(&want) {
+                assert!((a - b).abs() <= 3.0 / 127.0, "{a} vs {b}");
+            }
+            let s2 = HeadStore::from_data(&d, KvDtype::Q8_0);
+            assert_eq!(s2.to_data(), d);
+            let mut row = vec![0.0; dim];
+            s2.key_f32(3, &mut row);
+            assert_eq!(row, d.key(3));
+            assert_eq!(s2.allocated_bytes(), s2.bytes());
+            assert_eq!(s2.bytes(), 7 * (2 * (dim + 2 * dim.div_ceil(32)) + 16));
+        }
     }
 
     #[test]

@@ -1,12 +1,19 @@
 //! Grouped-query attention over the engine's cache.
 //!
-//! Each query head reads the keys and values of its KV head directly from the
-//! store (no copy per query head). A chunk of queries is processed one query at
-//! a time against the slots it may see, so no n×n matrix is ever held. When the
-//! caller asks for attention statistics, the softmax rows are folded into them
-//! as they are computed; when it does not, nothing extra is done.
+//! Work is split into units of one KV head, a block of queries and a range of keys.
+//! A unit handles every query head of its group together: keys and values are
+//! converted to f32 one tile at a time (a few KiB, kept in L1) and each tile serves
+//! all the unit's query rows, so a GQA group reads its KV head once, not once per
+//! query head. Prefill blocks queries (each block scores its rows against the keys
+//! it may see, then sums values); decoding (one query) splits the keys into ranges
+//! so that both threads share a head, and the ranges are combined through their
+//! softmax maxima and sums (as flash-decoding does). No n×n matrix is ever held.
+//! When the caller asks for attention statistics, the softmax rows are folded into
+//! them; when it does not, nothing extra is done.
 
-use crate::kernels::{axpy_f32, dot_f32, scores_f16, weighted_sum_f16};
+use crate::kernels::{
+    add_weighted_rows, dot_rows, exp_shifted_sum, f16_to_f32, max_f32, q8_0_to_f32,
+};
 use kvmerger_compression::{HeadStore, KvSlice};
 use rayon::prelude::*;
 
@@ -45,6 +52,150 @@ pub struct LayerAttn {
     pub window: Option<usize>,
 }
 
+/// Query rows per prefill unit (all heads of a group for a few queries).
+const ROWS_PER_UNIT: usize = 16;
+/// Keys per range when decoding splits a head's keys over threads.
+const DECODE_SPLIT: usize = 512;
+/// f32 values of one key or value tile (16 KiB: fits L1 beside the rows it serves).
+const TILE_VALUES: usize = 4096;
+
+/// Keys or values `[start, start + n)` of a store as f32, into `out` (n × d).
+fn rows_f32(s: KvSlice<'_>, d: usize, start: usize, n: usize, out: &mut [f32]) {
+    let out = &mut out[..n * d];
+    match s {
+        KvSlice::F16(x) => f16_to_f32(&x[start * d..(start + n) * d], out),
+        KvSlice::F32(x) => out.copy_from_slice(&x[start * d..(start + n) * d]),
+        KvSlice::Q8_0 { q, d: scales } => {
+            let nb = d.div_ceil(kvmerger_compression::Q8_BLOCK);
+            q8_0_to_f32(
+                &q[start * d..(start + n) * d],
+                &scales[start * nb..(start + n) * nb],
+                d,
+                out,
+            )
+        }
+    }
+}
+
+/// One unit of work: the query heads of KV head `g` for queries `i0..i1`, against
+/// keys `k0..k1`.
+#[derive(Clone, Copy)]
+struct Unit {
+    g: usize,
+    i0: usize,
+    i1: usize,
+    k0: usize,
+    k1: usize,
+}
+
+/// What a unit leaves behind. Rows are ordered (query, head within the group).
+struct Partial {
+    /// Per row: the softmax shift (max score) and the sum of shifted exponentials.
+    m: Vec<f32>,
+    l: Vec<f32>,
+    /// Per row: the unnormalised weighted sum of values (d values).
+    o: Vec<f32>,
+    /// Per row: the shifted exponentials over `k0..k1` (kept only for statistics).
+    e: Vec<f32>,
+}
+
+/// The keys query `i` may see: `[lo, hi)`.
+fn visible(
+    p: &LayerAttn,
+    meta: &[kvmerger_compression::SlotMeta],
+    n_old: usize,
+    pos: u32,
+    i: usize,
+) -> (usize, usize) {
+    let hi = n_old + i + 1;
+    let lo = match p.window {
+        Some(w) => meta[..hi].partition_point(|m| (m.position as u64) + (w as u64) <= pos as u64),
+        None => 0,
+    };
+    (lo, hi)
+}
+
+fn run_unit(
+    p: &LayerAttn,
+    store: &HeadStore,
+    q: &[f32],
+    t: usize,
+    positions: &[u32],
+    u: Unit,
+    keep_e: bool,
+) -> Partial {
+    let d = p.head_dim;
+    let group = p.n_heads / p.n_kv_heads;
+    let n_old = store.len() - t;
+    let meta = store.meta();
+    let nrows = (u.i1 - u.i0) * group;
+    let width = u.k1 - u.k0;
+    // The unit's query rows, contiguous.
+    let mut qr = vec![0.0f32; nrows * d];
+    for i in u.i0..u.i1 {
+        let src = (i * p.n_heads + u.g * group) * d;
+        let dst = (i - u.i0) * group * d;
+        qr[dst..dst + group * d].copy_from_slice(&q[src..src + group * d]);
+    }
+    let ranges: Vec<(usize, usize)> = (u.i0..u.i1)
+        .map(|i| {
+            let (lo, hi) = visible(p, meta, n_old, positions[i], i);
+            (lo.max(u.k0), hi.min(u.k1))
+        })
+        .collect();
+    let tile = (TILE_VALUES / d).max(4);
+    let mut buf = vec![0.0f32; tile * d];
+    let mut s = vec![0.0f32; nrows * width];
+    let mut j = u.k0;
+    while j < u.k1 {
+        let nt = tile.min(u.k1 - j);
+        rows_f32(store.keys(), d, j, nt, &mut buf);
+        dot_rows(&qr, &buf[..nt * d], d, p.scale, &mut s[j - u.k0..], width);
+        j += nt;
+    }
+    let bias = store.has_bias();
+    let mut m = vec![f32::NEG_INFINITY; nrows];
+    let mut l = vec![0.0f32; nrows];
+    for (r, row) in s.chunks_mut(width).enumerate() {
+        let (lo, hi) = ranges[r / group];
+        if bias {
+            for (x, mt) in row.iter_mut().zip(&meta[u.k0..u.k1]) {
+                *x += mt.bias;
+            }
+        }
+        if lo >= hi {
+            row.fill(0.0);
+            continue;
+        }
+        let (a, b) = (lo - u.k0, hi - u.k0);
+        m[r] = max_f32(&row[a..b]);
+        l[r] = exp_shifted_sum(&mut row[a..b], m[r]);
+        row[..a].fill(0.0);
+        row[b..].fill(0.0);
+    }
+    let mut o = vec![0.0f32; nrows * d];
+    let mut j = u.k0;
+    while j < u.k1 {
+        let nt = tile.min(u.k1 - j);
+        rows_f32(store.values(), d, j, nt, &mut buf);
+        for (r, or) in o.chunks_mut(d).enumerate() {
+            let (lo, hi) = ranges[r / group];
+            let (a, b) = (lo.max(j), hi.min(j + nt));
+            if a < b {
+                let pr = &s[r * width + a - u.k0..r * width + b - u.k0];
+                add_weighted_rows(or, pr, &buf[(a - j) * d..(b - j) * d]);
+            }
+        }
+        j += nt;
+    }
+    Partial {
+        m,
+        l,
+        o,
+        e: if keep_e { s } else { Vec::new() },
+    }
+}
+
 /// Attention of `t` queries against the layer's stores, into `out` (t × n_heads × d).
 ///
 /// `q` is t × n_heads × d (after RoPE). The chunk's own keys and values must already be
@@ -62,84 +213,290 @@ pub fn attend(
 ) -> Vec<HeadRows> {
     let d = p.head_dim;
     let group = p.n_heads / p.n_kv_heads;
-    let mut head_out = vec![0.0f32; p.n_heads * t * d];
-    let rows: Vec<HeadRows> = head_out
-        .par_chunks_mut(t * d)
-        .enumerate()
-        .map(|(h, ho)| {
-            let store = &stores[h / group];
-            let n = store.len();
-            let n_old = n - t;
-            let mut rows = HeadRows::default();
-            if req.accumulated {
-                rows.accumulated = vec![0.0; n];
+    let mut units = Vec::new();
+    for (g, store) in stores.iter().enumerate().take(p.n_kv_heads) {
+        let n = store.len();
+        let n_old = n - t;
+        if t == 1 {
+            let (lo, hi) = visible(&p, store.meta(), n_old, positions[0], 0);
+            let parts = (hi - lo).div_ceil(DECODE_SPLIT).max(1);
+            let step = (hi - lo).div_ceil(parts);
+            for c in 0..parts {
+                let k0 = lo + c * step;
+                units.push(Unit {
+                    g,
+                    i0: 0,
+                    i1: 1,
+                    k0,
+                    k1: (k0 + step).min(hi),
+                });
             }
-            if req.window_from.is_some() {
-                rows.window = vec![0.0; n];
+        } else {
+            let qb = (ROWS_PER_UNIT / group).max(1);
+            let mut i0 = 0;
+            while i0 < t {
+                let i1 = (i0 + qb).min(t);
+                let (k0, _) = visible(&p, store.meta(), n_old, positions[i0], i0);
+                units.push(Unit {
+                    g,
+                    i0,
+                    i1,
+                    k0,
+                    k1: n_old + i1,
+                });
+                i0 = i1;
             }
-            if req.last_at.is_some() {
-                rows.last = vec![0.0; n];
+        }
+    }
+    let keep_e = req.any();
+    let parts: Vec<Partial> = units
+        .par_iter()
+        .map(|&u| run_unit(&p, &stores[u.g], q, t, positions, u, keep_e))
+        .collect();
+
+    // Combine each (query, head) over the units that cover it.
+    let nq = t * p.n_heads;
+    let mut mx = vec![f32::NEG_INFINITY; nq];
+    for (u, part) in units.iter().zip(&parts) {
+        for (r, &m) in part.m.iter().enumerate() {
+            let (i, hh) = (u.i0 + r / group, r % group);
+            let k = i * p.n_heads + u.g * group + hh;
+            mx[k] = mx[k].max(m);
+        }
+    }
+    let mut den = vec![0.0f32; nq];
+    out[..nq * d].fill(0.0);
+    // Per unit and row, the factor that brings its exponentials to the common shift.
+    let factors: Vec<Vec<f32>> = units
+        .iter()
+        .zip(&parts)
+        .map(|(u, part)| {
+            part.m
+                .iter()
+                .enumerate()
+                .map(|(r, &m)| {
+                    let (i, hh) = (u.i0 + r / group, r % group);
+                    let k = i * p.n_heads + u.g * group + hh;
+                    let f = if m == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        (m - mx[k]).exp()
+                    };
+                    den[k] += part.l[r] * f;
+                    let o = &mut out[k * d..(k + 1) * d];
+                    for (a, b) in o.iter_mut().zip(&part.o[r * d..(r + 1) * d]) {
+                        *a += f * b;
+                    }
+                    f
+                })
+                .collect()
+        })
+        .collect();
+    for (k, o) in out[..nq * d].chunks_mut(d).enumerate() {
+        if den[k] > 0.0 {
+            let inv = 1.0 / den[k];
+            o.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+    if !keep_e {
+        return Vec::new();
+    }
+    // Statistics: each query head's normalised softmax rows, folded as requested.
+    let mut rows: Vec<HeadRows> = (0..p.n_heads)
+        .map(|h| {
+            let n = stores[h / group].len();
+            let v = |on: bool| if on { vec![0.0f32; n] } else { Vec::new() };
+            HeadRows {
+                accumulated: v(req.accumulated),
+                window: v(req.window_from.is_some()),
+                last: v(req.last_at.is_some()),
             }
-            let meta = store.meta();
-            let bias = store.has_bias();
-            let mut scores = Vec::with_capacity(n);
-            for i in 0..t {
-                let qi = &q[(i * p.n_heads + h) * d..(i * p.n_heads + h + 1) * d];
-                let hi = n_old + i + 1;
-                let lo = match p.window {
-                    Some(w) => {
-                        let pos = positions[i] as u64;
-                        meta[..hi].partition_point(|m| (m.position as u64) + (w as u64) <= pos)
-                    }
-                    None => 0,
-                };
-                scores.clear();
-                match store.keys() {
-                    KvSlice::F16(k) => scores_f16(qi, &k[lo * d..hi * d], p.scale, &mut scores),
-                    KvSlice::F32(k) => {
-                        for j in lo..hi {
-                            scores.push(dot_f32(qi, &k[j * d..(j + 1) * d]) * p.scale);
-                        }
-                    }
+        })
+        .collect();
+    rows.par_iter_mut().enumerate().for_each(|(h, hr)| {
+        let (g, hh) = (h / group, h % group);
+        for ((u, part), f) in units.iter().zip(&parts).zip(&factors) {
+            if u.g != g {
+                continue;
+            }
+            let width = u.k1 - u.k0;
+            for i in u.i0..u.i1 {
+                let r = (i - u.i0) * group + hh;
+                let k = i * p.n_heads + h;
+                if f[r] == 0.0 || den[k] == 0.0 {
+                    continue;
                 }
-                if bias {
-                    for (s, m) in scores.iter_mut().zip(&meta[lo..hi]) {
-                        *s += m.bias;
-                    }
-                }
-                crate::kernels::softmax(&mut scores);
-                let o = &mut ho[i * d..(i + 1) * d];
-                o.fill(0.0);
-                match store.values() {
-                    KvSlice::F16(v) => weighted_sum_f16(o, &scores, &v[lo * d..hi * d]),
-                    KvSlice::F32(v) => {
-                        for (j, &pj) in (lo..hi).zip(&scores) {
-                            axpy_f32(o, pj, &v[j * d..(j + 1) * d]);
-                        }
-                    }
-                }
+                let c = f[r] / den[k];
+                let e = &part.e[r * width..(r + 1) * width];
                 if req.accumulated {
-                    for (a, s) in rows.accumulated[lo..hi].iter_mut().zip(&scores) {
-                        *a += s;
+                    for (a, x) in hr.accumulated[u.k0..u.k1].iter_mut().zip(e) {
+                        *a += x * c;
                     }
                 }
                 if matches!(req.window_from, Some(w) if i >= w) {
-                    for (a, s) in rows.window[lo..hi].iter_mut().zip(&scores) {
-                        *a += s;
+                    for (a, x) in hr.window[u.k0..u.k1].iter_mut().zip(e) {
+                        *a += x * c;
                     }
                 }
                 if req.last_at == Some(i) {
-                    rows.last[lo..hi].copy_from_slice(&scores);
+                    for (a, x) in hr.last[u.k0..u.k1].iter_mut().zip(e) {
+                        *a += x * c;
+                    }
                 }
             }
-            rows
-        })
-        .collect();
-    for h in 0..p.n_heads {
-        for i in 0..t {
-            out[(i * p.n_heads + h) * d..(i * p.n_heads + h + 1) * d]
-                .copy_from_slice(&head_out[(h * t + i) * d..(h * t + i + 1) * d]);
         }
-    }
+    });
     rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvmerger_compression::{KvDtype, SlotMeta};
+
+    /// Plain attention, one query head and one key at a time, in f64.
+    fn naive(
+        p: LayerAttn,
+        stores: &[HeadStore],
+        q: &[f32],
+        t: usize,
+        positions: &[u32],
+    ) -> (Vec<f32>, Vec<Vec<Vec<f64>>>) {
+        let d = p.head_dim;
+        let group = p.n_heads / p.n_kv_heads;
+        let mut out = vec![0.0f32; t * p.n_heads * d];
+        let mut probs = vec![vec![Vec::new(); t]; p.n_heads];
+        for h in 0..p.n_heads {
+            let st = &stores[h / group];
+            let data = st.to_data();
+            let n = st.len();
+            for i in 0..t {
+                let qi = &q[(i * p.n_heads + h) * d..(i * p.n_heads + h + 1) * d];
+                let hi = n - t + i + 1;
+                let pos = positions[i] as i64;
+                let vis: Vec<usize> = (0..hi)
+                    .filter(|&j| {
+                        p.window
+                            .is_none_or(|w| data.meta[j].position as i64 > pos - w as i64)
+                    })
+                    .collect();
+                let sc: Vec<f64> = vis
+                    .iter()
+                    .map(|&j| {
+                        let k = data.key(j);
+                        qi.iter()
+                            .zip(k)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            * p.scale as f64
+                            + data.meta[j].bias as f64
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc.iter().map(|s| (s - m).exp()).sum();
+                let mut pr = vec![0.0f64; n];
+                for (&j, s) in vis.iter().zip(&sc) {
+                    pr[j] = (s - m).exp() / z;
+                    for c in 0..d {
+                        out[(i * p.n_heads + h) * d + c] +=
+                            (pr[j] * data.value(j)[c] as f64) as f32;
+                    }
+                }
+                probs[h][i] = pr;
+            }
+        }
+        (out, probs)
+    }
+
+    fn check(
+        n_heads: usize,
+        n_kv: usize,
+        d: usize,
+        n_old: usize,
+        t: usize,
+        window: Option<usize>,
+        dtype: KvDtype,
+    ) {
+        let p = LayerAttn {
+            n_heads,
+            n_kv_heads: n_kv,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+            window,
+        };
+        let n = n_old + t;
+        let stores: Vec<HeadStore> = (0..n_kv)
+            .map(|g| {
+                let mut s = HeadStore::new(d, dtype);
+                for j in 0..n {
+                    let k: Vec<f32> = (0..d)
+                        .map(|c| ((j * 31 + c * 7 + g * 3) as f32 * 0.137).sin() * 2.0)
+                        .collect();
+                    let v: Vec<f32> = (0..d)
+                        .map(|c| ((j * 13 + c * 5 + g) as f32 * 0.071).cos())
+                        .collect();
+                    let mut m = SlotMeta::token(j as u32);
+                    if j % 7 == 3 {
+                        m.bias = 0.5;
+                    }
+                    s.push(&k, &v, m);
+                }
+                s
+            })
+            .collect();
+        let q: Vec<f32> = (0..t * n_heads * d)
+            .map(|i| ((i * 17) as f32 * 0.0191).cos() * 1.5)
+            .collect();
+        let positions: Vec<u32> = (n_old..n).map(|x| x as u32).collect();
+        let req = StatsRequest {
+            accumulated: true,
+            window_from: Some(t / 2),
+            last_at: Some(t - 1),
+        };
+        let mut out = vec![0.0f32; t * n_heads * d];
+        let rows = attend(p, &stores, &q, t, &positions, req, &mut out);
+        let (want, probs) = naive(p, &stores, &q, t, &positions);
+        for (a, b) in out.iter().zip(&want) {
+            assert!((a - b).abs() < 2e-5, "output {a} vs {b}");
+        }
+        for h in 0..n_heads {
+            for j in 0..n {
+                let acc: f64 = (0..t).map(|i| probs[h][i][j]).sum();
+                let win: f64 = (t / 2..t).map(|i| probs[h][i][j]).sum();
+                assert!((rows[h].accumulated[j] as f64 - acc).abs() < 1e-5);
+                assert!((rows[h].window[j] as f64 - win).abs() < 1e-5);
+                assert!((rows[h].last[j] as f64 - probs[h][t - 1][j]).abs() < 1e-5);
+            }
+        }
+        // Without statistics: the same output, no rows.
+        let mut out2 = vec![0.0f32; t * n_heads * d];
+        let none = attend(
+            p,
+            &stores,
+            &q,
+            t,
+            &positions,
+            StatsRequest::default(),
+            &mut out2,
+        );
+        assert!(none.is_empty());
+        assert_eq!(out, out2);
+    }
+
+    #[test]
+    fn blocked_prefill_matches_plain_attention() {
+        check(6, 2, 64, 5, 37, None, KvDtype::F16);
+        check(4, 1, 24, 0, 9, None, KvDtype::F32);
+        check(4, 4, 16, 3, 20, Some(6), KvDtype::F16);
+        check(6, 2, 64, 11, 29, None, KvDtype::Q8_0);
+        check(4, 2, 40, 0, 12, None, KvDtype::Q8_0);
+    }
+
+    #[test]
+    fn split_decoding_matches_plain_attention() {
+        check(7, 1, 64, 1500, 1, None, KvDtype::F16);
+        check(6, 3, 32, 2100, 1, Some(700), KvDtype::F32);
+        check(2, 2, 8, 0, 1, None, KvDtype::F16);
+        check(7, 1, 64, 1300, 1, None, KvDtype::Q8_0);
+    }
 }

@@ -83,6 +83,101 @@ pub fn weighted_sum_f16(out: &mut [f32], p: &[f32], values: &[f16]) {
     }
 }
 
+/// Converts f16 values to f32 (`dst.len()` values from the front of `src`).
+pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+    let n = dst.len();
+    let src = &src[..n];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            // SAFETY: the CPU supports AVX2 and F16C (checked above); lengths are equal.
+            unsafe { x86::f16_to_f32(src, dst) };
+            return;
+        }
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+/// Dequantizes q8_0 rows of `dim` values (one f16 scale per block of 32 values of a
+/// row) into `out`.
+pub fn q8_0_to_f32(q: &[i8], d: &[f16], dim: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() && dim.is_multiple_of(32) {
+            let out = &mut out[..q.len()];
+            assert!(d.len() * 32 >= q.len());
+            // SAFETY: the CPU supports AVX2 and F16C (checked above); `out` and `d`
+            // cover `q` (asserted above) and rows are whole blocks.
+            unsafe { x86::q8_0_to_f32(q, d, out) };
+            return;
+        }
+    }
+    kvmerger_compression::dequantize_q8_0(q, d, dim, out);
+}
+
+/// `out[r * stride + j] = (q_r · k_j) * scale` for the `q.len() / d` query rows and
+/// the `keys.len() / d` key rows (both row-major, `d` values each).
+pub fn dot_rows(q: &[f32], keys: &[f32], d: usize, scale: f32, out: &mut [f32], stride: usize) {
+    let (nq, nk) = (q.len() / d, keys.len() / d);
+    assert!(nq == 0 || (nq - 1) * stride + nk <= out.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() && d.is_multiple_of(8) {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above); d is a multiple of 8
+            // and `out` holds every row (asserted above).
+            unsafe { x86::dot_rows(q, keys, d, scale, out, stride) };
+            return;
+        }
+    }
+    for r in 0..nq {
+        let qr = &q[r * d..(r + 1) * d];
+        for j in 0..nk {
+            out[r * stride + j] = dot_f32(qr, &keys[j * d..(j + 1) * d]) * scale;
+        }
+    }
+}
+
+/// `o += sum_j p[j] * v_j` over the value rows `v_j` (of `o.len()` values) in `values`.
+pub fn add_weighted_rows(o: &mut [f32], p: &[f32], values: &[f32]) {
+    let d = o.len();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() && d.is_multiple_of(8) {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above); d is a multiple of 8.
+            unsafe { x86::add_weighted_rows(o, p, values) };
+            return;
+        }
+    }
+    for (&pj, v) in p.iter().zip(values.chunks_exact(d)) {
+        axpy_f32(o, pj, v);
+    }
+}
+
+/// `x[i] = exp(x[i] - m)` in place; returns the sum of the results. `m` should be at
+/// least `max(x)` (the softmax shift), so that nothing overflows.
+pub fn exp_shifted_sum(x: &mut [f32], m: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            return unsafe { x86::exp_shifted_sum(x, m) };
+        }
+    }
+    let mut sum = 0.0f32;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    sum
+}
+
+/// The largest value of `x` (negative infinity when empty).
+pub fn max_f32(x: &[f32]) -> f32 {
+    x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn has_avx2() -> bool {
@@ -215,6 +310,193 @@ mod x86 {
             }
             start += w;
         }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+        let n = dst.len().min(src.len());
+        let ps = src.as_ptr() as *const u16;
+        let pd = dst.as_mut_ptr();
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_cvtph_ps(_mm_loadu_si128(ps.add(i) as *const __m128i));
+            _mm256_storeu_ps(pd.add(i), v);
+            i += 8;
+        }
+        while i < n {
+            *pd.add(i) = src[i].to_f32();
+            i += 1;
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn q8_0_to_f32(q: &[i8], d: &[f16], out: &mut [f32]) {
+        let pq = q.as_ptr();
+        let po = out.as_mut_ptr();
+        for b in 0..q.len() / 32 {
+            let s = _mm256_set1_ps(d[b].to_f32());
+            for k in 0..4 {
+                let v = _mm_loadl_epi64(pq.add(32 * b + 8 * k) as *const __m128i);
+                let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                _mm256_storeu_ps(po.add(32 * b + 8 * k), _mm256_mul_ps(f, s));
+            }
+        }
+    }
+
+    /// Four sums of eight lanes each, as one vector of four.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
+        let ab = _mm256_hadd_ps(a, b);
+        let cd = _mm256_hadd_ps(c, d);
+        let abcd = _mm256_hadd_ps(ab, cd);
+        _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1))
+    }
+
+    /// Two query rows against four keys at a time: six loads for eight FMAs.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_rows(
+        q: &[f32],
+        keys: &[f32],
+        d: usize,
+        scale: f32,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let (nq, nk) = (q.len() / d, keys.len() / d);
+        let pk = keys.as_ptr();
+        let po = out.as_mut_ptr();
+        let vs = _mm_set1_ps(scale);
+        let mut r = 0;
+        while r < nq {
+            let two = r + 1 < nq;
+            let q0 = q.as_ptr().add(r * d);
+            let q1 = if two { q0.add(d) } else { q0 };
+            let mut j = 0;
+            while j + 4 <= nk {
+                let k = pk.add(j * d);
+                let mut a = [_mm256_setzero_ps(); 8];
+                let mut c = 0;
+                while c < d {
+                    let x0 = _mm256_loadu_ps(q0.add(c));
+                    let x1 = _mm256_loadu_ps(q1.add(c));
+                    for t in 0..4 {
+                        let kv = _mm256_loadu_ps(k.add(t * d + c));
+                        a[t] = _mm256_fmadd_ps(x0, kv, a[t]);
+                        a[4 + t] = _mm256_fmadd_ps(x1, kv, a[4 + t]);
+                    }
+                    c += 8;
+                }
+                let s0 = _mm_mul_ps(hsum4(a[0], a[1], a[2], a[3]), vs);
+                _mm_storeu_ps(po.add(r * stride + j), s0);
+                if two {
+                    let s1 = _mm_mul_ps(hsum4(a[4], a[5], a[6], a[7]), vs);
+                    _mm_storeu_ps(po.add((r + 1) * stride + j), s1);
+                }
+                j += 4;
+            }
+            while j < nk {
+                let k = pk.add(j * d);
+                let mut a0 = _mm256_setzero_ps();
+                let mut a1 = _mm256_setzero_ps();
+                let mut c = 0;
+                while c < d {
+                    let kv = _mm256_loadu_ps(k.add(c));
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0.add(c)), kv, a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1.add(c)), kv, a1);
+                    c += 8;
+                }
+                *po.add(r * stride + j) = hsum(a0) * scale;
+                if two {
+                    *po.add((r + 1) * stride + j) = hsum(a1) * scale;
+                }
+                j += 1;
+            }
+            r += 2;
+        }
+    }
+
+    /// Blocks of 64 columns keep eight accumulators in registers across all rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn add_weighted_rows(o: &mut [f32], p: &[f32], values: &[f32]) {
+        let d = o.len();
+        let n = p.len().min(values.len() / d);
+        let pv = values.as_ptr();
+        let po = o.as_mut_ptr();
+        let mut start = 0;
+        while start < d {
+            let w = (d - start).min(64);
+            let nv = w / 8;
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (c, a) in acc.iter_mut().enumerate().take(nv) {
+                *a = _mm256_loadu_ps(po.add(start + 8 * c));
+            }
+            for (j, &pj) in p.iter().enumerate().take(n) {
+                let a = _mm256_set1_ps(pj);
+                let v = pv.add(j * d + start);
+                for (c, acc) in acc.iter_mut().enumerate().take(nv) {
+                    *acc = _mm256_fmadd_ps(a, _mm256_loadu_ps(v.add(8 * c)), *acc);
+                }
+            }
+            for (c, a) in acc.iter().enumerate().take(nv) {
+                _mm256_storeu_ps(po.add(start + 8 * c), *a);
+            }
+            start += w;
+        }
+    }
+
+    /// exp(x) for x <= 0 (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r,
+    /// then scaled by 2^n; relative error about 2e-7). Inputs below -87.3 give 0.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp256(x: __m256) -> __m256 {
+        let lo = _mm256_set1_ps(-87.336_55);
+        let under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+        let x = _mm256_max_ps(x, lo);
+        let log2e = _mm256_set1_ps(std::f32::consts::LOG2_E);
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, log2e),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        // r = x - n ln2, in two parts for accuracy.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm256_set1_ps(1.987_569_1e-4);
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.398_199_9e-3));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.333_452e-3));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.166_579_6e-2));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.666_666_5e-1));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5));
+        let r2 = _mm256_mul_ps(r, r);
+        y = _mm256_fmadd_ps(y, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        // 2^n through the exponent bits; n >= -126 here.
+        let e = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
+        let y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+        _mm256_andnot_ps(under, y)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_shifted_sum(x: &mut [f32], m: f32) -> f32 {
+        let n = x.len();
+        let p = x.as_mut_ptr();
+        let vm = _mm256_set1_ps(m);
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            let y = exp256(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm));
+            _mm256_storeu_ps(p.add(i), y);
+            acc = _mm256_add_ps(acc, y);
+            i += 8;
+        }
+        let mut sum = hsum(acc);
+        while i < n {
+            let y = (*p.add(i) - m).exp();
+            *p.add(i) = y;
+            sum += y;
+            i += 1;
+        }
+        sum
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

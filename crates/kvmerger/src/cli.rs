@@ -57,7 +57,7 @@ pub struct ModelArgs {
     /// A model id (see `kvmerger fetch --list`), a GGUF file, or a Hugging Face-style directory.
     #[arg(long, short = 'm', default_value = "smollm2-135m")]
     pub model: String,
-    /// Storage type of the KV cache: f16 or f32.
+    /// Storage type of the KV cache: f16, f32 or q8_0 (8-bit, one f16 scale per 32 values).
     #[arg(long, default_value = "f16")]
     pub kv_dtype: String,
     /// Matrix products: exact (f32 activations, matching fp32 references) or fast

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# Side-by-side speed and memory: kvmerger against llama.cpp on the same GGUF files,
+# the same thread count, on this machine, in one run.
+#
+# llama.cpp is built once from the `llama-cpp-python` source package (which vendors
+# llama.cpp) into a cache directory outside the repository; nothing of it is kept in
+# the repository.
+#
+# Usage:
+#   scripts/compare_llama_cpp.sh [--models smollm2-135m,qwen2.5-0.5b] [--threads 2]
+#                                [--depth 4096] [--reps 2] [--build-only] [--quick]
+#                                [-- extra kvmerger bench flags]
+#
+# Environment:
+#   KVMERGER_HOME   the kvmerger data directory (models are read from $KVMERGER_HOME/models)
+#   LLAMA_CPP_DIR   where llama.cpp is built (default: $KVMERGER_HOME/llama.cpp)
+#   KVMERGER_BIN    the kvmerger binary (default: built with cargo --release)
+#
+# Needs: pip, cmake, a C/C++ compiler (Debian: cmake, g++), /usr/bin/time.
+# AMX is turned off in the llama.cpp build (it crashed on this machine).
+set -euo pipefail
+
+HOME_DIR="${KVMERGER_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/kvmerger}"
+LLAMA_DIR="${LLAMA_CPP_DIR:-$HOME_DIR/llama.cpp}"
+MODELS="smollm2-135m,qwen2.5-0.5b"
+THREADS=2
+DEPTH=4096
+REPS=2
+BUILD_ONLY=0
+QUICK=0
+EXTRA=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --models) MODELS="$2"; shift 2 ;;
+        --threads) THREADS="$2"; shift 2 ;;
+        --depth) DEPTH="$2"; shift 2 ;;
+        --reps) REPS="$2"; shift 2 ;;
+        --build-only) BUILD_ONLY=1; shift ;;
+        --quick) QUICK=1; shift ;;
+        --) shift; EXTRA=("$@"); break ;;
+        -h|--help) sed -n 2,21p "$0"; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+done
+
+LLAMA_BENCH="$LLAMA_DIR/build/bin/llama-bench"
+
+build_llama_cpp() {
+    if [ -x "$LLAMA_BENCH" ]; then
+        return
+    fi
+    mkdir -p "$LLAMA_DIR/src"
+    local tarball
+    tarball=$(ls "$LLAMA_DIR"/src/llama_cpp_python-*.tar.gz 2>/dev/null | head -1 || true)
+    if [ -z "$tarball" ]; then
+        echo "== downloading the llama-cpp-python source package" >&2
+        python3 -m pip download llama-cpp-python --no-binary :all: --no-deps -d "$LLAMA_DIR/src" >&2
+        tarball=$(ls "$LLAMA_DIR"/src/llama_cpp_python-*.tar.gz | head -1)
+    fi
+    local srcdir="$LLAMA_DIR/src/$(basename "$tarball" .tar.gz)"
+    if [ ! -d "$srcdir" ]; then
+        tar xzf "$tarball" -C "$LLAMA_DIR/src"
+    fi
+    echo "== building llama-bench from $(basename "$srcdir") (vendored llama.cpp)" >&2
+    cmake -S "$srcdir/vendor/llama.cpp" -B "$LLAMA_DIR/build" \
+        -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+        -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >&2
+    cmake --build "$LLAMA_DIR/build" --target llama-bench -j "$(nproc)" >&2
+}
+
+build_llama_cpp
+if [ "$BUILD_ONLY" = 1 ]; then
+    echo "llama-bench: $LLAMA_BENCH"
+    exit 0
+fi
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+if [ -z "${KVMERGER_BIN:-}" ]; then
+    (cd "$ROOT" && cargo build --release -q -p kvmerger)
+    KVMERGER_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/kvmerger"
+fi
+
+# tok/s of one llama-bench test (JSON output), by n_prompt, n_gen, n_depth.
+llama_ts() { # file n_prompt n_gen n_depth
+    python3 - "$@" <<'EOF'
+import json, sys
+f, p, g, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+for r in json.load(open(f)):
+    if r["n_prompt"] == p and r["n_gen"] == g and r.get("n_depth", 0) == d:
+        print(f'{r["avg_ts"]:.2f}')
+        break
+else:
+    print("nan")
+EOF
+}
+# tok/s from a kvmerger bench table row whose label starts with $2.
+kv_ts() { awk -F'|' -v l="$2" '{gsub(/^ +| +$/, "", $2)} $2 == l {gsub(/ /, "", $5); print $5; exit}' "$1"; }
+# peak RSS (MiB) from /usr/bin/time -v output.
+rss_mib() { awk '/Maximum resident set size/ {printf "%.1f", $NF / 1024}' "$1"; }
+ratio() { python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print(f'{a / b:.2f}' if b > 0 else 'nan')" "$1" "$2"; }
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+PP=512
+TG=128
+[ "$QUICK" = 1 ] && TG=32
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; threads $THREADS"
+echo "llama.cpp: $LLAMA_BENCH"
+echo "kvmerger: $KVMERGER_BIN ${EXTRA[*]}"
+echo
+SUMMARY="$WORK/summary"
+printf "| model | test | llama.cpp tok/s | kvmerger tok/s | kvmerger / llama.cpp |\n|---|---|---|---|---|\n" >"$SUMMARY"
+IFS=',' read -r -a MODEL_LIST <<<"$MODELS"
+for id in "${MODEL_LIST[@]}"; do
+    gguf="$HOME_DIR/models/$id.gguf"
+    if [ ! -f "$gguf" ]; then
+        echo "missing $gguf (kvmerger fetch $id)" >&2
+        exit 1
+    fi
+    echo "== $id: llama.cpp"
+    # pp512 and tg128 right after it (one process, so its peak RSS is for a 640-token context)
+    /usr/bin/time -v "$LLAMA_BENCH" -m "$gguf" -t "$THREADS" -p $PP -n $TG -r "$REPS" -o json \
+        >"$WORK/l1.json" 2>"$WORK/l1.time"
+    /usr/bin/time -v "$LLAMA_BENCH" -m "$gguf" -t "$THREADS" -p 0 -n $TG -d "$DEPTH" -r 1 -o json \
+        >"$WORK/l2.json" 2>"$WORK/l2.time"
+    l_pp=$(llama_ts "$WORK/l1.json" $PP 0 0)
+    l_tg=$(llama_ts "$WORK/l1.json" 0 $TG 0)
+    l_tgd=$(llama_ts "$WORK/l2.json" 0 $TG "$DEPTH")
+    echo "pp$PP $l_pp tok/s, tg$TG $l_tg tok/s, tg$TG @ depth $DEPTH $l_tgd tok/s; peak RSS $(rss_mib "$WORK/l1.time") MiB (ctx $((PP + TG))), $(rss_mib "$WORK/l2.time") MiB (ctx $((DEPTH + TG)))"
+
+    echo "== $id: kvmerger"
+    /usr/bin/time -v "$KVMERGER_BIN" -t "$THREADS" bench -m "$gguf" --pp $PP --tg $TG --reps "$REPS" "${EXTRA[@]}" \
+        >"$WORK/k1.txt" 2>"$WORK/k1.time"
+    cat "$WORK/k1.txt"
+    /usr/bin/time -v "$KVMERGER_BIN" -t "$THREADS" bench -m "$gguf" --pp 0 --tg $TG --ctx "$DEPTH" "${EXTRA[@]}" \
+        >"$WORK/k2.txt" 2>"$WORK/k2.time"
+    cat "$WORK/k2.txt"
+    k_pp=$(kv_ts "$WORK/k1.txt" "pp$PP")
+    k_tg=$(kv_ts "$WORK/k1.txt" "tg$TG")
+    k_tgd=$(kv_ts "$WORK/k2.txt" "tg$TG @ ctx $DEPTH")
+    echo
+    {
+        echo "| $id | pp$PP | $l_pp | $k_pp | $(ratio "$k_pp" "$l_pp") |"
+        echo "| $id | tg$TG | $l_tg | $k_tg | $(ratio "$k_tg" "$l_tg") |"
+        echo "| $id | tg$TG @ $DEPTH | $l_tgd | $k_tgd | $(ratio "$k_tgd" "$l_tgd") |"
+        l_r1=$(rss_mib "$WORK/l1.time"); k_r1=$(rss_mib "$WORK/k1.time")
+        l_r2=$(rss_mib "$WORK/l2.time"); k_r2=$(rss_mib "$WORK/k2.time")
+        echo "| $id | peak RSS MiB, ctx $((PP + TG)) (lower is better) | $l_r1 | $k_r1 | $(ratio "$k_r1" "$l_r1") |"
+        echo "| $id | peak RSS MiB, ctx $((DEPTH + TG)) (lower is better) | $l_r2 | $k_r2 | $(ratio "$k_r2" "$l_r2") |"
+    } >>"$SUMMARY"
+done
+echo "== ratios (threads $THREADS; tok/s ratios above 1 mean kvmerger is faster)"
+cat "$SUMMARY"
