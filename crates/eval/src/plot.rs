@@ -116,6 +116,7 @@ fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
 }
 
 fn fmt_tick(v: f64) -> String {
+    let v = if v == 0.0 { 0.0 } else { v }; // no "-0"
     if v.abs() >= 100.0 || v.fract().abs() < 1e-9 {
         format!("{v:.0}")
     } else if (v * 10.0).fract().abs() < 1e-9 {
@@ -340,8 +341,10 @@ pub fn heatmap(
             }
         }
     }
-    let every = |n: usize, space: f64| ((14.0 / space).ceil() as usize).max(1).min(n.max(1));
-    let cstep = every(cols.len(), cw);
+    let every =
+        |n: usize, need: f64, space: f64| ((need / space).ceil() as usize).max(1).min(n.max(1));
+    let widest = cols.iter().map(|c| c.chars().count()).max().unwrap_or(1) as f64;
+    let cstep = every(cols.len(), widest * 7.5 + 8.0, cw);
     for (c, name) in cols.iter().enumerate().step_by(cstep) {
         svg.text(
             LEFT + c as f64 * cw + cw / 2.0,
@@ -350,7 +353,7 @@ pub fn heatmap(
             name,
         );
     }
-    let rstep = every(rows.len(), rh);
+    let rstep = every(rows.len(), 14.0, rh);
     for (r, name) in rows.iter().enumerate().step_by(rstep) {
         svg.text(
             LEFT - 6.0,

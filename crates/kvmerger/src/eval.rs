@@ -107,6 +107,9 @@ fn split_methods(s: &str) -> Vec<String> {
 
 struct EvalBar {
     bar: ProgressBar,
+    /// When this run started and how many samples were already done then: the ETA
+    /// counts only samples evaluated now.
+    start: std::cell::Cell<(std::time::Instant, u64)>,
     /// Not a terminal (a batch job's log): plain lines instead of a bar.
     plain: bool,
 }
@@ -126,6 +129,7 @@ impl Observer for EvalBar {
         self.bar.set_length(total as u64);
         self.bar.set_position(done as u64);
         self.bar.reset_eta();
+        self.start.set((std::time::Instant::now(), done as u64));
         if done > 0 {
             self.line(format!("resuming: {done} of {total} samples already done"));
         }
@@ -140,7 +144,9 @@ impl Observer for EvalBar {
         self.bar.inc(1);
         let pos = self.bar.position();
         let len = self.bar.length().unwrap_or(0);
-        let eta = self.bar.eta().as_secs();
+        let (t0, done0) = self.start.get();
+        let per = t0.elapsed().as_secs_f64() / pos.saturating_sub(done0).max(1) as f64;
+        let eta = (per * len.saturating_sub(pos) as f64) as u64;
         let full = records.iter().find(|r| r.config == "full");
         let mean = |f: &dyn Fn(&Record) -> Option<f64>| {
             let v: Vec<f64> = records
@@ -285,6 +291,7 @@ fn run_grid(a: EvalRunArgs, dir: &Path) -> Result<()> {
     bar.enable_steady_tick(Duration::from_millis(500));
     let obs = EvalBar {
         bar,
+        start: std::cell::Cell::new((std::time::Instant::now(), 0)),
         plain: !std::io::stderr().is_terminal(),
     };
     let summary = runner.run(&out, shard, &obs);
