@@ -293,14 +293,16 @@ pub fn token_similarity(
     Ok(files)
 }
 
-/// A KVMerger in paper mode at `epsilon` with nothing protected: its merging sets are
-/// the ones the similarity alone produces.
+/// A KVMerger in paper mode at `epsilon` with nothing protected and no layer skipped:
+/// its merging sets are the ones the similarity alone produces.
 pub fn threshold_merger(epsilon: f32) -> Result<KvMerger, Error> {
     let mut o = Options::new();
     o.set("mode", "paper");
     o.set("epsilon", epsilon);
     o.set("recent", 0);
     o.set("heavy", 0);
+    // Every layer, including those the method itself leaves alone by default.
+    o.set("skip_layers", "none");
     Ok(KvMerger::from_options(&o)?)
 }
 
