@@ -250,6 +250,33 @@ fn run_compressed(
         comp.needs(),
         pp as f64 / prefill
     );
+    // The same context uncompressed, for the speed ratio (timed on a copy, dropped
+    // before the memory readings).
+    let full_speed = if a.tg > 0 {
+        let mut full = cache.clone();
+        let mut l = logits.clone();
+        let t0 = Instant::now();
+        for _ in 0..a.tg {
+            let next = argmax(&l) as u32;
+            l = m.forward(
+                &[next],
+                &mut full,
+                StatsNeeds::default(),
+                None,
+                Logits::Last,
+            )?;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "| tg{} @ ctx {pp}, full cache | {} | {secs:.3} | {:.1} |",
+            a.tg,
+            a.tg,
+            a.tg as f64 / secs
+        );
+        Some(a.tg as f64 / secs)
+    } else {
+        None
+    };
     let rss_before = rss_bytes();
     let (report, targets) = comp.compress_prompt(&mut cache, &stats)?;
     drop(stats);
@@ -281,6 +308,13 @@ fn run_compressed(
             a.tg,
             a.tg as f64 / secs
         );
+        if let Some(full) = full_speed {
+            println!(
+                "compressed / full-cache generation speed: {:.2}x; KV bytes {:.3}x the uncompressed cache",
+                a.tg as f64 / secs / full,
+                report.ratio()
+            );
+        }
     }
     println!(
         "KV cache {:.2} MiB -> {:.2} MiB ({:.1}%); resident memory {:.1} MiB -> {:.1} MiB (-{:.1} MiB)",
