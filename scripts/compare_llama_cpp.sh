@@ -15,7 +15,12 @@
 #   KVMERGER_HOME   the kvmerger data directory (models are read from $KVMERGER_HOME/models)
 #   LLAMA_CPP_DIR   where llama.cpp is built (default: $KVMERGER_HOME/llama.cpp)
 #   KVMERGER_BIN    the kvmerger binary (default: built with cargo --release)
+#   LLAMA_BENCH_ARGS  extra llama-bench flags (e.g. "--poll 0" on a busy machine, where
+#                   llama.cpp's spinning threads lose much more than ours do)
 #
+# Both programs are timed in this one run on this machine; other jobs on it slow both,
+# llama.cpp more (its threads spin at barriers). The load average is printed before and
+# after: trust ratios taken at a load near or below the thread count.
 # Needs: pip, cmake, a C/C++ compiler (Debian: cmake, g++), /usr/bin/time.
 # AMX is turned off in the llama.cpp build (it crashed on this machine).
 set -euo pipefail
@@ -106,7 +111,7 @@ trap 'rm -rf "$WORK"' EXIT
 PP=512
 TG=128
 [ "$QUICK" = 1 ] && TG=32
-echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; threads $THREADS"
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; threads $THREADS; load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "llama.cpp: $LLAMA_BENCH"
 echo "kvmerger: $KVMERGER_BIN ${EXTRA[*]}"
 echo
@@ -121,9 +126,9 @@ for id in "${MODEL_LIST[@]}"; do
     fi
     echo "== $id: llama.cpp"
     # pp512 and tg128 right after it (one process, so its peak RSS is for a 640-token context)
-    /usr/bin/time -v "$LLAMA_BENCH" -m "$gguf" -t "$THREADS" -p $PP -n $TG -r "$REPS" -o json \
+    /usr/bin/time -v "$LLAMA_BENCH" -m "$gguf" -t "$THREADS" -p $PP -n $TG -r "$REPS" -o json ${LLAMA_BENCH_ARGS:-} \
         >"$WORK/l1.json" 2>"$WORK/l1.time"
-    /usr/bin/time -v "$LLAMA_BENCH" -m "$gguf" -t "$THREADS" -p 0 -n $TG -d "$DEPTH" -r 1 -o json \
+    /usr/bin/time -v "$LLAMA_BENCH" -m "$gguf" -t "$THREADS" -p 0 -n $TG -d "$DEPTH" -r 1 -o json ${LLAMA_BENCH_ARGS:-} \
         >"$WORK/l2.json" 2>"$WORK/l2.time"
     l_pp=$(llama_ts "$WORK/l1.json" $PP 0 0)
     l_tg=$(llama_ts "$WORK/l1.json" 0 $TG 0)
@@ -151,5 +156,5 @@ for id in "${MODEL_LIST[@]}"; do
         echo "| $id | peak RSS MiB, ctx $((DEPTH + TG)) (lower is better) | $l_r2 | $k_r2 | $(ratio "$k_r2" "$l_r2") |"
     } >>"$SUMMARY"
 done
-echo "== ratios (threads $THREADS; tok/s ratios above 1 mean kvmerger is faster)"
+echo "== ratios (threads $THREADS; tok/s ratios above 1 mean kvmerger is faster; load average at end: $(cut -d' ' -f1-3 /proc/loadavg))"
 cat "$SUMMARY"

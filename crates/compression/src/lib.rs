@@ -6,7 +6,7 @@
 //! ([`HeadStore`] per layer and KV head) and calls [`compress_head`] on it.
 //!
 //! Pieces:
-//! - [`store`]: the slot store ([`HeadStore`], f16 or f32) and its f32 view ([`HeadData`]);
+//! - [`store`]: the slot store ([`HeadStore`], f16, f32 or q8_0) and its f32 view ([`HeadData`]);
 //! - [`method`]: the [`Method`] trait, the attention statistics it may read ([`HeadStats`]),
 //!   and string options;
 //! - [`budget`]: budgets as a fraction of the prompt or a token count, and

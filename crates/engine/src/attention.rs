@@ -350,6 +350,7 @@ pub fn attend(
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)] // index loops mirror the definitions being checked
 mod tests {
     use super::*;
     use kvmerger_compression::{KvDtype, SlotMeta};

@@ -40,12 +40,14 @@ pub fn matmul_exact(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
     if n == 1 {
         if let Some(dot) = fused_dot(w.dtype()) {
             // One token: dot the file's blocks with x directly, without a dequantized row.
+            // Formats with per-block offsets use x's sums over blocks of 32, made once here.
+            let sums: Vec<f32> = x[..cols].chunks(32).map(|b| b.iter().sum()).collect();
             out[..rows]
                 .par_chunks_mut(64)
                 .enumerate()
                 .for_each(|(b, o)| {
                     for (i, v) in o.iter_mut().enumerate() {
-                        *v = dot(w.row_raw(b * 64 + i), x);
+                        *v = dot(w.row_raw(b * 64 + i), x, &sums);
                     }
                 });
             return;
@@ -149,7 +151,8 @@ fn gemm_block(
     }
 }
 
-type FusedDot = fn(&[u8], &[f32]) -> f32;
+/// (row blocks, activations, activation sums per block of 32) -> dot product.
+type FusedDot = fn(&[u8], &[f32], &[f32]) -> f32;
 
 /// A kernel that dots one row's blocks with f32 activations, where there is one.
 fn fused_dot(ty: GgmlType) -> Option<FusedDot> {
@@ -161,11 +164,11 @@ fn fused_dot(ty: GgmlType) -> Option<FusedDot> {
         {
             return match ty {
                 // SAFETY (all): the CPU features were checked just above.
-                GgmlType::Q4_1 => Some(|w, x| unsafe { x86::dot_q4_1(w, x) }),
-                GgmlType::Q8_0 => Some(|w, x| unsafe { x86::dot_q8_0(w, x) }),
-                GgmlType::Q5_0 => Some(|w, x| unsafe { x86::dot_q5_0(w, x) }),
-                GgmlType::Q4_K => Some(|w, x| unsafe { x86::dot_q4_k(w, x) }),
-                GgmlType::Q6_K => Some(|w, x| unsafe { x86::dot_q6_k(w, x) }),
+                GgmlType::Q4_1 => Some(|w, x, s| unsafe { x86::dot_q4_1(w, x, s) }),
+                GgmlType::Q8_0 => Some(|w, x, _| unsafe { x86::dot_q8_0(w, x) }),
+                GgmlType::Q5_0 => Some(|w, x, _| unsafe { x86::dot_q5_0(w, x) }),
+                GgmlType::Q4_K => Some(|w, x, s| unsafe { x86::dot_q4_k(w, x, s) }),
+                GgmlType::Q6_K => Some(|w, x, _| unsafe { x86::dot_q6_k(w, x) }),
                 _ => None,
             };
         }
@@ -178,9 +181,12 @@ fn fused_dot(ty: GgmlType) -> Option<FusedDot> {
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// An f16 scale through F16C (half's conversion checks the CPU on every call).
     #[inline]
-    fn f16(b: &[u8]) -> f32 {
-        half::f16::from_le_bytes([b[0], b[1]]).to_f32()
+    #[target_feature(enable = "f16c")]
+    unsafe fn f16(b: &[u8]) -> f32 {
+        let bits = u16::from_le_bytes([b[0], b[1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -232,30 +238,27 @@ mod x86 {
     /// Q4_1 blocks of 32: {d: f16, m: f16, qs: [u8; 16]}, value = q * d + m, low nibbles
     /// are elements 0..16 and high nibbles 16..32.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_1(w: &[u8], x: &[f32]) -> f32 {
+    pub unsafe fn dot_q4_1(w: &[u8], x: &[f32], sums: &[f32]) -> f32 {
         let mut acc = _mm256_setzero_ps();
+        let mut macc = 0.0f32;
         let mask = _mm_set1_epi8(0x0F);
-        for (b, xs) in w.chunks_exact(20).zip(x.chunks_exact(32)) {
+        for ((b, xs), &sx) in w.chunks_exact(20).zip(x.chunks_exact(32)).zip(sums) {
             let (d, m) = (f16(&b[0..2]), f16(&b[2..4]));
             let qs = _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i);
             let lo = _mm_and_si128(qs, mask);
             let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
             let px = xs.as_ptr();
             let mut qx = _mm256_setzero_ps();
-            let mut sx = _mm256_setzero_ps();
             for (half, q) in [(0usize, lo), (16, hi)] {
                 let q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
                 let q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)));
-                let x0 = _mm256_loadu_ps(px.add(half));
-                let x1 = _mm256_loadu_ps(px.add(half + 8));
-                qx = _mm256_fmadd_ps(q0, x0, qx);
-                qx = _mm256_fmadd_ps(q1, x1, qx);
-                sx = _mm256_add_ps(sx, _mm256_add_ps(x0, x1));
+                qx = _mm256_fmadd_ps(q0, _mm256_loadu_ps(px.add(half)), qx);
+                qx = _mm256_fmadd_ps(q1, _mm256_loadu_ps(px.add(half + 8)), qx);
             }
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), qx, acc);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(m), sx, acc);
+            macc += m * sx;
         }
-        hsum(acc)
+        hsum(acc) + macc
     }
 
     /// Dot of 32 signed bytes with 32 f32 activations: the sums over the first and the
@@ -311,10 +314,15 @@ mod x86 {
     /// Q4_K super-blocks of 256: {d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]};
     /// eight sub-blocks of 32 with 6-bit scales and mins; value = d*sc*q - dmin*m.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_k(w: &[u8], x: &[f32]) -> f32 {
+    pub unsafe fn dot_q4_k(w: &[u8], x: &[f32], sums: &[f32]) -> f32 {
         let mut acc = _mm256_setzero_ps();
+        let mut macc = 0.0f32;
         let mask = _mm256_set1_epi8(0x0F);
-        for (b, xs) in w.chunks_exact(144).zip(x.chunks_exact(256)) {
+        for ((b, xs), sx) in w
+            .chunks_exact(144)
+            .zip(x.chunks_exact(256))
+            .zip(sums.chunks_exact(8))
+        {
             let d = f16(&b[0..2]);
             let dmin = f16(&b[2..4]);
             let sc = &b[4..16];
@@ -338,16 +346,12 @@ mod x86 {
                     let (scale, min) = scale_min(2 * j + h);
                     let xp = px.add(64 * j + 32 * h);
                     let (s0, s1) = dot32(q, xp);
-                    let sx = _mm256_add_ps(
-                        _mm256_add_ps(_mm256_loadu_ps(xp), _mm256_loadu_ps(xp.add(8))),
-                        _mm256_add_ps(_mm256_loadu_ps(xp.add(16)), _mm256_loadu_ps(xp.add(24))),
-                    );
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d * scale), _mm256_add_ps(s0, s1), acc);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * min), sx, acc);
+                    macc -= dmin * min * sx[2 * j + h];
                 }
             }
         }
-        hsum(acc)
+        hsum(acc) + macc
     }
 
     /// Q6_K super-blocks of 256: {ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16};

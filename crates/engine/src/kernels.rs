@@ -333,8 +333,9 @@ mod x86 {
     pub unsafe fn q8_0_to_f32(q: &[i8], d: &[f16], out: &mut [f32]) {
         let pq = q.as_ptr();
         let po = out.as_mut_ptr();
-        for b in 0..q.len() / 32 {
-            let s = _mm256_set1_ps(d[b].to_f32());
+        for (b, scale) in d.iter().enumerate().take(q.len() / 32) {
+            let bits = scale.to_bits() as i32;
+            let s = _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits))));
             for k in 0..4 {
                 let v = _mm_loadl_epi64(pq.add(32 * b + 8 * k) as *const __m128i);
                 let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));

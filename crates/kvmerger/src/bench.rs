@@ -42,8 +42,8 @@ fn bench_tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
 }
 
 pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
-    if a.pp == 0 && a.tg == 0 {
-        bail!("nothing to measure: --pp and --tg are both 0");
+    if a.pp == 0 && a.tg == 0 && a.fidelity == 0 {
+        bail!("nothing to measure: --pp, --tg and --fidelity are all 0");
     }
     let (lm, dtype) = load_model(&a.model, dir)?;
     let m = &lm.model;
@@ -62,7 +62,8 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
     let reps = a.reps.max(1);
     let comp = crate::compress::build(&a.compress)?;
     if !comp.is_noop() {
-        return run_compressed(&a, &lm, dtype, &comp, vocab);
+        run_compressed(&a, &lm, dtype, &comp, vocab)?;
+        return fidelity(&a, &lm, dtype, &comp);
     }
     if a.pp > 0 {
         let mut best = f64::INFINITY;
@@ -122,6 +123,98 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
         "peak resident memory: {:.1} MiB",
         peak_rss_bytes() as f64 / (1 << 20) as f64
     );
+    fidelity(&a, &lm, dtype, &comp)
+}
+
+/// `KL(p || q)` of two logit rows, and whether their top tokens agree.
+fn kl_logits(p: &[f32], q: &[f32]) -> (f64, bool) {
+    let logsoftmax = |x: &[f32]| -> Vec<f64> {
+        let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let z = x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+        x.iter().map(|&v| v as f64 - z).collect()
+    };
+    let (lp, lq) = (logsoftmax(p), logsoftmax(q));
+    let kl = lp
+        .iter()
+        .zip(&lq)
+        .map(|(a, b)| a.exp() * (a - b))
+        .sum::<f64>();
+    (kl.max(0.0), argmax(p) == argmax(q))
+}
+
+/// Fidelity of this run's cache (KV dtype and compression) against a full f16 cache.
+fn fidelity(
+    a: &BenchArgs,
+    lm: &kvmerger_engine::load::LoadedModel,
+    dtype: kvmerger_compression::KvDtype,
+    comp: &kvmerger_engine::compress::Compressor,
+) -> Result<()> {
+    use kvmerger_compression::KvDtype;
+    use kvmerger_engine::cache::PrefillStats;
+    use kvmerger_engine::compress::DecodeCompression;
+    if a.fidelity == 0 {
+        return Ok(());
+    }
+    let m = &lm.model;
+    let n = a.pp.max(a.ctx).max(16);
+    let text = match &a.prompt_file {
+        Some(p) => std::fs::read_to_string(p)?,
+        None => crate::demo::haystack(n + 64, 0.4, "Lisbon"),
+    };
+    let mut toks = lm.tokenizer.encode(&text, true)?;
+    while toks.len() < n {
+        let again = toks.clone();
+        toks.extend_from_slice(&again);
+    }
+    toks.truncate(n);
+    let mut full = m.new_cache(KvDtype::F16);
+    let mut lf = m.forward(&toks, &mut full, StatsNeeds::default(), None, Logits::Last)?;
+    let mut cache = m.new_cache(dtype);
+    let mut stats = PrefillStats::default();
+    let mut lc = m.forward(
+        &toks,
+        &mut cache,
+        comp.needs(),
+        Some(&mut stats),
+        Logits::Last,
+    )?;
+    let (_, targets) = comp.compress_prompt(&mut cache, &stats)?;
+    drop(stats);
+    let (bytes_full, bytes) = (full.bytes(), cache.bytes());
+    let mut dc = DecodeCompression::new(comp, targets);
+    let (mut sum, mut worst, mut agree) = (0.0f64, 0.0f64, 0usize);
+    for _ in 0..a.fidelity {
+        let (kl, same) = kl_logits(&lf, &lc);
+        sum += kl;
+        worst = worst.max(kl);
+        agree += same as usize;
+        let next = argmax(&lf) as u32;
+        lf = m.forward(
+            &[next],
+            &mut full,
+            StatsNeeds::default(),
+            None,
+            Logits::Last,
+        )?;
+        lc = m.forward(
+            &[next],
+            &mut cache,
+            dc.needs(),
+            Some(&mut dc.stats),
+            Logits::Last,
+        )?;
+        dc.after_step(&mut cache)?;
+    }
+    println!(
+        "fidelity vs full f16 cache ({n}-token prompt, {} steps): mean KL {:.5} nats, max KL {:.5}, top-1 agreement {:.3}; KV bytes {:.3}x full f16 ({:?}, {})",
+        a.fidelity,
+        sum / a.fidelity as f64,
+        worst,
+        agree as f64 / a.fidelity as f64,
+        bytes as f64 / bytes_full as f64,
+        dtype,
+        comp.name()
+    );
     Ok(())
 }
 
@@ -157,6 +250,33 @@ fn run_compressed(
         comp.needs(),
         pp as f64 / prefill
     );
+    // The same context uncompressed, for the speed ratio (timed on a copy, dropped
+    // before the memory readings).
+    let full_speed = if a.tg > 0 {
+        let mut full = cache.clone();
+        let mut l = logits.clone();
+        let t0 = Instant::now();
+        for _ in 0..a.tg {
+            let next = argmax(&l) as u32;
+            l = m.forward(
+                &[next],
+                &mut full,
+                StatsNeeds::default(),
+                None,
+                Logits::Last,
+            )?;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "| tg{} @ ctx {pp}, full cache | {} | {secs:.3} | {:.1} |",
+            a.tg,
+            a.tg,
+            a.tg as f64 / secs
+        );
+        Some(a.tg as f64 / secs)
+    } else {
+        None
+    };
     let rss_before = rss_bytes();
     let (report, targets) = comp.compress_prompt(&mut cache, &stats)?;
     drop(stats);
@@ -188,6 +308,13 @@ fn run_compressed(
             a.tg,
             a.tg as f64 / secs
         );
+        if let Some(full) = full_speed {
+            println!(
+                "compressed / full-cache generation speed: {:.2}x; KV bytes {:.3}x the uncompressed cache",
+                a.tg as f64 / secs / full,
+                report.ratio()
+            );
+        }
     }
     println!(
         "KV cache {:.2} MiB -> {:.2} MiB ({:.1}%); resident memory {:.1} MiB -> {:.1} MiB (-{:.1} MiB)",

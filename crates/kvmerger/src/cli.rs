@@ -170,6 +170,14 @@ pub struct BenchArgs {
     /// Repetitions; the best is reported.
     #[arg(long, default_value_t = 1)]
     pub reps: usize,
+    /// Also measure fidelity over this many decoding steps: KL divergence of this run's
+    /// next-token distributions (its KV dtype and compression) from a full f16 cache's,
+    /// both fed the full cache's greedy tokens after a prompt of max(--pp, --ctx) tokens.
+    #[arg(long, default_value_t = 0)]
+    pub fidelity: usize,
+    /// Text for the fidelity prompt (default: the demo's haystack text).
+    #[arg(long, value_name = "FILE")]
+    pub prompt_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
