@@ -136,9 +136,9 @@ impl<'a> DecodeCompression<'a> {
 
     /// Re-compress if some head passed its budget by the margin.
     pub fn after_step(&mut self, cache: &mut KvCache) -> Result<(), Error> {
-        if let Some(report) = self
-            .compressor
-            .recompress_if_over(cache, &self.targets, &self.stats)?
+        if let Some(report) =
+            self.compressor
+                .recompress_if_over(cache, &self.targets, &self.stats)?
         {
             self.stats = PrefillStats::default();
             self.passes += 1;

@@ -395,14 +395,11 @@ impl Model {
 
             for (s, seg) in segs.iter_mut().enumerate() {
                 let stores = &mut seg.cache.layers[li];
-                for i in bounds[s]..bounds[s + 1] {
+                let rows = bounds[s]..bounds[s + 1];
+                for (i, &pos) in rows.clone().zip(&positions[rows]) {
                     for (h, store) in stores.iter_mut().enumerate() {
                         let off = i * kd + h * d;
-                        store.push(
-                            &k[off..off + d],
-                            &v[off..off + d],
-                            SlotMeta::token(positions[i]),
-                        );
+                        store.push(&k[off..off + d], &v[off..off + d], SlotMeta::token(pos));
                     }
                 }
             }

@@ -21,10 +21,7 @@ const PROMPTS: &[&str] = &[
 fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let diff = a
-        .iter()
-        .zip(b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     diff / scale
 }
 
@@ -49,7 +46,13 @@ fn single(lm: &LoadedModel, ids: &[Vec<u32>], steps: usize) -> Vec<Vec<Vec<f32>>
                 let next = argmax(&logits) as u32;
                 logits = lm
                     .model
-                    .forward(&[next], &mut cache, StatsNeeds::default(), None, Logits::Last)
+                    .forward(
+                        &[next],
+                        &mut cache,
+                        StatsNeeds::default(),
+                        None,
+                        Logits::Last,
+                    )
                     .unwrap();
                 all.push(logits.clone());
             }
@@ -85,10 +88,17 @@ fn check_batched_decode_matches(id: &str) {
     let mut logits = lm.model.forward_batch(&mut segs).unwrap();
     drop(segs);
     for step in 0..=steps {
-        for (s, l) in logits.iter().enumerate() {
-            let d = rel_diff(&want[s][step], l);
-            assert!(d < 5e-4, "{id}: sequence {s} step {step}: relative diff {d}");
-            assert_eq!(argmax(&want[s][step]), argmax(l), "{id}: sequence {s} step {step}");
+        for (s, (l, want)) in logits.iter().zip(&want).enumerate() {
+            let d = rel_diff(&want[step], l);
+            assert!(
+                d < 5e-4,
+                "{id}: sequence {s} step {step}: relative diff {d}"
+            );
+            assert_eq!(
+                argmax(&want[step]),
+                argmax(l),
+                "{id}: sequence {s} step {step}"
+            );
         }
         if step == steps {
             break;
@@ -102,7 +112,11 @@ fn check_batched_decode_matches(id: &str) {
         logits = lm.model.forward_batch(&mut segs).unwrap();
     }
     for (s, c) in caches.iter().enumerate() {
-        assert_eq!(c.n_seen, ids[s].len() + steps, "{id}: sequence {s} positions");
+        assert_eq!(
+            c.n_seen,
+            ids[s].len() + steps,
+            "{id}: sequence {s} positions"
+        );
     }
 }
 
@@ -205,11 +219,72 @@ fn bad_segments_are_errors_not_panics() {
     let mut segs = vec![Segment::decode(&[], &mut c, StatsNeeds::default(), None)];
     assert!(lm.model.forward_batch(&mut segs).is_err());
     let outside = [lm.model.cfg.vocab as u32];
-    let mut segs = vec![Segment::decode(&outside, &mut c, StatsNeeds::default(), None)];
+    let mut segs = vec![Segment::decode(
+        &outside,
+        &mut c,
+        StatsNeeds::default(),
+        None,
+    )];
     assert!(lm.model.forward_batch(&mut segs).is_err());
     let mut wrong = KvCache::new(1, 1, 8, KvDtype::F16);
-    let mut segs = vec![Segment::decode(&[1], &mut wrong, StatsNeeds::default(), None)];
+    let mut segs = vec![Segment::decode(
+        &[1],
+        &mut wrong,
+        StatsNeeds::default(),
+        None,
+    )];
     assert!(lm.model.forward_batch(&mut segs).is_err());
     assert_eq!(c.n_seen, 0, "a rejected pass leaves the cache untouched");
     assert!(lm.model.forward_batch(&mut []).unwrap().is_empty());
+}
+
+/// Hand-run: `cargo test --release -p kvmerger-engine --test batch -- --ignored --nocapture`.
+/// Decode tokens per second for B sequences, one pass each versus one batched pass.
+#[test]
+#[ignore]
+fn batched_decode_throughput() {
+    let id = std::env::var("KVMERGER_BENCH_MODEL").unwrap_or_else(|_| "smollm2-135m".into());
+    let lm = LoadedModel::open(&model_path(&id)).unwrap();
+    let prompt = lm
+        .tokenizer
+        .encode(
+            "Once upon a time, in a village by the sea, there lived",
+            true,
+        )
+        .unwrap();
+    for b in [1usize, 2, 4, 8, 16, 32, 64] {
+        let mut caches: Vec<KvCache> = (0..b)
+            .map(|_| {
+                let mut c = lm.model.new_cache(KvDtype::F16);
+                lm.model
+                    .forward(&prompt, &mut c, StatsNeeds::default(), None, Logits::Last)
+                    .unwrap();
+                c
+            })
+            .collect();
+        let steps = 8;
+        let t = std::time::Instant::now();
+        for _ in 0..steps {
+            for c in caches.iter_mut() {
+                lm.model
+                    .forward(&[42], c, StatsNeeds::default(), None, Logits::Last)
+                    .unwrap();
+            }
+        }
+        let seq = (b * steps) as f64 / t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        for _ in 0..steps {
+            let tok = [42u32];
+            let mut segs: Vec<Segment> = caches
+                .iter_mut()
+                .map(|c| Segment::decode(&tok, c, StatsNeeds::default(), None))
+                .collect();
+            lm.model.forward_batch(&mut segs).unwrap();
+        }
+        let bat = (b * steps) as f64 / t.elapsed().as_secs_f64();
+        eprintln!(
+            "{id} B={b:3}: one pass each {seq:7.1} tok/s, batched {bat:7.1} tok/s ({:.2}x)",
+            bat / seq
+        );
+    }
 }

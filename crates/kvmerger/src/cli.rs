@@ -35,6 +35,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// List the compression methods and their options.
     Methods,
+    /// Serve the model over an OpenAI-compatible HTTP API, with compression per request.
+    Serve(crate::serve::ServeArgs),
 }
 
 #[derive(Args, Debug)]

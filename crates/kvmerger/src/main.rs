@@ -6,6 +6,7 @@ mod compress;
 mod demo;
 mod fetch;
 mod run;
+mod serve;
 
 use clap::Parser;
 
