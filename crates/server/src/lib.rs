@@ -104,11 +104,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Bounds the time to a response (a slow upload, a non-streaming generation); a stream's
-/// own length is bounded by the engine, which ends it at the request's deadline.
+/// Bounds the time to a response (a slow upload, a stuck handler). Generation itself is
+/// bounded by the engine, which ends a request at its deadline (streams included) and
+/// frees its cache; this layer waits a little longer so that the engine's answer, with
+/// its accounting, normally comes first.
 async fn time_limit(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let limit = app.cfg.request_timeout;
-    match tokio::time::timeout(limit, next.run(req)).await {
+    match tokio::time::timeout(limit + std::time::Duration::from_secs(2), next.run(req)).await {
         Ok(r) => r,
         Err(_) => ApiError::timeout(limit.as_secs_f64()).into_response(),
     }

@@ -89,6 +89,18 @@ pub fn raw(addr: SocketAddr, bytes: &[u8]) -> Resp {
     parse_response(&buf)
 }
 
+/// [`raw`], but None when the server is not there (or closes without answering).
+pub fn try_raw(addr: SocketAddr, bytes: &[u8]) -> Option<Resp> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    s.write_all(bytes).ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    buf.windows(4)
+        .any(|w| w == b"\r\n\r\n")
+        .then(|| parse_response(&buf))
+}
+
 pub fn request(
     addr: SocketAddr,
     method: &str,
