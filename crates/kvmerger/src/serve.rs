@@ -51,10 +51,10 @@ pub struct ServeArgs {
     #[arg(long, default_value = "4MiB")]
     pub max_body: String,
     /// Seconds one request may take, queueing included.
-    #[arg(long, default_value_t = 600.0)]
+    #[arg(long, default_value_t = 600.0, allow_negative_numbers = true)]
     pub timeout: f64,
     /// Seconds shutdown (SIGTERM, Ctrl-C) waits for running requests.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
     pub shutdown_grace: f64,
 }
 
