@@ -131,36 +131,54 @@ impl<'a> DecodeCompression<'a> {
 
     /// Statistics each decode step must collect.
     pub fn needs(&self) -> StatsNeeds {
-        match self.compressor.recompress_margin {
-            Some(_) => self.compressor.needs(),
-            None => StatsNeeds::default(),
-        }
+        self.compressor.decode_needs()
     }
 
     /// Re-compress if some head passed its budget by the margin.
     pub fn after_step(&mut self, cache: &mut KvCache) -> Result<(), Error> {
-        let Some(margin) = self.compressor.recompress_margin else {
-            return Ok(());
+        if let Some(report) =
+            self.compressor
+                .recompress_if_over(cache, &self.targets, &self.stats)?
+        {
+            self.stats = PrefillStats::default();
+            self.passes += 1;
+            self.secs += report.secs;
+        }
+        Ok(())
+    }
+}
+
+impl Compressor {
+    /// Statistics each decode step must collect for re-compression (none without a margin).
+    pub fn decode_needs(&self) -> StatsNeeds {
+        match self.recompress_margin {
+            Some(_) => self.needs(),
+            None => StatsNeeds::default(),
+        }
+    }
+
+    /// During decoding: re-compress `cache` to its per-layer `targets` once some head
+    /// holds more than its target plus the margin. `stats` are the statistics of the
+    /// decode steps since the last compression; the caller resets them when this
+    /// returns a report.
+    pub fn recompress_if_over(
+        &self,
+        cache: &mut KvCache,
+        targets: &[usize],
+        stats: &PrefillStats,
+    ) -> Result<Option<CompressReport>, Error> {
+        let Some(margin) = self.recompress_margin else {
+            return Ok(None);
         };
         let over = cache
             .layers
             .iter()
-            .zip(&self.targets)
+            .zip(targets)
             .any(|(heads, &t)| heads.iter().any(|h| h.len() > t + margin));
         if !over {
-            return Ok(());
+            return Ok(None);
         }
-        let targets = &self.targets;
-        let report = compress_cache(
-            cache,
-            self.compressor.method.as_ref(),
-            &self.stats,
-            &|l, _| targets[l],
-        )?;
-        self.stats = PrefillStats::default();
-        self.passes += 1;
-        self.secs += report.secs;
-        Ok(())
+        compress_cache(cache, self.method.as_ref(), stats, &|l, _| targets[l]).map(Some)
     }
 }
 

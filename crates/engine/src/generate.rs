@@ -77,56 +77,21 @@ pub fn decode_with(
     mut compression: Option<&mut DecodeCompression<'_>>,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation, Error> {
-    let mut sampler = Sampler::new(params.sampling.clone())?;
-    let stops = tok.stop_ids();
-    let mut history = prompt.to_vec();
-    let mut detok = Detokenizer::new(tok);
-    let mut text = String::new();
-    // Text not yet passed to `on_text` because it could be the start of a stop string.
-    let mut emitted = 0usize;
-    let hold = params.stop.iter().map(|s| s.len()).max().unwrap_or(0);
-    let mut tokens = Vec::new();
+    let mut dec = Decoder::new(tok, prompt, params)?;
     let t0 = Instant::now();
-    let mut reason = StopReason::MaxTokens;
-    let mut cancelled = false;
-    while tokens.len() < params.max_tokens {
-        let next = sampler.sample(&mut logits, &history);
-        if !params.ignore_eos && stops.contains(&next) {
-            reason = StopReason::Eos;
-            break;
+    let mut piece = String::new();
+    let reason = loop {
+        piece.clear();
+        let step = dec.step(&mut logits, &mut piece);
+        if !piece.is_empty() && !on_text(&piece) {
+            break StopReason::Cancelled;
         }
-        tokens.push(next);
-        history.push(next);
-        if let Some(piece) = detok.push(next) {
-            text.push_str(&piece);
-        }
-        if let Some(cut) = find_stop(&text, &params.stop, emitted) {
-            text.truncate(cut);
-            reason = StopReason::StopString;
-            break;
-        }
-        let safe = safe_boundary(
-            &text,
-            text.len()
-                .saturating_sub(hold.saturating_sub(1))
-                .max(emitted),
-        );
-        if safe > emitted {
-            if !on_text(&text[emitted..safe]) {
-                cancelled = true;
-            }
-            emitted = safe;
-        }
-        if cancelled {
-            reason = StopReason::Cancelled;
-            break;
-        }
-        if tokens.len() == params.max_tokens {
-            break;
-        }
+        let next = match step {
+            Step::Stop(reason) => break reason,
+            Step::Token(next) => next,
+        };
         if cache.n_seen + 1 > model.cfg.ctx_len {
-            reason = StopReason::Context;
-            break;
+            break StopReason::Context;
         }
         match compression.as_deref_mut() {
             Some(dc) => {
@@ -138,21 +103,121 @@ pub fn decode_with(
                 logits = model.forward(&[next], cache, StatsNeeds::default(), None, Logits::Last)?
             }
         }
+    };
+    piece.clear();
+    dec.finish(reason, &mut piece);
+    if reason != StopReason::Cancelled && !piece.is_empty() {
+        on_text(&piece);
     }
-    if reason != StopReason::StopString {
-        if let Some(rest) = detok.flush() {
-            text.push_str(&rest);
+    Ok(dec.into_generation(reason, t0.elapsed().as_secs_f64()))
+}
+
+/// What [`Decoder::step`] decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// This token was generated: run it through the model and step again on its logits.
+    Token(u32),
+    /// The generation is over (call [`Decoder::finish`] for the text still held back).
+    Stop(StopReason),
+}
+
+/// Sampling, stop conditions and incremental text of one generation, one token at a
+/// time. [`decode_with`] drives it over one cache; a server drives many of them over a
+/// batched forward pass.
+pub struct Decoder<'t> {
+    sampler: Sampler,
+    stops: &'t [u32],
+    history: Vec<u32>,
+    detok: Detokenizer<'t>,
+    text: String,
+    /// Text passed on so far; the rest may be the start of a stop string.
+    emitted: usize,
+    hold: usize,
+    tokens: Vec<u32>,
+    max_tokens: usize,
+    stop: Vec<String>,
+    ignore_eos: bool,
+}
+
+impl<'t> Decoder<'t> {
+    pub fn new(tok: &'t Tokenizer, prompt: &[u32], params: &GenerateParams) -> Result<Self, Error> {
+        Ok(Decoder {
+            sampler: Sampler::new(params.sampling.clone())?,
+            stops: tok.stop_ids(),
+            history: prompt.to_vec(),
+            detok: Detokenizer::new(tok),
+            text: String::new(),
+            emitted: 0,
+            hold: params.stop.iter().map(|s| s.len()).max().unwrap_or(0),
+            tokens: Vec::new(),
+            max_tokens: params.max_tokens,
+            stop: params.stop.clone(),
+            ignore_eos: params.ignore_eos,
+        })
+    }
+
+    /// Sample the next token from `logits` (the last position's). Text that became
+    /// final (it can no longer be part of a stop string) is appended to `out`.
+    pub fn step(&mut self, logits: &mut [f32], out: &mut String) -> Step {
+        if self.tokens.len() >= self.max_tokens {
+            return Step::Stop(StopReason::MaxTokens);
+        }
+        let next = self.sampler.sample(logits, &self.history);
+        if !self.ignore_eos && self.stops.contains(&next) {
+            return Step::Stop(StopReason::Eos);
+        }
+        self.tokens.push(next);
+        self.history.push(next);
+        if let Some(piece) = self.detok.push(next) {
+            self.text.push_str(&piece);
+        }
+        if let Some(cut) = find_stop(&self.text, &self.stop, self.emitted) {
+            self.text.truncate(cut);
+            return Step::Stop(StopReason::StopString);
+        }
+        let safe = safe_boundary(
+            &self.text,
+            self.text
+                .len()
+                .saturating_sub(self.hold.saturating_sub(1))
+                .max(self.emitted),
+        );
+        if safe > self.emitted {
+            out.push_str(&self.text[self.emitted..safe]);
+            self.emitted = safe;
+        }
+        if self.tokens.len() == self.max_tokens {
+            return Step::Stop(StopReason::MaxTokens);
+        }
+        Step::Token(next)
+    }
+
+    /// The generation ended for `reason`: the text still held back is appended to `out`.
+    pub fn finish(&mut self, reason: StopReason, out: &mut String) {
+        if reason != StopReason::StopString {
+            if let Some(rest) = self.detok.flush() {
+                self.text.push_str(&rest);
+            }
+        }
+        if self.text.len() > self.emitted {
+            out.push_str(&self.text[self.emitted..]);
+            self.emitted = self.text.len();
         }
     }
-    if !cancelled && text.len() > emitted {
-        on_text(&text[emitted..]);
+
+    /// Tokens generated so far (those sampled, not end-of-sequence tokens).
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
     }
-    Ok(Generation {
-        text,
-        tokens,
-        stop: reason,
-        decode_secs: t0.elapsed().as_secs_f64(),
-    })
+
+    pub fn into_generation(self, stop: StopReason, decode_secs: f64) -> Generation {
+        Generation {
+            text: self.text,
+            tokens: self.tokens,
+            stop,
+            decode_secs,
+        }
+    }
 }
 
 /// Byte offset where the earliest stop string starts, searching text that may overlap `from`.

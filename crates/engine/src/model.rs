@@ -9,6 +9,7 @@ use crate::kernels::{gelu_tanh, rms_norm, rms_norm_inplace, silu};
 use crate::quant::QMatrix;
 use crate::Error;
 use kvmerger_compression::{HeadStats, KvDtype, SlotMeta, StatsNeeds};
+use rayon::prelude::*;
 
 /// Where weights come from, by their GGUF names (`blk.N.attn_q.weight`, ...).
 pub trait WeightSource {
@@ -232,13 +233,73 @@ impl Model {
         mut stats: Option<&mut PrefillStats>,
         logits: Logits,
     ) -> Result<Vec<f32>, Error> {
-        let c = &self.cfg;
         if tokens.is_empty() {
             return Err(Error::Invalid("no tokens to process".into()));
         }
-        if cache.n_seen + tokens.len() > c.ctx_len {
+        self.check_segment(tokens, cache, cache.n_seen + tokens.len())?;
+        cache.reserve(tokens.len());
+        let total = tokens.len();
+        let mut out = Vec::new();
+        for (ci, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+            let start = ci * PREFILL_CHUNK;
+            let last_chunk = start + chunk.len() == total;
+            let want = match logits {
+                Logits::All => Some(Logits::All),
+                Logits::Last if last_chunk => Some(Logits::Last),
+                Logits::Last => None,
+            };
+            let mut seg = [Segment {
+                tokens: chunk,
+                cache: &mut *cache,
+                needs,
+                stats: stats.as_deref_mut(),
+                start,
+                total,
+                logits: want,
+            }];
+            let mut l = self.forward_segments(&mut seg);
+            out.append(&mut l[0]);
+        }
+        Ok(out)
+    }
+
+    /// One forward pass over several sequences at once, each with its own cache: the
+    /// matrix products run once over all their tokens (the weights are read once per
+    /// step instead of once per sequence), attention runs per sequence over its own
+    /// cache. Returns each segment's logits as its `logits` field asks (empty for None).
+    ///
+    /// Typical use is one decode token per running sequence, plus a prefill chunk of a
+    /// sequence being admitted. The caller bounds the total number of tokens: buffers
+    /// of that many rows are allocated for the pass.
+    pub fn forward_batch(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Vec<f32>>, Error> {
+        if segments.is_empty() {
+            return Ok(Vec::new());
+        }
+        for s in segments.iter() {
+            if s.tokens.is_empty() {
+                return Err(Error::Invalid("no tokens to process".into()));
+            }
+            if s.start + s.tokens.len() > s.total {
+                return Err(Error::Invalid(format!(
+                    "segment of {} tokens at {} lies outside its input of {}",
+                    s.tokens.len(),
+                    s.start,
+                    s.total
+                )));
+            }
+            self.check_segment(s.tokens, s.cache, s.cache.n_seen + s.tokens.len())?;
+        }
+        for s in segments.iter_mut() {
+            s.cache.reserve(s.tokens.len());
+        }
+        Ok(self.forward_segments(segments))
+    }
+
+    fn check_segment(&self, tokens: &[u32], cache: &KvCache, end: usize) -> Result<(), Error> {
+        let c = &self.cfg;
+        if end > c.ctx_len {
             return Err(Error::ContextOverflow {
-                prompt: cache.n_seen + tokens.len(),
+                prompt: end,
                 ctx: c.ctx_len,
             });
         }
@@ -248,57 +309,45 @@ impl Model {
                 c.vocab
             )));
         }
-        if cache.layers.len() != c.n_layers {
+        if cache.layers.len() != c.n_layers
+            || cache
+                .layers
+                .iter()
+                .any(|l| l.len() != c.n_kv_heads || l.iter().any(|h| h.dim() != c.head_dim))
+        {
             return Err(Error::Invalid("cache does not belong to this model".into()));
         }
-        if let Some(s) = stats.as_deref_mut() {
-            if s.heads.is_empty() {
-                s.heads = vec![vec![HeadStats::default(); c.n_kv_heads]; c.n_layers];
-            }
-        }
-        cache.reserve(tokens.len());
-        const CHUNK: usize = 256;
-        let total = tokens.len();
-        let mut out = Vec::new();
-        for (ci, chunk) in tokens.chunks(CHUNK).enumerate() {
-            let start = ci * CHUNK;
-            let req = StatsRequest {
-                accumulated: needs.accumulated,
-                window_from: needs.window.and_then(|w| {
-                    let from = total.saturating_sub(w);
-                    (from < start + chunk.len()).then(|| from.saturating_sub(start))
-                }),
-                last_at: (needs.last && start + chunk.len() == total).then(|| chunk.len() - 1),
-            };
-            let last_chunk = start + chunk.len() == total;
-            let want = match logits {
-                Logits::All => Some(Logits::All),
-                Logits::Last if last_chunk => Some(Logits::Last),
-                Logits::Last => None,
-            };
-            let l = self.forward_chunk(chunk, cache, req, stats.as_deref_mut(), want);
-            out.extend_from_slice(&l);
-        }
-        Ok(out)
+        Ok(())
     }
 
-    fn forward_chunk(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        req: StatsRequest,
-        mut stats: Option<&mut PrefillStats>,
-        logits: Option<Logits>,
-    ) -> Vec<f32> {
+    /// The forward pass proper, over already validated segments.
+    fn forward_segments(&self, segs: &mut [Segment<'_>]) -> Vec<Vec<f32>> {
         let c = &self.cfg;
-        let t = tokens.len();
         let (hd, d) = (c.hidden, c.head_dim);
         let qd = c.n_heads * d;
         let kd = c.n_kv_heads * d;
-        let positions: Vec<u32> = (0..t).map(|i| (cache.n_seen + i) as u32).collect();
+        // Rows of the pass: segment s owns rows bounds[s]..bounds[s + 1].
+        let mut bounds = vec![0usize];
+        for s in segs.iter() {
+            bounds.push(bounds.last().unwrap() + s.tokens.len());
+        }
+        let t = *bounds.last().unwrap();
+        let positions: Vec<u32> = segs
+            .iter()
+            .flat_map(|s| (0..s.tokens.len()).map(|i| (s.cache.n_seen + i) as u32))
+            .collect();
+        let reqs: Vec<StatsRequest> = segs.iter().map(|s| s.stats_request()).collect();
+        for s in segs.iter_mut() {
+            if let Some(st) = s.stats.as_deref_mut() {
+                if st.heads.is_empty() {
+                    st.heads = vec![vec![HeadStats::default(); c.n_kv_heads]; c.n_layers];
+                }
+            }
+        }
 
         let mut x = vec![0.0f32; t * hd];
-        for (i, &tok) in tokens.iter().enumerate() {
+        let all_tokens = segs.iter().flat_map(|s| s.tokens.iter());
+        for (i, &tok) in all_tokens.enumerate() {
             let row = &mut x[i * hd..(i + 1) * hd];
             self.embed.dequantize_row(tok as usize, row);
             if c.embed_scale != 1.0 {
@@ -344,11 +393,14 @@ impl Model {
             rope(&mut q, &positions, d, base, c.rope_style);
             rope(&mut k, &positions, d, base, c.rope_style);
 
-            let stores = &mut cache.layers[li];
-            for (i, &pos) in positions.iter().enumerate() {
-                for (h, store) in stores.iter_mut().enumerate() {
-                    let off = i * kd + h * d;
-                    store.push(&k[off..off + d], &v[off..off + d], SlotMeta::token(pos));
+            for (s, seg) in segs.iter_mut().enumerate() {
+                let stores = &mut seg.cache.layers[li];
+                let rows = bounds[s]..bounds[s + 1];
+                for (i, &pos) in rows.clone().zip(&positions[rows]) {
+                    for (h, store) in stores.iter_mut().enumerate() {
+                        let off = i * kd + h * d;
+                        store.push(&k[off..off + d], &v[off..off + d], SlotMeta::token(pos));
+                    }
                 }
             }
             let p = LayerAttn {
@@ -362,9 +414,52 @@ impl Model {
                     None
                 },
             };
-            let rows = attend(p, stores, &q, t, &positions, req, &mut att);
-            if req.any() {
-                fold_stats(c, li, &rows, stores, stats.as_deref_mut());
+            let rows: Vec<Vec<crate::attention::HeadRows>> = if segs.len() == 1 {
+                vec![attend(
+                    p,
+                    &segs[0].cache.layers[li],
+                    &q,
+                    t,
+                    &positions,
+                    reqs[0],
+                    &mut att,
+                )]
+            } else {
+                // Sequences are independent: their attention runs in parallel.
+                let mut outs = Vec::with_capacity(segs.len());
+                let mut rest = &mut att[..];
+                for s in 0..segs.len() {
+                    let (a, b) = rest.split_at_mut((bounds[s + 1] - bounds[s]) * qd);
+                    outs.push(a);
+                    rest = b;
+                }
+                segs.par_iter()
+                    .zip(outs.into_par_iter())
+                    .enumerate()
+                    .map(|(s, (seg, out))| {
+                        let (lo, hi) = (bounds[s], bounds[s + 1]);
+                        attend(
+                            p,
+                            &seg.cache.layers[li],
+                            &q[lo * qd..hi * qd],
+                            hi - lo,
+                            &positions[lo..hi],
+                            reqs[s],
+                            out,
+                        )
+                    })
+                    .collect()
+            };
+            for ((seg, r), req) in segs.iter_mut().zip(&rows).zip(&reqs) {
+                if req.any() {
+                    fold_stats(
+                        c,
+                        li,
+                        r,
+                        &mut seg.cache.layers[li],
+                        seg.stats.as_deref_mut(),
+                    );
+                }
             }
             self.mm(&layer.wo, &att, t, &mut o);
             if let Some(w) = &layer.post_attn_norm {
@@ -396,18 +491,28 @@ impl Model {
             }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
-        cache.n_seen += t;
+        for seg in segs.iter_mut() {
+            seg.cache.n_seen += seg.tokens.len();
+        }
 
-        let rows: &[f32] = match logits {
-            None => return Vec::new(),
-            Some(Logits::All) => &x,
-            Some(Logits::Last) => &x[(t - 1) * hd..],
-        };
-        let n = rows.len() / hd;
-        let mut normed = vec![0.0f32; rows.len()];
-        for i in 0..n {
+        // The rows whose logits are wanted, projected in one product.
+        let mut wanted: Vec<(usize, usize)> = Vec::new();
+        for (s, seg) in segs.iter().enumerate() {
+            match seg.logits {
+                None => {}
+                Some(Logits::All) => wanted.extend((bounds[s]..bounds[s + 1]).map(|r| (s, r))),
+                Some(Logits::Last) => wanted.push((s, bounds[s + 1] - 1)),
+            }
+        }
+        let mut out = vec![Vec::new(); segs.len()];
+        if wanted.is_empty() {
+            return out;
+        }
+        let n = wanted.len();
+        let mut normed = vec![0.0f32; n * hd];
+        for (i, &(_, r)) in wanted.iter().enumerate() {
             rms_norm(
-                &rows[i * hd..(i + 1) * hd],
+                &x[r * hd..(r + 1) * hd],
                 &self.out_norm,
                 c.rms_eps,
                 &mut normed[i * hd..(i + 1) * hd],
@@ -415,7 +520,62 @@ impl Model {
         }
         let mut logits = vec![0.0f32; n * c.vocab];
         self.mm(self.output(), &normed, n, &mut logits);
-        logits
+        for (i, &(s, _)) in wanted.iter().enumerate() {
+            out[s].extend_from_slice(&logits[i * c.vocab..(i + 1) * c.vocab]);
+        }
+        out
+    }
+}
+
+/// Prefill runs in chunks of this many tokens, so no n×n attention is held and the
+/// activation buffers stay small.
+pub const PREFILL_CHUNK: usize = 256;
+
+/// One sequence's share of a [`Model::forward_batch`] pass.
+pub struct Segment<'a> {
+    /// Tokens to append to this sequence (one for a decode step, a chunk for prefill).
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Attention statistics to collect, into `stats`.
+    pub needs: StatsNeeds,
+    pub stats: Option<&'a mut PrefillStats>,
+    /// `tokens` start at `start` within an input of `total` tokens (a whole prompt
+    /// prefilled in chunks): window and last-row statistics refer to that input's end.
+    /// A decode step is `start: 0, total: 1`.
+    pub start: usize,
+    pub total: usize,
+    pub logits: Option<Logits>,
+}
+
+impl<'a> Segment<'a> {
+    /// One decode step: `token` appended, the last position's logits returned.
+    pub fn decode(
+        token: &'a [u32],
+        cache: &'a mut KvCache,
+        needs: StatsNeeds,
+        stats: Option<&'a mut PrefillStats>,
+    ) -> Segment<'a> {
+        Segment {
+            tokens: token,
+            cache,
+            needs,
+            stats,
+            start: 0,
+            total: token.len(),
+            logits: Some(Logits::Last),
+        }
+    }
+
+    fn stats_request(&self) -> StatsRequest {
+        let (start, len, total) = (self.start, self.tokens.len(), self.total);
+        StatsRequest {
+            accumulated: self.needs.accumulated,
+            window_from: self.needs.window.and_then(|w| {
+                let from = total.saturating_sub(w);
+                (from < start + len).then(|| from.saturating_sub(start))
+            }),
+            last_at: (self.needs.last && start + len == total).then(|| len - 1),
+        }
     }
 }
 

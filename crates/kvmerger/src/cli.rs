@@ -41,6 +41,8 @@ pub enum Command {
     /// Reproduce the paper's observations on a model: key similarity of neighbouring
     /// tokens, per-layer sparsity of merging sets, and merge maps.
     Analyze(AnalyzeArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API, with compression per request.
+    Serve(crate::serve::ServeArgs),
 }
 
 #[derive(Args, Debug)]

@@ -28,7 +28,24 @@ fn scalar(v: &toml::Value) -> Result<String> {
     })
 }
 
+/// A compressor's recipe from flags and the TOML file (flags win).
+#[derive(Clone, Debug)]
+pub struct Recipe {
+    pub method: String,
+    pub budget: Budget,
+    pub options: Options,
+    pub schedule: Schedule,
+    pub recompress_margin: Option<usize>,
+}
+
 pub fn build(a: &CompressArgs) -> Result<Compressor> {
+    let r = recipe(a)?;
+    let mut c = Compressor::new(&r.method, &r.options, r.budget, r.schedule)?;
+    c.recompress_margin = r.recompress_margin;
+    Ok(c)
+}
+
+pub fn recipe(a: &CompressArgs) -> Result<Recipe> {
     let file: FileConfig = match &a.compress_config {
         Some(p) => {
             let text =
@@ -67,9 +84,13 @@ pub fn build(a: &CompressArgs) -> Result<Compressor> {
                 .with_context(|| format!("reading layer ratios from {path}"))?
         }
     };
-    let mut c = Compressor::new(&method, &opts, budget, schedule)?;
-    c.recompress_margin = a.recompress_margin.or(file.recompress_margin);
-    Ok(c)
+    Ok(Recipe {
+        method,
+        budget,
+        options: opts,
+        schedule,
+        recompress_margin: a.recompress_margin.or(file.recompress_margin),
+    })
 }
 
 pub fn print_methods() {

@@ -8,6 +8,7 @@ mod demo;
 mod eval;
 mod fetch;
 mod run;
+mod serve;
 
 use clap::Parser;
 

@@ -17,6 +17,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 pub fn dispatch(cli: Cli) -> Result<()> {
+    if let Command::Serve(a) = cli.command {
+        // The server runs its engine on a thread pool of its own.
+        let dir = assets::data_dir(cli.data_dir.as_deref());
+        return crate::serve::run(a, &dir, cli.threads);
+    }
     let mut pool = rayon::ThreadPoolBuilder::new();
     if let Some(n) = cli.threads {
         if n == 0 {
@@ -44,6 +49,7 @@ fn dispatch_in_pool(cli: Cli) -> Result<()> {
             crate::compress::print_methods();
             Ok(())
         }
+        Command::Serve(_) => unreachable!("dispatched before the pool"),
     }
 }
 

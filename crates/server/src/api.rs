@@ -1,0 +1,496 @@
+//! The OpenAI request bodies this server accepts, checked field by field.
+//!
+//! Unknown fields are errors (naming the field), and so are parameters whose OpenAI
+//! meaning this engine does not implement (`n > 1`, `logprobs`, tools, ...): silently
+//! ignoring them would return something other than what was asked.
+//! Extensions: `top_k`, `repetition_penalty`, `ignore_eos`, `kv_compression`.
+
+use crate::error::ApiError;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+    #[serde(default)]
+    pub continuous_usage_stats: Option<bool>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: Value,
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub n: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub stop: Option<Value>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub logit_bias: Option<Value>,
+    pub logprobs: Option<Value>,
+    pub echo: Option<bool>,
+    pub best_of: Option<i64>,
+    pub suffix: Option<String>,
+    pub user: Option<String>,
+    pub top_k: Option<i64>,
+    pub repetition_penalty: Option<f64>,
+    pub ignore_eos: Option<bool>,
+    pub kv_compression: Option<Value>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Value,
+    pub name: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub n: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub stop: Option<Value>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub logit_bias: Option<Value>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
+    pub user: Option<String>,
+    pub response_format: Option<Value>,
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+    pub store: Option<bool>,
+    pub metadata: Option<Value>,
+    pub top_k: Option<i64>,
+    pub repetition_penalty: Option<f64>,
+    pub ignore_eos: Option<bool>,
+    pub kv_compression: Option<Value>,
+}
+
+/// Parse a body: malformed JSON and wrong field types are 400s that name what is wrong.
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let v: Value = serde_json::from_slice(body).map_err(ApiError::malformed_json)?;
+    if !v.is_object() {
+        return Err(ApiError::malformed_json("the body is not a JSON object"));
+    }
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let join = |field: &str| {
+            if path == "." {
+                field.to_string()
+            } else {
+                format!("{path}.{field}")
+            }
+        };
+        let missing = inner
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next());
+        if let Some(field) = missing {
+            let param = join(field);
+            return ApiError::invalid(format!("Missing required parameter: '{param}'."))
+                .with_param(param)
+                .with_code("missing_required_parameter");
+        }
+        if inner.starts_with("unknown field") {
+            return ApiError::invalid(format!("Unrecognized request argument: {inner}"))
+                .with_param(path)
+                .with_code("unknown_parameter");
+        }
+        let err = if path == "." {
+            ApiError::invalid(inner)
+        } else {
+            ApiError::invalid(format!("Invalid value for '{path}': {inner}")).with_param(path)
+        };
+        err.with_code("invalid_type")
+    })
+}
+
+/// Sampling and length parameters common to both endpoints, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    pub max_tokens: Option<usize>,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub repetition_penalty: f32,
+    pub seed: u64,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+}
+
+/// The raw common fields, from either request type.
+pub struct RawSampling<'a> {
+    pub max_tokens: Option<i64>,
+    pub max_tokens_param: &'static str,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub repetition_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub seed: Option<i64>,
+    pub stop: Option<&'a Value>,
+    pub n: Option<i64>,
+    pub logit_bias: Option<&'a Value>,
+    pub ignore_eos: Option<bool>,
+}
+
+pub fn unsupported(param: &str, what: &str) -> ApiError {
+    ApiError::param(
+        param,
+        format!("'{param}' {what} is not supported by this server"),
+    )
+    .with_code("unsupported_parameter")
+}
+
+impl RawSampling<'_> {
+    pub fn validate(&self, max_tokens_limit: usize) -> Result<Sampling, ApiError> {
+        let max_tokens = match self.max_tokens {
+            None => None,
+            Some(m) if m < 1 => {
+                return Err(ApiError::param(
+                    self.max_tokens_param,
+                    format!("{} must be at least 1, got {m}", self.max_tokens_param),
+                ))
+            }
+            Some(m) if m as u64 > max_tokens_limit as u64 => {
+                return Err(ApiError::param(
+                    self.max_tokens_param,
+                    format!(
+                        "{} is {m}, above this server's limit of {max_tokens_limit}",
+                        self.max_tokens_param
+                    ),
+                ))
+            }
+            Some(m) => Some(m as usize),
+        };
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::param(
+                "temperature",
+                format!("temperature must be between 0 and 2, got {temperature}"),
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::param(
+                "top_p",
+                format!("top_p must be in (0, 1], got {top_p}"),
+            ));
+        }
+        let top_k = match self.top_k {
+            None => 0,
+            Some(k) if k < 0 => {
+                return Err(ApiError::param(
+                    "top_k",
+                    format!("top_k must be 0 (off) or positive, got {k}"),
+                ))
+            }
+            Some(k) => k as usize,
+        };
+        let repetition_penalty = self.repetition_penalty.unwrap_or(1.0);
+        if !(repetition_penalty > 0.0 && repetition_penalty <= 10.0) {
+            return Err(ApiError::param(
+                "repetition_penalty",
+                format!("repetition_penalty must be in (0, 10], got {repetition_penalty}"),
+            ));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if let Some(x) = v {
+                if x != 0.0 {
+                    return Err(unsupported(
+                        name,
+                        "other than 0 (use the repetition_penalty extension)",
+                    ));
+                }
+            }
+        }
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(unsupported("n", "other than 1"));
+            }
+        }
+        if let Some(b) = self.logit_bias {
+            if !(b.is_null() || b.as_object().is_some_and(|o| o.is_empty())) {
+                return Err(unsupported("logit_bias", "with entries"));
+            }
+        }
+        let stop = parse_stop(self.stop)?;
+        Ok(Sampling {
+            max_tokens,
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            top_k,
+            repetition_penalty: repetition_penalty as f32,
+            // Negative seeds are valid in OpenAI's API; any 64 bits make a seed here.
+            seed: self.seed.unwrap_or(0) as u64,
+            stop,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+        })
+    }
+}
+
+fn parse_stop(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    let bad = || {
+        ApiError::param(
+            "stop",
+            "stop must be a string or an array of up to 4 non-empty strings",
+        )
+    };
+    let out = match v {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_string).ok_or_else(bad))
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad()),
+    };
+    if out.len() > 4 || out.iter().any(|s| s.is_empty() || s.len() > 256) {
+        return Err(bad());
+    }
+    Ok(out)
+}
+
+/// A completion prompt: text, or token ids.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+pub fn parse_prompt(v: &Value) -> Result<Prompt, ApiError> {
+    let bad = || {
+        ApiError::param(
+            "prompt",
+            "prompt must be a string, an array of one string, or an array of token ids",
+        )
+    };
+    let tokens = |a: &Vec<Value>| -> Result<Vec<u32>, ApiError> {
+        a.iter()
+            .map(|x| {
+                x.as_u64()
+                    .filter(|&t| t <= u32::MAX as u64)
+                    .map(|t| t as u32)
+                    .ok_or_else(bad)
+            })
+            .collect()
+    };
+    match v {
+        Value::String(s) => Ok(Prompt::Text(s.clone())),
+        Value::Array(a) if a.is_empty() => Err(ApiError::param("prompt", "prompt is empty")),
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+            Ok(Prompt::Text(a[0].as_str().unwrap_or_default().to_string()))
+        }
+        Value::Array(a) if a.iter().all(|x| x.is_number()) => Ok(Prompt::Tokens(tokens(a)?)),
+        Value::Array(a) if a.len() == 1 && a[0].is_array() => match &a[0] {
+            Value::Array(inner) => Ok(Prompt::Tokens(tokens(inner)?)),
+            _ => Err(bad()),
+        },
+        Value::Array(a) if a.len() > 1 && a.iter().all(|x| x.is_string() || x.is_array()) => {
+            Err(unsupported(
+                "prompt",
+                "with several prompts (batch them as separate requests)",
+            ))
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// A chat message's text: a string, or an array of `{"type": "text", "text": ...}` parts.
+pub fn message_text(i: usize, content: &Value) -> Result<String, ApiError> {
+    let param = format!("messages.{i}.content");
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Null => Ok(String::new()),
+        Value::Array(parts) => {
+            let mut out = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                let kind = p.get("type").and_then(Value::as_str);
+                match (kind, p.get("text").and_then(Value::as_str)) {
+                    (Some("text"), Some(t)) => out.push_str(t),
+                    (Some(other), _) if other != "text" => {
+                        return Err(unsupported(
+                            &format!("{param}.{j}.type"),
+                            &format!("'{other}' (only text parts)"),
+                        ))
+                    }
+                    _ => {
+                        return Err(ApiError::param(
+                            format!("{param}.{j}"),
+                            "a content part must be {\"type\": \"text\", \"text\": \"...\"}",
+                        ))
+                    }
+                }
+            }
+            Ok(out)
+        }
+        _ => Err(ApiError::param(
+            param,
+            "content must be a string or an array of text parts",
+        )),
+    }
+}
+
+/// OpenAI's roles, mapped to what chat templates know.
+pub fn message_role(i: usize, role: &str) -> Result<&'static str, ApiError> {
+    match role {
+        "system" | "developer" => Ok("system"),
+        "user" => Ok("user"),
+        "assistant" => Ok("assistant"),
+        "tool" | "function" => Err(unsupported(
+            &format!("messages.{i}.role"),
+            &format!("'{role}' (tools are not supported)"),
+        )),
+        other => Err(ApiError::param(
+            format!("messages.{i}.role"),
+            format!("unknown role '{other}' (expected system, developer, user or assistant)"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn malformed_json_and_wrong_types_are_named() {
+        let e = parse::<CompletionRequest>(b"{\"model\": ").unwrap_err();
+        assert_eq!(e.status, 400);
+        assert_eq!(e.code, Some("invalid_json"));
+        let e = parse::<CompletionRequest>(b"[1, 2]").unwrap_err();
+        assert_eq!(e.code, Some("invalid_json"));
+        let e =
+            parse::<CompletionRequest>(br#"{"model": "m", "prompt": "x", "max_tokens": "ten"}"#)
+                .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        let e = parse::<CompletionRequest>(br#"{"model": "m", "prompt": "x", "colour": 1}"#)
+            .unwrap_err();
+        assert_eq!(e.code, Some("unknown_parameter"));
+        assert!(e.message.contains("colour"), "{}", e.message);
+        let e = parse::<ChatRequest>(
+            br#"{"model": "m", "messages": [{"role": "user", "content": "hi", "x": 1}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].x"), "{}", e.message);
+        let e = parse::<ChatRequest>(br#"{"model": "m"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"), "{}", e.message);
+    }
+
+    fn raw(v: &Value) -> RawSampling<'_> {
+        RawSampling {
+            max_tokens: v.get("max_tokens").and_then(Value::as_i64),
+            max_tokens_param: "max_tokens",
+            temperature: v.get("temperature").and_then(Value::as_f64),
+            top_p: v.get("top_p").and_then(Value::as_f64),
+            top_k: v.get("top_k").and_then(Value::as_i64),
+            repetition_penalty: v.get("repetition_penalty").and_then(Value::as_f64),
+            presence_penalty: v.get("presence_penalty").and_then(Value::as_f64),
+            frequency_penalty: v.get("frequency_penalty").and_then(Value::as_f64),
+            seed: v.get("seed").and_then(Value::as_i64),
+            stop: v.get("stop"),
+            n: v.get("n").and_then(Value::as_i64),
+            logit_bias: v.get("logit_bias"),
+            ignore_eos: None,
+        }
+    }
+
+    #[test]
+    fn sampling_parameters_are_checked() {
+        let ok = raw(&json!({"max_tokens": 5, "temperature": 0, "stop": ["a", "b"], "seed": -3}))
+            .validate(100)
+            .unwrap();
+        assert_eq!(ok.max_tokens, Some(5));
+        assert_eq!(ok.stop, vec!["a", "b"]);
+        let cases = [
+            (json!({"max_tokens": 0}), "max_tokens"),
+            (json!({"max_tokens": 101}), "max_tokens"),
+            (json!({"temperature": -1}), "temperature"),
+            (json!({"temperature": 7}), "temperature"),
+            (json!({"top_p": 0}), "top_p"),
+            (json!({"top_k": -2}), "top_k"),
+            (json!({"repetition_penalty": 0}), "repetition_penalty"),
+            (json!({"n": 2}), "n"),
+            (json!({"frequency_penalty": 0.5}), "frequency_penalty"),
+            (json!({"logit_bias": {"5": 10}}), "logit_bias"),
+            (json!({"stop": [1]}), "stop"),
+            (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
+            (json!({"stop": [""]}), "stop"),
+        ];
+        for (v, param) in cases {
+            let e = raw(&v).validate(100).expect_err(&v.to_string());
+            assert_eq!(e.status, 400);
+            assert_eq!(e.param.as_deref(), Some(param), "{v}");
+        }
+    }
+
+    #[test]
+    fn prompts_take_openai_shapes() {
+        assert_eq!(
+            parse_prompt(&json!("hi")).unwrap(),
+            Prompt::Text("hi".into())
+        );
+        assert_eq!(
+            parse_prompt(&json!(["hi"])).unwrap(),
+            Prompt::Text("hi".into())
+        );
+        assert_eq!(
+            parse_prompt(&json!([1, 2])).unwrap(),
+            Prompt::Tokens(vec![1, 2])
+        );
+        assert_eq!(
+            parse_prompt(&json!([[3]])).unwrap(),
+            Prompt::Tokens(vec![3])
+        );
+        for bad in [
+            json!([]),
+            json!(["a", "b"]),
+            json!([-1]),
+            json!({"a": 1}),
+            json!(3),
+            json!([1.5]),
+        ] {
+            assert!(parse_prompt(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn chat_content_parts_and_roles() {
+        let parts = json!([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]);
+        assert_eq!(message_text(0, &parts).unwrap(), "ab");
+        let img = json!([{"type": "image_url", "image_url": {"url": "x"}}]);
+        assert_eq!(
+            message_text(2, &img).unwrap_err().param.as_deref(),
+            Some("messages.2.content.0.type")
+        );
+        assert!(message_text(0, &json!(5)).is_err());
+        assert_eq!(message_role(0, "developer").unwrap(), "system");
+        assert!(message_role(1, "tool").is_err());
+        assert!(message_role(1, "wizard").is_err());
+    }
+}

@@ -1,0 +1,293 @@
+//! # kvmerger-server
+//!
+//! An OpenAI-compatible HTTP server over the kvmerger engine, where each request may
+//! choose how its KV cache is compressed, and the KV memory compression saves lets more
+//! requests run at once.
+//!
+//! - [`routes`]: `POST /v1/completions` and `/v1/chat/completions` (JSON or server-sent
+//!   events), `GET /v1/models`, `/health`, `/metrics`; [`api`]: the request bodies and
+//!   their checks; [`error`]: OpenAI's error format;
+//! - [`compression`]: the `kv_compression` request field over the server's default, and
+//!   the KV bytes a request may need;
+//! - [`scheduler`]: one engine thread that admits requests by KV memory, prefills in
+//!   chunks and decodes every running request in one batched forward pass;
+//! - [`metrics`]: Prometheus text.
+//!
+//! HTTP runs on tokio; compute runs on the engine thread (and its rayon pool), never on
+//! the async runtime. Limits (body size, API key, request time) are middleware layers.
+
+pub mod api;
+pub mod compression;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod routes;
+pub mod scheduler;
+
+pub use compression::CompressionSpec;
+pub use config::{parse_bytes, ServerConfig};
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{from_fn_with_state, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use error::ApiError;
+use kvmerger_engine::load::LoadedModel;
+use metrics::Metrics;
+use scheduler::{Limits, Scheduler};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+/// Everything handlers share.
+pub struct App {
+    pub cfg: ServerConfig,
+    pub lm: Arc<LoadedModel>,
+    pub sched: Arc<Scheduler>,
+    pub metrics: Arc<Metrics>,
+    pub shutting_down: AtomicBool,
+    next_id: AtomicU64,
+}
+
+/// The routes with their layers: request counting, API key, request time limit, body limit.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/chat/completions", post(routes::chat))
+        .route("/v1/models", get(routes::models))
+        .route("/v1/models/{id}", get(routes::model))
+        .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(DefaultBodyLimit::max(app.cfg.max_body_bytes))
+        .layer(from_fn_with_state(app.clone(), time_limit))
+        .layer(from_fn_with_state(app.clone(), api_key))
+        .layer(from_fn_with_state(app.clone(), count))
+        .with_state(app)
+}
+
+async fn count(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "other".into());
+    let r = next.run(req).await;
+    app.metrics.http_response(&route, r.status().as_u16());
+    r
+}
+
+async fn api_key(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &app.cfg.api_key {
+        if req.uri().path() != "/health" {
+            let given = req
+                .headers()
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !constant_time_eq(given.trim().as_bytes(), key.as_bytes()) {
+                return ApiError::unauthorized().into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Bounds the time to a response (a slow upload, a stuck handler). Generation itself is
+/// bounded by the engine, which ends a request at its deadline (streams included) and
+/// frees its cache; this layer waits a little longer so that the engine's answer, with
+/// its accounting, normally comes first.
+async fn time_limit(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let limit = app.cfg.request_timeout;
+    match tokio::time::timeout(limit + std::time::Duration::from_secs(2), next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::timeout(limit.as_secs_f64()).into_response(),
+    }
+}
+
+/// Serve on `listener` until `shutdown` completes, then stop taking requests, let those
+/// running finish (up to `cfg.shutdown_grace`), and return.
+pub async fn serve(
+    cfg: ServerConfig,
+    lm: LoadedModel,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    cfg.validate()?;
+    let mut pool = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("kvmerger-rayon-{i}"));
+    if let Some(n) = cfg.threads {
+        pool = pool.num_threads(n);
+    }
+    let pool = pool
+        .build()
+        .map_err(|e| format!("starting the thread pool: {e}"))?;
+    let lm = Arc::new(lm);
+    let metrics = Arc::new(Metrics::default());
+    let limits = Limits {
+        kv_memory: cfg.kv_memory,
+        max_queue: cfg.max_queue,
+        max_batch: cfg.max_batch,
+        prefill_chunk: cfg.prefill_chunk,
+        kv_dtype: cfg.kv_dtype,
+    };
+    let (sched, engine) = Scheduler::start(lm.clone(), limits, metrics.clone(), pool)
+        .map_err(|e| format!("starting the engine thread: {e}"))?;
+    let grace = cfg.shutdown_grace;
+    let app = Arc::new(App {
+        cfg,
+        lm,
+        sched: sched.clone(),
+        metrics,
+        shutting_down: AtomicBool::new(false),
+        next_id: AtomicU64::new(1),
+    });
+    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+    let app2 = app.clone();
+    let server = axum::serve(listener, router(app.clone())).with_graceful_shutdown(async move {
+        shutdown.await;
+        app2.shutting_down.store(true, Relaxed);
+        app2.sched.close();
+        let _ = fired_tx.send(());
+    });
+    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    let result = tokio::select! {
+        r = &mut server => r.map_err(|e| e.to_string()),
+        _ = async {
+            let _ = fired_rx.await;
+            tokio::time::sleep(grace).await;
+        } => {
+            // Past the grace period: fail what is still running so its streams end.
+            sched.abort();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut server).await;
+            Ok(())
+        }
+    };
+    sched.abort();
+    let _ = tokio::task::spawn_blocking(move || engine.join()).await;
+    result
+}
+
+/// A server on a background thread with its own runtime (for tests and embedding).
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+impl RunningServer {
+    /// Bind `cfg.addr` (port 0 picks a free port) and serve in the background.
+    pub fn start(cfg: ServerConfig, lm: LoadedModel) -> Result<RunningServer, String> {
+        cfg.validate()?;
+        let rt = runtime()?;
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(cfg.addr))
+            .map_err(|e| format!("binding {}: {e}", cfg.addr))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("kvmerger-http".into())
+            .spawn(move || {
+                rt.block_on(serve(cfg, lm, listener, async move {
+                    let _ = rx.await;
+                }))
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(RunningServer {
+            addr,
+            stop: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Shut down as on SIGTERM and wait for it.
+    pub fn stop(mut self) -> Result<(), String> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), String> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| "the server thread panicked".to_string())?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kvmerger-http")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the async runtime: {e}"))
+}
+
+/// Run until SIGTERM or Ctrl-C: bind, print where, serve, shut down gracefully.
+pub fn run(cfg: ServerConfig, lm: LoadedModel) -> Result<(), String> {
+    cfg.validate()?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(cfg.addr)
+            .await
+            .map_err(|e| format!("binding {}: {e}", cfg.addr))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        eprintln!(
+            "kvmerger: serving {} on http://{addr} (KV memory {:.0} MiB, compression {} {}{})",
+            cfg.model_id,
+            cfg.kv_memory as f64 / (1 << 20) as f64,
+            cfg.compression.method,
+            cfg.compression.budget_text(),
+            if cfg.api_key.is_some() {
+                ", API key required"
+            } else {
+                ""
+            }
+        );
+        serve(cfg, lm, listener, shutdown_signal()).await?;
+        eprintln!("kvmerger: stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("kvmerger: shutting down (finishing running requests)");
+}

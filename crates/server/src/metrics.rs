@@ -1,0 +1,328 @@
+//! Counters and gauges, rendered in Prometheus' text format at `GET /metrics`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Window over which tokens per second are measured.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+pub struct Metrics {
+    /// HTTP responses by (route, status).
+    http: Mutex<BTreeMap<(String, u16), u64>>,
+    /// Generations by how they ended (stop, length, cancelled, timeout, error).
+    finished: Mutex<BTreeMap<&'static str, u64>>,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub queue_depth: AtomicUsize,
+    pub running: AtomicUsize,
+    pub running_peak: AtomicUsize,
+    /// Bytes held by the caches of running requests (exact slot accounting).
+    pub kv_bytes_in_use: AtomicUsize,
+    /// Bytes admission has set aside for running requests (their bounds).
+    pub kv_bytes_reserved: AtomicUsize,
+    /// What the running requests' caches would hold uncompressed, minus what they hold.
+    pub kv_bytes_saved: AtomicUsize,
+    pub kv_bytes_peak: AtomicUsize,
+    pub steps: AtomicU64,
+    /// Sequences summed over steps (mean batch = this / steps).
+    pub step_sequences: AtomicU64,
+    pub time_to_first_token_us: AtomicU64,
+    pub first_tokens: AtomicU64,
+    pub request_us: AtomicU64,
+    pub requests_done: AtomicU64,
+    compression: Mutex<BTreeMap<String, MethodStats>>,
+    /// (when, prompt tokens, generated tokens) per engine step, for rates.
+    recent: Mutex<VecDeque<(Instant, u64, u64)>>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct MethodStats {
+    passes: u64,
+    bytes_before: u64,
+    bytes_after: u64,
+    secs: f64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere must not take the metrics down with it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Metrics {
+    pub fn http_response(&self, route: &str, status: u16) {
+        *lock(&self.http)
+            .entry((route.to_string(), status))
+            .or_default() += 1;
+    }
+
+    pub fn finished(&self, how: &'static str) {
+        *lock(&self.finished).entry(how).or_default() += 1;
+    }
+
+    pub fn compressed(&self, method: &str, bytes_before: usize, bytes_after: usize, secs: f64) {
+        let mut m = lock(&self.compression);
+        let s = m.entry(method.to_string()).or_default();
+        s.passes += 1;
+        s.bytes_before += bytes_before as u64;
+        s.bytes_after += bytes_after as u64;
+        s.secs += secs;
+    }
+
+    pub fn step(&self, sequences: usize, prompt_tokens: usize, generated: usize) {
+        self.steps.fetch_add(1, Relaxed);
+        self.step_sequences.fetch_add(sequences as u64, Relaxed);
+        self.prompt_tokens.fetch_add(prompt_tokens as u64, Relaxed);
+        self.generated_tokens.fetch_add(generated as u64, Relaxed);
+        let now = Instant::now();
+        let mut r = lock(&self.recent);
+        r.push_back((now, prompt_tokens as u64, generated as u64));
+        while r.front().is_some_and(|e| now - e.0 > RATE_WINDOW) {
+            r.pop_front();
+        }
+    }
+
+    /// Prompt and generated tokens per second over the last [`RATE_WINDOW`].
+    pub fn rates(&self) -> (f64, f64) {
+        let now = Instant::now();
+        let r = lock(&self.recent);
+        let (p, g) = r
+            .iter()
+            .filter(|e| now - e.0 <= RATE_WINDOW)
+            .fold((0, 0), |(p, g), e| (p + e.1, g + e.2));
+        let w = RATE_WINDOW.as_secs_f64();
+        (p as f64 / w, g as f64 / w)
+    }
+
+    pub fn set_kv(&self, in_use: usize, reserved: usize, saved: usize) {
+        self.kv_bytes_in_use.store(in_use, Relaxed);
+        self.kv_bytes_reserved.store(reserved, Relaxed);
+        self.kv_bytes_saved.store(saved, Relaxed);
+        self.kv_bytes_peak.fetch_max(in_use, Relaxed);
+    }
+
+    pub fn render(&self, kv_budget: usize) -> String {
+        let mut o = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, rows: &[(String, f64)]| {
+            let _ = writeln!(o, "# HELP {name} {help}");
+            let _ = writeln!(o, "# TYPE {name} {kind}");
+            for (labels, v) in rows {
+                let _ = writeln!(o, "{name}{labels} {v}");
+            }
+        };
+        let one = |v: f64| vec![(String::new(), v)];
+        let g = |a: &AtomicUsize| a.load(Relaxed) as f64;
+        let c = |a: &AtomicU64| a.load(Relaxed) as f64;
+
+        let http: Vec<(String, f64)> = lock(&self.http)
+            .iter()
+            .map(|((route, status), n)| {
+                (
+                    format!("{{route=\"{route}\",status=\"{status}\"}}"),
+                    *n as f64,
+                )
+            })
+            .collect();
+        metric(
+            "kvmerger_http_requests_total",
+            "counter",
+            "HTTP responses by route and status code.",
+            &http,
+        );
+        let fin: Vec<(String, f64)> = lock(&self.finished)
+            .iter()
+            .map(|(k, n)| (format!("{{reason=\"{k}\"}}"), *n as f64))
+            .collect();
+        metric(
+            "kvmerger_generations_total",
+            "counter",
+            "Generations by how they ended: stop, length, cancelled (client gone), timeout, error.",
+            &fin,
+        );
+        metric(
+            "kvmerger_prompt_tokens_total",
+            "counter",
+            "Prompt tokens prefilled.",
+            &one(c(&self.prompt_tokens)),
+        );
+        metric(
+            "kvmerger_generated_tokens_total",
+            "counter",
+            "Tokens generated.",
+            &one(c(&self.generated_tokens)),
+        );
+        let (pp, tg) = self.rates();
+        metric(
+            "kvmerger_prompt_tokens_per_second",
+            "gauge",
+            "Prompt tokens prefilled per second over the last 10 s.",
+            &one(pp),
+        );
+        metric(
+            "kvmerger_generated_tokens_per_second",
+            "gauge",
+            "Tokens generated per second over the last 10 s, all requests together.",
+            &one(tg),
+        );
+        metric(
+            "kvmerger_queue_depth",
+            "gauge",
+            "Requests waiting for admission.",
+            &one(g(&self.queue_depth)),
+        );
+        metric(
+            "kvmerger_running_requests",
+            "gauge",
+            "Requests admitted (prefilling or decoding).",
+            &one(g(&self.running)),
+        );
+        metric(
+            "kvmerger_running_requests_peak",
+            "gauge",
+            "Most requests admitted at once since start.",
+            &one(g(&self.running_peak)),
+        );
+        metric(
+            "kvmerger_engine_steps_total",
+            "counter",
+            "Batched forward passes.",
+            &one(c(&self.steps)),
+        );
+        metric(
+            "kvmerger_engine_step_sequences_total",
+            "counter",
+            "Sequences summed over batched forward passes (divide by steps for the mean batch).",
+            &one(c(&self.step_sequences)),
+        );
+        metric(
+            "kvmerger_kv_memory_budget_bytes",
+            "gauge",
+            "KV cache memory shared by running requests.",
+            &one(kv_budget as f64),
+        );
+        metric(
+            "kvmerger_kv_bytes_in_use",
+            "gauge",
+            "Bytes held by the KV caches of running requests.",
+            &one(g(&self.kv_bytes_in_use)),
+        );
+        metric(
+            "kvmerger_kv_bytes_reserved",
+            "gauge",
+            "Bytes admission has reserved for running requests (upper bounds of their caches).",
+            &one(g(&self.kv_bytes_reserved)),
+        );
+        metric(
+            "kvmerger_kv_bytes_saved",
+            "gauge",
+            "Bytes the running requests' caches would hold more without compression.",
+            &one(g(&self.kv_bytes_saved)),
+        );
+        metric(
+            "kvmerger_kv_bytes_peak",
+            "gauge",
+            "Most bytes held by KV caches at once since start.",
+            &one(g(&self.kv_bytes_peak)),
+        );
+        let comp = lock(&self.compression).clone();
+        let rows = |f: &dyn Fn(&MethodStats) -> f64| -> Vec<(String, f64)> {
+            comp.iter()
+                .map(|(m, s)| (format!("{{method=\"{m}\"}}"), f(s)))
+                .collect()
+        };
+        metric(
+            "kvmerger_compression_passes_total",
+            "counter",
+            "Compression passes (after prefill, and re-compressions while decoding) by method.",
+            &rows(&|s| s.passes as f64),
+        );
+        metric(
+            "kvmerger_compression_bytes_before_total",
+            "counter",
+            "KV bytes going into compression passes, by method.",
+            &rows(&|s| s.bytes_before as f64),
+        );
+        metric(
+            "kvmerger_compression_bytes_after_total",
+            "counter",
+            "KV bytes coming out of compression passes, by method.",
+            &rows(&|s| s.bytes_after as f64),
+        );
+        metric(
+            "kvmerger_kv_bytes_saved_total",
+            "counter",
+            "KV bytes released by compression since start, by method.",
+            &rows(&|s| (s.bytes_before - s.bytes_after) as f64),
+        );
+        metric(
+            "kvmerger_compression_ratio",
+            "gauge",
+            "Achieved compression by method: bytes after over bytes before, over all passes.",
+            &rows(&|s| {
+                if s.bytes_before == 0 {
+                    1.0
+                } else {
+                    s.bytes_after as f64 / s.bytes_before as f64
+                }
+            }),
+        );
+        metric(
+            "kvmerger_compression_seconds_total",
+            "counter",
+            "Time spent compressing, by method.",
+            &rows(&|s| s.secs),
+        );
+        metric(
+            "kvmerger_time_to_first_token_seconds_sum",
+            "counter",
+            "Arrival to first generated token, summed over requests.",
+            &one(c(&self.time_to_first_token_us) / 1e6),
+        );
+        metric(
+            "kvmerger_time_to_first_token_seconds_count",
+            "counter",
+            "Requests counted in the sum above.",
+            &one(c(&self.first_tokens)),
+        );
+        metric(
+            "kvmerger_request_seconds_sum",
+            "counter",
+            "Arrival to last token, summed over finished generations.",
+            &one(c(&self.request_us) / 1e6),
+        );
+        metric(
+            "kvmerger_request_seconds_count",
+            "counter",
+            "Generations counted in the sum above.",
+            &one(c(&self.requests_done)),
+        );
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_is_prometheus_text_with_labels() {
+        let m = Metrics::default();
+        m.http_response("/v1/completions", 200);
+        m.compressed("kvmerger", 1000, 400, 0.01);
+        m.compressed("kvmerger", 1000, 600, 0.01);
+        m.step(2, 10, 2);
+        let text = m.render(1 << 20);
+        assert!(text
+            .contains("kvmerger_http_requests_total{route=\"/v1/completions\",status=\"200\"} 1"));
+        assert!(text.contains("kvmerger_compression_ratio{method=\"kvmerger\"} 0.5"));
+        assert!(text.contains("kvmerger_kv_bytes_saved_total{method=\"kvmerger\"} 1000"));
+        assert!(text.contains("kvmerger_generated_tokens_total 2"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+}

@@ -1,0 +1,632 @@
+//! The engine thread: admission by KV memory, chunked prefill, batched decoding.
+//!
+//! Handlers put [`Job`]s on a bounded queue. One thread owns every running sequence and
+//! loops:
+//! 1. drop queued or running requests whose client has gone (their receiver is closed)
+//!    or whose deadline has passed; their caches are freed at once;
+//! 2. admit queued requests in arrival order while each one's estimated peak (the whole
+//!    prompt during prefill, see [`crate::compression::estimate`]) fits beside the
+//!    reservations of those running, within the KV memory budget;
+//! 3. build one batched forward pass: the pending token of every decoding sequence plus
+//!    prompt chunks of prefilling sequences, up to `prefill_chunk` prompt tokens per pass,
+//!    so a long prompt never stalls the others for more than one chunk;
+//! 4. after the pass: a prefill that completed is compressed (its reservation falls to
+//!    its compressed bound, making room for more); every sequence samples, streams its
+//!    text over its channel, re-compresses when past its budget, or finishes.
+//!
+//! Weights are read once per pass for all sequences, which is where batching wins on CPU.
+
+use crate::compression::{head_bound, KvEstimate};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use kvmerger_compression::KvDtype;
+use kvmerger_engine::cache::{KvCache, PrefillStats};
+use kvmerger_engine::compress::{release_freed_memory, CompressReport, Compressor};
+use kvmerger_engine::generate::{Decoder, GenerateParams, Step, StopReason};
+use kvmerger_engine::load::LoadedModel;
+use kvmerger_engine::model::{Logits, Segment};
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// One request, ready for the engine.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub params: GenerateParams,
+    pub compressor: Option<Compressor>,
+    /// Method and budget as the request resolved them (for usage reports).
+    pub method: String,
+    pub budget: String,
+    pub estimate: KvEstimate,
+    pub arrived: Instant,
+    pub deadline: Instant,
+    pub events: UnboundedSender<Event>,
+}
+
+/// What a request's handler hears from the engine, in order: `Prefilled`, `Text`s, then
+/// `Done` or `Failed`.
+#[derive(Debug)]
+pub enum Event {
+    Prefilled(PromptReport),
+    Text(String),
+    Done(Finished),
+    Failed(ApiError),
+}
+
+/// The prompt's cache after prefill and compression.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptReport {
+    pub method: String,
+    pub budget: String,
+    pub prompt_tokens: usize,
+    /// Slots over every (layer, KV head) without compression, and after it.
+    pub slots_full: usize,
+    pub slots_kept: usize,
+    pub kv_bytes_full: usize,
+    pub kv_bytes: usize,
+    pub queue_ms: f64,
+    pub prefill_ms: f64,
+    pub compress_ms: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finished {
+    pub reason: StopReason,
+    pub completion_tokens: usize,
+    /// Cache bytes when the generation ended.
+    pub kv_bytes_final: usize,
+    /// Re-compressions during decoding.
+    pub recompressions: usize,
+}
+
+/// Admission and batching settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub kv_memory: usize,
+    pub max_queue: usize,
+    pub max_batch: usize,
+    pub prefill_chunk: usize,
+    pub kv_dtype: KvDtype,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: VecDeque<Job>,
+    /// No new jobs; finish those queued and running, then stop.
+    closed: bool,
+    /// Stop now: fail whatever is queued or running.
+    abort: bool,
+}
+
+/// The handle handlers use: a bounded queue in front of the engine thread.
+pub struct Scheduler {
+    state: Mutex<QueueState>,
+    wake: Condvar,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    /// Bytes of one slot in one head, and heads per token, for estimates.
+    pub slot_bytes: usize,
+    pub n_layers: usize,
+    pub n_kv_heads: usize,
+}
+
+impl Scheduler {
+    /// Start the engine thread on `pool`. The returned handle submits jobs; the join
+    /// handle ends after [`Scheduler::close`] once the work is done.
+    pub fn start(
+        model: Arc<LoadedModel>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+        pool: rayon::ThreadPool,
+    ) -> std::io::Result<(Arc<Scheduler>, std::thread::JoinHandle<()>)> {
+        let probe = model.model.new_cache(limits.kv_dtype);
+        let c = &model.model.cfg;
+        let s = Arc::new(Scheduler {
+            state: Mutex::new(QueueState::default()),
+            wake: Condvar::new(),
+            limits,
+            metrics,
+            slot_bytes: slot_bytes(&probe),
+            n_layers: c.n_layers,
+            n_kv_heads: c.n_kv_heads,
+        });
+        let s2 = s.clone();
+        let join = std::thread::Builder::new()
+            .name("kvmerger-engine".into())
+            .spawn(move || pool.install(|| Engine::new(&model, &s2).run()))?;
+        Ok((s, join))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue a job, or refuse it when the queue is full or the server is stopping.
+    pub fn submit(&self, job: Job) -> Result<(), ApiError> {
+        let mut st = self.lock();
+        if st.closed || st.abort {
+            return Err(ApiError::shutting_down());
+        }
+        if st.jobs.len() >= self.limits.max_queue {
+            return Err(ApiError::overloaded(st.jobs.len(), 1));
+        }
+        st.jobs.push_back(job);
+        self.metrics.queue_depth.store(st.jobs.len(), Relaxed);
+        drop(st);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Take no more jobs; the engine thread ends when the queued and running ones are done.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_one();
+    }
+
+    /// Fail everything queued or running and end the engine thread.
+    pub fn abort(&self) {
+        let mut st = self.lock();
+        st.closed = true;
+        st.abort = true;
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+}
+
+/// Bytes of one slot of one head in caches of this dtype (keys, values and metadata).
+fn slot_bytes(probe: &KvCache) -> usize {
+    let mut c = probe.clone();
+    let dim = c.layers[0][0].dim();
+    let zeros = vec![0.0f32; dim];
+    c.layers[0][0].push(&zeros, &zeros, kvmerger_compression::SlotMeta::token(0));
+    c.bytes()
+}
+
+enum Phase {
+    /// `done` prompt tokens are in the cache.
+    Prefill { done: usize, stats: PrefillStats },
+    /// `pending` was sampled and goes into the cache in the next pass.
+    Decode { pending: u32 },
+}
+
+struct Seq<'m> {
+    job: Job,
+    cache: KvCache,
+    phase: Phase,
+    decoder: Decoder<'m>,
+    /// Per-layer slot targets after compression (empty without compression).
+    targets: Vec<usize>,
+    /// Statistics of decode steps since the last compression.
+    decode_stats: PrefillStats,
+    reserved: usize,
+    prefill_started: Option<Instant>,
+    recompressions: usize,
+    first_token: bool,
+}
+
+struct Engine<'m> {
+    lm: &'m LoadedModel,
+    sched: &'m Scheduler,
+    running: Vec<Seq<'m>>,
+}
+
+/// How a sequence left the running set.
+enum Exit {
+    Finished(StopReason),
+    Cancelled,
+    Failed(ApiError),
+}
+
+impl<'m> Engine<'m> {
+    fn new(lm: &'m LoadedModel, sched: &'m Scheduler) -> Self {
+        Engine {
+            lm,
+            sched,
+            running: Vec::new(),
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            if !self.intake() {
+                break;
+            }
+            if self.running.is_empty() {
+                continue;
+            }
+            let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.step()));
+            if r.is_err() {
+                // A bug, not bad input (input is validated before it gets here): fail the
+                // requests in flight and keep serving.
+                let n = self.running.len();
+                for s in self.running.drain(..) {
+                    let _ = s.job.events.send(Event::Failed(ApiError::internal(
+                        "the engine failed on this request's batch",
+                    )));
+                    self.sched.metrics.finished("error");
+                }
+                eprintln!("kvmerger-server: engine step panicked; {n} requests failed");
+                release_freed_memory();
+            }
+            self.publish();
+        }
+        for s in self.running.drain(..) {
+            let _ = s.job.events.send(Event::Failed(ApiError::shutting_down()));
+        }
+        self.publish();
+    }
+
+    /// Drop what is cancelled or late, admit what fits. Waits while there is nothing to
+    /// do. Returns false when the engine should stop.
+    fn intake(&mut self) -> bool {
+        let sched = self.sched;
+        let mut st = sched.lock();
+        loop {
+            let now = Instant::now();
+            st.jobs.retain(|j| {
+                if j.events.is_closed() {
+                    sched.metrics.finished("cancelled");
+                    false
+                } else if now >= j.deadline {
+                    let secs = (j.deadline - j.arrived).as_secs_f64();
+                    let _ = j.events.send(Event::Failed(ApiError::timeout(secs)));
+                    sched.metrics.finished("timeout");
+                    false
+                } else {
+                    true
+                }
+            });
+            if st.abort {
+                for j in st.jobs.drain(..) {
+                    let _ = j.events.send(Event::Failed(ApiError::shutting_down()));
+                }
+                sched.metrics.queue_depth.store(0, Relaxed);
+                return false;
+            }
+            self.drop_gone();
+            self.admit(&mut st.jobs);
+            sched.metrics.queue_depth.store(st.jobs.len(), Relaxed);
+            if !self.running.is_empty() {
+                return true;
+            }
+            if st.closed && st.jobs.is_empty() {
+                return false;
+            }
+            self.publish();
+            // Idle: sleep until a job arrives (or a queued client's deadline may pass).
+            st = sched
+                .wake
+                .wait_timeout(st, Duration::from_millis(250))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn admit(&mut self, queue: &mut VecDeque<Job>) {
+        let l = self.sched.limits;
+        while self.running.len() < l.max_batch {
+            let Some(job) = queue.front() else { break };
+            let reserved: usize = self.running.iter().map(|s| s.reserved).sum();
+            // With nothing running, the first job always goes in (submission already
+            // refused any that could never fit), so the queue cannot stall.
+            if !self.running.is_empty() && reserved + job.estimate.prefill_peak > l.kv_memory {
+                break;
+            }
+            let job = queue.pop_front().expect("front exists");
+            match Decoder::new(&self.lm.tokenizer, &job.prompt, &job.params) {
+                Ok(decoder) => {
+                    let reserved = job.estimate.prefill_peak;
+                    let mut cache = self.lm.model.new_cache(l.kv_dtype);
+                    cache.reserve(job.prompt.len());
+                    self.running.push(Seq {
+                        cache,
+                        phase: Phase::Prefill {
+                            done: 0,
+                            stats: PrefillStats::default(),
+                        },
+                        decoder,
+                        targets: Vec::new(),
+                        decode_stats: PrefillStats::default(),
+                        reserved,
+                        prefill_started: None,
+                        recompressions: 0,
+                        first_token: false,
+                        job,
+                    });
+                }
+                Err(e) => {
+                    let _ = job
+                        .events
+                        .send(Event::Failed(ApiError::invalid(e.to_string())));
+                    self.sched.metrics.finished("error");
+                }
+            }
+        }
+    }
+
+    /// Remove sequences whose client went away or whose time is up.
+    fn drop_gone(&mut self) {
+        let now = Instant::now();
+        let mut exits = Vec::new();
+        for (i, s) in self.running.iter().enumerate() {
+            if s.job.events.is_closed() {
+                exits.push((i, Exit::Cancelled));
+            } else if now >= s.job.deadline {
+                let secs = (s.job.deadline - s.job.arrived).as_secs_f64();
+                exits.push((i, Exit::Failed(ApiError::timeout(secs))));
+            }
+        }
+        self.remove(exits);
+    }
+
+    /// One batched forward pass and what follows it.
+    fn step(&mut self) {
+        let model = &self.lm.model;
+        let mut chunk_left = self.sched.limits.prefill_chunk;
+        let mut order = Vec::new();
+        let mut segs = Vec::new();
+        let mut prompt_tokens = 0;
+        let mut pending_tokens: Vec<[u32; 1]> = self
+            .running
+            .iter()
+            .map(|s| match s.phase {
+                Phase::Decode { pending } => [pending],
+                Phase::Prefill { .. } => [0],
+            })
+            .collect();
+        for (i, (s, tok)) in self
+            .running
+            .iter_mut()
+            .zip(pending_tokens.iter_mut())
+            .enumerate()
+        {
+            let comp = s.job.compressor.as_ref();
+            match &mut s.phase {
+                Phase::Decode { .. } => {
+                    let needs = comp.map(|c| c.decode_needs()).unwrap_or_default();
+                    let stats = needs.any().then_some(&mut s.decode_stats);
+                    segs.push(Segment::decode(&tok[..], &mut s.cache, needs, stats));
+                    order.push((i, 0));
+                }
+                Phase::Prefill { done, stats } => {
+                    if chunk_left == 0 {
+                        continue;
+                    }
+                    let total = s.job.prompt.len();
+                    let n = chunk_left.min(total - *done);
+                    chunk_left -= n;
+                    prompt_tokens += n;
+                    s.prefill_started.get_or_insert_with(Instant::now);
+                    let needs = comp.map(|c| c.needs()).unwrap_or_default();
+                    segs.push(Segment {
+                        tokens: &s.job.prompt[*done..*done + n],
+                        cache: &mut s.cache,
+                        needs,
+                        stats: needs.any().then_some(stats),
+                        start: *done,
+                        total,
+                        logits: (*done + n == total).then_some(Logits::Last),
+                    });
+                    order.push((i, n));
+                }
+            }
+        }
+        let n_seqs = segs.len();
+        let result = model.forward_batch(&mut segs);
+        drop(segs);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                let exits = order
+                    .iter()
+                    .map(|&(i, _)| (i, Exit::Failed(ApiError::internal(e.to_string()))))
+                    .collect();
+                self.remove(exits);
+                return;
+            }
+        };
+        let mut generated = 0;
+        let mut exits = Vec::new();
+        for (&(i, n), mut l) in order.iter().zip(logits) {
+            let s = &mut self.running[i];
+            let prefilled = match &mut s.phase {
+                Phase::Prefill { done, stats } => {
+                    *done += n;
+                    if l.is_empty() {
+                        // More prompt chunks to come.
+                        continue;
+                    }
+                    Some(std::mem::take(stats))
+                }
+                Phase::Decode { .. } => None,
+            };
+            if let Some(stats) = prefilled {
+                if let Err(e) = finish_prefill(s, stats, self.sched) {
+                    exits.push((i, Exit::Failed(e)));
+                    continue;
+                }
+            } else if let Some(c) = &s.job.compressor {
+                match c.recompress_if_over(&mut s.cache, &s.targets, &s.decode_stats) {
+                    Ok(Some(r)) => {
+                        s.decode_stats = PrefillStats::default();
+                        s.recompressions += 1;
+                        record(&self.sched.metrics, &r);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        exits.push((i, Exit::Failed(ApiError::internal(e.to_string()))));
+                        continue;
+                    }
+                }
+            }
+            let mut piece = String::new();
+            let before = s.decoder.tokens().len();
+            let step = s.decoder.step(&mut l, &mut piece);
+            generated += s.decoder.tokens().len() - before;
+            if !s.first_token {
+                s.first_token = true;
+                let m = &self.sched.metrics;
+                m.time_to_first_token_us
+                    .fetch_add(s.job.arrived.elapsed().as_micros() as u64, Relaxed);
+                m.first_tokens.fetch_add(1, Relaxed);
+            }
+            if !piece.is_empty() && s.job.events.send(Event::Text(piece)).is_err() {
+                exits.push((i, Exit::Cancelled));
+                continue;
+            }
+            match step {
+                Step::Stop(reason) => exits.push((i, Exit::Finished(reason))),
+                Step::Token(t) => {
+                    if s.cache.n_seen + 1 > model.cfg.ctx_len {
+                        exits.push((i, Exit::Finished(StopReason::Context)));
+                    } else {
+                        s.phase = Phase::Decode { pending: t };
+                        s.reserved = reservation(s, self.sched);
+                    }
+                }
+            }
+        }
+        self.sched.metrics.step(n_seqs, prompt_tokens, generated);
+        self.remove(exits);
+    }
+
+    /// Take sequences out of the running set, tell their clients, free their caches.
+    fn remove(&mut self, mut exits: Vec<(usize, Exit)>) {
+        if exits.is_empty() {
+            return;
+        }
+        exits.sort_by_key(|e| std::cmp::Reverse(e.0));
+        let m = &self.sched.metrics;
+        for (i, exit) in exits {
+            let mut s = self.running.swap_remove(i);
+            match exit {
+                Exit::Finished(reason) => {
+                    let mut rest = String::new();
+                    s.decoder.finish(reason, &mut rest);
+                    if !rest.is_empty() {
+                        let _ = s.job.events.send(Event::Text(rest));
+                    }
+                    let _ = s.job.events.send(Event::Done(Finished {
+                        reason,
+                        completion_tokens: s.decoder.tokens().len(),
+                        kv_bytes_final: s.cache.bytes(),
+                        recompressions: s.recompressions,
+                    }));
+                    m.finished(match reason {
+                        StopReason::Eos | StopReason::StopString => "stop",
+                        _ => "length",
+                    });
+                    m.request_us
+                        .fetch_add(s.job.arrived.elapsed().as_micros() as u64, Relaxed);
+                    m.requests_done.fetch_add(1, Relaxed);
+                }
+                Exit::Cancelled => m.finished("cancelled"),
+                Exit::Failed(e) => {
+                    m.finished(if e.code == Some("timeout") {
+                        "timeout"
+                    } else {
+                        "error"
+                    });
+                    let _ = s.job.events.send(Event::Failed(e));
+                }
+            }
+            drop(s);
+        }
+        release_freed_memory();
+        self.publish();
+    }
+
+    /// KV gauges from the running caches.
+    fn publish(&self) {
+        let sched = self.sched;
+        let per_token = sched.slot_bytes * sched.n_layers * sched.n_kv_heads;
+        let (mut in_use, mut reserved, mut saved) = (0, 0, 0);
+        for s in &self.running {
+            let b = s.cache.bytes();
+            in_use += b;
+            reserved += s.reserved;
+            saved += (s.cache.n_seen * per_token).saturating_sub(b);
+        }
+        sched.metrics.set_kv(in_use, reserved, saved);
+        sched.metrics.running.store(self.running.len(), Relaxed);
+        sched
+            .metrics
+            .running_peak
+            .fetch_max(self.running.len(), Relaxed);
+    }
+}
+
+/// The prompt is in the cache: compress it, report, shrink the reservation.
+fn finish_prefill(s: &mut Seq<'_>, stats: PrefillStats, sched: &Scheduler) -> Result<(), ApiError> {
+    let prefill_ms = s
+        .prefill_started
+        .map(|t| t.elapsed().as_secs_f64() * 1e3)
+        .unwrap_or(0.0);
+    let queue_ms = s
+        .prefill_started
+        .map(|t| (t - s.job.arrived).as_secs_f64() * 1e3)
+        .unwrap_or(0.0);
+    let slots_full = s.cache.total_slots();
+    let kv_bytes_full = s.cache.bytes();
+    let mut compress_ms = 0.0;
+    if let Some(c) = &s.job.compressor {
+        let (report, targets) = c
+            .compress_prompt(&mut s.cache, &stats)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        compress_ms = report.secs * 1e3;
+        s.targets = targets;
+        record(&sched.metrics, &report);
+    }
+    drop(stats);
+    let _ = s.job.events.send(Event::Prefilled(PromptReport {
+        method: s.job.method.clone(),
+        budget: s.job.budget.clone(),
+        prompt_tokens: s.job.prompt.len(),
+        slots_full,
+        slots_kept: s.cache.total_slots(),
+        kv_bytes_full,
+        kv_bytes: s.cache.bytes(),
+        queue_ms,
+        prefill_ms,
+        compress_ms,
+    }));
+    s.reserved = reservation(s, sched);
+    Ok(())
+}
+
+fn record(m: &Metrics, r: &CompressReport) {
+    m.compressed(&r.method, r.bytes_before, r.bytes_after, r.secs);
+}
+
+/// Upper bound of this sequence's cache from now to its last token.
+fn reservation(s: &Seq<'_>, sched: &Scheduler) -> usize {
+    let remaining = s
+        .job
+        .params
+        .max_tokens
+        .saturating_sub(s.decoder.tokens().len());
+    let margin = s.job.compressor.as_ref().and_then(|c| c.recompress_margin);
+    let slots: usize = s
+        .cache
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(l, heads)| {
+            heads
+                .iter()
+                .map(|h| match s.targets.get(l) {
+                    Some(&t) => head_bound(h.len(), t, margin, remaining),
+                    None => h.len() + remaining,
+                })
+                .sum::<usize>()
+        })
+        .sum();
+    slots * sched.slot_bytes
+}

@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Load test of `kvmerger serve` from a second process, on loopback only.
+
+Starts the server (port 0, loopback), warms it up, records its idle resident memory,
+then sends N concurrent streaming chat requests with the official openai package's
+async client, sampling the server's VmRSS and /metrics while they run. Afterwards it
+checks that every request either succeeded or was refused with the documented 503/429,
+that resident memory returned to its idle level, and (with compression) that /metrics
+reports KV memory saved. Prints a JSON summary; exits non-zero when a check fails.
+
+Bounded: a fixed number of requests, each with a timeout, and an overall deadline.
+
+  python3 scripts/load_test.py --requests 32 --max-tokens 32 \
+      --kv-compression '{"method": "kvmerger", "budget": 0.5}' --kv-memory 96MiB
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+try:
+    import openai
+    from openai import AsyncOpenAI
+except ImportError as e:
+    sys.exit(f"the openai package is missing ({e}): "
+             "python3 -m pip install -r scripts/requirements-reference.txt")
+
+TOPICS = ["a lighthouse keeper", "a clockmaker", "a beekeeper", "a mountain guide",
+          "a ferry captain", "a librarian", "a glassblower", "a shepherd"]
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def metrics(base):
+    text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            k, v = line.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
+
+
+def prompt_for(i, words):
+    topic = TOPICS[i % len(TOPICS)]
+    base = (f"Story {i}: {topic} lives at the edge of a quiet town, keeps a careful "
+            f"notebook of every day's work, and tells visitors about the weather, the "
+            f"river and the old bridge. ")
+    text = ""
+    while len(text.split()) < words:
+        text += base
+    return text + f"Summarise the life of {topic} in a few sentences."
+
+
+async def one(client, model, i, args, extra):
+    t0 = time.perf_counter()
+    first = None
+    tokens = None
+    try:
+        stream = await client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": prompt_for(i, args.prompt_words)}],
+            max_tokens=args.max_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body=extra)
+        async for c in stream:
+            if c.choices and c.choices[0].delta.content and first is None:
+                first = time.perf_counter() - t0
+            if c.usage:
+                tokens = c.usage.completion_tokens
+        return {"ok": True, "ttft": first, "latency": time.perf_counter() - t0, "tokens": tokens}
+    except openai.APIStatusError as e:
+        return {"ok": False, "status": e.status_code, "latency": time.perf_counter() - t0,
+                "retry_after": e.response.headers.get("retry-after")}
+    except Exception as e:  # noqa: BLE001 - any other failure is reported as such
+        return {"ok": False, "status": None, "error": repr(e), "latency": time.perf_counter() - t0}
+
+
+async def sampler(pid, base, stop, acc):
+    while not stop.is_set():
+        acc["rss_peak_kib"] = max(acc["rss_peak_kib"], rss_kib(pid))
+        try:
+            m = await asyncio.to_thread(metrics, base)
+            for k in ("kvmerger_running_requests", "kvmerger_queue_depth",
+                      "kvmerger_kv_bytes_in_use", "kvmerger_kv_bytes_saved"):
+                acc["max_" + k] = max(acc.get("max_" + k, 0), m.get(k, 0))
+        except Exception:  # noqa: BLE001 - a missed sample is not a failure
+            pass
+        try:
+            await asyncio.wait_for(stop.wait(), 0.1)
+        except asyncio.TimeoutError:
+            pass
+
+
+def pct(xs, p):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+async def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin", default="target/release/kvmerger")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--prompt-words", type=int, default=150)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--kv-memory", default="1GiB")
+    ap.add_argument("--kv-compression", default=None,
+                    help='per-request kv_compression JSON, e.g. \'{"method": "kvmerger", "budget": 0.5}\'')
+    ap.add_argument("--server-arg", action="append", default=[], help="extra flag for kvmerger serve")
+    ap.add_argument("--deadline", type=float, default=900, help="overall limit in seconds")
+    ap.add_argument("--rss-slack-mib", type=float, default=16)
+    args = ap.parse_args()
+
+    cmd = [args.bin, "serve", "--port", "0", "-m", args.model, "--kv-memory", args.kv_memory,
+           "--max-queue", str(max(64, args.requests))] + args.server_arg
+    server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        t0 = time.time()
+        while time.time() - t0 < 300:
+            line = server.stderr.readline()
+            m = re.search(r"http://(127\.0\.0\.1:\d+)", line)
+            if m or not line:
+                break
+        if not m:
+            sys.exit(f"the server did not start: {line}")
+        base = "http://" + m.group(1)
+        # Keep reading stderr so the server never blocks on a full pipe.
+        asyncio.get_running_loop().run_in_executor(None, lambda: [None for _ in server.stderr])
+        client = AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
+        extra = {"ignore_eos": True}
+        if args.kv_compression:
+            extra["kv_compression"] = json.loads(args.kv_compression)
+
+        # Warm up (weights paged in, allocator pools created), then settle.
+        await one(client, args.model, 999, args, extra)
+        await asyncio.sleep(2)
+        rss_idle = rss_kib(server.pid)
+
+        acc = {"rss_peak_kib": rss_idle}
+        stop = asyncio.Event()
+        samp = asyncio.create_task(sampler(server.pid, base, stop, acc))
+        t_start = time.perf_counter()
+        results = await asyncio.wait_for(
+            asyncio.gather(*(one(client, args.model, i, args, extra) for i in range(args.requests))),
+            args.deadline)
+        wall = time.perf_counter() - t_start
+        stop.set()
+        await samp
+
+        # Memory after: give the engine a moment to free the last caches.
+        rss_after = rss_kib(server.pid)
+        for _ in range(50):
+            if rss_after <= rss_idle + args.rss_slack_mib * 1024:
+                break
+            await asyncio.sleep(0.1)
+            rss_after = rss_kib(server.pid)
+        m = metrics(base)
+
+        ok = [r for r in results if r["ok"]]
+        refused = [r for r in results if not r["ok"] and r.get("status") in (429, 503)]
+        failed = [r for r in results if not r["ok"] and r.get("status") not in (429, 503)]
+        tokens = sum(r["tokens"] or 0 for r in ok)
+        saved_total = sum(v for k, v in m.items() if k.startswith("kvmerger_kv_bytes_saved_total"))
+        summary = {
+            "command": " ".join(cmd),
+            "requests": args.requests, "prompt_words": args.prompt_words,
+            "max_tokens": args.max_tokens, "kv_compression": extra.get("kv_compression"),
+            "ok": len(ok), "refused_503_429": len(refused), "failed": len(failed),
+            "failures": failed[:5],
+            "wall_s": round(wall, 2),
+            "generated_tokens": tokens,
+            "tokens_per_s": round(tokens / wall, 1),
+            "ttft_s": {"p50": pct([r["ttft"] for r in ok], 50), "p90": pct([r["ttft"] for r in ok], 90),
+                       "max": pct([r["ttft"] for r in ok], 100)},
+            "latency_s": {"p50": pct([r["latency"] for r in ok], 50),
+                          "p90": pct([r["latency"] for r in ok], 90),
+                          "max": pct([r["latency"] for r in ok], 100)},
+            "rss_mib": {"idle": round(rss_idle / 1024, 1), "peak": round(acc["rss_peak_kib"] / 1024, 1),
+                        "after": round(rss_after / 1024, 1)},
+            "max_running": acc.get("max_kvmerger_running_requests"),
+            "max_queue_depth": acc.get("max_kvmerger_queue_depth"),
+            "kv_in_use_peak_mib": round(m.get("kvmerger_kv_bytes_peak", 0) / 2**20, 2),
+            "kv_saved_while_running_max_mib": round(acc.get("max_kvmerger_kv_bytes_saved", 0) / 2**20, 2),
+            "kv_saved_total_mib": round(saved_total / 2**20, 2),
+            "compression_ratio": {k.split('"')[1]: v for k, v in m.items()
+                                  if k.startswith("kvmerger_compression_ratio")},
+            "mean_batch": round(m.get("kvmerger_engine_step_sequences_total", 0)
+                                / max(1, m.get("kvmerger_engine_steps_total", 1)), 2),
+            "load_average": os.getloadavg(),
+        }
+        checks = {
+            "no failures but 503/429": not failed,
+            "rss back to idle": rss_after <= rss_idle + args.rss_slack_mib * 1024,
+            "kv caches freed": m.get("kvmerger_kv_bytes_in_use", 1) == 0,
+        }
+        if args.kv_compression and json.loads(args.kv_compression) not in ("none", False):
+            checks["metrics show KV saved"] = saved_total > 0
+        summary["checks"] = checks
+        print(json.dumps(summary, indent=2))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            code = server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            code = "killed"
+    if code != 0:
+        sys.exit(f"the server did not exit cleanly on SIGTERM ({code})")
+    if not all(checks.values()):
+        sys.exit(f"checks failed: {[k for k, v in checks.items() if not v]}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
