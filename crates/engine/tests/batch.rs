@@ -205,7 +205,12 @@ fn a_prefill_chunk_beside_decode_steps_matches_a_prefill_alone() {
                 let (x, y) = (x.as_ref().unwrap(), y.as_ref().unwrap());
                 assert_eq!(x.len(), y.len());
                 for (p, q) in x.iter().zip(y) {
-                    assert!((p - q).abs() < 1e-3, "layer {l} head {h}: {p} vs {q}");
+                    // Sums of attention over many queries, accumulated tile by tile in
+                    // f32: equal to a relative 1e-3, like the accumulated scores above.
+                    assert!(
+                        (p - q).abs() < 1e-3 * (1.0 + p.abs()),
+                        "layer {l} head {h}: {p} vs {q}"
+                    );
                 }
             }
         }
