@@ -15,8 +15,10 @@
 #   KVMERGER_HOME   the kvmerger data directory (models are read from $KVMERGER_HOME/models)
 #   LLAMA_CPP_DIR   where llama.cpp is built (default: $KVMERGER_HOME/llama.cpp)
 #   KVMERGER_BIN    the kvmerger binary (default: built with cargo --release)
-#   LLAMA_BENCH_ARGS  extra llama-bench flags (e.g. "--poll 0" on a busy machine, where
-#                   llama.cpp's spinning threads lose much more than ours do)
+#   LLAMA_BENCH_ARGS  extra llama-bench flags
+#   OMP_WAIT_POLICY   passive: llama.cpp's OpenMP threads sleep at barriers instead of
+#                   spinning; use it on a busy machine, where spinning threads waiting
+#                   for a descheduled one make llama.cpp's generation 10-20x slower
 #
 # Both programs are timed in this one run on this machine; other jobs on it slow both,
 # llama.cpp more (its threads spin at barriers). The load average is printed before and
@@ -112,7 +114,7 @@ PP=512
 TG=128
 [ "$QUICK" = 1 ] && TG=32
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; threads $THREADS; load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "llama.cpp: $LLAMA_BENCH"
+echo "llama.cpp: $LLAMA_BENCH ${LLAMA_BENCH_ARGS:-} (OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-default})"
 echo "kvmerger: $KVMERGER_BIN ${EXTRA[*]}"
 echo
 SUMMARY="$WORK/summary"

@@ -17,12 +17,13 @@ fn values(n: usize, salt: usize) -> Vec<f32> {
         .collect()
 }
 
-/// qwen2.5-0.5b's FFN shape (896 -> 4864), one token.
+/// qwen2.5-0.5b's FFN down-projection shape (4864 -> 896; K-quants need a multiple
+/// of 256 columns), one token.
 fn matvec(c: &mut Criterion) {
-    let (rows, cols) = (4864, 896);
+    let (rows, cols) = (896, 4864);
     let w = values(rows * cols, 1);
     let x = values(cols, 2);
-    let mut g = c.benchmark_group("matvec_4864x896");
+    let mut g = c.benchmark_group("matvec_896x4864");
     for ty in [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
