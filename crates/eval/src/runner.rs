@@ -53,6 +53,24 @@ struct Prepared {
     compressor: Compressor,
 }
 
+impl Prepared {
+    /// This configuration's own copy of the prefilled cache, compressed, with the state
+    /// its decoding needs and the seconds compression took.
+    fn compressed_copy(
+        &self,
+        base: &KvCache,
+        stats: &PrefillStats,
+    ) -> Result<(KvCache, Option<DecodeCompression<'_>>, f64), Error> {
+        let mut cache = base.clone();
+        if self.compressor.is_noop() {
+            return Ok((cache, None, 0.0));
+        }
+        let (report, targets) = self.compressor.compress_prompt(&mut cache, stats)?;
+        let dc = DecodeCompression::new(&self.compressor, targets);
+        Ok((cache, Some(dc), report.secs))
+    }
+}
+
 pub struct Runner<'a> {
     pub lm: &'a LoadedModel,
     pub dtype: KvDtype,
@@ -234,14 +252,7 @@ impl Runner<'_> {
         let mut out = Vec::new();
         for p in configs {
             obs.stage(item, &p.config.label);
-            let mut cache = base.clone();
-            let mut compress_s = 0.0;
-            let mut dc = None;
-            if !p.compressor.is_noop() {
-                let (report, targets) = p.compressor.compress_prompt(&mut cache, &stats)?;
-                compress_s = report.secs;
-                dc = Some(DecodeCompression::new(&p.compressor, targets));
-            }
+            let (mut cache, mut dc, compress_s) = p.compressed_copy(&base, &stats)?;
             let kv_bytes = cache.bytes();
             let gen = decode_with(
                 &lm.model,
@@ -310,14 +321,7 @@ impl Runner<'_> {
                 item,
                 &format!("{} (scoring {} tokens)", p.config.label, cont.len() - 1),
             );
-            let mut cache = base.clone();
-            let mut compress_s = 0.0;
-            let mut dc = None;
-            if !p.compressor.is_noop() {
-                let (report, targets) = p.compressor.compress_prompt(&mut cache, &stats)?;
-                compress_s = report.secs;
-                dc = Some(DecodeCompression::new(&p.compressor, targets));
-            }
+            let (mut cache, mut dc, compress_s) = p.compressed_copy(&base, &stats)?;
             let kv_bytes = cache.bytes();
             let t0 = Instant::now();
             let mut nll = 0.0f64;
