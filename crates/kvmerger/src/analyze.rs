@@ -49,6 +49,23 @@ fn check_tasks(names: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The layer to picture (default: the middle one), after checking it and the KV head
+/// exist in this model.
+fn layer_and_head(lm: &LoadedModel, layer: Option<usize>, head: usize) -> Result<usize> {
+    let n_layers = lm.model.cfg.n_layers;
+    let layer = layer.unwrap_or(n_layers / 2);
+    if layer >= n_layers {
+        bail!("--layer {layer}: the model has {n_layers} layers");
+    }
+    if head >= lm.model.cfg.n_kv_heads {
+        bail!(
+            "--head {head}: the model has {} KV heads",
+            lm.model.cfg.n_kv_heads
+        );
+    }
+    Ok(layer)
+}
+
 fn prompt_ids(lm: &LoadedModel, input: &str, answer_prefix: &str) -> Result<Vec<u32>> {
     let mut p = lm.template.render(&[Message::user(input)], true)?;
     p.push_str(answer_prefix);
@@ -110,18 +127,7 @@ fn similarity(a: SimilarityArgs, dir: &Path) -> Result<()> {
     }
     check_tasks(&a.input.tasks)?;
     let (lm, _) = load_model(&a.input.model, dir)?;
-    let n_layers = lm.model.cfg.n_layers;
-    let layer = a.layer.unwrap_or(n_layers / 2);
-    if layer >= n_layers {
-        bail!("--layer {layer}: the model has {n_layers} layers");
-    }
-    if a.head >= lm.model.cfg.n_kv_heads {
-        bail!(
-            "--head {}: the model has {} KV heads",
-            a.head,
-            lm.model.cfg.n_kv_heads
-        );
-    }
+    let layer = layer_and_head(&lm, a.layer, a.head)?;
     let mut sim = Similarity::default();
     let mut first = None;
     for_each_sample(&a.input, dir, &lm, |_, cache| {
@@ -203,18 +209,7 @@ fn merge_map(a: MergeMapArgs, dir: &Path) -> Result<()> {
     }
     let method = KvMerger::from_options(&opts)?;
     let (lm, _) = load_model(&a.model, dir)?;
-    let n_layers = lm.model.cfg.n_layers;
-    let layer = a.layer.unwrap_or(n_layers / 2);
-    if layer >= n_layers {
-        bail!("--layer {layer}: the model has {n_layers} layers");
-    }
-    if a.head >= lm.model.cfg.n_kv_heads {
-        bail!(
-            "--head {}: the model has {} KV heads",
-            a.head,
-            lm.model.cfg.n_kv_heads
-        );
-    }
+    let layer = layer_and_head(&lm, a.layer, a.head)?;
     let ids = match &a.prompt_file {
         Some(p) => {
             let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
