@@ -277,8 +277,15 @@ fn run_compressed(
     } else {
         None
     };
+    // The uncompressed cache and first logits, kept for the batched comparison only.
+    let (full_prompt, first_logits) = if a.tg > 0 && a.batch > 1 {
+        (Some(cache.clone()), logits.clone())
+    } else {
+        (None, Vec::new())
+    };
     let rss_before = rss_bytes();
     let (report, targets) = comp.compress_prompt(&mut cache, &stats)?;
+    let targets_batch = targets.clone();
     drop(stats);
     let rss_after = rss_bytes();
     println!(
@@ -316,6 +323,17 @@ fn run_compressed(
             );
         }
     }
+    if a.tg > 0 && a.batch > 1 {
+        batched(
+            a,
+            m,
+            &full_prompt,
+            &cache,
+            comp,
+            &targets_batch,
+            &first_logits,
+        )?;
+    }
     println!(
         "KV cache {:.2} MiB -> {:.2} MiB ({:.1}%); resident memory {:.1} MiB -> {:.1} MiB (-{:.1} MiB)",
         mib(report.bytes_before),
@@ -334,6 +352,79 @@ fn run_compressed(
     println!(
         "peak resident memory: {:.1} MiB",
         peak_rss_bytes() as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
+
+/// Generation throughput of `a.batch` sequences decoded together, each from its own copy
+/// of the prompt's cache: uncompressed (`full`), then compressed (`compressed`). Every
+/// step is one batched forward pass: the weights are read once per step for all the
+/// sequences, while each sequence's attention reads its own cache, so the share of
+/// time that compression can save grows with the batch.
+fn batched(
+    a: &BenchArgs,
+    m: &kvmerger_engine::model::Model,
+    full: &Option<kvmerger_engine::cache::KvCache>,
+    compressed: &kvmerger_engine::cache::KvCache,
+    comp: &kvmerger_engine::compress::Compressor,
+    targets: &[usize],
+    logits: &[f32],
+) -> Result<()> {
+    use kvmerger_engine::compress::DecodeCompression;
+    use kvmerger_engine::model::Segment;
+    let Some(full) = full else { return Ok(()) };
+    let n = a.batch as usize;
+    let first = argmax(logits) as u32;
+    let mut speeds = Vec::new();
+    for (label, base, with_dc) in [
+        ("full cache", full, false),
+        ("compressed", compressed, true),
+    ] {
+        let mut caches: Vec<_> = (0..n).map(|_| base.clone()).collect();
+        let mut dcs: Vec<_> = (0..n)
+            .map(|_| DecodeCompression::new(comp, targets.to_vec()))
+            .collect();
+        let mut next = vec![first; n];
+        let t0 = Instant::now();
+        for _ in 0..a.tg {
+            let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+            let mut segs: Vec<Segment<'_>> = caches
+                .iter_mut()
+                .zip(dcs.iter_mut())
+                .zip(&toks)
+                .map(|((c, dc), t)| {
+                    if with_dc {
+                        let needs = dc.needs();
+                        Segment::decode(t, c, needs, Some(&mut dc.stats))
+                    } else {
+                        Segment::decode(t, c, StatsNeeds::default(), None)
+                    }
+                })
+                .collect();
+            let out = m.forward_batch(&mut segs)?;
+            drop(segs);
+            for (i, l) in out.iter().enumerate() {
+                next[i] = argmax(l) as u32;
+            }
+            if with_dc {
+                for (c, dc) in caches.iter_mut().zip(dcs.iter_mut()) {
+                    dc.after_step(c)?;
+                }
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let total = a.tg * n;
+        println!(
+            "| tg{} x batch {n} @ ctx {}, {label} | {total} | {secs:.3} | {:.1} |",
+            a.tg,
+            full.n_seen,
+            total as f64 / secs
+        );
+        speeds.push(total as f64 / secs);
+    }
+    println!(
+        "batch of {n}: compressed / full-cache generation throughput: {:.2}x",
+        speeds[1] / speeds[0]
     );
     Ok(())
 }

@@ -172,6 +172,11 @@ pub struct BenchArgs {
     /// Repetitions; the best is reported.
     #[arg(long, default_value_t = 1)]
     pub reps: usize,
+    /// With a compression method: also time generation for this many sequences decoded
+    /// together (one batched forward pass per step, as the server does), each holding
+    /// a copy of the prompt's cache, full and compressed; prints the throughput ratio.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub batch: u16,
     /// Also measure fidelity over this many decoding steps: KL divergence of this run's
     /// next-token distributions (its KV dtype and compression) from a full f16 cache's,
     /// both fed the full cache's greedy tokens after a prompt of max(--pp, --ctx) tokens.
