@@ -71,6 +71,11 @@ pub fn matmul_exact(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
 /// Bytes of f32 rows (weights, or activations) a block of work keeps near the core (L2).
 const PANEL_BYTES: usize = 192 * 1024;
 
+thread_local! {
+    /// A worker's dequantized weight panel, reused by [`gemm_exact`].
+    static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Several tokens: a chunk of rows is dequantized once into an f32 panel, then
 /// multiplied by blocks of tokens whose activations stay in L2, four rows by three
 /// tokens at a time (twelve accumulators in registers).
@@ -84,17 +89,25 @@ fn gemm_exact(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
     tmp.par_chunks_mut(rc * n).enumerate().for_each(|(c, dst)| {
         let r0 = c * rc;
         let nr = dst.len() / n;
-        let mut panel = vec![0.0f32; nr * cols];
-        for (i, row) in panel.chunks_mut(cols).enumerate() {
-            w.dequantize_row(r0 + i, row);
-        }
-        let mut t0 = 0;
-        while t0 < n {
-            let t1 = (t0 + tb).min(n);
-            let xs = &x[t0 * cols..t1 * cols];
-            gemm_block(&panel, nr, xs, t1 - t0, cols, &mut dst[t0..], n);
-            t0 = t1;
-        }
+        // Each worker keeps its panel between calls: every value is overwritten by the
+        // dequantization, so zeroing a fresh one each time would be wasted work.
+        PANEL.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < nr * cols {
+                p.resize(nr * cols, 0.0);
+            }
+            let panel = &mut p[..nr * cols];
+            for (i, row) in panel.chunks_mut(cols).enumerate() {
+                w.dequantize_row(r0 + i, row);
+            }
+            let mut t0 = 0;
+            while t0 < n {
+                let t1 = (t0 + tb).min(n);
+                let xs = &x[t0 * cols..t1 * cols];
+                gemm_block(panel, nr, xs, t1 - t0, cols, &mut dst[t0..], n);
+                t0 = t1;
+            }
+        });
     });
     for r in 0..rows {
         for t in 0..n {
