@@ -1,13 +1,14 @@
 //! Hot kernels of the forward pass: one-token quantized matrix-vector products per
-//! weight format (exact f32 activations, and the fast 8-bit path), and decoding
-//! attention over 1k, 4k and 16k cached slots (f16 and q8_0).
+//! weight format (exact f32 activations, balanced 16-bit fixed-point activations, and
+//! the fast 8-bit path), and decoding attention over 1k, 4k and 16k cached slots (f16
+//! and q8_0).
 //!
 //! `cargo bench -p kvmerger-engine --bench kernels` (add a filter to run a subset).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kvmerger_compression::{HeadStore, KvDtype, SlotMeta};
 use kvmerger_engine::attention::{attend, LayerAttn, StatsRequest};
-use kvmerger_engine::exact::matmul_exact;
+use kvmerger_engine::exact::{matmul_balanced, matmul_exact};
 use kvmerger_engine::quant::{GgmlType, QMatrix};
 use std::hint::black_box;
 
@@ -37,6 +38,9 @@ fn matvec(c: &mut Criterion) {
         let mut out = vec![0.0f32; rows];
         g.bench_function(BenchmarkId::new("exact", ty.name()), |b| {
             b.iter(|| matmul_exact(&m, black_box(&x), 1, &mut out))
+        });
+        g.bench_function(BenchmarkId::new("balanced", ty.name()), |b| {
+            b.iter(|| matmul_balanced(&m, black_box(&x), 1, &mut out))
         });
         g.bench_function(BenchmarkId::new("fast", ty.name()), |b| {
             b.iter(|| m.matmul(black_box(&x), 1, &mut out))

@@ -3,7 +3,7 @@
 use crate::attention::{attend, LayerAttn, StatsRequest};
 use crate::cache::{KvCache, PrefillStats};
 use crate::config::{Activation, Arch, Config, RopeStyle};
-use crate::exact::{matmul_exact, Precision};
+use crate::exact::{matmul_balanced, matmul_balanced_multi, matmul_exact, Precision};
 use crate::gguf::GgufFile;
 use crate::kernels::{gelu_tanh, rms_norm, rms_norm_inplace, silu};
 use crate::quant::QMatrix;
@@ -200,14 +200,17 @@ impl Model {
     fn mm(&self, w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
         match self.precision {
             Precision::Fast => w.matmul(x, n, out),
+            Precision::Balanced => matmul_balanced(w, x, n, out),
             Precision::Exact => matmul_exact(w, x, n, out),
         }
     }
 
-    /// Several products of the same activations (quantized once in fast precision).
+    /// Several products of the same activations (quantized once in fast and balanced
+    /// precision).
     fn mm3(&self, ws: &[&QMatrix], x: &[f32], n: usize, outs: &mut [&mut [f32]]) {
         match self.precision {
             Precision::Fast => QMatrix::matmul_multi(ws, x, n, outs),
+            Precision::Balanced => matmul_balanced_multi(ws, x, n, outs),
             Precision::Exact => {
                 for (w, o) in ws.iter().zip(outs.iter_mut()) {
                     matmul_exact(w, x, n, o);

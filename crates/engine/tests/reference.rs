@@ -49,7 +49,8 @@ const REFERENCES: &[Reference] = &[
     },
 ];
 
-/// Exact precision: ids, top logits and the greedy text all match the fp32 reference.
+/// Exact and balanced precision: ids, top logits and the greedy text all match the fp32
+/// reference (balanced differs from exact in the greedy decoding's one-token products).
 /// Fast precision (8-bit activations): ids and top tokens match, logits within 1e-2.
 fn check(r: &Reference, precision: Precision) {
     let mut lm = LoadedModel::open(&model_path(r.id)).unwrap();
@@ -114,6 +115,13 @@ fn qwen2_matches_the_reference_ids_logits_and_greedy_text() {
 #[test]
 fn gemma3_matches_the_reference_ids_logits_and_greedy_text() {
     check(&REFERENCES[2], Precision::Exact);
+}
+
+#[test]
+fn balanced_precision_matches_the_reference_ids_logits_and_greedy_text() {
+    for r in &REFERENCES[..2] {
+        check(r, Precision::Balanced);
+    }
 }
 
 #[test]
@@ -241,6 +249,7 @@ fn compare_with_numpy(id: &str, words: usize) {
 
     for (precision, min_agreement, max_rel_rms) in [
         (Precision::Exact, 0.995, 2e-3),
+        (Precision::Balanced, 0.995, 2e-3),
         (Precision::Fast, 0.90, 0.10),
     ] {
         lm.model.precision = precision;
@@ -258,8 +267,51 @@ fn compare_with_numpy(id: &str, words: usize) {
             min_agreement,
             max_rel_rms,
         );
+        if precision == Precision::Fast {
+            continue;
+        }
+        // The last positions one token at a time, as in decoding (where balanced
+        // precision rounds activations to 16 bits).
+        let p = ids.len() - DECODED;
+        let mut cache = lm.model.new_cache(KvDtype::F32);
+        lm.model
+            .forward(
+                &ids[..p],
+                &mut cache,
+                StatsNeeds::default(),
+                None,
+                Logits::Last,
+            )
+            .unwrap();
+        let mut got = Vec::with_capacity(DECODED * vocab);
+        for t in p..ids.len() {
+            got.extend(
+                lm.model
+                    .forward(
+                        &ids[t..t + 1],
+                        &mut cache,
+                        StatsNeeds::default(),
+                        None,
+                        Logits::Last,
+                    )
+                    .unwrap(),
+            );
+        }
+        compare(
+            &format!("{id} (last {DECODED} decoded)"),
+            precision,
+            &got,
+            &want[p * vocab..],
+            vocab,
+            min_agreement,
+            max_rel_rms,
+        );
     }
 }
+
+/// Positions at the end of the numpy comparison's prompt that are also run one token at
+/// a time.
+const DECODED: usize = 24;
 
 fn compare(
     id: &str,

@@ -62,8 +62,11 @@ pub struct ModelArgs {
     /// Storage type of the KV cache: f16, f32 or q8_0 (8-bit, one f16 scale per 32 values).
     #[arg(long, default_value = "f16")]
     pub kv_dtype: String,
-    /// Matrix products: exact (f32 activations, matching fp32 references) or fast
-    /// (8-bit activations, as llama.cpp: about twice the speed, less accurate).
+    /// Matrix products: exact (f32 activations, matching fp32 references), balanced
+    /// (f32 activations in prefill; in one-token products, activations rounded per
+    /// block of 32 to 16-bit fixed point, an error of about 2^-16 of each block's
+    /// largest activation) or fast (8-bit activations, as llama.cpp: about twice the
+    /// speed of exact, less accurate).
     #[arg(long, default_value = "exact")]
     pub precision: String,
 }
