@@ -50,12 +50,13 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
     let vocab = m.cfg.vocab.min(lm.tokenizer.vocab_size());
     let threads = rayon::current_num_threads();
     println!(
-        "model {} ({}, {} layers, weights {:.1} MiB), threads {threads}, KV {:?}",
+        "model {} ({}, {} layers, weights {:.1} MiB), threads {threads}, KV {:?}, precision {:?}",
         lm.name,
         m.cfg.arch.name(),
         m.cfg.n_layers,
         m.weight_bytes() as f64 / (1 << 20) as f64,
-        dtype
+        dtype,
+        m.precision
     );
     println!("| test | tokens | seconds | tok/s |");
     println!("|---|---|---|---|");

@@ -66,10 +66,25 @@ pub struct ModelArgs {
     /// (f32 activations in prefill; in one-token products, activations rounded per
     /// block of 32 to 16-bit fixed point, an error of about 2^-16 of each block's
     /// largest activation) or fast (8-bit activations, as llama.cpp: about twice the
-    /// speed of exact, less accurate).
-    #[arg(long, default_value = "exact")]
-    pub precision: String,
+    /// speed of exact, less accurate). Default: balanced, except for `eval run`, whose
+    /// default is exact (reference numbers; a grid resumes only under the precision it
+    /// was started with).
+    #[arg(long, value_name = "PRECISION")]
+    pub precision: Option<String>,
 }
+
+impl ModelArgs {
+    /// The precision asked for, or `default` when none was.
+    pub fn precision_or<'a>(&'a self, default: &'a str) -> &'a str {
+        self.precision.as_deref().unwrap_or(default)
+    }
+}
+
+/// Matrix-product precision when none is given: near-exact decoding at about the speed
+/// of 8-bit activations.
+pub const DEFAULT_PRECISION: &str = "balanced";
+/// `eval run`'s default precision.
+pub const EVAL_PRECISION: &str = "exact";
 
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {

@@ -1,5 +1,6 @@
 //! `kvmerger eval`: run a grid (resumable, shardable), merge shards, write reports.
 
+use crate::cli::EVAL_PRECISION;
 use crate::cli::{EvalArgs, EvalCommand, EvalReportArgs, EvalRunArgs};
 use crate::fetch::Bar;
 use crate::run::load_model;
@@ -247,10 +248,14 @@ fn run_grid(a: EvalRunArgs, dir: &Path) -> Result<()> {
     } else {
         None
     };
-    let (lm, dtype) = load_model(&a.model, dir)?;
+    let mut model = a.model.clone();
+    model.precision = Some(model.precision_or(EVAL_PRECISION).to_string());
+    let (lm, dtype) = load_model(&model, dir)?;
     let run = format!(
         "{} kv={} precision={}",
-        lm.name, a.model.kv_dtype, a.model.precision
+        lm.name,
+        model.kv_dtype,
+        model.precision_or(EVAL_PRECISION)
     );
     let mut source = TaskSamples::new(&lm, ruler_dir, spec.seed);
     source.files = files;

@@ -56,8 +56,10 @@ fn dispatch_in_pool(cli: Cli) -> Result<()> {
 /// Resolve, fetching on first use, and load a model with a spinner.
 pub fn load_model(m: &ModelArgs, dir: &std::path::Path) -> Result<(LoadedModel, KvDtype)> {
     let dtype: KvDtype = m.kv_dtype.parse().map_err(anyhow::Error::msg)?;
-    let precision: kvmerger_engine::exact::Precision =
-        m.precision.parse().map_err(anyhow::Error::msg)?;
+    let precision: kvmerger_engine::exact::Precision = m
+        .precision_or(crate::cli::DEFAULT_PRECISION)
+        .parse()
+        .map_err(anyhow::Error::msg)?;
     let bar = Bar::new();
     let src = assets::resolve_model(&m.model, dir, &bar);
     let path: PathBuf = match src {

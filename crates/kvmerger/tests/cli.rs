@@ -237,7 +237,40 @@ fn eval_reports_malformed_jsonl_lines_by_number_and_evaluates_the_rest() {
     let records = std::fs::read_to_string(out_dir.join("samples.jsonl")).unwrap();
     // Two good samples, each with the full cache and streaming at 50%.
     assert_eq!(records.lines().count(), 4, "{records}");
+    // `eval run` defaults to exact precision (the other commands to balanced), so
+    // grids started before that default changed still resume.
+    assert!(
+        records
+            .lines()
+            .all(|l| l.contains("\"run\":\"smollm2-135m kv=f16 precision=exact\"")),
+        "{records}"
+    );
     let summary = std::fs::read_to_string(out_dir.join("summary.md")).unwrap();
     assert!(summary.contains("longbench/hotpotqa"), "{summary}");
     assert!(out_dir.join("summary.csv").exists() && out_dir.join("score_vs_budget.png").exists());
+}
+
+#[test]
+fn bench_defaults_to_balanced_precision_and_takes_the_others() {
+    for (flag, name) in [
+        (None, "precision Balanced"),
+        (Some("exact"), "precision Exact"),
+        (Some("fast"), "precision Fast"),
+    ] {
+        let mut args = vec!["bench", "--pp", "8", "--tg", "2", "-t", "1"];
+        if let Some(f) = flag {
+            args.extend(["--precision", f]);
+        }
+        let out = kvmerger(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(name), "{args:?}: {stdout}");
+        assert!(stdout.contains("| tg2 |"), "{stdout}");
+    }
+    let e = fails(&["bench", "--precision", "int4"]);
+    assert!(e.contains("unknown precision 'int4'"), "{e}");
 }
