@@ -4,7 +4,7 @@
 //! cache, and each method at each budget) is evaluated on it from one prefill, so the
 //! item, not the configuration, is the unit of work, of resumption and of sharding.
 
-use kvmerger_compression::{registry, Budget, Options};
+use kvmerger_compression::{registry, Budget, Options, Schedule};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -79,6 +79,8 @@ pub struct RunConfig {
     pub label: String,
     pub method: String,
     pub options: Options,
+    /// How the budget is spread over layers (`schedule=` in the method spec).
+    pub schedule: Schedule,
     /// None for the full cache.
     pub budget: Option<Budget>,
     /// The budget as written, for reports.
@@ -91,14 +93,18 @@ impl RunConfig {
             label: "full".into(),
             method: "full".into(),
             options: Options::new(),
+            schedule: Schedule::Uniform,
             budget: None,
             budget_label: "1".into(),
         }
     }
 }
 
-/// `name` or `name:key=value,key=value`.
-pub fn parse_method_spec(spec: &str) -> Result<(String, Options), GridError> {
+/// `name` or `name:key=value,key=value`. The key `schedule` is not a method option but
+/// how the budget is spread over layers: `uniform`, `pyramid`, `pyramid:<slope>`, or a
+/// per-layer ratio file such as `kvmerger analyze sparsity`'s `sparsity_schedule.csv`
+/// (a path without commas).
+pub fn parse_method_spec(spec: &str) -> Result<(String, Options, Schedule), GridError> {
     let (name, opts) = match spec.split_once(':') {
         Some((n, o)) => (n.trim(), o),
         None => (spec.trim(), ""),
@@ -110,14 +116,34 @@ pub fn parse_method_spec(spec: &str) -> Result<(String, Options), GridError> {
         )));
     }
     let mut options = Options::new();
+    let mut schedule = Schedule::Uniform;
     for pair in opts.split(',').filter(|p| !p.trim().is_empty()) {
-        options
-            .parse_pair(pair)
-            .map_err(|e| GridError(format!("method '{spec}': {e}")))?;
+        match pair.split_once('=') {
+            Some((k, v)) if k.trim() == "schedule" => {
+                schedule = parse_schedule(v.trim())
+                    .map_err(|e| GridError(format!("method '{spec}': {e}")))?;
+            }
+            _ => options
+                .parse_pair(pair)
+                .map_err(|e| GridError(format!("method '{spec}': {e}")))?,
+        }
     }
     // Building the method checks its options now rather than in the middle of a grid.
     registry::build(name, &options).map_err(|e| GridError(format!("method '{spec}': {e}")))?;
-    Ok((name.to_string(), options))
+    Ok((name.to_string(), options, schedule))
+}
+
+/// `uniform`, `pyramid`, `pyramid:<slope>`, or a file of per-layer ratios.
+fn parse_schedule(s: &str) -> Result<Schedule, String> {
+    if s == "uniform" || s.starts_with("pyramid") {
+        return s.parse::<Schedule>().map_err(|e| e.to_string());
+    }
+    let text = std::fs::read_to_string(s).map_err(|e| {
+        format!(
+            "schedule '{s}' is neither uniform, pyramid[:slope] nor a readable ratio file ({e})"
+        )
+    })?;
+    Schedule::parse_ratios(&text).map_err(|e| format!("schedule file {s}: {e}"))
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -181,12 +207,13 @@ impl GridSpec {
             if m.trim() == "full" {
                 continue;
             }
-            let (method, options) = parse_method_spec(m)?;
+            let (method, options, schedule) = parse_method_spec(m)?;
             for (label, budget) in &budgets {
                 let c = RunConfig {
                     label: format!("{}@{label}", m.trim()),
                     method: method.clone(),
                     options: options.clone(),
+                    schedule: schedule.clone(),
                     budget: Some(*budget),
                     budget_label: label.clone(),
                 };
@@ -350,5 +377,52 @@ mod tests {
             "1/3".parse::<Shard>().unwrap(),
             Shard { index: 1, count: 3 }
         );
+    }
+
+    #[test]
+    fn method_specs_take_a_layer_schedule() {
+        let (name, opts, sched) = parse_method_spec("kvmerger:schedule=pyramid:0.25").unwrap();
+        assert_eq!(name, "kvmerger");
+        assert_eq!(opts, Options::new());
+        assert_eq!(sched, Schedule::Pyramid { beta: 0.25 });
+        let (_, opts, sched) = parse_method_spec("h2o:recent=0.1,schedule=uniform").unwrap();
+        assert_eq!(opts.get("recent"), Some("0.1"));
+        assert_eq!(sched, Schedule::Uniform);
+        assert_eq!(parse_method_spec("h2o").unwrap().2, Schedule::Uniform);
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ratios.csv");
+        std::fs::write(&file, "# measured\nlayer,ratio\n0,0.5\n1,0.25\n2,0.75\n").unwrap();
+        let written = format!("kvmerger:schedule={}", file.display());
+        let (_, _, sched) = parse_method_spec(&written).unwrap();
+        assert_eq!(sched, Schedule::File(vec![0.5, 0.25, 0.75]));
+        // The schedule reaches the configuration, and the label keeps the spec as written.
+        let g = GridSpec {
+            methods: vec![written.clone()],
+            budgets: vec!["0.5".into()],
+            ..spec()
+        };
+        let c = &g.configs().unwrap()[1];
+        assert_eq!(c.label, format!("{written}@0.5"));
+        assert_eq!(c.schedule, Schedule::File(vec![0.5, 0.25, 0.75]));
+
+        let missing = dir.path().join("missing.csv");
+        let e = parse_method_spec(&format!("kvmerger:schedule={}", missing.display()))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("neither uniform, pyramid"), "{e}");
+        std::fs::write(&file, "0.5\nlots\n").unwrap();
+        let e = parse_method_spec(&format!("kvmerger:schedule={}", file.display()))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("schedule file") && e.contains("line 2"), "{e}");
+        let e = parse_method_spec("kvmerger:schedule=pyramid:2")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("[0, 1]"), "{e}");
+        let e = parse_method_spec("kvmerger:schedule=pyramid:x")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("not a number"), "{e}");
     }
 }

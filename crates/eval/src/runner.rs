@@ -2,11 +2,11 @@
 //! configuration needs, and every configuration is evaluated from its own copy of that
 //! cache.
 
-use crate::grid::{GridSpec, RunConfig, Shard, WorkItem, TEXT_TASK};
+use crate::grid::{GridError, GridSpec, RunConfig, Shard, WorkItem, TEXT_TASK};
 use crate::records::{Record, RecordFile, Timing};
 use crate::sample::Sample;
 use crate::{metrics, Error};
-use kvmerger_compression::{KvDtype, Schedule, StatsNeeds};
+use kvmerger_compression::{KvDtype, StatsNeeds};
 use kvmerger_engine::cache::{KvCache, PrefillStats};
 use kvmerger_engine::chat::Message;
 use kvmerger_engine::compress::{Compressor, DecodeCompression};
@@ -97,8 +97,20 @@ impl Runner<'_> {
             let compressor = match config.budget {
                 None => Compressor::full(),
                 Some(b) => {
-                    let mut c =
-                        Compressor::new(&config.method, &config.options, b, Schedule::Uniform)?;
+                    // A ratio file for another depth is an error before the first prefill,
+                    // not in the middle of the grid.
+                    config
+                        .schedule
+                        .check(self.lm.model.cfg.n_layers)
+                        .map_err(|e| {
+                            Error::Grid(GridError(format!("method '{}': {e}", config.label)))
+                        })?;
+                    let mut c = Compressor::new(
+                        &config.method,
+                        &config.options,
+                        b,
+                        config.schedule.clone(),
+                    )?;
                     c.recompress_margin = self.spec.recompress_margin;
                     c
                 }

@@ -162,7 +162,11 @@ fn text_tasks_score_perplexity_and_fidelity_against_the_full_cache() {
         documents: vec![("numbers".into(), text)],
     };
     let spec = GridSpec {
-        methods: vec!["kvmerger".into(), "streaming".into()],
+        methods: vec![
+            "kvmerger".into(),
+            "streaming".into(),
+            "kvmerger:schedule=pyramid:0.9".into(),
+        ],
         budgets: vec!["0.25".into()],
         tasks: vec!["ppl".into()],
         lengths: vec![256],
@@ -184,7 +188,7 @@ fn text_tasks_score_perplexity_and_fidelity_against_the_full_cache() {
         .run(dir.path(), Shard::WHOLE, &kvmerger_eval::runner::Quiet)
         .unwrap();
     let rs = results(dir.path());
-    assert_eq!(rs.len(), 3);
+    assert_eq!(rs.len(), 4);
     let full = rs.iter().find(|r| r.config == "full").unwrap();
     assert_eq!((full.kl, full.top1), (Some(0.0), Some(1.0)));
     let ppl = full.ppl.unwrap();
@@ -199,4 +203,39 @@ fn text_tasks_score_perplexity_and_fidelity_against_the_full_cache() {
         assert_eq!(r.meta["scored_tokens"], 24);
         assert!(r.kv_ratio() < 0.3);
     }
+    // A layer schedule reaches the compressor: the same method and budget spread
+    // unevenly over the layers gives other distributions.
+    let kl = |c: &str| rs.iter().find(|r| r.config == c).unwrap().kl.unwrap();
+    assert_ne!(
+        kl("kvmerger@0.25"),
+        kl("kvmerger:schedule=pyramid:0.9@0.25")
+    );
+}
+
+#[test]
+fn a_schedule_for_another_depth_is_refused_before_any_work() {
+    let lm = model();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("three_layers.csv");
+    std::fs::write(&file, "0.5\n1\n0.5\n").unwrap();
+    let spec = GridSpec {
+        methods: vec![format!("h2o:schedule={}", file.display())],
+        ..spec()
+    };
+    let src = TaskSamples::new(&lm, fetch("ruler"), spec.seed);
+    let runner = Runner {
+        lm: &lm,
+        dtype: KvDtype::F16,
+        run: "smollm2".into(),
+        spec: &spec,
+        samples: &src,
+        text: None,
+    };
+    let out = dir.path().join("out");
+    let e = runner
+        .run(&out, Shard::WHOLE, &kvmerger_eval::runner::Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("3 layers") && e.contains("has 30"), "{e}");
+    assert!(!out.join("samples.jsonl").exists());
 }

@@ -259,7 +259,9 @@ pub struct EvalRunArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Methods, comma-separated, each `name` or `name:key=value,...`
-    /// (`all`: every method), e.g. `kvmerger,kvmerger:sigma=2,mass=none,h2o`.
+    /// (`all`: every method), e.g. `kvmerger,kvmerger:sigma=2,mass=none,h2o`. The key
+    /// `schedule` spreads the budget over layers: `uniform`, `pyramid[:slope]` or a
+    /// ratio file (`kvmerger analyze sparsity`'s sparsity_schedule.csv).
     #[arg(long)]
     pub methods: Option<String>,
     /// Budgets, comma-separated (0.5, 35%, 2048).

@@ -96,7 +96,9 @@ fn split_methods(s: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for piece in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match out.last_mut() {
-            Some(last) if piece.contains('=') && !piece.contains(':') && last.contains(':') => {
+            // `key=value` (a method name never holds '='; a value may hold ':', as in
+            // `schedule=pyramid:0.5`) continues the previous method's options.
+            Some(last) if is_option(piece) && last.contains(':') => {
                 last.push(',');
                 last.push_str(piece);
             }
@@ -104,6 +106,14 @@ fn split_methods(s: &str) -> Vec<String> {
         }
     }
     out
+}
+
+fn is_option(piece: &str) -> bool {
+    match (piece.find('='), piece.find(':')) {
+        (Some(eq), Some(colon)) => eq < colon,
+        (Some(_), None) => true,
+        _ => false,
+    }
 }
 
 struct EvalBar {
@@ -405,6 +415,16 @@ mod tests {
                 "kvmerger:sigma=2,mass=none",
                 "h2o",
                 "snapkv:window=8"
+            ]
+        );
+        assert_eq!(
+            super::split_methods(
+                "kvmerger:schedule=pyramid:0.5,h2o:recent=0.1,schedule=pyramid:0.2,tova"
+            ),
+            [
+                "kvmerger:schedule=pyramid:0.5",
+                "h2o:recent=0.1,schedule=pyramid:0.2",
+                "tova"
             ]
         );
     }
