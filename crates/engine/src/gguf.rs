@@ -203,12 +203,12 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile, Error> {
         let file = std::fs::File::open(path).map_err(|e| Error::Io {
             path: path.to_path_buf(),
-            source: e,
+            error: e,
         })?;
         // SAFETY: the file is opened read-only and treated as immutable bytes.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::Io {
             path: path.to_path_buf(),
-            source: e,
+            error: e,
         })?;
         let buf: &[u8] = &mmap;
         let mut r = Reader { buf, pos: 0, path };

@@ -31,11 +31,11 @@ use std::path::PathBuf;
 /// Errors from loading or running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        /// Not a `source`: the message already holds it, and chains would repeat it.
+        error: std::io::Error,
     },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
@@ -53,8 +53,16 @@ pub enum Error {
     ContextOverflow { prompt: usize, ctx: usize },
     #[error("invalid sampling parameter: {0}")]
     Sampling(String),
+    /// The message is shown once: the compression error is not also a `source`, which
+    /// error reports that print the chain would repeat.
     #[error("compression: {0}")]
-    Compression(#[from] kvmerger_compression::Error),
+    Compression(kvmerger_compression::Error),
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<kvmerger_compression::Error> for Error {
+    fn from(e: kvmerger_compression::Error) -> Error {
+        Error::Compression(e)
+    }
 }

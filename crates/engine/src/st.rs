@@ -29,7 +29,7 @@ pub struct SafetensorsDir {
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::Io {
         path: path.to_path_buf(),
-        source: e,
+        error: e,
     }
 }
 

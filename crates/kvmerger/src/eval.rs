@@ -202,7 +202,7 @@ fn run_grid(a: EvalRunArgs, dir: &Path) -> Result<()> {
         } else {
             tasks::read_zeroscrolls(path, a.dataset.as_deref())
         }
-        .with_context(|| format!("reading {}", path.display()))?;
+        .with_context(|| format!("reading the {kind} file"))?;
         for e in &read.errors {
             eprintln!(
                 "warning: {}:{}: {} (line skipped)",
@@ -333,8 +333,7 @@ fn load_text(spec: &str, dir: &Path) -> Result<TextSource> {
         return Ok(TextSource { documents });
     }
     let p = PathBuf::from(spec);
-    let text =
-        tasks::text::read_text_file(&p).with_context(|| format!("reading {}", p.display()))?;
+    let text = tasks::text::read_text_file(&p).context("reading the --text file")?;
     let title = p
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

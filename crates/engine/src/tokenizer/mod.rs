@@ -451,7 +451,7 @@ impl Tokenizer {
     fn from_tokenizer_json_impl(path: &std::path::Path) -> Result<Tokenizer> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
             path: path.to_path_buf(),
-            source: e,
+            error: e,
         })?;
         let tk: tokenizers::Tokenizer = text.parse().map_err(|e| {
             Error::Tokenizer(format!(

@@ -93,7 +93,7 @@ pub(crate) fn ends_sentence(word: &str, next: &str) -> bool {
 fn read(path: &Path) -> Result<Vec<u8>, Error> {
     std::fs::read(path).map_err(|e| Error::Io {
         path: path.to_path_buf(),
-        source: e,
+        error: e,
     })
 }
 

@@ -96,9 +96,9 @@ type Line = (usize, Result<String, String>);
 
 /// The non-blank lines of a file; a line that is not UTF-8 is an error of its own.
 fn lines(path: &Path) -> Result<Vec<Line>, Error> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+    let bytes = std::fs::read(path).map_err(|error| Error::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     Ok(bytes
         .split(|&b| b == b'\n')

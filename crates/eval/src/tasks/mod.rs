@@ -123,10 +123,11 @@ pub enum Error {
         length: usize,
         needed: Option<usize>,
     },
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        /// Not a `source`: the message already holds it, and chains would repeat it.
+        error: std::io::Error,
     },
     #[error("{}: {message}", path.display())]
     Data { path: PathBuf, message: String },

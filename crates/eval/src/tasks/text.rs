@@ -22,9 +22,9 @@ const AUSTEN_TITLES: &[(&str, &str)] = &[
 ];
 
 fn read(path: &Path) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|source| Error::Io {
+    std::fs::read(path).map_err(|error| Error::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
