@@ -81,6 +81,12 @@ pub trait Method: Send + Sync {
     /// The compressed head. Must not return more than `input.budget` slots unless the
     /// method's documented mode (e.g. KVMerger's paper mode) says its size is not enforced.
     fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error>;
+    /// Slots the method keeps in a head whatever the budget (an observation window,
+    /// attention sinks): a budget below it is an error. Layer schedules give no layer
+    /// fewer slots than this when the mean budget allows (see `Schedule::layer_budgets`).
+    fn min_slots(&self) -> usize {
+        0
+    }
     /// How the engine must treat the slots this method merges (most methods merge none).
     fn mass_correction(&self) -> MassCorrection {
         MassCorrection::None

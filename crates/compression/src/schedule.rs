@@ -126,6 +126,59 @@ impl Schedule {
         let scaled = (b * self.weight(layer, n_layers) + 1e-9).floor() as usize;
         scaled.clamp(1.min(len), len)
     }
+
+    /// Every layer's budget ([`Schedule::layer_budget`]), giving no layer fewer than
+    /// `min_slots` (a method's fixed window, [`crate::Method::min_slots`]; capped at
+    /// `len`). The slots a small layer is raised by come from the layers above the
+    /// minimum, in proportion to what each has above it, so the total is unchanged. A
+    /// uniform schedule is left as it is (a budget below the window is the method's
+    /// error to report), and if the total cannot give every layer the minimum, every
+    /// layer gets the minimum.
+    pub fn layer_budgets(
+        &self,
+        base: Budget,
+        n_layers: usize,
+        len: usize,
+        min_slots: usize,
+    ) -> Vec<usize> {
+        let raw: Vec<usize> = (0..n_layers)
+            .map(|l| self.layer_budget(base, l, n_layers, len))
+            .collect();
+        let floor = min_slots.min(len);
+        if *self == Schedule::Uniform || raw.iter().all(|&b| b >= floor) {
+            return raw;
+        }
+        let total: usize = raw.iter().sum();
+        if total <= floor * n_layers {
+            return vec![floor; n_layers];
+        }
+        // Each layer keeps the floor plus a share of what it had above it, scaled so the
+        // shares add up to what is left once every layer has the floor.
+        let above: Vec<usize> = raw.iter().map(|&b| b.saturating_sub(floor)).collect();
+        let spare = (total - floor * n_layers) as f64;
+        let scale = spare / above.iter().sum::<usize>() as f64;
+        let exact: Vec<f64> = above.iter().map(|&a| a as f64 * scale).collect();
+        let mut out: Vec<usize> = exact.iter().map(|&x| floor + x.floor() as usize).collect();
+        // Rounding leftovers go to the layers with the largest fractional parts; such a
+        // layer's share was not a whole number, so one more slot stays within its own.
+        let mut left = total - out.iter().sum::<usize>();
+        let mut order: Vec<usize> = (0..n_layers).collect();
+        order.sort_by(|&a, &b| {
+            let fa = exact[a] - exact[a].floor();
+            let fb = exact[b] - exact[b].floor();
+            fb.total_cmp(&fa).then(a.cmp(&b))
+        });
+        for l in order {
+            if left == 0 {
+                break;
+            }
+            if exact[l] > exact[l].floor() {
+                out[l] += 1;
+                left -= 1;
+            }
+        }
+        out
+    }
 }
 
 impl std::str::FromStr for Schedule {

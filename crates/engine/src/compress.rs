@@ -87,11 +87,11 @@ impl Compressor {
             || self.budget == Budget::Fraction(1.0) && self.schedule == Schedule::Uniform
     }
 
-    /// Slot budget of each layer's heads for a prompt of `len` tokens.
+    /// Slot budget of each layer's heads for a prompt of `len` tokens; a schedule gives
+    /// no layer less than the method's fixed window.
     pub fn targets(&self, n_layers: usize, len: usize) -> Vec<usize> {
-        (0..n_layers)
-            .map(|l| self.schedule.layer_budget(self.budget, l, n_layers, len))
-            .collect()
+        self.schedule
+            .layer_budgets(self.budget, n_layers, len, self.method.min_slots())
     }
 
     /// Compress a freshly prefilled cache. Returns the report and the per-layer slot

@@ -144,6 +144,12 @@ impl Method for Cam {
             ..Default::default()
         }
     }
+    fn min_slots(&self) -> usize {
+        match self.select {
+            CamSelect::Streaming { sinks } => sinks,
+            CamSelect::H2o { .. } => 0,
+        }
+    }
     fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error> {
         let (n, budget, data) = (input.data.len(), input.budget, input.data);
         if budget >= n {

@@ -324,6 +324,9 @@ impl Method for KvMergerPlus {
     fn needs(&self) -> StatsNeeds {
         self.select.needs()
     }
+    fn min_slots(&self) -> usize {
+        self.select.window
+    }
     fn mass_correction(&self) -> MassCorrection {
         MassCorrection::LogitBias
     }

@@ -73,6 +73,9 @@ impl Method for PyramidKv {
     fn needs(&self) -> StatsNeeds {
         self.select.needs()
     }
+    fn min_slots(&self) -> usize {
+        self.select.window
+    }
     fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error> {
         let n = input.data.len();
         if input.budget >= n {

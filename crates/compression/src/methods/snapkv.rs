@@ -125,6 +125,9 @@ impl Method for SnapKv {
     fn needs(&self) -> StatsNeeds {
         self.select.needs()
     }
+    fn min_slots(&self) -> usize {
+        self.select.window
+    }
     fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error> {
         if input.budget >= input.data.len() {
             return Ok(input.data.clone());

@@ -37,6 +37,9 @@ impl Method for Streaming {
     fn needs(&self) -> StatsNeeds {
         StatsNeeds::default()
     }
+    fn min_slots(&self) -> usize {
+        self.sinks
+    }
     fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error> {
         let (n, budget) = (input.data.len(), input.budget);
         if budget >= n {

@@ -86,3 +86,62 @@ fn schedules_parse_from_their_names() {
         assert!(bad.parse::<Schedule>().is_err(), "{bad}");
     }
 }
+
+#[test]
+fn no_layer_of_a_schedule_gets_less_than_the_methods_window_and_the_total_holds() {
+    // Observation 2's kind of schedule: some layers keep a tiny share.
+    let s = Schedule::File(vec![0.6, 0.002, 0.5, 0.01, 0.3, 0.2]);
+    let raw: Vec<usize> = (0..6)
+        .map(|l| s.layer_budget(Budget::Fraction(0.35), l, 6, 4096))
+        .collect();
+    assert!(raw.iter().any(|&b| b < 32), "{raw:?}");
+    let b = s.layer_budgets(Budget::Fraction(0.35), 6, 4096, 32);
+    assert!(b.iter().all(|&x| x >= 32), "{b:?}");
+    assert_eq!(b.iter().sum::<usize>(), raw.iter().sum::<usize>());
+    // The large layers gave the slots, each no more than it had, in their order.
+    for l in 0..6 {
+        if raw[l] >= 32 {
+            assert!(b[l] <= raw[l], "{l}: {b:?} {raw:?}");
+        }
+    }
+    assert!(b[0] > b[2] && b[2] > b[4] && b[4] > b[5]);
+    // Without a minimum, or when every layer already has it, nothing changes.
+    assert_eq!(s.layer_budgets(Budget::Fraction(0.35), 6, 4096, 0), raw);
+    let p = Schedule::Pyramid { beta: 0.5 };
+    let pr: Vec<usize> = (0..6)
+        .map(|l| p.layer_budget(Budget::Tokens(100), l, 6, 4096))
+        .collect();
+    assert_eq!(p.layer_budgets(Budget::Tokens(100), 6, 4096, 32), pr);
+    // A uniform budget below the window is left for the method to refuse.
+    assert_eq!(
+        Schedule::Uniform.layer_budgets(Budget::Tokens(16), 3, 4096, 32),
+        vec![16; 3]
+    );
+    // A total too small for every layer's minimum: each gets the minimum.
+    assert_eq!(
+        s.layer_budgets(Budget::Tokens(20), 6, 4096, 32),
+        vec![32; 6]
+    );
+    // The minimum never exceeds the head.
+    assert_eq!(s.layer_budgets(Budget::Tokens(4), 6, 10, 32), vec![10; 6]);
+}
+
+#[test]
+fn methods_report_the_slots_they_always_keep() {
+    use kvmerger_compression::{registry, Options};
+    let build = |name: &str, pairs: &[&str]| {
+        let mut o = Options::new();
+        for p in pairs {
+            o.parse_pair(p).unwrap();
+        }
+        registry::build(name, &o).unwrap().min_slots()
+    };
+    assert_eq!(build("snapkv", &[]), 32);
+    assert_eq!(build("pyramidkv", &["window=8"]), 8);
+    assert_eq!(build("kvmerger+", &["window=16"]), 16);
+    assert_eq!(build("streaming", &["sinks=2"]), 2);
+    assert_eq!(build("cam", &[]), 4);
+    assert_eq!(build("cam", &["select=h2o"]), 0);
+    assert_eq!(build("h2o", &[]), 0);
+    assert_eq!(build("kvmerger", &[]), 0);
+}
