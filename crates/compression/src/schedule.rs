@@ -127,13 +127,16 @@ impl Schedule {
         scaled.clamp(1.min(len), len)
     }
 
-    /// Every layer's budget ([`Schedule::layer_budget`]), giving no layer fewer than
-    /// `min_slots` (a method's fixed window, [`crate::Method::min_slots`]; capped at
-    /// `len`). The slots a small layer is raised by come from the layers above the
-    /// minimum, in proportion to what each has above it, so the total is unchanged. A
+    /// Every layer's budget for heads of `len` slots, spending exactly the uniform
+    /// total (`base` slots times `n_layers`, at most every slot). Layers get shares in
+    /// proportion to the schedule's weights, but none fewer than `min_slots` (a
+    /// method's fixed window, [`crate::Method::min_slots`]; capped at `len`) and none
+    /// more than `len`: what a capped layer cannot use, or a raised one needs, is
+    /// shared by the others in proportion to their weights (water-filling), so a
+    /// schedule moves memory between layers and never changes how much is used. A
     /// uniform schedule is left as it is (a budget below the window is the method's
-    /// error to report), and if the total cannot give every layer the minimum, every
-    /// layer gets the minimum.
+    /// error to report); if the total cannot give every layer the minimum, every layer
+    /// gets the minimum.
     pub fn layer_budgets(
         &self,
         base: Budget,
@@ -141,38 +144,51 @@ impl Schedule {
         len: usize,
         min_slots: usize,
     ) -> Vec<usize> {
-        let raw: Vec<usize> = (0..n_layers)
-            .map(|l| self.layer_budget(base, l, n_layers, len))
-            .collect();
-        let floor = min_slots.min(len);
-        if *self == Schedule::Uniform || raw.iter().all(|&b| b >= floor) {
-            return raw;
+        let each = base.slots(len).clamp(1.min(len), len);
+        if *self == Schedule::Uniform || n_layers == 0 {
+            return vec![each; n_layers];
         }
-        let total: usize = raw.iter().sum();
+        let floor = min_slots.min(len);
+        let total = each * n_layers;
         if total <= floor * n_layers {
             return vec![floor; n_layers];
         }
-        // Each layer keeps the floor plus a share of what it had above it, scaled so the
-        // shares add up to what is left once every layer has the floor.
-        let above: Vec<usize> = raw.iter().map(|&b| b.saturating_sub(floor)).collect();
-        let spare = (total - floor * n_layers) as f64;
-        let scale = spare / above.iter().sum::<usize>() as f64;
-        let exact: Vec<f64> = above.iter().map(|&a| a as f64 * scale).collect();
-        let mut out: Vec<usize> = exact.iter().map(|&x| floor + x.floor() as usize).collect();
-        // Rounding leftovers go to the layers with the largest fractional parts; such a
-        // layer's share was not a whole number, so one more slot stays within its own.
-        let mut left = total - out.iter().sum::<usize>();
+        let w: Vec<f64> = (0..n_layers).map(|l| self.weight(l, n_layers)).collect();
+        let fill = |level: f64| -> Vec<f64> {
+            w.iter()
+                .map(|&x| (x * level).clamp(floor as f64, len as f64))
+                .collect()
+        };
+        // The level at which the clamped shares add up to the total: their sum grows
+        // with the level, from n·floor to n·len, so bisection finds it.
+        let (mut lo, mut hi) = (0.0f64, 1.0f64);
+        while fill(hi).iter().sum::<f64>() < total as f64 && hi < 1e18 {
+            hi *= 2.0;
+        }
+        for _ in 0..200 {
+            let mid = 0.5 * (lo + hi);
+            if fill(mid).iter().sum::<f64>() < total as f64 {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let exact = fill(hi);
+        let mut out: Vec<usize> = exact.iter().map(|&x| x.floor() as usize).collect();
+        // Whole slots: the shortfall goes, one slot each, to the layers with the largest
+        // fractional parts (never past `len`), then to any layer with room.
         let mut order: Vec<usize> = (0..n_layers).collect();
         order.sort_by(|&a, &b| {
             let fa = exact[a] - exact[a].floor();
             let fb = exact[b] - exact[b].floor();
             fb.total_cmp(&fa).then(a.cmp(&b))
         });
-        for l in order {
+        let mut left = total.saturating_sub(out.iter().sum::<usize>());
+        for &l in order.iter().chain(order.iter()) {
             if left == 0 {
                 break;
             }
-            if exact[l] > exact[l].floor() {
+            if out[l] < len {
                 out[l] += 1;
                 left -= 1;
             }

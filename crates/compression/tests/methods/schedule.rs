@@ -91,13 +91,13 @@ fn schedules_parse_from_their_names() {
 fn no_layer_of_a_schedule_gets_less_than_the_methods_window_and_the_total_holds() {
     // Observation 2's kind of schedule: some layers keep a tiny share.
     let s = Schedule::File(vec![0.6, 0.002, 0.5, 0.01, 0.3, 0.2]);
-    let raw: Vec<usize> = (0..6)
-        .map(|l| s.layer_budget(Budget::Fraction(0.35), l, 6, 4096))
-        .collect();
+    let base = Budget::Fraction(0.35);
+    let uniform_total = 6 * base.slots(4096);
+    let raw: Vec<usize> = (0..6).map(|l| s.layer_budget(base, l, 6, 4096)).collect();
     assert!(raw.iter().any(|&b| b < 32), "{raw:?}");
-    let b = s.layer_budgets(Budget::Fraction(0.35), 6, 4096, 32);
-    assert!(b.iter().all(|&x| x >= 32), "{b:?}");
-    assert_eq!(b.iter().sum::<usize>(), raw.iter().sum::<usize>());
+    let b = s.layer_budgets(base, 6, 4096, 32);
+    assert!(b.iter().all(|&x| (32..=4096).contains(&x)), "{b:?}");
+    assert_eq!(b.iter().sum::<usize>(), uniform_total);
     // The large layers gave the slots, each no more than it had, in their order.
     for l in 0..6 {
         if raw[l] >= 32 {
@@ -105,13 +105,10 @@ fn no_layer_of_a_schedule_gets_less_than_the_methods_window_and_the_total_holds(
         }
     }
     assert!(b[0] > b[2] && b[2] > b[4] && b[4] > b[5]);
-    // Without a minimum, or when every layer already has it, nothing changes.
-    assert_eq!(s.layer_budgets(Budget::Fraction(0.35), 6, 4096, 0), raw);
-    let p = Schedule::Pyramid { beta: 0.5 };
-    let pr: Vec<usize> = (0..6)
-        .map(|l| p.layer_budget(Budget::Tokens(100), l, 6, 4096))
-        .collect();
-    assert_eq!(p.layer_budgets(Budget::Tokens(100), 6, 4096, 32), pr);
+    // Without a minimum, only rounding separates it from the per-layer budgets.
+    let free = s.layer_budgets(base, 6, 4096, 0);
+    assert_eq!(free.iter().sum::<usize>(), uniform_total);
+    assert!(free.iter().zip(&raw).all(|(a, b)| a.abs_diff(*b) <= 1));
     // A uniform budget below the window is left for the method to refuse.
     assert_eq!(
         Schedule::Uniform.layer_budgets(Budget::Tokens(16), 3, 4096, 32),
@@ -124,6 +121,32 @@ fn no_layer_of_a_schedule_gets_less_than_the_methods_window_and_the_total_holds(
     );
     // The minimum never exceeds the head.
     assert_eq!(s.layer_budgets(Budget::Tokens(4), 6, 10, 32), vec![10; 6]);
+}
+
+#[test]
+fn what_a_full_layer_cannot_use_goes_to_the_others() {
+    // At half the cache, layer 0's weight (3x the mean) would ask for 1.5x the head.
+    let s = Schedule::File(vec![3.0, 1.0, 1.0, 1.0, 0.5, 0.5]);
+    let raw: Vec<usize> = (0..6)
+        .map(|l| s.layer_budget(Budget::Fraction(0.5), l, 6, 1000))
+        .collect();
+    assert_eq!(raw[0], 1000);
+    assert!(raw.iter().sum::<usize>() < 3000, "{raw:?}");
+    let b = s.layer_budgets(Budget::Fraction(0.5), 6, 1000, 0);
+    assert_eq!(b.iter().sum::<usize>(), 3000, "{b:?}");
+    assert_eq!(b[0], 1000);
+    // The others keep their proportions: 2:2:2:1:1 of the remaining 2000 slots.
+    assert_eq!(&b[1..], &[500, 500, 500, 250, 250]);
+    // A pyramid spends the uniform total too.
+    let p = Schedule::Pyramid { beta: 0.5 };
+    let pb = p.layer_budgets(Budget::Tokens(100), 30, 4096, 32);
+    assert_eq!(pb.iter().sum::<usize>(), 3000);
+    assert_eq!((pb[0], pb[29]), (150, 50));
+    // Asking for every slot gives every slot.
+    assert_eq!(
+        s.layer_budgets(Budget::Fraction(1.0), 6, 1000, 0),
+        vec![1000; 6]
+    );
 }
 
 #[test]
