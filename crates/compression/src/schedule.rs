@@ -130,7 +130,7 @@ impl Schedule {
     /// Every layer's budget for heads of `len` slots, spending exactly the uniform
     /// total (`base` slots times `n_layers`, at most every slot). Layers get shares in
     /// proportion to the schedule's weights, but none fewer than `min_slots` (a
-    /// method's fixed window, [`crate::Method::min_slots`]; capped at `len`) and none
+    /// method's fixed window, [`crate::Method::min_slots`]; at least 1, at most `len`) and none
     /// more than `len`: what a capped layer cannot use, or a raised one needs, is
     /// shared by the others in proportion to their weights (water-filling), so a
     /// schedule moves memory between layers and never changes how much is used. A
@@ -148,7 +148,8 @@ impl Schedule {
         if *self == Schedule::Uniform || n_layers == 0 {
             return vec![each; n_layers];
         }
-        let floor = min_slots.min(len);
+        // At least one slot: a head with none could not be attended to.
+        let floor = min_slots.max(1).min(len);
         let total = each * n_layers;
         if total <= floor * n_layers {
             return vec![floor; n_layers];

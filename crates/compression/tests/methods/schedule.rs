@@ -142,6 +142,10 @@ fn what_a_full_layer_cannot_use_goes_to_the_others() {
     let pb = p.layer_budgets(Budget::Tokens(100), 30, 4096, 32);
     assert_eq!(pb.iter().sum::<usize>(), 3000);
     assert_eq!((pb[0], pb[29]), (150, 50));
+    // A layer whose ratio is 0 still keeps one slot.
+    let z = Schedule::parse_ratios("0\n1\n1\n").unwrap();
+    let zb = z.layer_budgets(Budget::Tokens(100), 3, 1000, 0);
+    assert_eq!(zb, vec![1, 150, 149]);
     // Asking for every slot gives every slot.
     assert_eq!(
         s.layer_budgets(Budget::Fraction(1.0), 6, 1000, 0),
