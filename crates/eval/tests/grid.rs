@@ -45,6 +45,23 @@ impl Observer for StopAfter {
     }
 }
 
+/// A runner on smollm2 with f16 KV.
+fn runner<'a>(
+    lm: &'a LoadedModel,
+    spec: &'a GridSpec,
+    samples: &'a TaskSamples,
+    text: Option<&'a TextSource>,
+) -> Runner<'a> {
+    Runner {
+        lm,
+        dtype: KvDtype::F16,
+        run: "smollm2".into(),
+        spec,
+        samples,
+        text,
+    }
+}
+
 fn run(
     lm: &LoadedModel,
     spec: &GridSpec,
@@ -53,15 +70,7 @@ fn run(
     obs: &dyn Observer,
 ) -> kvmerger_eval::runner::RunSummary {
     let src = TaskSamples::new(lm, fetch("ruler"), spec.seed);
-    let runner = Runner {
-        lm,
-        dtype: KvDtype::F16,
-        run: "smollm2".into(),
-        spec,
-        samples: &src,
-        text: None,
-    };
-    runner.run(out, shard, obs).unwrap()
+    runner(lm, spec, &src, None).run(out, shard, obs).unwrap()
 }
 
 fn results(dir: &Path) -> Vec<Record> {
@@ -181,14 +190,7 @@ fn text_tasks_score_perplexity_and_fidelity_against_the_full_cache() {
         ..Default::default()
     };
     let src = TaskSamples::new(&lm, PathBuf::new(), 0);
-    let runner = Runner {
-        lm: &lm,
-        dtype: KvDtype::F16,
-        run: "smollm2".into(),
-        spec: &spec,
-        samples: &src,
-        text: Some(&source),
-    };
+    let runner = runner(&lm, &spec, &src, Some(&source));
     let dir = tempfile::tempdir().unwrap();
     runner
         .run(dir.path(), Shard::WHOLE, &kvmerger_eval::runner::Quiet)
@@ -229,14 +231,7 @@ fn a_schedule_for_another_depth_is_refused_before_any_work() {
         ..spec()
     };
     let src = TaskSamples::new(&lm, fetch("ruler"), spec.seed);
-    let runner = Runner {
-        lm: &lm,
-        dtype: KvDtype::F16,
-        run: "smollm2".into(),
-        spec: &spec,
-        samples: &src,
-        text: None,
-    };
+    let runner = runner(&lm, &spec, &src, None);
     let out = dir.path().join("out");
     let e = runner
         .run(&out, Shard::WHOLE, &kvmerger_eval::runner::Quiet)
