@@ -85,6 +85,22 @@ impl Schedule {
         Ok(Schedule::File(ratios))
     }
 
+    /// A schedule as users write it: `uniform`, `pyramid`, `pyramid:<slope>`, or the
+    /// path of a per-layer ratio file (read with [`Schedule::parse_ratios`]). Callers
+    /// that must not read files (the server) parse names only, with `str::parse`.
+    pub fn from_name_or_file(s: &str) -> Result<Schedule, Error> {
+        let s = s.trim();
+        if s == "uniform" || s.starts_with("pyramid") {
+            return s.parse();
+        }
+        let text = std::fs::read_to_string(s).map_err(|e| {
+            Error::Invalid(format!(
+                "schedule '{s}' is neither uniform, pyramid[:slope] nor a readable ratio file ({e})"
+            ))
+        })?;
+        Schedule::parse_ratios(&text).map_err(|e| Error::Invalid(format!("schedule file {s}: {e}")))
+    }
+
     /// Errors if the schedule cannot describe a model of `n_layers` layers exactly
     /// (a ratio file for another depth). [`Schedule::layer_budget`] still works then,
     /// by reading the ratios at the same relative depth, but callers usually want to know.

@@ -120,7 +120,7 @@ pub fn parse_method_spec(spec: &str) -> Result<(String, Options, Schedule), Grid
     for pair in opts.split(',').filter(|p| !p.trim().is_empty()) {
         match pair.split_once('=') {
             Some((k, v)) if k.trim() == "schedule" => {
-                schedule = parse_schedule(v.trim())
+                schedule = Schedule::from_name_or_file(v)
                     .map_err(|e| GridError(format!("method '{spec}': {e}")))?;
             }
             _ => options
@@ -131,19 +131,6 @@ pub fn parse_method_spec(spec: &str) -> Result<(String, Options, Schedule), Grid
     // Building the method checks its options now rather than in the middle of a grid.
     registry::build(name, &options).map_err(|e| GridError(format!("method '{spec}': {e}")))?;
     Ok((name.to_string(), options, schedule))
-}
-
-/// `uniform`, `pyramid`, `pyramid:<slope>`, or a file of per-layer ratios.
-fn parse_schedule(s: &str) -> Result<Schedule, String> {
-    if s == "uniform" || s.starts_with("pyramid") {
-        return s.parse::<Schedule>().map_err(|e| e.to_string());
-    }
-    let text = std::fs::read_to_string(s).map_err(|e| {
-        format!(
-            "schedule '{s}' is neither uniform, pyramid[:slope] nor a readable ratio file ({e})"
-        )
-    })?;
-    Schedule::parse_ratios(&text).map_err(|e| format!("schedule file {s}: {e}"))
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -76,13 +76,7 @@ pub fn recipe(a: &CompressArgs) -> Result<Recipe> {
     }
     let schedule = match a.schedule.as_ref().or(file.schedule.as_ref()) {
         None => Schedule::Uniform,
-        Some(s) if s == "uniform" || s.starts_with("pyramid") => s.parse()?,
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("--schedule '{path}' is neither uniform, pyramid[:slope] nor a readable ratio file"))?;
-            Schedule::parse_ratios(&text)
-                .with_context(|| format!("reading layer ratios from {path}"))?
-        }
+        Some(s) => Schedule::from_name_or_file(s).context("--schedule")?,
     };
     Ok(Recipe {
         method,
