@@ -98,6 +98,7 @@ fn simulate(n: usize, rho: f32, seed: u64) -> Sim {
         accumulated: Some(acc),
         window: Some(window),
         last: Some(last),
+        ..Default::default()
     };
     Sim {
         data,

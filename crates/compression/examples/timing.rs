@@ -32,6 +32,8 @@ fn head(n: usize, dim: usize) -> (HeadData, HeadStats) {
         accumulated: Some(scores(&mut normal)),
         window: Some(scores(&mut normal)),
         last: Some(scores(&mut normal)),
+        reconstruction: Some(scores(&mut normal)),
+        ..Default::default()
     };
     (data, stats)
 }

@@ -64,10 +64,14 @@ pub mod method;
 pub mod methods;
 pub mod registry;
 pub mod schedule;
+pub mod select;
 pub mod store;
 
 pub use budget::{should_recompress, Budget};
-pub use method::{HeadInput, HeadPos, HeadStats, MassCorrection, Method, Options, StatsNeeds};
+pub use method::{
+    HeadInput, HeadPos, HeadStats, MassCorrection, Method, Options, QueryMoments, QueryNeeds,
+    StatsNeeds,
+};
 pub use schedule::Schedule;
 pub use store::{
     dequantize_q8_0, quantize_q8_0, HeadData, HeadStore, KvDtype, KvSlice, SlotMeta, Q8_BLOCK,

@@ -15,6 +15,24 @@ pub struct HeadStats {
     pub window: Option<Vec<f32>>,
     /// Attention row of the newest query (TOVA).
     pub last: Option<Vec<f32>>,
+    /// The distribution of future queries, one entry per query head of the group
+    /// (Expected Attention).
+    pub queries: Option<Vec<QueryMoments>>,
+    /// KVzip's score: the largest attention each slot received from the queries of a
+    /// pass that repeats the context (max over those queries and the group's heads).
+    pub reconstruction: Option<Vec<f32>>,
+}
+
+/// Mean and covariance of one query head's future queries, as they will meet the
+/// stored keys (RoPE applied: rotated by the mean rotation of the positions to come).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QueryMoments {
+    /// `dim` values.
+    pub mean: Vec<f32>,
+    /// `dim * dim` values, row-major (symmetric).
+    pub cov: Vec<f32>,
+    /// The attention logit scale of the model (`1/sqrt(dim)` for most).
+    pub scale: f32,
 }
 
 /// Which statistics a method reads, so the engine collects only those.
@@ -24,6 +42,20 @@ pub struct StatsNeeds {
     /// Size of the observation window, if the method needs one.
     pub window: Option<usize>,
     pub last: bool,
+    /// Moments of the queries, for queries this many positions ahead on average
+    /// (Expected Attention's `future`), leaving out the first `sinks` positions.
+    pub queries: Option<QueryNeeds>,
+    /// KVzip's context reconstruction pass.
+    pub reconstruction: bool,
+}
+
+/// What Expected Attention asks of the query statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueryNeeds {
+    /// Future positions the rotation is averaged over.
+    pub future: usize,
+    /// Leading positions left out of the moments (attention sinks, outliers).
+    pub sinks: usize,
 }
 
 impl StatsNeeds {
@@ -35,10 +67,22 @@ impl StatsNeeds {
                 (a, b) => a.or(b),
             },
             last: self.last || other.last,
+            queries: match (self.queries, other.queries) {
+                (Some(a), Some(b)) => Some(QueryNeeds {
+                    future: a.future.max(b.future),
+                    sinks: a.sinks.min(b.sinks),
+                }),
+                (a, b) => a.or(b),
+            },
+            reconstruction: self.reconstruction || other.reconstruction,
         }
     }
     pub fn any(&self) -> bool {
-        self.accumulated || self.window.is_some() || self.last
+        self.accumulated
+            || self.window.is_some()
+            || self.last
+            || self.queries.is_some()
+            || self.reconstruction
     }
 }
 
@@ -81,6 +125,20 @@ pub trait Method: Send + Sync {
     /// The compressed head. Must not return more than `input.budget` slots unless the
     /// method's documented mode (e.g. KVMerger's paper mode) says its size is not enforced.
     fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error>;
+    /// Every head of a cache at once, in the order given (each input carries its
+    /// [`HeadPos`]). Methods that share one budget between heads (Ada-KV, KVzip) or
+    /// between layers override this; the sum of the inputs' budgets is what they may
+    /// spend. By default each head is compressed on its own, in parallel.
+    fn compress_all(&self, inputs: &[HeadInput<'_>]) -> Result<Vec<HeadData>, Error> {
+        use rayon::prelude::*;
+        inputs.par_iter().map(|i| self.compress(*i)).collect()
+    }
+    /// For methods that keep the top-scoring slots of a head: each slot's score (higher
+    /// is kept first; slots the method always keeps score `f32::INFINITY`). Head-wise
+    /// budget allocation (`adakv`) needs it. None for methods that do not work this way.
+    fn scores(&self, _input: &HeadInput<'_>) -> Option<Result<Vec<f32>, Error>> {
+        None
+    }
     /// Slots the method keeps in a head whatever the budget (an observation window,
     /// attention sinks): a budget below it is an error. Layer schedules give no layer
     /// fewer slots than this when the mean budget allows (see `Schedule::layer_budgets`).

@@ -54,4 +54,10 @@ impl Method for H2o {
             super::recent_plus_top(n, scores, recent, budget),
         ))
     }
+    fn scores(&self, input: &HeadInput<'_>) -> Option<Result<Vec<f32>, Error>> {
+        Some(
+            super::stat(input, Stat::Accumulated, "h2o")
+                .map(|s| super::recent_scores(s, super::share_of(input.budget, self.recent))),
+        )
+    }
 }

@@ -50,4 +50,9 @@ impl Method for KNorm {
             super::recent_plus_top(n, &negative_norms, recent, budget),
         ))
     }
+    fn scores(&self, input: &HeadInput<'_>) -> Option<Result<Vec<f32>, Error>> {
+        let negative_norms: Vec<f32> = super::key_norms(input.data).iter().map(|x| -x).collect();
+        let recent = super::share_of(input.budget, self.recent);
+        Some(Ok(super::recent_scores(&negative_norms, recent)))
+    }
 }

@@ -9,13 +9,17 @@
 //!   deterministic;
 //! - kept slots are returned in their original (position) order.
 
+pub mod adakv;
 pub mod cam;
 pub mod d2o;
+pub mod expected_attention;
 pub mod full;
 pub mod h2o;
+pub mod keydiff;
 pub mod knorm;
 pub mod kvmerger;
 pub mod kvmerger_plus;
+pub mod kvzip;
 pub mod pyramidkv;
 pub mod random;
 pub mod snapkv;
@@ -47,6 +51,7 @@ pub(crate) enum Stat {
     Accumulated,
     Window,
     Last,
+    Reconstruction,
 }
 
 /// The statistic `which`, checked to be present and one entry per slot.
@@ -59,6 +64,7 @@ pub(crate) fn stat<'a>(
         Stat::Accumulated => (&input.stats.accumulated, "accumulated"),
         Stat::Window => (&input.stats.window, "window"),
         Stat::Last => (&input.stats.last, "last"),
+        Stat::Reconstruction => (&input.stats.reconstruction, "reconstruction"),
     };
     let v = v.as_deref().ok_or_else(|| Error::MissingStats {
         method: method.to_string(),
@@ -137,6 +143,21 @@ pub(crate) fn recent_plus_top(
     let mut kept = top_k(scores, older, budget - recent);
     kept.extend(n - recent..n);
     kept
+}
+
+/// Scores for the top-k rule "the last `recent` slots, then the best `scores`": the
+/// recent slots score infinity (always kept first).
+pub(crate) fn recent_scores(scores: &[f32], recent: usize) -> Vec<f32> {
+    let n = scores.len();
+    let recent = recent.min(n);
+    let mut s = scores.to_vec();
+    s[n - recent..].iter_mut().for_each(|x| *x = f32::INFINITY);
+    s
+}
+
+/// The `budget` best slots of `scores` (infinite scores first), in slot order.
+pub(crate) fn keep_top(data: &HeadData, scores: &[f32], budget: usize) -> HeadData {
+    keep(data, top_k(scores, (0..data.len()).collect(), budget))
 }
 
 /// A per-head seed: the same `seed` gives every (layer, KV head) its own stream.

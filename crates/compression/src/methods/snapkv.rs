@@ -92,6 +92,16 @@ impl SnapSelect {
             .collect()
     }
 
+    /// Every slot's score under SnapKV's rule: the pooled votes before the window, and
+    /// infinity for the window itself.
+    pub fn scores(&self, votes: &[f32]) -> Vec<f32> {
+        let n = votes.len();
+        let window = self.window.min(n);
+        let mut s = self.pooled_votes(&votes[..n - window]);
+        s.resize(n, f32::INFINITY);
+        s
+    }
+
     /// Indices (unsorted) of the `budget` slots SnapKV keeps out of `n`, given the window votes.
     pub fn select(&self, method: &str, votes: &[f32], budget: usize) -> Result<Vec<usize>, Error> {
         let n = votes.len();
@@ -135,5 +145,8 @@ impl Method for SnapKv {
         let votes = super::stat(&input, Stat::Window, "snapkv")?;
         let kept = self.select.select("snapkv", votes, input.budget)?;
         Ok(super::keep(input.data, kept))
+    }
+    fn scores(&self, input: &HeadInput<'_>) -> Option<Result<Vec<f32>, Error>> {
+        Some(super::stat(input, Stat::Window, "snapkv").map(|v| self.select.scores(v)))
     }
 }

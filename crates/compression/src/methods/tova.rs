@@ -41,4 +41,7 @@ impl Method for Tova {
             super::top_k(scores, (0..n).collect(), budget),
         ))
     }
+    fn scores(&self, input: &HeadInput<'_>) -> Option<Result<Vec<f32>, Error>> {
+        Some(super::stat(input, Stat::Last, "tova").map(<[f32]>::to_vec))
+    }
 }

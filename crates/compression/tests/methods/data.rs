@@ -1,7 +1,7 @@
 //! Small generated heads: keys correlated with their neighbours (as RoPE'd keys are),
 //! with occasional jumps, so merging sets of several sizes appear.
 
-use kvmerger_compression::{HeadData, HeadInput, HeadPos, HeadStats, SlotMeta};
+use kvmerger_compression::{HeadData, HeadInput, HeadPos, HeadStats, QueryMoments, SlotMeta};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -73,12 +73,31 @@ pub fn head_with(n: usize, dim: usize, seed: u64, rho: f32) -> Head {
     }
     let window = (0..n).map(|_| normal(&mut rng).exp()).collect();
     let last = (0..n).map(|_| normal(&mut rng).exp()).collect();
+    let reconstruction = (0..n).map(|_| normal(&mut rng).exp()).collect();
+    // Two query heads with random means and diagonal covariances.
+    let queries = (0..2)
+        .map(|_| QueryMoments {
+            mean: (0..dim).map(|_| normal(&mut rng)).collect(),
+            cov: (0..dim * dim)
+                .map(|i| {
+                    if i % (dim + 1) == 0 {
+                        normal(&mut rng).exp()
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+            scale: 1.0 / (dim as f32).sqrt(),
+        })
+        .collect();
     Head {
         data,
         stats: HeadStats {
             accumulated: Some(acc),
             window: Some(window),
             last: Some(last),
+            queries: Some(queries),
+            reconstruction: Some(reconstruction),
         },
     }
 }

@@ -119,6 +119,10 @@ fn windows_larger_than_the_budget_are_errors() {
         ),
         ("kvmerger+", &[("window", "16")], 15),
         ("kvmerger+", &[("window", "16"), ("pivots", "runs")], 15),
+        ("keydiff", &[("sinks", "8")], 7),
+        ("expected_attention", &[("sinks", "8")], 7),
+        ("kvzip", &[("sinks", "8")], 7),
+        ("adakv", &[("scorer", "snapkv"), ("window", "16")], 15),
     ];
     for (name, pairs, budget) in cases {
         let m = registry::build(name, &opts(pairs)).unwrap();
@@ -166,6 +170,13 @@ fn a_statistic_of_the_wrong_length_is_an_error() {
         accumulated: Some(vec![1.0; 49]),
         window: Some(vec![1.0; 49]),
         last: Some(vec![1.0; 49]),
+        // Query statistics of another head dimension.
+        queries: Some(vec![kvmerger_compression::QueryMoments {
+            mean: vec![0.0; 3],
+            cov: vec![0.0; 9],
+            scale: 1.0,
+        }]),
+        reconstruction: Some(vec![1.0; 49]),
     };
     for &name in registry::names() {
         let m = registry::build(name, &Options::new()).unwrap();

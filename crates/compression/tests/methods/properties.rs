@@ -18,6 +18,7 @@ fn small_options(name: &str) -> Options {
             o.set("sinks", 2);
             o.set("m", 4);
         }
+        "expected_attention" | "kvzip" | "adakv" => o.set("sinks", 1),
         _ => {}
     }
     o
@@ -45,6 +46,10 @@ const EVICTION_ONLY: &[&str] = &[
     "pyramidkv",
     "knorm",
     "random",
+    "keydiff",
+    "expected_attention",
+    "kvzip",
+    "adakv",
 ];
 
 fn layers() -> impl Strategy<Value = HeadPos> {

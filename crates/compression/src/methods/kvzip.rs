@@ -1,0 +1,101 @@
+//! `kvzip`: KVzip (Kim et al. 2025, arXiv 2505.23416). A slot matters if the model
+//! needs it to *reconstruct the context*: after the prefill, the engine runs a second,
+//! teacher-forced pass in which the model is asked to repeat the context and is fed
+//! the context again, chunk by chunk; each slot scores the largest attention any query
+//! of that pass (and any query head of its group) gave it. The pass's own tokens are
+//! never kept. The score does not depend on any later question, so a context
+//! compressed once serves any number of questions; the pass costs about one more
+//! prefill.
+//!
+//! The budget is shared as the paper does: by default (`scope=model`) one threshold
+//! over all layers and heads, so heads and layers end at different sizes (each head's
+//! store holds exactly what it keeps); `scope=layer` shares each layer's budget among
+//! its heads, `scope=head` keeps each head's own budget. The first `sinks` slots are
+//! always kept, and so are the chat template's opening tokens (the engine scores them
+//! as kept: they are not part of the context that is repeated).
+//!
+//! Options: `scope` (`model`), `sinks` (4).
+
+use super::{OptionDoc, Stat};
+use crate::method::{HeadInput, Method, Options, StatsNeeds};
+use crate::select::{self, Scope};
+use crate::store::HeadData;
+use crate::Error;
+
+pub const SUMMARY: &str =
+    "KVzip: keep what the model attends to when asked to repeat the context (one extra pass)";
+pub const OPTIONS: &[OptionDoc] = &[
+    OptionDoc {
+        key: "scope",
+        default: "model",
+        help: "who shares the budget: model (one threshold over all heads), layer or head",
+    },
+    OptionDoc {
+        key: "sinks",
+        default: "4",
+        help: "initial slots always kept",
+    },
+];
+
+#[derive(Clone, Debug)]
+pub struct KvZip {
+    pub scope: Scope,
+    pub sinks: usize,
+}
+
+impl KvZip {
+    pub fn from_options(opts: &Options) -> Result<Self, Error> {
+        super::check_options("kvzip", opts, OPTIONS)?;
+        Ok(KvZip {
+            scope: Scope::parse("scope", opts.get("scope").unwrap_or("model"))?,
+            sinks: opts.usize_or("sinks", 4)?,
+        })
+    }
+
+    fn head_scores(&self, input: &HeadInput<'_>) -> Result<Vec<f32>, Error> {
+        let mut s = super::stat(input, Stat::Reconstruction, "kvzip")?.to_vec();
+        let sinks = self.sinks.min(s.len());
+        s[..sinks].iter_mut().for_each(|x| *x = f32::INFINITY);
+        Ok(s)
+    }
+}
+
+impl Method for KvZip {
+    fn name(&self) -> &str {
+        "kvzip"
+    }
+    fn needs(&self) -> StatsNeeds {
+        StatsNeeds {
+            reconstruction: true,
+            ..Default::default()
+        }
+    }
+    fn min_slots(&self) -> usize {
+        self.sinks
+    }
+    fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error> {
+        if input.budget >= input.data.len() {
+            return Ok(input.data.clone());
+        }
+        super::window_fits(
+            "kvzip",
+            "sinks",
+            self.sinks.min(input.data.len()),
+            input.budget,
+        )?;
+        let scores = self.head_scores(&input)?;
+        Ok(super::keep_top(input.data, &scores, input.budget))
+    }
+    fn compress_all(&self, inputs: &[HeadInput<'_>]) -> Result<Vec<HeadData>, Error> {
+        if self.scope == Scope::Head {
+            use rayon::prelude::*;
+            return inputs.par_iter().map(|i| self.compress(*i)).collect();
+        }
+        select::check_min_slots(inputs, self.sinks, "kvzip", "sinks")?;
+        let scores = select::all_scores(self, inputs, "kvzip")?;
+        Ok(select::keep_top_shared(inputs, &scores, self.scope, 0.0))
+    }
+    fn scores(&self, input: &HeadInput<'_>) -> Option<Result<Vec<f32>, Error>> {
+        Some(self.head_scores(input))
+    }
+}
