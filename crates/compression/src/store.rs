@@ -199,6 +199,17 @@ impl Storage {
             Storage::Q8_0 { q, d, .. } => q.capacity() + d.capacity() * 2,
         }
     }
+    /// Keeps the first `slots` rows of `dim` values.
+    fn truncate(&mut self, slots: usize, dim: usize) {
+        match self {
+            Storage::F16(v) => v.truncate(slots * dim),
+            Storage::F32(v) => v.truncate(slots * dim),
+            Storage::Q8_0 { q, d, .. } => {
+                q.truncate(slots * dim);
+                d.truncate(slots * dim.div_ceil(Q8_BLOCK));
+            }
+        }
+    }
     fn reserve(&mut self, slots: usize, dim: usize) {
         match self {
             Storage::F16(v) => v.reserve(slots * dim),
@@ -349,6 +360,19 @@ impl HeadStore {
         self.meta.reserve(extra);
     }
 
+    /// Keeps the first `len` slots (a no-op when the store is not longer): undoes
+    /// appends, e.g. of tokens fed only to measure attention. The memory stays
+    /// allocated for the next appends.
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len() {
+            return;
+        }
+        self.keys.truncate(len, self.dim);
+        self.values.truncate(len, self.dim);
+        self.meta.truncate(len);
+        self.biased = self.meta.iter().any(|m| m.bias != 0.0);
+    }
+
     /// Add `scores[i]` to the accumulated attention of slot `i`.
     pub fn add_scores(&mut self, scores: &[f32]) {
         for (m, s) in self.meta.iter_mut().zip(scores) {
@@ -427,6 +451,27 @@ mod tests {
             assert_eq!(row, d.key(3));
             assert_eq!(s2.allocated_bytes(), s2.bytes());
             assert_eq!(s2.bytes(), 7 * (2 * (dim + 2 * dim.div_ceil(32)) + 16));
+        }
+    }
+
+    #[test]
+    fn truncating_undoes_appends_in_every_dtype() {
+        for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8_0] {
+            let mut s = HeadStore::new(40, dtype);
+            for i in 0..5u32 {
+                s.push(&[i as f32; 40], &[-(i as f32); 40], SlotMeta::token(i));
+            }
+            let before = s.to_data();
+            for i in 5..9u32 {
+                let mut m = SlotMeta::token(i);
+                m.bias = 1.0;
+                s.push(&[i as f32; 40], &[1.0; 40], m);
+            }
+            assert!(s.has_bias());
+            s.truncate(5);
+            assert_eq!(s.to_data(), before);
+            assert!(!s.has_bias());
+            assert_eq!(s.bytes(), HeadStore::from_data(&before, dtype).bytes());
         }
     }
 

@@ -21,15 +21,17 @@ use rayon::prelude::*;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StatsRequest {
     pub accumulated: bool,
-    /// Queries with chunk index `>= window_from` count toward the window statistic.
+    /// Queries with chunk index `>= window_from` each keep their attention row.
     pub window_from: Option<usize>,
     /// Chunk index of the query whose row is the `last` statistic.
     pub last_at: Option<usize>,
+    /// The largest attention each slot receives from any query of the chunk.
+    pub peak: bool,
 }
 
 impl StatsRequest {
     pub fn any(&self) -> bool {
-        self.accumulated || self.window_from.is_some() || self.last_at.is_some()
+        self.accumulated || self.window_from.is_some() || self.last_at.is_some() || self.peak
     }
 }
 
@@ -37,8 +39,10 @@ impl StatsRequest {
 #[derive(Clone, Debug, Default)]
 pub struct HeadRows {
     pub accumulated: Vec<f32>,
-    pub window: Vec<f32>,
+    /// One attention row per query from `window_from` on, in query order.
+    pub window: Vec<Vec<f32>>,
     pub last: Vec<f32>,
+    pub peak: Vec<f32>,
 }
 
 /// Attention parameters for one layer.
@@ -308,8 +312,12 @@ pub fn attend(
             let v = |on: bool| if on { vec![0.0f32; n] } else { Vec::new() };
             HeadRows {
                 accumulated: v(req.accumulated),
-                window: v(req.window_from.is_some()),
+                window: match req.window_from {
+                    Some(w) if w < t => vec![vec![0.0f32; n]; t - w],
+                    _ => Vec::new(),
+                },
                 last: v(req.last_at.is_some()),
+                peak: v(req.peak),
             }
         })
         .collect();
@@ -333,9 +341,14 @@ pub fn attend(
                         *a += x * c;
                     }
                 }
-                if matches!(req.window_from, Some(w) if i >= w) {
-                    for (a, x) in hr.window[u.k0..u.k1].iter_mut().zip(e) {
+                if let Some(w) = req.window_from.filter(|&w| i >= w) {
+                    for (a, x) in hr.window[i - w][u.k0..u.k1].iter_mut().zip(e) {
                         *a += x * c;
+                    }
+                }
+                if req.peak {
+                    for (a, x) in hr.peak[u.k0..u.k1].iter_mut().zip(e) {
+                        *a = a.max(x * c);
                     }
                 }
                 if req.last_at == Some(i) {
@@ -453,6 +466,7 @@ mod tests {
             accumulated: true,
             window_from: Some(t / 2),
             last_at: Some(t - 1),
+            peak: true,
         };
         let mut out = vec![0.0f32; t * n_heads * d];
         let rows = attend(p, &stores, &q, t, &positions, req, &mut out);
@@ -463,10 +477,14 @@ mod tests {
         for h in 0..n_heads {
             for j in 0..n {
                 let acc: f64 = (0..t).map(|i| probs[h][i][j]).sum();
-                let win: f64 = (t / 2..t).map(|i| probs[h][i][j]).sum();
+                let peak = (0..t).map(|i| probs[h][i][j]).fold(0.0f64, f64::max);
                 assert!((rows[h].accumulated[j] as f64 - acc).abs() < 1e-5);
-                assert!((rows[h].window[j] as f64 - win).abs() < 1e-5);
+                assert_eq!(rows[h].window.len(), t - t / 2);
+                for (r, i) in (t / 2..t).enumerate() {
+                    assert!((rows[h].window[r][j] as f64 - probs[h][i][j]).abs() < 1e-6);
+                }
                 assert!((rows[h].last[j] as f64 - probs[h][t - 1][j]).abs() < 1e-5);
+                assert!((rows[h].peak[j] as f64 - peak).abs() < 1e-6);
             }
         }
         // Without statistics: the same output, no rows.

@@ -1,6 +1,7 @@
 //! The KV cache: one [`HeadStore`] per (layer, KV head), each at its own length.
 
-use kvmerger_compression::{HeadStats, HeadStore, KvDtype};
+use crate::config::RopeStyle;
+use kvmerger_compression::{HeadStore, KvDtype};
 
 #[derive(Clone, Debug)]
 pub struct KvCache {
@@ -76,8 +77,80 @@ impl KvCache {
     }
 }
 
-/// Attention statistics collected during prefill, per (layer, KV head).
+/// Attention statistics collected while tokens are fed, for compression to read.
+///
+/// The accumulated attention (H2O's score) lives in each slot's metadata; the rest is
+/// here. Window statistics are kept as rows, one per query, so that any window up to
+/// the one collected can be summed later: an observation window over the end of a
+/// context, or over a question appended to it (see [`PrefillStats::window`]).
 #[derive(Clone, Debug, Default)]
 pub struct PrefillStats {
-    pub heads: Vec<Vec<HeadStats>>,
+    /// Per (layer, KV head).
+    pub heads: Vec<Vec<HeadAccum>>,
+    /// Per (layer, query head): moments of the queries before RoPE.
+    pub queries: Vec<Vec<QueryAccum>>,
+    /// Rows kept per head: the largest window asked for.
+    pub window_rows: usize,
+    /// How keys are rotated, per layer, to rotate the query moments the same way.
+    pub rope: Vec<LayerRope>,
+    /// The attention logit scale.
+    pub scale: f32,
+}
+
+/// Statistics of one (layer, KV head).
+#[derive(Clone, Debug, Default)]
+pub struct HeadAccum {
+    /// The newest queries' attention rows (summed over the group's query heads), oldest
+    /// first; each as long as the head was when its query ran.
+    pub window: std::collections::VecDeque<Vec<f32>>,
+    /// The newest query's attention row.
+    pub last: Option<Vec<f32>>,
+    /// KVzip: the largest attention each slot received from a context reconstruction pass.
+    pub reconstruction: Option<Vec<f32>>,
+}
+
+/// Running sums of one query head's queries (before RoPE).
+#[derive(Clone, Debug, Default)]
+pub struct QueryAccum {
+    pub count: f64,
+    /// `dim` values.
+    pub sum: Vec<f64>,
+    /// `dim * dim` values: the sum of outer products `q q^T`.
+    pub outer: Vec<f64>,
+}
+
+/// The rotary embedding of one layer, as the forward pass applies it to keys.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerRope {
+    pub base: f32,
+    pub style: RopeStyle,
+}
+
+impl PrefillStats {
+    /// The sum of the newest `window` attention rows of (layer, KV head), for a head of
+    /// `len` slots (rows of queries that ran when the head was shorter end in zeros:
+    /// those slots did not exist yet). None if no rows were kept, or if they belong to
+    /// a longer head (the head was compressed since).
+    pub fn window(&self, layer: usize, kv_head: usize, window: usize, len: usize) -> Option<Vec<f32>> {
+        let h = self.heads.get(layer)?.get(kv_head)?;
+        if h.window.is_empty() || h.window.iter().any(|r| r.len() > len) {
+            return None;
+        }
+        let mut sum = vec![0.0f32; len];
+        for row in h.window.iter().rev().take(window) {
+            sum.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+        }
+        Some(sum)
+    }
+
+    /// Forget the window rows, last row and reconstruction scores (after the cache
+    /// they describe was compressed); the query moments stay: they describe queries,
+    /// not slots.
+    pub fn clear_slot_stats(&mut self) {
+        for l in &mut self.heads {
+            for h in l {
+                *h = HeadAccum::default();
+            }
+        }
+    }
 }

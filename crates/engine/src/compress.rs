@@ -4,7 +4,8 @@
 use crate::cache::{KvCache, PrefillStats};
 use crate::Error;
 use kvmerger_compression::{
-    compress_head, registry, Budget, HeadPos, HeadStats, Method, Options, Schedule, StatsNeeds,
+    registry, Budget, HeadData, HeadInput, HeadPos, HeadStats, HeadStore, Method, Options,
+    QueryMoments, Schedule, StatsNeeds,
 };
 use rayon::prelude::*;
 use std::time::Instant;
@@ -186,7 +187,8 @@ impl Compressor {
 pub type LayerBudget<'a> = &'a (dyn Fn(usize, usize) -> usize + Sync);
 
 /// Compress every (layer, KV head) of `cache` with `method`. `budget(layer, len)` gives
-/// each head's slot budget. Statistics the method needs must have been collected.
+/// each head's slot budget (methods that share budgets between heads spend their sum).
+/// Statistics the method needs must have been collected.
 pub fn compress_cache(
     cache: &mut KvCache,
     method: &dyn Method,
@@ -202,59 +204,192 @@ pub fn compress_cache(
         .collect();
     let needs = method.needs();
     let n_layers = cache.layers.len();
-    let results: Vec<Result<(), Error>> = cache
+    let n_seen = cache.n_seen;
+    let heads: Vec<(usize, usize, usize)> = cache
         .layers
-        .par_iter_mut()
+        .iter()
         .enumerate()
-        .flat_map_iter(|(layer, heads)| {
-            let n_kv = heads.len();
-            heads
-                .iter_mut()
-                .enumerate()
-                .map(move |(kv_head, store)| (layer, n_kv, kv_head, store))
+        .flat_map(|(layer, hs)| (0..hs.len()).map(move |g| (layer, g, hs.len())))
+        .collect();
+    // Every head as f32 with its statistics: methods may share budgets between heads.
+    let prepared: Vec<(HeadData, HeadStats)> = heads
+        .par_iter()
+        .map(|&(layer, g, _)| {
+            let store = &cache.layers[layer][g];
+            let data = store.to_data();
+            let hs = head_stats(stats, needs, layer, g, &data, n_seen);
+            (data, hs)
         })
-        .map(|(layer, n_kv_heads, kv_head, store)| {
-            let src = stats.heads.get(layer).and_then(|l| l.get(kv_head));
-            let mut hs = HeadStats::default();
-            if needs.accumulated {
-                hs.accumulated = Some(store.meta().iter().map(|m| m.score).collect());
-            }
-            if needs.window.is_some() {
-                hs.window = src
-                    .and_then(|s| s.window.clone())
-                    .filter(|w| w.len() == store.len());
-            }
-            if needs.last {
-                hs.last = src
-                    .and_then(|s| s.last.clone())
-                    .filter(|w| w.len() == store.len());
-            }
-            let pos = HeadPos {
+        .collect();
+    let inputs: Vec<HeadInput<'_>> = heads
+        .iter()
+        .zip(&prepared)
+        .map(|(&(layer, kv_head, n_kv_heads), (data, hs))| HeadInput {
+            data,
+            stats: hs,
+            pos: HeadPos {
                 layer,
                 n_layers,
                 kv_head,
                 n_kv_heads,
-            };
-            let b = budget(layer, store.len());
-            compress_head(store, method, &hs, pos, b).map_err(Error::from)
+            },
+            budget: budget(layer, data.len()),
         })
         .collect();
-    for r in results {
-        r?;
+    if inputs.iter().all(|i| i.budget >= i.data.len()) {
+        // Nothing to drop: leave the cache bit-identical.
+        return Ok(report(cache, method, bytes_before, before, t0));
     }
+    let out = method.compress_all(&inputs)?;
+    if out.len() != inputs.len() {
+        return Err(Error::Invalid(format!(
+            "compression method '{}' returned {} heads for {}",
+            method.name(),
+            out.len(),
+            inputs.len()
+        )));
+    }
+    drop(inputs);
+    let dtype = cache.dtype;
+    for (&(layer, g, _), data) in heads.iter().zip(&out) {
+        cache.layers[layer][g] = HeadStore::from_data(data, dtype);
+    }
+    drop(prepared);
+    drop(out);
     release_freed_memory();
+    Ok(report(cache, method, bytes_before, before, t0))
+}
+
+fn report(
+    cache: &KvCache,
+    method: &dyn Method,
+    bytes_before: usize,
+    before: Vec<usize>,
+    t0: Instant,
+) -> CompressReport {
     let after: Vec<usize> = cache
         .layers
         .iter()
         .map(|l| l.iter().map(|h| h.len()).sum())
         .collect();
-    Ok(CompressReport {
+    CompressReport {
         method: method.name().to_string(),
         bytes_before,
         bytes_after: cache.bytes(),
         layer_slots: before.into_iter().zip(after).collect(),
         secs: t0.elapsed().as_secs_f64(),
-    })
+    }
+}
+
+/// The statistics `needs` asks for, of head (layer, g) holding `data`; those that were
+/// not collected (or describe a longer head) are left out, for the method to report.
+fn head_stats(
+    stats: &PrefillStats,
+    needs: StatsNeeds,
+    layer: usize,
+    g: usize,
+    data: &HeadData,
+    n_seen: usize,
+) -> HeadStats {
+    let len = data.len();
+    let src = stats.heads.get(layer).and_then(|l| l.get(g));
+    let mut hs = HeadStats::default();
+    if needs.accumulated {
+        hs.accumulated = Some(data.meta.iter().map(|m| m.score).collect());
+    }
+    if let Some(w) = needs.window {
+        hs.window = stats.window(layer, g, w, len);
+    }
+    if needs.last {
+        hs.last = src.and_then(|s| s.last.clone()).filter(|v| v.len() == len);
+    }
+    if needs.reconstruction {
+        hs.reconstruction = src
+            .and_then(|s| s.reconstruction.clone())
+            .filter(|v| v.len() == len);
+    }
+    if let Some(q) = needs.queries {
+        hs.queries = query_moments(stats, layer, g, n_seen, q.future);
+    }
+    hs
+}
+
+/// The moments of the future queries of KV head `g`'s query heads in `layer`: the
+/// collected mean and covariance rotated by RoPE's rotation averaged over positions
+/// `n_seen .. n_seen + future` (Expected Attention's model of the next queries).
+fn query_moments(
+    stats: &PrefillStats,
+    layer: usize,
+    g: usize,
+    n_seen: usize,
+    future: usize,
+) -> Option<Vec<QueryMoments>> {
+    let heads = stats.queries.get(layer)?;
+    let n_kv = stats.heads.get(layer)?.len().max(1);
+    let group = heads.len() / n_kv;
+    let rope = stats.rope.get(layer)?;
+    let first = heads.first()?;
+    let d = first.sum.len();
+    // The mean rotation: per frequency, the mean cosine and sine over the positions.
+    let pairs = crate::model::rope_pairs(d, rope.style);
+    let mut rot = vec![0.0f64; d * d];
+    for (i, &(a, b)) in pairs.iter().enumerate() {
+        let inv = (rope.base as f64).powf(-2.0 * i as f64 / d as f64);
+        let (mut c, mut s) = (0.0f64, 0.0f64);
+        for p in n_seen..n_seen + future.max(1) {
+            let angle = p as f64 * inv;
+            c += angle.cos();
+            s += angle.sin();
+        }
+        let k = future.max(1) as f64;
+        let (c, s) = (c / k, s / k);
+        // x'_a = c x_a - s x_b; x'_b = s x_a + c x_b
+        rot[a * d + a] = c;
+        rot[a * d + b] = -s;
+        rot[b * d + a] = s;
+        rot[b * d + b] = c;
+    }
+    let out = heads[g * group..(g + 1) * group]
+        .iter()
+        .map(|h| {
+            if h.count < 1.0 {
+                return QueryMoments {
+                    mean: vec![0.0; d],
+                    cov: vec![0.0; d * d],
+                    scale: stats.scale,
+                };
+            }
+            let mean: Vec<f64> = h.sum.iter().map(|s| s / h.count).collect();
+            let mut cov = vec![0.0f64; d * d];
+            for i in 0..d {
+                for j in 0..d {
+                    cov[i * d + j] = h.outer[i * d + j] / h.count - mean[i] * mean[j];
+                }
+            }
+            let rmean: Vec<f32> = (0..d)
+                .map(|i| (0..d).map(|j| rot[i * d + j] * mean[j]).sum::<f64>() as f32)
+                .collect();
+            // R cov R^T
+            let mut tmp = vec![0.0f64; d * d];
+            for i in 0..d {
+                for j in 0..d {
+                    tmp[i * d + j] = (0..d).map(|k| rot[i * d + k] * cov[k * d + j]).sum();
+                }
+            }
+            let rcov: Vec<f32> = (0..d * d)
+                .map(|ij| {
+                    let (i, j) = (ij / d, ij % d);
+                    (0..d).map(|k| tmp[i * d + k] * rot[j * d + k]).sum::<f64>() as f32
+                })
+                .collect();
+            QueryMoments {
+                mean: rmean,
+                cov: rcov,
+                scale: stats.scale,
+            }
+        })
+        .collect();
+    Some(out)
 }
 
 /// Give the memory of dropped slots back to the operating system: glibc keeps freed

@@ -8,7 +8,9 @@
 //! - [`tokenizer`] and [`chat`]: text to ids and back, chat templates;
 //! - [`model`]: the forward pass (llama, qwen2, gemma3), [`attention`] and [`kernels`];
 //! - [`cache`]: the KV cache, one store per (layer, KV head);
-//! - [`sampling`] and [`generate`]: decoding.
+//! - [`sampling`] and [`generate`]: decoding;
+//! - [`sequence`]: one sequence's cache, statistics and compression, fed a context and
+//!   then a question ([`prompt`] cuts prompts there; [`reconstruct`] is KVzip's pass).
 
 pub mod attention;
 pub mod cache;
@@ -21,8 +23,11 @@ pub mod gguf;
 pub mod kernels;
 pub mod load;
 pub mod model;
+pub mod prompt;
 pub mod quant;
+pub mod reconstruct;
 pub mod sampling;
+pub mod sequence;
 pub mod st;
 pub mod tokenizer;
 

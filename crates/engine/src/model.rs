@@ -1,14 +1,14 @@
 //! The forward pass of llama, qwen2 and gemma3 models, over the engine's KV cache.
 
 use crate::attention::{attend, LayerAttn, StatsRequest};
-use crate::cache::{KvCache, PrefillStats};
+use crate::cache::{HeadAccum, KvCache, LayerRope, PrefillStats, QueryAccum};
 use crate::config::{Activation, Arch, Config, RopeStyle};
 use crate::exact::{matmul_balanced, matmul_balanced_multi, matmul_exact, Precision};
 use crate::gguf::GgufFile;
 use crate::kernels::{gelu_tanh, rms_norm, rms_norm_inplace, silu};
 use crate::quant::QMatrix;
 use crate::Error;
-use kvmerger_compression::{HeadStats, KvDtype, SlotMeta, StatsNeeds};
+use kvmerger_compression::{KvDtype, SlotMeta, StatsNeeds};
 use rayon::prelude::*;
 
 /// Where weights come from, by their GGUF names (`blk.N.attn_q.weight`, ...).
@@ -323,6 +323,32 @@ impl Model {
         Ok(())
     }
 
+    /// Size `stats` for this model and what `needs` asks (once; later calls keep what
+    /// was collected).
+    fn prepare_stats(&self, st: &mut PrefillStats, needs: StatsNeeds) {
+        let c = &self.cfg;
+        if st.heads.is_empty() {
+            st.heads = vec![vec![HeadAccum::default(); c.n_kv_heads]; c.n_layers];
+        }
+        if needs.queries.is_some() && st.queries.is_empty() {
+            let d = c.head_dim;
+            let empty = QueryAccum {
+                count: 0.0,
+                sum: vec![0.0; d],
+                outer: vec![0.0; d * d],
+            };
+            st.queries = vec![vec![empty; c.n_heads]; c.n_layers];
+        }
+        st.window_rows = st.window_rows.max(needs.window.unwrap_or(0));
+        st.rope = (0..c.n_layers)
+            .map(|l| LayerRope {
+                base: c.layer_rope_base(l),
+                style: c.rope_style,
+            })
+            .collect();
+        st.scale = c.attn_scale;
+    }
+
     /// The forward pass proper, over already validated segments.
     fn forward_segments(&self, segs: &mut [Segment<'_>]) -> Vec<Vec<f32>> {
         let c = &self.cfg;
@@ -341,10 +367,9 @@ impl Model {
             .collect();
         let reqs: Vec<StatsRequest> = segs.iter().map(|s| s.stats_request()).collect();
         for s in segs.iter_mut() {
+            let needs = s.needs;
             if let Some(st) = s.stats.as_deref_mut() {
-                if st.heads.is_empty() {
-                    st.heads = vec![vec![HeadStats::default(); c.n_kv_heads]; c.n_layers];
-                }
+                self.prepare_stats(st, needs);
             }
         }
 
@@ -391,6 +416,14 @@ impl Model {
             if let Some(w) = &layer.k_norm {
                 k.chunks_mut(d)
                     .for_each(|h| rms_norm_inplace(h, w, c.rms_eps));
+            }
+            for (s, seg) in segs.iter_mut().enumerate() {
+                if let (Some(qn), Some(st)) = (seg.needs.queries, seg.stats.as_deref_mut()) {
+                    let rows = bounds[s]..bounds[s + 1];
+                    let from = rows.start
+                        + positions[rows.clone()].partition_point(|&p| (p as usize) < qn.sinks);
+                    add_query_moments(&mut st.queries[li], &q[from * qd..rows.end * qd], d);
+                }
             }
             let base = c.layer_rope_base(li);
             rope(&mut q, &positions, d, base, c.rope_style);
@@ -571,13 +604,17 @@ impl<'a> Segment<'a> {
 
     fn stats_request(&self) -> StatsRequest {
         let (start, len, total) = (self.start, self.tokens.len(), self.total);
+        // Statistics other than the accumulated score go into `stats`: without it
+        // there is nowhere to put them.
+        let keep = self.stats.is_some();
         StatsRequest {
             accumulated: self.needs.accumulated,
-            window_from: self.needs.window.and_then(|w| {
+            window_from: self.needs.window.filter(|_| keep).and_then(|w| {
                 let from = total.saturating_sub(w);
                 (from < start + len).then(|| from.saturating_sub(start))
             }),
-            last_at: (self.needs.last && start + len == total).then(|| len - 1),
+            last_at: (keep && self.needs.last && start + len == total).then(|| len - 1),
+            peak: keep && self.needs.reconstruction,
         }
     }
 }
@@ -630,31 +667,84 @@ fn fold_stats(
     for (g, store) in stores.iter_mut().enumerate() {
         let n = store.len();
         let heads = &rows[g * group..(g + 1) * group];
-        if !heads[0].accumulated.is_empty() {
+        let sum_rows = |pick: &dyn Fn(&crate::attention::HeadRows) -> &[f32]| {
             let mut sum = vec![0.0f32; n];
             for r in heads {
-                sum.iter_mut()
-                    .zip(&r.accumulated)
-                    .for_each(|(a, b)| *a += b);
+                sum.iter_mut().zip(pick(r)).for_each(|(a, b)| *a += b);
             }
-            store.add_scores(&sum);
+            sum
+        };
+        if !heads[0].accumulated.is_empty() {
+            store.add_scores(&sum_rows(&|r| &r.accumulated));
         }
-        if let Some(s) = stats.as_deref_mut() {
-            let hs = &mut s.heads[layer][g];
-            if !heads[0].window.is_empty() {
-                let w = hs.window.get_or_insert_with(Vec::new);
-                w.resize(n, 0.0);
-                for r in heads {
-                    w.iter_mut().zip(&r.window).for_each(|(a, b)| *a += b);
-                }
+        let Some(s) = stats.as_deref_mut() else {
+            continue;
+        };
+        let cap = s.window_rows;
+        let hs = &mut s.heads[layer][g];
+        for q in 0..heads[0].window.len() {
+            hs.window.push_back(sum_rows(&|r| &r.window[q]));
+            while hs.window.len() > cap {
+                hs.window.pop_front();
             }
-            if !heads[0].last.is_empty() {
-                let mut l = vec![0.0f32; n];
-                for r in heads {
-                    l.iter_mut().zip(&r.last).for_each(|(a, b)| *a += b);
-                }
-                hs.last = Some(l);
+        }
+        if !heads[0].last.is_empty() {
+            hs.last = Some(sum_rows(&|r| &r.last));
+        }
+        if !heads[0].peak.is_empty() {
+            let peak = hs.reconstruction.get_or_insert_with(Vec::new);
+            peak.resize(n, 0.0);
+            for r in heads {
+                peak.iter_mut().zip(&r.peak).for_each(|(a, &b)| *a = a.max(b));
             }
         }
     }
+}
+
+/// Adds the rows of `q` (each `n_heads * d` values, before RoPE) to each query head's
+/// running moments. Sums over the chunk are taken in f32 (a few hundred rows) and
+/// added to the f64 totals.
+fn add_query_moments(acc: &mut [QueryAccum], q: &[f32], d: usize) {
+    let n_heads = acc.len();
+    let rows = q.len() / (n_heads * d);
+    if rows == 0 {
+        return;
+    }
+    acc.par_iter_mut().enumerate().for_each(|(h, a)| {
+        let mut sum = vec![0.0f32; d];
+        let mut outer = vec![0.0f32; d * d];
+        for r in 0..rows {
+            let x = &q[(r * n_heads + h) * d..(r * n_heads + h + 1) * d];
+            sum.iter_mut().zip(x).for_each(|(s, v)| *s += v);
+            for (i, &xi) in x.iter().enumerate() {
+                // Upper triangle only; mirrored below.
+                for (o, &xj) in outer[i * d + i..(i + 1) * d].iter_mut().zip(&x[i..]) {
+                    *o += xi * xj;
+                }
+            }
+        }
+        a.count += rows as f64;
+        a.sum.iter_mut().zip(&sum).for_each(|(t, &s)| *t += s as f64);
+        for i in 0..d {
+            for j in i..d {
+                let v = outer[i * d + j] as f64;
+                a.outer[i * d + j] += v;
+                if i != j {
+                    a.outer[j * d + i] += v;
+                }
+            }
+        }
+    });
+}
+
+/// The (a, b) index pairs RoPE rotates together, with frequency index `i` = position
+/// in the list, for heads of size `d`.
+pub fn rope_pairs(d: usize, style: RopeStyle) -> Vec<(usize, usize)> {
+    let half = d / 2;
+    (0..half)
+        .map(|i| match style {
+            RopeStyle::Adjacent => (2 * i, 2 * i + 1),
+            RopeStyle::Neox => (i, i + half),
+        })
+        .collect()
 }

@@ -41,6 +41,47 @@ pub struct GridSpec {
     /// unset: compress the prompt once and let decoding grow the cache.
     #[serde(default)]
     pub recompress_margin: Option<usize>,
+    /// When compression happens, for methods whose spec does not say
+    /// (`protocol=` in a method's options): `agnostic` (the default: the context is
+    /// compressed before the question is appended) or `aware` (the question is part of
+    /// what is compressed).
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// When a configuration compresses: before the question is seen, or after.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Prefill the context, compress it, then append the question and answer prefix
+    /// uncompressed (the field's query-agnostic protocol).
+    #[default]
+    Agnostic,
+    /// Prefill context and question, then compress both (the question is visible to
+    /// the method, as in an observation window).
+    Aware,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Agnostic => "agnostic",
+            Protocol::Aware => "aware",
+        }
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = GridError;
+    fn from_str(s: &str) -> Result<Protocol, GridError> {
+        match s.trim() {
+            "agnostic" => Ok(Protocol::Agnostic),
+            "aware" => Ok(Protocol::Aware),
+            other => Err(GridError(format!(
+                "unknown protocol '{other}' (expected agnostic or aware)"
+            ))),
+        }
+    }
 }
 
 fn default_samples() -> usize {
@@ -68,6 +109,7 @@ impl Default for GridSpec {
             text: default_text(),
             ppl_tokens: default_ppl_tokens(),
             recompress_margin: None,
+            protocol: Protocol::default(),
         }
     }
 }
@@ -85,6 +127,8 @@ pub struct RunConfig {
     pub budget: Option<Budget>,
     /// The budget as written, for reports.
     pub budget_label: String,
+    /// When it compresses (the full cache answers the same either way).
+    pub protocol: Protocol,
 }
 
 impl RunConfig {
@@ -96,15 +140,32 @@ impl RunConfig {
             schedule: Schedule::Uniform,
             budget: None,
             budget_label: "1".into(),
+            protocol: Protocol::Agnostic,
         }
     }
 }
 
-/// `name` or `name:key=value,key=value`. The key `schedule` is not a method option but
-/// how the budget is spread over layers: `uniform`, `pyramid`, `pyramid:<slope>`, or a
-/// per-layer ratio file such as `kvmerger analyze sparsity`'s `sparsity_schedule.csv`
-/// (a path without commas).
+/// A method spec read by [`parse_method_spec`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct MethodSpec {
+    pub name: String,
+    pub options: Options,
+    pub schedule: Schedule,
+    /// `protocol=` in the spec, if given.
+    pub protocol: Option<Protocol>,
+}
+
+/// `name` or `name:key=value,key=value`. Two keys are not method options: `schedule`,
+/// how the budget is spread over layers (`uniform`, `pyramid`, `pyramid:<slope>`, or a
+/// per-layer ratio file such as `kvmerger analyze sparsity`'s `sparsity_schedule.csv`,
+/// a path without commas), and `protocol` (`agnostic` or `aware`, see [`Protocol`]).
 pub fn parse_method_spec(spec: &str) -> Result<(String, Options, Schedule), GridError> {
+    let m = parse_method(spec)?;
+    Ok((m.name, m.options, m.schedule))
+}
+
+/// [`parse_method_spec`], with the protocol.
+pub fn parse_method(spec: &str) -> Result<MethodSpec, GridError> {
     let (name, opts) = match spec.split_once(':') {
         Some((n, o)) => (n.trim(), o),
         None => (spec.trim(), ""),
@@ -117,11 +178,18 @@ pub fn parse_method_spec(spec: &str) -> Result<(String, Options, Schedule), Grid
     }
     let mut options = Options::new();
     let mut schedule = Schedule::Uniform;
+    let mut protocol = None;
     for pair in opts.split(',').filter(|p| !p.trim().is_empty()) {
         match pair.split_once('=') {
             Some((k, v)) if k.trim() == "schedule" => {
                 schedule = Schedule::from_name_or_file(v)
                     .map_err(|e| GridError(format!("method '{spec}': {e}")))?;
+            }
+            Some((k, v)) if k.trim() == "protocol" => {
+                protocol = Some(
+                    v.parse::<Protocol>()
+                        .map_err(|e| GridError(format!("method '{spec}': {e}")))?,
+                );
             }
             _ => options
                 .parse_pair(pair)
@@ -130,7 +198,12 @@ pub fn parse_method_spec(spec: &str) -> Result<(String, Options, Schedule), Grid
     }
     // Building the method checks its options now rather than in the middle of a grid.
     registry::build(name, &options).map_err(|e| GridError(format!("method '{spec}': {e}")))?;
-    Ok((name.to_string(), options, schedule))
+    Ok(MethodSpec {
+        name: name.to_string(),
+        options,
+        schedule,
+        protocol,
+    })
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -194,15 +267,23 @@ impl GridSpec {
             if m.trim() == "full" {
                 continue;
             }
-            let (method, options, schedule) = parse_method_spec(m)?;
+            let spec = parse_method(m)?;
+            let protocol = spec.protocol.unwrap_or(self.protocol);
+            // An aware configuration says so in its label, however it was asked for.
+            let written = match (protocol, spec.protocol) {
+                (Protocol::Aware, None) if m.contains(':') => format!("{},protocol=aware", m.trim()),
+                (Protocol::Aware, None) => format!("{}:protocol=aware", m.trim()),
+                _ => m.trim().to_string(),
+            };
             for (label, budget) in &budgets {
                 let c = RunConfig {
-                    label: format!("{}@{label}", m.trim()),
-                    method: method.clone(),
-                    options: options.clone(),
-                    schedule: schedule.clone(),
+                    label: format!("{written}@{label}"),
+                    method: spec.name.clone(),
+                    options: spec.options.clone(),
+                    schedule: spec.schedule.clone(),
                     budget: Some(*budget),
                     budget_label: label.clone(),
+                    protocol,
                 };
                 if out.iter().any(|o: &RunConfig| o.label == c.label) {
                     return Err(GridError(format!("'{}' is listed twice", c.label)));

@@ -24,10 +24,21 @@ pub struct Record {
     pub method: String,
     /// The budget as written (`1` for the full cache).
     pub budget: String,
+    /// `agnostic` (the context compressed before the question) or `aware` (the
+    /// question compressed with it). Records written before protocols existed were
+    /// query-aware.
+    #[serde(default = "aware")]
+    pub protocol: String,
+    /// Tokens prefilled: for the query-agnostic protocol, the context's.
     pub prompt_tokens: usize,
     /// KV bytes of the full prompt cache and of this configuration's cache after compression.
     pub kv_bytes_full: usize,
     pub kv_bytes: usize,
+    /// Slots over all heads, of the full cache and after compression (0: not recorded).
+    #[serde(default)]
+    pub kv_slots_full: usize,
+    #[serde(default)]
+    pub kv_slots: usize,
     /// Task score in [0, 1] (answer tasks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score: Option<f64>,
@@ -50,11 +61,21 @@ pub struct Record {
     pub timing: Timing,
 }
 
+fn aware() -> String {
+    "aware".into()
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timing {
     pub prefill_s: f64,
     pub compress_s: f64,
     pub decode_s: f64,
+    /// KVzip's reconstruction pass, once per sample (shared by its configurations).
+    #[serde(default)]
+    pub reconstruct_s: f64,
+    /// Appending the question (query-agnostic) or prefilling it (query-aware).
+    #[serde(default)]
+    pub question_s: f64,
 }
 
 impl Record {
@@ -66,6 +87,7 @@ impl Record {
             self.length,
             self.index,
             self.config.clone(),
+            self.protocol.clone(),
         )
     }
     pub fn kv_ratio(&self) -> f64 {
@@ -84,7 +106,8 @@ impl Record {
     }
 }
 
-pub type RecordKey = (String, String, usize, usize, String);
+/// Run, task, length, sample index, configuration label and protocol.
+pub type RecordKey = (String, String, usize, usize, String, String);
 
 /// A problem with one line of a records file.
 #[derive(Clone, Debug, PartialEq)]
@@ -256,9 +279,12 @@ mod tests {
             config: "full".into(),
             method: "full".into(),
             budget: "1".into(),
+            protocol: "agnostic".into(),
             prompt_tokens: 100,
             kv_bytes_full: 10,
             kv_bytes: 10,
+            kv_slots_full: 0,
+            kv_slots: 0,
             score: Some(1.0),
             prediction: Some("x".into()),
             references: vec!["x".into()],

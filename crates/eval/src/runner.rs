@@ -2,14 +2,14 @@
 //! configuration needs, and every configuration is evaluated from its own copy of that
 //! cache.
 
-use crate::grid::{GridError, GridSpec, RunConfig, Shard, WorkItem, TEXT_TASK};
+use crate::grid::{GridError, GridSpec, Protocol, RunConfig, Shard, WorkItem, TEXT_TASK};
 use crate::records::{Record, RecordFile, Timing};
 use crate::sample::Sample;
 use crate::{metrics, Error};
 use kvmerger_compression::{KvDtype, StatsNeeds};
-use kvmerger_engine::cache::{KvCache, PrefillStats};
-use kvmerger_engine::chat::Message;
 use kvmerger_engine::compress::{Compressor, DecodeCompression};
+use kvmerger_engine::prompt::RepeatPrompts;
+use kvmerger_engine::sequence::Sequence;
 use kvmerger_engine::generate::{decode_with, GenerateParams};
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::model::Logits;
@@ -54,21 +54,31 @@ struct Prepared {
 }
 
 impl Prepared {
-    /// This configuration's own copy of the prefilled cache, compressed, with the state
-    /// its decoding needs and the seconds compression took.
-    fn compressed_copy(
-        &self,
-        base: &KvCache,
-        stats: &PrefillStats,
-    ) -> Result<(KvCache, Option<DecodeCompression<'_>>, f64), Error> {
-        let mut cache = base.clone();
-        if self.compressor.is_noop() {
-            return Ok((cache, None, 0.0));
-        }
-        let (report, targets) = self.compressor.compress_prompt(&mut cache, stats)?;
-        let dc = DecodeCompression::new(&self.compressor, targets);
-        Ok((cache, Some(dc), report.secs))
+    fn aware(&self) -> bool {
+        self.config.protocol == Protocol::Aware && !self.compressor.is_noop()
     }
+}
+
+/// A configuration's own copy of a prefilled sequence, compressed.
+struct Compressed<'c> {
+    seq: Sequence,
+    decode: Option<DecodeCompression<'c>>,
+    compress_s: f64,
+    kv_bytes: usize,
+    kv_slots: usize,
+}
+
+fn compressed_copy<'c>(base: &Sequence, p: &'c Prepared) -> Result<Compressed<'c>, Error> {
+    let mut seq = base.clone();
+    let (report, targets) = seq.compress(&p.compressor)?;
+    let decode = seq.decode_compression(&p.compressor, targets);
+    Ok(Compressed {
+        kv_bytes: seq.cache.bytes(),
+        kv_slots: seq.cache.total_slots(),
+        seq,
+        decode,
+        compress_s: report.secs,
+    })
 }
 
 pub struct Runner<'a> {
@@ -79,6 +89,8 @@ pub struct Runner<'a> {
     pub spec: &'a GridSpec,
     pub samples: &'a dyn SampleSource,
     pub text: Option<&'a TextSource>,
+    /// KVzip's reconstruction prompts, made on first use.
+    pub repeat: std::sync::OnceLock<RepeatPrompts>,
 }
 
 /// What a run did.
@@ -187,31 +199,33 @@ impl Runner<'_> {
             it.length,
             it.index,
             c.label.clone(),
+            c.protocol.name().to_string(),
         )
     }
 
-    fn prefill(
-        &self,
-        ids: &[u32],
-        configs: &[&Prepared],
-    ) -> Result<(KvCache, PrefillStats, Vec<f32>, f64), Error> {
-        let model = &self.lm.model;
-        if ids.len() >= model.cfg.ctx_len {
+    /// Statistics the configurations need while the context is fed.
+    fn needs(configs: &[&Prepared]) -> StatsNeeds {
+        configs
+            .iter()
+            .fold(StatsNeeds::default(), |n, p| n.union(p.compressor.needs()))
+    }
+
+    fn repeat_prompts(&self) -> Result<&RepeatPrompts, Error> {
+        if self.repeat.get().is_none() {
+            let p = self.lm.repeat_prompts()?;
+            let _ = self.repeat.set(p);
+        }
+        Ok(self.repeat.get().expect("set above"))
+    }
+
+    fn check_fits(&self, tokens: usize) -> Result<(), Error> {
+        let ctx = self.lm.model.cfg.ctx_len;
+        if tokens >= ctx {
             return Err(Error::msg(format!(
-                "a prompt of {} tokens does not fit the model's context of {}",
-                ids.len(),
-                model.cfg.ctx_len
+                "a prompt of {tokens} tokens does not fit the model's context of {ctx}"
             )));
         }
-        let needs = configs
-            .iter()
-            .fold(StatsNeeds::default(), |n, p| n.union(p.compressor.needs()));
-        let mut cache = model.new_cache(self.dtype);
-        cache.reserve(ids.len() + 1);
-        let mut stats = PrefillStats::default();
-        let t0 = Instant::now();
-        let logits = model.forward(ids, &mut cache, needs, Some(&mut stats), Logits::Last)?;
-        Ok((cache, stats, logits, t0.elapsed().as_secs_f64()))
+        Ok(())
     }
 
     fn record(&self, item: &WorkItem, c: &RunConfig, prompt_tokens: usize) -> Record {
@@ -223,9 +237,12 @@ impl Runner<'_> {
             config: c.label.clone(),
             method: c.method.clone(),
             budget: c.budget_label.clone(),
+            protocol: c.protocol.name().to_string(),
             prompt_tokens,
             kv_bytes_full: 0,
             kv_bytes: 0,
+            kv_slots_full: 0,
+            kv_slots: 0,
             score: None,
             prediction: None,
             references: Vec::new(),
@@ -246,17 +263,53 @@ impl Runner<'_> {
         obs.stage(item, "generating the sample");
         let sample = self.samples.sample(&item.task, item.length, item.index)?;
         let lm = self.lm;
+        let model = &lm.model;
         // LongBench feeds its few-shot and code datasets as raw text.
-        let raw = sample.meta.get("chat_template") == Some(&serde_json::Value::Bool(false));
-        let mut prompt = if raw {
-            sample.input.clone()
-        } else {
-            lm.template.render(&[Message::user(&sample.input)], true)?
+        let chat = sample.meta.get("chat_template") != Some(&serde_json::Value::Bool(false));
+        let agnostic = configs.iter().any(|p| !p.aware());
+        let split = match sample.split() {
+            Some((context, question)) => {
+                lm.split_prompt(context, question, &sample.answer_prefix, chat)?
+            }
+            None if agnostic => {
+                return Err(Error::msg(format!(
+                    "{} sample {}: the sample does not say where its question starts, which \
+                     the query-agnostic protocol needs (run it with --protocol aware)",
+                    item.task, item.index
+                )))
+            }
+            // Query-aware only: the whole prompt is the context.
+            None => lm.split_prompt(&sample.input, "", &sample.answer_prefix, chat)?,
         };
-        prompt.push_str(&sample.answer_prefix);
-        let ids = lm.tokenizer.encode(&prompt, true)?;
-        obs.stage(item, &format!("prefilling {} tokens", ids.len()));
-        let (base, stats, logits, prefill_s) = self.prefill(&ids, configs)?;
+        self.check_fits(split.context.len() + split.question.len())?;
+        let needs = Self::needs(configs);
+        obs.stage(item, &format!("prefilling {} tokens", split.context.len()));
+        let mut base = Sequence::new(model, self.dtype, needs);
+        base.protect(split.prefix);
+        let prefill_s = base.feed(model, &split.context)?;
+        let mut reconstruct_s = 0.0;
+        if configs
+            .iter()
+            .any(|p| !p.aware() && p.compressor.needs().reconstruction)
+        {
+            obs.stage(item, "KVzip's reconstruction pass");
+            reconstruct_s += base.score_reconstruction(model, self.repeat_prompts()?)?;
+        }
+        // Query-aware configurations compress context and question together.
+        let mut full = None;
+        let mut aware_question_s = 0.0;
+        if configs.iter().any(|p| p.aware()) {
+            let mut f = base.clone();
+            aware_question_s = f.feed(model, &split.question)?;
+            if configs
+                .iter()
+                .any(|p| p.aware() && p.compressor.needs().reconstruction)
+            {
+                obs.stage(item, "KVzip's reconstruction pass (query-aware)");
+                reconstruct_s += f.score_reconstruction(model, self.repeat_prompts()?)?;
+            }
+            full = Some(f);
+        }
         let params = GenerateParams {
             max_tokens: sample.max_new_tokens.max(1),
             ..Default::default()
@@ -264,29 +317,50 @@ impl Runner<'_> {
         let mut out = Vec::new();
         for p in configs {
             obs.stage(item, &p.config.label);
-            let (mut cache, mut dc, compress_s) = p.compressed_copy(&base, &stats)?;
-            let kv_bytes = cache.bytes();
+            let from = if p.aware() {
+                full.as_ref().expect("made above")
+            } else {
+                &base
+            };
+            let mut c = compressed_copy(from, p)?;
+            let question_s = if p.aware() {
+                aware_question_s
+            } else {
+                c.seq.append(model, &split.question)?
+            };
+            let prompt = c.seq.tokens().to_vec();
+            let logits = c.seq.logits().to_vec();
             let gen = decode_with(
-                &lm.model,
+                model,
                 &lm.tokenizer,
-                &mut cache,
-                logits.clone(),
-                &ids,
+                &mut c.seq.cache,
+                logits,
+                &prompt,
                 &params,
-                dc.as_mut(),
+                c.decode.as_mut(),
                 &mut |_| true,
             )?;
-            let mut r = self.record(item, &p.config, ids.len());
-            r.kv_bytes_full = base.bytes();
-            r.kv_bytes = kv_bytes;
+            let mut r = self.record(item, &p.config, from.tokens().len());
+            r.kv_bytes_full = from.cache.bytes();
+            r.kv_bytes = c.kv_bytes;
+            r.kv_slots_full = from.cache.total_slots();
+            r.kv_slots = c.kv_slots;
             r.score = Some(metrics::score_sample(&sample, &gen.text));
             r.prediction = Some(gen.text);
             r.references = sample.references.clone();
             r.meta = sample.meta.clone();
+            r.meta
+                .insert("question_tokens".into(), split.question.len().into());
             r.timing = Timing {
                 prefill_s,
-                compress_s,
+                compress_s: c.compress_s,
                 decode_s: gen.decode_secs,
+                reconstruct_s: if p.compressor.needs().reconstruction {
+                    reconstruct_s
+                } else {
+                    0.0
+                },
+                question_s,
             };
             out.push(r);
         }
@@ -316,6 +390,8 @@ impl Runner<'_> {
         obs.stage(item, "tokenizing the text");
         let (ids, doc) = self.text_ids(item)?;
         let (context, cont) = ids.split_at(item.length);
+        self.check_fits(ids.len())?;
+        let model = &self.lm.model;
         obs.stage(item, &format!("prefilling {} tokens", context.len()));
         // The full cache is always the reference, even when only other configs are missing.
         let full = Compressor::full();
@@ -325,7 +401,15 @@ impl Runner<'_> {
         };
         let mut all: Vec<&Prepared> = vec![&full_prep];
         all.extend(configs.iter().filter(|p| !p.compressor.is_noop()));
-        let (base, stats, _, prefill_s) = self.prefill(context, &all)?;
+        let mut base = Sequence::new(model, self.dtype, Self::needs(&all));
+        // A text has no template; a beginning-of-sequence token is not repeated.
+        base.protect(self.lm.tokenizer.encode("", true)?.len());
+        let prefill_s = base.feed(model, context)?;
+        let mut reconstruct_s = 0.0;
+        if all.iter().any(|p| p.compressor.needs().reconstruction) {
+            obs.stage(item, "KVzip's reconstruction pass");
+            reconstruct_s = base.score_reconstruction(model, self.repeat_prompts()?)?;
+        }
         let mut reference: Vec<Vec<f32>> = Vec::new();
         let mut out = Vec::new();
         for (ci, p) in all.iter().enumerate() {
@@ -333,29 +417,29 @@ impl Runner<'_> {
                 item,
                 &format!("{} (scoring {} tokens)", p.config.label, cont.len() - 1),
             );
-            let (mut cache, mut dc, compress_s) = p.compressed_copy(&base, &stats)?;
-            let kv_bytes = cache.bytes();
+            let mut c = compressed_copy(&base, p)?;
+            let cache = &mut c.seq.cache;
             let t0 = Instant::now();
             let mut nll = 0.0f64;
             let (mut kl, mut agree) = (0.0f64, 0usize);
             // Feed the true continuation; each step's logits predict the next true token.
             for step in 0..cont.len() - 1 {
-                let logits = match dc.as_mut() {
+                let logits = match c.decode.as_mut() {
                     Some(dc) => {
                         let needs = dc.needs();
-                        let l = self.lm.model.forward(
+                        let l = model.forward(
                             &cont[step..step + 1],
-                            &mut cache,
+                            cache,
                             needs,
                             Some(&mut dc.stats),
                             Logits::Last,
                         )?;
-                        dc.after_step(&mut cache)?;
+                        dc.after_step(cache)?;
                         l
                     }
-                    None => self.lm.model.forward(
+                    None => model.forward(
                         &cont[step..step + 1],
-                        &mut cache,
+                        cache,
                         StatsNeeds::default(),
                         None,
                         Logits::Last,
@@ -377,8 +461,10 @@ impl Runner<'_> {
                 continue; // the reference was only needed, not asked for
             }
             let mut r = self.record(item, &p.config, context.len());
-            r.kv_bytes_full = base.bytes();
-            r.kv_bytes = kv_bytes;
+            r.kv_bytes_full = base.cache.bytes();
+            r.kv_bytes = c.kv_bytes;
+            r.kv_slots_full = base.cache.total_slots();
+            r.kv_slots = c.kv_slots;
             r.ppl = Some((nll / steps).exp());
             r.kl = Some(if ci == 0 { 0.0 } else { kl / steps });
             r.top1 = Some(if ci == 0 { 1.0 } else { agree as f64 / steps });
@@ -387,8 +473,14 @@ impl Runner<'_> {
                 .insert("scored_tokens".into(), (steps as usize).into());
             r.timing = Timing {
                 prefill_s,
-                compress_s,
+                compress_s: c.compress_s,
                 decode_s,
+                reconstruct_s: if p.compressor.needs().reconstruction {
+                    reconstruct_s
+                } else {
+                    0.0
+                },
+                question_s: 0.0,
             };
             out.push(r);
         }

@@ -35,6 +35,11 @@ pub struct Sample {
     pub index: usize,
     /// The whole user message: the task's template filled with context and question.
     pub input: String,
+    /// Where the question starts in `input` (a byte offset): `input[..at]` is the
+    /// context, compressed before the question is seen in the query-agnostic protocol,
+    /// and `input[at..]` the question. None when the sample's source does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub question_at: Option<usize>,
     /// Text the answer starts with, placed after the assistant turn opens (may be empty).
     pub answer_prefix: String,
     /// Gold answers.
@@ -46,4 +51,14 @@ pub struct Sample {
     /// sits), `length` (target tokens), dataset ids, ...
     #[serde(default)]
     pub meta: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Sample {
+    /// The context and the question, if the sample says where one ends and the other
+    /// begins (at a character boundary, inside the input).
+    pub fn split(&self) -> Option<(&str, &str)> {
+        let at = self.question_at?;
+        (at <= self.input.len() && self.input.is_char_boundary(at))
+            .then(|| self.input.split_at(at))
+    }
 }

@@ -297,6 +297,18 @@ pub struct EvalRunArgs {
     /// The dataset of --longbench/--zeroscrolls files whose lines do not name it.
     #[arg(long)]
     pub dataset: Option<String>,
+    /// Samples made by RULER's own generators (the `nvidia-long-context-eval`
+    /// package's output: `index`, `input`, `outputs`, `length`), one task per file,
+    /// named by the file or its folder (`niah_single_2.jsonl`); repeatable. They become
+    /// tasks `ruler/<task>`, cut at the question and scored with RULER's metrics.
+    #[arg(long, value_name = "FILE")]
+    pub ruler: Vec<PathBuf>,
+    /// When compression happens, for methods whose spec does not say (`protocol=` in
+    /// a method's options): `agnostic` (default; the context is compressed before the
+    /// question and answer prefix are appended uncompressed, as the field reports) or
+    /// `aware` (the question is compressed with the context).
+    #[arg(long)]
+    pub protocol: Option<String>,
     /// Output directory.
     #[arg(long, short = 'o', default_value = "eval-results")]
     pub out: PathBuf,

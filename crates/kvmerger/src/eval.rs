@@ -7,7 +7,7 @@ use crate::run::load_model;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvmerger_assets::{self as assets, Progress};
-use kvmerger_eval::grid::{GridSpec, Shard, WorkItem, TEXT_TASK};
+use kvmerger_eval::grid::{GridSpec, Protocol, Shard, WorkItem, TEXT_TASK};
 use kvmerger_eval::records::{self, Record};
 use kvmerger_eval::runner::{Observer, Runner, TextSource};
 use kvmerger_eval::sources::TaskSamples;
@@ -27,7 +27,7 @@ pub fn run(a: EvalArgs, dir: &Path) -> Result<()> {
             }
             println!("{TEXT_TASK}  (perplexity and fidelity to the full cache on a long text)");
             println!(
-                "longbench/<dataset>, zeroscrolls/<dataset>  (with --longbench/--zeroscrolls FILE)"
+                "longbench/<dataset>, zeroscrolls/<dataset>, ruler/<task>  (with --longbench/--zeroscrolls/--ruler FILE)"
             );
             Ok(())
         }
@@ -79,6 +79,9 @@ fn grid_spec(a: &EvalRunArgs) -> Result<GridSpec> {
     }
     if a.recompress_margin.is_some() {
         g.recompress_margin = a.recompress_margin;
+    }
+    if let Some(p) = &a.protocol {
+        g.protocol = p.parse()?;
     }
     if g.methods.iter().any(|m| m == "all") {
         g.methods = kvmerger_compression::registry::names()
@@ -195,14 +198,17 @@ fn run_grid(a: EvalRunArgs, dir: &Path) -> Result<()> {
     };
     // File-based tasks.
     let mut files = std::collections::BTreeMap::new();
-    for (kind, path) in [("longbench", &a.longbench), ("zeroscrolls", &a.zeroscrolls)] {
-        let Some(path) = path else { continue };
-        let read = if kind == "longbench" {
-            tasks::read_longbench(path, a.dataset.as_deref())
-        } else {
-            tasks::read_zeroscrolls(path, a.dataset.as_deref())
+    let mut inputs: Vec<(&str, &PathBuf)> = Vec::new();
+    inputs.extend(a.longbench.iter().map(|p| ("longbench", p)));
+    inputs.extend(a.zeroscrolls.iter().map(|p| ("zeroscrolls", p)));
+    inputs.extend(a.ruler.iter().map(|p| ("RULER", p)));
+    for (kind, path) in inputs {
+        let read = match kind {
+            "longbench" => tasks::read_longbench(path, a.dataset.as_deref()),
+            "zeroscrolls" => tasks::read_zeroscrolls(path, a.dataset.as_deref()),
+            _ => tasks::read_ruler(path, None),
         }
-        .with_context(|| format!("reading the {kind} file"))?;
+        .with_context(|| format!("reading the {kind} file {}", path.display()))?;
         for e in &read.errors {
             eprintln!(
                 "warning: {}:{}: {} (line skipped)",
@@ -219,6 +225,9 @@ fn run_grid(a: EvalRunArgs, dir: &Path) -> Result<()> {
             by_task.entry(s.task.clone()).or_default().push(s);
         }
         for (t, mut v) in by_task {
+            if files.contains_key(&t) {
+                bail!("{}: task {t} was already read from another file", path.display());
+            }
             for (i, s) in v.iter_mut().enumerate() {
                 s.index = i;
             }
@@ -228,12 +237,30 @@ fn run_grid(a: EvalRunArgs, dir: &Path) -> Result<()> {
             files.insert(t, v);
         }
     }
-    if (a.longbench.is_some() || a.zeroscrolls.is_some()) && !spec_given {
+    let from_files = a.longbench.is_some() || a.zeroscrolls.is_some() || !a.ruler.is_empty();
+    if from_files && !spec_given {
         spec.tasks.retain(|t| files.contains_key(t));
     }
     let mut known: Vec<&str> = tasks::task_names().to_vec();
     known.extend(files.keys().map(|s| s.as_str()));
     spec.validate(&known)?;
+    // The query-agnostic protocol needs every sample cut at its question: say so now,
+    // not after the first prefill.
+    let configs = spec.configs()?;
+    if configs.iter().any(|c| c.protocol == Protocol::Agnostic && c.budget.is_some()) {
+        for t in &spec.tasks {
+            if let Some(s) = files
+                .get(t)
+                .and_then(|v| v.iter().take(spec.samples).find(|s| s.split().is_none()))
+            {
+                bail!(
+                    "{t} sample {} does not say where its question starts, which the query-agnostic \
+                     protocol needs; run it with --protocol aware",
+                    s.index
+                );
+            }
+        }
+    }
     for t in &spec.tasks {
         if let Some(v) = files.get(t) {
             if spec.samples > v.len() {
@@ -294,6 +321,7 @@ fn run_grid(a: EvalRunArgs, dir: &Path) -> Result<()> {
         spec: &spec,
         samples: &source,
         text: text.as_ref(),
+        repeat: Default::default(),
     };
     let bar = ProgressBar::new(0);
     bar.set_style(

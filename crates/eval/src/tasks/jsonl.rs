@@ -354,14 +354,17 @@ fn longbench(name: &str) -> Option<&'static LongBench> {
 
 /// Fills `{context}` and `{input}` in one pass, so that braces inside the texts stay
 /// as they are.
-fn fill(template: &str, context: &str, input: &str) -> String {
+/// Returns the text and where the context ends in it (the question starts there).
+fn fill(template: &str, context: &str, input: &str) -> (String, usize) {
     let mut out = String::with_capacity(template.len() + context.len() + input.len());
     let mut rest = template;
+    let mut context_end = 0;
     while let Some(at) = rest.find('{') {
         out.push_str(&rest[..at]);
         let tail = &rest[at..];
         if let Some(t) = tail.strip_prefix("{context}") {
             out.push_str(context);
+            context_end = out.len();
             rest = t;
         } else if let Some(t) = tail.strip_prefix("{input}") {
             out.push_str(input);
@@ -372,7 +375,7 @@ fn fill(template: &str, context: &str, input: &str) -> String {
         }
     }
     out.push_str(rest);
-    out
+    (out, context_end)
 }
 
 fn longbench_line(
@@ -425,10 +428,12 @@ fn longbench_line(
     if !ds.chat_template {
         meta.insert("chat_template".into(), json!(false));
     }
+    let (input, context_end) = fill(ds.template, &context, &input);
     Ok(Sample {
         task: format!("longbench/{}", ds.name),
         index,
-        input: fill(ds.template, &context, &input),
+        input,
+        question_at: Some(context_end),
         answer_prefix: String::new(),
         references: answers,
         metric,
@@ -476,6 +481,14 @@ const ZEROSCROLLS: &[(&str, usize)] = &[
     ("space_digest", 32),
     ("book_sum_sort", 256),
 ];
+
+/// The byte offset of character `c` of `s` (its end for `c` = the character count).
+fn char_to_byte(s: &str, c: usize) -> Option<usize> {
+    s.char_indices()
+        .map(|(b, _)| b)
+        .chain(std::iter::once(s.len()))
+        .nth(c)
+}
 
 /// The ZeroSCROLLS dataset names [`read_zeroscrolls`] knows.
 pub fn zeroscrolls_datasets() -> Vec<&'static str> {
@@ -596,9 +609,15 @@ pub fn read_zeroscrolls(path: &Path, dataset: Option<&str>) -> Result<JsonlSampl
             meta.insert("postprocess".into(), json!("choice_letter"));
         }
         by_id.insert(id, out.samples.len());
+        // ZeroSCROLLS gives the query's start as a character index.
+        let question_at = obj
+            .get("query_start_index")
+            .and_then(Value::as_u64)
+            .and_then(|c| char_to_byte(&input, c as usize));
         out.samples.push(Sample {
             task: format!("zeroscrolls/{ds}"),
             index: out.samples.len(),
+            question_at,
             input,
             answer_prefix: String::new(),
             references: refs,
@@ -606,6 +625,92 @@ pub fn read_zeroscrolls(path: &Path, dataset: Option<&str>) -> Result<JsonlSampl
             max_new_tokens,
             meta,
         });
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------
+// RULER's own generators
+
+/// Reads samples made by RULER's generators (the `nvidia-long-context-eval` package's
+/// `prepare.py`): one object per line with `index`, `input` (the task's text, its
+/// question, then the answer prefix), `outputs` (the gold answers) and `length`. The
+/// task is the file's name or its folder's (`niah_single_2.jsonl`,
+/// `niah_single_2/validation.jsonl`), or `task` when given. Each input is cut as the
+/// field's tools cut it: the question starts at the last match of the task's question
+/// ("What is the special magic ...", "Question: Find all variables ...", ...), and the
+/// answer prefix at the first "The special magic" (NIAH) or "Answer:" after it. Scores
+/// use RULER's metrics (string match, any reference for QA, all otherwise) and its
+/// generation lengths. An input without its task's question or answer prefix is a line
+/// error.
+pub fn read_ruler(path: &Path, task: Option<&str>) -> Result<JsonlSamples, Error> {
+    let known = || super::split::RULER_TASKS.iter().map(|s| s.to_string()).collect();
+    let name = match task {
+        Some(t) => t.to_string(),
+        None => {
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+            let parent = path
+                .parent()
+                .and_then(|p| p.file_name())
+                .and_then(|s| s.to_str())
+                .unwrap_or("");
+            [stem, parent]
+                .into_iter()
+                .find(|n| super::split::RULER_TASKS.contains(n))
+                .ok_or_else(|| Error::UnknownDataset {
+                    benchmark: "RULER",
+                    name: format!("(no task in the path {}; pass one)", path.display()),
+                    known: known(),
+                })?
+                .to_string()
+        }
+    };
+    if !super::split::RULER_TASKS.contains(&name.as_str()) {
+        return Err(Error::UnknownDataset {
+            benchmark: "RULER",
+            name,
+            known: known(),
+        });
+    }
+    let (metric, max_new_tokens) = super::split::ruler_scoring(&name);
+    let mut out = JsonlSamples::default();
+    for (line, text) in lines(path)? {
+        let read = text.and_then(|t| parse_object(&t)).and_then(|obj| {
+            let raw = string(&obj, "input")?;
+            let outputs = strings(&obj, "outputs")?;
+            let (question_at, answer_at) = super::split::ruler_cut(&name, &raw)
+                .ok_or_else(|| format!("the input has no {name} question and answer prefix to cut at"))?;
+            let index = match obj.get("index") {
+                Some(Value::Number(n)) => n.as_u64().map(|i| i as usize),
+                _ => None,
+            };
+            let mut meta = Map::new();
+            meta.insert("line".into(), json!(line));
+            if let Some(v) = obj.get("length").filter(|v| !v.is_null()) {
+                meta.insert("tokens".into(), v.clone());
+            }
+            if let Some(i) = index {
+                meta.insert("ruler_index".into(), json!(i));
+            }
+            Ok(Sample {
+                task: format!("ruler/{name}"),
+                index: 0,
+                input: raw[..answer_at].to_string(),
+                question_at: Some(question_at),
+                answer_prefix: raw[answer_at..].to_string(),
+                references: outputs,
+                metric: metric.clone(),
+                max_new_tokens,
+                meta,
+            })
+        });
+        match read {
+            Ok(mut s) => {
+                s.index = out.samples.len();
+                out.samples.push(s);
+            }
+            Err(message) => out.errors.push(LineError { line, message }),
+        }
     }
     Ok(out)
 }

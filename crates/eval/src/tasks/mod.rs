@@ -65,7 +65,9 @@
 //! # Readers and texts
 //!
 //! - [`jsonl`]: LongBench and ZeroSCROLLS JSONL files ([`read_longbench`],
-//!   [`read_zeroscrolls`]).
+//!   [`read_zeroscrolls`]), and samples made by RULER's own generators ([`read_ruler`]).
+//! - [`split`]: where a sample's question starts, for the query-agnostic protocol
+//!   (every generated sample carries it in `question_at`).
 //! - [`text`]: long texts for perplexity (Jane Austen's novels from the R data base,
 //!   plain text files).
 
@@ -83,12 +85,13 @@ pub mod jsonl;
 mod passkey;
 pub(crate) mod rdata;
 mod ruler;
+pub mod split;
 pub mod text;
 pub(crate) mod util;
 
 pub use jsonl::{
-    longbench_datasets, read_longbench, read_zeroscrolls, zeroscrolls_datasets, JsonlSamples,
-    LineError,
+    longbench_datasets, read_longbench, read_ruler, read_zeroscrolls, zeroscrolls_datasets,
+    JsonlSamples, LineError,
 };
 
 /// What a generated sample must fit and where its data lives.
@@ -336,6 +339,7 @@ impl Ctx<'_> {
         Sample {
             task: self.task.to_string(),
             index: self.index,
+            question_at: split::question_start(self.task, &input),
             input,
             answer_prefix,
             references,

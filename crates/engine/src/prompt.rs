@@ -1,0 +1,115 @@
+//! Prompts cut where compression stops: a context that is prefilled and compressed,
+//! and a question (with the assistant turn's opening and an answer prefix) appended
+//! to the compressed cache afterwards (the query-agnostic protocol), and the prompts
+//! of KVzip's context reconstruction pass.
+
+use crate::chat::Message;
+use crate::load::LoadedModel;
+use crate::Error;
+
+/// A marker no template changes, placed where the context ends.
+const MARK: &str = "\u{E000}kvmerger-split\u{E001}";
+
+/// Token ids of a prompt cut after its context.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SplitPrompt {
+    /// The chat template's opening, then the context: what is compressed.
+    pub context: Vec<u32>,
+    /// The question, the end of the user turn, the assistant turn's opening and the
+    /// answer prefix: appended uncompressed.
+    pub question: Vec<u32>,
+    /// How many of `context`'s first tokens are the template's opening (the system
+    /// prompt and the user turn's header), not the user's context.
+    pub prefix: usize,
+}
+
+impl SplitPrompt {
+    /// Context and question as one prompt.
+    pub fn joined(&self) -> Vec<u32> {
+        let mut v = self.context.clone();
+        v.extend_from_slice(&self.question);
+        v
+    }
+}
+
+/// The three prompts of KVzip's reconstruction pass, as token ids.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepeatPrompts {
+    /// Before the first chunk: "Repeat the previous context exactly."
+    pub first: Vec<u32>,
+    /// Before later chunks, followed by the previous chunk's last tokens.
+    pub later: Vec<u32>,
+    /// The end of the user turn and the assistant turn's opening.
+    pub suffix: Vec<u32>,
+    /// Tokens of the previous chunk quoted before a later chunk.
+    pub overlap: usize,
+}
+
+impl LoadedModel {
+    /// The template's text around a user message: what comes before it and after it
+    /// (with the assistant turn opened). `chat` false: no template (raw text).
+    fn around_user(&self, chat: bool) -> Result<(String, String), Error> {
+        if !chat {
+            return Ok((String::new(), String::new()));
+        }
+        let text = self.template.render(&[Message::user(MARK)], true)?;
+        let at = text.find(MARK).ok_or_else(|| {
+            Error::Template("the chat template does not show the user's message verbatim".into())
+        })?;
+        Ok((text[..at].to_string(), text[at + MARK.len()..].to_string()))
+    }
+
+    /// `context` then `question` as one user message (in the chat template when `chat`),
+    /// cut after the context; `answer_prefix` follows the assistant turn's opening.
+    pub fn split_prompt(
+        &self,
+        context: &str,
+        question: &str,
+        answer_prefix: &str,
+        chat: bool,
+    ) -> Result<SplitPrompt, Error> {
+        let (before, after) = if chat {
+            let text = self
+                .template
+                .render(&[Message::user(format!("{context}{MARK}"))], true)?;
+            let at = text.find(MARK).ok_or_else(|| {
+                Error::Template("the chat template does not show the user's message verbatim".into())
+            })?;
+            (text[..at].to_string(), text[at + MARK.len()..].to_string())
+        } else {
+            (context.to_string(), String::new())
+        };
+        let context_ids = self.tokenizer.encode(&before, true)?;
+        let question_ids = self
+            .tokenizer
+            .encode(&format!("{question}{after}{answer_prefix}"), false)?;
+        let (opening, _) = self.around_user(chat)?;
+        let opening_ids = self.tokenizer.encode(&opening, true)?;
+        let prefix = opening_ids
+            .iter()
+            .zip(&context_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        Ok(SplitPrompt {
+            context: context_ids,
+            question: question_ids,
+            prefix,
+        })
+    }
+
+    /// KVzip's reconstruction prompts in this model's chat template.
+    pub fn repeat_prompts(&self) -> Result<RepeatPrompts, Error> {
+        let (_, suffix) = self.around_user(true)?;
+        Ok(RepeatPrompts {
+            first: self
+                .tokenizer
+                .encode("\n\nRepeat the previous context exactly.", false)?,
+            later: self.tokenizer.encode(
+                "\n\nRepeat the part of the previous context exactly, starting with",
+                false,
+            )?,
+            suffix: self.tokenizer.encode(&suffix, false)?,
+            overlap: 8,
+        })
+    }
+}

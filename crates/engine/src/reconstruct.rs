@@ -1,0 +1,94 @@
+//! KVzip's context reconstruction pass (arXiv 2505.23416): after the context is
+//! prefilled, the model is asked to repeat it and fed it again, teacher-forced, chunk
+//! by chunk; every context slot scores the largest attention any query of that pass
+//! gave it (over the query heads of its group). The pass's tokens are appended to the
+//! cache only while a chunk runs and are cut off after it: nothing of it is kept.
+//!
+//! The attention is the model's own, over the whole cache (the paper's reference; a
+//! popular reimplementation restricts the softmax to the chunk for speed). Each slot is
+//! scored by the pass over its own chunk. The template's opening (system prompt, user
+//! header) is not repeated; its slots score infinity (always kept).
+
+use crate::cache::{KvCache, PrefillStats};
+use crate::model::{Logits, Model};
+use crate::prompt::RepeatPrompts;
+use crate::Error;
+use kvmerger_compression::StatsNeeds;
+
+/// Context tokens repeated per pass (the reference implementation's chunk).
+pub const CHUNK: usize = 2048;
+
+/// Fills `stats`' reconstruction scores for `cache`, which must hold exactly `tokens`
+/// uncompressed; the first `protect` tokens are kept whatever they score.
+pub fn reconstruction_scores(
+    model: &Model,
+    cache: &mut KvCache,
+    tokens: &[u32],
+    protect: usize,
+    prompts: &RepeatPrompts,
+    stats: &mut PrefillStats,
+) -> Result<(), Error> {
+    let n0 = cache.n_seen;
+    if tokens.len() != n0 || cache.layers.iter().flatten().any(|h| h.len() != n0) {
+        return Err(Error::Invalid(
+            "KVzip scores a cache before any compression, holding exactly the prompt's tokens"
+                .into(),
+        ));
+    }
+    let longest_prompt = prompts.first.len().max(prompts.later.len() + prompts.overlap)
+        + prompts.suffix.len();
+    let room = model.cfg.ctx_len.saturating_sub(n0 + longest_prompt);
+    let chunk = CHUNK.min(room);
+    let body = &tokens[protect.min(n0)..];
+    if chunk < 16 && !body.is_empty() {
+        return Err(Error::ContextOverflow {
+            prompt: n0 + longest_prompt + body.len().min(CHUNK),
+            ctx: model.cfg.ctx_len,
+        });
+    }
+    let (n_layers, n_kv) = (cache.layers.len(), cache.layers[0].len());
+    let mut scores = vec![vec![vec![f32::INFINITY; n0]; n_kv]; n_layers];
+    let mut s = protect.min(n0);
+    while s < n0 {
+        let e = (s + chunk).min(n0);
+        let mut input = if s == protect.min(n0) {
+            prompts.first.clone()
+        } else {
+            let mut v = prompts.later.clone();
+            v.extend_from_slice(&tokens[s.saturating_sub(prompts.overlap).max(protect)..s]);
+            v
+        };
+        input.extend_from_slice(&prompts.suffix);
+        input.extend_from_slice(&tokens[s..e]);
+        let mut pass = PrefillStats::default();
+        let needs = StatsNeeds {
+            reconstruction: true,
+            ..Default::default()
+        };
+        let run = model.forward(&input, cache, needs, Some(&mut pass), Logits::Last);
+        // Whatever happened, the pass's tokens leave the cache.
+        for h in cache.layers.iter_mut().flatten() {
+            h.truncate(n0);
+        }
+        cache.n_seen = n0;
+        run?;
+        for (l, layer) in pass.heads.iter().enumerate() {
+            for (g, head) in layer.iter().enumerate() {
+                let peak = head.reconstruction.as_deref().unwrap_or(&[]);
+                for j in s..e {
+                    scores[l][g][j] = peak.get(j).copied().unwrap_or(0.0);
+                }
+            }
+        }
+        s = e;
+    }
+    if stats.heads.len() != n_layers {
+        stats.heads = vec![vec![Default::default(); n_kv]; n_layers];
+    }
+    for (l, layer) in scores.into_iter().enumerate() {
+        for (g, v) in layer.into_iter().enumerate() {
+            stats.heads[l][g].reconstruction = Some(v);
+        }
+    }
+    Ok(())
+}

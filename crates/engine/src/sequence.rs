@@ -1,0 +1,176 @@
+//! One sequence's cache with what its compression needs: the statistics collected as
+//! tokens are fed, the tokens themselves (KVzip repeats them), and whether it has been
+//! compressed. Cloning a sequence is how one prefill serves several compressions (the
+//! evaluation harness) or several questions.
+//!
+//! The lifecycle of a question about a document (the query-agnostic protocol):
+//!
+//! ```text
+//! let mut seq = Sequence::new(&model, dtype, compressor.needs());
+//! seq.feed(&model, &split.context)?;             // collecting statistics
+//! seq.score_reconstruction(&model, &prompts)?;   // only if the method is KVzip
+//! seq.compress(&compressor)?;                    // the context, before any question
+//! seq.append(&model, &split.question)?;          // uncompressed
+//! // decode from seq.logits()
+//! ```
+//!
+//! Feeding the question before compressing instead gives the query-aware protocol.
+
+use crate::cache::{KvCache, PrefillStats};
+use crate::compress::{CompressReport, Compressor, DecodeCompression};
+use crate::model::{Logits, Model};
+use crate::prompt::RepeatPrompts;
+use crate::Error;
+use kvmerger_compression::{KvDtype, StatsNeeds};
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct Sequence {
+    pub cache: KvCache,
+    pub stats: PrefillStats,
+    /// What feeding collects (the reconstruction pass is separate).
+    needs: StatsNeeds,
+    tokens: Vec<u32>,
+    /// Leading tokens KVzip does not score (the chat template's opening).
+    protect: usize,
+    logits: Vec<f32>,
+    compressed: bool,
+}
+
+impl Sequence {
+    /// An empty sequence that will collect the statistics `needs` asks for.
+    pub fn new(model: &Model, dtype: KvDtype, needs: StatsNeeds) -> Sequence {
+        Sequence {
+            cache: model.new_cache(dtype),
+            stats: PrefillStats::default(),
+            needs: StatsNeeds {
+                reconstruction: false,
+                ..needs
+            },
+            tokens: Vec::new(),
+            protect: 0,
+            logits: Vec::new(),
+            compressed: false,
+        }
+    }
+
+    /// The first `n` tokens (a chat template's opening) are kept by KVzip whatever
+    /// they score, and not repeated by its reconstruction pass.
+    pub fn protect(&mut self, n: usize) {
+        self.protect = n;
+    }
+
+    /// Feed `ids`, collecting statistics (before compression: a context, or in the
+    /// query-aware protocol the question too). Returns the seconds it took.
+    pub fn feed(&mut self, model: &Model, ids: &[u32]) -> Result<f64, Error> {
+        if self.compressed {
+            return Err(Error::Invalid(
+                "statistics are collected before compression; use append after it".into(),
+            ));
+        }
+        let t0 = Instant::now();
+        self.cache.reserve(ids.len() + 1);
+        self.logits = model.forward(
+            ids,
+            &mut self.cache,
+            self.needs,
+            Some(&mut self.stats),
+            Logits::Last,
+        )?;
+        self.tokens.extend_from_slice(ids);
+        // Reconstruction scores described the shorter sequence.
+        for h in self.stats.heads.iter_mut().flatten() {
+            h.reconstruction = None;
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    }
+
+    /// Append `ids` without collecting statistics (a question after compression).
+    pub fn append(&mut self, model: &Model, ids: &[u32]) -> Result<f64, Error> {
+        let t0 = Instant::now();
+        self.cache.reserve(ids.len() + 1);
+        self.logits = model.forward(
+            ids,
+            &mut self.cache,
+            StatsNeeds::default(),
+            None,
+            Logits::Last,
+        )?;
+        self.tokens.extend_from_slice(ids);
+        Ok(t0.elapsed().as_secs_f64())
+    }
+
+    /// Run KVzip's reconstruction pass over everything fed so far, unless its scores
+    /// are already there. Returns the seconds it took.
+    pub fn score_reconstruction(
+        &mut self,
+        model: &Model,
+        prompts: &RepeatPrompts,
+    ) -> Result<f64, Error> {
+        if self.has_reconstruction() {
+            return Ok(0.0);
+        }
+        if self.compressed {
+            return Err(Error::Invalid(
+                "KVzip's reconstruction pass scores a cache before it is compressed".into(),
+            ));
+        }
+        let t0 = Instant::now();
+        crate::reconstruct::reconstruction_scores(
+            model,
+            &mut self.cache,
+            &self.tokens,
+            self.protect,
+            prompts,
+            &mut self.stats,
+        )?;
+        Ok(t0.elapsed().as_secs_f64())
+    }
+
+    pub fn has_reconstruction(&self) -> bool {
+        !self.stats.heads.is_empty()
+            && self
+                .stats
+                .heads
+                .iter()
+                .flatten()
+                .all(|h| h.reconstruction.is_some())
+    }
+
+    /// Compress the cache with `compressor` (a no-op for the full cache). Returns the
+    /// report and the per-layer slot targets, which bound the cache during decoding.
+    pub fn compress(&mut self, compressor: &Compressor) -> Result<(CompressReport, Vec<usize>), Error> {
+        if compressor.is_noop() {
+            return Ok((CompressReport::default(), Vec::new()));
+        }
+        let out = compressor.compress_prompt(&mut self.cache, &self.stats)?;
+        self.stats.clear_slot_stats();
+        self.compressed = true;
+        Ok(out)
+    }
+
+    /// The state decoding needs to re-compress with `compressor` (None when it has no
+    /// re-compression margin or compresses nothing).
+    pub fn decode_compression<'c>(
+        &self,
+        compressor: &'c Compressor,
+        targets: Vec<usize>,
+    ) -> Option<DecodeCompression<'c>> {
+        (!compressor.is_noop() && compressor.recompress_margin.is_some())
+            .then(|| DecodeCompression::new(compressor, targets))
+    }
+
+    /// The last position's logits after the latest feed or append.
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
+    /// Every token fed or appended so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    pub fn is_compressed(&self) -> bool {
+        self.compressed
+    }
+}
