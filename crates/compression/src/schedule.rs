@@ -166,52 +166,86 @@ impl Schedule {
         }
         // At least one slot: a head with none could not be attended to.
         let floor = min_slots.max(1).min(len);
-        let total = each * n_layers;
-        if total <= floor * n_layers {
-            return vec![floor; n_layers];
-        }
         let w: Vec<f64> = (0..n_layers).map(|l| self.weight(l, n_layers)).collect();
-        let fill = |level: f64| -> Vec<f64> {
-            w.iter()
-                .map(|&x| (x * level).clamp(floor as f64, len as f64))
-                .collect()
-        };
-        // The level at which the clamped shares add up to the total: their sum grows
-        // with the level, from n·floor to n·len, so bisection finds it.
-        let (mut lo, mut hi) = (0.0f64, 1.0f64);
-        while fill(hi).iter().sum::<f64>() < total as f64 && hi < 1e18 {
-            hi *= 2.0;
-        }
-        for _ in 0..200 {
-            let mid = 0.5 * (lo + hi);
-            if fill(mid).iter().sum::<f64>() < total as f64 {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        let exact = fill(hi);
-        let mut out: Vec<usize> = exact.iter().map(|&x| x.floor() as usize).collect();
-        // Whole slots: the shortfall goes, one slot each, to the layers with the largest
-        // fractional parts (never past `len`), then to any layer with room.
-        let mut order: Vec<usize> = (0..n_layers).collect();
-        order.sort_by(|&a, &b| {
-            let fa = exact[a] - exact[a].floor();
-            let fb = exact[b] - exact[b].floor();
-            fb.total_cmp(&fa).then(a.cmp(&b))
-        });
-        let mut left = total.saturating_sub(out.iter().sum::<usize>());
-        for &l in order.iter().chain(order.iter()) {
-            if left == 0 {
-                break;
-            }
-            if out[l] < len {
-                out[l] += 1;
-                left -= 1;
-            }
-        }
-        out
+        water_fill(&w, each * n_layers, floor, len)
     }
+}
+
+/// Whole shares of `total` in proportion to `weights`, none below `floor` nor above
+/// `cap`: what a capped share cannot use, or a raised one needs, is shared by the
+/// others in proportion to their weights (water-filling). The shares add up to
+/// `total` when it lies between `floor` and `cap` times the number of shares; below
+/// that every share is `floor`, above it every share is `cap`.
+pub fn water_fill(weights: &[f64], total: usize, floor: usize, cap: usize) -> Vec<usize> {
+    let n = weights.len();
+    let floor = floor.min(cap);
+    if n == 0 {
+        return Vec::new();
+    }
+    if total <= floor * n {
+        return vec![floor; n];
+    }
+    if total >= cap * n {
+        return vec![cap; n];
+    }
+    let w: Vec<f64> = weights
+        .iter()
+        .map(|&x| if x.is_finite() && x > 0.0 { x } else { 0.0 })
+        .collect();
+    let fill = |level: f64| -> Vec<f64> {
+        w.iter()
+            .map(|&x| (x * level).clamp(floor as f64, cap as f64))
+            .collect()
+    };
+    // The level at which the clamped shares add up to the total: their sum grows
+    // with the level, from n·floor to n·cap, so bisection finds it.
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    while fill(hi).iter().sum::<f64>() < total as f64 && hi < 1e300 {
+        hi *= 2.0;
+    }
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if fill(mid).iter().sum::<f64>() < total as f64 {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let exact = fill(hi);
+    let mut out: Vec<usize> = exact.iter().map(|&x| x.floor() as usize).collect();
+    // Whole slots: the shortfall goes, one slot each, to the shares with the largest
+    // fractional parts (never past `cap`), then to any share with room; an excess is
+    // taken back from the largest shares above `floor`.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| {
+        let fa = exact[a] - exact[a].floor();
+        let fb = exact[b] - exact[b].floor();
+        fb.total_cmp(&fa).then(a.cmp(&b))
+    });
+    let mut left = total.saturating_sub(out.iter().sum::<usize>());
+    for &l in order.iter().chain(order.iter()) {
+        if left == 0 {
+            break;
+        }
+        if out[l] < cap {
+            out[l] += 1;
+            left -= 1;
+        }
+    }
+    let mut over = out.iter().sum::<usize>().saturating_sub(total);
+    while over > 0 {
+        match (0..n)
+            .filter(|&l| out[l] > floor)
+            .max_by_key(|&l| (out[l], l))
+        {
+            Some(l) => {
+                out[l] -= 1;
+                over -= 1;
+            }
+            None => break,
+        }
+    }
+    out
 }
 
 impl std::str::FromStr for Schedule {

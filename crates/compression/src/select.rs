@@ -118,7 +118,32 @@ pub fn keep_top_shared(
     scope: Scope,
     alpha: f32,
 ) -> Vec<HeadData> {
-    let mut out: Vec<Option<HeadData>> = vec![None; inputs.len()];
+    kept_shared(inputs, scores, scope, alpha)
+        .iter()
+        .zip(inputs)
+        .map(|(k, i)| i.data.gather(k))
+        .collect()
+}
+
+/// The slots [`keep_top_shared`] keeps in each head (ascending indices).
+pub fn kept_shared(
+    inputs: &[HeadInput<'_>],
+    scores: &[Vec<f32>],
+    scope: Scope,
+    alpha: f32,
+) -> Vec<Vec<usize>> {
+    if scope == Scope::Head {
+        return inputs
+            .iter()
+            .zip(scores)
+            .map(|(i, s)| {
+                let mut k = crate::methods::top_k(s, (0..s.len()).collect(), i.budget);
+                k.sort_unstable();
+                k
+            })
+            .collect();
+    }
+    let mut out: Vec<Option<Vec<usize>>> = vec![None; inputs.len()];
     for group in groups(inputs, scope) {
         let s: Vec<&[f32]> = group.iter().map(|&i| scores[i].as_slice()).collect();
         let floors: Vec<usize> = group
@@ -130,7 +155,7 @@ pub fn keep_top_shared(
             .collect();
         let total: usize = group.iter().map(|&i| inputs[i].budget).sum();
         for (k, &i) in allocate(&s, &floors, total).into_iter().zip(&group) {
-            out[i] = Some(inputs[i].data.gather(&k));
+            out[i] = Some(k);
         }
     }
     out.into_iter()

@@ -131,7 +131,13 @@ impl PrefillStats {
     /// `len` slots (rows of queries that ran when the head was shorter end in zeros:
     /// those slots did not exist yet). None if no rows were kept, or if they belong to
     /// a longer head (the head was compressed since).
-    pub fn window(&self, layer: usize, kv_head: usize, window: usize, len: usize) -> Option<Vec<f32>> {
+    pub fn window(
+        &self,
+        layer: usize,
+        kv_head: usize,
+        window: usize,
+        len: usize,
+    ) -> Option<Vec<f32>> {
         let h = self.heads.get(layer)?.get(kv_head)?;
         if h.window.is_empty() || h.window.iter().any(|r| r.len() > len) {
             return None;

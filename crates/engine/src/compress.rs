@@ -331,24 +331,31 @@ fn query_moments(
     let first = heads.first()?;
     let d = first.sum.len();
     // The mean rotation: per frequency, the mean cosine and sine over the positions.
+    // It acts on each RoPE pair (a, b) as [[c, -s], [s, c]].
     let pairs = crate::model::rope_pairs(d, rope.style);
-    let mut rot = vec![0.0f64; d * d];
-    for (i, &(a, b)) in pairs.iter().enumerate() {
-        let inv = (rope.base as f64).powf(-2.0 * i as f64 / d as f64);
-        let (mut c, mut s) = (0.0f64, 0.0f64);
-        for p in n_seen..n_seen + future.max(1) {
-            let angle = p as f64 * inv;
-            c += angle.cos();
-            s += angle.sin();
+    let k = future.max(1) as f64;
+    let rot: Vec<(usize, usize, f64, f64)> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, &(a, b))| {
+            let inv = (rope.base as f64).powf(-2.0 * i as f64 / d as f64);
+            let (mut c, mut s) = (0.0f64, 0.0f64);
+            for p in n_seen..n_seen + future.max(1) {
+                let angle = p as f64 * inv;
+                c += angle.cos();
+                s += angle.sin();
+            }
+            (a, b, c / k, s / k)
+        })
+        .collect();
+    // x -> R x on a strided vector (`at(i)` is element i).
+    let rotate = |x: &mut [f64], stride: usize| {
+        for &(a, b, c, s) in &rot {
+            let (xa, xb) = (x[a * stride], x[b * stride]);
+            x[a * stride] = c * xa - s * xb;
+            x[b * stride] = s * xa + c * xb;
         }
-        let k = future.max(1) as f64;
-        let (c, s) = (c / k, s / k);
-        // x'_a = c x_a - s x_b; x'_b = s x_a + c x_b
-        rot[a * d + a] = c;
-        rot[a * d + b] = -s;
-        rot[b * d + a] = s;
-        rot[b * d + b] = c;
-    }
+    };
     let out = heads[g * group..(g + 1) * group]
         .iter()
         .map(|h| {
@@ -359,32 +366,24 @@ fn query_moments(
                     scale: stats.scale,
                 };
             }
-            let mean: Vec<f64> = h.sum.iter().map(|s| s / h.count).collect();
+            let mut mean: Vec<f64> = h.sum.iter().map(|s| s / h.count).collect();
             let mut cov = vec![0.0f64; d * d];
             for i in 0..d {
                 for j in 0..d {
                     cov[i * d + j] = h.outer[i * d + j] / h.count - mean[i] * mean[j];
                 }
             }
-            let rmean: Vec<f32> = (0..d)
-                .map(|i| (0..d).map(|j| rot[i * d + j] * mean[j]).sum::<f64>() as f32)
-                .collect();
-            // R cov R^T
-            let mut tmp = vec![0.0f64; d * d];
-            for i in 0..d {
-                for j in 0..d {
-                    tmp[i * d + j] = (0..d).map(|k| rot[i * d + k] * cov[k * d + j]).sum();
-                }
+            rotate(&mut mean, 1);
+            // R cov R^T: rotate every column, then every row.
+            for j in 0..d {
+                rotate(&mut cov[j..], d);
             }
-            let rcov: Vec<f32> = (0..d * d)
-                .map(|ij| {
-                    let (i, j) = (ij / d, ij % d);
-                    (0..d).map(|k| tmp[i * d + k] * rot[j * d + k]).sum::<f64>() as f32
-                })
-                .collect();
+            for i in 0..d {
+                rotate(&mut cov[i * d..(i + 1) * d], 1);
+            }
             QueryMoments {
-                mean: rmean,
-                cov: rcov,
+                mean: mean.iter().map(|&x| x as f32).collect(),
+                cov: cov.iter().map(|&x| x as f32).collect(),
                 scale: stats.scale,
             }
         })
@@ -399,5 +398,80 @@ pub fn release_freed_memory() {
     // SAFETY: malloc_trim only releases free memory; it has no preconditions.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{HeadAccum, LayerRope, QueryAccum};
+    use crate::config::RopeStyle;
+
+    /// The query moments rotated pair by pair equal the explicit products with the
+    /// averaged d×d rotation matrix.
+    #[test]
+    fn query_moments_are_rotated_by_the_mean_rope_rotation() {
+        let d = 8;
+        for style in [RopeStyle::Neox, RopeStyle::Adjacent] {
+            let val = |i: usize| ((i * 37 % 11) as f64 - 5.0) * 0.3;
+            let acc = QueryAccum {
+                count: 4.0,
+                sum: (0..d).map(|i| val(i) * 4.0).collect(),
+                outer: (0..d * d)
+                    .map(|ij| {
+                        let (i, j) = (ij / d, ij % d);
+                        4.0 * (val(i) * val(j) + if i == j { 1.0 + i as f64 } else { 0.1 })
+                    })
+                    .collect(),
+            };
+            let stats = PrefillStats {
+                heads: vec![vec![HeadAccum::default()]],
+                queries: vec![vec![acc.clone(), acc]],
+                window_rows: 0,
+                rope: vec![LayerRope { base: 100.0, style }],
+                scale: 0.25,
+            };
+            let (n_seen, future) = (37, 5);
+            let got = query_moments(&stats, 0, 0, n_seen, future).unwrap();
+            assert_eq!(got.len(), 2);
+            // Explicit: the average of the rotation matrices, then R mu and R cov R^T.
+            let pairs = crate::model::rope_pairs(d, style);
+            let mut r = vec![0.0f64; d * d];
+            for p in n_seen..n_seen + future {
+                for (i, &(a, b)) in pairs.iter().enumerate() {
+                    let angle = p as f64 * 100f64.powf(-2.0 * i as f64 / d as f64);
+                    let (c, s) = (angle.cos() / future as f64, angle.sin() / future as f64);
+                    r[a * d + a] += c;
+                    r[a * d + b] -= s;
+                    r[b * d + a] += s;
+                    r[b * d + b] += c;
+                }
+            }
+            let mean: Vec<f64> = (0..d).map(val).collect();
+            let cov: Vec<f64> = (0..d * d)
+                .map(|ij| {
+                    if ij / d == ij % d {
+                        1.0 + (ij / d) as f64
+                    } else {
+                        0.1
+                    }
+                })
+                .collect();
+            for i in 0..d {
+                let want: f64 = (0..d).map(|j| r[i * d + j] * mean[j]).sum();
+                assert!((got[0].mean[i] as f64 - want).abs() < 1e-5);
+                for j in 0..d {
+                    let want: f64 = (0..d)
+                        .flat_map(|k| (0..d).map(move |l| (k, l)))
+                        .map(|(k, l)| r[i * d + k] * cov[k * d + l] * r[j * d + l])
+                        .sum();
+                    assert!(
+                        (got[1].cov[i * d + j] as f64 - want).abs() < 1e-5,
+                        "{i},{j}"
+                    );
+                }
+            }
+            assert_eq!(got[0].scale, 0.25);
+        }
     }
 }

@@ -695,7 +695,9 @@ fn fold_stats(
             let peak = hs.reconstruction.get_or_insert_with(Vec::new);
             peak.resize(n, 0.0);
             for r in heads {
-                peak.iter_mut().zip(&r.peak).for_each(|(a, &b)| *a = a.max(b));
+                peak.iter_mut()
+                    .zip(&r.peak)
+                    .for_each(|(a, &b)| *a = a.max(b));
             }
         }
     }
@@ -724,7 +726,10 @@ fn add_query_moments(acc: &mut [QueryAccum], q: &[f32], d: usize) {
             }
         }
         a.count += rows as f64;
-        a.sum.iter_mut().zip(&sum).for_each(|(t, &s)| *t += s as f64);
+        a.sum
+            .iter_mut()
+            .zip(&sum)
+            .for_each(|(t, &s)| *t += s as f64);
         for i in 0..d {
             for j in i..d {
                 let v = outer[i * d + j] as f64;

@@ -73,7 +73,9 @@ impl LoadedModel {
                 .template
                 .render(&[Message::user(format!("{context}{MARK}"))], true)?;
             let at = text.find(MARK).ok_or_else(|| {
-                Error::Template("the chat template does not show the user's message verbatim".into())
+                Error::Template(
+                    "the chat template does not show the user's message verbatim".into(),
+                )
             })?;
             (text[..at].to_string(), text[at + MARK.len()..].to_string())
         } else {

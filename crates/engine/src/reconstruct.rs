@@ -35,7 +35,10 @@ pub fn reconstruction_scores(
                 .into(),
         ));
     }
-    let longest_prompt = prompts.first.len().max(prompts.later.len() + prompts.overlap)
+    let longest_prompt = prompts
+        .first
+        .len()
+        .max(prompts.later.len() + prompts.overlap)
         + prompts.suffix.len();
     let room = model.cfg.ctx_len.saturating_sub(n0 + longest_prompt);
     let chunk = CHUNK.min(room);

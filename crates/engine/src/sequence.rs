@@ -139,7 +139,10 @@ impl Sequence {
 
     /// Compress the cache with `compressor` (a no-op for the full cache). Returns the
     /// report and the per-layer slot targets, which bound the cache during decoding.
-    pub fn compress(&mut self, compressor: &Compressor) -> Result<(CompressReport, Vec<usize>), Error> {
+    pub fn compress(
+        &mut self,
+        compressor: &Compressor,
+    ) -> Result<(CompressReport, Vec<usize>), Error> {
         if compressor.is_noop() {
             return Ok((CompressReport::default(), Vec::new()));
         }

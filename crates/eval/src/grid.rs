@@ -50,7 +50,9 @@ pub struct GridSpec {
 }
 
 /// When a configuration compresses: before the question is seen, or after.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Prefill the context, compress it, then append the question and answer prefix
@@ -271,7 +273,9 @@ impl GridSpec {
             let protocol = spec.protocol.unwrap_or(self.protocol);
             // An aware configuration says so in its label, however it was asked for.
             let written = match (protocol, spec.protocol) {
-                (Protocol::Aware, None) if m.contains(':') => format!("{},protocol=aware", m.trim()),
+                (Protocol::Aware, None) if m.contains(':') => {
+                    format!("{},protocol=aware", m.trim())
+                }
                 (Protocol::Aware, None) => format!("{}:protocol=aware", m.trim()),
                 _ => m.trim().to_string(),
             };

@@ -11,6 +11,7 @@
 //! - [`runner`]: prefills each item once and evaluates every configuration from a copy
 //!   of that cache; [`records`]: the resumable JSON-lines results;
 //! - [`report`] and [`plot`]: summary tables (Markdown, CSV) and charts (SVG, PNG);
+//!   [`stats`]: the bootstrap intervals and sign tests of its paired comparisons;
 //! - [`analyze`]: the paper's observations (key similarity of neighbouring tokens, the
 //!   per-layer sparsity of merging sets) and merge maps.
 
@@ -23,6 +24,7 @@ pub mod report;
 pub mod runner;
 pub mod sample;
 pub mod sources;
+pub mod stats;
 pub mod tasks;
 
 pub use sample::{Metric, Sample};

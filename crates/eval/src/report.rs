@@ -1,9 +1,14 @@
 //! Summaries of a grid's records: a Markdown table and a CSV of means per
-//! configuration, and the charts (score against budget, per-task bars, NIAH depth ×
-//! length heatmaps, perplexity and fidelity).
+//! configuration, paired comparisons on the same samples (against the full cache and
+//! against the best other method at the same budget, with bootstrap intervals and sign
+//! tests, and whether each configuration kept no more than its budget), and the charts
+//! (score against budget, per-task bars, NIAH depth × length heatmaps, perplexity and
+//! fidelity).
 
 use crate::plot::{self, Series};
 use crate::records::Record;
+use crate::stats::{self, Interval, PairedDifference};
+use kvmerger_compression::Budget;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -106,15 +111,18 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map(|x| format!("{x:.digits$}")).unwrap_or_default()
 }
 
+/// A CSV field, quoted when it must be.
+fn csv_field(t: &str) -> String {
+    if t.contains([',', '"', '\n']) {
+        format!("\"{}\"", t.replace('"', "\"\""))
+    } else {
+        t.to_string()
+    }
+}
+
 pub fn csv(cells: &[Cell]) -> String {
     let mut s = String::from("run,task,length,config,method,budget,n,score,kv_ratio,ppl,kl,top1\n");
-    let q = |t: &str| {
-        if t.contains([',', '"', '\n']) {
-            format!("\"{}\"", t.replace('"', "\"\""))
-        } else {
-            t.to_string()
-        }
-    };
+    let q = csv_field;
     for c in cells {
         let _ = writeln!(
             s,
@@ -136,6 +144,397 @@ pub fn csv(cells: &[Cell]) -> String {
     s
 }
 
+/// The `task` of a paired row that pools every answer task of its run.
+pub const ALL_TASKS: &str = "all";
+
+/// How far (relative) a configuration's kept share may exceed its nominal budget before
+/// it is flagged: rounding a fraction of each head to whole slots overshoots a little.
+pub const PARITY_TOLERANCE: f64 = 0.005;
+
+/// What a configuration kept against what its budget allows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Parity {
+    /// Mean share of the full cache's KV bytes kept (None: no record says).
+    pub bytes_kept: Option<f64>,
+    /// Mean share of the full cache's slots kept, over the records that count slots.
+    pub slots_kept: Option<f64>,
+    /// The budget as a share of the full cache (mean over samples for token counts).
+    pub nominal: Option<f64>,
+    /// Bytes or slots kept exceed the nominal share by more than [`PARITY_TOLERANCE`]:
+    /// the configuration is compared with others at a budget it did not keep to.
+    pub over: bool,
+}
+
+/// One configuration's answer-task scores in one scope of a run (every task pooled, or
+/// one task), compared sample by sample with the full cache and with the best other
+/// compressed configuration at the same budget and protocol.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PairedRow {
+    pub run: String,
+    /// A task, or [`ALL_TASKS`].
+    pub task: String,
+    pub config: String,
+    pub method: String,
+    pub budget: String,
+    pub protocol: String,
+    /// Samples scored.
+    pub n: usize,
+    pub mean: f64,
+    /// Bootstrap interval of the mean over samples.
+    pub interval: Interval,
+    /// This minus the full cache, on the samples both have (None for the full cache, or
+    /// when the run has none).
+    pub vs_full: Option<PairedDifference>,
+    /// The best other configuration at this budget and protocol, and this minus it.
+    pub vs_best_other: Option<(String, PairedDifference)>,
+    pub parity: Parity,
+}
+
+/// A sample of a run: task, length, index.
+type SampleKey = (String, usize, usize);
+
+/// The records of one configuration (label and protocol) in one scope.
+struct Scored<'a> {
+    config: &'a str,
+    method: &'a str,
+    budget: &'a str,
+    protocol: &'a str,
+    scores: BTreeMap<SampleKey, f64>,
+    records: Vec<&'a Record>,
+}
+
+impl Scored<'_> {
+    fn is_full(&self) -> bool {
+        self.method == "full"
+    }
+
+    /// (this, other) scores on the samples both have.
+    fn pairs(&self, other: &Scored) -> Vec<(f64, f64)> {
+        self.scores
+            .iter()
+            .filter_map(|(k, &a)| other.scores.get(k).map(|&b| (a, b)))
+            .collect()
+    }
+}
+
+/// The share of the full cache a budget allows on a sample of `prompt_tokens` tokens:
+/// fractions and percentages as they are, a token count divided by the prompt's tokens
+/// (at most everything), the full cache 1. None for a label that is not a budget.
+pub fn nominal_share(method: &str, budget: &str, prompt_tokens: usize) -> Option<f64> {
+    if method == "full" {
+        return Some(1.0);
+    }
+    match budget.parse::<Budget>().ok()? {
+        Budget::Fraction(f) => Some(f),
+        Budget::Tokens(_) if prompt_tokens == 0 => None,
+        Budget::Tokens(t) => Some((t as f64 / prompt_tokens as f64).min(1.0)),
+    }
+}
+
+/// Budget parity of one configuration's records.
+pub fn parity(method: &str, budget: &str, records: &[&Record]) -> Parity {
+    let bytes_kept = mean(
+        records
+            .iter()
+            .filter(|r| r.kv_bytes_full > 0)
+            .map(|r| r.kv_bytes as f64 / r.kv_bytes_full as f64),
+    );
+    // Records written before slots were counted have 0 for both: no evidence either way.
+    let slots_kept = mean(
+        records
+            .iter()
+            .filter(|r| r.kv_slots_full > 0)
+            .map(|r| r.kv_slots as f64 / r.kv_slots_full as f64),
+    );
+    let shares: Option<Vec<f64>> = records
+        .iter()
+        .map(|r| nominal_share(method, budget, r.prompt_tokens))
+        .collect();
+    let nominal = shares.and_then(|v| mean(v.into_iter()));
+    let over = nominal.is_some_and(|n| {
+        [bytes_kept, slots_kept]
+            .into_iter()
+            .flatten()
+            .any(|kept| kept > n * (1.0 + PARITY_TOLERANCE))
+    });
+    Parity {
+        bytes_kept,
+        slots_kept,
+        nominal,
+        over,
+    }
+}
+
+/// Paired comparisons of every configuration of every run: first the run's answer tasks
+/// pooled ([`ALL_TASKS`]), then each task; configurations in the summary table's order.
+/// Text tasks (perplexity) have no per-sample score and are left out.
+pub fn paired_rows(records: &[Record]) -> Vec<PairedRow> {
+    let order = config_order(records);
+    let answer: Vec<&Record> = records.iter().filter(|r| r.score.is_some()).collect();
+    let runs: BTreeSet<&str> = answer.iter().map(|r| r.run.as_str()).collect();
+    let mut rows = Vec::new();
+    for run in runs {
+        let in_run: Vec<&Record> = answer.iter().filter(|r| r.run == run).copied().collect();
+        let tasks: BTreeSet<&str> = in_run.iter().map(|r| r.task.as_str()).collect();
+        let scopes = std::iter::once(None).chain(tasks.into_iter().map(Some));
+        for scope in scopes {
+            let in_scope: Vec<&Record> = in_run
+                .iter()
+                .filter(|r| scope.is_none_or(|t| r.task == t))
+                .copied()
+                .collect();
+            rows.extend(compare(run, scope.unwrap_or(ALL_TASKS), &in_scope, &order));
+        }
+    }
+    rows
+}
+
+fn compare(run: &str, task: &str, records: &[&Record], order: &[String]) -> Vec<PairedRow> {
+    // A label names one configuration, but records merged from before and after
+    // protocols existed may share a label under two protocols: those are two
+    // experiments, so a configuration is a (label, protocol).
+    let mut configs: Vec<Scored> = Vec::new();
+    for label in order {
+        let protocols: BTreeSet<&str> = records
+            .iter()
+            .filter(|r| r.config == *label)
+            .map(|r| r.protocol.as_str())
+            .collect();
+        for protocol in protocols {
+            let rs: Vec<&Record> = records
+                .iter()
+                .filter(|r| r.config == *label && r.protocol == protocol)
+                .copied()
+                .collect();
+            configs.push(Scored {
+                config: label,
+                method: &rs[0].method,
+                budget: &rs[0].budget,
+                protocol,
+                scores: rs
+                    .iter()
+                    .filter_map(|r| Some(((r.task.clone(), r.length, r.index), r.score?)))
+                    .collect(),
+                records: rs,
+            });
+        }
+    }
+    // The full cache answers the same under either protocol, so any full cache will
+    // do as the reference; one of the same protocol is preferred.
+    let full_for = |protocol: &str| {
+        configs
+            .iter()
+            .filter(|c| c.is_full())
+            .min_by_key(|c| c.protocol != protocol)
+    };
+    let compare_with = |this: &Scored, other: &Scored| {
+        PairedDifference::of(&this.pairs(other), stats::RESAMPLES, stats::SEED)
+    };
+    configs
+        .iter()
+        .map(|this| {
+            let values: Vec<f64> = this.scores.values().copied().collect();
+            let vs_full = if this.is_full() {
+                None
+            } else {
+                full_for(this.protocol).and_then(|full| compare_with(this, full))
+            };
+            // The best rival is judged on the samples it shares with this one, so that
+            // a rival scored on easier samples does not win by that alone.
+            let mut best: Option<(&Scored, f64)> = None;
+            if !this.is_full() {
+                for other in configs.iter().filter(|o| {
+                    !o.is_full()
+                        && o.budget == this.budget
+                        && o.protocol == this.protocol
+                        && o.config != this.config
+                }) {
+                    let Some(m) =
+                        stats::mean(&this.pairs(other).iter().map(|p| p.1).collect::<Vec<_>>())
+                    else {
+                        continue;
+                    };
+                    if best.is_none_or(|(_, b)| m > b) {
+                        best = Some((other, m));
+                    }
+                }
+            }
+            PairedRow {
+                run: run.to_string(),
+                task: task.to_string(),
+                config: this.config.to_string(),
+                method: this.method.to_string(),
+                budget: this.budget.to_string(),
+                protocol: this.protocol.to_string(),
+                n: values.len(),
+                mean: stats::mean(&values).unwrap_or(f64::NAN),
+                interval: stats::bootstrap_mean_interval(&values, stats::RESAMPLES, stats::SEED)
+                    .unwrap_or(Interval {
+                        low: f64::NAN,
+                        high: f64::NAN,
+                    }),
+                vs_full,
+                vs_best_other: best.and_then(|(other, _)| {
+                    compare_with(this, other).map(|d| (other.config.to_string(), d))
+                }),
+                parity: parity(this.method, this.budget, &this.records),
+            }
+        })
+        .collect()
+}
+
+fn percent(v: Option<f64>) -> String {
+    v.map(|x| format!("{:.1}%", x * 100.0))
+        .unwrap_or_else(|| "—".into())
+}
+
+fn p_value(p: f64) -> String {
+    if p >= 0.001 {
+        format!("{p:.3}")
+    } else {
+        format!("{p:.1e}")
+    }
+}
+
+/// `+1.5 [−0.5, +3.5]`: a difference ×100 and its interval.
+fn difference(d: &PairedDifference) -> String {
+    format!(
+        "{:+.1} [{:+.1}, {:+.1}]",
+        d.mean * 100.0,
+        d.interval.low * 100.0,
+        d.interval.high * 100.0
+    )
+}
+
+/// The paired-comparison table of one run's pooled rows.
+fn paired_markdown(rows: &[&PairedRow]) -> String {
+    let mut s = String::from("#### Paired comparison\n\n");
+    s.push_str(
+        "| config | protocol | n | mean ×100 [95% CI] | Δ vs full ×100 [95% CI] | W/L/T | p | verdict \
+         | best other at budget | Δ vs it ×100 [95% CI] | W/L/T | verdict \
+         | KV kept | slots kept | nominal | parity |\n",
+    );
+    s.push_str("|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|---|\n");
+    let counts = |d: &PairedDifference| format!("{}/{}/{}", d.wins, d.losses, d.ties);
+    for r in rows {
+        let _ = write!(
+            s,
+            "| {} | {} | {} | {:.1} [{:.1}, {:.1}] |",
+            r.config,
+            r.protocol,
+            r.n,
+            r.mean * 100.0,
+            r.interval.low * 100.0,
+            r.interval.high * 100.0
+        );
+        match &r.vs_full {
+            Some(d) => {
+                let _ = write!(
+                    s,
+                    " {} | {} | {} | {} |",
+                    difference(d),
+                    counts(d),
+                    p_value(d.p_value),
+                    d.verdict().name()
+                );
+            }
+            None => s.push_str(" — | — | — | — |"),
+        }
+        match &r.vs_best_other {
+            Some((other, d)) => {
+                let _ = write!(
+                    s,
+                    " {other} | {} | {} | {} |",
+                    difference(d),
+                    counts(d),
+                    d.verdict().name()
+                );
+            }
+            None => s.push_str(" — | — | — | — |"),
+        }
+        let flag = match (r.parity.nominal, r.parity.over) {
+            (None, _) => "—",
+            (Some(_), true) => "⚠ over",
+            (Some(_), false) => "ok",
+        };
+        let _ = writeln!(
+            s,
+            " {} | {} | {} | {flag} |",
+            percent(r.parity.bytes_kept),
+            percent(r.parity.slots_kept),
+            percent(r.parity.nominal)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nEvery answer sample of the run pooled (the mean column above averages the columns \
+         instead). 95% intervals: percentile bootstrap over samples ({} resamples, fixed seed). \
+         Δ: this configuration minus the other on the samples both have; W/L/T: samples it \
+         scored higher, lower, the same; p: two-sided exact sign test over the untied samples; \
+         verdict: tie when the interval covers 0. Best other: the other compressed configuration \
+         with the highest mean at the same budget and protocol, on the shared samples. KV kept \
+         and slots kept: mean share of the full cache; nominal: the budget as a share (a token \
+         count over the prompt's tokens); ⚠ over: kept more than {}% above nominal. Per-task \
+         comparisons are in paired.csv.\n",
+        stats::RESAMPLES,
+        PARITY_TOLERANCE * 100.0
+    );
+    s
+}
+
+/// Every paired row as CSV: scores and differences as fractions, p-values in full.
+pub fn paired_csv(rows: &[PairedRow]) -> String {
+    let mut s = String::from(
+        "run,task,config,method,budget,protocol,n,mean,mean_low,mean_high,\
+         full_n,full_diff,full_diff_low,full_diff_high,full_wins,full_losses,full_ties,full_p,full_verdict,\
+         best_other,best_other_n,best_other_diff,best_other_diff_low,best_other_diff_high,\
+         best_other_wins,best_other_losses,best_other_ties,best_other_p,best_other_verdict,\
+         kv_kept,slots_kept,nominal,over_budget\n",
+    );
+    let comparison = |d: Option<&PairedDifference>| match d {
+        Some(d) => format!(
+            "{},{:.4},{:.4},{:.4},{},{},{},{:.4e},{}",
+            d.n,
+            d.mean,
+            d.interval.low,
+            d.interval.high,
+            d.wins,
+            d.losses,
+            d.ties,
+            d.p_value,
+            d.verdict().name()
+        ),
+        None => ",,,,,,,,".into(),
+    };
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{},{},{},{},{},{},{}",
+            csv_field(&r.run),
+            csv_field(&r.task),
+            csv_field(&r.config),
+            csv_field(&r.method),
+            csv_field(&r.budget),
+            csv_field(&r.protocol),
+            r.n,
+            r.mean,
+            r.interval.low,
+            r.interval.high,
+            comparison(r.vs_full.as_ref()),
+            r.vs_best_other
+                .as_ref()
+                .map(|(c, _)| csv_field(c))
+                .unwrap_or_default(),
+            comparison(r.vs_best_other.as_ref().map(|(_, d)| d)),
+            opt(r.parity.bytes_kept, 4),
+            opt(r.parity.slots_kept, 4),
+            opt(r.parity.nominal, 4),
+            r.parity.over
+        );
+    }
+    s
+}
+
 fn short_len(l: usize) -> String {
     if l >= 1024 && l.is_multiple_of(1024) {
         format!("{}k", l / 1024)
@@ -145,9 +544,15 @@ fn short_len(l: usize) -> String {
 }
 
 /// The Markdown summary: per run, a table of answer-task scores (×100) with one column
-/// per task and length, and a table of perplexity and fidelity. The best compressed
-/// score of each budget in each column is in bold.
+/// per task and length, the paired comparison of its configurations, and a table of
+/// perplexity and fidelity. The best compressed score of each budget in each column is
+/// in bold.
 pub fn markdown(records: &[Record]) -> String {
+    markdown_with(records, &paired_rows(records))
+}
+
+/// [`markdown`] with the paired rows already computed (the bootstrap is the slow part).
+fn markdown_with(records: &[Record], paired: &[PairedRow]) -> String {
     let cells = cells(records);
     let order = config_order(records);
     let runs: BTreeSet<&str> = cells.iter().map(|c| c.run.as_str()).collect();
@@ -246,6 +651,13 @@ pub fn markdown(records: &[Record]) -> String {
                 "\nScores ×100, mean over {} samples per cell; bold: the best compressed configuration at that budget.\n",
                 ns.join("/")
             );
+            let pooled: Vec<&PairedRow> = paired
+                .iter()
+                .filter(|r| r.run == run && r.task == ALL_TASKS)
+                .collect();
+            if !pooled.is_empty() {
+                s.push_str(&paired_markdown(&pooled));
+            }
         }
         let text: Vec<&Cell> = cs.iter().filter(|c| c.ppl.is_some()).copied().collect();
         if !text.is_empty() {
@@ -288,16 +700,21 @@ fn slug(s: &str) -> String {
         .collect()
 }
 
-/// Write summary.md, summary.csv and the charts under `out`. Returns the files written.
+/// Write summary.md, summary.csv, paired.csv and the charts under `out`. Returns the
+/// files written.
 pub fn write_all(records: &[Record], out: &Path) -> Result<Vec<PathBuf>, String> {
     let mut files = Vec::new();
+    let paired = paired_rows(records);
     let md = out.join("summary.md");
-    plot::write_atomic(&md, markdown(records).as_bytes())?;
+    plot::write_atomic(&md, markdown_with(records, &paired).as_bytes())?;
     files.push(md);
     let cs = cells(records);
     let csv_path = out.join("summary.csv");
     plot::write_atomic(&csv_path, csv(&cs).as_bytes())?;
     files.push(csv_path);
+    let paired_path = out.join("paired.csv");
+    plot::write_atomic(&paired_path, paired_csv(&paired).as_bytes())?;
+    files.push(paired_path);
     let order = config_order(records);
     let runs: BTreeSet<&str> = cs.iter().map(|c| c.run.as_str()).collect();
     let multi = runs.len() > 1;
@@ -603,9 +1020,12 @@ mod tests {
             config: config.into(),
             method: method.into(),
             budget: budget.into(),
+            protocol: "agnostic".into(),
             prompt_tokens: 4000,
             kv_bytes_full: 100,
             kv_bytes: if method == "full" { 100 } else { 50 },
+            kv_slots_full: 0,
+            kv_slots: 0,
             score: Some(score),
             prediction: None,
             references: vec![],

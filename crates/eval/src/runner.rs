@@ -8,11 +8,11 @@ use crate::sample::Sample;
 use crate::{metrics, Error};
 use kvmerger_compression::{KvDtype, StatsNeeds};
 use kvmerger_engine::compress::{Compressor, DecodeCompression};
-use kvmerger_engine::prompt::RepeatPrompts;
-use kvmerger_engine::sequence::Sequence;
 use kvmerger_engine::generate::{decode_with, GenerateParams};
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::model::Logits;
+use kvmerger_engine::prompt::RepeatPrompts;
+use kvmerger_engine::sequence::Sequence;
 use std::path::Path;
 use std::time::Instant;
 

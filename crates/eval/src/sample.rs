@@ -58,7 +58,6 @@ impl Sample {
     /// begins (at a character boundary, inside the input).
     pub fn split(&self) -> Option<(&str, &str)> {
         let at = self.question_at?;
-        (at <= self.input.len() && self.input.is_char_boundary(at))
-            .then(|| self.input.split_at(at))
+        (at <= self.input.len() && self.input.is_char_boundary(at)).then(|| self.input.split_at(at))
     }
 }

@@ -226,7 +226,10 @@ fn run_grid(a: EvalRunArgs, dir: &Path) -> Result<()> {
         }
         for (t, mut v) in by_task {
             if files.contains_key(&t) {
-                bail!("{}: task {t} was already read from another file", path.display());
+                bail!(
+                    "{}: task {t} was already read from another file",
+                    path.display()
+                );
             }
             for (i, s) in v.iter_mut().enumerate() {
                 s.index = i;
@@ -247,7 +250,10 @@ fn run_grid(a: EvalRunArgs, dir: &Path) -> Result<()> {
     // The query-agnostic protocol needs every sample cut at its question: say so now,
     // not after the first prefill.
     let configs = spec.configs()?;
-    if configs.iter().any(|c| c.protocol == Protocol::Agnostic && c.budget.is_some()) {
+    if configs
+        .iter()
+        .any(|c| c.protocol == Protocol::Agnostic && c.budget.is_some())
+    {
         for t in &spec.tasks {
             if let Some(s) = files
                 .get(t)

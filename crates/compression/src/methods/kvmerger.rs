@@ -77,7 +77,8 @@ pub const OPTIONS: &[OptionDoc] = &[
     OptionDoc { key: "mass", default: "bias", help: "attention mass of merged slots: none, scale (values x|S|) or bias (log-count logit bias)" },
     OptionDoc { key: "mode", default: "exact", help: "exact (exactly the budget per head) or paper (fixed epsilon, any size)" },
     OptionDoc { key: "skip_layers", default: "0,1,-1", help: "layers not merged (negative counts from the end; 'none')" },
-    OptionDoc { key: "score", default: "accumulated", help: "aggregated attention: accumulated (all queries) or window (last queries)" },
+    OptionDoc { key: "score", default: "accumulated", help: "pivot and heavy-hitter score: accumulated (all queries), window (last queries), expected (Expected Attention), keydiff or kvzip (reconstruction)" },
+    OptionDoc { key: "layers", default: "uniform", help: "per-layer budgets: uniform, or sparsity (observation 2, measured on the fly: in proportion to the sets each layer forms at epsilon)" },
     OptionDoc { key: "window", default: "32", help: "observation window size, with score=window" },
     OptionDoc { key: "min_epsilon", default: "0", help: "exact mode: lowest threshold tried before dropping sets" },
 ];
@@ -111,6 +112,23 @@ pub enum Mode {
 pub enum Score {
     Accumulated,
     Window(usize),
+    /// Expected Attention's score (query statistics of the context).
+    Expected,
+    /// KeyDiff's score (no statistics).
+    KeyDiff,
+    /// KVzip's reconstruction score.
+    Reconstruction,
+}
+
+/// How the budget is shared between layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layers {
+    /// Every layer keeps the budget it is given.
+    Uniform,
+    /// The paper's observation 2, measured on the cache being compressed: each layer's
+    /// share is proportional to the merging sets its heads form at `epsilon` (the
+    /// ratio a fixed threshold keeps), water-filled so the total stays the same.
+    Sparsity,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -124,6 +142,7 @@ pub struct KvMerger {
     pub mode: Mode,
     pub skip_layers: Vec<i64>,
     pub score: Score,
+    pub layers: Layers,
     pub min_epsilon: f32,
 }
 
@@ -218,14 +237,25 @@ impl KvMerger {
                 }
             },
         };
-        let score = match opts.choice_or("score", &["accumulated", "window"], "accumulated")? {
+        let score = match opts.choice_or(
+            "score",
+            &["accumulated", "window", "expected", "keydiff", "kvzip"],
+            "accumulated",
+        )? {
             "window" => Score::Window(opts.usize_or("window", 32)?),
             _ if opts.get("window").is_some() => {
                 return Err(Error::InvalidOption(
                     "kvmerger: option 'window' applies to score=window".into(),
                 ))
             }
+            "expected" => Score::Expected,
+            "keydiff" => Score::KeyDiff,
+            "kvzip" => Score::Reconstruction,
             _ => Score::Accumulated,
+        };
+        let layers = match opts.choice_or("layers", &["uniform", "sparsity"], "uniform")? {
+            "sparsity" => Layers::Sparsity,
+            _ => Layers::Uniform,
         };
         Ok(KvMerger {
             recent: share("recent")?,
@@ -247,6 +277,7 @@ impl KvMerger {
             },
             skip_layers: parse_layers(opts.get("skip_layers").unwrap_or("0,1,-1"))?,
             score,
+            layers,
             min_epsilon,
         })
     }
@@ -279,12 +310,80 @@ impl KvMerger {
         Ok((recent, heavy))
     }
 
-    fn scores<'a>(&self, input: &HeadInput<'a>) -> Result<&'a [f32], Error> {
-        let which = match self.score {
-            Score::Accumulated => Stat::Accumulated,
-            Score::Window(_) => Stat::Window,
+    fn scores<'a>(&self, input: &HeadInput<'a>) -> Result<std::borrow::Cow<'a, [f32]>, Error> {
+        use std::borrow::Cow;
+        let rename = |e: Error| match e {
+            Error::MissingStats { stat, .. } => Error::MissingStats {
+                method: "kvmerger".into(),
+                stat,
+            },
+            e => e,
         };
-        super::stat(input, which, "kvmerger")
+        Ok(match self.score {
+            Score::Accumulated => Cow::Borrowed(super::stat(input, Stat::Accumulated, "kvmerger")?),
+            Score::Window(_) => Cow::Borrowed(super::stat(input, Stat::Window, "kvmerger")?),
+            Score::Reconstruction => {
+                Cow::Borrowed(super::stat(input, Stat::Reconstruction, "kvmerger")?)
+            }
+            Score::Expected => Cow::Owned(
+                super::expected_attention::ExpectedAttention::from_options(&Options::new())?
+                    .expected_scores(input)
+                    .map_err(rename)?,
+            ),
+            Score::KeyDiff => {
+                Cow::Owned(super::keydiff::KeyDiff { sinks: 0 }.key_scores(input.data))
+            }
+        })
+    }
+
+    /// The merging sets a head forms at `epsilon` with nothing protected, per slot: the
+    /// share a fixed threshold keeps (the paper's observation 2).
+    pub fn sparsity(&self, data: &HeadData) -> f64 {
+        let n = data.len();
+        if n == 0 {
+            return 1.0;
+        }
+        let norms = super::key_norms(data);
+        let sets = partition(data, &norms, &[0..n], self.chain, self.epsilon).len();
+        sets as f64 / n as f64
+    }
+
+    /// Budgets of `inputs` moved between layers by [`Layers::Sparsity`], keeping the total.
+    fn layer_budgets(&self, inputs: &[HeadInput<'_>]) -> Vec<usize> {
+        use rayon::prelude::*;
+        let n_layers = inputs.iter().map(|i| i.pos.layer + 1).max().unwrap_or(0);
+        let ratios: Vec<f64> = inputs.par_iter().map(|i| self.sparsity(i.data)).collect();
+        let mut per_layer = vec![(0.0f64, 0usize, 0usize, 0usize); n_layers];
+        for (i, r) in inputs.iter().zip(&ratios) {
+            let e = &mut per_layer[i.pos.layer];
+            e.0 += r;
+            e.1 += 1;
+            e.2 += i.budget;
+            e.3 = e.3.max(i.data.len());
+        }
+        let weights: Vec<f64> = per_layer
+            .iter()
+            .map(|&(sum, heads, _, _)| if heads == 0 { 0.0 } else { sum / heads as f64 })
+            .collect();
+        // Per head of each layer, from the total per head the layers were given.
+        let heads = per_layer.iter().map(|e| e.1).max().unwrap_or(1).max(1);
+        let total: usize = per_layer.iter().map(|e| e.2).sum::<usize>() / heads;
+        let len = per_layer.iter().map(|e| e.3).max().unwrap_or(0);
+        let floor = inputs
+            .iter()
+            .map(|i| {
+                self.protected_counts(i.data.len(), i.budget)
+                    .map(|(r, h)| r + h)
+                    .unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let shares = crate::schedule::water_fill(&weights, total, floor, len);
+        inputs
+            .iter()
+            .map(|i| shares[i.pos.layer].min(i.data.len()))
+            .collect()
     }
 
     /// The sets, weights, protected and dropped slots for `input`, without merging.
@@ -300,6 +399,7 @@ impl KvMerger {
             });
         }
         let a = self.scores(input)?;
+        let a: &[f32] = &a;
         let (recent, heavy) = self.protected_counts(n, budget)?;
         let mut protected = vec![false; n];
         let heavy = if skipped { budget - recent } else { heavy };
@@ -628,6 +728,18 @@ fn partition(
 }
 
 impl Method for KvMerger {
+    fn compress_all(&self, inputs: &[HeadInput<'_>]) -> Result<Vec<HeadData>, Error> {
+        use rayon::prelude::*;
+        if self.layers == Layers::Uniform {
+            return inputs.par_iter().map(|i| self.compress(*i)).collect();
+        }
+        let budgets = self.layer_budgets(inputs);
+        inputs
+            .par_iter()
+            .zip(budgets)
+            .map(|(i, budget)| self.compress(HeadInput { budget, ..*i }))
+            .collect()
+    }
     fn name(&self) -> &str {
         "kvmerger"
     }
@@ -639,6 +751,16 @@ impl Method for KvMerger {
             },
             Score::Window(w) => StatsNeeds {
                 window: Some(w),
+                ..Default::default()
+            },
+            Score::Expected => {
+                super::expected_attention::ExpectedAttention::from_options(&Options::new())
+                    .map(|e| e.needs())
+                    .unwrap_or_default()
+            }
+            Score::KeyDiff => StatsNeeds::default(),
+            Score::Reconstruction => StatsNeeds {
+                reconstruction: true,
                 ..Default::default()
             },
         }

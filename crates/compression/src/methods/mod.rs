@@ -111,7 +111,7 @@ pub(crate) fn window_fits(
 }
 
 /// The `k` candidates with the highest scores (ties: the newer slot wins), unsorted.
-pub(crate) fn top_k(scores: &[f32], mut candidates: Vec<usize>, k: usize) -> Vec<usize> {
+pub fn top_k(scores: &[f32], mut candidates: Vec<usize>, k: usize) -> Vec<usize> {
     if k >= candidates.len() {
         return candidates;
     }

@@ -46,7 +46,6 @@ fn every_documented_default_is_accepted_as_a_value() {
             let context: &[(&str, &str)] = match (info.name, o.key) {
                 ("cam", "recent") => &[("select", "h2o")],
                 ("kvmerger", "window") => &[("score", "window")],
-                ("kvmerger+", "heavy") => &[("pivots", "runs")],
                 _ => &[],
             };
             if o.default != "auto" {
@@ -90,9 +89,10 @@ fn invalid_values_are_errors() {
         ("kvmerger", &[("heavy", "-0.1")]),
         ("kvmerger+", &[("damp", "2")]),
         ("kvmerger+", &[("cap", "-1")]),
-        ("kvmerger+", &[("pivots", "all")]),
-        ("kvmerger+", &[("heavy", "0.5")]),
-        ("kvmerger+", &[("pivots", "runs"), ("heavy", "2")]),
+        ("kvmerger+", &[("selector", "kvmerger")]),
+        ("kvmerger+", &[("selector", "adakv")]),
+        ("kvmerger+", &[("merge", "keys")]),
+        ("kvmerger+", &[("scope", "everything")]),
         ("kvmerger+", &[("epsilon", "-3")]),
     ];
     for (name, pairs) in bad {
@@ -118,7 +118,7 @@ fn windows_larger_than_the_budget_are_errors() {
             50,
         ),
         ("kvmerger+", &[("window", "16")], 15),
-        ("kvmerger+", &[("window", "16"), ("pivots", "runs")], 15),
+        ("kvmerger+", &[("selector", "keydiff"), ("sinks", "16")], 15),
         ("keydiff", &[("sinks", "8")], 7),
         ("expected_attention", &[("sinks", "8")], 7),
         ("kvzip", &[("sinks", "8")], 7),

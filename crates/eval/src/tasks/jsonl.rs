@@ -644,7 +644,12 @@ pub fn read_zeroscrolls(path: &Path, dataset: Option<&str>) -> Result<JsonlSampl
 /// generation lengths. An input without its task's question or answer prefix is a line
 /// error.
 pub fn read_ruler(path: &Path, task: Option<&str>) -> Result<JsonlSamples, Error> {
-    let known = || super::split::RULER_TASKS.iter().map(|s| s.to_string()).collect();
+    let known = || {
+        super::split::RULER_TASKS
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
     let name = match task {
         Some(t) => t.to_string(),
         None => {
@@ -678,8 +683,10 @@ pub fn read_ruler(path: &Path, task: Option<&str>) -> Result<JsonlSamples, Error
         let read = text.and_then(|t| parse_object(&t)).and_then(|obj| {
             let raw = string(&obj, "input")?;
             let outputs = strings(&obj, "outputs")?;
-            let (question_at, answer_at) = super::split::ruler_cut(&name, &raw)
-                .ok_or_else(|| format!("the input has no {name} question and answer prefix to cut at"))?;
+            let (question_at, answer_at) =
+                super::split::ruler_cut(&name, &raw).ok_or_else(|| {
+                    format!("the input has no {name} question and answer prefix to cut at")
+                })?;
             let index = match obj.get("index") {
                 Some(Value::Number(n)) => n.as_u64().map(|i| i as usize),
                 _ => None,

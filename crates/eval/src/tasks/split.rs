@@ -33,16 +33,28 @@ fn phrases(task: &str) -> Option<(&'static [&'static str], &'static str)> {
     let family = task.split('_').next().unwrap_or(task);
     Some(match family {
         "niah" => (
-            &["What is the special magic", "What are all the special magic"][..],
+            &[
+                "What is the special magic",
+                "What are all the special magic",
+            ][..],
             "The special magic",
         ),
-        "vt" => (&["Question: Find all variables that are assigned the value"][..], "Answer:"),
+        "vt" => (
+            &["Question: Find all variables that are assigned the value"][..],
+            "Answer:",
+        ),
         "cwe" => (
             &["Question: What are the 10 most common words in the above list?"][..],
             "Answer:",
         ),
-        "fwe" => (&["Question: Do not provide any explanation."][..], "Answer:"),
-        "qa" => (&["Answer the question based on the given documents."][..], "Answer:"),
+        "fwe" => (
+            &["Question: Do not provide any explanation."][..],
+            "Answer:",
+        ),
+        "qa" => (
+            &["Answer the question based on the given documents."][..],
+            "Answer:",
+        ),
         "passkey" => (&["What is the pass key?"][..], "The pass key is"),
         _ => return None,
     })
@@ -94,7 +106,9 @@ mod tests {
         let input = "Example. Question: Find all variables that are assigned the value 1 in the text above. Answer: A B\n\nText VAR X = 5\nQuestion: Find all variables that are assigned the value 5 in the text above. Answer: According to";
         let (q, a) = ruler_cut("vt", input).unwrap();
         assert!(input[..q].ends_with("VAR X = 5\n"));
-        assert!(input[q..a].starts_with("Question: Find all variables that are assigned the value 5"));
+        assert!(
+            input[q..a].starts_with("Question: Find all variables that are assigned the value 5")
+        );
         assert_eq!(&input[a..], " Answer: According to");
         assert_eq!(question_start("vt", input), Some(q));
         assert_eq!(question_start("niah_single_2", input), None);

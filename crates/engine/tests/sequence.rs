@@ -1,0 +1,223 @@
+//! The query-agnostic lifecycle on real models: prompts cut at the question, a
+//! sequence fed a context and then a question, statistics that describe what was fed,
+//! and KVzip's reconstruction pass.
+
+mod common;
+
+use common::model_path;
+use kvmerger_compression::{Budget, KvDtype, Options, Schedule, StatsNeeds};
+use kvmerger_engine::cache::KvCache;
+use kvmerger_engine::compress::Compressor;
+use kvmerger_engine::load::LoadedModel;
+use kvmerger_engine::model::Logits;
+use kvmerger_engine::sequence::Sequence;
+
+const CONTEXT: &str = "Alice keeps bees behind the old mill. Every morning she counts the hives, \
+writes the number in a green notebook, and walks to the river to watch the herons. \
+One day the notebook went missing, and the whole village helped her look for it.\n";
+const QUESTION: &str = "Where did Alice write the number of hives?";
+
+fn open(id: &str) -> LoadedModel {
+    LoadedModel::open(&model_path(id)).unwrap()
+}
+
+#[test]
+fn a_split_prompt_is_the_whole_prompt_cut_after_the_context() {
+    for id in ["qwen2.5-0.5b", "smollm2-135m"] {
+        let lm = open(id);
+        let s = lm
+            .split_prompt(CONTEXT, QUESTION, " Answer:", true)
+            .unwrap();
+        let whole = lm
+            .template
+            .render(
+                &[kvmerger_engine::chat::Message::user(format!(
+                    "{CONTEXT}{QUESTION}"
+                ))],
+                true,
+            )
+            .unwrap();
+        let text = lm.tokenizer.decode(&s.joined());
+        assert_eq!(text, format!("{whole} Answer:"), "{id}");
+        // The context ends with the user's context, the question starts with the question.
+        assert!(
+            lm.tokenizer.decode(&s.context).ends_with("look for it.\n"),
+            "{id}"
+        );
+        assert!(
+            lm.tokenizer
+                .decode(&s.question)
+                .starts_with("Where did Alice"),
+            "{id}"
+        );
+        // The template's opening is the prefix, and it is not part of the context text.
+        let opening = lm.tokenizer.decode(&s.context[..s.prefix]);
+        assert!(!opening.contains("Alice"), "{id}: {opening:?}");
+        assert!(opening.contains("user"), "{id}: {opening:?}");
+        // Without a template, the context is the text itself.
+        let raw = lm.split_prompt(CONTEXT, QUESTION, "", false).unwrap();
+        assert_eq!(
+            lm.tokenizer.decode(&raw.joined()).trim_start(),
+            format!("{CONTEXT}{QUESTION}")
+        );
+    }
+}
+
+#[test]
+fn feeding_a_context_then_a_question_equals_feeding_them_at_once() {
+    let lm = open("smollm2-135m");
+    let s = lm.split_prompt(CONTEXT, QUESTION, "", true).unwrap();
+    let needs = StatsNeeds {
+        accumulated: true,
+        window: Some(8),
+        last: true,
+        ..Default::default()
+    };
+    let mut seq = Sequence::new(&lm.model, KvDtype::F32, needs);
+    seq.feed(&lm.model, &s.context).unwrap();
+    seq.feed(&lm.model, &s.question).unwrap();
+    let mut cache: KvCache = lm.model.new_cache(KvDtype::F32);
+    let mut stats = Default::default();
+    let logits = lm
+        .model
+        .forward(
+            &s.joined(),
+            &mut cache,
+            needs,
+            Some(&mut stats),
+            Logits::Last,
+        )
+        .unwrap();
+    for (a, b) in seq.logits().iter().zip(&logits) {
+        assert!((a - b).abs() < 1e-3);
+    }
+    // The window is the last 8 queries' rows, whichever call fed them (the question
+    // is longer than 8 tokens here, so all come from it).
+    let n = cache.n_seen;
+    for layer in [0, 7, 29] {
+        let a = seq.stats.window(layer, 1, 8, n).unwrap();
+        let b = stats.window(layer, 1, 8, n).unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-4);
+        }
+        // Eight rows of softmax over three query heads: the total is 8 * 3.
+        assert!((a.iter().sum::<f32>() - 24.0).abs() < 1e-2);
+    }
+    // A window of 4 is the sum of the newest 4 rows only.
+    let w4: f32 = seq.stats.window(5, 0, 4, n).unwrap().iter().sum();
+    assert!((w4 - 12.0).abs() < 1e-2);
+}
+
+#[test]
+fn the_reconstruction_pass_scores_every_context_slot_and_leaves_the_cache_as_it_was() {
+    let lm = open("smollm2-135m");
+    let s = lm.split_prompt(CONTEXT, QUESTION, "", true).unwrap();
+    let mut seq = Sequence::new(&lm.model, KvDtype::F16, StatsNeeds::default());
+    seq.protect(s.prefix);
+    seq.feed(&lm.model, &s.context).unwrap();
+    let before = seq.cache.clone();
+    let prompts = lm.repeat_prompts().unwrap();
+    seq.score_reconstruction(&lm.model, &prompts).unwrap();
+    assert!(seq.has_reconstruction());
+    // The pass's tokens are gone: every store holds exactly what it held.
+    assert_eq!(seq.cache.n_seen, before.n_seen);
+    for (a, b) in seq
+        .cache
+        .layers
+        .iter()
+        .flatten()
+        .zip(before.layers.iter().flatten())
+    {
+        assert_eq!(a.to_data(), b.to_data());
+    }
+    let n = s.context.len();
+    for layer in &seq.stats.heads {
+        for h in layer {
+            let r = h.reconstruction.as_ref().unwrap();
+            assert_eq!(r.len(), n);
+            assert!(
+                r[..s.prefix].iter().all(|x| x.is_infinite()),
+                "the template's opening is kept"
+            );
+            assert!(r[s.prefix..]
+                .iter()
+                .all(|x| x.is_finite() && (0.0..=1.0).contains(x)));
+        }
+    }
+    // A direct computation for one layer: run the first pass by hand with the peak
+    // statistic and compare (the pass is one chunk here).
+    let mut direct = before.clone();
+    let mut input = prompts.first.clone();
+    input.extend_from_slice(&prompts.suffix);
+    input.extend_from_slice(&s.context[s.prefix..]);
+    let mut st = Default::default();
+    lm.model
+        .forward(
+            &input,
+            &mut direct,
+            StatsNeeds {
+                reconstruction: true,
+                ..Default::default()
+            },
+            Some(&mut st),
+            Logits::Last,
+        )
+        .unwrap();
+    let st: kvmerger_engine::cache::PrefillStats = st;
+    let want = st.heads[3][2].reconstruction.as_ref().unwrap();
+    let got = seq.stats.heads[3][2].reconstruction.as_ref().unwrap();
+    for j in s.prefix..n {
+        assert_eq!(got[j], want[j]);
+    }
+    // KVzip compresses from those scores to its budget over the whole cache.
+    let mut comp = Compressor::new(
+        "kvzip",
+        &Options::new(),
+        Budget::Fraction(0.5),
+        Schedule::Uniform,
+    )
+    .unwrap();
+    comp.recompress_margin = None;
+    let slots = seq.cache.total_slots();
+    seq.compress(&comp).unwrap();
+    let kept = seq.cache.total_slots();
+    assert!(
+        (kept as f64 - slots as f64 * 0.5).abs() <= 90.0,
+        "{kept} of {slots}"
+    );
+    // Compressed: the question is appended, not fed.
+    assert!(seq.feed(&lm.model, &s.question).is_err());
+    seq.append(&lm.model, &s.question).unwrap();
+    assert_eq!(seq.cache.n_seen, n + s.question.len());
+}
+
+#[test]
+fn expected_attention_runs_on_query_moments_collected_by_the_engine() {
+    let lm = open("qwen2.5-0.5b");
+    let s = lm.split_prompt(CONTEXT, QUESTION, "", true).unwrap();
+    let comp = Compressor::new(
+        "expected_attention",
+        &Options::new(),
+        Budget::Fraction(0.5),
+        Schedule::Uniform,
+    )
+    .unwrap();
+    let mut seq = Sequence::new(&lm.model, KvDtype::F16, comp.needs());
+    seq.feed(&lm.model, &s.context).unwrap();
+    let q = &seq.stats.queries;
+    assert_eq!(q.len(), lm.model.cfg.n_layers);
+    assert_eq!(q[0].len(), lm.model.cfg.n_heads);
+    // Every position but the 4 sinks is counted.
+    assert_eq!(q[0][0].count as usize, s.context.len() - 4);
+    let n = s.context.len();
+    let (report, _) = seq.compress(&comp).unwrap();
+    assert_eq!(
+        seq.cache.total_slots(),
+        report.layer_slots.iter().map(|x| x.1).sum::<usize>()
+    );
+    for l in &seq.cache.layers {
+        for h in l {
+            assert_eq!(h.len(), (n as f64 * 0.5).round() as usize);
+        }
+    }
+}
