@@ -78,6 +78,18 @@ impl Compressor {
         self.method.name()
     }
 
+    /// Errors for settings that cannot work together, before any prefill.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.recompress_margin.is_some() && self.needs().reconstruction && !self.is_noop() {
+            return Err(Error::Invalid(format!(
+                "{} scores slots with a reconstruction pass over the prompt, which decoding \
+                 does not have: it cannot re-compress while decoding (drop the re-compression margin)",
+                self.name()
+            )));
+        }
+        Ok(())
+    }
+
     pub fn needs(&self) -> StatsNeeds {
         self.method.needs()
     }

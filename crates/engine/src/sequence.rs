@@ -35,6 +35,8 @@ pub struct Sequence {
     protect: usize,
     logits: Vec<f32>,
     compressed: bool,
+    /// Per-layer slot targets of the last compression (they bound re-compression).
+    targets: Vec<usize>,
 }
 
 impl Sequence {
@@ -51,6 +53,7 @@ impl Sequence {
             protect: 0,
             logits: Vec::new(),
             compressed: false,
+            targets: Vec::new(),
         }
     }
 
@@ -149,18 +152,16 @@ impl Sequence {
         let out = compressor.compress_prompt(&mut self.cache, &self.stats)?;
         self.stats.clear_slot_stats();
         self.compressed = true;
+        self.targets = out.1.clone();
         Ok(out)
     }
 
-    /// The state decoding needs to re-compress with `compressor` (None when it has no
-    /// re-compression margin or compresses nothing).
-    pub fn decode_compression<'c>(
-        &self,
-        compressor: &'c Compressor,
-        targets: Vec<usize>,
-    ) -> Option<DecodeCompression<'c>> {
-        (!compressor.is_noop() && compressor.recompress_margin.is_some())
-            .then(|| DecodeCompression::new(compressor, targets))
+    /// The state decoding needs to re-compress with `compressor` to the targets of the
+    /// last compression (None when it has no re-compression margin or compresses
+    /// nothing).
+    pub fn decode_compression<'c>(&self, compressor: &'c Compressor) -> Option<DecodeCompression<'c>> {
+        (!compressor.is_noop() && compressor.recompress_margin.is_some() && self.compressed)
+            .then(|| DecodeCompression::new(compressor, self.targets.clone()))
     }
 
     /// The last position's logits after the latest feed or append.

@@ -1105,6 +1105,7 @@ mod tests {
         for want in [
             "summary.md",
             "summary.csv",
+            "paired.csv",
             "score_vs_budget.svg",
             "score_vs_budget.png",
             "tasks_at_0.5.png",
@@ -1120,5 +1121,290 @@ mod tests {
             csv.contains("m,niah_single_1,4096,h2o@0.5,h2o,0.5,4,0.5000,0.5000,,,"),
             "{csv}"
         );
+    }
+
+    /// An answer record of sample `i` (task `t`), with half the full cache's bytes kept
+    /// unless changed.
+    fn scored(config: &str, method: &str, budget: &str, t: &str, i: usize, score: f64) -> Record {
+        Record {
+            kv_bytes_full: 1000,
+            kv_bytes: if method == "full" { 1000 } else { 500 },
+            ..rec(t, config, method, budget, i, score, 0.0)
+        }
+    }
+
+    fn row<'a>(rows: &'a [PairedRow], task: &str, config: &str) -> &'a PairedRow {
+        rows.iter()
+            .find(|r| r.task == task && r.config == config)
+            .unwrap_or_else(|| panic!("no row for {config} on {task} in {rows:#?}"))
+    }
+
+    #[test]
+    fn a_configuration_identical_to_full_ties_on_every_sample() {
+        let mut v = Vec::new();
+        for i in 0..20 {
+            let s = (i % 3) as f64 / 2.0;
+            v.push(scored("full", "full", "1", "qa_1", i, s));
+            v.push(scored("same@0.5", "same", "0.5", "qa_1", i, s));
+        }
+        let rows = paired_rows(&v);
+        let same = row(&rows, ALL_TASKS, "same@0.5");
+        let d = same.vs_full.as_ref().unwrap();
+        assert_eq!(d.mean, 0.0);
+        assert_eq!((d.interval.low, d.interval.high), (0.0, 0.0));
+        assert_eq!((d.wins, d.losses, d.ties, d.n), (0, 0, 20, 20));
+        assert_eq!(d.p_value, 1.0);
+        assert_eq!(d.verdict(), stats::Verdict::Tie);
+        // The full cache is the reference, not a contestant.
+        let full = row(&rows, ALL_TASKS, "full");
+        assert!(full.vs_full.is_none() && full.vs_best_other.is_none());
+        // No other method at 0.5: nothing to be the best other.
+        assert!(same.vs_best_other.is_none());
+    }
+
+    #[test]
+    fn eighteen_wins_in_twenty_are_better_with_the_sign_test_by_hand() {
+        let mut v = Vec::new();
+        for i in 0..20 {
+            // Two tasks of ten samples, pooled in the run's row.
+            let task = if i < 10 { "niah_single_1" } else { "vt" };
+            let won = i != 3 && i != 15;
+            v.push(scored(
+                "full",
+                "full",
+                "1",
+                task,
+                i,
+                if won { 0.0 } else { 1.0 },
+            ));
+            v.push(scored(
+                "kvmerger@0.5",
+                "kvmerger",
+                "0.5",
+                task,
+                i,
+                if won { 1.0 } else { 0.0 },
+            ));
+        }
+        let rows = paired_rows(&v);
+        let pooled = row(&rows, ALL_TASKS, "kvmerger@0.5");
+        assert_eq!(pooled.n, 20);
+        assert!((pooled.mean - 0.9).abs() < 1e-12);
+        let d = pooled.vs_full.as_ref().unwrap();
+        assert_eq!((d.wins, d.losses, d.ties), (18, 2, 0));
+        assert!((d.mean - 0.8).abs() < 1e-12);
+        assert!(
+            d.interval.low > 0.0 && d.interval.high <= 1.0,
+            "{:?}",
+            d.interval
+        );
+        // P(at most 2 of 20 fair coins one way), both ways.
+        let by_hand = 2.0 * (1.0 + 20.0 + 20.0 * 19.0 / 2.0) / 2f64.powi(20);
+        assert!(
+            (d.p_value - by_hand).abs() < 1e-15,
+            "{} vs {by_hand}",
+            d.p_value
+        );
+        assert_eq!(d.verdict(), stats::Verdict::Better);
+        // Each task on its own: 9 of 10 wins.
+        let vt = row(&rows, "vt", "kvmerger@0.5").vs_full.clone().unwrap();
+        assert_eq!((vt.n, vt.wins, vt.losses), (10, 9, 1));
+        assert!((vt.p_value - 2.0 * 11.0 / 1024.0).abs() < 1e-15);
+        // The table shows the pooled row; paired.csv has the per-task rows too.
+        let md = markdown(&v);
+        assert!(
+            md.contains("| kvmerger@0.5 | agnostic | 20 | 90.0 ["),
+            "{md}"
+        );
+        assert!(md.contains("| +80.0 ["), "{md}");
+        assert!(md.contains("| 18/2/0 | 4.0e-4 | better |"), "{md}");
+        let csv = paired_csv(&rows);
+        assert_eq!(csv.lines().count(), 1 + 3 * 2, "{csv}");
+        assert!(
+            csv.contains("m,vt,kvmerger@0.5,kvmerger,0.5,agnostic,10,0.9000,"),
+            "{csv}"
+        );
+    }
+
+    #[test]
+    fn the_best_other_is_the_strongest_rival_at_the_same_budget_and_protocol_on_shared_samples() {
+        let mut v = Vec::new();
+        for i in 0..20 {
+            v.push(scored("full", "full", "1", "qa_1", i, 1.0));
+            // b is better than e on the samples a has, worse over all of its own.
+            v.push(scored(
+                "b@0.5",
+                "b",
+                "0.5",
+                "qa_1",
+                i,
+                if i < 10 { 0.6 } else { 0.0 },
+            ));
+            v.push(scored("e@0.5", "e", "0.5", "qa_1", i, 0.55));
+            // Stronger than both, but at another budget or under the other protocol.
+            v.push(scored("c@0.25", "c", "0.25", "qa_1", i, 1.0));
+            v.push(Record {
+                protocol: "aware".into(),
+                ..scored("d:protocol=aware@0.5", "d", "0.5", "qa_1", i, 1.0)
+            });
+            if i < 10 {
+                v.push(scored("a@0.5", "a", "0.5", "qa_1", i, 0.5));
+            }
+        }
+        let rows = paired_rows(&v);
+        let (best, d) = row(&rows, ALL_TASKS, "a@0.5")
+            .vs_best_other
+            .clone()
+            .unwrap();
+        assert_eq!(best, "b@0.5");
+        // Only the ten samples a has are paired.
+        assert_eq!((d.n, d.wins, d.losses, d.ties), (10, 0, 10, 0));
+        assert!((d.mean + 0.1).abs() < 1e-12);
+        assert_eq!(d.verdict(), stats::Verdict::Worse);
+        assert_eq!(
+            row(&rows, ALL_TASKS, "a@0.5").vs_full.as_ref().unwrap().n,
+            10
+        );
+        // Over all twenty samples e beats b.
+        assert_eq!(
+            row(&rows, ALL_TASKS, "b@0.5")
+                .vs_best_other
+                .as_ref()
+                .unwrap()
+                .0,
+            "e@0.5"
+        );
+        assert!(row(&rows, ALL_TASKS, "c@0.25").vs_best_other.is_none());
+        assert!(row(&rows, ALL_TASKS, "d:protocol=aware@0.5")
+            .vs_best_other
+            .is_none());
+        // The aware configuration is still compared with the (agnostic) full cache.
+        let dvf = row(&rows, ALL_TASKS, "d:protocol=aware@0.5")
+            .vs_full
+            .clone()
+            .unwrap();
+        assert_eq!((dvf.n, dvf.ties), (20, 20));
+        // Rows follow the summary table: full first, then budgets from the largest.
+        let order: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.task == ALL_TASKS)
+            .map(|r| r.config.as_str())
+            .collect();
+        assert_eq!(order[0], "full");
+        assert_eq!(*order.last().unwrap(), "c@0.25");
+        let md = markdown(&v);
+        let table = md.find("#### Paired comparison").unwrap();
+        assert!(md.find("| c@0.25 | 50% |").unwrap() < table, "{md}");
+        assert!(md.find("| full | agnostic | 20 |").unwrap() > table, "{md}");
+        assert!(
+            md.find("| full | agnostic | 20 |").unwrap()
+                < md.find("| a@0.5 | agnostic | 10 |").unwrap()
+        );
+    }
+
+    #[test]
+    fn bootstrap_intervals_of_rows_are_deterministic_and_contain_the_mean() {
+        let mut v = Vec::new();
+        for i in 0..30 {
+            v.push(scored("full", "full", "1", "qa_1", i, 1.0));
+            v.push(scored(
+                "h2o@0.5",
+                "h2o",
+                "0.5",
+                "qa_1",
+                i,
+                ((i * 5) % 7) as f64 / 6.0,
+            ));
+        }
+        let once = paired_rows(&v);
+        assert_eq!(once, paired_rows(&v));
+        let h2o = row(&once, ALL_TASKS, "h2o@0.5");
+        assert!(
+            h2o.interval.low < h2o.mean && h2o.mean < h2o.interval.high,
+            "{h2o:?}"
+        );
+        let d = h2o.vs_full.as_ref().unwrap();
+        assert!(d.interval.low < d.mean && d.mean < d.interval.high, "{d:?}");
+        assert_eq!(markdown(&v), markdown(&v));
+    }
+
+    #[test]
+    fn kept_shares_above_the_nominal_budget_are_flagged() {
+        let with =
+            |config: &str, budget: &str, bytes: usize, slots: (usize, usize), prompt: usize| {
+                Record {
+                    kv_bytes: bytes,
+                    kv_slots: slots.0,
+                    kv_slots_full: slots.1,
+                    prompt_tokens: prompt,
+                    ..scored(config, "m", budget, "qa_1", 0, 1.0)
+                }
+            };
+        let check = |r: &Record| parity(&r.method, &r.budget, &[r]);
+        let over = check(&with("m@0.5", "0.5", 510, (0, 0), 4000));
+        assert_eq!(
+            (over.nominal, over.bytes_kept, over.slots_kept),
+            (Some(0.5), Some(0.51), None)
+        );
+        assert!(over.over);
+        let within = check(&with("m@0.5", "0.5", 502, (0, 0), 4000));
+        assert!(!within.over, "{within:?}");
+        // Bytes within budget, slots not.
+        let slots = check(&with("m@0.5", "0.5", 500, (520, 1000), 4000));
+        assert_eq!(slots.slots_kept, Some(0.52));
+        assert!(slots.over);
+        let percent = check(&with("m@35%", "35%", 350, (350, 1000), 4000));
+        assert_eq!(percent.nominal, Some(0.35));
+        assert!(!percent.over);
+        // Token counts are shares of each sample's prompt, at most all of it.
+        assert_eq!(nominal_share("m", "2048", 4096), Some(0.5));
+        assert_eq!(nominal_share("m", "2048", 1000), Some(1.0));
+        assert_eq!(nominal_share("full", "1", 4096), Some(1.0));
+        assert_eq!(nominal_share("m", "lots", 4096), None);
+        let a = with("m@2048", "2048", 500, (0, 0), 4096);
+        let b = with("m@2048", "2048", 600, (0, 0), 1000);
+        let tokens = parity("m", "2048", &[&a, &b]);
+        assert_eq!(tokens.nominal, Some(0.75));
+        assert!(!tokens.over);
+        let tight = with("m@2048", "2048", 600, (0, 0), 8192);
+        assert!(parity("m", "2048", &[&tight]).over);
+        // The flag reaches both reports.
+        let mut v = vec![scored("full", "full", "1", "qa_1", 0, 1.0)];
+        v.push(with("m@0.5", "0.5", 510, (0, 0), 4000));
+        let md = markdown(&v);
+        assert!(md.contains("| 51.0% | — | 50.0% | ⚠ over |"), "{md}");
+        assert!(md.contains("| 100.0% | — | 100.0% | ok |"), "{md}");
+        let csv = paired_csv(&paired_rows(&v));
+        assert!(
+            csv.lines()
+                .nth(1)
+                .unwrap()
+                .ends_with(",1.0000,,1.0000,false"),
+            "{csv}"
+        );
+        assert!(
+            csv.lines()
+                .nth(2)
+                .unwrap()
+                .ends_with(",0.5100,,0.5000,true"),
+            "{csv}"
+        );
+    }
+
+    #[test]
+    fn text_tasks_have_no_paired_comparison() {
+        let text = |config: &str, method: &str, budget: &str| Record {
+            task: "ppl".into(),
+            score: None,
+            ppl: Some(12.0),
+            kl: Some(0.01),
+            top1: Some(0.9),
+            ..scored(config, method, budget, "ppl", 0, 0.0)
+        };
+        let v = vec![text("full", "full", "1"), text("h2o@0.5", "h2o", "0.5")];
+        assert!(paired_rows(&v).is_empty());
+        let md = markdown(&v);
+        assert!(!md.contains("Paired comparison"), "{md}");
+        assert!(md.contains("| perplexity |"), "{md}");
     }
 }

@@ -70,8 +70,8 @@ struct Compressed<'c> {
 
 fn compressed_copy<'c>(base: &Sequence, p: &'c Prepared) -> Result<Compressed<'c>, Error> {
     let mut seq = base.clone();
-    let (report, targets) = seq.compress(&p.compressor)?;
-    let decode = seq.decode_compression(&p.compressor, targets);
+    let (report, _) = seq.compress(&p.compressor)?;
+    let decode = seq.decode_compression(&p.compressor);
     Ok(Compressed {
         kv_bytes: seq.cache.bytes(),
         kv_slots: seq.cache.total_slots(),
@@ -124,6 +124,27 @@ impl Runner<'_> {
                         config.schedule.clone(),
                     )?;
                     c.recompress_margin = self.spec.recompress_margin;
+                    c.check().map_err(|e| {
+                        Error::Grid(GridError(format!("method '{}': {e}", config.label)))
+                    })?;
+                    // A budget below the method's fixed window fails at the first
+                    // compression; say so before the first prefill (prompt lengths are
+                    // about the grid's lengths).
+                    let min = c.method.min_slots();
+                    for &len in &self.spec.lengths {
+                        let least = c
+                            .targets(self.lm.model.cfg.n_layers, len)
+                            .into_iter()
+                            .min()
+                            .unwrap_or(len);
+                        if least < min && least < len {
+                            return Err(Error::Grid(GridError(format!(
+                                "method '{}': a budget of {least} slots per head at length {len} \
+                                 is below the method's fixed window of {min} slots",
+                                config.label
+                            ))));
+                        }
+                    }
                     c
                 }
             };

@@ -155,6 +155,11 @@ pub struct GenerateArgs {
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
     pub chat: bool,
+    /// A document to ask about: it is prefilled and compressed (--method) before the
+    /// prompt is seen, then the prompt is appended uncompressed as the question (in the
+    /// chat template's user turn, after the document).
+    #[arg(long, value_name = "FILE")]
+    pub context_file: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -209,19 +214,20 @@ pub struct BenchArgs {
 pub struct DemoArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Approximate prompt length in tokens.
+    /// Approximate document length in tokens.
     #[arg(long, default_value_t = 2048)]
     pub length: usize,
-    /// Where the fact sits in the prompt, from 0 (start) to 1 (end).
-    #[arg(long, default_value_t = 0.4)]
-    pub depth: f64,
-    /// Methods to compare with the full cache (comma-separated).
-    #[arg(long, default_value = "kvmerger,h2o,streaming", value_delimiter = ',')]
+    /// Facts buried in the document (one question each), spread from start to end.
+    #[arg(long, default_value_t = 6)]
+    pub needles: usize,
+    /// Methods to compare with the full cache (comma-separated; options after a colon,
+    /// separated by semicolons: `kvmerger+:selector=kvzip;scope=model`).
+    #[arg(long, default_value = "kvmerger+,kvzip,snapkv,streaming", value_delimiter = ',')]
     pub methods: Vec<String>,
     /// Budgets to compare (comma-separated).
-    #[arg(long, default_value = "0.5,0.35", value_delimiter = ',')]
+    #[arg(long, default_value = "0.5,0.25", value_delimiter = ',')]
     pub budgets: Vec<String>,
-    /// Seed for the buried fact.
+    /// Seed for which person gets which city.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
     /// Tokens to generate per answer.

@@ -42,6 +42,7 @@ pub fn build(a: &CompressArgs) -> Result<Compressor> {
     let r = recipe(a)?;
     let mut c = Compressor::new(&r.method, &r.options, r.budget, r.schedule)?;
     c.recompress_margin = r.recompress_margin;
+    c.check()?;
     Ok(c)
 }
 

@@ -1,138 +1,187 @@
-//! `kvmerger demo`: one long prompt with a fact buried in it, prefilled once, then
-//! answered from the full cache and from each compressed copy of it, side by side.
+//! `kvmerger demo`: what compression is for. A long document with several facts buried
+//! in it is read (prefilled) once; each method compresses it once, before any question
+//! is seen; then every question is asked of the compressed document, appended
+//! uncompressed. The table counts the right answers per method and budget, beside the
+//! memory each kept.
 
 use crate::cli::DemoArgs;
 use crate::compress::mib;
 use crate::run::load_model;
 use anyhow::{bail, Result};
-use kvmerger_compression::{Budget, Options, Schedule, StatsNeeds};
-use kvmerger_engine::cache::PrefillStats;
-use kvmerger_engine::chat::Message;
-use kvmerger_engine::compress::{Compressor, DecodeCompression};
+use kvmerger_compression::{Budget, Options, Schedule};
+use kvmerger_engine::compress::Compressor;
 use kvmerger_engine::generate::{decode_with, GenerateParams};
-use kvmerger_engine::model::Logits;
-use std::time::Instant;
+use kvmerger_engine::sequence::Sequence;
 
 const FILLER: &str =
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
 const CITIES: &[&str] = &[
-    "Lisbon",
-    "Nairobi",
-    "Osaka",
-    "Montreal",
-    "Krakow",
-    "Santiago",
-    "Hanoi",
-    "Reykjavik",
-    "Marrakesh",
-    "Tbilisi",
+    "Lisbon", "Nairobi", "Osaka", "Montreal", "Krakow", "Santiago", "Hanoi", "Reykjavik",
+    "Marrakesh", "Tbilisi", "Valparaiso", "Tromso",
+];
+const PEOPLE: &[&str] = &[
+    "Anna", "Boris", "Chen", "Dara", "Emil", "Fatima", "Goran", "Hana", "Ivo", "Jamal",
 ];
 
-/// A user message of about `tokens` tokens of filler with one fact at `depth`, and the
-/// question about it.
+/// A filler text of about `tokens` tokens with one fact at `depth`, and the question
+/// about it (for `bench --fidelity`'s prompt).
 pub fn haystack(tokens: usize, depth: f64, city: &str) -> String {
+    let (text, _) = document(tokens, &[(depth, format!("The secret city is {city}."))]);
+    format!("{text}\n\nQuestion: What is the secret city?")
+}
+
+/// About `tokens` tokens of filler with each fact at its depth (0 = start, 1 = end).
+fn document(tokens: usize, facts: &[(f64, String)]) -> (String, usize) {
     // One filler group is about 25 tokens in BPE vocabularies.
     let reps = (tokens / 25).max(2);
-    let at = ((reps as f64) * depth.clamp(0.0, 1.0)).round() as usize;
     let mut s = String::new();
     for i in 0..reps {
-        if i == at {
-            s.push_str(&format!(
-                "The secret city is {city}. Remember it: the secret city is {city}. "
-            ));
+        for (depth, fact) in facts {
+            if ((reps as f64) * depth.clamp(0.0, 1.0)).round() as usize == i {
+                s.push_str(fact);
+                s.push(' ');
+            }
         }
         s.push_str(FILLER);
     }
-    s.push_str("\n\nQuestion: What is the secret city?");
-    s
+    (s, reps)
 }
 
 pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
-    if !(0.0..=1.0).contains(&a.depth) {
-        bail!("--depth must be between 0 and 1");
-    }
     if a.length < 64 {
         bail!("--length must be at least 64 tokens");
+    }
+    if a.needles == 0 || a.needles > PEOPLE.len() {
+        bail!("--needles must be between 1 and {}", PEOPLE.len());
     }
     let mut runs: Vec<(String, Compressor)> = vec![("full".into(), Compressor::full())];
     for b in &a.budgets {
         let budget: Budget = b.parse()?;
         for m in &a.methods {
+            let (name, opts) = match m.split_once(':') {
+                Some((n, o)) => {
+                    let mut opts = Options::new();
+                    for pair in o.split(';').filter(|p| !p.is_empty()) {
+                        opts.parse_pair(pair)?;
+                    }
+                    (n, opts)
+                }
+                None => (m.as_str(), Options::new()),
+            };
             runs.push((
                 format!("{m} @ {budget}"),
-                Compressor::new(m, &Options::new(), budget, Schedule::Uniform)?,
+                Compressor::new(name, &opts, budget, Schedule::Uniform)?,
             ));
         }
     }
     let (lm, dtype) = load_model(&a.model, dir)?;
-    let city = CITIES[(a.seed % CITIES.len() as u64) as usize];
-    let text = haystack(a.length, a.depth, city);
-    let prompt = lm.template.render(&[Message::new("user", &text)], true)?;
-    let ids = lm.tokenizer.encode(&prompt, true)?;
-    if ids.len() >= lm.model.cfg.ctx_len {
+    // The facts: one person per needle, each with a different city, spread from near
+    // the start to near the end of the document.
+    // A stride coprime to the number of cities gives each person a different one.
+    let cities: Vec<&str> = (0..CITIES.len())
+        .map(|i| CITIES[(a.seed as usize % CITIES.len() + i * 5) % CITIES.len()])
+        .collect();
+    let n = a.needles;
+    let facts: Vec<(&str, &str, f64)> = (0..n)
+        .map(|i| {
+            let depth = (i as f64 + 0.5) / n as f64;
+            (PEOPLE[i], cities[i], depth)
+        })
+        .collect();
+    let (doc, _) = document(
+        a.length,
+        &facts
+            .iter()
+            .map(|(p, c, d)| (*d, format!("{p}'s secret city is {c}.")))
+            .collect::<Vec<_>>(),
+    );
+    let context = format!(
+        "Read the document below. Several people each have a secret city; remember them.\n\n{doc}\n\n"
+    );
+    let first = lm.split_prompt(&context, "", "", true)?;
+    let total = first.context.len() + 32;
+    if total >= lm.model.cfg.ctx_len {
         bail!(
-            "a prompt of {} tokens does not fit the context of {}",
-            ids.len(),
+            "a document of {} tokens does not fit the context of {}",
+            first.context.len(),
             lm.model.cfg.ctx_len
         );
     }
+    let questions: Vec<Vec<u32>> = facts
+        .iter()
+        .map(|(p, _, _)| {
+            lm.split_prompt(&context, &format!("What is {p}'s secret city?"), "", true)
+                .map(|s| s.question)
+        })
+        .collect::<Result<_, _>>()?;
     let needs = runs
         .iter()
-        .fold(StatsNeeds::default(), |n, (_, c)| n.union(c.needs()));
+        .filter(|(_, c)| !c.is_noop())
+        .fold(Default::default(), |n: kvmerger_compression::StatsNeeds, (_, c)| {
+            n.union(c.needs())
+        });
     eprintln!(
-        "prefilling {} tokens once (the fact {city:?} at depth {:.0}%)...",
-        ids.len(),
-        a.depth * 100.0
+        "reading a document of {} tokens once, with {n} facts in it...",
+        first.context.len()
     );
-    let mut base = lm.model.new_cache(dtype);
-    let mut stats = PrefillStats::default();
-    let t0 = Instant::now();
-    let logits = lm
-        .model
-        .forward(&ids, &mut base, needs, Some(&mut stats), Logits::Last)?;
-    let prefill = t0.elapsed().as_secs_f64();
+    let mut base = Sequence::new(&lm.model, dtype, needs);
+    base.protect(first.prefix);
+    let prefill = base.feed(&lm.model, &first.context)?;
+    let mut reconstruct = 0.0;
+    if needs.reconstruction {
+        reconstruct = base.score_reconstruction(&lm.model, &lm.repeat_prompts()?)?;
+    }
     let params = GenerateParams {
         max_tokens: a.max_tokens,
         stop: vec!["\n\n".into()],
         ..Default::default()
     };
-
     println!(
-        "model {}, prompt {} tokens, prefill {:.2}s, secret city {city}\n",
+        "model {}, document {} tokens, read in {:.2}s; {n} questions asked of each compressed copy\n",
         lm.name,
-        ids.len(),
+        first.context.len(),
         prefill
     );
-    println!("| method | answer | correct | KV cache | kept | compress | decode |");
+    println!("| method | right answers | KV cache | kept | compress | per answer | a wrong answer |");
     println!("|---|---|---|---|---|---|---|");
     for (label, comp) in &runs {
-        let mut cache = base.clone();
-        let mut dc = None;
-        let mut secs = 0.0;
-        if !comp.is_noop() {
-            let (r, targets) = comp.compress_prompt(&mut cache, &stats)?;
-            secs = r.secs;
-            dc = Some(DecodeCompression::new(comp, targets));
+        let mut compressed = base.clone();
+        let (report, _) = compressed.compress(comp)?;
+        let mut secs = report.secs;
+        if comp.needs().reconstruction {
+            secs += reconstruct;
         }
-        let kept = cache.bytes();
-        let gen = decode_with(
-            &lm.model,
-            &lm.tokenizer,
-            &mut cache,
-            logits.clone(),
-            &ids,
-            &params,
-            dc.as_mut(),
-            &mut |_| true,
-        )?;
-        let answer = gen.text.trim().replace('|', "/");
+        let kept = compressed.cache.bytes();
+        let (mut right, mut decode, mut wrong) = (0, 0.0, None);
+        for ((_, city, _), q) in facts.iter().zip(&questions) {
+            let mut s = compressed.clone();
+            s.append(&lm.model, q)?;
+            let prompt = s.tokens().to_vec();
+            let logits = s.logits().to_vec();
+            let gen = decode_with(
+                &lm.model,
+                &lm.tokenizer,
+                &mut s.cache,
+                logits,
+                &prompt,
+                &params,
+                None,
+                &mut |_| true,
+            )?;
+            decode += gen.decode_secs;
+            if gen.text.contains(city) {
+                right += 1;
+            } else if wrong.is_none() {
+                wrong = Some(format!("{} (not {city})", gen.text.trim().replace(['|', '\n'], " ")));
+            }
+        }
         println!(
-            "| {label} | {answer} | {} | {:.2} MiB | {:.0}% | {:.1} ms | {:.2}s |",
-            if answer.contains(city) { "yes" } else { "no" },
+            "| {label} | {right}/{n} | {:.2} MiB | {:.0}% | {:.1} ms | {:.2}s | {} |",
             mib(kept),
-            100.0 * kept as f64 / base.bytes() as f64,
+            100.0 * kept as f64 / base.cache.bytes() as f64,
             secs * 1e3,
-            gen.decode_secs
+            decode / n as f64,
+            wrong.unwrap_or_default()
         );
     }
     Ok(())

@@ -427,7 +427,12 @@ fn write_reports(dirs: &[PathBuf], out: &Path, merge: bool) -> Result<()> {
     if !kvmerger_eval::plot::have_fonts() {
         eprintln!("note: no fonts are installed, so the PNG charts have no text (the SVGs do)");
     }
-    print!("{}", report::markdown(&c.records));
+    // The summary just written, not computed again: its bootstrap intervals take seconds
+    // on a large grid.
+    let summary_path = out.join("summary.md");
+    let summary = std::fs::read_to_string(&summary_path)
+        .with_context(|| format!("reading {}", summary_path.display()))?;
+    print!("{summary}");
     eprintln!(
         "wrote {} files to {} ({} records)",
         files.len(),

@@ -5,16 +5,16 @@ use crate::fetch::Bar;
 use anyhow::{bail, Context, Result};
 use kvmerger_assets::{self as assets, ModelSource, Progress};
 use kvmerger_compression::{KvDtype, StatsNeeds};
-use kvmerger_engine::cache::{KvCache, PrefillStats};
+use kvmerger_engine::cache::KvCache;
 use kvmerger_engine::chat::Message;
-use kvmerger_engine::compress::{Compressor, DecodeCompression};
+use kvmerger_engine::compress::Compressor;
 use kvmerger_engine::generate::{decode_with, GenerateParams, Generation};
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::model::Logits;
 use kvmerger_engine::sampling::SamplingParams;
+use kvmerger_engine::sequence::Sequence;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
-use std::time::Instant;
 
 pub fn dispatch(cli: Cli) -> Result<()> {
     if let Command::Serve(a) = cli.command {
@@ -98,20 +98,22 @@ pub fn sampling(s: &SamplingArgs) -> Result<GenerateParams> {
     })
 }
 
+/// A UTF-8 text file's contents, or a clear error.
+pub fn read_text(f: &std::path::Path, what: &str) -> Result<String> {
+    let bytes = std::fs::read(f).with_context(|| format!("reading {what} {}", f.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{what} {} is not valid UTF-8 (invalid byte at offset {})",
+            f.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
 fn read_prompt(a: &GenerateArgs) -> Result<String> {
     match (&a.prompt, &a.prompt_file) {
         (Some(p), _) => Ok(p.clone()),
-        (None, Some(f)) => {
-            let bytes =
-                std::fs::read(f).with_context(|| format!("reading prompt file {}", f.display()))?;
-            String::from_utf8(bytes).map_err(|e| {
-                anyhow::anyhow!(
-                    "prompt file {} is not valid UTF-8 (invalid byte at offset {})",
-                    f.display(),
-                    e.utf8_error().valid_up_to()
-                )
-            })
-        }
+        (None, Some(f)) => read_text(f, "prompt file"),
         (None, None) => bail!("give a prompt with --prompt TEXT or --prompt-file FILE"),
     }
 }
@@ -119,75 +121,143 @@ fn read_prompt(a: &GenerateArgs) -> Result<String> {
 fn generate(a: GenerateArgs, dir: &std::path::Path) -> Result<()> {
     let params = sampling(&a.sampling)?;
     let prompt = read_prompt(&a)?;
-    let (lm, dtype) = load_model(&a.model, dir)?;
-    let text = if a.chat {
-        lm.template.render(&[Message::new("user", &prompt)], true)?
-    } else {
-        prompt
+    let context = match &a.context_file {
+        Some(f) => {
+            let c = read_text(f, "context file")?;
+            if c.trim().is_empty() {
+                bail!("the context file {} is empty", f.display());
+            }
+            Some(c)
+        }
+        None => None,
     };
-    let ids = lm.tokenizer.encode(&text, true)?;
-    if ids.is_empty() {
+    let comp = crate::compress::build(&a.compress)?;
+    let (lm, dtype) = load_model(&a.model, dir)?;
+    // With a context file, the context is compressed before the prompt (the question)
+    // is seen, and the prompt is appended uncompressed: a document read once can be
+    // asked anything. Both go into the chat template's user turn.
+    let split = match &context {
+        Some(c) => lm.split_prompt(&format!("{}\n\n", c.trim_end()), &prompt, "", true)?,
+        None => {
+            let text = if a.chat {
+                lm.template.render(&[Message::new("user", &prompt)], true)?
+            } else {
+                prompt
+            };
+            let ids = lm.tokenizer.encode(&text, true)?;
+            kvmerger_engine::prompt::SplitPrompt {
+                context: ids,
+                question: Vec::new(),
+                prefix: 0,
+            }
+        }
+    };
+    if split.context.is_empty() {
         bail!("the prompt is empty");
     }
-    let comp = crate::compress::build(&a.compress)?;
-    let mut cache = lm.model.new_cache(dtype);
+    let total = split.context.len() + split.question.len();
+    if total >= lm.model.cfg.ctx_len {
+        bail!(
+            "the prompt of {total} tokens does not fit the model's context of {} tokens",
+            lm.model.cfg.ctx_len
+        );
+    }
+    let (mut seq, prefill) = compressed_sequence(&lm, &comp, dtype, &split.context, split.prefix)?;
+    let kv_context = seq.cache.bytes();
+    if !split.question.is_empty() {
+        seq.append(&lm.model, &split.question)?;
+    }
     let mut out = std::io::stdout().lock();
-    let (gen, prefill) = run_compressed(&lm, &comp, &mut cache, &ids, &params, &mut |s| {
+    let gen = decode_sequence(&lm, &comp, &mut seq, &params, &mut |s| {
         let _ = out.write_all(s.as_bytes());
         let _ = out.flush();
         true
     })?;
     drop(out);
     println!();
+    let what = if context.is_some() {
+        format!(
+            "context {} tokens in {:.2}s ({:.1} tok/s, KV {:.1} MiB), question {} tokens",
+            split.context.len(),
+            prefill,
+            split.context.len() as f64 / prefill,
+            kv_context as f64 / (1 << 20) as f64,
+            split.question.len()
+        )
+    } else {
+        format!(
+            "prompt {} tokens in {:.2}s ({:.1} tok/s)",
+            split.context.len(),
+            prefill,
+            split.context.len() as f64 / prefill
+        )
+    };
     eprintln!(
-        "[{}] prompt {} tokens in {:.2}s ({:.1} tok/s); generated {} tokens in {:.2}s ({:.1} tok/s), stop: {:?}; KV cache {:.1} MiB",
+        "[{}] {what}; generated {} tokens in {:.2}s ({:.1} tok/s), stop: {:?}; KV cache {:.1} MiB",
         lm.name,
-        ids.len(),
-        prefill,
-        ids.len() as f64 / prefill,
         gen.tokens.len(),
         gen.decode_secs,
         gen.tokens.len() as f64 / gen.decode_secs.max(1e-9),
         gen.stop,
-        cache.bytes() as f64 / (1 << 20) as f64
+        seq.cache.bytes() as f64 / (1 << 20) as f64
     );
     Ok(())
 }
 
-/// Prefill `ids` (collecting what the method needs), compress, and decode with
-/// re-compression when asked. Returns the generation and the prefill time.
-pub fn run_compressed(
+/// Prefill `ids` (collecting what the method needs, KVzip's reconstruction pass
+/// included) and compress, reporting what compression did. The first `protect` tokens
+/// are the chat template's opening. Returns the sequence and the prefill time.
+pub fn compressed_sequence(
     lm: &LoadedModel,
     comp: &Compressor,
-    cache: &mut KvCache,
+    dtype: KvDtype,
     ids: &[u32],
-    params: &GenerateParams,
-    on_text: &mut dyn FnMut(&str) -> bool,
-) -> Result<(Generation, f64)> {
+    protect: usize,
+) -> Result<(Sequence, f64)> {
     let needs = if comp.is_noop() {
         StatsNeeds::default()
     } else {
         comp.needs()
     };
-    let mut stats = PrefillStats::default();
-    let t0 = Instant::now();
-    let logits = lm
-        .model
-        .forward(ids, cache, needs, Some(&mut stats), Logits::Last)?;
-    let prefill = t0.elapsed().as_secs_f64();
-    let mut dc = None;
+    let mut seq = Sequence::new(&lm.model, dtype, needs);
+    seq.protect(protect);
+    let prefill = seq.feed(&lm.model, ids)?;
     if !comp.is_noop() {
-        let (report, targets) = comp.compress_prompt(cache, &stats)?;
-        drop(stats);
+        let mut scoring = 0.0;
+        if needs.reconstruction {
+            scoring = seq.score_reconstruction(&lm.model, &lm.repeat_prompts()?)?;
+            eprintln!(
+                "[{}] reconstruction pass: {:.2}s ({:.2}x the prefill)",
+                comp.name(),
+                scoring,
+                scoring / prefill.max(1e-9)
+            );
+        }
+        let _ = scoring;
+        let (report, _) = seq.compress(comp)?;
         crate::compress::report(&report, prefill);
-        dc = Some(DecodeCompression::new(comp, targets));
     }
+    Ok((seq, prefill))
+}
+
+/// Decode from `seq`'s last logits, re-compressing past the budget when `comp` has a
+/// margin.
+pub fn decode_sequence(
+    lm: &LoadedModel,
+    comp: &Compressor,
+    seq: &mut Sequence,
+    params: &GenerateParams,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<Generation> {
+    let mut dc = seq.decode_compression(comp);
+    let prompt = seq.tokens().to_vec();
+    let logits = seq.logits().to_vec();
     let gen = decode_with(
         &lm.model,
         &lm.tokenizer,
-        cache,
+        &mut seq.cache,
         logits,
-        ids,
+        &prompt,
         params,
         dc.as_mut(),
         on_text,
@@ -200,6 +270,22 @@ pub fn run_compressed(
             dc.secs * 1e3
         );
     }
+    Ok(gen)
+}
+
+/// Prefill `ids` (collecting what the method needs), compress, and decode with
+/// re-compression when asked. Returns the generation and the prefill time.
+pub fn run_compressed(
+    lm: &LoadedModel,
+    comp: &Compressor,
+    cache: &mut KvCache,
+    ids: &[u32],
+    params: &GenerateParams,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<(Generation, f64)> {
+    let (mut seq, prefill) = compressed_sequence(lm, comp, cache.dtype, ids, 0)?;
+    let gen = decode_sequence(lm, comp, &mut seq, params, on_text)?;
+    *cache = seq.cache;
     Ok((gen, prefill))
 }
 

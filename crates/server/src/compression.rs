@@ -78,6 +78,8 @@ impl CompressionSpec {
         if c.is_noop() {
             return Ok(None);
         }
+        c.check()
+            .map_err(|e| ApiError::param(format!("{p}.recompress_margin"), e.to_string()))?;
         Ok(Some(c))
     }
 

@@ -19,7 +19,7 @@
 use crate::compression::{head_bound, KvEstimate};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use kvmerger_compression::KvDtype;
+use kvmerger_compression::{KvDtype, StatsNeeds};
 use kvmerger_engine::cache::{KvCache, PrefillStats};
 use kvmerger_engine::compress::{release_freed_memory, CompressReport, Compressor};
 use kvmerger_engine::generate::{Decoder, GenerateParams, Step, StopReason};
@@ -404,7 +404,13 @@ impl<'m> Engine<'m> {
                     chunk_left -= n;
                     prompt_tokens += n;
                     s.prefill_started.get_or_insert_with(Instant::now);
-                    let needs = comp.map(|c| c.needs()).unwrap_or_default();
+                    // KVzip's reconstruction pass runs once the prompt is in (below).
+                    let needs = comp
+                        .map(|c| StatsNeeds {
+                            reconstruction: false,
+                            ..c.needs()
+                        })
+                        .unwrap_or_default();
                     segs.push(Segment {
                         tokens: &s.job.prompt[*done..*done + n],
                         cache: &mut s.cache,
@@ -448,7 +454,7 @@ impl<'m> Engine<'m> {
                 Phase::Decode { .. } => None,
             };
             if let Some(stats) = prefilled {
-                if let Err(e) = finish_prefill(s, stats, self.sched) {
+                if let Err(e) = finish_prefill(s, stats, self.sched, self.lm) {
                     exits.push((i, Exit::Failed(e)));
                     continue;
                 }
@@ -564,7 +570,12 @@ impl<'m> Engine<'m> {
 }
 
 /// The prompt is in the cache: compress it, report, shrink the reservation.
-fn finish_prefill(s: &mut Seq<'_>, stats: PrefillStats, sched: &Scheduler) -> Result<(), ApiError> {
+fn finish_prefill(
+    s: &mut Seq<'_>,
+    mut stats: PrefillStats,
+    sched: &Scheduler,
+    lm: &LoadedModel,
+) -> Result<(), ApiError> {
     let prefill_ms = s
         .prefill_started
         .map(|t| t.elapsed().as_secs_f64() * 1e3)
@@ -577,6 +588,22 @@ fn finish_prefill(s: &mut Seq<'_>, stats: PrefillStats, sched: &Scheduler) -> Re
     let kv_bytes_full = s.cache.bytes();
     let mut compress_ms = 0.0;
     if let Some(c) = &s.job.compressor {
+        if c.needs().reconstruction {
+            // KVzip: a second pass over the prompt, on this sequence alone; its tokens
+            // leave the cache when it ends.
+            let prompts = lm
+                .repeat_prompts()
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            kvmerger_engine::reconstruct::reconstruction_scores(
+                &lm.model,
+                &mut s.cache,
+                &s.job.prompt,
+                0,
+                &prompts,
+                &mut stats,
+            )
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        }
         let (report, targets) = c
             .compress_prompt(&mut s.cache, &stats)
             .map_err(|e| ApiError::internal(e.to_string()))?;
