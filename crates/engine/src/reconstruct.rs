@@ -78,8 +78,8 @@ pub fn reconstruction_scores(
         for (l, layer) in pass.heads.iter().enumerate() {
             for (g, head) in layer.iter().enumerate() {
                 let peak = head.reconstruction.as_deref().unwrap_or(&[]);
-                for j in s..e {
-                    scores[l][g][j] = peak.get(j).copied().unwrap_or(0.0);
+                for (j, out) in scores[l][g][s..e].iter_mut().enumerate() {
+                    *out = peak.get(s + j).copied().unwrap_or(0.0);
                 }
             }
         }

@@ -159,7 +159,10 @@ impl Sequence {
     /// The state decoding needs to re-compress with `compressor` to the targets of the
     /// last compression (None when it has no re-compression margin or compresses
     /// nothing).
-    pub fn decode_compression<'c>(&self, compressor: &'c Compressor) -> Option<DecodeCompression<'c>> {
+    pub fn decode_compression<'c>(
+        &self,
+        compressor: &'c Compressor,
+    ) -> Option<DecodeCompression<'c>> {
         (!compressor.is_noop() && compressor.recompress_margin.is_some() && self.compressed)
             .then(|| DecodeCompression::new(compressor, self.targets.clone()))
     }

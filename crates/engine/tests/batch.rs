@@ -141,6 +141,7 @@ fn a_prefill_chunk_beside_decode_steps_matches_a_prefill_alone() {
         accumulated: true,
         window: Some(8),
         last: true,
+        ..Default::default()
     };
     // Alone: prompt 1 prefilled with statistics.
     let mut alone = lm.model.new_cache(KvDtype::F16);
@@ -200,9 +201,14 @@ fn a_prefill_chunk_beside_decode_steps_matches_a_prefill_alone() {
                     y.score
                 );
             }
+            let n = alone.n_seen;
+            let window = (
+                alone_stats.window(l, h, 8, n).unwrap(),
+                stats1.window(l, h, 8, n).unwrap(),
+            );
             let (wa, wb) = (&alone_stats.heads[l][h], &stats1.heads[l][h]);
-            for (x, y) in [(&wa.window, &wb.window), (&wa.last, &wb.last)] {
-                let (x, y) = (x.as_ref().unwrap(), y.as_ref().unwrap());
+            let last = (wa.last.clone().unwrap(), wb.last.clone().unwrap());
+            for (x, y) in [window, last] {
                 assert_eq!(x.len(), y.len());
                 for (p, q) in x.iter().zip(y) {
                     // Sums of attention over many queries, accumulated tile by tile in

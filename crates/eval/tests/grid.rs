@@ -59,6 +59,7 @@ fn runner<'a>(
         spec,
         samples,
         text,
+        repeat: Default::default(),
     }
 }
 

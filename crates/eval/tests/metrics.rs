@@ -193,6 +193,7 @@ fn score_sample_keeps_the_first_line_when_asked() {
         task: "longbench/triviaqa".into(),
         index: 0,
         input: String::new(),
+        question_at: None,
         answer_prefix: String::new(),
         references: s(&["Paris"]),
         metric: Metric::QaF1,

@@ -222,7 +222,11 @@ pub struct DemoArgs {
     pub needles: usize,
     /// Methods to compare with the full cache (comma-separated; options after a colon,
     /// separated by semicolons: `kvmerger+:selector=kvzip;scope=model`).
-    #[arg(long, default_value = "kvmerger+,kvzip,snapkv,streaming", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "kvmerger+,kvzip,snapkv,streaming",
+        value_delimiter = ','
+    )]
     pub methods: Vec<String>,
     /// Budgets to compare (comma-separated).
     #[arg(long, default_value = "0.5,0.25", value_delimiter = ',')]

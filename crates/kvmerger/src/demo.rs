@@ -16,8 +16,18 @@ use kvmerger_engine::sequence::Sequence;
 const FILLER: &str =
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
 const CITIES: &[&str] = &[
-    "Lisbon", "Nairobi", "Osaka", "Montreal", "Krakow", "Santiago", "Hanoi", "Reykjavik",
-    "Marrakesh", "Tbilisi", "Valparaiso", "Tromso",
+    "Lisbon",
+    "Nairobi",
+    "Osaka",
+    "Montreal",
+    "Krakow",
+    "Santiago",
+    "Hanoi",
+    "Reykjavik",
+    "Marrakesh",
+    "Tbilisi",
+    "Valparaiso",
+    "Tromso",
 ];
 const PEOPLE: &[&str] = &[
     "Anna", "Boris", "Chen", "Dara", "Emil", "Fatima", "Goran", "Hana", "Ivo", "Jamal",
@@ -114,12 +124,10 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
                 .map(|s| s.question)
         })
         .collect::<Result<_, _>>()?;
-    let needs = runs
-        .iter()
-        .filter(|(_, c)| !c.is_noop())
-        .fold(Default::default(), |n: kvmerger_compression::StatsNeeds, (_, c)| {
-            n.union(c.needs())
-        });
+    let needs = runs.iter().filter(|(_, c)| !c.is_noop()).fold(
+        Default::default(),
+        |n: kvmerger_compression::StatsNeeds, (_, c)| n.union(c.needs()),
+    );
     eprintln!(
         "reading a document of {} tokens once, with {n} facts in it...",
         first.context.len()
@@ -142,7 +150,9 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
         first.context.len(),
         prefill
     );
-    println!("| method | right answers | KV cache | kept | compress | per answer | a wrong answer |");
+    println!(
+        "| method | right answers | KV cache | kept | compress | per answer | a wrong answer |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for (label, comp) in &runs {
         let mut compressed = base.clone();
@@ -172,7 +182,10 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
             if gen.text.contains(city) {
                 right += 1;
             } else if wrong.is_none() {
-                wrong = Some(format!("{} (not {city})", gen.text.trim().replace(['|', '\n'], " ")));
+                wrong = Some(format!(
+                    "{} (not {city})",
+                    gen.text.trim().replace(['|', '\n'], " ")
+                ));
             }
         }
         println!(

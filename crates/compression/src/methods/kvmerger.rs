@@ -344,7 +344,15 @@ impl KvMerger {
             return 1.0;
         }
         let norms = super::key_norms(data);
-        let sets = partition(data, &norms, &[0..n], self.chain, self.epsilon).len();
+        let whole = 0..n;
+        let sets = partition(
+            data,
+            &norms,
+            std::slice::from_ref(&whole),
+            self.chain,
+            self.epsilon,
+        )
+        .len();
         sets as f64 / n as f64
     }
 
