@@ -3,7 +3,9 @@
 use crate::data::{self, attend, head, head_with, identical, mid, unchanged, Head};
 use kvmerger_compression::methods::kvmerger::{merge_sets, KvMerger, MergePlan};
 use kvmerger_compression::methods::kvmerger_plus::KvMergerPlus;
-use kvmerger_compression::{HeadData, HeadStats, MassCorrection, Method, Options, SlotMeta};
+use kvmerger_compression::{
+    HeadData, HeadInput, HeadPos, HeadStats, MassCorrection, Method, Options, SlotMeta,
+};
 use proptest::prelude::*;
 
 fn kvmerger(pairs: &[(&str, &str)]) -> KvMerger {
@@ -434,4 +436,78 @@ fn kvmerger_plus_with_full_mass_reproduces_attention_over_identical_keys() {
             "query {q}"
         );
     }
+}
+
+#[test]
+fn sparsity_budgets_move_slots_to_the_layers_that_merge_least_and_keep_the_total() {
+    // Layer 0: all keys alike (one merging set at epsilon); layer 1: keys alternate
+    // direction (every slot its own set). Observation 2 gives layer 1 the larger share.
+    let n = 64;
+    let alike = {
+        let mut d = HeadData::new(2);
+        for i in 0..n {
+            d.push(
+                &[1.0, 0.001 * i as f32],
+                &[i as f32, 0.0],
+                SlotMeta::token(i as u32),
+            );
+        }
+        d
+    };
+    let varied = {
+        let mut d = HeadData::new(2);
+        for i in 0..n {
+            let k = if i % 2 == 0 { [1.0, 0.0] } else { [-1.0, 0.2] };
+            d.push(&k, &[i as f32, 0.0], SlotMeta::token(i as u32));
+        }
+        d
+    };
+    let stats = |n: usize| HeadStats {
+        accumulated: Some((0..n).map(|i| i as f32).collect()),
+        ..Default::default()
+    };
+    let (s0, s1) = (stats(n), stats(n));
+    let m = kvmerger(&[
+        ("layers", "sparsity"),
+        ("skip_layers", "none"),
+        ("recent", "0.05"),
+        ("heavy", "0.05"),
+    ]);
+    assert!(m.sparsity(&alike) < 0.1 && m.sparsity(&varied) > 0.9);
+    let pos = |layer| HeadPos {
+        layer,
+        n_layers: 2,
+        kv_head: 0,
+        n_kv_heads: 1,
+    };
+    let inputs = [
+        HeadInput {
+            data: &alike,
+            stats: &s0,
+            pos: pos(0),
+            budget: 24,
+        },
+        HeadInput {
+            data: &varied,
+            stats: &s1,
+            pos: pos(1),
+            budget: 24,
+        },
+    ];
+    let out = m.compress_all(&inputs).unwrap();
+    assert_eq!(out[0].len() + out[1].len(), 48, "the total is kept");
+    assert!(
+        out[1].len() > out[0].len(),
+        "{} vs {}",
+        out[0].len(),
+        out[1].len()
+    );
+    // Uniform (the paper's literal setting) keeps each layer's own budget.
+    let u = kvmerger(&[
+        ("skip_layers", "none"),
+        ("recent", "0.05"),
+        ("heavy", "0.05"),
+    ]);
+    let out = u.compress_all(&inputs).unwrap();
+    assert_eq!((out[0].len(), out[1].len()), (24, 24));
 }
