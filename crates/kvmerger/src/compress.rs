@@ -89,8 +89,12 @@ pub fn recipe(a: &CompressArgs) -> Result<Recipe> {
 }
 
 pub fn print_methods() {
+    let scorers = registry::scorers();
     for m in registry::METHODS {
-        println!("{:<10} {}", m.name, m.summary);
+        println!("{:<18} {}", m.name, m.summary);
+        if scorers.contains(&m.name) {
+            println!("    (a scorer: adakv's scorer= and kvmerger+'s selector= can use it)");
+        }
         for o in m.options {
             println!("    {:<12} (default {}) {}", o.key, o.default, o.help);
         }
