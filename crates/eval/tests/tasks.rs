@@ -633,3 +633,109 @@ fn text_files_are_read_whole_with_clear_errors() {
         "{err}"
     );
 }
+
+/// The query-agnostic protocol compresses the context before the question: every task
+/// must cut its input where the question starts, after all of its context (needles,
+/// chain, documents) and before anything that names what is asked.
+#[test]
+fn every_task_cuts_its_input_where_the_question_starts() {
+    let g = Generator::new();
+    for &task in tasks::task_names() {
+        for index in 0..3 {
+            let s = gen(&g, task, 2048, index);
+            let (context, question) = s
+                .split()
+                .unwrap_or_else(|| panic!("{task} #{index} has no question split"));
+            assert!(!context.is_empty() && !question.is_empty(), "{task}");
+            // Every needle lies in the context.
+            if let Some(pos) = s.meta.get("needle_positions").and_then(|v| v.as_array()) {
+                for p in pos {
+                    assert!(
+                        (p.as_u64().unwrap() as usize) < context.len(),
+                        "{task}: a needle in the question"
+                    );
+                }
+            }
+            // The question is short next to the context, and ends the input.
+            assert!(question.len() * 10 < context.len(), "{task}: {question:?}");
+            let starts = [
+                "What is the special magic",
+                "What are all the special magic",
+                "Question: ",
+                "Answer the question based on the given documents.",
+                "What is the pass key?",
+            ];
+            assert!(
+                starts.iter().any(|p| question.starts_with(p)),
+                "{task}: {question:?}"
+            );
+            // Nothing the answer needs is in the question: no reference appears there
+            // (except where a question restates part of a QA answer by chance).
+            if !task.starts_with("qa") && task != "vt" {
+                for r in &s.references {
+                    assert!(
+                        !question.contains(r.as_str()),
+                        "{task}: {r} in {question:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn samples_from_rulers_own_generator_are_cut_at_the_question_and_answer_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("niah_single_2.jsonl");
+    let input = "Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz you about the numbers afterwards.\nThe grass. One of the special magic numbers for sad-dog is: 1234567. More grass.\nWhat is the special magic number for sad-dog mentioned in the provided text? The special magic number for sad-dog mentioned in the provided text is";
+    let line =
+        serde_json::json!({"index": 7, "input": input, "outputs": ["1234567"], "length": 80});
+    std::fs::write(&path, format!("{line}\n{{\"index\": 8, \"input\": \"no question here\", \"outputs\": [\"1\"]}}\nnot json\n")).unwrap();
+    let read = tasks::read_ruler(&path, None).unwrap();
+    assert_eq!(read.samples.len(), 1);
+    assert_eq!(read.errors.len(), 2, "{:?}", read.errors);
+    assert_eq!(read.errors[0].line, 2);
+    let s = &read.samples[0];
+    assert_eq!(s.task, "ruler/niah_single_2");
+    assert_eq!(s.metric, Metric::StringMatchAll);
+    assert_eq!(s.max_new_tokens, 128);
+    assert_eq!(
+        s.answer_prefix,
+        " The special magic number for sad-dog mentioned in the provided text is"
+    );
+    let (context, question) = s.split().unwrap();
+    assert!(context.ends_with("More grass.\n"));
+    assert_eq!(
+        question,
+        "What is the special magic number for sad-dog mentioned in the provided text?"
+    );
+    // The task comes from the folder when the file name is not a task.
+    let sub = dir.path().join("qa_1");
+    std::fs::create_dir(&sub).unwrap();
+    let qa = sub.join("validation.jsonl");
+    let qa_input = "Answer the question based on the given documents. Only give me the answer.\n\nDocument 1:\nParis is in France.\n\nAnswer the question based on the given documents. Only give me the answer.\n\nQuestion: Where is Paris? Answer:";
+    std::fs::write(
+        &qa,
+        format!(
+            "{}\n",
+            serde_json::json!({"index": 0, "input": qa_input, "outputs": ["France"]})
+        ),
+    )
+    .unwrap();
+    let read = tasks::read_ruler(&qa, None).unwrap();
+    let s = &read.samples[0];
+    assert_eq!(s.task, "ruler/qa_1");
+    assert_eq!(s.metric, Metric::StringMatchPart);
+    assert!(s.split().unwrap().0.contains("Paris is in France"));
+    assert!(s
+        .split()
+        .unwrap()
+        .1
+        .starts_with("Answer the question based"));
+    assert_eq!(s.answer_prefix, " Answer:");
+    // A file that names no task is refused as a whole, with the known tasks.
+    let other = dir.path().join("data.jsonl");
+    std::fs::write(&other, "").unwrap();
+    let e = tasks::read_ruler(&other, None).unwrap_err().to_string();
+    assert!(e.contains("niah_single_1"), "{e}");
+}
