@@ -43,6 +43,8 @@ pub struct RepeatPrompts {
     pub suffix: Vec<u32>,
     /// Tokens of the previous chunk quoted before a later chunk.
     pub overlap: usize,
+    /// Context tokens repeated per pass.
+    pub chunk: usize,
 }
 
 impl LoadedModel {
@@ -112,6 +114,7 @@ impl LoadedModel {
             )?,
             suffix: self.tokenizer.encode(&suffix, false)?,
             overlap: 8,
+            chunk: crate::reconstruct::CHUNK,
         })
     }
 }

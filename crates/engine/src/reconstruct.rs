@@ -4,8 +4,13 @@
 //! gave it (over the query heads of its group). The pass's tokens are appended to the
 //! cache only while a chunk runs and are cut off after it: nothing of it is kept.
 //!
-//! The attention is the model's own, over the whole cache (the paper's reference; a
-//! popular reimplementation restricts the softmax to the chunk for speed). Each slot is
+//! Each chunk's pass attends to the chunk's own slots, the leading slots (the chat
+//! template's opening, or the first four: attention sinks) and the pass's tokens, as
+//! the field's reference implementation does (kvpress's `KVzipPress`; the paper's
+//! code attends over the whole cache): the softmax is over what the chunk's
+//! reconstruction needs, and the pass costs about one prefill instead of growing with
+//! the whole context. It runs on a temporary cache holding just those slots (their
+//! keys keep their positions), so the context's cache is never touched. Each slot is
 //! scored by the pass over its own chunk. The template's opening (system prompt, user
 //! header) is not repeated; its slots score infinity (always kept).
 
@@ -13,16 +18,19 @@ use crate::cache::{KvCache, PrefillStats};
 use crate::model::{Logits, Model};
 use crate::prompt::RepeatPrompts;
 use crate::Error;
+use kvmerger_compression::HeadStore;
 use kvmerger_compression::StatsNeeds;
 
 /// Context tokens repeated per pass (the reference implementation's chunk).
 pub const CHUNK: usize = 2048;
+/// Leading slots every pass sees when the template's opening is shorter.
+const SINKS: usize = 4;
 
 /// Fills `stats`' reconstruction scores for `cache`, which must hold exactly `tokens`
 /// uncompressed; the first `protect` tokens are kept whatever they score.
 pub fn reconstruction_scores(
     model: &Model,
-    cache: &mut KvCache,
+    cache: &KvCache,
     tokens: &[u32],
     protect: usize,
     prompts: &RepeatPrompts,
@@ -41,45 +49,65 @@ pub fn reconstruction_scores(
         .max(prompts.later.len() + prompts.overlap)
         + prompts.suffix.len();
     let room = model.cfg.ctx_len.saturating_sub(n0 + longest_prompt);
-    let chunk = CHUNK.min(room);
+    let chunk = prompts.chunk.max(1).min(room);
     let body = &tokens[protect.min(n0)..];
-    if chunk < 16 && !body.is_empty() {
+    if chunk < prompts.chunk.min(16) && !body.is_empty() {
         return Err(Error::ContextOverflow {
-            prompt: n0 + longest_prompt + body.len().min(CHUNK),
+            prompt: n0 + longest_prompt + body.len().min(prompts.chunk),
             ctx: model.cfg.ctx_len,
         });
     }
     let (n_layers, n_kv) = (cache.layers.len(), cache.layers[0].len());
     let mut scores = vec![vec![vec![f32::INFINITY; n0]; n_kv]; n_layers];
-    let mut s = protect.min(n0);
+    let first = protect.min(n0);
+    // Leading slots every chunk's pass sees: the template's opening, at least the
+    // first four (attention sinks).
+    let lead = first.max(SINKS);
+    let mut s = first;
     while s < n0 {
         let e = (s + chunk).min(n0);
-        let mut input = if s == protect.min(n0) {
+        let mut input = if s == first {
             prompts.first.clone()
         } else {
             let mut v = prompts.later.clone();
-            v.extend_from_slice(&tokens[s.saturating_sub(prompts.overlap).max(protect)..s]);
+            v.extend_from_slice(&tokens[s.saturating_sub(prompts.overlap).max(first)..s]);
             v
         };
         input.extend_from_slice(&prompts.suffix);
         input.extend_from_slice(&tokens[s..e]);
+        // The pass's cache: the leading slots and the chunk, positions unchanged.
+        let lead_n = lead.min(s);
+        let keep: Vec<usize> = (0..lead_n).chain(s..e).collect();
+        let mut pass_cache = KvCache {
+            layers: cache
+                .layers
+                .iter()
+                .map(|l| {
+                    l.iter()
+                        .map(|h| HeadStore::from_data(&h.to_data().gather(&keep), h.dtype()))
+                        .collect()
+                })
+                .collect(),
+            n_seen: n0,
+            dtype: cache.dtype,
+        };
         let mut pass = PrefillStats::default();
         let needs = StatsNeeds {
             reconstruction: true,
             ..Default::default()
         };
-        let run = model.forward(&input, cache, needs, Some(&mut pass), Logits::Last);
-        // Whatever happened, the pass's tokens leave the cache.
-        for h in cache.layers.iter_mut().flatten() {
-            h.truncate(n0);
-        }
-        cache.n_seen = n0;
-        run?;
+        model.forward(
+            &input,
+            &mut pass_cache,
+            needs,
+            Some(&mut pass),
+            Logits::Last,
+        )?;
         for (l, layer) in pass.heads.iter().enumerate() {
             for (g, head) in layer.iter().enumerate() {
                 let peak = head.reconstruction.as_deref().unwrap_or(&[]);
                 for (j, out) in scores[l][g][s..e].iter_mut().enumerate() {
-                    *out = peak.get(s + j).copied().unwrap_or(0.0);
+                    *out = peak.get(lead_n + j).copied().unwrap_or(0.0);
                 }
             }
         }

@@ -121,7 +121,7 @@ impl Sequence {
         let t0 = Instant::now();
         crate::reconstruct::reconstruction_scores(
             model,
-            &mut self.cache,
+            &self.cache,
             &self.tokens,
             self.protect,
             prompts,

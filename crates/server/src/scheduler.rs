@@ -596,7 +596,7 @@ fn finish_prefill(
                 .map_err(|e| ApiError::internal(e.to_string()))?;
             kvmerger_engine::reconstruct::reconstruction_scores(
                 &lm.model,
-                &mut s.cache,
+                &s.cache,
                 &s.job.prompt,
                 0,
                 &prompts,
