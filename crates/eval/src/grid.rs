@@ -155,6 +155,11 @@ pub struct MethodSpec {
     pub schedule: Schedule,
     /// `protocol=` in the spec, if given.
     pub protocol: Option<Protocol>,
+    /// `budgets=` in the spec (slash-separated, e.g. `0.75/0.125`): this method's
+    /// budgets instead of the grid's.
+    pub budgets: Option<Vec<String>>,
+    /// The spec as written without `budgets=` (what labels show).
+    pub label: String,
 }
 
 /// `name` or `name:key=value,key=value`. Two keys are not method options: `schedule`,
@@ -181,7 +186,29 @@ pub fn parse_method(spec: &str) -> Result<MethodSpec, GridError> {
     let mut options = Options::new();
     let mut schedule = Schedule::Uniform;
     let mut protocol = None;
+    let mut budgets = None;
+    let mut kept_pairs: Vec<&str> = Vec::new();
     for pair in opts.split(',').filter(|p| !p.trim().is_empty()) {
+        if let Some((k, v)) = pair.split_once('=') {
+            if k.trim() == "budgets" {
+                let list: Vec<String> = v
+                    .split('/')
+                    .map(|b| b.trim().to_string())
+                    .filter(|b| !b.is_empty())
+                    .collect();
+                for b in &list {
+                    Budget::from_str(b).map_err(|e| GridError(format!("method '{spec}': {e}")))?;
+                }
+                if list.is_empty() {
+                    return Err(GridError(format!(
+                        "method '{spec}': budgets= lists no budget"
+                    )));
+                }
+                budgets = Some(list);
+                continue;
+            }
+        }
+        kept_pairs.push(pair.trim());
         match pair.split_once('=') {
             Some((k, v)) if k.trim() == "schedule" => {
                 schedule = Schedule::from_name_or_file(v)
@@ -200,11 +227,18 @@ pub fn parse_method(spec: &str) -> Result<MethodSpec, GridError> {
     }
     // Building the method checks its options now rather than in the middle of a grid.
     registry::build(name, &options).map_err(|e| GridError(format!("method '{spec}': {e}")))?;
+    let label = if kept_pairs.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}:{}", kept_pairs.join(","))
+    };
     Ok(MethodSpec {
         name: name.to_string(),
         options,
         schedule,
         protocol,
+        budgets,
+        label,
     })
 }
 
@@ -235,7 +269,12 @@ impl GridSpec {
         if self.samples == 0 {
             return Err(GridError("samples must be at least 1".into()));
         }
-        if !self.methods.iter().all(|m| m.trim() == "full") && self.budgets.is_empty() {
+        if self.budgets.is_empty()
+            && self
+                .methods
+                .iter()
+                .any(|m| m.trim() != "full" && !m.contains("budgets="))
+        {
             return Err(GridError("methods were given but no budgets".into()));
         }
         for t in &self.tasks {
@@ -273,13 +312,21 @@ impl GridSpec {
             let protocol = spec.protocol.unwrap_or(self.protocol);
             // An aware configuration says so in its label, however it was asked for.
             let written = match (protocol, spec.protocol) {
-                (Protocol::Aware, None) if m.contains(':') => {
-                    format!("{},protocol=aware", m.trim())
+                (Protocol::Aware, None) if spec.label.contains(':') => {
+                    format!("{},protocol=aware", spec.label)
                 }
-                (Protocol::Aware, None) => format!("{}:protocol=aware", m.trim()),
-                _ => m.trim().to_string(),
+                (Protocol::Aware, None) => format!("{}:protocol=aware", spec.label),
+                _ => spec.label.clone(),
             };
-            for (label, budget) in &budgets {
+            let own: Vec<(String, Budget)> = match &spec.budgets {
+                Some(list) => list
+                    .iter()
+                    .map(|b| Budget::from_str(b).map(|x| (b.clone(), x)))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| GridError(e.to_string()))?,
+                None => budgets.clone(),
+            };
+            for (label, budget) in &own {
                 let c = RunConfig {
                     label: format!("{written}@{label}"),
                     method: spec.name.clone(),
@@ -449,6 +496,35 @@ mod tests {
             "1/3".parse::<Shard>().unwrap(),
             Shard { index: 1, count: 3 }
         );
+    }
+
+    #[test]
+    fn a_method_may_carry_its_own_budgets_which_labels_do_not_repeat() {
+        let g = GridSpec {
+            methods: vec![
+                "kvzip:budgets=0.75/0.125".into(),
+                "snapkv:window=16,budgets=0.25,protocol=aware".into(),
+                "h2o".into(),
+            ],
+            budgets: vec!["0.5".into()],
+            ..spec()
+        };
+        let c: Vec<(String, String)> = g
+            .configs()
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.label, c.budget_label))
+            .collect();
+        let want = [
+            ("full", "1"),
+            ("kvzip@0.75", "0.75"),
+            ("kvzip@0.125", "0.125"),
+            ("snapkv:window=16,protocol=aware@0.25", "0.25"),
+            ("h2o@0.5", "0.5"),
+        ];
+        assert_eq!(c, want.map(|(a, b)| (a.to_string(), b.to_string())));
+        assert!(parse_method("kvzip:budgets=2.5").is_err());
+        assert!(parse_method("kvzip:budgets=").is_err());
     }
 
     #[test]
