@@ -172,7 +172,7 @@ fn expected_logits_plain(
     let mut t = vec![0.0f32; d];
     for (o, i) in out.iter_mut().zip(from..) {
         let k = data.key(i);
-        let mut x = s * dot8(&m.mean, k) + data.meta[i].bias;
+        let mut x = s * super::dot(&m.mean, k) + data.meta[i].bias;
         if cov {
             // t = Sigma k, row by row as axpy (vectorises without reassociation).
             t.iter_mut().for_each(|v| *v = 0.0);
@@ -182,28 +182,10 @@ fn expected_logits_plain(
                     *tv += ka * c;
                 }
             }
-            x += half_s2 * dot8(&t, k);
+            x += half_s2 * super::dot(&t, k);
         }
         *o = x;
     }
-}
-
-/// A dot product with eight partial sums (inlined into whichever target it serves).
-#[inline(always)]
-fn dot8(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, ra) = a.split_at(a.len() / 8 * 8);
-    let (cb, rb) = b.split_at(ca.len());
-    for (x, y) in ca.chunks_exact(8).zip(cb.chunks_exact(8)) {
-        for j in 0..8 {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
 }
 
 impl Method for ExpectedAttention {
@@ -223,17 +205,9 @@ impl Method for ExpectedAttention {
         self.sinks
     }
     fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error> {
-        if input.budget >= input.data.len() {
-            return Ok(input.data.clone());
-        }
-        super::window_fits(
-            "expected_attention",
-            "sinks",
-            self.sinks.min(input.data.len()),
-            input.budget,
-        )?;
-        let scores = self.expected_scores(&input)?;
-        Ok(super::keep_top(input.data, &scores, input.budget))
+        super::keep_top_after_sinks(&input, "expected_attention", self.sinks, || {
+            self.expected_scores(&input)
+        })
     }
     fn scores(&self, input: &HeadInput<'_>) -> Option<Result<Vec<f32>, Error>> {
         Some(self.expected_scores(input))

@@ -75,17 +75,9 @@ impl Method for KeyDiff {
         self.sinks
     }
     fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error> {
-        if input.budget >= input.data.len() {
-            return Ok(input.data.clone());
-        }
-        super::window_fits(
-            "keydiff",
-            "sinks",
-            self.sinks.min(input.data.len()),
-            input.budget,
-        )?;
-        let scores = self.key_scores(input.data);
-        Ok(super::keep_top(input.data, &scores, input.budget))
+        super::keep_top_after_sinks(&input, "keydiff", self.sinks, || {
+            Ok(self.key_scores(input.data))
+        })
     }
     fn scores(&self, input: &HeadInput<'_>) -> Option<Result<Vec<f32>, Error>> {
         Some(Ok(self.key_scores(input.data)))

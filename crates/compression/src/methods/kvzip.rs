@@ -74,17 +74,7 @@ impl Method for KvZip {
         self.sinks
     }
     fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error> {
-        if input.budget >= input.data.len() {
-            return Ok(input.data.clone());
-        }
-        super::window_fits(
-            "kvzip",
-            "sinks",
-            self.sinks.min(input.data.len()),
-            input.budget,
-        )?;
-        let scores = self.head_scores(&input)?;
-        Ok(super::keep_top(input.data, &scores, input.budget))
+        super::keep_top_after_sinks(&input, "kvzip", self.sinks, || self.head_scores(&input))
     }
     fn compress_all(&self, inputs: &[HeadInput<'_>]) -> Result<Vec<HeadData>, Error> {
         if self.scope == Scope::Head {

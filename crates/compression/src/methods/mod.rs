@@ -160,6 +160,22 @@ pub(crate) fn keep_top(data: &HeadData, scores: &[f32], budget: usize) -> HeadDa
     keep(data, top_k(scores, (0..data.len()).collect(), budget))
 }
 
+/// One head compressed by a scorer that always keeps its first `sinks` slots: the
+/// whole head when the budget covers it, an error when the sinks do not fit, else
+/// the best `budget` slots of `scores`.
+pub(crate) fn keep_top_after_sinks(
+    input: &HeadInput<'_>,
+    method: &str,
+    sinks: usize,
+    scores: impl FnOnce() -> Result<Vec<f32>, Error>,
+) -> Result<HeadData, Error> {
+    if input.budget >= input.data.len() {
+        return Ok(input.data.clone());
+    }
+    window_fits(method, "sinks", sinks.min(input.data.len()), input.budget)?;
+    Ok(keep_top(input.data, &scores()?, input.budget))
+}
+
 /// A per-head seed: the same `seed` gives every (layer, KV head) its own stream.
 pub(crate) fn head_seed(seed: u64, pos: HeadPos) -> u64 {
     let mut x = seed
@@ -172,6 +188,9 @@ pub(crate) fn head_seed(seed: u64, pos: HeadPos) -> u64 {
     x ^ (x >> 31)
 }
 
+/// Inlined everywhere, so that callers compiled for wider vector units (Expected
+/// Attention's AVX2 path) vectorise it for them.
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight partial sums let the compiler vectorise without reassociating floats itself.
     let mut acc = [0.0f32; 8];

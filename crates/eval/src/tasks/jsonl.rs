@@ -482,6 +482,20 @@ const ZEROSCROLLS: &[(&str, usize)] = &[
     ("book_sum_sort", 256),
 ];
 
+/// The file's name (without extension) or its folder's, whichever is in `known`.
+fn name_in_path(path: &Path, known: &[&str]) -> Option<String> {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    let parent = path
+        .parent()
+        .and_then(|p| p.file_name())
+        .and_then(|s| s.to_str())
+        .unwrap_or("");
+    [stem, parent]
+        .into_iter()
+        .find(|n| known.contains(n))
+        .map(str::to_string)
+}
+
 /// The byte offset of character `c` of `s` (its end for `c` = the character count).
 fn char_to_byte(s: &str, c: usize) -> Option<usize> {
     s.char_indices()
@@ -515,21 +529,11 @@ pub fn read_zeroscrolls(path: &Path, dataset: Option<&str>) -> Result<JsonlSampl
     let name = match dataset {
         Some(d) => d.to_string(),
         None => {
-            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-            let parent = path
-                .parent()
-                .and_then(|p| p.file_name())
-                .and_then(|s| s.to_str())
-                .unwrap_or("");
-            [stem, parent]
-                .into_iter()
-                .find(|n| zeroscrolls_datasets().contains(n))
-                .ok_or_else(|| Error::UnknownDataset {
-                    benchmark: "ZeroSCROLLS",
-                    name: format!("(none in the path {}; pass one)", path.display()),
-                    known: known(),
-                })?
-                .to_string()
+            name_in_path(path, &zeroscrolls_datasets()).ok_or_else(|| Error::UnknownDataset {
+                benchmark: "ZeroSCROLLS",
+                name: format!("(none in the path {}; pass one)", path.display()),
+                known: known(),
+            })?
         }
     };
     let Some(&(ds, max_new_tokens)) = ZEROSCROLLS.iter().find(|d| d.0 == name) else {
@@ -653,21 +657,11 @@ pub fn read_ruler(path: &Path, task: Option<&str>) -> Result<JsonlSamples, Error
     let name = match task {
         Some(t) => t.to_string(),
         None => {
-            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-            let parent = path
-                .parent()
-                .and_then(|p| p.file_name())
-                .and_then(|s| s.to_str())
-                .unwrap_or("");
-            [stem, parent]
-                .into_iter()
-                .find(|n| super::split::RULER_TASKS.contains(n))
-                .ok_or_else(|| Error::UnknownDataset {
-                    benchmark: "RULER",
-                    name: format!("(no task in the path {}; pass one)", path.display()),
-                    known: known(),
-                })?
-                .to_string()
+            name_in_path(path, super::split::RULER_TASKS).ok_or_else(|| Error::UnknownDataset {
+                benchmark: "RULER",
+                name: format!("(no task in the path {}; pass one)", path.display()),
+                known: known(),
+            })?
         }
     };
     if !super::split::RULER_TASKS.contains(&name.as_str()) {
