@@ -165,17 +165,14 @@ fn main() {
         ("kvmerger", &[("chain", "first")]),
         ("kvmerger", &[("score", "window")]),
         ("kvmerger", &[("mode", "paper")]),
-        ("kvmerger+", &[]),
-        ("kvmerger+", &[("damp", "1"), ("cap", "100")]),
-        ("kvmerger+", &[("damp", "0")]),
-        ("kvmerger+", &[("epsilon", "0.75")]),
-        ("kvmerger+", &[("pivots", "runs")]),
-        ("kvmerger+", &[("pivots", "runs"), ("heavy", "0.25")]),
-        ("kvmerger+", &[("pivots", "runs"), ("heavy", "0.75")]),
+        ("kvmerger+", &[("selector", "snapkv")]),
         (
             "kvmerger+",
-            &[("pivots", "runs"), ("damp", "1"), ("cap", "100")],
+            &[("selector", "snapkv"), ("damp", "1"), ("cap", "100")],
         ),
+        ("kvmerger+", &[("selector", "snapkv"), ("damp", "0")]),
+        ("kvmerger+", &[("selector", "snapkv"), ("epsilon", "0.75")]),
+        ("kvmerger+", &[("selector", "snapkv"), ("merge", "none")]),
         ("kvmerger", &[("heavy", "0")]),
     ];
     println!("{n} slots x {DIM} dims, rho {rho}; mean relative error of {FUTURE} future queries' attention output, 3 heads");

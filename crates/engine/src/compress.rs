@@ -223,6 +223,13 @@ pub fn compress_cache(
         .enumerate()
         .flat_map(|(layer, hs)| (0..hs.len()).map(move |g| (layer, g, hs.len())))
         .collect();
+    if heads.iter().all(|&(layer, g, _)| {
+        let n = cache.layers[layer][g].len();
+        budget(layer, n) >= n
+    }) {
+        // Nothing to drop: leave the cache bit-identical.
+        return Ok(report(cache, method, bytes_before, before, t0));
+    }
     // Every head as f32 with its statistics: methods may share budgets between heads.
     let prepared: Vec<(HeadData, HeadStats)> = heads
         .par_iter()
@@ -248,10 +255,6 @@ pub fn compress_cache(
             budget: budget(layer, data.len()),
         })
         .collect();
-    if inputs.iter().all(|i| i.budget >= i.data.len()) {
-        // Nothing to drop: leave the cache bit-identical.
-        return Ok(report(cache, method, bytes_before, before, t0));
-    }
     let out = method.compress_all(&inputs)?;
     if out.len() != inputs.len() {
         return Err(Error::Invalid(format!(

@@ -227,8 +227,30 @@ impl Model {
     ///
     /// When `needs` asks for attention statistics, they are gathered into `stats`
     /// (window and last-row statistics refer to the end of `tokens`, the prompt) and
-    /// accumulated attention is added to each slot's score.
+    /// accumulated attention is added to each slot's score. KVzip's reconstruction
+    /// scores are not a statistic of a forward pass: they come from
+    /// [`crate::reconstruct`] (a [`crate::sequence::Sequence`] runs it), so
+    /// `needs.reconstruction` is ignored here and a method that needs them reports
+    /// them missing rather than reading something else.
     pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        needs: StatsNeeds,
+        stats: Option<&mut PrefillStats>,
+        logits: Logits,
+    ) -> Result<Vec<f32>, Error> {
+        let needs = StatsNeeds {
+            reconstruction: false,
+            ..needs
+        };
+        self.forward_peak(tokens, cache, needs, stats, logits)
+    }
+
+    /// [`Model::forward`] where `needs.reconstruction` asks for the largest attention
+    /// each slot receives from the fed tokens' queries (over the query heads of its
+    /// group): what KVzip's reconstruction pass ([`crate::reconstruct`]) measures.
+    pub fn forward_peak(
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
@@ -294,6 +316,8 @@ impl Model {
         }
         for s in segments.iter_mut() {
             s.cache.reserve(s.tokens.len());
+            // As in `forward`: reconstruction scores come from their own pass.
+            s.needs.reconstruction = false;
         }
         Ok(self.forward_segments(segments))
     }

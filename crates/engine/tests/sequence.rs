@@ -152,7 +152,7 @@ fn the_reconstruction_pass_scores_every_context_slot_and_leaves_the_cache_as_it_
     input.extend_from_slice(&s.context[s.prefix..]);
     let mut st = Default::default();
     lm.model
-        .forward(
+        .forward_peak(
             &input,
             &mut direct,
             StatsNeeds {
@@ -224,7 +224,7 @@ fn each_reconstruction_chunk_attends_to_the_leading_slots_and_its_own_chunk() {
     input.extend_from_slice(&s.context[c0..c1]);
     let mut st = kvmerger_engine::cache::PrefillStats::default();
     lm.model
-        .forward(
+        .forward_peak(
             &input,
             &mut cache,
             StatsNeeds {
@@ -247,6 +247,35 @@ fn each_reconstruction_chunk_attends_to_the_leading_slots_and_its_own_chunk() {
             );
         }
     }
+}
+
+#[test]
+fn a_plain_forward_never_passes_off_its_own_attention_as_kvzips_scores() {
+    let lm = open("smollm2-135m");
+    let s = lm.split_prompt(CONTEXT, QUESTION, "", true).unwrap();
+    let comp = Compressor::new(
+        "kvzip",
+        &Options::new(),
+        Budget::Fraction(0.5),
+        Schedule::Uniform,
+    )
+    .unwrap();
+    let mut cache = lm.model.new_cache(KvDtype::F16);
+    let mut stats = Default::default();
+    lm.model
+        .forward(
+            &s.context,
+            &mut cache,
+            comp.needs(),
+            Some(&mut stats),
+            Logits::Last,
+        )
+        .unwrap();
+    let e = comp
+        .compress_prompt(&mut cache, &stats)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("reconstruction"), "{e}");
 }
 
 #[test]

@@ -179,6 +179,16 @@ fn fidelity(
         Some(&mut stats),
         Logits::Last,
     )?;
+    if comp.needs().reconstruction {
+        kvmerger_engine::reconstruct::reconstruction_scores(
+            m,
+            &cache,
+            &toks,
+            0,
+            &lm.repeat_prompts()?,
+            &mut stats,
+        )?;
+    }
     let (_, targets) = comp.compress_prompt(&mut cache, &stats)?;
     drop(stats);
     let (bytes_full, bytes) = (full.bytes(), cache.bytes());
@@ -284,6 +294,23 @@ fn run_compressed(
     } else {
         (None, Vec::new())
     };
+    if comp.needs().reconstruction {
+        let t0 = Instant::now();
+        kvmerger_engine::reconstruct::reconstruction_scores(
+            m,
+            &cache,
+            &toks,
+            0,
+            &lm.repeat_prompts()?,
+            &mut stats,
+        )?;
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "| reconstruction pass ({}) | {pp} | {secs:.3} | {:.2}x prefill |",
+            comp.name(),
+            secs / prefill
+        );
+    }
     let rss_before = rss_bytes();
     let (report, targets) = comp.compress_prompt(&mut cache, &stats)?;
     let targets_batch = targets.clone();

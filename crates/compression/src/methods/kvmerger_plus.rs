@@ -43,8 +43,8 @@ use crate::Error;
 pub const SUMMARY: &str =
     "KVMerger+: a scorer's selection; evicted neighbours' values merged into kept keys, damped log-mass bias";
 pub const OPTIONS: &[OptionDoc] = &[
-    OptionDoc { key: "selector", default: "snapkv", help: "scorer that picks the kept slots (its options pass through)" },
-    OptionDoc { key: "scope", default: "head", help: "who shares the budget: head, layer (Ada-KV) or model" },
+    OptionDoc { key: "selector", default: "kvzip", help: "scorer that picks the kept slots (its options pass through)" },
+    OptionDoc { key: "scope", default: "auto", help: "who shares the budget: head, layer (Ada-KV) or model (auto: model for kvzip, head otherwise)" },
     OptionDoc { key: "alpha", default: "auto", help: "safeguard share of each head's budget with shared budgets (auto: 0.2 for layer, 0 for model)" },
     OptionDoc { key: "merge", default: "values", help: "values (evicted neighbours' values merged into kept slots) or none (the selection alone)" },
     OptionDoc { key: "mass", default: "bias", help: "bias (damped log-mass logit bias on merged slots) or none" },
@@ -54,6 +54,9 @@ pub const OPTIONS: &[OptionDoc] = &[
 ];
 
 const MIN_WEIGHT: f32 = 1e-12;
+/// The selection measured best under the query-agnostic protocol (docs/results.md,
+/// dev split): KVzip's.
+const DEFAULT_SELECTOR: &str = "kvzip";
 
 pub struct KvMergerPlus {
     pub selector: Box<dyn Method>,
@@ -87,7 +90,7 @@ impl PlusPlan {
 
 impl KvMergerPlus {
     pub fn from_options(opts: &Options) -> Result<Self, Error> {
-        let selector_name = opts.get("selector").unwrap_or("snapkv").to_string();
+        let selector_name = opts.get("selector").unwrap_or(DEFAULT_SELECTOR).to_string();
         if matches!(selector_name.as_str(), "kvmerger+" | "adakv") {
             return Err(Error::InvalidOption(format!(
                 "kvmerger+: selector '{selector_name}' is not a plain scorer (use scope= for head-wise budgets)"
@@ -120,7 +123,14 @@ impl KvMergerPlus {
                 "option cap={cap} must be a finite number >= 0"
             )));
         }
-        let scope = Scope::parse("scope", opts.get("scope").unwrap_or("head"))?;
+        // KVzip's scores are made to be compared across layers and heads (its own
+        // default); other scorers' are per head.
+        let scope_default = if selector_name == "kvzip" {
+            "model"
+        } else {
+            "head"
+        };
+        let scope = Scope::parse("scope", opts.get("scope").unwrap_or(scope_default))?;
         let alpha = match opts.get("alpha") {
             None | Some("auto") => {
                 if scope == Scope::Layer {

@@ -340,7 +340,7 @@ proptest! {
         n in 5usize..200, cut in 0.05f64..0.95, seed in any::<u64>()) {
         let h = head(n, 8, seed);
         let budget = ((n as f64 * cut) as usize).clamp(4, n - 1);
-        let m = plus(&[("window", "4")]);
+        let m = plus(&[("selector", "snapkv"), ("window", "4")]);
         let mut o = Options::new();
         o.set("window", 4);
         let snap = kvmerger_compression::registry::build("snapkv", &o).unwrap();
@@ -413,6 +413,7 @@ fn kvmerger_plus_with_full_mass_reproduces_attention_over_identical_keys() {
         2.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0,
     ]);
     let m = plus(&[
+        ("selector", "snapkv"),
         ("window", "3"),
         ("kernel", "1"),
         ("epsilon", "0.999"),

@@ -10,7 +10,12 @@ fn small_options(name: &str) -> Options {
     let mut o = Options::new();
     match name {
         "streaming" => o.set("sinks", 2),
-        "snapkv" | "pyramidkv" | "kvmerger+" => {
+        "snapkv" | "pyramidkv" => {
+            o.set("window", 3);
+            o.set("kernel", 3);
+        }
+        "kvmerger+" => {
+            o.set("selector", "snapkv");
             o.set("window", 3);
             o.set("kernel", 3);
         }

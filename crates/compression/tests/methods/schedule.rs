@@ -165,7 +165,7 @@ fn methods_report_the_slots_they_always_keep() {
     };
     assert_eq!(build("snapkv", &[]), 32);
     assert_eq!(build("pyramidkv", &["window=8"]), 8);
-    assert_eq!(build("kvmerger+", &["window=16"]), 16);
+    assert_eq!(build("kvmerger+", &["selector=snapkv", "window=16"]), 16);
     assert_eq!(build("streaming", &["sinks=2"]), 2);
     assert_eq!(build("cam", &[]), 4);
     assert_eq!(build("cam", &["select=h2o"]), 0);
