@@ -12,6 +12,8 @@
 //! - [`budget`]: budgets as a fraction of the prompt or a token count, and
 //!   [`should_recompress`] for decode-time re-compression;
 //! - [`schedule`]: how one budget is shared between layers ([`Schedule`]);
+//! - [`select`]: keeping the best-scoring slots when heads share one budget (Ada-KV,
+//!   KVzip);
 //! - [`methods`]: one file per method; [`registry`]: names, descriptions, options, [`registry::build`].
 //!
 //! Methods (`registry::names()`):
@@ -28,11 +30,19 @@
 //! | `random` | seeded random subset + recent window | none |
 //! | `cam` | streaming or H2O eviction, evicted values merged forward (CaM) | accumulated |
 //! | `d2o` | H2O eviction, evicted slots merged into similar kept ones (D2O) | accumulated |
-//! | `kvmerger` | recent + heavy hitters, similar consecutive keys merged (KVMerger) | accumulated or window |
-//! | `kvmerger+` | SnapKV selection, neighbours' values merged into kept keys, mass bias | window |
+//! | `keydiff` | keys least similar to the head's mean key direction (KeyDiff) | none |
+//! | `expected_attention` | attention expected from future queries (Expected Attention) | queries |
+//! | `kvzip` | attention while the model repeats the context (KVzip), one threshold over all heads | reconstruction |
+//! | `adakv` | any scorer's best slots over all heads of a layer (Ada-KV) | the scorer's |
+//! | `kvmerger` | recent + heavy hitters, similar consecutive keys merged (KVMerger) | accumulated, window, queries, reconstruction or none |
+//! | `kvmerger+` | a scorer's selection (KVzip's by default), neighbours' values merged into kept keys, mass bias | the selector's |
 //!
 //! Every method returns at most its budget of slots except `full`, `pyramidkv` (whose
 //! lower layers get more than the mean, by design) and `kvmerger` in `mode=paper`.
+//! Methods that share a budget between heads ([`Method::compress_all`]: `adakv`,
+//! `kvzip`, `kvmerger+` with `scope=layer|model`, `kvmerger` with `layers=sparsity`)
+//! give some heads more than their even share and others less, spending exactly the
+//! sum.
 //!
 //! Using it on your own tensors, without the engine:
 //!
