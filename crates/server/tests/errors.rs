@@ -234,6 +234,24 @@ fn invalid_parameters_are_400s_naming_the_parameter() {
             ),
             "kv_compression.schedule",
         ),
+        (
+            COMPLETIONS,
+            with(
+                completion("x", 2),
+                "kv_compression",
+                json!({"method": "kvzip", "budget": 0.5, "recompress_margin": 16}),
+            ),
+            "kv_compression.recompress_margin",
+        ),
+        (
+            COMPLETIONS,
+            with(
+                completion("x", 2),
+                "kv_compression",
+                json!({"method": "adakv", "budget": 0.5, "scorer": "kvmerger"}),
+            ),
+            "kv_compression.options",
+        ),
         (CHAT, with(chat("x", 2), "messages", json!([])), "messages"),
         (
             CHAT,

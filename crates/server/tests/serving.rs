@@ -202,6 +202,28 @@ fn usage_reports_slots_kept_and_kv_bytes_per_request() {
 }
 
 #[test]
+fn query_agnostic_scorers_work_per_request_kvzip_with_its_reconstruction_pass() {
+    let s = start(|_| {});
+    let prompt = long_text(60);
+    for method in [
+        "kvzip",
+        "expected_attention",
+        "keydiff",
+        "adakv",
+        "kvmerger+",
+    ] {
+        let mut b = completion(&prompt, 4);
+        b["kv_compression"] = json!({"method": method, "budget": 0.5});
+        let r = post(s.addr, COMPLETIONS, &b);
+        let u = r.json()["usage"]["kv_cache"].clone();
+        assert_eq!(u["method"], method, "{method}: {}", r.json());
+        let kept = u["kept_fraction"].as_f64().unwrap();
+        // KVzip shares one budget over all heads: the total is half, exactly.
+        assert!((0.45..0.55).contains(&kept), "{method} at 0.5 kept {kept}");
+    }
+}
+
+#[test]
 fn the_server_default_compression_applies_unless_a_request_overrides_it() {
     let s = start(|c| {
         c.compression = kvmerger_server::CompressionSpec::full()
