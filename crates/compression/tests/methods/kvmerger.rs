@@ -503,8 +503,10 @@ fn sparsity_budgets_move_slots_to_the_layers_that_merge_least_and_keep_the_total
         out[0].len(),
         out[1].len()
     );
-    // Uniform (the paper's literal setting) keeps each layer's own budget.
+    // Uniform (the paper's literal setting, no longer the default) keeps each layer's
+    // own budget.
     let u = kvmerger(&[
+        ("layers", "uniform"),
         ("skip_layers", "none"),
         ("recent", "0.05"),
         ("heavy", "0.05"),
