@@ -134,7 +134,10 @@ fn a_prompt_longer_than_the_context_is_refused() {
     let long = dir.path().join("long.txt");
     std::fs::write(&long, "word ".repeat(9000)).unwrap();
     let e = fails(&["generate", "-f", long.to_str().unwrap()]);
-    assert!(e.contains("does not fit the model's context of 8192"), "{e}");
+    assert!(
+        e.contains("does not fit the model's context of 8192"),
+        "{e}"
+    );
 }
 
 #[test]
