@@ -314,8 +314,11 @@ impl Runner<'_> {
             .any(|p| !p.aware() && p.compressor.needs().reconstruction)
         {
             obs.stage(item, "KVzip's reconstruction pass");
-            reconstruct_s += base.score_reconstruction(model, self.repeat_prompts()?)?;
+            reconstruct_s = base.score_reconstruction(model, self.repeat_prompts()?)?;
         }
+        // Each configuration's record carries the pass its own cache had: the
+        // context's, or (query-aware) the context and question's.
+        let mut reconstruct_aware_s = 0.0;
         // Query-aware configurations compress context and question together.
         let mut full = None;
         let mut aware_question_s = 0.0;
@@ -327,7 +330,7 @@ impl Runner<'_> {
                 .any(|p| p.aware() && p.compressor.needs().reconstruction)
             {
                 obs.stage(item, "KVzip's reconstruction pass (query-aware)");
-                reconstruct_s += f.score_reconstruction(model, self.repeat_prompts()?)?;
+                reconstruct_aware_s = f.score_reconstruction(model, self.repeat_prompts()?)?;
             }
             full = Some(f);
         }
@@ -376,10 +379,10 @@ impl Runner<'_> {
                 prefill_s,
                 compress_s: c.compress_s,
                 decode_s: gen.decode_secs,
-                reconstruct_s: if p.compressor.needs().reconstruction {
-                    reconstruct_s
-                } else {
-                    0.0
+                reconstruct_s: match (p.compressor.needs().reconstruction, p.aware()) {
+                    (false, _) => 0.0,
+                    (true, false) => reconstruct_s,
+                    (true, true) => reconstruct_aware_s,
                 },
                 question_s,
             };
