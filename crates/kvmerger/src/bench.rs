@@ -128,6 +128,20 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
 }
 
 /// `KL(p || q)` of two logit rows, and whether their top tokens agree.
+/// KVzip's reconstruction pass over the prompt `toks` already in `cache`, into `stats`.
+fn kvzip_pass(
+    lm: &kvmerger_engine::load::LoadedModel,
+    cache: &kvmerger_engine::cache::KvCache,
+    toks: &[u32],
+    stats: &mut kvmerger_engine::cache::PrefillStats,
+) -> Result<()> {
+    let prompts = lm.repeat_prompts()?;
+    kvmerger_engine::reconstruct::reconstruction_scores(
+        &lm.model, cache, toks, 0, &prompts, stats,
+    )?;
+    Ok(())
+}
+
 fn kl_logits(p: &[f32], q: &[f32]) -> (f64, bool) {
     let logsoftmax = |x: &[f32]| -> Vec<f64> {
         let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -180,14 +194,7 @@ fn fidelity(
         Logits::Last,
     )?;
     if comp.needs().reconstruction {
-        kvmerger_engine::reconstruct::reconstruction_scores(
-            m,
-            &cache,
-            &toks,
-            0,
-            &lm.repeat_prompts()?,
-            &mut stats,
-        )?;
+        kvzip_pass(lm, &cache, &toks, &mut stats)?;
     }
     let (_, targets) = comp.compress_prompt(&mut cache, &stats)?;
     drop(stats);
@@ -296,14 +303,7 @@ fn run_compressed(
     };
     if comp.needs().reconstruction {
         let t0 = Instant::now();
-        kvmerger_engine::reconstruct::reconstruction_scores(
-            m,
-            &cache,
-            &toks,
-            0,
-            &lm.repeat_prompts()?,
-            &mut stats,
-        )?;
+        kvzip_pass(lm, &cache, &toks, &mut stats)?;
         let secs = t0.elapsed().as_secs_f64();
         println!(
             "| reconstruction pass ({}) | {pp} | {secs:.3} | {:.2}x prefill |",
