@@ -127,7 +127,6 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
     fidelity(&a, &lm, dtype, &comp)
 }
 
-/// `KL(p || q)` of two logit rows, and whether their top tokens agree.
 /// KVzip's reconstruction pass over the prompt `toks` already in `cache`, into `stats`.
 fn kvzip_pass(
     lm: &kvmerger_engine::load::LoadedModel,
@@ -142,6 +141,7 @@ fn kvzip_pass(
     Ok(())
 }
 
+/// `KL(p || q)` of two logit rows, and whether their top tokens agree.
 fn kl_logits(p: &[f32], q: &[f32]) -> (f64, bool) {
     let logsoftmax = |x: &[f32]| -> Vec<f64> {
         let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
