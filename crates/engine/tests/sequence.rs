@@ -175,13 +175,7 @@ fn the_reconstruction_pass_scores_every_context_slot_and_leaves_the_cache_as_it_
         );
     }
     // KVzip compresses from those scores to its budget over the whole cache.
-    let mut comp = Compressor::new(
-        "kvzip",
-        &Options::new(),
-        Budget::Fraction(0.5),
-        Schedule::Uniform,
-    )
-    .unwrap();
+    let mut comp = at_half("kvzip");
     comp.recompress_margin = None;
     let slots = seq.cache.total_slots();
     seq.compress(&comp).unwrap();
@@ -249,13 +243,7 @@ fn each_reconstruction_chunk_attends_over_the_whole_context() {
 fn a_plain_forward_never_passes_off_its_own_attention_as_kvzips_scores() {
     let lm = open("smollm2-135m");
     let s = lm.split_prompt(CONTEXT, QUESTION, "", true).unwrap();
-    let comp = Compressor::new(
-        "kvzip",
-        &Options::new(),
-        Budget::Fraction(0.5),
-        Schedule::Uniform,
-    )
-    .unwrap();
+    let comp = at_half("kvzip");
     let mut cache = lm.model.new_cache(KvDtype::F16);
     let mut stats = Default::default();
     lm.model
@@ -278,13 +266,7 @@ fn a_plain_forward_never_passes_off_its_own_attention_as_kvzips_scores() {
 fn expected_attention_runs_on_query_moments_collected_by_the_engine() {
     let lm = open("qwen2.5-0.5b");
     let s = lm.split_prompt(CONTEXT, QUESTION, "", true).unwrap();
-    let comp = Compressor::new(
-        "expected_attention",
-        &Options::new(),
-        Budget::Fraction(0.5),
-        Schedule::Uniform,
-    )
-    .unwrap();
+    let comp = at_half("expected_attention");
     let mut seq = Sequence::new(&lm.model, KvDtype::F16, comp.needs());
     seq.feed(&lm.model, &s.context).unwrap();
     let q = &seq.stats.queries;
@@ -303,4 +285,15 @@ fn expected_attention_runs_on_query_moments_collected_by_the_engine() {
             assert_eq!(h.len(), (n as f64 * 0.5).round() as usize);
         }
     }
+}
+
+/// `method` with its default options at half the prompt, budgets uniform over layers.
+fn at_half(method: &str) -> Compressor {
+    Compressor::new(
+        method,
+        &Options::new(),
+        Budget::Fraction(0.5),
+        Schedule::Uniform,
+    )
+    .unwrap()
 }
