@@ -215,41 +215,214 @@ pub fn attend(
     req: StatsRequest,
     out: &mut [f32],
 ) -> Vec<HeadRows> {
+    if t == 1 {
+        attend_one(p, stores, q, positions, req, out)
+    } else {
+        attend_block(p, stores, q, t, positions, req, out)
+    }
+}
+
+/// Statistics of one query head over a task's queries, every vector as long as the
+/// store (empty where not requested).
+#[derive(Default)]
+struct Folded {
+    accumulated: Vec<f32>,
+    peak: Vec<f32>,
+    /// (query index, softmax row) for the window's queries and the last one.
+    rows: Vec<(usize, Vec<f32>)>,
+}
+
+/// Prefill: each unit covers every key its queries may see, so its softmax shift and
+/// sum are final. Tasks run a run of consecutive units of one KV head, normalise
+/// their rows and fold statistics as they go, so no unit's exponentials outlive it
+/// (a pass of a few thousand queries over a long context would otherwise hold
+/// t × n_heads × n values at once).
+fn attend_block(
+    p: LayerAttn,
+    stores: &[HeadStore],
+    q: &[f32],
+    t: usize,
+    positions: &[u32],
+    req: StatsRequest,
+    out: &mut [f32],
+) -> Vec<HeadRows> {
+    let d = p.head_dim;
+    let group = p.n_heads / p.n_kv_heads;
+    let qb = (ROWS_PER_UNIT / group).max(1);
+    let blocks = t.div_ceil(qb);
+    // Enough tasks per head for the threads to balance causal (growing) rows.
+    let per_task = blocks
+        .div_ceil(8 * rayon::current_num_threads().max(1))
+        .max(1);
+    let mut tasks = Vec::new();
+    for g in 0..p.n_kv_heads {
+        let mut b = 0;
+        while b < blocks {
+            let e = (b + per_task).min(blocks);
+            tasks.push((g, b * qb, (e * qb).min(t)));
+            b = e;
+        }
+    }
+    let keep_e = req.any();
+    let results: Vec<(Vec<f32>, Vec<Folded>)> = tasks
+        .par_iter()
+        .map(|&(g, q0, q1)| {
+            let store = &stores[g];
+            let n = store.len();
+            let n_old = n - t;
+            let mut o = vec![0.0f32; (q1 - q0) * group * d];
+            let mut folded: Vec<Folded> = (0..if keep_e { group } else { 0 })
+                .map(|_| Folded {
+                    accumulated: if req.accumulated {
+                        vec![0.0; n]
+                    } else {
+                        Vec::new()
+                    },
+                    peak: if req.peak { vec![0.0; n] } else { Vec::new() },
+                    rows: Vec::new(),
+                })
+                .collect();
+            let mut i0 = q0;
+            while i0 < q1 {
+                let i1 = (i0 + qb).min(q1);
+                let (k0, _) = visible(&p, store.meta(), n_old, positions[i0], i0);
+                let u = Unit {
+                    g,
+                    i0,
+                    i1,
+                    k0,
+                    k1: n_old + i1,
+                };
+                let part = run_unit(&p, store, q, t, positions, u, keep_e);
+                let width = u.k1 - u.k0;
+                for r in 0..(i1 - i0) * group {
+                    let (i, hh) = (i0 + r / group, r % group);
+                    let l = part.l[r];
+                    if part.m[r] == f32::NEG_INFINITY || l <= 0.0 {
+                        continue;
+                    }
+                    let c = 1.0 / l;
+                    let dst = ((i - q0) * group + hh) * d;
+                    for (a, b) in o[dst..dst + d].iter_mut().zip(&part.o[r * d..(r + 1) * d]) {
+                        *a = b * c;
+                    }
+                    if !keep_e {
+                        continue;
+                    }
+                    let e = &part.e[r * width..(r + 1) * width];
+                    let f = &mut folded[hh];
+                    if req.accumulated {
+                        for (a, x) in f.accumulated[u.k0..u.k1].iter_mut().zip(e) {
+                            *a += x * c;
+                        }
+                    }
+                    if req.peak {
+                        for (a, x) in f.peak[u.k0..u.k1].iter_mut().zip(e) {
+                            *a = a.max(x * c);
+                        }
+                    }
+                    if req.window_from.is_some_and(|w| i >= w) || req.last_at == Some(i) {
+                        let mut row = vec![0.0f32; n];
+                        for (a, x) in row[u.k0..u.k1].iter_mut().zip(e) {
+                            *a = x * c;
+                        }
+                        f.rows.push((i, row));
+                    }
+                }
+                i0 = i1;
+            }
+            (o, folded)
+        })
+        .collect();
+
+    let nq = t * p.n_heads;
+    out[..nq * d].fill(0.0);
+    for (&(g, q0, q1), (o, _)) in tasks.iter().zip(&results) {
+        for i in q0..q1 {
+            let dst = (i * p.n_heads + g * group) * d;
+            let src = (i - q0) * group * d;
+            out[dst..dst + group * d].copy_from_slice(&o[src..src + group * d]);
+        }
+    }
+    if !keep_e {
+        return Vec::new();
+    }
+    let mut rows: Vec<HeadRows> = (0..p.n_heads)
+        .map(|h| {
+            let n = stores[h / group].len();
+            let v = |on: bool| if on { vec![0.0f32; n] } else { Vec::new() };
+            HeadRows {
+                accumulated: v(req.accumulated),
+                window: match req.window_from {
+                    Some(w) if w < t => vec![vec![0.0f32; n]; t - w],
+                    _ => Vec::new(),
+                },
+                last: v(req.last_at.is_some()),
+                peak: v(req.peak),
+            }
+        })
+        .collect();
+    rows.par_iter_mut().enumerate().for_each(|(h, hr)| {
+        let (g, hh) = (h / group, h % group);
+        for (&(tg, _, _), (_, folded)) in tasks.iter().zip(&results) {
+            if tg != g {
+                continue;
+            }
+            let f = &folded[hh];
+            if req.accumulated {
+                hr.accumulated
+                    .iter_mut()
+                    .zip(&f.accumulated)
+                    .for_each(|(a, b)| *a += b);
+            }
+            if req.peak {
+                hr.peak
+                    .iter_mut()
+                    .zip(&f.peak)
+                    .for_each(|(a, &b)| *a = a.max(b));
+            }
+            for (i, row) in &f.rows {
+                if let Some(w) = req.window_from.filter(|&w| *i >= w) {
+                    hr.window[i - w].copy_from_slice(row);
+                }
+                if req.last_at == Some(*i) {
+                    hr.last.copy_from_slice(row);
+                }
+            }
+        }
+    });
+    rows
+}
+
+/// Decoding (one query): each KV head's keys are split into ranges that threads
+/// share, combined through their softmax maxima and sums.
+fn attend_one(
+    p: LayerAttn,
+    stores: &[HeadStore],
+    q: &[f32],
+    positions: &[u32],
+    req: StatsRequest,
+    out: &mut [f32],
+) -> Vec<HeadRows> {
+    let t = 1;
     let d = p.head_dim;
     let group = p.n_heads / p.n_kv_heads;
     let mut units = Vec::new();
     for (g, store) in stores.iter().enumerate().take(p.n_kv_heads) {
         let n = store.len();
         let n_old = n - t;
-        if t == 1 {
-            let (lo, hi) = visible(&p, store.meta(), n_old, positions[0], 0);
-            let parts = (hi - lo).div_ceil(DECODE_SPLIT).max(1);
-            let step = (hi - lo).div_ceil(parts);
-            for c in 0..parts {
-                let k0 = lo + c * step;
-                units.push(Unit {
-                    g,
-                    i0: 0,
-                    i1: 1,
-                    k0,
-                    k1: (k0 + step).min(hi),
-                });
-            }
-        } else {
-            let qb = (ROWS_PER_UNIT / group).max(1);
-            let mut i0 = 0;
-            while i0 < t {
-                let i1 = (i0 + qb).min(t);
-                let (k0, _) = visible(&p, store.meta(), n_old, positions[i0], i0);
-                units.push(Unit {
-                    g,
-                    i0,
-                    i1,
-                    k0,
-                    k1: n_old + i1,
-                });
-                i0 = i1;
-            }
+        let (lo, hi) = visible(&p, store.meta(), n_old, positions[0], 0);
+        let parts = (hi - lo).div_ceil(DECODE_SPLIT).max(1);
+        let step = (hi - lo).div_ceil(parts);
+        for c in 0..parts {
+            let k0 = lo + c * step;
+            units.push(Unit {
+                g,
+                i0: 0,
+                i1: 1,
+                k0,
+                k1: (k0 + step).min(hi),
+            });
         }
     }
     let keep_e = req.any();

@@ -67,6 +67,9 @@ pub enum Logits {
     Last,
     /// Every position's (n × vocab values).
     All,
+    /// None: the pass is run for its cache or its statistics (the last layer's
+    /// output projection and feed-forward are skipped, as nothing reads them).
+    None,
 }
 
 fn check_shape(name: &str, m: &QMatrix, rows: usize, cols: usize) -> Result<(), Error> {
@@ -271,7 +274,7 @@ impl Model {
             let want = match logits {
                 Logits::All => Some(Logits::All),
                 Logits::Last if last_chunk => Some(Logits::Last),
-                Logits::Last => None,
+                Logits::Last | Logits::None => None,
             };
             let mut seg = [Segment {
                 tokens: chunk,
@@ -412,6 +415,9 @@ impl Model {
         let mut v = vec![0.0f32; t * kd];
         let mut att = vec![0.0f32; t * qd];
         let mut o = vec![0.0f32; t * hd];
+        let no_logits = segs
+            .iter()
+            .all(|s| matches!(s.logits, None | Some(Logits::None)));
         let mut g = vec![0.0f32; t * c.ffn];
         let mut u = vec![0.0f32; t * c.ffn];
 
@@ -474,6 +480,10 @@ impl Model {
                     None
                 },
             };
+            if li + 1 == self.layers.len() && no_logits && !reqs.iter().any(|r| r.any()) {
+                // Neither logits nor statistics: the keys and values are all.
+                break;
+            }
             let rows: Vec<Vec<crate::attention::HeadRows>> = if segs.len() == 1 {
                 vec![attend(
                     p,
@@ -521,6 +531,11 @@ impl Model {
                     );
                 }
             }
+            if li + 1 == self.layers.len() && no_logits {
+                // Nothing reads the last layer's output: its keys, values and
+                // statistics are all this pass needs.
+                break;
+            }
             self.mm(&layer.wo, &att, t, &mut o);
             if let Some(w) = &layer.post_attn_norm {
                 o.chunks_mut(hd)
@@ -562,6 +577,7 @@ impl Model {
                 None => {}
                 Some(Logits::All) => wanted.extend((bounds[s]..bounds[s + 1]).map(|r| (s, r))),
                 Some(Logits::Last) => wanted.push((s, bounds[s + 1] - 1)),
+                Some(Logits::None) => {}
             }
         }
         let mut out = vec![Vec::new(); segs.len()];

@@ -81,7 +81,7 @@ pub fn reconstruction_scores(
             &mut pass_cache,
             needs,
             Some(&mut pass),
-            Logits::Last,
+            Logits::None,
         )?;
         drop(pass_cache);
         for (l, layer) in pass.heads.iter().enumerate() {

@@ -299,3 +299,45 @@ fn batched_decode_throughput() {
         );
     }
 }
+
+/// A pass that wants no logits skips the last layer's output projection and
+/// feed-forward, and leaves exactly the cache and statistics of a pass that does.
+#[test]
+fn a_pass_without_logits_leaves_the_same_cache_and_statistics() {
+    let lm = LoadedModel::open(&model_path("smollm2-135m")).unwrap();
+    let ids = prompts(&lm);
+    let needs = StatsNeeds {
+        accumulated: true,
+        window: Some(4),
+        last: true,
+        ..Default::default()
+    };
+    let run = |logits: Logits| {
+        let mut cache = lm.model.new_cache(KvDtype::F16);
+        let mut stats = PrefillStats::default();
+        let out = lm
+            .model
+            .forward(&ids[1], &mut cache, needs, Some(&mut stats), logits)
+            .unwrap();
+        (out, cache, stats)
+    };
+    let (with, ca, sa) = run(Logits::Last);
+    let (without, cb, sb) = run(Logits::None);
+    assert_eq!(with.len(), lm.model.cfg.vocab);
+    assert!(without.is_empty());
+    assert_eq!(ca.n_seen, cb.n_seen);
+    for (a, b) in ca.layers.iter().flatten().zip(cb.layers.iter().flatten()) {
+        let (da, db) = (a.to_data(), b.to_data());
+        assert_eq!(da.meta.len(), db.meta.len());
+        for j in 0..da.meta.len() {
+            assert_eq!(da.key(j), db.key(j));
+            assert_eq!(da.value(j), db.value(j));
+            assert_eq!(da.meta[j].score, db.meta[j].score);
+        }
+    }
+    let last_layer = sa.heads.len() - 1;
+    for (ha, hb) in sa.heads[last_layer].iter().zip(&sb.heads[last_layer]) {
+        assert_eq!(ha.last, hb.last);
+        assert_eq!(ha.window, hb.window);
+    }
+}
