@@ -122,7 +122,13 @@ impl Schedule {
             Schedule::Uniform => 1.0,
             Schedule::Pyramid { beta } => pyramid_weight(layer, n_layers, *beta),
             Schedule::File(r) => {
-                let mean = r.iter().sum::<f64>() / r.len() as f64;
+                // Relative to the largest ratio first, so that huge ratios (1e308) cannot
+                // overflow the sum and shrink every layer's share.
+                let max = r.iter().copied().fold(0.0f64, f64::max);
+                if !(max.is_finite() && max > 0.0) {
+                    return 1.0;
+                }
+                let mean = r.iter().map(|x| x / max).sum::<f64>() / r.len() as f64;
                 let at = if r.len() == n_layers || n_layers <= 1 {
                     layer.min(r.len() - 1)
                 } else {
@@ -130,7 +136,7 @@ impl Schedule {
                     let rel = layer.min(n_layers - 1) as f64 / (n_layers - 1) as f64;
                     (rel * (r.len() - 1) as f64).round() as usize
                 };
-                r[at] / mean
+                (r[at] / max) / mean
             }
         }
     }

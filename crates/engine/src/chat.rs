@@ -131,7 +131,7 @@ impl ChatTemplate {
     /// `eos_token`; a built-in fallback when the file or the template is
     /// missing or does not work.
     pub fn from_tokenizer_config(path: &std::path::Path) -> ChatTemplate {
-        let config: Option<serde_json::Value> = std::fs::read_to_string(path)
+        let config: Option<serde_json::Value> = crate::read_text_file(path, 64 << 20)
             .ok()
             .and_then(|s| serde_json::from_str(&s).ok());
         let Some(config) = config else {

@@ -100,7 +100,12 @@ impl Config {
         };
         let vocab = match f.get(&k("vocab_size")).and_then(|v| v.as_u64()) {
             Some(v) => v as usize,
-            None => f.tensor("token_embd.weight")?.dims[1] as usize,
+            None => f
+                .tensor("token_embd.weight")?
+                .dims
+                .get(1)
+                .copied()
+                .unwrap_or(0) as usize,
         };
         let (rope_style, activation, embed_scale, sliding_window) = match arch {
             Arch::Llama => (RopeStyle::Adjacent, Activation::Silu, 1.0, None),
@@ -153,17 +158,28 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Sanity bounds on every size read from a file, checked before anything is
+    /// allocated from them. They are generous for real models (a 405B Llama has 126
+    /// layers, hidden 16384, 128 heads, feed-forward 53248; the largest vocabularies
+    /// have about 262k tokens): anything beyond is a corrupt or hostile file.
     pub fn validate(&self) -> Result<(), String> {
         let c = self;
-        if c.n_layers == 0
-            || c.hidden == 0
-            || c.n_heads == 0
-            || c.n_kv_heads == 0
-            || c.head_dim == 0
-            || c.ffn == 0
-            || c.vocab == 0
-        {
-            return Err(format!("implausible hyperparameters: {c:?}"));
+        let bounds: [(&str, usize, usize); 8] = [
+            ("layer count", c.n_layers, 1024),
+            ("hidden size", c.hidden, 1 << 16),
+            ("attention head count", c.n_heads, 1024),
+            ("KV head count", c.n_kv_heads, 1024),
+            ("head dimension", c.head_dim, 1024),
+            ("feed-forward size", c.ffn, 1 << 20),
+            ("vocabulary size", c.vocab, 1 << 24),
+            ("context length", c.ctx_len, 1 << 24),
+        ];
+        for (what, v, max) in bounds {
+            if v == 0 || v > max {
+                return Err(format!(
+                    "implausible {what} {v} (expected 1 to {max}): corrupt or unsupported model file"
+                ));
+            }
         }
         if !c.n_heads.is_multiple_of(c.n_kv_heads) {
             return Err(format!(
@@ -174,8 +190,36 @@ impl Config {
         if !c.head_dim.is_multiple_of(2) {
             return Err(format!("head dimension {} is odd", c.head_dim));
         }
-        if c.n_layers > 1024 || c.hidden > 1 << 16 || c.head_dim > 1024 {
-            return Err(format!("implausible hyperparameters: {c:?}"));
+        if c.n_heads * c.head_dim > 1 << 17 {
+            return Err(format!(
+                "implausible attention width: {} heads of {} dimensions",
+                c.n_heads, c.head_dim
+            ));
+        }
+        for (what, base) in [
+            ("RoPE base", c.rope_base),
+            ("local RoPE base", c.rope_base_local),
+        ] {
+            if !(base.is_finite() && base > 1.0) {
+                return Err(format!(
+                    "{what} {base} is not a finite number above 1 (real models use 10000 to a few million)"
+                ));
+            }
+        }
+        if !(c.rms_eps.is_finite() && c.rms_eps > 0.0 && c.rms_eps < 1.0) {
+            return Err(format!(
+                "RMS norm epsilon {} is not a small positive number (real models use 1e-6 or 1e-5)",
+                c.rms_eps
+            ));
+        }
+        if c.sliding_window == Some(0) || c.global_every == 0 {
+            return Err(format!(
+                "sliding window {:?} or global layer period {} is zero",
+                c.sliding_window, c.global_every
+            ));
+        }
+        if !(c.attn_scale.is_finite() && c.attn_scale > 0.0) {
+            return Err(format!("attention scale {} is not positive", c.attn_scale));
         }
         Ok(())
     }

@@ -108,10 +108,17 @@ pub struct GgufFile {
     mmap: Arc<Mmap>,
 }
 
+/// Most memory the parsed metadata may take (values and string bytes). The largest
+/// real vocabularies (about 262k tokens, with scores, types and merges) take about
+/// 30 MiB; a file asking for more is refused before it is parsed.
+pub const METADATA_LIMIT: usize = 256 << 20;
+
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Bytes of parsed metadata still allowed (see [`METADATA_LIMIT`]).
+    budget: usize,
 }
 
 impl<'a> Reader<'a> {
@@ -163,8 +170,22 @@ impl<'a> Reader<'a> {
         }
         Ok(n as usize)
     }
+    /// Counts `bytes` of parsed metadata against the limit.
+    fn spend(&mut self, bytes: usize) -> Result<(), Error> {
+        match self.budget.checked_sub(bytes) {
+            Some(left) => {
+                self.budget = left;
+                Ok(())
+            }
+            None => Err(self.err(&format!(
+                "metadata would take more than {} MiB of memory (a real model's takes a few tens): refusing a corrupt or hostile file",
+                METADATA_LIMIT >> 20
+            ))),
+        }
+    }
     fn string(&mut self) -> Result<String, Error> {
         let n = self.len("string")?;
+        self.spend(n)?;
         let bytes = self.take(n, "a string")?;
         String::from_utf8(bytes.to_vec()).map_err(|_| self.err("a string is not valid UTF-8"))
     }
@@ -185,7 +206,9 @@ impl<'a> Reader<'a> {
                 }
                 let elem = self.u32()?;
                 let n = self.len("array")?;
-                let mut v = Vec::with_capacity(n.min(1 << 20));
+                // Every element costs a parsed value, whatever its size in the file.
+                self.spend(n.saturating_mul(std::mem::size_of::<Value>()))?;
+                let mut v = Vec::with_capacity(n);
                 for _ in 0..n {
                     v.push(self.value(elem, depth + 1)?);
                 }
@@ -201,6 +224,7 @@ impl<'a> Reader<'a> {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile, Error> {
+        crate::check_regular_file(path)?;
         let file = std::fs::File::open(path).map_err(|e| Error::Io {
             path: path.to_path_buf(),
             error: e,
@@ -211,7 +235,12 @@ impl GgufFile {
             error: e,
         })?;
         let buf: &[u8] = &mmap;
-        let mut r = Reader { buf, pos: 0, path };
+        let mut r = Reader {
+            buf,
+            pos: 0,
+            path,
+            budget: METADATA_LIMIT,
+        };
         if buf.len() < 4 || &buf[..4] != MAGIC {
             return Err(r.err("not a GGUF file (missing 'GGUF' magic)"));
         }
@@ -242,6 +271,14 @@ impl GgufFile {
                 as usize,
             None => 32,
         };
+        // A tensor's entry takes at least 32 bytes (name length, one dimension, type,
+        // offset): a count the rest of the file cannot hold is corrupt.
+        if n_tensors > ((buf.len() - r.pos) / 32) as u64 {
+            return Err(r.err(&format!(
+                "file is truncated or corrupt: {n_tensors} tensors cannot fit in its {} bytes",
+                buf.len()
+            )));
+        }
         let mut infos = Vec::with_capacity(n_tensors as usize);
         for _ in 0..n_tensors {
             let name = r.string()?;
@@ -293,6 +330,11 @@ impl GgufFile {
                     })
                 }
             }
+            if offset % alignment as u64 != 0 {
+                return Err(r.err(&format!(
+                    "tensor '{name}': offset {offset} is not a multiple of the file's alignment {alignment}"
+                )));
+            }
             let info = TensorInfo {
                 name: name.clone(),
                 dims,
@@ -300,7 +342,23 @@ impl GgufFile {
                 offset: start.unwrap() as usize,
                 size: size.unwrap() as usize,
             };
-            tensors.insert(name, info);
+            if tensors.insert(name.clone(), info).is_some() {
+                return Err(r.err(&format!("tensor '{name}' is listed twice")));
+            }
+        }
+        // Tensors may not share bytes: a directory whose entries overlap is corrupt.
+        let mut extents: Vec<(usize, usize, &str)> = tensors
+            .values()
+            .map(|t| (t.offset, t.offset + t.size, t.name.as_str()))
+            .collect();
+        extents.sort_unstable();
+        for w in extents.windows(2) {
+            if w[1].0 < w[0].1 {
+                return Err(r.err(&format!(
+                    "tensors '{}' and '{}' overlap in the file (corrupt tensor directory)",
+                    w[0].2, w[1].2
+                )));
+            }
         }
         Ok(GgufFile {
             path: path.to_path_buf(),

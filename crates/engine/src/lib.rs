@@ -71,3 +71,39 @@ impl From<kvmerger_compression::Error> for Error {
         Error::Compression(e)
     }
 }
+
+/// Refuses anything but a regular file (or a link to one) before it is opened: a FIFO
+/// would block `open` forever, a device would never end.
+pub(crate) fn check_regular_file(path: &std::path::Path) -> Result<(), Error> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        error: e,
+    })?;
+    if !meta.is_file() {
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            msg: "not a regular file (a directory, FIFO, socket or device): refusing to read it"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// Reads a text file of at most `limit` bytes, refusing anything but a regular file.
+pub(crate) fn read_text_file(path: &std::path::Path, limit: u64) -> Result<String, Error> {
+    check_regular_file(path)?;
+    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if len > limit {
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            msg: format!(
+                "{len} bytes is more than the {} MiB such a file may have",
+                limit >> 20
+            ),
+        });
+    }
+    std::fs::read_to_string(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        error: e,
+    })
+}

@@ -89,10 +89,26 @@ impl Sampler {
         if p.temperature == 0.0 {
             return argmax(logits) as u32;
         }
+        // Shifted by the largest logit before dividing, so that any temperature above
+        // zero, however small, gives finite values: below about 1e-30 every token but
+        // the most likely one gets probability 0 (greedy choice among the best).
+        // Logits pushed to infinity (a tiny repetition penalty) count as f32::MAX.
+        let clamp = |l: f32| {
+            if l.is_nan() {
+                f32::MIN
+            } else {
+                l.clamp(f32::MIN, f32::MAX)
+            }
+        };
+        let top = logits.iter().map(|&l| clamp(l)).fold(f32::MIN, f32::max);
+        let t = p.temperature as f64;
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
-            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .map(|(i, &l)| {
+                let z = (clamp(l) as f64 - top as f64) / t;
+                (i as u32, z.max(-1e30) as f32)
+            })
             .collect();
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
@@ -142,6 +158,32 @@ pub fn argmax(x: &[f32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A temperature as small as 1e-40 is a sharper distribution, not NaN: the most
+    /// likely token is always chosen, and so is it under a repetition penalty that
+    /// pushes logits to infinity.
+    #[test]
+    fn a_tiny_temperature_samples_the_most_likely_token() {
+        for (temperature, penalty) in [(1e-40f32, 1.0f32), (f32::MIN_POSITIVE, 1.0), (1e-3, 1e-40)]
+        {
+            let mut s = Sampler::new(SamplingParams {
+                temperature,
+                repetition_penalty: penalty,
+                ..SamplingParams::default()
+            })
+            .unwrap();
+            for seed in 0..20 {
+                let mut logits = [-30.0, 12.5, -1.0, 12.0, 3.0];
+                s.rng = ChaCha8Rng::seed_from_u64(seed);
+                let history = if penalty != 1.0 {
+                    vec![1u32]
+                } else {
+                    Vec::new()
+                };
+                assert_eq!(s.sample(&mut logits, &history), 1, "T={temperature}");
+            }
+        }
+    }
 
     #[test]
     fn greedy_picks_the_largest_logit() {

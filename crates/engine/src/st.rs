@@ -71,6 +71,7 @@ impl SafetensorsDir {
         let mut maps = Vec::new();
         let mut entries = BTreeMap::new();
         for (fi, path) in files.iter().enumerate() {
+            crate::check_regular_file(path)?;
             let f = std::fs::File::open(path).map_err(io(path))?;
             // SAFETY: read-only mapping of a file treated as immutable bytes.
             let map = unsafe { Mmap::map(&f) }.map_err(io(path))?;
@@ -119,23 +120,42 @@ impl SafetensorsDir {
                         });
                     }
                 };
-                let n: usize = shape.iter().product();
-                if e < s || e - s != n * elem || data_start + e > map.len() {
+                let bytes = shape.iter().try_fold(elem, |a: usize, &d| a.checked_mul(d));
+                let end = data_start.checked_add(e);
+                if e < s || Some(e - s) != bytes || end.is_none_or(|end| end > map.len()) {
                     return Err(format(
                         path,
                         format!("tensor '{name}' lies past the end of the file or has the wrong size (truncated?)"),
                     ));
                 }
-                entries.insert(
-                    name.clone(),
-                    Entry {
-                        file: fi,
-                        dtype,
-                        shape,
-                        start: data_start + s,
-                        end: data_start + e,
-                    },
-                );
+                let entry = Entry {
+                    file: fi,
+                    dtype,
+                    shape,
+                    start: data_start + s,
+                    end: data_start + e,
+                };
+                if entries.insert(name.clone(), entry).is_some() {
+                    return Err(format(
+                        path,
+                        format!("tensor '{name}' appears in more than one file"),
+                    ));
+                }
+            }
+            // Tensors may not share bytes: overlapping entries are a corrupt header.
+            let mut extents: Vec<(usize, usize, &String)> = entries
+                .iter()
+                .filter(|(_, en)| en.file == fi)
+                .map(|(name, en)| (en.start, en.end, name))
+                .collect();
+            extents.sort_unstable();
+            for w in extents.windows(2) {
+                if w[1].0 < w[0].1 {
+                    return Err(format(
+                        path,
+                        format!("tensors '{}' and '{}' overlap in the file", w[0].2, w[1].2),
+                    ));
+                }
             }
             maps.push(map);
         }
@@ -236,7 +256,7 @@ impl WeightSource for SafetensorsDir {
 
 /// Hyperparameters from a Hugging Face config.json.
 pub fn config_from_json(path: &Path) -> Result<Config, Error> {
-    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let text = crate::read_text_file(path, 64 << 20)?;
     let root: Json =
         serde_json::from_str(&text).map_err(|e| format(path, format!("not valid JSON: {e}")))?;
     // Multimodal gemma3 configs nest the language model's settings.

@@ -277,3 +277,56 @@ fn bench_defaults_to_balanced_precision_and_takes_the_others() {
     let e = fails(&["bench", "--precision", "int4"]);
     assert!(e.contains("unknown precision 'int4'"), "{e}");
 }
+
+/// `kvmerger generate ... | head -c5`: when the reader goes away, the process ends at
+/// its next write, without a panic and without generating to the token limit first.
+#[test]
+fn a_closed_stdout_ends_generation_quietly() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    for (args, long) in [
+        (
+            vec![
+                "generate",
+                "-m",
+                "smollm2-135m",
+                "-p",
+                "Once upon a time",
+                "-n",
+                "100000",
+                "--ignore-eos",
+            ],
+            true,
+        ),
+        (vec!["fetch", "--list"], false),
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvmerger"))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 1];
+        child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+        // The pipe's reading end is dropped here.
+        let t0 = std::time::Instant::now();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        // A short output may fit in the pipe before the reader leaves.
+        assert!(
+            out.status.signal() == Some(SIGPIPE) || (!long && out.status.success()),
+            "{args:?}: {:?}",
+            out.status
+        );
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "{args:?} went on for {:?} after its reader left",
+            t0.elapsed()
+        );
+    }
+}
+
+/// SIGPIPE's number on Linux.
+const SIGPIPE: i32 = 13;

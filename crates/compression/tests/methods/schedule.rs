@@ -172,3 +172,28 @@ fn methods_report_the_slots_they_always_keep() {
     assert_eq!(build("h2o", &[]), 0);
     assert_eq!(build("kvmerger", &[]), 0);
 }
+
+/// Ratios are relative: scaling them all, even to 1e308 where their sum overflows,
+/// gives the same budgets (the budget does not silently fall to a few percent).
+#[test]
+fn huge_ratios_keep_the_same_budget_as_their_relative_values() {
+    let text = "1e308\n1e308\n5e307\n1e308\n";
+    let huge = Schedule::parse_ratios(text).unwrap();
+    let small = Schedule::File(vec![1.0, 1.0, 0.5, 1.0]);
+    let total = |s: &Schedule| -> usize {
+        (0..4)
+            .map(|l| s.layer_budget(Budget::Fraction(0.5), l, 4, 1000))
+            .sum()
+    };
+    for l in 0..4 {
+        assert_eq!(
+            huge.layer_budget(Budget::Fraction(0.5), l, 4, 1000),
+            small.layer_budget(Budget::Fraction(0.5), l, 4, 1000)
+        );
+    }
+    let t = total(&huge);
+    assert!(
+        (1990..=2010).contains(&t),
+        "total {t} of 4 layers at 50% of 1000"
+    );
+}

@@ -449,10 +449,7 @@ impl Tokenizer {
 
     #[cfg(feature = "hf-tokenizers")]
     fn from_tokenizer_json_impl(path: &std::path::Path) -> Result<Tokenizer> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            error: e,
-        })?;
+        let text = crate::read_text_file(path, 256 << 20)?;
         let tk: tokenizers::Tokenizer = text.parse().map_err(|e| {
             Error::Tokenizer(format!(
                 "{}: not a valid tokenizer.json: {e}",
@@ -465,6 +462,17 @@ impl Tokenizer {
             return Err(Error::Tokenizer(format!(
                 "{}: the vocabulary is empty",
                 path.display()
+            )));
+        }
+        // The table is indexed by id: ids far beyond the number of tokens (a few holes
+        // are normal) would make it huge.
+        let limit = (2 * vocab.len()).max(vocab.len() + 1024);
+        if n > limit {
+            return Err(Error::Tokenizer(format!(
+                "{}: token id {} is far beyond the vocabulary's {} tokens (ids must stay below {limit})",
+                path.display(),
+                n - 1,
+                vocab.len()
             )));
         }
         let mut tokens = vec![String::new(); n];
@@ -483,7 +491,7 @@ impl Tokenizer {
         }
         let config = path.parent().map(|d| d.join("tokenizer_config.json"));
         let config: Option<serde_json::Value> = config
-            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|p| crate::read_text_file(&p, 64 << 20).ok())
             .and_then(|s| serde_json::from_str(&s).ok());
         let config_token = |key: &str| -> Option<u32> {
             let v = config.as_ref()?.get(key)?;

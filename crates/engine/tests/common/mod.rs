@@ -13,6 +13,9 @@ pub fn model_path(id: &str) -> PathBuf {
 
 pub enum Meta {
     U32(u32),
+    U64(u64),
+    /// An array of `n` u8 values (all zero).
+    U8Arr(usize),
     F32(f32),
     Str(String),
     StrArr(Vec<String>),
@@ -20,6 +23,17 @@ pub enum Meta {
 
 /// Write a GGUF v3 file with the given metadata and F32 tensors (name, dims, data).
 pub fn write_gguf(path: &Path, meta: &[(&str, Meta)], tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]) {
+    write_gguf_at(path, meta, tensors, None)
+}
+
+/// [`write_gguf`] with each tensor's directory offset given (the data is still laid
+/// out one tensor after the other): for corrupt directories.
+pub fn write_gguf_at(
+    path: &Path,
+    meta: &[(&str, Meta)],
+    tensors: &[(&str, Vec<u64>, u32, Vec<u8>)],
+    offsets: Option<&[u64]>,
+) {
     let mut b = Vec::new();
     let s = |b: &mut Vec<u8>, x: &str| {
         b.extend_from_slice(&(x.len() as u64).to_le_bytes());
@@ -35,6 +49,16 @@ pub fn write_gguf(path: &Path, meta: &[(&str, Meta)], tensors: &[(&str, Vec<u64>
             Meta::U32(x) => {
                 b.extend_from_slice(&4u32.to_le_bytes());
                 b.extend_from_slice(&x.to_le_bytes());
+            }
+            Meta::U64(x) => {
+                b.extend_from_slice(&10u32.to_le_bytes());
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+            Meta::U8Arr(n) => {
+                b.extend_from_slice(&9u32.to_le_bytes());
+                b.extend_from_slice(&0u32.to_le_bytes());
+                b.extend_from_slice(&(*n as u64).to_le_bytes());
+                b.resize(b.len() + n, 0);
             }
             Meta::F32(x) => {
                 b.extend_from_slice(&6u32.to_le_bytes());
@@ -55,14 +79,15 @@ pub fn write_gguf(path: &Path, meta: &[(&str, Meta)], tensors: &[(&str, Vec<u64>
         }
     }
     let mut offset = 0u64;
-    for (name, dims, ty, data) in tensors {
+    for (i, (name, dims, ty, data)) in tensors.iter().enumerate() {
         s(&mut b, name);
         b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
         for d in dims {
             b.extend_from_slice(&d.to_le_bytes());
         }
         b.extend_from_slice(&ty.to_le_bytes());
-        b.extend_from_slice(&offset.to_le_bytes());
+        let at = offsets.map_or(offset, |o| o[i]);
+        b.extend_from_slice(&at.to_le_bytes());
         offset += (data.len() as u64).div_ceil(32) * 32;
     }
     while b.len() % 32 != 0 {
@@ -79,12 +104,24 @@ pub fn write_gguf(path: &Path, meta: &[(&str, Meta)], tensors: &[(&str, Vec<u64>
 
 /// A tiny but complete llama-architecture model: 1 layer, hidden 8, 2 heads, vocab 4.
 pub fn tiny_llama(path: &Path, arch: &str, with_tokenizer: bool) {
+    let (meta, tensors) = tiny_llama_parts(arch, with_tokenizer);
+    write_gguf(path, &meta, &tensors);
+}
+
+/// One tensor of a test file: name, dims, ggml type id, bytes.
+pub type TestTensor = (&'static str, Vec<u64>, u32, Vec<u8>);
+
+/// [`tiny_llama`]'s metadata and tensors, to be altered before writing.
+pub fn tiny_llama_parts(
+    arch: &str,
+    with_tokenizer: bool,
+) -> (Vec<(&'static str, Meta)>, Vec<TestTensor>) {
     let f32s = |n: usize| -> Vec<u8> {
         (0..n)
             .flat_map(|i| ((i % 7) as f32 * 0.1).to_le_bytes())
             .collect()
     };
-    let mut meta = vec![
+    let mut meta: Vec<(&'static str, Meta)> = vec![
         ("general.architecture", Meta::Str(arch.into())),
         (
             Box::leak(format!("{arch}.block_count").into_boxed_str()) as &str,
@@ -132,5 +169,5 @@ pub fn tiny_llama(path: &Path, arch: &str, with_tokenizer: bool) {
         t("blk.0.ffn_down.weight", vec![16, 8]),
         t("output_norm.weight", vec![8]),
     ];
-    write_gguf(path, &meta, &tensors);
+    (meta, tensors)
 }
