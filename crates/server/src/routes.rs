@@ -271,11 +271,27 @@ fn prepare(
 ) -> Result<(Job, Request), ApiError> {
     let lm = &app.lm;
     let ctx = lm.model.cfg.ctx_len;
+    // Tokenizing stops as soon as the prompt is known not to fit: a huge prompt costs
+    // little before it is refused.
+    let too_long = |param: &str, at_least: usize| {
+        ApiError::context_length(
+            param,
+            format!(
+                "This model's maximum context length is {ctx} tokens, and the prompt has \
+                 at least {at_least}, leaving no room to generate. Shorten the prompt."
+            ),
+        )
+    };
+    let encode = |text: &str, param: &str| {
+        lm.tokenizer
+            .encode_within(text, true, ctx.saturating_sub(1))
+            .map_err(|e| match e {
+                kvmerger_engine::Error::ContextOverflow { prompt, .. } => too_long(param, prompt),
+                e => ApiError::param(param, e.to_string()),
+            })
+    };
     let prompt = match &req.input {
-        Input::Prompt(Prompt::Text(t)) => lm
-            .tokenizer
-            .encode(t, true)
-            .map_err(|e| ApiError::param("prompt", e.to_string()))?,
+        Input::Prompt(Prompt::Text(t)) => encode(t, "prompt")?,
         Input::Prompt(Prompt::Tokens(ids)) => {
             let vocab = lm.model.cfg.vocab;
             if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
@@ -291,9 +307,7 @@ fn prepare(
                 .template
                 .render(m, true)
                 .map_err(|e| ApiError::param("messages", e.to_string()))?;
-            lm.tokenizer
-                .encode(&text, true)
-                .map_err(|e| ApiError::param("messages", e.to_string()))?
+            encode(&text, "messages")?
         }
     };
     if prompt.is_empty() {

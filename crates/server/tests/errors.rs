@@ -361,6 +361,43 @@ fn a_prompt_longer_than_the_context_is_a_400_context_length_exceeded() {
     );
 }
 
+/// A prompt of megabytes is refused as soon as tokenizing it passes the context, not
+/// after tokenizing all of it (seconds of CPU and a gigabyte per request before).
+#[test]
+fn a_huge_text_prompt_is_refused_without_tokenizing_all_of_it() {
+    let s = start(|c| c.max_tokens_limit = 10_000);
+    // About 3.5 MB of distinct made-up words, so no tokenizer cache helps.
+    let mut text = String::with_capacity(3_600_000);
+    let mut x = 12345u64;
+    while text.len() < 3_500_000 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let n = 3 + (x >> 60) as usize;
+        for k in 0..n {
+            text.push((b'a' + ((x >> (8 * k)) % 26) as u8) as char);
+        }
+        text.push(' ');
+    }
+    let t0 = std::time::Instant::now();
+    let e = assert_error(
+        &post(s.addr, COMPLETIONS, &completion(&text, 1)),
+        400,
+        Some("context_length_exceeded"),
+        Some("prompt"),
+    );
+    let took = t0.elapsed();
+    assert!(e["message"].as_str().unwrap().contains("at least"), "{e}");
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    let e = assert_error(
+        &post(s.addr, CHAT, &chat(&text, 1)),
+        400,
+        Some("context_length_exceeded"),
+        Some("messages"),
+    );
+    assert!(e["message"].as_str().unwrap().contains("8192"), "{e}");
+}
+
 #[test]
 fn a_request_that_can_never_fit_the_kv_memory_is_refused_at_once() {
     let s = start(|c| c.kv_memory = 1 << 20);

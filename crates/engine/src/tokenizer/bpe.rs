@@ -242,9 +242,25 @@ impl ByteBpe {
     }
 
     /// Appends the tokens of a piece of plain text (no special tokens).
-    pub fn encode(&self, text: &str, out: &mut Vec<u32>, merger: &mut Merger) -> Result<(), Error> {
-        self.pre
-            .split(text, &mut |piece| self.encode_piece(piece, out, merger))
+    /// Appends `text`'s ids to `out`; stops with [`Error::ContextOverflow`] as soon as
+    /// `out` holds more than `limit` ids.
+    pub fn encode(
+        &self,
+        text: &str,
+        out: &mut Vec<u32>,
+        merger: &mut Merger,
+        limit: usize,
+    ) -> Result<(), Error> {
+        self.pre.split(text, &mut |piece| {
+            self.encode_piece(piece, out, merger)?;
+            if out.len() > limit {
+                return Err(Error::ContextOverflow {
+                    prompt: out.len(),
+                    ctx: limit,
+                });
+            }
+            Ok(())
+        })
     }
 
     fn encode_piece(

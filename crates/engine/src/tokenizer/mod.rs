@@ -166,6 +166,9 @@ pub struct Tokenizer {
     /// Drop the space of the first text token when decoding (SentencePiece
     /// models that add a space prefix when encoding).
     strip_space_prefix: bool,
+    /// The most bytes of text one token stands for (0: unknown, as for
+    /// tokenizer.json models, whose normalizers may change the text's length).
+    longest_token_bytes: usize,
 }
 
 // ---- GGUF metadata helpers -------------------------------------------------
@@ -319,7 +322,7 @@ impl Tokenizer {
                     pre,
                 )?;
                 let dec = bpe::ByteDecoder::new();
-                let bytes = tokens
+                let bytes: Vec<Box<[u8]>> = tokens
                     .iter()
                     .zip(&types)
                     .map(|(t, ty)| {
@@ -412,6 +415,7 @@ impl Tokenizer {
         stops.sort_unstable();
         stops.dedup();
 
+        let longest_token_bytes = bytes.iter().map(|b| b.len()).max().unwrap_or(0);
         Ok(Tokenizer {
             model,
             model_name,
@@ -419,6 +423,7 @@ impl Tokenizer {
             tokens,
             types,
             bytes,
+            longest_token_bytes,
             all_specials,
             user_specials,
             bos,
@@ -537,6 +542,7 @@ impl Tokenizer {
             add_bos,
             add_eos: false,
             strip_space_prefix: false,
+            longest_token_bytes: 0,
         })
     }
 
@@ -559,7 +565,41 @@ impl Tokenizer {
         add_special: bool,
         parse_special: bool,
     ) -> Result<Vec<u32>> {
-        let mut out = Vec::with_capacity(text.len() / 3 + 2);
+        self.encode_capped(text, add_special, parse_special, usize::MAX)
+    }
+
+    /// [`encode`](Self::encode) of a text that may be of any size (a request): when it
+    /// has more than `limit` tokens, [`Error::ContextOverflow`] (whose `prompt` is a
+    /// lower bound) as soon as that is known. Byte-level BPE stops within one
+    /// pre-tokenized piece of the limit, so a huge text costs little; other models
+    /// first refuse texts too long for any vocabulary (more bytes than `limit` times
+    /// the longest token's), then encode and count.
+    pub fn encode_within(&self, text: &str, add_special: bool, limit: usize) -> Result<Vec<u32>> {
+        let longest = self.longest_token_bytes;
+        if longest > 0 && text.len() / longest > limit.saturating_add(2) {
+            return Err(Error::ContextOverflow {
+                prompt: text.len() / longest,
+                ctx: limit,
+            });
+        }
+        let ids = self.encode_capped(text, add_special, true, limit)?;
+        if ids.len() > limit {
+            return Err(Error::ContextOverflow {
+                prompt: ids.len(),
+                ctx: limit,
+            });
+        }
+        Ok(ids)
+    }
+
+    fn encode_capped(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+        limit: usize,
+    ) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity((text.len() / 3 + 2).min(limit.saturating_add(2)));
         #[cfg(feature = "hf-tokenizers")]
         if let Model::Hf(tk) = &self.model {
             let enc = tk
@@ -582,14 +622,14 @@ impl Tokenizer {
         if let Some(ac) = &specials.automaton {
             for m in ac.find_iter(text) {
                 if m.start() > last {
-                    self.encode_text(&text[last..m.start()], &mut out, &mut merger)?;
+                    self.encode_text(&text[last..m.start()], &mut out, &mut merger, limit)?;
                 }
                 out.push(specials.ids[m.pattern().as_usize()]);
                 last = m.end();
             }
         }
         if last < text.len() {
-            self.encode_text(&text[last..], &mut out, &mut merger)?;
+            self.encode_text(&text[last..], &mut out, &mut merger, limit)?;
         }
         self.dedupe_bos(&mut out, add_special);
         if add_special && self.add_eos {
@@ -610,9 +650,15 @@ impl Tokenizer {
         }
     }
 
-    fn encode_text(&self, text: &str, out: &mut Vec<u32>, merger: &mut Merger) -> Result<()> {
+    fn encode_text(
+        &self,
+        text: &str,
+        out: &mut Vec<u32>,
+        merger: &mut Merger,
+        limit: usize,
+    ) -> Result<()> {
         match &self.model {
-            Model::Bpe(b) => b.encode(text, out, merger),
+            Model::Bpe(b) => b.encode(text, out, merger, limit),
             Model::Spm(s) => s.encode(text, out, merger),
             #[cfg(feature = "hf-tokenizers")]
             Model::Hf(_) => Err(Error::Tokenizer(
