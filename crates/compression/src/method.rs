@@ -145,6 +145,19 @@ pub trait Method: Send + Sync {
     fn min_slots(&self) -> usize {
         0
     }
+    /// Whether a head of `len` slots can be compressed to `budget` slots, checked from
+    /// the prompt's length alone, before any prefill, so that settings that cannot work
+    /// (a window or sinks larger than the budget) are refused before the work is done.
+    fn check_budget(&self, len: usize, budget: usize) -> Result<(), Error> {
+        let min = self.min_slots();
+        if budget < len && budget < min {
+            return Err(Error::Invalid(format!(
+                "{}: a budget of {budget} slots (for a prompt of {len} tokens) is below the {min} slots it always keeps (its window or sinks); raise the budget or lower them",
+                self.name()
+            )));
+        }
+        Ok(())
+    }
     /// How the engine must treat the slots this method merges (most methods merge none).
     fn mass_correction(&self) -> MassCorrection {
         MassCorrection::None

@@ -107,6 +107,23 @@ impl Compressor {
             .layer_budgets(self.budget, n_layers, len, self.method.min_slots())
     }
 
+    /// Refuses, before any prefill, a prompt of `len` tokens that this compressor
+    /// cannot bring to its budget (a window, sinks or protected shares larger than a
+    /// layer's budget), naming the setting.
+    pub fn check_prompt(&self, n_layers: usize, len: usize) -> Result<(), Error> {
+        self.schedule.check(n_layers)?;
+        if self.is_noop() {
+            return Ok(());
+        }
+        let mut targets = self.targets(n_layers, len);
+        targets.sort_unstable();
+        targets.dedup();
+        for t in targets {
+            self.method.check_budget(len, t)?;
+        }
+        Ok(())
+    }
+
     /// Compress a freshly prefilled cache. Returns the report and the per-layer slot
     /// targets, which bound the cache during decoding.
     pub fn compress_prompt(

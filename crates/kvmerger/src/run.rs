@@ -219,6 +219,9 @@ pub fn compressed_sequence(
     } else {
         comp.needs()
     };
+    if !comp.is_noop() {
+        comp.check_prompt(lm.model.cfg.n_layers, ids.len())?;
+    }
     let mut seq = Sequence::new(&lm.model, dtype, needs);
     seq.protect(protect);
     let prefill = seq.feed(&lm.model, ids)?;

@@ -337,6 +337,12 @@ fn prepare(
         Some(m) => m,
         None => app.cfg.default_max_tokens.min(ctx - p),
     };
+    // Settings that cannot bring this prompt to its budget are refused before the
+    // prefill, not after it.
+    if let Some(c) = &req.compressor {
+        c.check_prompt(lm.model.cfg.n_layers, p)
+            .map_err(|e| ApiError::param("kv_compression", e.to_string()))?;
+    }
     let s = &app.sched;
     let est = estimate(
         req.compressor.as_ref(),

@@ -398,6 +398,41 @@ fn a_huge_text_prompt_is_refused_without_tokenizing_all_of_it() {
     assert!(e["message"].as_str().unwrap().contains("8192"), "{e}");
 }
 
+/// Compression settings that cannot bring this prompt to its budget (a window or sinks
+/// above it, kvmerger's protected shares over it) are a 400 before the prefill, not a
+/// 500 after it.
+#[test]
+fn compression_settings_the_prompt_cannot_meet_are_refused_before_prefill() {
+    let s = start(|_| {});
+    let prompt = long_text(300);
+    let with = |mut base: Value, k: &str, v: Value| {
+        base[k] = v;
+        base
+    };
+    for kv in [
+        json!({"method": "snapkv", "budget": 0.5, "options": {"window": 100000}}),
+        json!({"method": "streaming", "budget": 0.5, "options": {"sinks": 1000}}),
+        json!({"method": "kvmerger", "budget": 0.5, "options": {"recent": 0.5, "heavy": 0.4}}),
+    ] {
+        let body = with(completion(&prompt, 2), "kv_compression", kv.clone());
+        let e = assert_error(
+            &post(s.addr, COMPLETIONS, &body),
+            400,
+            None,
+            Some("kv_compression"),
+        );
+        let msg = e["message"].as_str().unwrap();
+        assert!(msg.contains("budget"), "{kv}: {msg}");
+    }
+    // The same settings on a budget they fit are served.
+    let ok = with(
+        completion(&prompt, 2),
+        "kv_compression",
+        json!({"method": "snapkv", "budget": 0.5, "options": {"window": 16}}),
+    );
+    assert_eq!(post(s.addr, COMPLETIONS, &ok).status, 200);
+}
+
 #[test]
 fn a_request_that_can_never_fit_the_kv_memory_is_refused_at_once() {
     let s = start(|c| c.kv_memory = 1 << 20);

@@ -742,6 +742,12 @@ fn partition(
 }
 
 impl Method for KvMerger {
+    fn check_budget(&self, len: usize, budget: usize) -> Result<(), Error> {
+        if budget < len {
+            self.protected_counts(len, budget)?;
+        }
+        Ok(())
+    }
     fn compress_all(&self, inputs: &[HeadInput<'_>]) -> Result<Vec<HeadData>, Error> {
         use rayon::prelude::*;
         if self.layers == Layers::Uniform {
