@@ -312,6 +312,11 @@ fn describe(e: &minijinja::Error) -> String {
     s
 }
 
+/// Instructions one render of a chat template may run: real templates spend a few
+/// dozen per message, so this allows conversations of hundreds of thousands of
+/// messages, and stops a runaway template within about a second.
+pub const TEMPLATE_FUEL: u64 = 50_000_000;
+
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     // As `transformers` renders chat templates.
@@ -323,6 +328,10 @@ fn environment() -> Environment<'static> {
         env.set_syntax(syntax);
     }
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    // Templates come from model files: a render may run at most this many template
+    // instructions, so a template that loops (nearly) forever fails instead of hanging
+    // `generate` or keeping `serve` from listening.
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", strftime_now);
     env.add_filter("tojson", tojson);
@@ -614,6 +623,32 @@ mod tests {
             "<bos><start_of_turn>user\nYou are terse.\n\nWhat is 2+2?<end_of_turn>\n\
              <start_of_turn>model\n4<end_of_turn>\n<start_of_turn>user\nThanks<end_of_turn>\n<start_of_turn>model\n"
         );
+    }
+
+    /// A template from a model file that loops (nearly) forever runs out of its
+    /// instruction budget: loading falls back to a built-in template at once, and a
+    /// render is an error, never a hang.
+    #[test]
+    fn a_runaway_chat_template_stops_on_its_instruction_budget() {
+        let src = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages[0].content }}";
+        let t0 = std::time::Instant::now();
+        let t = ChatTemplate::or_fallback(Some(src), "", "", |_| false);
+        assert!(t.is_fallback());
+        let reason = t.fallback_reason().unwrap();
+        assert!(reason.contains("fuel"), "{reason}");
+        let direct = ChatTemplate::new(src, "", "").unwrap();
+        assert!(direct.render(&convo(), true).is_err());
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "{:?}",
+            t0.elapsed()
+        );
+        // A real template with a long conversation stays within the budget.
+        let long: Vec<Message> = (0..2000)
+            .map(|i| Message::user(format!("message {i}")))
+            .collect();
+        let chatml = ChatTemplate::builtin(TemplateKind::ChatMl, "", "");
+        assert!(chatml.render(&long, true).unwrap().contains("message 1999"));
     }
 
     #[test]
