@@ -235,3 +235,28 @@ fn safetensors_shapes_and_offsets_that_overflow_or_overlap_are_refused() {
     );
     assert!(open_err(d).contains("overlap"));
 }
+
+/// Found by fuzzing (scripts/fuzz, target tokenizer_json): the `tokenizers` library
+/// panicked on a truncated file and on a decoder with an unknown field. Both are
+/// errors naming the file now.
+#[test]
+fn a_malformed_tokenizer_json_section_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tokenizer.json");
+    let head = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}, "post_processor": null, "#;
+    let model = r#""model":{"type":"WordLevel","vocab":{"a":0,"[UNK]":1},"unk_token":"[UNK]"}}"#;
+    let cases = [
+        format!(
+            r#"{head}"decoder": {{"type": "ByteLevel", "ad{{"version":d_pre "1.0", "truncation": null, ""#
+        ),
+        format!(r#"{head}"decoder": {{"type": "ByteLevel", "ad": 1}}, {model}"#),
+        format!(r#"{head}"decoder": {{"type": 7}}, {model}"#),
+    ];
+    for text in cases {
+        std::fs::write(&p, &text).unwrap();
+        match kvmerger_engine::tokenizer::Tokenizer::from_tokenizer_json(&p) {
+            Ok(_) => panic!("loaded: {text}"),
+            Err(e) => assert!(e.to_string().contains("not a valid tokenizer.json"), "{e}"),
+        }
+    }
+}

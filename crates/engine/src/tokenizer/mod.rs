@@ -455,12 +455,16 @@ impl Tokenizer {
     #[cfg(feature = "hf-tokenizers")]
     fn from_tokenizer_json_impl(path: &std::path::Path) -> Result<Tokenizer> {
         let text = crate::read_text_file(path, 256 << 20)?;
-        let tk: tokenizers::Tokenizer = text.parse().map_err(|e| {
+        let invalid = |e: &dyn std::fmt::Display| {
             Error::Tokenizer(format!(
                 "{}: not a valid tokenizer.json: {e}",
                 path.display()
             ))
-        })?;
+        };
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| invalid(&e))?;
+        let tk: tokenizers::Tokenizer = parse_quietly(json)
+            .ok_or_else(|| invalid(&"a malformed section (the tokenizers library gave up on it)"))?
+            .map_err(|e| invalid(&e))?;
         let vocab = tk.get_vocab(true);
         let n = vocab.values().map(|&id| id as usize + 1).max().unwrap_or(0);
         if n == 0 {
@@ -944,4 +948,20 @@ fn take_utf8(buf: &mut Vec<u8>) -> String {
     }
     buf.drain(..pos);
     out
+}
+
+/// Deserializes a tokenizer.json value. The `tokenizers` library panics on some
+/// malformed sections (a decoder with unknown fields, found by fuzzing); such a
+/// panic is caught and silenced here and reported as `None`.
+#[cfg(feature = "hf-tokenizers")]
+fn parse_quietly(
+    json: serde_json::Value,
+) -> Option<std::result::Result<tokenizers::Tokenizer, serde_json::Error>> {
+    static QUIET: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = QUIET.lock().unwrap_or_else(|e| e.into_inner());
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let got = std::panic::catch_unwind(move || serde_json::from_value(json));
+    std::panic::set_hook(hook);
+    got.ok()
 }

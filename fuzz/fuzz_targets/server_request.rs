@@ -1,0 +1,28 @@
+//! Any bytes as a request body: parsing a completion or chat request, its prompt and
+//! its `kv_compression` is a request or an OpenAI error, never a crash.
+#![no_main]
+use kvmerger_server::api::{self, ChatRequest, CompletionRequest};
+use kvmerger_server::compression::CompressionSpec;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(req) = api::parse::<CompletionRequest>(data) {
+        let _ = api::parse_prompt(&req.prompt);
+        if let Some(kv) = &req.kv_compression {
+            if let Ok(spec) = CompressionSpec::full().with_request(kv) {
+                let _ = spec.build();
+            }
+        }
+    }
+    if let Ok(req) = api::parse::<ChatRequest>(data) {
+        for (i, m) in req.messages.iter().enumerate() {
+            let _ = api::message_role(i, &m.role);
+            let _ = api::message_text(i, &m.content);
+        }
+        if let Some(kv) = &req.kv_compression {
+            if let Ok(spec) = CompressionSpec::full().with_request(kv) {
+                let _ = spec.build();
+            }
+        }
+    }
+});
