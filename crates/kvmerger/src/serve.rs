@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// Seconds one request may take, queueing included.
     #[arg(long, default_value_t = 600.0, allow_negative_numbers = true)]
     pub timeout: f64,
+    /// Seconds a connection has to send a request's headers (from when it opens or
+    /// finishes its previous request) before it is closed.
+    #[arg(long, default_value_t = 10.0, allow_negative_numbers = true)]
+    pub header_timeout: f64,
     /// Seconds shutdown (SIGTERM, Ctrl-C) waits for running requests.
     #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
     pub shutdown_grace: f64,
@@ -99,6 +103,7 @@ pub fn run(a: ServeArgs, dir: &Path, threads: Option<usize>) -> Result<()> {
         max_tokens_limit: a.max_tokens_limit,
         max_body_bytes: max_body,
         request_timeout: secs("timeout", a.timeout)?,
+        header_timeout: secs("header-timeout", a.header_timeout)?,
         shutdown_grace: secs("shutdown-grace", a.shutdown_grace)?,
         compression,
         kv_dtype: a.model.kv_dtype.parse().map_err(anyhow::Error::msg)?,

@@ -24,6 +24,7 @@ fn bad_serve_flags_are_clear_errors() {
         (&["--max-batch", "0"], "max batch"),
         (&["--max-queue", "0"], "max queue"),
         (&["--timeout", "-1"], "--timeout"),
+        (&["--header-timeout", "0"], "--header-timeout"),
         (&["--default-max-tokens", "9000"], "max tokens limit"),
         (&["--api-key", ""], "API key"),
         (&["--host", "not-an-ip"], "host"),

@@ -30,6 +30,10 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Wall-clock limit of one request, from arrival to its last token.
     pub request_timeout: Duration,
+    /// Time a connection has to send a request's head (request line and headers), from
+    /// when it opens or finishes its previous request; past it the connection is closed.
+    /// Bounds clients that trickle headers or hold an idle connection open.
+    pub header_timeout: Duration,
     /// How long shutdown waits for running requests before closing them.
     pub shutdown_grace: Duration,
     /// Compression applied when a request does not choose (`full`: none).
@@ -53,6 +57,7 @@ impl Default for ServerConfig {
             max_tokens_limit: 4096,
             max_body_bytes: 4 << 20,
             request_timeout: Duration::from_secs(600),
+            header_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
             compression: CompressionSpec::full(),
             kv_dtype: KvDtype::F16,
@@ -96,6 +101,9 @@ impl ServerConfig {
         }
         if self.request_timeout.is_zero() {
             return Err("the request timeout must be above 0".into());
+        }
+        if self.header_timeout.is_zero() {
+            return Err("the header timeout must be above 0".into());
         }
         if let Some(n) = self.threads {
             if n == 0 {
@@ -156,5 +164,15 @@ mod tests {
         let c = ServerConfig::default();
         c.validate().unwrap();
         assert!(c.addr.ip().is_loopback());
+    }
+
+    #[test]
+    fn a_zero_header_timeout_is_refused() {
+        let c = ServerConfig {
+            header_timeout: Duration::ZERO,
+            ..ServerConfig::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("header timeout"), "{e}");
     }
 }

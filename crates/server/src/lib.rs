@@ -14,7 +14,8 @@
 //! - [`metrics`]: Prometheus text.
 //!
 //! HTTP runs on tokio; compute runs on the engine thread (and its rayon pool), never on
-//! the async runtime. Limits (body size, API key, request time) are middleware layers.
+//! the async runtime. Limits (body size, API key, request time) are middleware layers;
+//! the time to send a request's head is bounded per connection ([`serve`]).
 
 pub mod api;
 pub mod compression;
@@ -33,6 +34,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use error::ApiError;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use kvmerger_engine::load::LoadedModel;
 use metrics::Metrics;
 use scheduler::{Limits, Scheduler};
@@ -40,6 +44,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Everything handlers share.
 pub struct App {
@@ -110,7 +115,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// its accounting, normally comes first.
 async fn time_limit(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let limit = app.cfg.request_timeout;
-    match tokio::time::timeout(limit + std::time::Duration::from_secs(2), next.run(req)).await {
+    match tokio::time::timeout(limit + Duration::from_secs(2), next.run(req)).await {
         Ok(r) => r,
         Err(_) => ApiError::timeout(limit.as_secs_f64()).into_response(),
     }
@@ -154,28 +159,84 @@ pub async fn serve(
     });
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let app2 = app.clone();
-    let server = axum::serve(listener, router(app.clone())).with_graceful_shutdown(async move {
+    let header_timeout = app.cfg.header_timeout;
+    let server = serve_connections(listener, router(app.clone()), header_timeout, async move {
         shutdown.await;
         app2.shutting_down.store(true, Relaxed);
         app2.sched.close();
         let _ = fired_tx.send(());
     });
-    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    let mut server = std::pin::pin!(server);
     let result = tokio::select! {
-        r = &mut server => r.map_err(|e| e.to_string()),
+        _ = &mut server => Ok(()),
         _ = async {
             let _ = fired_rx.await;
             tokio::time::sleep(grace).await;
         } => {
             // Past the grace period: fail what is still running so its streams end.
             sched.abort();
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut server).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut server).await;
             Ok(())
         }
     };
     sched.abort();
     let _ = tokio::task::spawn_blocking(move || engine.join()).await;
     result
+}
+
+/// Accept connections on `listener` and serve `router` over HTTP/1.1 until `shutdown`
+/// completes; then stop accepting, let each connection finish the request it is
+/// answering (idle ones close at once), and return when all are closed.
+///
+/// A request's head must arrive within `header_timeout` of the connection being ready
+/// for it (just opened, or done with its previous request), else hyper closes the
+/// connection: a client trickling headers or holding an idle connection cannot keep it.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    header_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_error(e).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            // An error here ends only this connection (a reset, a header timeout).
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// A failed accept: a connection that went away before it was accepted is nothing; out
+/// of file descriptors (or similar), wait a second so that connections can close rather
+/// than spin.
+async fn accept_error(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    eprintln!("kvmerger: accepting a connection failed: {e}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 /// A server on a background thread with its own runtime (for tests and embedding).
