@@ -292,6 +292,8 @@ impl<'m> Engine<'m> {
             }
             self.drop_gone();
             self.admit(&mut st.jobs);
+            // The gauges follow admissions at once, not only completions.
+            self.publish();
             sched.metrics.queue_depth.store(st.jobs.len(), Relaxed);
             if !self.running.is_empty() {
                 return true;

@@ -96,6 +96,22 @@ fn a_client_that_disconnects_stops_its_generation_and_frees_its_cache() {
     assert_eq!(post(s.addr, COMPLETIONS, &completion("Hi", 2)).status, 200);
 }
 
+/// The running-requests gauge counts a request from its admission: while its first
+/// tokens stream, /metrics says it runs (it read 0 until a request finished).
+#[test]
+fn the_running_gauge_counts_a_request_while_it_generates() {
+    let s = start(|_| {});
+    let mut st = Stream::open(s.addr, COMPLETIONS, &long_completion(4000, true));
+    assert!(st.wait_for("\"text\""), "no token streamed");
+    assert_eq!(metric(s.addr, "kvmerger_running_requests"), 1.0);
+    assert!(metric(s.addr, "kvmerger_kv_bytes_in_use") > 0.0);
+    drop(st);
+    assert!(eventually(30, || metric(
+        s.addr,
+        "kvmerger_running_requests"
+    ) == 0.0));
+}
+
 #[test]
 fn past_a_full_queue_requests_get_503_with_retry_after() {
     let s = start(|c| {
