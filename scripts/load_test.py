@@ -18,12 +18,11 @@ import argparse
 import asyncio
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
+
+from serve_process import rss_kib, start, stop
 
 try:
     import openai
@@ -34,14 +33,6 @@ except ImportError as e:
 
 TOPICS = ["a lighthouse keeper", "a clockmaker", "a beekeeper", "a mountain guide",
           "a ferry captain", "a librarian", "a glassblower", "a shepherd"]
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def metrics(base):
@@ -128,20 +119,9 @@ async def main():
 
     cmd = [args.bin, "serve", "--port", "0", "-m", args.model, "--kv-memory", args.kv_memory,
            "--max-queue", str(max(64, args.requests))] + args.server_arg
-    server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    server, host, port = start(cmd)
     try:
-        line = ""
-        t0 = time.time()
-        while time.time() - t0 < 300:
-            line = server.stderr.readline()
-            m = re.search(r"http://(127\.0\.0\.1:\d+)", line)
-            if m or not line:
-                break
-        if not m:
-            sys.exit(f"the server did not start: {line}")
-        base = "http://" + m.group(1)
-        # Keep reading stderr so the server never blocks on a full pipe.
-        asyncio.get_running_loop().run_in_executor(None, lambda: [None for _ in server.stderr])
+        base = f"http://{host}:{port}"
         client = AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
         extra = {"ignore_eos": True}
         if args.kv_compression:
@@ -214,12 +194,7 @@ async def main():
         summary["checks"] = checks
         print(json.dumps(summary, indent=2))
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            code = server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            code = "killed"
+        code = stop(server)
     if code != 0:
         sys.exit(f"the server did not exit cleanly on SIGTERM ({code})")
     if not all(checks.values()):

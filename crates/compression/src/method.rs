@@ -149,7 +149,8 @@ pub trait Method: Send + Sync {
     /// the prompt's length alone, before any prefill, so that settings that cannot work
     /// (a window or sinks larger than the budget) are refused before the work is done.
     fn check_budget(&self, len: usize, budget: usize) -> Result<(), Error> {
-        let min = self.min_slots();
+        // Methods keep at most the whole prompt of their window or sinks.
+        let min = self.min_slots().min(len);
         if budget < len && budget < min {
             return Err(Error::Invalid(format!(
                 "{}: a budget of {budget} slots (for a prompt of {len} tokens) is below the {min} slots it always keeps (its window or sinks); raise the budget or lower them",

@@ -347,21 +347,7 @@ fn attend_block(
     if !keep_e {
         return Vec::new();
     }
-    let mut rows: Vec<HeadRows> = (0..p.n_heads)
-        .map(|h| {
-            let n = stores[h / group].len();
-            let v = |on: bool| if on { vec![0.0f32; n] } else { Vec::new() };
-            HeadRows {
-                accumulated: v(req.accumulated),
-                window: match req.window_from {
-                    Some(w) if w < t => vec![vec![0.0f32; n]; t - w],
-                    _ => Vec::new(),
-                },
-                last: v(req.last_at.is_some()),
-                peak: v(req.peak),
-            }
-        })
-        .collect();
+    let mut rows = empty_rows(&p, stores, t, req);
     rows.par_iter_mut().enumerate().for_each(|(h, hr)| {
         let (g, hh) = (h / group, h % group);
         for (&(tg, _, _), (_, folded)) in tasks.iter().zip(&results) {
@@ -392,6 +378,26 @@ fn attend_block(
         }
     });
     rows
+}
+
+/// Zeroed statistics for every query head, sized as `req` asks.
+fn empty_rows(p: &LayerAttn, stores: &[HeadStore], t: usize, req: StatsRequest) -> Vec<HeadRows> {
+    let group = p.n_heads / p.n_kv_heads;
+    (0..p.n_heads)
+        .map(|h| {
+            let n = stores[h / group].len();
+            let v = |on: bool| if on { vec![0.0f32; n] } else { Vec::new() };
+            HeadRows {
+                accumulated: v(req.accumulated),
+                window: match req.window_from {
+                    Some(w) if w < t => vec![vec![0.0f32; n]; t - w],
+                    _ => Vec::new(),
+                },
+                last: v(req.last_at.is_some()),
+                peak: v(req.peak),
+            }
+        })
+        .collect()
 }
 
 /// Decoding (one query): each KV head's keys are split into ranges that threads
@@ -479,21 +485,7 @@ fn attend_one(
         return Vec::new();
     }
     // Statistics: each query head's normalised softmax rows, folded as requested.
-    let mut rows: Vec<HeadRows> = (0..p.n_heads)
-        .map(|h| {
-            let n = stores[h / group].len();
-            let v = |on: bool| if on { vec![0.0f32; n] } else { Vec::new() };
-            HeadRows {
-                accumulated: v(req.accumulated),
-                window: match req.window_from {
-                    Some(w) if w < t => vec![vec![0.0f32; n]; t - w],
-                    _ => Vec::new(),
-                },
-                last: v(req.last_at.is_some()),
-                peak: v(req.peak),
-            }
-        })
-        .collect();
+    let mut rows = empty_rows(&p, stores, t, req);
     rows.par_iter_mut().enumerate().for_each(|(h, hr)| {
         let (g, hh) = (h / group, h % group);
         for ((u, part), f) in units.iter().zip(&parts).zip(&factors) {
