@@ -146,13 +146,13 @@ async def main():
     checks = {}
     try:
         stats = {"counts": {}, "unexpected": []}
-        start = time.time()
-        until = start + args.duration
+        began = time.time()
+        until = began + args.duration
         tasks = [asyncio.create_task(worker(host, port, args.model, 1000 + i, until, stats))
                  for i in range(args.workers)]
         samples = []
         while time.time() < until:
-            samples.append((time.time() - start, rss_kib(server.pid)))
+            samples.append((time.time() - began, rss_kib(server.pid)))
             await asyncio.sleep(1)
         await asyncio.wait_for(asyncio.gather(*tasks), 300)
         await asyncio.sleep(3)
