@@ -104,7 +104,11 @@ fn the_running_gauge_counts_a_request_while_it_generates() {
     let mut st = Stream::open(s.addr, COMPLETIONS, &long_completion(4000, true));
     assert!(st.wait_for("\"text\""), "no token streamed");
     assert_eq!(metric(s.addr, "kvmerger_running_requests"), 1.0);
-    assert!(metric(s.addr, "kvmerger_kv_bytes_in_use") > 0.0);
+    // KV bytes are published after each engine step (the first token is sent mid-step).
+    assert!(eventually(30, || metric(
+        s.addr,
+        "kvmerger_kv_bytes_in_use"
+    ) > 0.0));
     drop(st);
     assert!(eventually(30, || metric(
         s.addr,
