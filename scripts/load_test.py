@@ -22,7 +22,7 @@ import sys
 import time
 import urllib.request
 
-from serve_process import rss_kib, start, stop
+from serve_process import conclude, rss_kib, start, stop
 
 try:
     import openai
@@ -195,10 +195,7 @@ async def main():
         print(json.dumps(summary, indent=2))
     finally:
         code = stop(server)
-    if code != 0:
-        sys.exit(f"the server did not exit cleanly on SIGTERM ({code})")
-    if not all(checks.values()):
-        sys.exit(f"checks failed: {[k for k, v in checks.items() if not v]}")
+    conclude(code, checks)
 
 
 if __name__ == "__main__":

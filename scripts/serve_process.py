@@ -44,3 +44,11 @@ def stop(server, wait_s=60):
     except subprocess.TimeoutExpired:
         server.kill()
         return "killed"
+
+
+def conclude(code, checks):
+    """Exits non-zero when the server did not stop cleanly or a check failed."""
+    if code != 0:
+        sys.exit(f"the server did not exit cleanly on SIGTERM ({code})")
+    if not all(checks.values()):
+        sys.exit(f"checks failed: {[k for k, v in checks.items() if not v]}")

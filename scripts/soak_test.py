@@ -30,7 +30,7 @@ import re
 import sys
 import time
 
-from serve_process import rss_kib, start, stop
+from serve_process import conclude, rss_kib, start, stop
 
 
 async def http(host, port, method, path, body=None, raw=None, abandon_after=None, timeout=120):
@@ -190,10 +190,7 @@ async def main():
         print(json.dumps(summary, indent=2))
     finally:
         code = stop(server)
-    if code != 0:
-        sys.exit(f"the server did not exit cleanly on SIGTERM ({code})")
-    if not all(checks.values()):
-        sys.exit(f"checks failed: {[k for k, v in checks.items() if not v]}")
+    conclude(code, checks)
 
 
 if __name__ == "__main__":
