@@ -346,19 +346,14 @@ impl GgufFile {
                 return Err(r.err(&format!("tensor '{name}' is listed twice")));
             }
         }
-        // Tensors may not share bytes: a directory whose entries overlap is corrupt.
-        let mut extents: Vec<(usize, usize, &str)> = tensors
+        let extents = tensors
             .values()
             .map(|t| (t.offset, t.offset + t.size, t.name.as_str()))
             .collect();
-        extents.sort_unstable();
-        for w in extents.windows(2) {
-            if w[1].0 < w[0].1 {
-                return Err(r.err(&format!(
-                    "tensors '{}' and '{}' overlap in the file (corrupt tensor directory)",
-                    w[0].2, w[1].2
-                )));
-            }
+        if let Some((a, b)) = crate::first_overlap(extents) {
+            return Err(r.err(&format!(
+                "tensors '{a}' and '{b}' overlap in the file (corrupt tensor directory)"
+            )));
         }
         Ok(GgufFile {
             path: path.to_path_buf(),

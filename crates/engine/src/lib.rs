@@ -73,8 +73,8 @@ impl From<kvmerger_compression::Error> for Error {
 }
 
 /// Refuses anything but a regular file (or a link to one) before it is opened: a FIFO
-/// would block `open` forever, a device would never end.
-pub(crate) fn check_regular_file(path: &std::path::Path) -> Result<(), Error> {
+/// would block `open` forever, a device would never end. Returns the file's length.
+pub(crate) fn check_regular_file(path: &std::path::Path) -> Result<u64, Error> {
     let meta = std::fs::metadata(path).map_err(|e| Error::Io {
         path: path.to_path_buf(),
         error: e,
@@ -86,13 +86,12 @@ pub(crate) fn check_regular_file(path: &std::path::Path) -> Result<(), Error> {
                 .into(),
         });
     }
-    Ok(())
+    Ok(meta.len())
 }
 
 /// Reads a text file of at most `limit` bytes, refusing anything but a regular file.
 pub(crate) fn read_text_file(path: &std::path::Path, limit: u64) -> Result<String, Error> {
-    check_regular_file(path)?;
-    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let len = check_regular_file(path)?;
     if len > limit {
         return Err(Error::Format {
             path: path.to_path_buf(),
@@ -106,4 +105,14 @@ pub(crate) fn read_text_file(path: &std::path::Path, limit: u64) -> Result<Strin
         path: path.to_path_buf(),
         error: e,
     })
+}
+
+/// The first two byte ranges `(start, end, name)` of a file's tensors that share bytes,
+/// if any: a directory whose entries overlap is corrupt.
+pub(crate) fn first_overlap(mut extents: Vec<(usize, usize, &str)>) -> Option<(&str, &str)> {
+    extents.sort_unstable();
+    extents
+        .windows(2)
+        .find(|w| w[1].0 < w[0].1)
+        .map(|w| (w[0].2, w[1].2))
 }

@@ -142,20 +142,16 @@ impl SafetensorsDir {
                     ));
                 }
             }
-            // Tensors may not share bytes: overlapping entries are a corrupt header.
-            let mut extents: Vec<(usize, usize, &String)> = entries
+            let extents = entries
                 .iter()
                 .filter(|(_, en)| en.file == fi)
-                .map(|(name, en)| (en.start, en.end, name))
+                .map(|(name, en)| (en.start, en.end, name.as_str()))
                 .collect();
-            extents.sort_unstable();
-            for w in extents.windows(2) {
-                if w[1].0 < w[0].1 {
-                    return Err(format(
-                        path,
-                        format!("tensors '{}' and '{}' overlap in the file", w[0].2, w[1].2),
-                    ));
-                }
+            if let Some((a, b)) = crate::first_overlap(extents) {
+                return Err(format(
+                    path,
+                    format!("tensors '{a}' and '{b}' overlap in the file"),
+                ));
             }
             maps.push(map);
         }
