@@ -11,6 +11,8 @@
 //!   and string options;
 //! - [`budget`]: budgets as a fraction of the prompt or a token count, and
 //!   [`should_recompress`] for decode-time re-compression;
+//! - [`recipe`]: a method with its options, budget, schedule and when it compresses
+//!   ([`Recipe`]), one parser for every surface;
 //! - [`schedule`]: how one budget is shared between layers ([`Schedule`]);
 //! - [`select`]: keeping the best-scoring slots when heads share one budget (Ada-KV,
 //!   KVzip);
@@ -72,6 +74,7 @@
 pub mod budget;
 pub mod method;
 pub mod methods;
+pub mod recipe;
 pub mod registry;
 pub mod schedule;
 pub mod select;
@@ -82,6 +85,7 @@ pub use method::{
     HeadInput, HeadPos, HeadStats, MassCorrection, Method, Options, QueryMoments, QueryNeeds,
     StatsNeeds,
 };
+pub use recipe::{Recipe, RecipeError, ScheduleFiles};
 pub use schedule::Schedule;
 pub use store::{
     dequantize_q8_0, quantize_q8_0, HeadData, HeadStore, KvDtype, KvSlice, SlotMeta, Q8_BLOCK,

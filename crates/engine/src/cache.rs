@@ -43,6 +43,22 @@ impl KvCache {
             .map(|l| l.iter().map(|h| h.bytes()).sum::<usize>())
             .sum()
     }
+    /// Bytes of one slot of one head in this cache (keys, values and metadata).
+    pub fn slot_bytes(&self) -> usize {
+        let Some(head) = self.layers.first().and_then(|l| l.first()) else {
+            return 0;
+        };
+        let mut one = HeadStore::new(head.dim(), self.dtype);
+        let zeros = vec![0.0f32; head.dim()];
+        one.push(&zeros, &zeros, kvmerger_compression::SlotMeta::token(0));
+        one.bytes()
+    }
+
+    /// Bytes of one token in every head: what an uncompressed token costs.
+    pub fn token_bytes(&self) -> usize {
+        self.slot_bytes() * self.layers.iter().map(|l| l.len()).sum::<usize>()
+    }
+
     /// Bytes allocated, including room reserved for tokens to come.
     pub fn allocated_bytes(&self) -> usize {
         self.layers

@@ -5,7 +5,7 @@ use crate::cache::{KvCache, PrefillStats};
 use crate::Error;
 use kvmerger_compression::{
     registry, Budget, HeadData, HeadInput, HeadPos, HeadStats, HeadStore, Method, Options,
-    QueryMoments, Schedule, StatsNeeds,
+    QueryMoments, Recipe, Schedule, StatsNeeds,
 };
 use rayon::prelude::*;
 use std::time::Instant;
@@ -46,6 +46,9 @@ pub struct Compressor {
     pub schedule: Schedule,
     /// During decoding, re-compress once a head holds this many slots over its budget.
     pub recompress_margin: Option<usize>,
+    /// Compress during prefill after every chunk of this many tokens (see
+    /// [`crate::sequence::Sequence::feed_within`]).
+    pub prefill_chunk: Option<usize>,
 }
 
 impl Compressor {
@@ -60,6 +63,19 @@ impl Compressor {
             budget,
             schedule,
             recompress_margin: None,
+            prefill_chunk: None,
+        })
+    }
+
+    /// The compressor of a recipe, validated (see [`Recipe::validate`]).
+    pub fn from_recipe(recipe: &Recipe) -> Result<Compressor, Error> {
+        let method = recipe.validate()?;
+        Ok(Compressor {
+            method,
+            budget: recipe.budget.unwrap_or(Budget::Fraction(1.0)),
+            schedule: recipe.schedule.clone(),
+            recompress_margin: recipe.recompress_margin,
+            prefill_chunk: recipe.prefill_chunk,
         })
     }
 
@@ -78,14 +94,50 @@ impl Compressor {
         self.method.name()
     }
 
+    /// The recipe this compressor follows.
+    pub fn recipe(&self) -> Recipe {
+        let full = self.name() == "full";
+        Recipe {
+            method: self.name().to_string(),
+            options: Options::new(),
+            budget: (!full).then_some(self.budget),
+            schedule: self.schedule.clone(),
+            recompress_margin: self.recompress_margin,
+            prefill_chunk: self.prefill_chunk,
+        }
+    }
+
     /// Errors for settings that cannot work together, before any prefill.
     pub fn check(&self) -> Result<(), Error> {
-        if self.recompress_margin.is_some() && self.needs().reconstruction && !self.is_noop() {
-            return Err(Error::Invalid(format!(
-                "{} scores slots with a reconstruction pass over the prompt, which decoding \
-                 does not have: it cannot re-compress while decoding (drop the re-compression margin)",
-                self.name()
-            )));
+        if self.is_noop() {
+            return Ok(());
+        }
+        let needs = self.needs();
+        let refuse = |field: &str, message: String| {
+            Err(Error::Recipe(kvmerger_compression::RecipeError::new(
+                field, message,
+            )))
+        };
+        if self.recompress_margin.is_some() && needs.reconstruction {
+            return refuse(
+                "recompress_margin",
+                format!(
+                    "{} scores slots with a reconstruction pass over the prompt, which decoding \
+                     does not have: it cannot re-compress while decoding (drop the re-compression margin)",
+                    self.name()
+                ),
+            );
+        }
+        if self.prefill_chunk.is_some() && needs.reconstruction {
+            return refuse(
+                "prefill_chunk",
+                format!(
+                    "{} scores slots with a reconstruction pass over the whole prompt, so it \
+                     cannot compress during prefill (drop prefill_chunk, or choose a scorer \
+                     such as expected_attention, keydiff or snapkv)",
+                    self.name()
+                ),
+            );
         }
         Ok(())
     }
@@ -118,6 +170,20 @@ impl Compressor {
         let mut targets = self.targets(n_layers, len);
         targets.sort_unstable();
         targets.dedup();
+        if let Some(chunk) = self.prefill_chunk {
+            // The budget per head, before a schedule shares it between layers.
+            let budget = self.budget.slots(len);
+            if chunk < len && budget < chunk {
+                return Err(Error::Recipe(kvmerger_compression::RecipeError::new(
+                    "prefill_chunk",
+                    format!(
+                        "compressing during prefill in chunks of {chunk} tokens needs a budget of \
+                         at least one chunk per head, but the budget is {budget} slots for this \
+                         prompt of {len} tokens: lower prefill_chunk or raise the budget"
+                    ),
+                )));
+            }
+        }
         for t in targets {
             self.method.check_budget(len, t)?;
         }

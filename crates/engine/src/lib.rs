@@ -62,8 +62,17 @@ pub enum Error {
     /// error reports that print the chain would repeat.
     #[error("compression: {0}")]
     Compression(kvmerger_compression::Error),
+    /// A compression recipe's setting that cannot work (its field names the setting).
+    #[error("compression {}: {}", .0.field, .0.message)]
+    Recipe(kvmerger_compression::RecipeError),
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<kvmerger_compression::RecipeError> for Error {
+    fn from(e: kvmerger_compression::RecipeError) -> Error {
+        Error::Recipe(e)
+    }
 }
 
 impl From<kvmerger_compression::Error> for Error {

@@ -15,6 +15,15 @@
 //! ```
 //!
 //! Feeding the question before compressing instead gives the query-aware protocol.
+//!
+//! With a recipe that compresses during prefill (`prefill_chunk`), `feed_within` feeds
+//! the context in chunks and compresses back to the budget after each one, so the cache
+//! never holds more than the budget plus one chunk, whatever the prompt's length:
+//!
+//! ```text
+//! seq.feed_within(&model, &split.context, &compressor)?; // compressed as it goes
+//! seq.append(&model, &split.question)?;
+//! ```
 
 use crate::cache::{KvCache, PrefillStats};
 use crate::compress::{CompressReport, Compressor, DecodeCompression};
@@ -37,6 +46,10 @@ pub struct Sequence {
     compressed: bool,
     /// Per-layer slot targets of the last compression (they bound re-compression).
     targets: Vec<usize>,
+    /// The most KV bytes the cache has held after a forward pass.
+    peak_bytes: usize,
+    /// Compression passes run during prefill.
+    prefill_passes: usize,
 }
 
 impl Sequence {
@@ -54,6 +67,8 @@ impl Sequence {
             logits: Vec::new(),
             compressed: false,
             targets: Vec::new(),
+            peak_bytes: 0,
+            prefill_passes: 0,
         }
     }
 
@@ -81,6 +96,7 @@ impl Sequence {
             Logits::Last,
         )?;
         self.tokens.extend_from_slice(ids);
+        self.note_peak();
         // Reconstruction scores described the shorter sequence.
         for h in self.stats.heads.iter_mut().flatten() {
             h.reconstruction = None;
@@ -100,7 +116,120 @@ impl Sequence {
             Logits::Last,
         )?;
         self.tokens.extend_from_slice(ids);
+        self.note_peak();
         Ok(t0.elapsed().as_secs_f64())
+    }
+
+    /// Feed a prompt under `compressor`'s recipe. With `prefill_chunk`, the prompt goes
+    /// in chunks of that many tokens, and after each chunk every head is compressed back
+    /// to its share of the whole prompt's budget, so the cache holds at most the budget
+    /// plus one chunk: a prompt of any length within the model's context can be read.
+    /// Positions stay the original ones. Statistics are those of the queries since the
+    /// last compression (H2O's accumulated scores travel with their slots). Without
+    /// `prefill_chunk`, this is [`Sequence::feed`] followed by [`Sequence::compress`].
+    /// Everything that can be refused is refused before the first chunk.
+    pub fn feed_within(
+        &mut self,
+        model: &Model,
+        ids: &[u32],
+        compressor: &Compressor,
+    ) -> Result<(f64, CompressReport), Error> {
+        let t0 = Instant::now();
+        let total = self.cache.n_seen + ids.len();
+        if total > model.cfg.ctx_len {
+            return Err(Error::ContextOverflow {
+                prompt: total,
+                ctx: model.cfg.ctx_len,
+            });
+        }
+        compressor.check()?;
+        compressor.check_prompt(model.cfg.n_layers, total)?;
+        let chunk = match compressor.prefill_chunk {
+            Some(c) if !compressor.is_noop() => c.max(1),
+            _ => {
+                let secs = self.feed(model, ids)?;
+                let (report, _) = self.compress(compressor)?;
+                return Ok((secs, report));
+            }
+        };
+        if self.compressed {
+            return Err(Error::Invalid(
+                "statistics are collected before compression; use append after it".into(),
+            ));
+        }
+        let needs = compressor.needs();
+        if needs.reconstruction {
+            // check() refuses this; a reconstruction pass needs the whole prompt.
+            return Err(Error::Invalid(format!(
+                "{} cannot compress during prefill",
+                compressor.name()
+            )));
+        }
+        self.needs = self.needs.union(StatsNeeds {
+            reconstruction: false,
+            ..needs
+        });
+        let targets = compressor.targets(model.cfg.n_layers, total);
+        let mut report = CompressReport {
+            method: compressor.name().to_string(),
+            ..Default::default()
+        };
+        let mut compress_secs = 0.0;
+        let per_token = self.cache.token_bytes();
+        for part in ids.chunks(chunk) {
+            self.cache.reserve(part.len() + 1);
+            self.logits = model.forward(
+                part,
+                &mut self.cache,
+                self.needs,
+                Some(&mut self.stats),
+                Logits::Last,
+            )?;
+            self.tokens.extend_from_slice(part);
+            self.note_peak();
+            let pass = crate::compress::compress_cache(
+                &mut self.cache,
+                compressor.method.as_ref(),
+                &self.stats,
+                &|l, _| targets[l],
+            )?;
+            if pass.bytes_after < pass.bytes_before {
+                self.prefill_passes += 1;
+            }
+            compress_secs += pass.secs;
+            let heads = model.cfg.n_kv_heads;
+            report.layer_slots = pass
+                .layer_slots
+                .iter()
+                .map(|&(_, after)| (total * heads, after))
+                .collect();
+            self.stats.clear_slot_stats();
+        }
+        report.bytes_before = per_token * total;
+        report.bytes_after = self.cache.bytes();
+        report.secs = compress_secs;
+        self.compressed = true;
+        self.targets = targets;
+        Ok((t0.elapsed().as_secs_f64(), report))
+    }
+
+    fn note_peak(&mut self) {
+        self.peak_bytes = self.peak_bytes.max(self.cache.bytes());
+    }
+
+    /// The KV bytes the cache holds now.
+    pub fn kv_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    /// The most KV bytes the cache has held after any forward pass of this sequence.
+    pub fn peak_kv_bytes(&self) -> usize {
+        self.peak_bytes
+    }
+
+    /// Compression passes that dropped slots during prefill.
+    pub fn prefill_passes(&self) -> usize {
+        self.prefill_passes
     }
 
     /// Run KVzip's reconstruction pass over everything fed so far, unless its scores

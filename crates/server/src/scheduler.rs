@@ -129,7 +129,7 @@ impl Scheduler {
             wake: Condvar::new(),
             limits,
             metrics,
-            slot_bytes: slot_bytes(&probe),
+            slot_bytes: probe.slot_bytes(),
             n_layers: c.n_layers,
             n_kv_heads: c.n_kv_heads,
         });
@@ -178,15 +178,6 @@ impl Scheduler {
     pub fn limits(&self) -> Limits {
         self.limits
     }
-}
-
-/// Bytes of one slot of one head in caches of this dtype (keys, values and metadata).
-fn slot_bytes(probe: &KvCache) -> usize {
-    let mut c = probe.clone();
-    let dim = c.layers[0][0].dim();
-    let zeros = vec![0.0f32; dim];
-    c.layers[0][0].push(&zeros, &zeros, kvmerger_compression::SlotMeta::token(0));
-    c.bytes()
 }
 
 enum Phase {
