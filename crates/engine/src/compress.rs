@@ -204,6 +204,92 @@ impl Compressor {
     }
 }
 
+/// Upper bounds on the KV memory of one sequence, from the cache's exact per-slot size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvEstimate {
+    /// While prefilling: the whole prompt before it is compressed, or with compression
+    /// during prefill, every layer's target plus one chunk.
+    pub prefill_peak: usize,
+    /// After compression, with every generated token appended (bounded by re-compression).
+    pub steady: usize,
+    /// The same prompt and generation with no compression.
+    pub uncompressed: usize,
+}
+
+/// Bytes bound for a sequence of `prompt` tokens generating up to `max_tokens`, in a
+/// cache of `n_layers` × `n_kv_heads` heads whose slots take `slot_bytes` each.
+pub fn estimate(
+    comp: Option<&Compressor>,
+    prompt: usize,
+    max_tokens: usize,
+    n_layers: usize,
+    n_kv_heads: usize,
+    slot_bytes: usize,
+) -> KvEstimate {
+    let per_token = n_layers * n_kv_heads * slot_bytes;
+    let uncompressed = (prompt + max_tokens) * per_token;
+    let Some(c) = comp.filter(|c| !c.is_noop()) else {
+        return KvEstimate {
+            prefill_peak: uncompressed,
+            steady: uncompressed,
+            uncompressed,
+        };
+    };
+    let targets = c.targets(n_layers, prompt);
+    let steady = targets
+        .iter()
+        .map(|&t| head_bound(t.min(prompt), t, c.recompress_margin, max_tokens))
+        .sum::<usize>()
+        * n_kv_heads
+        * slot_bytes;
+    let prefill = match c.prefill_chunk {
+        Some(chunk) => {
+            targets
+                .iter()
+                .map(|&t| (t + chunk).min(prompt))
+                .sum::<usize>()
+                * n_kv_heads
+                * slot_bytes
+        }
+        None => prompt * per_token,
+    };
+    KvEstimate {
+        prefill_peak: prefill.max(steady),
+        steady,
+        uncompressed,
+    }
+}
+
+/// Most slots a head holding `len` slots (target `target`) can reach with `remaining`
+/// more tokens: each step appends one, and once a head holds more than target + margin
+/// the step is followed by re-compression back to the target.
+pub fn head_bound(len: usize, target: usize, margin: Option<usize>, remaining: usize) -> usize {
+    match margin {
+        None => len + remaining,
+        Some(m) => (len + remaining).min(len.max(target + m) + 1),
+    }
+}
+
+impl Compressor {
+    /// Compression during prefill: after a chunk of a prompt of `total` tokens, bring
+    /// every head back to its target for the whole prompt, and forget the statistics
+    /// of the slots that changed. Does nothing without `prefill_chunk`.
+    pub fn after_prefill_chunk(
+        &self,
+        cache: &mut KvCache,
+        stats: &mut PrefillStats,
+        total: usize,
+    ) -> Result<Option<CompressReport>, Error> {
+        if self.prefill_chunk.is_none() || self.is_noop() {
+            return Ok(None);
+        }
+        let targets = self.targets(cache.layers.len(), total);
+        let report = compress_cache(cache, self.method.as_ref(), stats, &|l, _| targets[l])?;
+        stats.clear_slot_stats();
+        Ok(Some(report))
+    }
+}
+
 /// Re-compression state carried through a decode loop.
 pub struct DecodeCompression<'a> {
     pub compressor: &'a Compressor,

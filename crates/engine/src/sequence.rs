@@ -169,7 +169,6 @@ impl Sequence {
             reconstruction: false,
             ..needs
         });
-        let targets = compressor.targets(model.cfg.n_layers, total);
         let mut report = CompressReport {
             method: compressor.name().to_string(),
             ..Default::default()
@@ -187,12 +186,9 @@ impl Sequence {
             )?;
             self.tokens.extend_from_slice(part);
             self.note_peak();
-            let pass = crate::compress::compress_cache(
-                &mut self.cache,
-                compressor.method.as_ref(),
-                &self.stats,
-                &|l, _| targets[l],
-            )?;
+            let pass = compressor
+                .after_prefill_chunk(&mut self.cache, &mut self.stats, total)?
+                .unwrap_or_default();
             if pass.bytes_after < pass.bytes_before {
                 self.prefill_passes += 1;
             }
@@ -203,8 +199,8 @@ impl Sequence {
                 .iter()
                 .map(|&(_, after)| (total * heads, after))
                 .collect();
-            self.stats.clear_slot_stats();
         }
+        let targets = compressor.targets(model.cfg.n_layers, total);
         report.bytes_before = per_token * total;
         report.bytes_after = self.cache.bytes();
         report.secs = compress_secs;

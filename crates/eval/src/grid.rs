@@ -4,7 +4,7 @@
 //! cache, and each method at each budget) is evaluated on it from one prefill, so the
 //! item, not the configuration, is the unit of work, of resumption and of sharding.
 
-use kvmerger_compression::{registry, Budget, Options, Schedule};
+use kvmerger_compression::{Budget, Recipe, ScheduleFiles};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -122,9 +122,8 @@ pub struct RunConfig {
     /// `full`, or `method@budget` with the method spec as written (`kvmerger:sigma=2@0.5`).
     pub label: String,
     pub method: String,
-    pub options: Options,
-    /// How the budget is spread over layers (`schedule=` in the method spec).
-    pub schedule: Schedule,
+    /// Everything that builds the compressor (the budget included).
+    pub recipe: Recipe,
     /// None for the full cache.
     pub budget: Option<Budget>,
     /// The budget as written, for reports.
@@ -138,8 +137,7 @@ impl RunConfig {
         RunConfig {
             label: "full".into(),
             method: "full".into(),
-            options: Options::new(),
-            schedule: Schedule::Uniform,
+            recipe: Recipe::full(),
             budget: None,
             budget_label: "1".into(),
             protocol: Protocol::Agnostic,
@@ -147,12 +145,13 @@ impl RunConfig {
     }
 }
 
-/// A method spec read by [`parse_method_spec`].
+/// A method spec read by [`parse_method`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct MethodSpec {
     pub name: String,
-    pub options: Options,
-    pub schedule: Schedule,
+    /// The method, its options, schedule, re-compression margin and prefill chunk
+    /// (no budget: the grid gives those).
+    pub recipe: Recipe,
     /// `protocol=` in the spec, if given.
     pub protocol: Option<Protocol>,
     /// `budgets=` in the spec (slash-separated, e.g. `0.75/0.125`): this method's
@@ -162,71 +161,60 @@ pub struct MethodSpec {
     pub label: String,
 }
 
-/// `name` or `name:key=value,key=value`. Two keys are not method options: `schedule`,
-/// how the budget is spread over layers (`uniform`, `pyramid`, `pyramid:<slope>`, or a
-/// per-layer ratio file such as `kvmerger analyze sparsity`'s `sparsity_schedule.csv`,
-/// a path without commas), and `protocol` (`agnostic` or `aware`, see [`Protocol`]).
-pub fn parse_method_spec(spec: &str) -> Result<(String, Options, Schedule), GridError> {
-    let m = parse_method(spec)?;
-    Ok((m.name, m.options, m.schedule))
-}
-
-/// [`parse_method_spec`], with the protocol.
+/// `name` or `name:key=value,key=value`, read by the compression crate's [`Recipe`]
+/// (method options, `schedule`, `recompress_margin`, `prefill_chunk`), with two keys of
+/// the grid's own: `protocol` (`agnostic` or `aware`, see [`Protocol`]) and `budgets`
+/// (this method's budgets, slash-separated). A `schedule` is `uniform`, `pyramid`,
+/// `pyramid:<slope>`, or a per-layer ratio file such as `kvmerger analyze sparsity`'s
+/// `sparsity_schedule.csv` (a path without commas).
 pub fn parse_method(spec: &str) -> Result<MethodSpec, GridError> {
+    let bad = |e: &dyn fmt::Display| GridError(format!("method '{spec}': {e}"));
     let (name, opts) = match spec.split_once(':') {
         Some((n, o)) => (n.trim(), o),
         None => (spec.trim(), ""),
     };
-    if registry::info(name).is_none() {
-        return Err(GridError(format!(
-            "unknown method '{name}' (known: {})",
-            registry::names().join(", ")
-        )));
-    }
-    let mut options = Options::new();
-    let mut schedule = Schedule::Uniform;
+    let mut recipe = Recipe::full();
+    recipe.set_method(name).map_err(|e| GridError(e.message))?;
     let mut protocol = None;
     let mut budgets = None;
     let mut kept_pairs: Vec<&str> = Vec::new();
     for pair in opts.split(',').filter(|p| !p.trim().is_empty()) {
-        if let Some((k, v)) = pair.split_once('=') {
-            if k.trim() == "budgets" {
+        let Some((k, v)) = pair.split_once('=') else {
+            return Err(bad(&format!("'{pair}' is not of the form key=value")));
+        };
+        match k.trim() {
+            "budgets" => {
                 let list: Vec<String> = v
                     .split('/')
                     .map(|b| b.trim().to_string())
                     .filter(|b| !b.is_empty())
                     .collect();
                 for b in &list {
-                    Budget::from_str(b).map_err(|e| GridError(format!("method '{spec}': {e}")))?;
+                    Budget::from_str(b).map_err(|e| bad(&e))?;
                 }
                 if list.is_empty() {
-                    return Err(GridError(format!(
-                        "method '{spec}': budgets= lists no budget"
-                    )));
+                    return Err(bad(&"budgets= lists no budget"));
                 }
                 budgets = Some(list);
                 continue;
             }
+            "protocol" => protocol = Some(v.parse::<Protocol>().map_err(|e| bad(&e))?),
+            "budget" | "method" => {
+                return Err(bad(&format!(
+                    "'{}' is set by the grid, not in a method spec",
+                    k.trim()
+                )))
+            }
+            key => recipe
+                .set(key, v, ScheduleFiles::Read)
+                .map_err(|e| bad(&e))?,
         }
         kept_pairs.push(pair.trim());
-        match pair.split_once('=') {
-            Some((k, v)) if k.trim() == "schedule" => {
-                schedule = Schedule::from_name_or_file(v)
-                    .map_err(|e| GridError(format!("method '{spec}': {e}")))?;
-            }
-            Some((k, v)) if k.trim() == "protocol" => {
-                protocol = Some(
-                    v.parse::<Protocol>()
-                        .map_err(|e| GridError(format!("method '{spec}': {e}")))?,
-                );
-            }
-            _ => options
-                .parse_pair(pair)
-                .map_err(|e| GridError(format!("method '{spec}': {e}")))?,
-        }
     }
     // Building the method checks its options now rather than in the middle of a grid.
-    registry::build(name, &options).map_err(|e| GridError(format!("method '{spec}': {e}")))?;
+    let mut probe = recipe.clone();
+    probe.budget = Some(Budget::Fraction(0.5));
+    probe.validate().map_err(|e| bad(&e))?;
     let label = if kept_pairs.is_empty() {
         name.to_string()
     } else {
@@ -234,8 +222,7 @@ pub fn parse_method(spec: &str) -> Result<MethodSpec, GridError> {
     };
     Ok(MethodSpec {
         name: name.to_string(),
-        options,
-        schedule,
+        recipe,
         protocol,
         budgets,
         label,
@@ -327,11 +314,12 @@ impl GridSpec {
                 None => budgets.clone(),
             };
             for (label, budget) in &own {
+                let mut recipe = spec.recipe.clone();
+                recipe.budget = Some(*budget);
                 let c = RunConfig {
                     label: format!("{written}@{label}"),
                     method: spec.name.clone(),
-                    options: spec.options.clone(),
-                    schedule: spec.schedule.clone(),
+                    recipe,
                     budget: Some(*budget),
                     budget_label: label.clone(),
                     protocol,
@@ -421,6 +409,7 @@ impl FromStr for Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvmerger_compression::{Options, Schedule};
 
     fn spec() -> GridSpec {
         GridSpec {
@@ -482,7 +471,7 @@ mod tests {
             .validate(&known)
             .unwrap_err()
             .0
-            .contains("unknown method 'zip'"));
+            .contains("unknown compression method 'zip'"));
         let mut s = spec();
         s.methods = vec!["kvmerger:colour=red".into()];
         assert!(s.validate(&known).unwrap_err().0.contains("colour"));
@@ -529,20 +518,37 @@ mod tests {
 
     #[test]
     fn method_specs_take_a_layer_schedule() {
-        let (name, opts, sched) = parse_method_spec("kvmerger:schedule=pyramid:0.25").unwrap();
-        assert_eq!(name, "kvmerger");
-        assert_eq!(opts, Options::new());
-        assert_eq!(sched, Schedule::Pyramid { beta: 0.25 });
-        let (_, opts, sched) = parse_method_spec("h2o:recent=0.1,schedule=uniform").unwrap();
-        assert_eq!(opts.get("recent"), Some("0.1"));
-        assert_eq!(sched, Schedule::Uniform);
-        assert_eq!(parse_method_spec("h2o").unwrap().2, Schedule::Uniform);
+        let r = parse_method("kvmerger:schedule=pyramid:0.25")
+            .unwrap()
+            .recipe;
+        assert_eq!(r.method, "kvmerger");
+        assert_eq!(r.options, Options::new());
+        assert_eq!(r.schedule, Schedule::Pyramid { beta: 0.25 });
+        let r = parse_method("h2o:recent=0.1,schedule=uniform")
+            .unwrap()
+            .recipe;
+        assert_eq!(r.options.get("recent"), Some("0.1"));
+        assert_eq!(r.schedule, Schedule::Uniform);
+        assert_eq!(
+            parse_method("h2o").unwrap().recipe.schedule,
+            Schedule::Uniform
+        );
+        // The recipe's own keys are read too; the budget is the grid's.
+        let r = parse_method("snapkv:prefill_chunk=256,recompress_margin=8")
+            .unwrap()
+            .recipe;
+        assert_eq!((r.prefill_chunk, r.recompress_margin), (Some(256), Some(8)));
+        assert!(parse_method("snapkv:budget=0.5").is_err());
+        assert!(parse_method("kvzip:prefill_chunk=256")
+            .unwrap_err()
+            .0
+            .contains("reconstruction"));
 
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("ratios.csv");
         std::fs::write(&file, "# measured\nlayer,ratio\n0,0.5\n1,0.25\n2,0.75\n").unwrap();
         let written = format!("kvmerger:schedule={}", file.display());
-        let (_, _, sched) = parse_method_spec(&written).unwrap();
+        let sched = parse_method(&written).unwrap().recipe.schedule;
         assert_eq!(sched, Schedule::File(vec![0.5, 0.25, 0.75]));
         // The schedule reaches the configuration, and the label keeps the spec as written.
         let g = GridSpec {
@@ -552,25 +558,22 @@ mod tests {
         };
         let c = &g.configs().unwrap()[1];
         assert_eq!(c.label, format!("{written}@0.5"));
-        assert_eq!(c.schedule, Schedule::File(vec![0.5, 0.25, 0.75]));
+        assert_eq!(c.recipe.schedule, Schedule::File(vec![0.5, 0.25, 0.75]));
+        assert_eq!(c.recipe.budget, Some(Budget::Fraction(0.5)));
 
         let missing = dir.path().join("missing.csv");
-        let e = parse_method_spec(&format!("kvmerger:schedule={}", missing.display()))
+        let e = parse_method(&format!("kvmerger:schedule={}", missing.display()))
             .unwrap_err()
             .0;
         assert!(e.contains("neither uniform, pyramid"), "{e}");
         std::fs::write(&file, "0.5\nlots\n").unwrap();
-        let e = parse_method_spec(&format!("kvmerger:schedule={}", file.display()))
+        let e = parse_method(&format!("kvmerger:schedule={}", file.display()))
             .unwrap_err()
             .0;
         assert!(e.contains("schedule file") && e.contains("line 2"), "{e}");
-        let e = parse_method_spec("kvmerger:schedule=pyramid:2")
-            .unwrap_err()
-            .0;
+        let e = parse_method("kvmerger:schedule=pyramid:2").unwrap_err().0;
         assert!(e.contains("[0, 1]"), "{e}");
-        let e = parse_method_spec("kvmerger:schedule=pyramid:x")
-            .unwrap_err()
-            .0;
+        let e = parse_method("kvmerger:schedule=pyramid:x").unwrap_err().0;
         assert!(e.contains("not a number"), "{e}");
     }
 }

@@ -108,25 +108,22 @@ impl Runner<'_> {
         for config in self.spec.configs()? {
             let compressor = match config.budget {
                 None => Compressor::full(),
-                Some(b) => {
+                Some(_) => {
+                    let bad = |e: &dyn std::fmt::Display| {
+                        Error::Grid(GridError(format!("method '{}': {e}", config.label)))
+                    };
                     // A ratio file for another depth is an error before the first prefill,
                     // not in the middle of the grid.
                     config
+                        .recipe
                         .schedule
                         .check(self.lm.model.cfg.n_layers)
-                        .map_err(|e| {
-                            Error::Grid(GridError(format!("method '{}': {e}", config.label)))
-                        })?;
-                    let mut c = Compressor::new(
-                        &config.method,
-                        &config.options,
-                        b,
-                        config.schedule.clone(),
-                    )?;
-                    c.recompress_margin = self.spec.recompress_margin;
-                    c.check().map_err(|e| {
-                        Error::Grid(GridError(format!("method '{}': {e}", config.label)))
-                    })?;
+                        .map_err(|e| bad(&e))?;
+                    let mut recipe = config.recipe.clone();
+                    if recipe.recompress_margin.is_none() {
+                        recipe.recompress_margin = self.spec.recompress_margin;
+                    }
+                    let c = Compressor::from_recipe(&recipe).map_err(|e| bad(&e))?;
                     // A budget below the method's fixed window fails at the first
                     // compression; say so before the first prefill (prompt lengths are
                     // about the grid's lengths).
@@ -346,11 +343,34 @@ impl Runner<'_> {
             } else {
                 &base
             };
-            let mut c = compressed_copy(from, p)?;
-            let question_s = if p.aware() {
-                aware_question_s
-            } else {
-                c.seq.append(model, &split.question)?
+            // Compression during prefill cannot share the prefill: the configuration
+            // feeds its own copy of the prompt, compressing as it goes.
+            let (mut c, own_prefill_s) = match p.compressor.prefill_chunk {
+                Some(_) if !p.compressor.is_noop() => {
+                    let mut seq = Sequence::new(model, self.dtype, p.compressor.needs());
+                    seq.protect(split.prefix);
+                    let ids = if p.aware() {
+                        split.joined()
+                    } else {
+                        split.context.clone()
+                    };
+                    let (secs, report) = seq.feed_within(model, &ids, &p.compressor)?;
+                    let decode = seq.decode_compression(&p.compressor);
+                    let c = Compressed {
+                        kv_bytes: seq.cache.bytes(),
+                        kv_slots: seq.cache.total_slots(),
+                        seq,
+                        decode,
+                        compress_s: report.secs,
+                    };
+                    (c, Some(secs))
+                }
+                _ => (compressed_copy(from, p)?, None),
+            };
+            let question_s = match (p.aware(), own_prefill_s) {
+                (true, Some(_)) => 0.0,
+                (true, None) => aware_question_s,
+                (false, _) => c.seq.append(model, &split.question)?,
             };
             let prompt = c.seq.tokens().to_vec();
             let logits = c.seq.logits().to_vec();
@@ -376,7 +396,7 @@ impl Runner<'_> {
             r.meta
                 .insert("question_tokens".into(), split.question.len().into());
             r.timing = Timing {
-                prefill_s,
+                prefill_s: own_prefill_s.unwrap_or(prefill_s),
                 compress_s: c.compress_s,
                 decode_s: gen.decode_secs,
                 reconstruct_s: match (p.compressor.needs().reconstruction, p.aware()) {

@@ -126,8 +126,9 @@ pub struct CompressArgs {
     /// A method option, key=value (repeatable; see `kvmerger methods`).
     #[arg(long = "opt", value_name = "KEY=VALUE")]
     pub opts: Vec<String>,
-    /// A TOML file with `method`, `budget`, `schedule`, `recompress_margin` and an
-    /// `[options]` table; flags given on the command line win.
+    /// A TOML file with `method`, `budget`, `schedule`, `recompress_margin`,
+    /// `prefill_chunk` and an `[options]` table (or options as plain keys); flags given
+    /// on the command line win.
     #[arg(long, value_name = "FILE")]
     pub compress_config: Option<PathBuf>,
     /// How the budget is shared between layers: uniform, pyramid, pyramid:<slope>, or a
@@ -138,6 +139,11 @@ pub struct CompressArgs {
     /// (off by default: decoded tokens are appended uncompressed, as in the paper).
     #[arg(long)]
     pub recompress_margin: Option<usize>,
+    /// Compress during prefill, after every chunk of this many tokens: the cache never
+    /// holds more than the budget plus one chunk, so prompts far longer than the memory
+    /// for their full cache can be read (not with kvzip, whose scores need the whole prompt).
+    #[arg(long, value_name = "TOKENS")]
+    pub prefill_chunk: Option<usize>,
 }
 
 #[derive(Args, Debug)]

@@ -1,91 +1,73 @@
 //! Building a compressor from flags and a TOML file, and printing what it did.
 
 use crate::cli::CompressArgs;
-use anyhow::{bail, Context, Result};
-use kvmerger_compression::{registry, Budget, Options, Schedule};
+use anyhow::{anyhow, bail, Context, Result};
+use kvmerger_compression::recipe::Value;
+use kvmerger_compression::{registry, Recipe, RecipeError, ScheduleFiles};
 use kvmerger_engine::compress::{CompressReport, Compressor};
-use serde::Deserialize;
 use std::collections::BTreeMap;
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    method: Option<String>,
-    budget: Option<toml::Value>,
-    schedule: Option<String>,
-    recompress_margin: Option<usize>,
-    #[serde(default)]
-    options: BTreeMap<String, toml::Value>,
-}
-
-fn scalar(v: &toml::Value) -> Result<String> {
-    Ok(match v {
-        toml::Value::String(s) => s.clone(),
-        toml::Value::Integer(i) => i.to_string(),
-        toml::Value::Float(f) => f.to_string(),
-        toml::Value::Boolean(b) => b.to_string(),
-        other => bail!("option value {other} must be a string, number or boolean"),
-    })
-}
-
-/// A compressor's recipe from flags and the TOML file (flags win).
-#[derive(Clone, Debug)]
-pub struct Recipe {
-    pub method: String,
-    pub budget: Budget,
-    pub options: Options,
-    pub schedule: Schedule,
-    pub recompress_margin: Option<usize>,
-}
 
 pub fn build(a: &CompressArgs) -> Result<Compressor> {
     let r = recipe(a)?;
-    let mut c = Compressor::new(&r.method, &r.options, r.budget, r.schedule)?;
-    c.recompress_margin = r.recompress_margin;
-    c.check()?;
-    Ok(c)
+    Ok(Compressor::from_recipe(&r)?)
 }
 
+/// The flag that sets a recipe field, for error messages.
+fn flag(field: &str) -> String {
+    match field {
+        "method" => "--method".into(),
+        "budget" => "--budget".into(),
+        "schedule" => "--schedule".into(),
+        "recompress_margin" => "--recompress-margin".into(),
+        "prefill_chunk" => "--prefill-chunk".into(),
+        f => format!("--opt {}", f.strip_prefix("options.").unwrap_or(f)),
+    }
+}
+
+/// A compressor's recipe from the TOML file of `--compress-config` with the flags laid
+/// over it (flags win), validated.
 pub fn recipe(a: &CompressArgs) -> Result<Recipe> {
-    let file: FileConfig = match &a.compress_config {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str(&text)
-                .with_context(|| format!("{} is not a valid compression config", p.display()))?
+    let mut r = Recipe::full();
+    if let Some(p) = &a.compress_config {
+        let text = crate::run::read_text(p, "compression config")?;
+        let map: BTreeMap<String, Value> = toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid compression config", p.display()))?;
+        r.apply(&map, ScheduleFiles::Read)
+            .map_err(|e| anyhow!("{}: {}: {}", p.display(), e.field, e.message))?;
+    }
+    let on_flag = |e: RecipeError| anyhow!("{}: {}", flag(&e.field), e.message);
+    let set = |r: &mut Recipe, key: &str, v: Option<String>| -> Result<()> {
+        match v {
+            Some(v) => r.set(key, &v, ScheduleFiles::Read).map_err(on_flag),
+            None => Ok(()),
         }
-        None => FileConfig::default(),
     };
-    let method = a
-        .method
-        .clone()
-        .or(file.method)
-        .unwrap_or_else(|| "full".to_string());
-    let budget_text = match (&a.budget, &file.budget) {
-        (Some(b), _) => b.clone(),
-        (None, Some(b)) => scalar(b)?,
-        (None, None) if method == "full" => "1.0".to_string(),
-        (None, None) => bail!("--budget is required with --method {method} (e.g. --budget 0.5)"),
-    };
-    let budget: Budget = budget_text.parse()?;
-    let mut opts = Options::new();
-    for (k, v) in &file.options {
-        opts.set(k, scalar(v)?);
-    }
+    set(&mut r, "method", a.method.clone())?;
+    set(&mut r, "budget", a.budget.clone())?;
+    set(&mut r, "schedule", a.schedule.clone())?;
+    set(
+        &mut r,
+        "recompress_margin",
+        a.recompress_margin.map(|m| m.to_string()),
+    )?;
+    set(
+        &mut r,
+        "prefill_chunk",
+        a.prefill_chunk.map(|m| m.to_string()),
+    )?;
     for pair in &a.opts {
-        opts.parse_pair(pair)?;
+        r.options
+            .parse_pair(pair)
+            .map_err(|e| anyhow!("--opt: {e}"))?;
     }
-    let schedule = match a.schedule.as_ref().or(file.schedule.as_ref()) {
-        None => Schedule::Uniform,
-        Some(s) => Schedule::from_name_or_file(s).context("--schedule")?,
-    };
-    Ok(Recipe {
-        method,
-        budget,
-        options: opts,
-        schedule,
-        recompress_margin: a.recompress_margin.or(file.recompress_margin),
-    })
+    match r.validate() {
+        Ok(_) => Ok(r),
+        Err(e) if e.field == "budget" && r.budget.is_none() => bail!(
+            "--budget is required with --method {} (e.g. --budget 0.5)",
+            r.method
+        ),
+        Err(e) => Err(on_flag(e)),
+    }
 }
 
 pub fn print_methods() {

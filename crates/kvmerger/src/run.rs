@@ -224,6 +224,17 @@ pub fn compressed_sequence(
     }
     let mut seq = Sequence::new(&lm.model, dtype, needs);
     seq.protect(protect);
+    if comp.prefill_chunk.is_some() && !comp.is_noop() {
+        let (prefill, report) = seq.feed_within(&lm.model, ids, comp)?;
+        crate::compress::report(&report, prefill);
+        eprintln!(
+            "[{}] compressed during prefill: {} passes, peak KV cache {:.2} MiB",
+            comp.name(),
+            seq.prefill_passes(),
+            crate::compress::mib(seq.peak_kv_bytes())
+        );
+        return Ok((seq, prefill));
+    }
     let prefill = seq.feed(&lm.model, ids)?;
     if !comp.is_noop() {
         let mut scoring = 0.0;

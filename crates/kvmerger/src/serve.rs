@@ -3,7 +3,7 @@
 use crate::cli::{CompressArgs, ModelArgs};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use kvmerger_server::{parse_bytes, CompressionSpec, ServerConfig};
+use kvmerger_server::{parse_bytes, Recipe, RequestRecipe, ServerConfig};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
@@ -69,26 +69,20 @@ fn secs(name: &str, v: f64) -> Result<Duration> {
     Ok(Duration::from_secs_f64(v))
 }
 
-/// The default spec from `--method`/`--budget`/`--opt`/`--schedule`/`--compress-config`.
-fn default_spec(a: &CompressArgs) -> Result<CompressionSpec> {
+/// The default recipe from `--method`/`--budget`/`--opt`/`--schedule`/`--compress-config`.
+fn default_recipe(a: &CompressArgs) -> Result<Recipe> {
     let r = crate::compress::recipe(a)?;
-    let spec = if r.method == "full" {
-        CompressionSpec::full()
+    let r = if r.method == "full" {
+        Recipe::full()
     } else {
-        CompressionSpec {
-            method: r.method,
-            budget: Some(r.budget),
-            schedule: r.schedule,
-            recompress_margin: r.recompress_margin,
-            options: r.options,
-        }
+        r
     };
-    spec.build().map_err(|e| anyhow!(e.message))?;
-    Ok(spec)
+    r.build().map_err(|e| anyhow!(e.message))?;
+    Ok(r)
 }
 
 pub fn run(a: ServeArgs, dir: &Path, threads: Option<usize>) -> Result<()> {
-    let compression = default_spec(&a.compress)?;
+    let compression = default_recipe(&a.compress)?;
     let kv_memory = parse_bytes(&a.kv_memory).map_err(|e| anyhow!("--kv-memory: {e}"))?;
     let max_body = parse_bytes(&a.max_body).map_err(|e| anyhow!("--max-body: {e}"))?;
     let mut cfg = ServerConfig {

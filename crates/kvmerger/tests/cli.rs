@@ -171,7 +171,7 @@ fn eval_names_unknown_tasks_methods_and_bad_grids() {
         "-o",
         out,
     ]);
-    assert!(e.contains("unknown method 'zip'"), "{e}");
+    assert!(e.contains("unknown compression method 'zip'"), "{e}");
     let e = fails(&[
         "eval",
         "run",

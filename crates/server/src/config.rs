@@ -1,7 +1,8 @@
 //! What the operator decides: address, limits, KV memory budget, defaults.
 
-use crate::compression::CompressionSpec;
+use crate::compression::RequestRecipe;
 use kvmerger_compression::KvDtype;
+use kvmerger_compression::Recipe;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -37,7 +38,7 @@ pub struct ServerConfig {
     /// How long shutdown waits for running requests before closing them.
     pub shutdown_grace: Duration,
     /// Compression applied when a request does not choose (`full`: none).
-    pub compression: CompressionSpec,
+    pub compression: Recipe,
     pub kv_dtype: KvDtype,
     /// Engine threads (default: all cores).
     pub threads: Option<usize>,
@@ -59,7 +60,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(600),
             header_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
-            compression: CompressionSpec::full(),
+            compression: Recipe::full(),
             kv_dtype: KvDtype::F16,
             threads: None,
         }

@@ -25,8 +25,9 @@ pub mod metrics;
 pub mod routes;
 pub mod scheduler;
 
-pub use compression::CompressionSpec;
+pub use compression::RequestRecipe;
 pub use config::{parse_bytes, ServerConfig};
+pub use kvmerger_compression::Recipe;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{from_fn_with_state, Next};

@@ -2,7 +2,7 @@
 //! scheduler, and answer as JSON or as server-sent events.
 
 use crate::api::{self, ChatRequest, CompletionRequest, Prompt, RawSampling, Sampling};
-use crate::compression::{estimate, CompressionSpec};
+use crate::compression::{estimate, RequestRecipe};
 use crate::error::ApiError;
 use crate::scheduler::{Event, Finished, Job, PromptReport};
 use crate::App;
@@ -13,6 +13,7 @@ use axum::http::{header, StatusCode, Uri};
 use axum::response::sse::{self, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use kvmerger_compression::Recipe;
 use kvmerger_engine::chat::Message;
 use kvmerger_engine::compress::Compressor;
 use kvmerger_engine::generate::{GenerateParams, StopReason};
@@ -44,7 +45,7 @@ struct Request {
     kind: Kind,
     input: Input,
     sampling: Sampling,
-    spec: CompressionSpec,
+    spec: Recipe,
     compressor: Option<Compressor>,
     stream: bool,
     include_usage: bool,
@@ -208,10 +209,7 @@ fn check_model(app: &App, model: &str) -> Result<(), ApiError> {
     }
 }
 
-fn compression(
-    app: &App,
-    v: Option<&Value>,
-) -> Result<(CompressionSpec, Option<Compressor>), ApiError> {
+fn compression(app: &App, v: Option<&Value>) -> Result<(Recipe, Option<Compressor>), ApiError> {
     let spec = app
         .cfg
         .compression
@@ -341,7 +339,12 @@ fn prepare(
     // prefill, not after it.
     if let Some(c) = &req.compressor {
         c.check_prompt(lm.model.cfg.n_layers, p)
-            .map_err(|e| ApiError::param("kv_compression", e.to_string()))?;
+            .map_err(|e| match e {
+                kvmerger_engine::Error::Recipe(e) => {
+                    ApiError::param(format!("kv_compression.{}", e.field), e.message)
+                }
+                e => ApiError::param("kv_compression", e.to_string()),
+            })?;
     }
     let s = &app.sched;
     let est = estimate(
@@ -360,7 +363,11 @@ fn prepare(
              more than this server's KV memory budget of {:.1} MiB. Shorten the prompt, lower max_tokens{}.",
             mib(est.prefill_peak),
             mib(budget),
-            if req.compressor.is_none() { " or ask for kv_compression" } else { "" }
+            match &req.compressor {
+                None => " or ask for kv_compression",
+                Some(c) if c.prefill_chunk.is_none() => " or compress during prefill (kv_compression.prefill_chunk)",
+                Some(_) => "",
+            }
         ))
         .with_param(req.prompt_param)
         .with_code("kv_memory_exceeded"));

@@ -393,7 +393,17 @@ impl<'m> Engine<'m> {
                         continue;
                     }
                     let total = s.job.prompt.len();
-                    let n = chunk_left.min(total - *done);
+                    let mut n = chunk_left.min(total - *done);
+                    // Window statistics describe the end of the input they were
+                    // collected for: the whole prompt, or with compression during
+                    // prefill the chunk that the next compression ends.
+                    let (mut start, mut input) = (*done, total);
+                    if let Some(c) = comp.and_then(|c| c.prefill_chunk).filter(|&c| c > 0) {
+                        n = n.min(c - *done % c);
+                        let chunk_start = *done - *done % c;
+                        start = *done - chunk_start;
+                        input = c.min(total - chunk_start);
+                    }
                     chunk_left -= n;
                     prompt_tokens += n;
                     s.prefill_started.get_or_insert_with(Instant::now);
@@ -409,8 +419,8 @@ impl<'m> Engine<'m> {
                         cache: &mut s.cache,
                         needs,
                         stats: needs.any().then_some(stats),
-                        start: *done,
-                        total,
+                        start,
+                        total: input,
                         logits: (*done + n == total).then_some(Logits::Last),
                     });
                     order.push((i, n));
@@ -439,7 +449,23 @@ impl<'m> Engine<'m> {
                 Phase::Prefill { done, stats } => {
                     *done += n;
                     if l.is_empty() {
-                        // More prompt chunks to come.
+                        // More prompt chunks to come; with compression during prefill,
+                        // the cache goes back to its budget at every chunk's end.
+                        let total = s.job.prompt.len();
+                        if let Some(c) = s.job.compressor.as_ref() {
+                            if c.prefill_chunk.is_some_and(|k| *done % k == 0) {
+                                match c.after_prefill_chunk(&mut s.cache, stats, total) {
+                                    Ok(Some(r)) => record(&self.sched.metrics, &r),
+                                    Ok(None) => {}
+                                    Err(e) => {
+                                        exits.push((
+                                            i,
+                                            Exit::Failed(ApiError::internal(e.to_string())),
+                                        ));
+                                    }
+                                }
+                            }
+                        }
                         continue;
                     }
                     Some(std::mem::take(stats))
@@ -577,8 +603,11 @@ fn finish_prefill(
         .prefill_started
         .map(|t| (t - s.job.arrived).as_secs_f64() * 1e3)
         .unwrap_or(0.0);
-    let slots_full = s.cache.total_slots();
-    let kv_bytes_full = s.cache.bytes();
+    // What the prompt would hold uncompressed (compression during prefill has already
+    // dropped slots).
+    let heads: usize = s.cache.layers.iter().map(|l| l.len()).sum();
+    let slots_full = s.cache.n_seen * heads;
+    let kv_bytes_full = s.cache.n_seen * s.cache.token_bytes();
     let mut compress_ms = 0.0;
     if let Some(c) = &s.job.compressor {
         if c.needs().reconstruction {

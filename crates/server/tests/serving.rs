@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use kvmerger_server::RequestRecipe;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -202,6 +203,69 @@ fn compression_lets_more_requests_in_within_the_same_kv_memory() {
 }
 
 #[test]
+fn compression_during_prefill_serves_a_prompt_larger_than_the_kv_memory() {
+    let prompt = long_text(400);
+    let (p, per_token) = {
+        let s = start(|_| {});
+        let u = post(s.addr, COMPLETIONS, &completion(&prompt, 1)).json()["usage"].clone();
+        let p = u["prompt_tokens"].as_u64().unwrap() as usize;
+        (
+            p,
+            u["kv_cache"]["kv_bytes_full"].as_u64().unwrap() as usize / p,
+        )
+    };
+    assert!(p > 400, "{p}");
+    // Room for half the prompt's full cache: enough for 64 slots per head plus one
+    // chunk of 64, never for the whole prompt.
+    let budget = p / 2 * per_token;
+    let s = start(|c| c.kv_memory = budget);
+    let ask = |kv: Value| {
+        let mut b = completion(&prompt, 4);
+        b["kv_compression"] = kv;
+        post(s.addr, COMPLETIONS, &b)
+    };
+    let r = ask(json!({"method": "streaming", "budget": 64}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.error()["code"], "kv_memory_exceeded");
+    assert!(r.text().contains("prefill_chunk"), "{}", r.text());
+    for method in ["streaming", "snapkv", "expected_attention"] {
+        let r = ask(json!({"method": method, "budget": 64, "prefill_chunk": 64}));
+        assert_eq!(r.status, 200, "{method}: {}", r.text());
+        let u = r.json()["usage"]["kv_cache"].clone();
+        let full = u["slots_full"].as_u64().unwrap();
+        let kept = u["slots_kept"].as_u64().unwrap();
+        assert_eq!(full % p as u64, 0, "{u}");
+        let heads = full / p as u64;
+        assert_eq!(kept, 64 * heads, "{method}: {u}");
+        assert_eq!(
+            u["kv_bytes_full"].as_u64().unwrap() as usize,
+            p * per_token,
+            "{u}"
+        );
+    }
+    assert!(metric(s.addr, "kvmerger_kv_bytes_peak") <= budget as f64);
+    // Recipes that cannot compress during prefill are refused before any work.
+    for (kv, param) in [
+        (
+            json!({"method": "kvzip", "budget": 64, "prefill_chunk": 64}),
+            "kv_compression.prefill_chunk",
+        ),
+        (
+            json!({"method": "snapkv", "budget": 64, "prefill_chunk": 128}),
+            "kv_compression.prefill_chunk",
+        ),
+        (
+            json!({"method": "snapkv", "budget": 64, "prefill_chunk": 0}),
+            "kv_compression.prefill_chunk",
+        ),
+    ] {
+        let r = ask(kv.clone());
+        assert_eq!(r.status, 400, "{kv}: {}", r.text());
+        assert_eq!(r.error()["param"], param, "{kv}: {}", r.text());
+    }
+}
+
+#[test]
 fn usage_reports_slots_kept_and_kv_bytes_per_request() {
     let s = start(|_| {});
     let prompt = long_text(60);
@@ -247,7 +311,7 @@ fn query_agnostic_scorers_work_per_request_kvzip_with_its_reconstruction_pass() 
 #[test]
 fn the_server_default_compression_applies_unless_a_request_overrides_it() {
     let s = start(|c| {
-        c.compression = kvmerger_server::CompressionSpec::full()
+        c.compression = kvmerger_server::Recipe::full()
             .with_request(&json!({"method": "h2o", "budget": 0.5}))
             .unwrap();
     });
