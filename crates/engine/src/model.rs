@@ -1,6 +1,6 @@
 //! The forward pass of llama, qwen2 and gemma3 models, over the engine's KV cache.
 
-use crate::attention::{attend, LayerAttn, StatsRequest};
+use crate::attention::{attend, HeadRows, LayerAttn, StatsRequest};
 use crate::cache::{HeadAccum, KvCache, LayerRope, PrefillStats, QueryAccum};
 use crate::config::{Activation, Arch, Config, RopeStyle};
 use crate::exact::{matmul_balanced, matmul_balanced_multi, matmul_exact, Precision};
@@ -10,6 +10,7 @@ use crate::quant::QMatrix;
 use crate::Error;
 use kvmerger_compression::{KvDtype, SlotMeta, StatsNeeds};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Where weights come from, by their GGUF names (`blk.N.attn_q.weight`, ...).
 pub trait WeightSource {
@@ -378,205 +379,299 @@ impl Model {
 
     /// The forward pass proper, over already validated segments.
     fn forward_segments(&self, segs: &mut [Segment<'_>]) -> Vec<Vec<f32>> {
-        let c = &self.cfg;
-        let (hd, d) = (c.hidden, c.head_dim);
-        let qd = c.n_heads * d;
-        let kd = c.n_kv_heads * d;
-        // Rows of the pass: segment s owns rows bounds[s]..bounds[s + 1].
-        let mut bounds = vec![0usize];
-        for s in segs.iter() {
-            bounds.push(bounds.last().unwrap() + s.tokens.len());
-        }
-        let t = *bounds.last().unwrap();
-        let positions: Vec<u32> = segs
-            .iter()
-            .flat_map(|s| (0..s.tokens.len()).map(|i| (s.cache.n_seen + i) as u32))
-            .collect();
-        let reqs: Vec<StatsRequest> = segs.iter().map(|s| s.stats_request()).collect();
-        for s in segs.iter_mut() {
-            let needs = s.needs;
-            if let Some(st) = s.stats.as_deref_mut() {
-                self.prepare_stats(st, needs);
+        let pass = PassRows::new(segs);
+        for seg in segs.iter_mut() {
+            let needs = seg.needs;
+            if let Some(stats) = seg.stats.as_deref_mut() {
+                self.prepare_stats(stats, needs);
             }
         }
-
-        let mut x = vec![0.0f32; t * hd];
-        let all_tokens = segs.iter().flat_map(|s| s.tokens.iter());
-        for (i, &tok) in all_tokens.enumerate() {
-            let row = &mut x[i * hd..(i + 1) * hd];
-            self.embed.dequantize_row(tok as usize, row);
-            if c.embed_scale != 1.0 {
-                row.iter_mut().for_each(|v| *v *= c.embed_scale);
-            }
-        }
-        let mut xn = vec![0.0f32; t * hd];
-        let mut q = vec![0.0f32; t * qd];
-        let mut k = vec![0.0f32; t * kd];
-        let mut v = vec![0.0f32; t * kd];
-        let mut att = vec![0.0f32; t * qd];
-        let mut o = vec![0.0f32; t * hd];
+        let mut act = Activations::new(&self.cfg, pass.n_rows());
+        self.embed_rows(segs, &mut act.residual);
         let no_logits = segs
             .iter()
             .all(|s| matches!(s.logits, None | Some(Logits::None)));
-        let mut g = vec![0.0f32; t * c.ffn];
-        let mut u = vec![0.0f32; t * c.ffn];
+        let no_stats = !pass.requests.iter().any(|r| r.any());
 
         for (li, layer) in self.layers.iter().enumerate() {
-            for i in 0..t {
-                rms_norm(
-                    &x[i * hd..(i + 1) * hd],
-                    &layer.attn_norm,
-                    c.rms_eps,
-                    &mut xn[i * hd..(i + 1) * hd],
-                );
-            }
-            self.mm3(
-                &[&layer.wq, &layer.wk, &layer.wv],
-                &xn,
-                t,
-                &mut [&mut q, &mut k, &mut v],
-            );
-            add_bias(&mut q, layer.bq.as_deref());
-            add_bias(&mut k, layer.bk.as_deref());
-            add_bias(&mut v, layer.bv.as_deref());
-            if let Some(w) = &layer.q_norm {
-                q.chunks_mut(d)
-                    .for_each(|h| rms_norm_inplace(h, w, c.rms_eps));
-            }
-            if let Some(w) = &layer.k_norm {
-                k.chunks_mut(d)
-                    .for_each(|h| rms_norm_inplace(h, w, c.rms_eps));
-            }
-            for (s, seg) in segs.iter_mut().enumerate() {
-                if let (Some(qn), Some(st)) = (seg.needs.queries, seg.stats.as_deref_mut()) {
-                    let rows = bounds[s]..bounds[s + 1];
-                    let from = rows.start
-                        + positions[rows.clone()].partition_point(|&p| (p as usize) < qn.sinks);
-                    add_query_moments(&mut st.queries[li], &q[from * qd..rows.end * qd], d);
-                }
-            }
-            let base = c.layer_rope_base(li);
-            rope(&mut q, &positions, d, base, c.rope_style);
-            rope(&mut k, &positions, d, base, c.rope_style);
-
-            for (s, seg) in segs.iter_mut().enumerate() {
-                let stores = &mut seg.cache.layers[li];
-                let rows = bounds[s]..bounds[s + 1];
-                for (i, &pos) in rows.clone().zip(&positions[rows]) {
-                    for (h, store) in stores.iter_mut().enumerate() {
-                        let off = i * kd + h * d;
-                        store.push(&k[off..off + d], &v[off..off + d], SlotMeta::token(pos));
-                    }
-                }
-            }
-            let p = LayerAttn {
-                n_heads: c.n_heads,
-                n_kv_heads: c.n_kv_heads,
-                head_dim: d,
-                scale: c.attn_scale,
-                window: if c.is_local(li) {
-                    c.sliding_window
-                } else {
-                    None
-                },
-            };
-            if li + 1 == self.layers.len() && no_logits && !reqs.iter().any(|r| r.any()) {
+            let last_layer = li + 1 == self.layers.len();
+            // Attention: queries, keys and values (the queries' moments taken before
+            // RoPE), the keys and values into each cache, each segment's queries over
+            // its own cache, the output projection into the residual stream.
+            self.project_qkv(layer, &mut act);
+            self.add_query_stats(li, segs, &pass, &act.queries);
+            self.rotate_queries_keys(li, &pass.positions, &mut act);
+            self.store_keys_values(li, segs, &pass, &act);
+            if last_layer && no_logits && no_stats {
                 // Neither logits nor statistics: the keys and values are all.
                 break;
             }
-            let rows: Vec<Vec<crate::attention::HeadRows>> = if segs.len() == 1 {
-                vec![attend(
-                    p,
-                    &segs[0].cache.layers[li],
-                    &q,
-                    t,
-                    &positions,
-                    reqs[0],
-                    &mut att,
-                )]
-            } else {
-                // Sequences are independent: their attention runs in parallel.
-                let mut outs = Vec::with_capacity(segs.len());
-                let mut rest = &mut att[..];
-                for s in 0..segs.len() {
-                    let (a, b) = rest.split_at_mut((bounds[s + 1] - bounds[s]) * qd);
-                    outs.push(a);
-                    rest = b;
-                }
-                segs.par_iter()
-                    .zip(outs.into_par_iter())
-                    .enumerate()
-                    .map(|(s, (seg, out))| {
-                        let (lo, hi) = (bounds[s], bounds[s + 1]);
-                        attend(
-                            p,
-                            &seg.cache.layers[li],
-                            &q[lo * qd..hi * qd],
-                            hi - lo,
-                            &positions[lo..hi],
-                            reqs[s],
-                            out,
-                        )
-                    })
-                    .collect()
-            };
-            for ((seg, r), req) in segs.iter_mut().zip(&rows).zip(&reqs) {
-                if req.any() {
-                    fold_stats(
-                        c,
-                        li,
-                        r,
-                        &mut seg.cache.layers[li],
-                        seg.stats.as_deref_mut(),
-                    );
-                }
-            }
-            if li + 1 == self.layers.len() && no_logits {
+            let head_rows = self.attend_segments(li, segs, &pass, &act.queries, &mut act.attended);
+            self.fold_segment_stats(li, segs, &pass, &head_rows);
+            if last_layer && no_logits {
                 // Nothing reads the last layer's output: its keys, values and
                 // statistics are all this pass needs.
                 break;
             }
-            self.mm(&layer.wo, &att, t, &mut o);
-            if let Some(w) = &layer.post_attn_norm {
-                o.chunks_mut(hd)
-                    .for_each(|r| rms_norm_inplace(r, w, c.rms_eps));
-            }
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-
-            for i in 0..t {
-                rms_norm(
-                    &x[i * hd..(i + 1) * hd],
-                    &layer.ffn_norm,
-                    c.rms_eps,
-                    &mut xn[i * hd..(i + 1) * hd],
-                );
-            }
-            self.mm3(&[&layer.w_gate, &layer.w_up], &xn, t, &mut [&mut g, &mut u]);
-            match c.activation {
-                Activation::Silu => g.iter_mut().zip(&u).for_each(|(a, b)| *a = silu(*a) * b),
-                Activation::GeluTanh => g
-                    .iter_mut()
-                    .zip(&u)
-                    .for_each(|(a, b)| *a = gelu_tanh(*a) * b),
-            }
-            self.mm(&layer.w_down, &g, t, &mut o);
-            if let Some(w) = &layer.post_ffn_norm {
-                o.chunks_mut(hd)
-                    .for_each(|r| rms_norm_inplace(r, w, c.rms_eps));
-            }
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            self.attention_output(layer, &mut act);
+            // Feed-forward, into the residual stream.
+            self.feed_forward_block(layer, &mut act);
         }
         for seg in segs.iter_mut() {
             seg.cache.n_seen += seg.tokens.len();
         }
+        self.logits_rows(segs, &pass, &act.residual)
+    }
 
-        // The rows whose logits are wanted, projected in one product.
+    /// Each token's embedding, one row per token in segment order (scaled where the
+    /// model scales its embeddings).
+    fn embed_rows(&self, segs: &[Segment<'_>], residual: &mut [f32]) {
+        let c = &self.cfg;
+        let tokens = segs.iter().flat_map(|s| s.tokens.iter());
+        for (row, &token) in residual.chunks_mut(c.hidden).zip(tokens) {
+            self.embed.dequantize_row(token as usize, row);
+            if c.embed_scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= c.embed_scale);
+            }
+        }
+    }
+
+    /// RMS-normalizes each row of `input` (the hidden width) with `weight` into `output`.
+    fn norm_rows(&self, input: &[f32], weight: &[f32], output: &mut [f32]) {
+        let hidden = self.cfg.hidden;
+        for (row, out) in input.chunks(hidden).zip(output.chunks_mut(hidden)) {
+            rms_norm(row, weight, self.cfg.rms_eps, out);
+        }
+    }
+
+    /// The attention block's inputs: the normalized residual stream projected to
+    /// queries, keys and values, with their biases and per-head norms where the model
+    /// has them.
+    fn project_qkv(&self, layer: &Layer, act: &mut Activations) {
+        let c = &self.cfg;
+        self.norm_rows(&act.residual, &layer.attn_norm, &mut act.normed);
+        self.mm3(
+            &[&layer.wq, &layer.wk, &layer.wv],
+            &act.normed,
+            act.n_rows,
+            &mut [&mut act.queries, &mut act.keys, &mut act.values],
+        );
+        add_bias(&mut act.queries, layer.bq.as_deref());
+        add_bias(&mut act.keys, layer.bk.as_deref());
+        add_bias(&mut act.values, layer.bv.as_deref());
+        if let Some(weight) = &layer.q_norm {
+            act.queries
+                .chunks_mut(c.head_dim)
+                .for_each(|head| rms_norm_inplace(head, weight, c.rms_eps));
+        }
+        if let Some(weight) = &layer.k_norm {
+            act.keys
+                .chunks_mut(c.head_dim)
+                .for_each(|head| rms_norm_inplace(head, weight, c.rms_eps));
+        }
+    }
+
+    /// Adds the queries (before RoPE) to the query moments of layer `li`, for each
+    /// segment that asks for them, leaving out the attention-sink positions.
+    fn add_query_stats(
+        &self,
+        li: usize,
+        segs: &mut [Segment<'_>],
+        pass: &PassRows,
+        queries: &[f32],
+    ) {
+        let head_dim = self.cfg.head_dim;
+        let q_width = self.cfg.n_heads * head_dim;
+        for (s, seg) in segs.iter_mut().enumerate() {
+            if let (Some(query_needs), Some(stats)) = (seg.needs.queries, seg.stats.as_deref_mut())
+            {
+                let rows = pass.rows_of(s);
+                let from = rows.start
+                    + pass.positions[rows.clone()]
+                        .partition_point(|&p| (p as usize) < query_needs.sinks);
+                add_query_moments(
+                    &mut stats.queries[li],
+                    &queries[from * q_width..rows.end * q_width],
+                    head_dim,
+                );
+            }
+        }
+    }
+
+    /// Rotates the queries and keys by their positions (RoPE), with layer `li`'s base.
+    fn rotate_queries_keys(&self, li: usize, positions: &[u32], act: &mut Activations) {
+        let c = &self.cfg;
+        let base = c.layer_rope_base(li);
+        rope(&mut act.queries, positions, c.head_dim, base, c.rope_style);
+        rope(&mut act.keys, positions, c.head_dim, base, c.rope_style);
+    }
+
+    /// Appends each segment's keys and values to layer `li` of its cache: one slot per
+    /// token and KV head.
+    fn store_keys_values(
+        &self,
+        li: usize,
+        segs: &mut [Segment<'_>],
+        pass: &PassRows,
+        act: &Activations,
+    ) {
+        let head_dim = self.cfg.head_dim;
+        let kv_width = self.cfg.n_kv_heads * head_dim;
+        for (s, seg) in segs.iter_mut().enumerate() {
+            let stores = &mut seg.cache.layers[li];
+            let rows = pass.rows_of(s);
+            for (row, &pos) in rows.clone().zip(&pass.positions[rows]) {
+                for (h, store) in stores.iter_mut().enumerate() {
+                    let at = row * kv_width + h * head_dim;
+                    store.push(
+                        &act.keys[at..at + head_dim],
+                        &act.values[at..at + head_dim],
+                        SlotMeta::token(pos),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Each segment's queries attend over layer `li` of its own cache, into `attended`
+    /// (segments in parallel: they are independent). Returns each segment's
+    /// statistics rows, one per query head.
+    fn attend_segments(
+        &self,
+        li: usize,
+        segs: &[Segment<'_>],
+        pass: &PassRows,
+        queries: &[f32],
+        attended: &mut [f32],
+    ) -> Vec<Vec<HeadRows>> {
+        let c = &self.cfg;
+        let q_width = c.n_heads * c.head_dim;
+        let params = LayerAttn {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            scale: c.attn_scale,
+            window: if c.is_local(li) {
+                c.sliding_window
+            } else {
+                None
+            },
+        };
+        if segs.len() == 1 {
+            return vec![attend(
+                params,
+                &segs[0].cache.layers[li],
+                queries,
+                pass.n_rows(),
+                &pass.positions,
+                pass.requests[0],
+                attended,
+            )];
+        }
+        let mut outs = Vec::with_capacity(segs.len());
+        let mut rest = attended;
+        for s in 0..segs.len() {
+            let (own, others) = rest.split_at_mut(pass.rows_of(s).len() * q_width);
+            outs.push(own);
+            rest = others;
+        }
+        segs.par_iter()
+            .zip(outs.into_par_iter())
+            .enumerate()
+            .map(|(s, (seg, out))| {
+                let rows = pass.rows_of(s);
+                attend(
+                    params,
+                    &seg.cache.layers[li],
+                    &queries[rows.start * q_width..rows.end * q_width],
+                    rows.len(),
+                    &pass.positions[rows],
+                    pass.requests[s],
+                    out,
+                )
+            })
+            .collect()
+    }
+
+    /// Folds each segment's attention statistics of layer `li` into its cache's scores
+    /// and its `stats`, for the segments that ask for any.
+    fn fold_segment_stats(
+        &self,
+        li: usize,
+        segs: &mut [Segment<'_>],
+        pass: &PassRows,
+        head_rows: &[Vec<HeadRows>],
+    ) {
+        for ((seg, rows), request) in segs.iter_mut().zip(head_rows).zip(&pass.requests) {
+            if request.any() {
+                fold_stats(
+                    &self.cfg,
+                    li,
+                    rows,
+                    &mut seg.cache.layers[li],
+                    seg.stats.as_deref_mut(),
+                );
+            }
+        }
+    }
+
+    /// The attention block's output: the attended heads projected back to the hidden
+    /// width, added to the residual stream.
+    fn attention_output(&self, layer: &Layer, act: &mut Activations) {
+        self.mm(&layer.wo, &act.attended, act.n_rows, &mut act.out);
+        self.add_to_residual(layer.post_attn_norm.as_deref(), act);
+    }
+
+    /// The feed-forward block: the normalized residual stream through the gated
+    /// activation and down projection, added to the residual stream.
+    fn feed_forward_block(&self, layer: &Layer, act: &mut Activations) {
+        self.norm_rows(&act.residual, &layer.ffn_norm, &mut act.normed);
+        self.mm3(
+            &[&layer.w_gate, &layer.w_up],
+            &act.normed,
+            act.n_rows,
+            &mut [&mut act.gate, &mut act.up],
+        );
+        let gated = act.gate.iter_mut().zip(&act.up);
+        match self.cfg.activation {
+            Activation::Silu => gated.for_each(|(gate, up)| *gate = silu(*gate) * up),
+            Activation::GeluTanh => gated.for_each(|(gate, up)| *gate = gelu_tanh(*gate) * up),
+        }
+        self.mm(&layer.w_down, &act.gate, act.n_rows, &mut act.out);
+        self.add_to_residual(layer.post_ffn_norm.as_deref(), act);
+    }
+
+    /// Adds a block's output (`act.out`) to the residual stream, each row normalized
+    /// first where the model has a post-block norm.
+    fn add_to_residual(&self, post_norm: Option<&[f32]>, act: &mut Activations) {
+        if let Some(weight) = post_norm {
+            act.out
+                .chunks_mut(self.cfg.hidden)
+                .for_each(|row| rms_norm_inplace(row, weight, self.cfg.rms_eps));
+        }
+        act.residual
+            .iter_mut()
+            .zip(&act.out)
+            .for_each(|(r, o)| *r += o);
+    }
+
+    /// Each segment's logits, as its `logits` field asks (empty for none): the rows
+    /// wanted are normalized and projected by the output head in one product.
+    fn logits_rows(
+        &self,
+        segs: &[Segment<'_>],
+        pass: &PassRows,
+        residual: &[f32],
+    ) -> Vec<Vec<f32>> {
+        let c = &self.cfg;
+        let hidden = c.hidden;
+        // (segment, row) for each row whose logits are wanted.
         let mut wanted: Vec<(usize, usize)> = Vec::new();
         for (s, seg) in segs.iter().enumerate() {
             match seg.logits {
                 None => {}
-                Some(Logits::All) => wanted.extend((bounds[s]..bounds[s + 1]).map(|r| (s, r))),
-                Some(Logits::Last) => wanted.push((s, bounds[s + 1] - 1)),
+                Some(Logits::All) => wanted.extend(pass.rows_of(s).map(|r| (s, r))),
+                Some(Logits::Last) => wanted.push((s, pass.rows_of(s).end - 1)),
                 Some(Logits::None) => {}
             }
         }
@@ -584,22 +679,103 @@ impl Model {
         if wanted.is_empty() {
             return out;
         }
-        let n = wanted.len();
-        let mut normed = vec![0.0f32; n * hd];
+        let n_wanted = wanted.len();
+        let mut normed = vec![0.0f32; n_wanted * hidden];
         for (i, &(_, r)) in wanted.iter().enumerate() {
             rms_norm(
-                &x[r * hd..(r + 1) * hd],
+                &residual[r * hidden..(r + 1) * hidden],
                 &self.out_norm,
                 c.rms_eps,
-                &mut normed[i * hd..(i + 1) * hd],
+                &mut normed[i * hidden..(i + 1) * hidden],
             );
         }
-        let mut logits = vec![0.0f32; n * c.vocab];
-        self.mm(self.output(), &normed, n, &mut logits);
+        let mut logits = vec![0.0f32; n_wanted * c.vocab];
+        self.mm(self.output(), &normed, n_wanted, &mut logits);
         for (i, &(s, _)) in wanted.iter().enumerate() {
             out[s].extend_from_slice(&logits[i * c.vocab..(i + 1) * c.vocab]);
         }
         out
+    }
+}
+
+/// The rows of one forward pass: where each segment's lie, their positions, and the
+/// attention statistics each segment asks for.
+struct PassRows {
+    /// Segment s owns rows `bounds[s]..bounds[s + 1]`.
+    bounds: Vec<usize>,
+    /// Each row's position in its sequence.
+    positions: Vec<u32>,
+    /// Each segment's statistics request.
+    requests: Vec<StatsRequest>,
+}
+
+impl PassRows {
+    fn new(segs: &[Segment<'_>]) -> PassRows {
+        let mut bounds = vec![0usize];
+        for s in segs {
+            bounds.push(bounds.last().unwrap() + s.tokens.len());
+        }
+        let positions = segs
+            .iter()
+            .flat_map(|s| (0..s.tokens.len()).map(|i| (s.cache.n_seen + i) as u32))
+            .collect();
+        let requests = segs.iter().map(|s| s.stats_request()).collect();
+        PassRows {
+            bounds,
+            positions,
+            requests,
+        }
+    }
+
+    /// The number of rows of the pass (all segments' tokens).
+    fn n_rows(&self) -> usize {
+        *self.bounds.last().unwrap()
+    }
+
+    /// Segment `s`'s rows.
+    fn rows_of(&self, s: usize) -> Range<usize> {
+        self.bounds[s]..self.bounds[s + 1]
+    }
+}
+
+/// The activation buffers of a forward pass, one row per token: allocated once and
+/// reused by every layer.
+struct Activations {
+    n_rows: usize,
+    /// The residual stream (hidden width).
+    residual: Vec<f32>,
+    /// The residual stream normalized, a block's input (hidden width).
+    normed: Vec<f32>,
+    /// Queries (all query heads), keys and values (all KV heads).
+    queries: Vec<f32>,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    /// Attention's output per query head, before the output projection.
+    attended: Vec<f32>,
+    /// A block's output, before it is added to the residual stream (hidden width).
+    out: Vec<f32>,
+    /// The feed-forward gate and up projections (feed-forward width).
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl Activations {
+    fn new(c: &Config, n_rows: usize) -> Activations {
+        let q_width = c.n_heads * c.head_dim;
+        let kv_width = c.n_kv_heads * c.head_dim;
+        let rows_of = |width: usize| vec![0.0f32; n_rows * width];
+        Activations {
+            n_rows,
+            residual: rows_of(c.hidden),
+            normed: rows_of(c.hidden),
+            queries: rows_of(q_width),
+            keys: rows_of(kv_width),
+            values: rows_of(kv_width),
+            attended: rows_of(q_width),
+            out: rows_of(c.hidden),
+            gate: rows_of(c.ffn),
+            up: rows_of(c.ffn),
+        }
     }
 }
 
@@ -698,7 +874,7 @@ fn rope(x: &mut [f32], positions: &[u32], d: usize, base: f32, style: RopeStyle)
 fn fold_stats(
     c: &Config,
     layer: usize,
-    rows: &[crate::attention::HeadRows],
+    rows: &[HeadRows],
     stores: &mut [kvmerger_compression::HeadStore],
     stats: Option<&mut PrefillStats>,
 ) {
@@ -707,7 +883,7 @@ fn fold_stats(
     for (g, store) in stores.iter_mut().enumerate() {
         let n = store.len();
         let heads = &rows[g * group..(g + 1) * group];
-        let sum_rows = |pick: &dyn Fn(&crate::attention::HeadRows) -> &[f32]| {
+        let sum_rows = |pick: &dyn Fn(&HeadRows) -> &[f32]| {
             let mut sum = vec![0.0f32; n];
             for r in heads {
                 sum.iter_mut().zip(pick(r)).for_each(|(a, b)| *a += b);
