@@ -591,6 +591,16 @@ mod tests {
     use crate::cache::{HeadAccum, LayerRope, QueryAccum};
     use crate::config::RopeStyle;
 
+    #[test]
+    fn recompression_bounds_a_head_by_target_plus_margin() {
+        assert_eq!(head_bound(100, 100, None, 1000), 1100);
+        assert_eq!(head_bound(100, 100, Some(16), 1000), 117);
+        assert_eq!(head_bound(100, 100, Some(16), 5), 105);
+        // A head already over its target (a method that keeps more) grows by the one
+        // step that triggers re-compression.
+        assert_eq!(head_bound(300, 100, Some(16), 1000), 301);
+    }
+
     /// The query moments rotated pair by pair equal the explicit products with the
     /// averaged d×d rotation matrix.
     #[test]

@@ -27,7 +27,7 @@
 
 use crate::cache::{KvCache, PrefillStats};
 use crate::compress::{CompressReport, Compressor, DecodeCompression};
-use crate::model::{Logits, Model};
+use crate::model::{Logits, Model, Segment};
 use crate::prompt::RepeatPrompts;
 use crate::Error;
 use kvmerger_compression::{KvDtype, StatsNeeds};
@@ -50,6 +50,10 @@ pub struct Sequence {
     peak_bytes: usize,
     /// Compression passes run during prefill.
     prefill_passes: usize,
+    /// Statistics of the decode steps since the last compression (re-compression).
+    decode_stats: PrefillStats,
+    /// Re-compression passes while decoding.
+    decode_passes: usize,
 }
 
 impl Sequence {
@@ -69,7 +73,23 @@ impl Sequence {
             targets: Vec::new(),
             peak_bytes: 0,
             prefill_passes: 0,
+            decode_stats: PrefillStats::default(),
+            decode_passes: 0,
         }
+    }
+
+    /// An empty sequence that collects what `compressor` needs (nothing for None or a
+    /// compressor that changes nothing).
+    pub fn for_compressor(
+        model: &Model,
+        dtype: KvDtype,
+        compressor: Option<&Compressor>,
+    ) -> Sequence {
+        let needs = compressor
+            .filter(|c| !c.is_noop())
+            .map(|c| c.needs())
+            .unwrap_or_default();
+        Sequence::new(model, dtype, needs)
     }
 
     /// The first `n` tokens (a chat template's opening) are kept by KVzip whatever
@@ -209,6 +229,136 @@ impl Sequence {
         Ok((t0.elapsed().as_secs_f64(), report))
     }
 
+    /// The next prefill segment of `prompt` for a batched pass ([`Model::forward_batch`]):
+    /// at most `max` tokens from where the last one ended, stopping at a chunk's end
+    /// when `compressor` compresses during prefill. Call
+    /// [`Sequence::after_prefill_segment`] once the pass has run.
+    pub fn prefill_segment<'a>(
+        &'a mut self,
+        prompt: &'a [u32],
+        max: usize,
+        compressor: Option<&Compressor>,
+    ) -> Segment<'a> {
+        let done = self.tokens.len().min(prompt.len());
+        let total = prompt.len();
+        let mut n = max.max(1).min(total - done);
+        // Window statistics describe the end of the input they were collected for: the
+        // whole prompt, or with compression during prefill the chunk that the next
+        // compression ends.
+        let (mut start, mut input) = (done, total);
+        if let Some(c) = within_chunk(compressor) {
+            n = n.min(c - done % c);
+            let chunk_start = done - done % c;
+            start = done - chunk_start;
+            input = c.min(total - chunk_start);
+        }
+        let needs = self.needs;
+        Segment {
+            tokens: &prompt[done..done + n],
+            cache: &mut self.cache,
+            needs,
+            stats: needs.any().then_some(&mut self.stats),
+            start,
+            total: input,
+            logits: (done + n == total).then_some(Logits::Last),
+        }
+    }
+
+    /// After a batched pass ran a prefill segment of `n` tokens of `prompt` (with its
+    /// `logits`, empty until the last segment): record them, and at a chunk's end
+    /// compress back to the budget when `compressor` compresses during prefill.
+    /// Returns the report of that compression, if one ran.
+    pub fn after_prefill_segment(
+        &mut self,
+        prompt: &[u32],
+        n: usize,
+        logits: Vec<f32>,
+        compressor: Option<&Compressor>,
+    ) -> Result<Option<CompressReport>, Error> {
+        let done = self.tokens.len();
+        self.tokens.extend_from_slice(&prompt[done..done + n]);
+        self.logits = logits;
+        self.note_peak();
+        let done = self.tokens.len();
+        match (compressor, within_chunk(compressor)) {
+            (Some(c), Some(k)) if done.is_multiple_of(k) && done < prompt.len() => {
+                let r = c.after_prefill_chunk(&mut self.cache, &mut self.stats, prompt.len())?;
+                if r.as_ref().is_some_and(|r| r.bytes_after < r.bytes_before) {
+                    self.prefill_passes += 1;
+                }
+                Ok(r)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// One decode step's segment for a batched pass: `token` appended, with the
+    /// statistics re-compression needs when `compressor` has a margin. Call
+    /// [`Sequence::after_decode_step`] once the pass has run.
+    pub fn decode_segment<'a>(
+        &'a mut self,
+        token: &'a [u32],
+        compressor: Option<&Compressor>,
+    ) -> Segment<'a> {
+        let needs = match compressor {
+            Some(c) if self.compressed => c.decode_needs(),
+            _ => StatsNeeds::default(),
+        };
+        let stats = needs.any().then_some(&mut self.decode_stats);
+        Segment::decode(token, &mut self.cache, needs, stats)
+    }
+
+    /// After a decode step appended `token`: re-compress to the targets of the last
+    /// compression once a head passed them by `compressor`'s margin. Returns the report
+    /// of that compression, if one ran.
+    pub fn after_decode_step(
+        &mut self,
+        token: u32,
+        logits: Vec<f32>,
+        compressor: Option<&Compressor>,
+    ) -> Result<Option<CompressReport>, Error> {
+        self.tokens.push(token);
+        self.logits = logits;
+        self.note_peak();
+        let Some(c) = compressor.filter(|_| self.compressed) else {
+            return Ok(None);
+        };
+        let r = c.recompress_if_over(&mut self.cache, &self.targets, &self.decode_stats)?;
+        if r.is_some() {
+            self.decode_stats = PrefillStats::default();
+            self.decode_passes += 1;
+        }
+        Ok(r)
+    }
+
+    /// Re-compression passes while decoding.
+    pub fn decode_passes(&self) -> usize {
+        self.decode_passes
+    }
+
+    /// The most KV bytes this sequence can hold with `remaining` more tokens: each head
+    /// grows by one slot a token, and with `compressor`'s re-compression margin falls
+    /// back to its target once past target + margin.
+    pub fn kv_bound(&self, compressor: Option<&Compressor>, remaining: usize) -> usize {
+        let margin = compressor.and_then(|c| c.recompress_margin);
+        let slots: usize = self
+            .cache
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, heads)| {
+                heads
+                    .iter()
+                    .map(|h| match self.targets.get(l) {
+                        Some(&t) => crate::compress::head_bound(h.len(), t, margin, remaining),
+                        None => h.len() + remaining,
+                    })
+                    .sum::<usize>()
+            })
+            .sum();
+        slots * self.cache.slot_bytes()
+    }
+
     fn note_peak(&mut self) {
         self.peak_bytes = self.peak_bytes.max(self.cache.bytes());
     }
@@ -281,6 +431,11 @@ impl Sequence {
         Ok(out)
     }
 
+    /// Per-layer slot targets of the last compression (empty before any).
+    pub fn targets(&self) -> &[usize] {
+        &self.targets
+    }
+
     /// The state decoding needs to re-compress with `compressor` to the targets of the
     /// last compression (None when it has no re-compression margin or compresses
     /// nothing).
@@ -297,6 +452,11 @@ impl Sequence {
         &self.logits
     }
 
+    /// Move the last position's logits out (a decoder samples from them in place).
+    pub fn take_logits(&mut self) -> Vec<f32> {
+        std::mem::take(&mut self.logits)
+    }
+
     /// Every token fed or appended so far.
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
@@ -305,4 +465,12 @@ impl Sequence {
     pub fn is_compressed(&self) -> bool {
         self.compressed
     }
+}
+
+/// The chunk of compression during prefill, if `compressor` has one and compresses.
+fn within_chunk(compressor: Option<&Compressor>) -> Option<usize> {
+    compressor
+        .filter(|c| !c.is_noop())
+        .and_then(|c| c.prefill_chunk)
+        .filter(|&k| k > 0)
 }

@@ -77,7 +77,7 @@ impl RequestRecipe for Recipe {
     }
 }
 
-pub use kvmerger_engine::compress::{estimate, head_bound, KvEstimate};
+pub use kvmerger_engine::compress::{estimate, KvEstimate};
 
 #[cfg(test)]
 mod tests {
@@ -218,15 +218,5 @@ mod tests {
         let est = estimate(Some(&within), 1000, 100, l, h, slot);
         assert_eq!(est.prefill_peak, (250 + 200) * l * h * slot);
         assert_eq!(est.steady, comp.steady);
-    }
-
-    #[test]
-    fn recompression_bounds_a_head_by_target_plus_margin() {
-        assert_eq!(head_bound(100, 100, None, 1000), 1100);
-        assert_eq!(head_bound(100, 100, Some(16), 1000), 117);
-        assert_eq!(head_bound(100, 100, Some(16), 5), 105);
-        // A head already over its target (a method that keeps more) grows by the one
-        // step that triggers re-compression.
-        assert_eq!(head_bound(300, 100, Some(16), 1000), 301);
     }
 }

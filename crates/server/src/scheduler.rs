@@ -16,15 +16,14 @@
 //!
 //! Weights are read once per pass for all sequences, which is where batching wins on CPU.
 
-use crate::compression::{head_bound, KvEstimate};
+use crate::compression::KvEstimate;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use kvmerger_compression::{KvDtype, StatsNeeds};
-use kvmerger_engine::cache::{KvCache, PrefillStats};
+use kvmerger_compression::KvDtype;
 use kvmerger_engine::compress::{release_freed_memory, CompressReport, Compressor};
 use kvmerger_engine::generate::{Decoder, GenerateParams, Step, StopReason};
 use kvmerger_engine::load::LoadedModel;
-use kvmerger_engine::model::{Logits, Segment};
+use kvmerger_engine::sequence::Sequence;
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering::Relaxed;
@@ -182,23 +181,19 @@ impl Scheduler {
 
 enum Phase {
     /// `done` prompt tokens are in the cache.
-    Prefill { done: usize, stats: PrefillStats },
+    Prefill,
     /// `pending` was sampled and goes into the cache in the next pass.
     Decode { pending: u32 },
 }
 
 struct Seq<'m> {
     job: Job,
-    cache: KvCache,
+    /// The cache with its statistics, compression targets and re-compression state.
+    seq: Sequence,
     phase: Phase,
     decoder: Decoder<'m>,
-    /// Per-layer slot targets after compression (empty without compression).
-    targets: Vec<usize>,
-    /// Statistics of decode steps since the last compression.
-    decode_stats: PrefillStats,
     reserved: usize,
     prefill_started: Option<Instant>,
-    recompressions: usize,
     first_token: bool,
 }
 
@@ -316,20 +311,23 @@ impl<'m> Engine<'m> {
             match Decoder::new(&self.lm.tokenizer, &job.prompt, &job.params) {
                 Ok(decoder) => {
                     let reserved = job.estimate.prefill_peak;
-                    let mut cache = self.lm.model.new_cache(l.kv_dtype);
-                    cache.reserve(job.prompt.len());
+                    let mut seq = Sequence::for_compressor(
+                        &self.lm.model,
+                        l.kv_dtype,
+                        job.compressor.as_ref(),
+                    );
+                    // Room for the prompt (or, compressing during prefill, one chunk
+                    // past the budget): its rows are not moved as it grows.
+                    seq.cache.reserve(match job.compressor.as_ref() {
+                        Some(c) if c.prefill_chunk.is_some() => 0,
+                        _ => job.prompt.len(),
+                    });
                     self.running.push(Seq {
-                        cache,
-                        phase: Phase::Prefill {
-                            done: 0,
-                            stats: PrefillStats::default(),
-                        },
+                        seq,
+                        phase: Phase::Prefill,
                         decoder,
-                        targets: Vec::new(),
-                        decode_stats: PrefillStats::default(),
                         reserved,
                         prefill_started: None,
-                        recompressions: 0,
                         first_token: false,
                         job,
                     });
@@ -371,7 +369,7 @@ impl<'m> Engine<'m> {
             .iter()
             .map(|s| match s.phase {
                 Phase::Decode { pending } => [pending],
-                Phase::Prefill { .. } => [0],
+                Phase::Prefill => [0],
             })
             .collect();
         for (i, (s, tok)) in self
@@ -383,46 +381,20 @@ impl<'m> Engine<'m> {
             let comp = s.job.compressor.as_ref();
             match &mut s.phase {
                 Phase::Decode { .. } => {
-                    let needs = comp.map(|c| c.decode_needs()).unwrap_or_default();
-                    let stats = needs.any().then_some(&mut s.decode_stats);
-                    segs.push(Segment::decode(&tok[..], &mut s.cache, needs, stats));
+                    segs.push(s.seq.decode_segment(&tok[..], comp));
                     order.push((i, 0));
                 }
-                Phase::Prefill { done, stats } => {
+                Phase::Prefill => {
                     if chunk_left == 0 {
                         continue;
                     }
-                    let total = s.job.prompt.len();
-                    let mut n = chunk_left.min(total - *done);
-                    // Window statistics describe the end of the input they were
-                    // collected for: the whole prompt, or with compression during
-                    // prefill the chunk that the next compression ends.
-                    let (mut start, mut input) = (*done, total);
-                    if let Some(c) = comp.and_then(|c| c.prefill_chunk).filter(|&c| c > 0) {
-                        n = n.min(c - *done % c);
-                        let chunk_start = *done - *done % c;
-                        start = *done - chunk_start;
-                        input = c.min(total - chunk_start);
-                    }
-                    chunk_left -= n;
-                    prompt_tokens += n;
                     s.prefill_started.get_or_insert_with(Instant::now);
                     // KVzip's reconstruction pass runs once the prompt is in (below).
-                    let needs = comp
-                        .map(|c| StatsNeeds {
-                            reconstruction: false,
-                            ..c.needs()
-                        })
-                        .unwrap_or_default();
-                    segs.push(Segment {
-                        tokens: &s.job.prompt[*done..*done + n],
-                        cache: &mut s.cache,
-                        needs,
-                        stats: needs.any().then_some(stats),
-                        start,
-                        total: input,
-                        logits: (*done + n == total).then_some(Logits::Last),
-                    });
+                    let seg = s.seq.prefill_segment(&s.job.prompt, chunk_left, comp);
+                    let n = seg.tokens.len();
+                    chunk_left -= n;
+                    prompt_tokens += n;
+                    segs.push(seg);
                     order.push((i, n));
                 }
             }
@@ -445,52 +417,43 @@ impl<'m> Engine<'m> {
         let mut exits = Vec::new();
         for (&(i, n), mut l) in order.iter().zip(logits) {
             let s = &mut self.running[i];
-            let prefilled = match &mut s.phase {
-                Phase::Prefill { done, stats } => {
-                    *done += n;
-                    if l.is_empty() {
-                        // More prompt chunks to come; with compression during prefill,
-                        // the cache goes back to its budget at every chunk's end.
-                        let total = s.job.prompt.len();
-                        if let Some(c) = s.job.compressor.as_ref() {
-                            if c.prefill_chunk.is_some_and(|k| *done % k == 0) {
-                                match c.after_prefill_chunk(&mut s.cache, stats, total) {
-                                    Ok(Some(r)) => record(&self.sched.metrics, &r),
-                                    Ok(None) => {}
-                                    Err(e) => {
-                                        exits.push((
-                                            i,
-                                            Exit::Failed(ApiError::internal(e.to_string())),
-                                        ));
-                                    }
-                                }
+            let comp = s.job.compressor.as_ref();
+            let after = match s.phase {
+                Phase::Prefill => {
+                    let last = !l.is_empty();
+                    let r =
+                        s.seq
+                            .after_prefill_segment(&s.job.prompt, n, std::mem::take(&mut l), comp);
+                    if !last {
+                        // More prompt chunks to come.
+                        match r {
+                            Ok(Some(r)) => record(&self.sched.metrics, &r),
+                            Ok(None) => {}
+                            Err(e) => {
+                                exits.push((i, Exit::Failed(ApiError::internal(e.to_string()))))
                             }
                         }
                         continue;
                     }
-                    Some(std::mem::take(stats))
+                    match r {
+                        Err(e) => Err(ApiError::internal(e.to_string())),
+                        Ok(_) => finish_prefill(s, self.sched, self.lm).map(|()| None),
+                    }
                 }
-                Phase::Decode { .. } => None,
+                Phase::Decode { pending } => s
+                    .seq
+                    .after_decode_step(pending, std::mem::take(&mut l), comp)
+                    .map_err(|e| ApiError::internal(e.to_string())),
             };
-            if let Some(stats) = prefilled {
-                if let Err(e) = finish_prefill(s, stats, self.sched, self.lm) {
+            match after {
+                Ok(Some(r)) => record(&self.sched.metrics, &r),
+                Ok(None) => {}
+                Err(e) => {
                     exits.push((i, Exit::Failed(e)));
                     continue;
                 }
-            } else if let Some(c) = &s.job.compressor {
-                match c.recompress_if_over(&mut s.cache, &s.targets, &s.decode_stats) {
-                    Ok(Some(r)) => {
-                        s.decode_stats = PrefillStats::default();
-                        s.recompressions += 1;
-                        record(&self.sched.metrics, &r);
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        exits.push((i, Exit::Failed(ApiError::internal(e.to_string()))));
-                        continue;
-                    }
-                }
             }
+            let mut l = s.seq.take_logits();
             let mut piece = String::new();
             let before = s.decoder.tokens().len();
             let step = s.decoder.step(&mut l, &mut piece);
@@ -509,11 +472,11 @@ impl<'m> Engine<'m> {
             match step {
                 Step::Stop(reason) => exits.push((i, Exit::Finished(reason))),
                 Step::Token(t) => {
-                    if s.cache.n_seen + 1 > model.cfg.ctx_len {
+                    if s.seq.cache.n_seen + 1 > model.cfg.ctx_len {
                         exits.push((i, Exit::Finished(StopReason::Context)));
                     } else {
                         s.phase = Phase::Decode { pending: t };
-                        s.reserved = reservation(s, self.sched);
+                        s.reserved = reservation(s);
                     }
                 }
             }
@@ -541,8 +504,8 @@ impl<'m> Engine<'m> {
                     let _ = s.job.events.send(Event::Done(Finished {
                         reason,
                         completion_tokens: s.decoder.tokens().len(),
-                        kv_bytes_final: s.cache.bytes(),
-                        recompressions: s.recompressions,
+                        kv_bytes_final: s.seq.kv_bytes(),
+                        recompressions: s.seq.decode_passes(),
                     }));
                     m.finished(match reason {
                         StopReason::Eos | StopReason::StopString => "stop",
@@ -574,10 +537,10 @@ impl<'m> Engine<'m> {
         let per_token = sched.slot_bytes * sched.n_layers * sched.n_kv_heads;
         let (mut in_use, mut reserved, mut saved) = (0, 0, 0);
         for s in &self.running {
-            let b = s.cache.bytes();
+            let b = s.seq.kv_bytes();
             in_use += b;
             reserved += s.reserved;
-            saved += (s.cache.n_seen * per_token).saturating_sub(b);
+            saved += (s.seq.cache.n_seen * per_token).saturating_sub(b);
         }
         sched.metrics.set_kv(in_use, reserved, saved);
         sched.metrics.running.store(self.running.len(), Relaxed);
@@ -589,12 +552,7 @@ impl<'m> Engine<'m> {
 }
 
 /// The prompt is in the cache: compress it, report, shrink the reservation.
-fn finish_prefill(
-    s: &mut Seq<'_>,
-    mut stats: PrefillStats,
-    sched: &Scheduler,
-    lm: &LoadedModel,
-) -> Result<(), ApiError> {
+fn finish_prefill(s: &mut Seq<'_>, sched: &Scheduler, lm: &LoadedModel) -> Result<(), ApiError> {
     let prefill_ms = s
         .prefill_started
         .map(|t| t.elapsed().as_secs_f64() * 1e3)
@@ -605,48 +563,38 @@ fn finish_prefill(
         .unwrap_or(0.0);
     // What the prompt would hold uncompressed (compression during prefill has already
     // dropped slots).
-    let heads: usize = s.cache.layers.iter().map(|l| l.len()).sum();
-    let slots_full = s.cache.n_seen * heads;
-    let kv_bytes_full = s.cache.n_seen * s.cache.token_bytes();
+    let cache = &s.seq.cache;
+    let heads: usize = cache.layers.iter().map(|l| l.len()).sum();
+    let slots_full = cache.n_seen * heads;
+    let kv_bytes_full = cache.n_seen * cache.token_bytes();
     let mut compress_ms = 0.0;
     if let Some(c) = &s.job.compressor {
-        if c.needs().reconstruction {
+        let internal = |e: kvmerger_engine::Error| ApiError::internal(e.to_string());
+        if c.needs().reconstruction && !c.is_noop() {
             // KVzip: a second pass over the prompt, on this sequence alone; its tokens
             // leave the cache when it ends.
-            let prompts = lm
-                .repeat_prompts()
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-            kvmerger_engine::reconstruct::reconstruction_scores(
-                &lm.model,
-                &s.cache,
-                &s.job.prompt,
-                0,
-                &prompts,
-                &mut stats,
-            )
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+            let prompts = lm.repeat_prompts().map_err(internal)?;
+            s.seq
+                .score_reconstruction(&lm.model, &prompts)
+                .map_err(internal)?;
         }
-        let (report, targets) = c
-            .compress_prompt(&mut s.cache, &stats)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let (report, _) = s.seq.compress(c).map_err(internal)?;
         compress_ms = report.secs * 1e3;
-        s.targets = targets;
         record(&sched.metrics, &report);
     }
-    drop(stats);
     let _ = s.job.events.send(Event::Prefilled(PromptReport {
         method: s.job.method.clone(),
         budget: s.job.budget.clone(),
         prompt_tokens: s.job.prompt.len(),
         slots_full,
-        slots_kept: s.cache.total_slots(),
+        slots_kept: s.seq.cache.total_slots(),
         kv_bytes_full,
-        kv_bytes: s.cache.bytes(),
+        kv_bytes: s.seq.kv_bytes(),
         queue_ms,
         prefill_ms,
         compress_ms,
     }));
-    s.reserved = reservation(s, sched);
+    s.reserved = reservation(s);
     Ok(())
 }
 
@@ -655,27 +603,11 @@ fn record(m: &Metrics, r: &CompressReport) {
 }
 
 /// Upper bound of this sequence's cache from now to its last token.
-fn reservation(s: &Seq<'_>, sched: &Scheduler) -> usize {
+fn reservation(s: &Seq<'_>) -> usize {
     let remaining = s
         .job
         .params
         .max_tokens
         .saturating_sub(s.decoder.tokens().len());
-    let margin = s.job.compressor.as_ref().and_then(|c| c.recompress_margin);
-    let slots: usize = s
-        .cache
-        .layers
-        .iter()
-        .enumerate()
-        .map(|(l, heads)| {
-            heads
-                .iter()
-                .map(|h| match s.targets.get(l) {
-                    Some(&t) => head_bound(h.len(), t, margin, remaining),
-                    None => h.len() + remaining,
-                })
-                .sum::<usize>()
-        })
-        .sum();
-    slots * sched.slot_bytes
+    s.seq.kv_bound(s.job.compressor.as_ref(), remaining)
 }
