@@ -331,6 +331,23 @@ impl Sequence {
         Ok(r)
     }
 
+    /// One decode step on its own: `token` appended (with what re-compression needs),
+    /// then re-compression if a head passed its target by the margin. The new logits
+    /// are in [`Sequence::logits`].
+    pub fn step(
+        &mut self,
+        model: &Model,
+        token: u32,
+        compressor: Option<&Compressor>,
+    ) -> Result<Option<CompressReport>, Error> {
+        let tok = [token];
+        let logits = {
+            let mut seg = [self.decode_segment(&tok, compressor)];
+            model.forward_batch(&mut seg)?.pop().unwrap_or_default()
+        };
+        self.after_decode_step(token, logits, compressor)
+    }
+
     /// Re-compression passes while decoding.
     pub fn decode_passes(&self) -> usize {
         self.decode_passes

@@ -3,9 +3,8 @@
 use crate::cli::BenchArgs;
 use crate::run::load_model;
 use anyhow::{bail, Result};
-use kvmerger_compression::StatsNeeds;
-use kvmerger_engine::model::Logits;
 use kvmerger_engine::sampling::argmax;
+use kvmerger_engine::sequence::Sequence;
 use std::time::Instant;
 
 /// Peak resident memory of this process, from /proc (0 where unavailable).
@@ -73,10 +72,8 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
         let mut best = f64::INFINITY;
         for r in 0..reps {
             let toks = bench_tokens(a.pp, vocab, r);
-            let mut cache = m.new_cache(dtype);
-            let t0 = Instant::now();
-            m.forward(&toks, &mut cache, StatsNeeds::default(), None, Logits::Last)?;
-            best = best.min(t0.elapsed().as_secs_f64());
+            let mut seq = Sequence::new(m, dtype, Default::default());
+            best = best.min(seq.feed(m, &toks)?);
         }
         println!(
             "| pp{} | {} | {:.3} | {:.1} |",
@@ -89,25 +86,13 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
     if a.tg > 0 {
         let mut best = f64::INFINITY;
         for r in 0..reps {
-            let mut cache = m.new_cache(dtype);
+            let mut seq = Sequence::new(m, dtype, Default::default());
             let ctx = a.ctx.max(1);
-            let mut logits = m.forward(
-                &bench_tokens(ctx, vocab, r + 100),
-                &mut cache,
-                StatsNeeds::default(),
-                None,
-                Logits::Last,
-            )?;
+            seq.feed(m, &bench_tokens(ctx, vocab, r + 100))?;
             let t0 = Instant::now();
             for _ in 0..a.tg {
-                let next = argmax(&logits) as u32;
-                logits = m.forward(
-                    &[next],
-                    &mut cache,
-                    StatsNeeds::default(),
-                    None,
-                    Logits::Last,
-                )?;
+                let next = argmax(seq.logits()) as u32;
+                seq.step(m, next, None)?;
             }
             best = best.min(t0.elapsed().as_secs_f64());
         }
@@ -142,7 +127,6 @@ fn prefill_within(
     vocab: usize,
 ) -> Result<()> {
     use crate::compress::mib;
-    use kvmerger_engine::sequence::Sequence;
     let m = &lm.model;
     let pp = a.pp.max(a.ctx).max(1);
     let chunk = comp.prefill_chunk.unwrap_or(pp);
@@ -200,20 +184,6 @@ fn prefill_within(
     Ok(())
 }
 
-/// KVzip's reconstruction pass over the prompt `toks` already in `cache`, into `stats`.
-fn kvzip_pass(
-    lm: &kvmerger_engine::load::LoadedModel,
-    cache: &kvmerger_engine::cache::KvCache,
-    toks: &[u32],
-    stats: &mut kvmerger_engine::cache::PrefillStats,
-) -> Result<()> {
-    let prompts = lm.repeat_prompts()?;
-    kvmerger_engine::reconstruct::reconstruction_scores(
-        &lm.model, cache, toks, 0, &prompts, stats,
-    )?;
-    Ok(())
-}
-
 /// `KL(p || q)` of two logit rows, and whether their top tokens agree.
 fn kl_logits(p: &[f32], q: &[f32]) -> (f64, bool) {
     let logsoftmax = |x: &[f32]| -> Vec<f64> {
@@ -238,8 +208,6 @@ fn fidelity(
     comp: &kvmerger_engine::compress::Compressor,
 ) -> Result<()> {
     use kvmerger_compression::KvDtype;
-    use kvmerger_engine::cache::PrefillStats;
-    use kvmerger_engine::compress::DecodeCompression;
     if a.fidelity == 0 {
         return Ok(());
     }
@@ -255,46 +223,24 @@ fn fidelity(
         toks.extend_from_slice(&again);
     }
     toks.truncate(n);
-    let mut full = m.new_cache(KvDtype::F16);
-    let mut lf = m.forward(&toks, &mut full, StatsNeeds::default(), None, Logits::Last)?;
-    let mut cache = m.new_cache(dtype);
-    let mut stats = PrefillStats::default();
-    let mut lc = m.forward(
-        &toks,
-        &mut cache,
-        comp.needs(),
-        Some(&mut stats),
-        Logits::Last,
-    )?;
-    if comp.needs().reconstruction {
-        kvzip_pass(lm, &cache, &toks, &mut stats)?;
+    let mut full = Sequence::new(m, KvDtype::F16, Default::default());
+    full.feed(m, &toks)?;
+    let mut seq = Sequence::for_compressor(m, dtype, Some(comp));
+    seq.feed(m, &toks)?;
+    if comp.needs().reconstruction && !comp.is_noop() {
+        seq.score_reconstruction(m, &lm.repeat_prompts()?)?;
     }
-    let (_, targets) = comp.compress_prompt(&mut cache, &stats)?;
-    drop(stats);
-    let (bytes_full, bytes) = (full.bytes(), cache.bytes());
-    let mut dc = DecodeCompression::new(comp, targets);
+    seq.compress(comp)?;
+    let (bytes_full, bytes) = (full.kv_bytes(), seq.kv_bytes());
     let (mut sum, mut worst, mut agree) = (0.0f64, 0.0f64, 0usize);
     for _ in 0..a.fidelity {
-        let (kl, same) = kl_logits(&lf, &lc);
+        let (kl, same) = kl_logits(full.logits(), seq.logits());
         sum += kl;
         worst = worst.max(kl);
         agree += same as usize;
-        let next = argmax(&lf) as u32;
-        lf = m.forward(
-            &[next],
-            &mut full,
-            StatsNeeds::default(),
-            None,
-            Logits::Last,
-        )?;
-        lc = m.forward(
-            &[next],
-            &mut cache,
-            dc.needs(),
-            Some(&mut dc.stats),
-            Logits::Last,
-        )?;
-        dc.after_step(&mut cache)?;
+        let next = argmax(full.logits()) as u32;
+        full.step(m, next, None)?;
+        seq.step(m, next, Some(comp))?;
     }
     println!(
         "fidelity vs full f16 cache ({n}-token prompt, {} steps): mean KL {:.5} nats, max KL {:.5}, top-1 agreement {:.3}; KV bytes {:.3}x full f16 ({:?}, {})",
@@ -320,22 +266,11 @@ fn run_compressed(
     vocab: usize,
 ) -> Result<()> {
     use crate::compress::mib;
-    use kvmerger_engine::cache::PrefillStats;
-    use kvmerger_engine::compress::DecodeCompression;
     let m = &lm.model;
     let pp = a.pp.max(a.ctx).max(1);
     let toks = bench_tokens(pp, vocab, 0);
-    let mut cache = m.new_cache(dtype);
-    let mut stats = PrefillStats::default();
-    let t0 = Instant::now();
-    let mut logits = m.forward(
-        &toks,
-        &mut cache,
-        comp.needs(),
-        Some(&mut stats),
-        Logits::Last,
-    )?;
-    let prefill = t0.elapsed().as_secs_f64();
+    let mut seq = Sequence::for_compressor(m, dtype, Some(comp));
+    let prefill = seq.feed(m, &toks)?;
     println!(
         "| pp{pp} (collecting {:?}) | {pp} | {prefill:.3} | {:.1} |",
         comp.needs(),
@@ -344,18 +279,11 @@ fn run_compressed(
     // The same context uncompressed, for the speed ratio (timed on a copy, dropped
     // before the memory readings).
     let full_speed = if a.tg > 0 {
-        let mut full = cache.clone();
-        let mut l = logits.clone();
+        let mut full = seq.clone();
         let t0 = Instant::now();
         for _ in 0..a.tg {
-            let next = argmax(&l) as u32;
-            l = m.forward(
-                &[next],
-                &mut full,
-                StatsNeeds::default(),
-                None,
-                Logits::Last,
-            )?;
+            let next = argmax(full.logits()) as u32;
+            full.step(m, next, None)?;
         }
         let secs = t0.elapsed().as_secs_f64();
         println!(
@@ -368,16 +296,10 @@ fn run_compressed(
     } else {
         None
     };
-    // The uncompressed cache and first logits, kept for the batched comparison only.
-    let (full_prompt, first_logits) = if a.tg > 0 && a.batch > 1 {
-        (Some(cache.clone()), logits.clone())
-    } else {
-        (None, Vec::new())
-    };
+    // The uncompressed sequence, kept for the batched comparison only.
+    let full_prompt = (a.tg > 0 && a.batch > 1).then(|| seq.clone());
     if comp.needs().reconstruction {
-        let t0 = Instant::now();
-        kvzip_pass(lm, &cache, &toks, &mut stats)?;
-        let secs = t0.elapsed().as_secs_f64();
+        let secs = seq.score_reconstruction(m, &lm.repeat_prompts()?)?;
         println!(
             "| reconstruction pass ({}) | {pp} | {secs:.3} | {:.2}x prefill |",
             comp.name(),
@@ -385,9 +307,7 @@ fn run_compressed(
         );
     }
     let rss_before = rss_bytes();
-    let (report, targets) = comp.compress_prompt(&mut cache, &stats)?;
-    let targets_batch = targets.clone();
-    drop(stats);
+    let (report, _) = seq.compress(comp)?;
     let rss_after = rss_bytes();
     println!(
         "| compress {} | {pp} | {:.4} | {:.2}% of prefill |",
@@ -395,19 +315,12 @@ fn run_compressed(
         report.secs,
         100.0 * report.secs / prefill
     );
+    let compressed_prompt = (a.tg > 0 && a.batch > 1).then(|| seq.clone());
     if a.tg > 0 {
-        let mut dc = DecodeCompression::new(comp, targets);
         let t0 = Instant::now();
         for _ in 0..a.tg {
-            let next = argmax(&logits) as u32;
-            logits = m.forward(
-                &[next],
-                &mut cache,
-                dc.needs(),
-                Some(&mut dc.stats),
-                Logits::Last,
-            )?;
-            dc.after_step(&mut cache)?;
+            let next = argmax(seq.logits()) as u32;
+            seq.step(m, next, Some(comp))?;
         }
         let secs = t0.elapsed().as_secs_f64();
         println!(
@@ -424,16 +337,8 @@ fn run_compressed(
             );
         }
     }
-    if a.tg > 0 && a.batch > 1 {
-        batched(
-            a,
-            m,
-            &full_prompt,
-            &cache,
-            comp,
-            &targets_batch,
-            &first_logits,
-        )?;
+    if let (Some(full), Some(compressed)) = (&full_prompt, &compressed_prompt) {
+        batched(a, m, full, compressed, comp)?;
     }
     println!(
         "KV cache {:.2} MiB -> {:.2} MiB ({:.1}%); resident memory {:.1} MiB -> {:.1} MiB (-{:.1} MiB)",
@@ -465,52 +370,29 @@ fn run_compressed(
 fn batched(
     a: &BenchArgs,
     m: &kvmerger_engine::model::Model,
-    full: &Option<kvmerger_engine::cache::KvCache>,
-    compressed: &kvmerger_engine::cache::KvCache,
+    full: &Sequence,
+    compressed: &Sequence,
     comp: &kvmerger_engine::compress::Compressor,
-    targets: &[usize],
-    logits: &[f32],
 ) -> Result<()> {
-    use kvmerger_engine::compress::DecodeCompression;
-    use kvmerger_engine::model::Segment;
-    let Some(full) = full else { return Ok(()) };
     let n = a.batch as usize;
-    let first = argmax(logits) as u32;
     let mut speeds = Vec::new();
-    for (label, base, with_dc) in [
-        ("full cache", full, false),
-        ("compressed", compressed, true),
+    for (label, base, c) in [
+        ("full cache", full, None),
+        ("compressed", compressed, Some(comp)),
     ] {
-        let mut caches: Vec<_> = (0..n).map(|_| base.clone()).collect();
-        let mut dcs: Vec<_> = (0..n)
-            .map(|_| DecodeCompression::new(comp, targets.to_vec()))
-            .collect();
-        let mut next = vec![first; n];
+        let mut seqs: Vec<_> = (0..n).map(|_| base.clone()).collect();
         let t0 = Instant::now();
         for _ in 0..a.tg {
-            let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-            let mut segs: Vec<Segment<'_>> = caches
+            let toks: Vec<[u32; 1]> = seqs.iter().map(|s| [argmax(s.logits()) as u32]).collect();
+            let mut segs: Vec<_> = seqs
                 .iter_mut()
-                .zip(dcs.iter_mut())
                 .zip(&toks)
-                .map(|((c, dc), t)| {
-                    if with_dc {
-                        let needs = dc.needs();
-                        Segment::decode(t, c, needs, Some(&mut dc.stats))
-                    } else {
-                        Segment::decode(t, c, StatsNeeds::default(), None)
-                    }
-                })
+                .map(|(s, t)| s.decode_segment(t, c))
                 .collect();
             let out = m.forward_batch(&mut segs)?;
             drop(segs);
-            for (i, l) in out.iter().enumerate() {
-                next[i] = argmax(l) as u32;
-            }
-            if with_dc {
-                for (c, dc) in caches.iter_mut().zip(dcs.iter_mut()) {
-                    dc.after_step(c)?;
-                }
+            for ((s, l), t) in seqs.iter_mut().zip(out).zip(&toks) {
+                s.after_decode_step(t[0], l, c)?;
             }
         }
         let secs = t0.elapsed().as_secs_f64();
@@ -518,7 +400,7 @@ fn batched(
         println!(
             "| tg{} x batch {n} @ ctx {}, {label} | {total} | {secs:.3} | {:.1} |",
             a.tg,
-            full.n_seen,
+            full.cache.n_seen,
             total as f64 / secs
         );
         speeds.push(total as f64 / secs);

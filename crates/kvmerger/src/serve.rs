@@ -38,9 +38,10 @@ pub struct ServeArgs {
     /// Most requests decoded together in one batched step.
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
-    /// Prompt tokens prefilled per step, between decode steps of running requests.
+    /// Prompt tokens prefilled per engine step, between decode steps of running
+    /// requests (not compression during prefill: that is `--prefill-chunk`).
     #[arg(long, default_value_t = 128)]
-    pub prefill_chunk: usize,
+    pub prefill_step: usize,
     /// max_tokens of requests that give none.
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: usize,
@@ -92,7 +93,7 @@ pub fn run(a: ServeArgs, dir: &Path, threads: Option<usize>) -> Result<()> {
         kv_memory,
         max_queue: a.max_queue,
         max_batch: a.max_batch,
-        prefill_chunk: a.prefill_chunk,
+        prefill_chunk: a.prefill_step,
         default_max_tokens: a.default_max_tokens,
         max_tokens_limit: a.max_tokens_limit,
         max_body_bytes: max_body,
