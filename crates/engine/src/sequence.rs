@@ -27,8 +27,10 @@
 
 use crate::cache::{KvCache, PrefillStats};
 use crate::compress::{CompressReport, Compressor, DecodeCompression};
+use crate::generate::{Decoder, GenerateParams, Generation, Step, StopReason};
 use crate::model::{Logits, Model, Segment};
 use crate::prompt::RepeatPrompts;
+use crate::tokenizer::Tokenizer;
 use crate::Error;
 use kvmerger_compression::{KvDtype, StatsNeeds};
 use std::time::Instant;
@@ -346,6 +348,46 @@ impl Sequence {
             model.forward_batch(&mut seg)?.pop().unwrap_or_default()
         };
         self.after_decode_step(token, logits, compressor)
+    }
+
+    /// Generate from the last logits until a stop condition, stepping this sequence
+    /// (re-compressing past `compressor`'s margin). `on_text` receives text as it
+    /// becomes final and returns false to cancel.
+    pub fn generate(
+        &mut self,
+        model: &Model,
+        tok: &Tokenizer,
+        params: &GenerateParams,
+        compressor: Option<&Compressor>,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, Error> {
+        let mut dec = Decoder::new(tok, &self.tokens, params)?;
+        let t0 = Instant::now();
+        let mut piece = String::new();
+        let mut logits = self.take_logits();
+        let reason = loop {
+            piece.clear();
+            let step = dec.step(&mut logits, &mut piece);
+            if !piece.is_empty() && !on_text(&piece) {
+                break StopReason::Cancelled;
+            }
+            let next = match step {
+                Step::Stop(reason) => break reason,
+                Step::Token(next) => next,
+            };
+            if self.cache.n_seen + 1 > model.cfg.ctx_len {
+                break StopReason::Context;
+            }
+            self.step(model, next, compressor)?;
+            logits = self.take_logits();
+        };
+        self.logits = logits;
+        piece.clear();
+        dec.finish(reason, &mut piece);
+        if reason != StopReason::Cancelled && !piece.is_empty() {
+            on_text(&piece);
+        }
+        Ok(dec.into_generation(reason, t0.elapsed().as_secs_f64()))
     }
 
     /// Re-compression passes while decoding.

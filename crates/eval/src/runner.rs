@@ -7,10 +7,9 @@ use crate::records::{Record, RecordFile, Timing};
 use crate::sample::Sample;
 use crate::{metrics, Error};
 use kvmerger_compression::{KvDtype, StatsNeeds};
-use kvmerger_engine::compress::{Compressor, DecodeCompression};
-use kvmerger_engine::generate::{decode_with, GenerateParams};
+use kvmerger_engine::compress::Compressor;
+use kvmerger_engine::generate::GenerateParams;
 use kvmerger_engine::load::LoadedModel;
-use kvmerger_engine::model::Logits;
 use kvmerger_engine::prompt::RepeatPrompts;
 use kvmerger_engine::sequence::Sequence;
 use std::path::Path;
@@ -60,23 +59,20 @@ impl Prepared {
 }
 
 /// A configuration's own copy of a prefilled sequence, compressed.
-struct Compressed<'c> {
+struct Compressed {
     seq: Sequence,
-    decode: Option<DecodeCompression<'c>>,
     compress_s: f64,
     kv_bytes: usize,
     kv_slots: usize,
 }
 
-fn compressed_copy<'c>(base: &Sequence, p: &'c Prepared) -> Result<Compressed<'c>, Error> {
+fn compressed_copy(base: &Sequence, p: &Prepared) -> Result<Compressed, Error> {
     let mut seq = base.clone();
     let (report, _) = seq.compress(&p.compressor)?;
-    let decode = seq.decode_compression(&p.compressor);
     Ok(Compressed {
         kv_bytes: seq.cache.bytes(),
         kv_slots: seq.cache.total_slots(),
         seq,
-        decode,
         compress_s: report.secs,
     })
 }
@@ -355,12 +351,10 @@ impl Runner<'_> {
                         split.context.clone()
                     };
                     let (secs, report) = seq.feed_within(model, &ids, &p.compressor)?;
-                    let decode = seq.decode_compression(&p.compressor);
                     let c = Compressed {
                         kv_bytes: seq.cache.bytes(),
                         kv_slots: seq.cache.total_slots(),
                         seq,
-                        decode,
                         compress_s: report.secs,
                     };
                     (c, Some(secs))
@@ -372,18 +366,10 @@ impl Runner<'_> {
                 (true, None) => aware_question_s,
                 (false, _) => c.seq.append(model, &split.question)?,
             };
-            let prompt = c.seq.tokens().to_vec();
-            let logits = c.seq.logits().to_vec();
-            let gen = decode_with(
-                model,
-                &lm.tokenizer,
-                &mut c.seq.cache,
-                logits,
-                &prompt,
-                &params,
-                c.decode.as_mut(),
-                &mut |_| true,
-            )?;
+            let comp = Some(&p.compressor).filter(|c| !c.is_noop());
+            let gen = c
+                .seq
+                .generate(model, &lm.tokenizer, &params, comp, &mut |_| true)?;
             let mut r = self.record(item, &p.config, from.tokens().len());
             r.kv_bytes_full = from.cache.bytes();
             r.kv_bytes = c.kv_bytes;
@@ -462,34 +448,15 @@ impl Runner<'_> {
                 &format!("{} (scoring {} tokens)", p.config.label, cont.len() - 1),
             );
             let mut c = compressed_copy(&base, p)?;
-            let cache = &mut c.seq.cache;
+            let comp = Some(&p.compressor).filter(|c| !c.is_noop());
             let t0 = Instant::now();
             let mut nll = 0.0f64;
             let (mut kl, mut agree) = (0.0f64, 0usize);
             // Feed the true continuation; each step's logits predict the next true token.
             for step in 0..cont.len() - 1 {
-                let logits = match c.decode.as_mut() {
-                    Some(dc) => {
-                        let needs = dc.needs();
-                        let l = model.forward(
-                            &cont[step..step + 1],
-                            cache,
-                            needs,
-                            Some(&mut dc.stats),
-                            Logits::Last,
-                        )?;
-                        dc.after_step(cache)?;
-                        l
-                    }
-                    None => model.forward(
-                        &cont[step..step + 1],
-                        cache,
-                        StatsNeeds::default(),
-                        None,
-                        Logits::Last,
-                    )?,
-                };
-                let lp = log_softmax(&logits);
+                c.seq.step(model, cont[step], comp)?;
+                let logits = c.seq.logits();
+                let lp = log_softmax(logits);
                 nll -= lp[cont[step + 1] as usize] as f64;
                 if ci == 0 {
                     reference.push(lp);

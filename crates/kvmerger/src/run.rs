@@ -263,25 +263,13 @@ pub fn decode_sequence(
     params: &GenerateParams,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
-    let mut dc = seq.decode_compression(comp);
-    let prompt = seq.tokens().to_vec();
-    let logits = seq.logits().to_vec();
-    let gen = decode_with(
-        &lm.model,
-        &lm.tokenizer,
-        &mut seq.cache,
-        logits,
-        &prompt,
-        params,
-        dc.as_mut(),
-        on_text,
-    )?;
-    if let Some(dc) = dc.filter(|d| d.passes > 0) {
+    let comp = Some(comp).filter(|c| !c.is_noop());
+    let gen = seq.generate(&lm.model, &lm.tokenizer, params, comp, on_text)?;
+    if let Some(c) = comp.filter(|_| seq.decode_passes() > 0) {
         eprintln!(
-            "[{}] re-compressed {} times while decoding ({:.1} ms)",
-            comp.name(),
-            dc.passes,
-            dc.secs * 1e3
+            "[{}] re-compressed {} times while decoding",
+            c.name(),
+            seq.decode_passes()
         );
     }
     Ok(gen)
