@@ -47,6 +47,16 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
     let (lm, dtype) = load_model(&a.model, dir)?;
     let m = &lm.model;
     let vocab = m.cfg.vocab.min(lm.tokenizer.vocab_size());
+    // Refuse, before any work, a run that would pass the model's context midway.
+    let longest = a.pp.max(a.ctx).max(16) + a.tg.max(a.fidelity);
+    if longest > m.cfg.ctx_len {
+        bail!(
+            "--pp/--ctx ({}) plus --tg/--fidelity ({}) is {longest} tokens, past the model's context of {} tokens",
+            a.pp.max(a.ctx),
+            a.tg.max(a.fidelity),
+            m.cfg.ctx_len
+        );
+    }
     let threads = rayon::current_num_threads();
     println!(
         "model {} ({}, {} layers, weights {:.1} MiB), threads {threads}, KV {:?}, precision {:?}",

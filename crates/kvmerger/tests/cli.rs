@@ -276,6 +276,25 @@ fn bench_defaults_to_balanced_precision_and_takes_the_others() {
     }
     let e = fails(&["bench", "--precision", "int4"]);
     assert!(e.contains("unknown precision 'int4'"), "{e}");
+    // A run past the context is refused before any work (smollm2's context is 8192).
+    let t = std::time::Instant::now();
+    let e = fails(&["bench", "--pp", "8190", "--tg", "16"]);
+    assert!(e.contains("past the model's context of 8192"), "{e}");
+    assert!(t.elapsed().as_secs() < 60, "refused only after the work");
+    // Compression during prefill that cannot work is refused with the flag named.
+    let e = fails(&[
+        "bench",
+        "--method",
+        "kvzip",
+        "--budget",
+        "512",
+        "--prefill-chunk",
+        "256",
+    ]);
+    assert!(
+        e.contains("--prefill-chunk") && e.contains("reconstruction"),
+        "{e}"
+    );
 }
 
 /// `kvmerger generate ... | head -c5`: when the reader goes away, the process ends at
