@@ -71,37 +71,55 @@ pub fn decode_with(
     model: &Model,
     tok: &Tokenizer,
     cache: &mut KvCache,
-    mut logits: Vec<f32>,
+    logits: Vec<f32>,
     prompt: &[u32],
     params: &GenerateParams,
     mut compression: Option<&mut DecodeCompression<'_>>,
     on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<Generation, Error> {
+    generate_with(tok, prompt, params, logits, on_text, &mut |next| {
+        if cache.n_seen + 1 > model.cfg.ctx_len {
+            return Ok(None);
+        }
+        let logits = match compression.as_deref_mut() {
+            Some(dc) => {
+                let needs = dc.needs();
+                let l = model.forward(&[next], cache, needs, Some(&mut dc.stats), Logits::Last)?;
+                dc.after_step(cache)?;
+                l
+            }
+            None => model.forward(&[next], cache, StatsNeeds::default(), None, Logits::Last)?,
+        };
+        Ok(Some(logits))
+    })
+}
+
+/// The generation loop: sample from `logits`, stream text, and feed each token with
+/// `step`, which returns the next logits, or None when the context is full.
+pub(crate) fn generate_with(
+    tok: &Tokenizer,
+    prompt: &[u32],
+    params: &GenerateParams,
+    mut logits: Vec<f32>,
+    on_text: &mut dyn FnMut(&str) -> bool,
+    step: &mut dyn FnMut(u32) -> Result<Option<Vec<f32>>, Error>,
 ) -> Result<Generation, Error> {
     let mut dec = Decoder::new(tok, prompt, params)?;
     let t0 = Instant::now();
     let mut piece = String::new();
     let reason = loop {
         piece.clear();
-        let step = dec.step(&mut logits, &mut piece);
+        let decided = dec.step(&mut logits, &mut piece);
         if !piece.is_empty() && !on_text(&piece) {
             break StopReason::Cancelled;
         }
-        let next = match step {
+        let next = match decided {
             Step::Stop(reason) => break reason,
             Step::Token(next) => next,
         };
-        if cache.n_seen + 1 > model.cfg.ctx_len {
-            break StopReason::Context;
-        }
-        match compression.as_deref_mut() {
-            Some(dc) => {
-                let needs = dc.needs();
-                logits = model.forward(&[next], cache, needs, Some(&mut dc.stats), Logits::Last)?;
-                dc.after_step(cache)?;
-            }
-            None => {
-                logits = model.forward(&[next], cache, StatsNeeds::default(), None, Logits::Last)?
-            }
+        match step(next)? {
+            Some(l) => logits = l,
+            None => break StopReason::Context,
         }
     };
     piece.clear();

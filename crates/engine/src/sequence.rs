@@ -27,7 +27,7 @@
 
 use crate::cache::{KvCache, PrefillStats};
 use crate::compress::{CompressReport, Compressor, DecodeCompression};
-use crate::generate::{Decoder, GenerateParams, Generation, Step, StopReason};
+use crate::generate::{GenerateParams, Generation};
 use crate::model::{Logits, Model, Segment};
 use crate::prompt::RepeatPrompts;
 use crate::tokenizer::Tokenizer;
@@ -109,16 +109,7 @@ impl Sequence {
             ));
         }
         let t0 = Instant::now();
-        self.cache.reserve(ids.len() + 1);
-        self.logits = model.forward(
-            ids,
-            &mut self.cache,
-            self.needs,
-            Some(&mut self.stats),
-            Logits::Last,
-        )?;
-        self.tokens.extend_from_slice(ids);
-        self.note_peak();
+        self.forward_collecting(model, ids)?;
         // Reconstruction scores described the shorter sequence.
         for h in self.stats.heads.iter_mut().flatten() {
             h.reconstruction = None;
@@ -198,16 +189,7 @@ impl Sequence {
         let mut compress_secs = 0.0;
         let per_token = self.cache.token_bytes();
         for part in ids.chunks(chunk) {
-            self.cache.reserve(part.len() + 1);
-            self.logits = model.forward(
-                part,
-                &mut self.cache,
-                self.needs,
-                Some(&mut self.stats),
-                Logits::Last,
-            )?;
-            self.tokens.extend_from_slice(part);
-            self.note_peak();
+            self.forward_collecting(model, part)?;
             let pass = compressor
                 .after_prefill_chunk(&mut self.cache, &mut self.stats, total)?
                 .unwrap_or_default();
@@ -361,33 +343,15 @@ impl Sequence {
         compressor: Option<&Compressor>,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, Error> {
-        let mut dec = Decoder::new(tok, &self.tokens, params)?;
-        let t0 = Instant::now();
-        let mut piece = String::new();
-        let mut logits = self.take_logits();
-        let reason = loop {
-            piece.clear();
-            let step = dec.step(&mut logits, &mut piece);
-            if !piece.is_empty() && !on_text(&piece) {
-                break StopReason::Cancelled;
-            }
-            let next = match step {
-                Step::Stop(reason) => break reason,
-                Step::Token(next) => next,
-            };
+        let prompt = self.tokens.clone();
+        let logits = self.take_logits();
+        crate::generate::generate_with(tok, &prompt, params, logits, on_text, &mut |next| {
             if self.cache.n_seen + 1 > model.cfg.ctx_len {
-                break StopReason::Context;
+                return Ok(None);
             }
             self.step(model, next, compressor)?;
-            logits = self.take_logits();
-        };
-        self.logits = logits;
-        piece.clear();
-        dec.finish(reason, &mut piece);
-        if reason != StopReason::Cancelled && !piece.is_empty() {
-            on_text(&piece);
-        }
-        Ok(dec.into_generation(reason, t0.elapsed().as_secs_f64()))
+            Ok(Some(self.take_logits()))
+        })
     }
 
     /// Re-compression passes while decoding.
@@ -416,6 +380,21 @@ impl Sequence {
             })
             .sum();
         slots * self.cache.slot_bytes()
+    }
+
+    /// Feed `ids` collecting this sequence's statistics; the last logits are kept.
+    fn forward_collecting(&mut self, model: &Model, ids: &[u32]) -> Result<(), Error> {
+        self.cache.reserve(ids.len() + 1);
+        self.logits = model.forward(
+            ids,
+            &mut self.cache,
+            self.needs,
+            Some(&mut self.stats),
+            Logits::Last,
+        )?;
+        self.tokens.extend_from_slice(ids);
+        self.note_peak();
+        Ok(())
     }
 
     fn note_peak(&mut self) {

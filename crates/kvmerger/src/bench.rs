@@ -161,20 +161,13 @@ fn prefill_within(
     let full = pp * seq.cache.token_bytes();
     let prefill_rss = peak_rss_bytes();
     if a.tg > 0 {
-        let mut logits = seq.logits().to_vec();
-        let t0 = Instant::now();
-        for _ in 0..a.tg {
-            let next = argmax(&logits) as u32;
-            seq.append(m, &[next])?;
-            logits = seq.logits().to_vec();
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        println!(
-            "| tg{} @ ctx {pp}, compressed | {} | {secs:.3} | {:.1} |",
+        decode_row(
+            m,
+            &mut seq,
             a.tg,
-            a.tg,
-            a.tg as f64 / secs
-        );
+            Some(comp),
+            &format!("ctx {pp}, compressed"),
+        )?;
     }
     println!(
         "KV cache: peak {:.2} MiB during prefill (bound budget + one chunk: {:.2} MiB; the full cache would be {:.2} MiB), {:.2} MiB after ({} compression passes, {:.1} ms, {:.2}% of prefill)",
@@ -192,6 +185,28 @@ fn prefill_within(
         peak_rss_bytes() as f64 / (1 << 20) as f64
     );
     Ok(())
+}
+
+/// Generate `tg` greedy tokens from `seq` (re-compressing with `comp`'s margin), print
+/// the table row `tg<tg> @ <label>`, and return the tokens per second.
+fn decode_row(
+    m: &kvmerger_engine::model::Model,
+    seq: &mut Sequence,
+    tg: usize,
+    comp: Option<&kvmerger_engine::compress::Compressor>,
+    label: &str,
+) -> Result<f64> {
+    let t0 = Instant::now();
+    for _ in 0..tg {
+        let next = argmax(seq.logits()) as u32;
+        seq.step(m, next, comp)?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "| tg{tg} @ {label} | {tg} | {secs:.3} | {:.1} |",
+        tg as f64 / secs
+    );
+    Ok(tg as f64 / secs)
 }
 
 /// `KL(p || q)` of two logit rows, and whether their top tokens agree.
@@ -290,19 +305,13 @@ fn run_compressed(
     // before the memory readings).
     let full_speed = if a.tg > 0 {
         let mut full = seq.clone();
-        let t0 = Instant::now();
-        for _ in 0..a.tg {
-            let next = argmax(full.logits()) as u32;
-            full.step(m, next, None)?;
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        println!(
-            "| tg{} @ ctx {pp}, full cache | {} | {secs:.3} | {:.1} |",
+        Some(decode_row(
+            m,
+            &mut full,
             a.tg,
-            a.tg,
-            a.tg as f64 / secs
-        );
-        Some(a.tg as f64 / secs)
+            None,
+            &format!("ctx {pp}, full cache"),
+        )?)
     } else {
         None
     };
@@ -327,22 +336,17 @@ fn run_compressed(
     );
     let compressed_prompt = (a.tg > 0 && a.batch > 1).then(|| seq.clone());
     if a.tg > 0 {
-        let t0 = Instant::now();
-        for _ in 0..a.tg {
-            let next = argmax(seq.logits()) as u32;
-            seq.step(m, next, Some(comp))?;
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        println!(
-            "| tg{} @ ctx {pp}, compressed | {} | {secs:.3} | {:.1} |",
+        let speed = decode_row(
+            m,
+            &mut seq,
             a.tg,
-            a.tg,
-            a.tg as f64 / secs
-        );
+            Some(comp),
+            &format!("ctx {pp}, compressed"),
+        )?;
         if let Some(full) = full_speed {
             println!(
                 "compressed / full-cache generation speed: {:.2}x; KV bytes {:.3}x the uncompressed cache",
-                a.tg as f64 / secs / full,
+                speed / full,
                 report.ratio()
             );
         }
