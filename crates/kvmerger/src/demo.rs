@@ -7,10 +7,10 @@
 use crate::cli::DemoArgs;
 use crate::compress::mib;
 use crate::run::load_model;
-use anyhow::{bail, Result};
-use kvmerger_compression::{Budget, Options, Schedule};
+use anyhow::{anyhow, bail, Result};
+use kvmerger_compression::{Budget, Recipe};
 use kvmerger_engine::compress::Compressor;
-use kvmerger_engine::generate::{decode_with, GenerateParams};
+use kvmerger_engine::generate::GenerateParams;
 use kvmerger_engine::sequence::Sequence;
 
 const FILLER: &str =
@@ -66,22 +66,18 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
     }
     let mut runs: Vec<(String, Compressor)> = vec![("full".into(), Compressor::full())];
     for b in &a.budgets {
-        let budget: Budget = b.parse()?;
         for m in &a.methods {
-            let (name, opts) = match m.split_once(':') {
-                Some((n, o)) => {
-                    let mut opts = Options::new();
-                    for pair in o.split(';').filter(|p| !p.is_empty()) {
-                        opts.parse_pair(pair)?;
-                    }
-                    (n, opts)
-                }
-                None => (m.as_str(), Options::new()),
-            };
-            runs.push((
-                format!("{m} @ {budget}"),
-                Compressor::new(name, &opts, budget, Schedule::Uniform)?,
-            ));
+            // Options are `;`-separated here: `--methods` is a comma-separated list.
+            let spec = format!("{}@{b}", m.replace(';', ","));
+            let recipe = Recipe::parse(&spec).map_err(|e| anyhow!("--methods {m}: {e}"))?;
+            if recipe.prefill_chunk.is_some() {
+                bail!(
+                    "--methods {m}: the demo reads the document once for every method, so it \
+                     cannot compress during prefill (try `kvmerger generate --prefill-chunk`)"
+                );
+            }
+            let budget: Budget = b.parse()?;
+            runs.push((format!("{m} @ {budget}"), Compressor::from_recipe(&recipe)?));
         }
     }
     let (lm, dtype) = load_model(&a.model, dir)?;
@@ -124,10 +120,11 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
                 .map(|s| s.question)
         })
         .collect::<Result<_, _>>()?;
-    let needs = runs.iter().filter(|(_, c)| !c.is_noop()).fold(
-        Default::default(),
-        |n: kvmerger_compression::StatsNeeds, (_, c)| n.union(c.needs()),
-    );
+    let needs = runs
+        .iter()
+        .filter(|(_, c)| !c.is_noop())
+        .map(|(_, c)| c.needs())
+        .fold(Default::default(), |all, n| n.union(all));
     eprintln!(
         "reading a document of {} tokens once, with {n} facts in it...",
         first.context.len()
@@ -166,18 +163,7 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
         for ((_, city, _), q) in facts.iter().zip(&questions) {
             let mut s = compressed.clone();
             s.append(&lm.model, q)?;
-            let prompt = s.tokens().to_vec();
-            let logits = s.logits().to_vec();
-            let gen = decode_with(
-                &lm.model,
-                &lm.tokenizer,
-                &mut s.cache,
-                logits,
-                &prompt,
-                &params,
-                None,
-                &mut |_| true,
-            )?;
+            let gen = s.generate(&lm.model, &lm.tokenizer, &params, None, &mut |_| true)?;
             decode += gen.decode_secs;
             if gen.text.contains(city) {
                 right += 1;
