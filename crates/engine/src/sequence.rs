@@ -94,6 +94,20 @@ impl Sequence {
         Sequence::new(model, dtype, needs)
     }
 
+    /// An empty sequence whose prefill serves several compressors (copies of it are
+    /// compressed by each): it collects the union of what they need.
+    pub fn shared<'c>(
+        model: &Model,
+        dtype: KvDtype,
+        compressors: impl IntoIterator<Item = &'c Compressor>,
+    ) -> Sequence {
+        let needs = compressors
+            .into_iter()
+            .filter(|c| !c.is_noop())
+            .fold(StatsNeeds::default(), |all, c| all.union(c.needs()));
+        Sequence::new(model, dtype, needs)
+    }
+
     /// The first `n` tokens (a chat template's opening) are kept by KVzip whatever
     /// they score, and not repeated by its reconstruction pass.
     pub fn protect(&mut self, n: usize) {

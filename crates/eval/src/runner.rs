@@ -6,7 +6,7 @@ use crate::grid::{GridError, GridSpec, Protocol, RunConfig, Shard, WorkItem, TEX
 use crate::records::{Record, RecordFile, Timing};
 use crate::sample::Sample;
 use crate::{metrics, Error};
-use kvmerger_compression::{KvDtype, StatsNeeds};
+use kvmerger_compression::KvDtype;
 use kvmerger_engine::compress::Compressor;
 use kvmerger_engine::generate::GenerateParams;
 use kvmerger_engine::load::LoadedModel;
@@ -217,11 +217,13 @@ impl Runner<'_> {
         )
     }
 
-    /// Statistics the configurations need while the context is fed.
-    fn needs(configs: &[&Prepared]) -> StatsNeeds {
-        configs
-            .iter()
-            .fold(StatsNeeds::default(), |n, p| n.union(p.compressor.needs()))
+    /// A sequence whose prefill serves every configuration in `configs`.
+    fn shared_sequence(&self, configs: &[&Prepared]) -> Sequence {
+        Sequence::shared(
+            &self.lm.model,
+            self.dtype,
+            configs.iter().map(|p| &p.compressor),
+        )
     }
 
     fn repeat_prompts(&self) -> Result<&RepeatPrompts, Error> {
@@ -296,9 +298,8 @@ impl Runner<'_> {
             None => lm.split_prompt(&sample.input, "", &sample.answer_prefix, chat)?,
         };
         self.check_fits(split.context.len() + split.question.len())?;
-        let needs = Self::needs(configs);
         obs.stage(item, &format!("prefilling {} tokens", split.context.len()));
-        let mut base = Sequence::new(model, self.dtype, needs);
+        let mut base = self.shared_sequence(configs);
         base.protect(split.prefix);
         let prefill_s = base.feed(model, &split.context)?;
         let mut reconstruct_s = 0.0;
@@ -431,7 +432,7 @@ impl Runner<'_> {
         };
         let mut all: Vec<&Prepared> = vec![&full_prep];
         all.extend(configs.iter().filter(|p| !p.compressor.is_noop()));
-        let mut base = Sequence::new(model, self.dtype, Self::needs(&all));
+        let mut base = self.shared_sequence(&all);
         // A text has no template; a beginning-of-sequence token is not repeated.
         base.protect(self.lm.tokenizer.encode("", true)?.len());
         let prefill_s = base.feed(model, context)?;

@@ -120,20 +120,19 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
                 .map(|s| s.question)
         })
         .collect::<Result<_, _>>()?;
-    let needs = runs
-        .iter()
-        .filter(|(_, c)| !c.is_noop())
-        .map(|(_, c)| c.needs())
-        .fold(Default::default(), |all, n| n.union(all));
+
     eprintln!(
         "reading a document of {} tokens once, with {n} facts in it...",
         first.context.len()
     );
-    let mut base = Sequence::new(&lm.model, dtype, needs);
+    let mut base = Sequence::shared(&lm.model, dtype, runs.iter().map(|(_, c)| c));
     base.protect(first.prefix);
     let prefill = base.feed(&lm.model, &first.context)?;
     let mut reconstruct = 0.0;
-    if needs.reconstruction {
+    if runs
+        .iter()
+        .any(|(_, c)| !c.is_noop() && c.needs().reconstruction)
+    {
         reconstruct = base.score_reconstruction(&lm.model, &lm.repeat_prompts()?)?;
     }
     let params = GenerateParams {
