@@ -361,28 +361,12 @@ impl Recipe {
         if self.is_noop() {
             return Ok(method);
         }
-        let needs = method.needs();
-        if self.recompress_margin.is_some() && needs.reconstruction {
-            return Err(RecipeError::new(
-                "recompress_margin",
-                format!(
-                    "{} scores slots with a reconstruction pass over the prompt, which decoding \
-                     does not have: it cannot re-compress while decoding (drop the re-compression margin)",
-                    self.method
-                ),
-            ));
-        }
-        if self.prefill_chunk.is_some() && needs.reconstruction {
-            return Err(RecipeError::new(
-                "prefill_chunk",
-                format!(
-                    "{} scores slots with a reconstruction pass over the whole prompt, so it \
-                     cannot compress during prefill (drop prefill_chunk, or choose a scorer \
-                     such as expected_attention, keydiff or snapkv)",
-                    self.method
-                ),
-            ));
-        }
+        check_timing(
+            &self.method,
+            method.as_ref(),
+            self.recompress_margin,
+            self.prefill_chunk,
+        )?;
         Ok(method)
     }
 
@@ -394,6 +378,40 @@ impl Recipe {
             Some(Budget::Tokens(t)) => format!("{t}"),
         }
     }
+}
+
+/// Whether `method` (named `name`) can re-compress while decoding (`margin`) and
+/// compress during prefill (`chunk`): a method that scores with a reconstruction pass
+/// over the whole prompt can do neither.
+pub fn check_timing(
+    name: &str,
+    method: &dyn Method,
+    margin: Option<usize>,
+    chunk: Option<usize>,
+) -> Result<(), RecipeError> {
+    if !method.needs().reconstruction {
+        return Ok(());
+    }
+    if margin.is_some() {
+        return Err(RecipeError::new(
+            "recompress_margin",
+            format!(
+                "{name} scores slots with a reconstruction pass over the prompt, which decoding \
+                 does not have: it cannot re-compress while decoding (drop the re-compression margin)"
+            ),
+        ));
+    }
+    if chunk.is_some() {
+        return Err(RecipeError::new(
+            "prefill_chunk",
+            format!(
+                "{name} scores slots with a reconstruction pass over the whole prompt, so it \
+                 cannot compress during prefill (drop prefill_chunk, or choose a scorer \
+                 such as expected_attention, keydiff or snapkv)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn tokens(key: &str, value: &str, positive: bool) -> Result<usize, RecipeError> {

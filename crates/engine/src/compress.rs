@@ -94,51 +94,17 @@ impl Compressor {
         self.method.name()
     }
 
-    /// The recipe this compressor follows.
-    pub fn recipe(&self) -> Recipe {
-        let full = self.name() == "full";
-        Recipe {
-            method: self.name().to_string(),
-            options: Options::new(),
-            budget: (!full).then_some(self.budget),
-            schedule: self.schedule.clone(),
-            recompress_margin: self.recompress_margin,
-            prefill_chunk: self.prefill_chunk,
-        }
-    }
-
     /// Errors for settings that cannot work together, before any prefill.
     pub fn check(&self) -> Result<(), Error> {
         if self.is_noop() {
             return Ok(());
         }
-        let needs = self.needs();
-        let refuse = |field: &str, message: String| {
-            Err(Error::Recipe(kvmerger_compression::RecipeError::new(
-                field, message,
-            )))
-        };
-        if self.recompress_margin.is_some() && needs.reconstruction {
-            return refuse(
-                "recompress_margin",
-                format!(
-                    "{} scores slots with a reconstruction pass over the prompt, which decoding \
-                     does not have: it cannot re-compress while decoding (drop the re-compression margin)",
-                    self.name()
-                ),
-            );
-        }
-        if self.prefill_chunk.is_some() && needs.reconstruction {
-            return refuse(
-                "prefill_chunk",
-                format!(
-                    "{} scores slots with a reconstruction pass over the whole prompt, so it \
-                     cannot compress during prefill (drop prefill_chunk, or choose a scorer \
-                     such as expected_attention, keydiff or snapkv)",
-                    self.name()
-                ),
-            );
-        }
+        kvmerger_compression::recipe::check_timing(
+            self.name(),
+            self.method.as_ref(),
+            self.recompress_margin,
+            self.prefill_chunk,
+        )?;
         Ok(())
     }
 

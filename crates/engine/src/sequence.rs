@@ -26,7 +26,7 @@
 //! ```
 
 use crate::cache::{KvCache, PrefillStats};
-use crate::compress::{CompressReport, Compressor, DecodeCompression};
+use crate::compress::{CompressReport, Compressor};
 use crate::generate::{GenerateParams, Generation};
 use crate::model::{Logits, Model, Segment};
 use crate::prompt::RepeatPrompts;
@@ -184,24 +184,12 @@ impl Sequence {
                 "statistics are collected before compression; use append after it".into(),
             ));
         }
-        let needs = compressor.needs();
-        if needs.reconstruction {
-            // check() refuses this; a reconstruction pass needs the whole prompt.
-            return Err(Error::Invalid(format!(
-                "{} cannot compress during prefill",
-                compressor.name()
-            )));
-        }
-        self.needs = self.needs.union(StatsNeeds {
-            reconstruction: false,
-            ..needs
-        });
+        // check() refused a reconstruction pass, which needs the whole prompt.
+        self.needs = self.needs.union(compressor.needs());
         let mut report = CompressReport {
             method: compressor.name().to_string(),
             ..Default::default()
         };
-        let mut compress_secs = 0.0;
-        let per_token = self.cache.token_bytes();
         for part in ids.chunks(chunk) {
             self.forward_collecting(model, part)?;
             let pass = compressor
@@ -210,20 +198,20 @@ impl Sequence {
             if pass.bytes_after < pass.bytes_before {
                 self.prefill_passes += 1;
             }
-            compress_secs += pass.secs;
-            let heads = model.cfg.n_kv_heads;
-            report.layer_slots = pass
-                .layer_slots
-                .iter()
-                .map(|&(_, after)| (total * heads, after))
-                .collect();
+            report.secs += pass.secs;
         }
-        let targets = compressor.targets(model.cfg.n_layers, total);
-        report.bytes_before = per_token * total;
+        // Every head was uncompressed once: the whole prompt's slots and bytes.
+        let heads = model.cfg.n_kv_heads;
+        report.layer_slots = self
+            .cache
+            .layers
+            .iter()
+            .map(|l| (total * heads, l.iter().map(|h| h.len()).sum()))
+            .collect();
+        report.bytes_before = total * self.cache.token_bytes();
         report.bytes_after = self.cache.bytes();
-        report.secs = compress_secs;
         self.compressed = true;
-        self.targets = targets;
+        self.targets = compressor.targets(model.cfg.n_layers, total);
         Ok((t0.elapsed().as_secs_f64(), report))
     }
 
@@ -481,22 +469,6 @@ impl Sequence {
         self.compressed = true;
         self.targets = out.1.clone();
         Ok(out)
-    }
-
-    /// Per-layer slot targets of the last compression (empty before any).
-    pub fn targets(&self) -> &[usize] {
-        &self.targets
-    }
-
-    /// The state decoding needs to re-compress with `compressor` to the targets of the
-    /// last compression (None when it has no re-compression margin or compresses
-    /// nothing).
-    pub fn decode_compression<'c>(
-        &self,
-        compressor: &'c Compressor,
-    ) -> Option<DecodeCompression<'c>> {
-        (!compressor.is_noop() && compressor.recompress_margin.is_some() && self.compressed)
-            .then(|| DecodeCompression::new(compressor, self.targets.clone()))
     }
 
     /// The last position's logits after the latest feed or append.

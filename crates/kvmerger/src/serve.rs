@@ -93,7 +93,7 @@ pub fn run(a: ServeArgs, dir: &Path, threads: Option<usize>) -> Result<()> {
         kv_memory,
         max_queue: a.max_queue,
         max_batch: a.max_batch,
-        prefill_chunk: a.prefill_step,
+        prefill_step: a.prefill_step,
         default_max_tokens: a.default_max_tokens,
         max_tokens_limit: a.max_tokens_limit,
         max_body_bytes: max_body,

@@ -22,7 +22,7 @@ pub struct ServerConfig {
     /// Sequences decoded together in one batched step.
     pub max_batch: usize,
     /// Prompt tokens prefilled per engine step, between decode steps of running requests.
-    pub prefill_chunk: usize,
+    pub prefill_step: usize,
     /// `max_tokens` when a request gives none (clamped to the context left).
     pub default_max_tokens: usize,
     /// The largest `max_tokens` a request may ask for.
@@ -53,7 +53,7 @@ impl Default for ServerConfig {
             kv_memory: 1 << 30,
             max_queue: 64,
             max_batch: 32,
-            prefill_chunk: 128,
+            prefill_step: 128,
             default_max_tokens: 256,
             max_tokens_limit: 4096,
             max_body_bytes: 4 << 20,
@@ -82,7 +82,7 @@ impl ServerConfig {
         for (name, v) in [
             ("max queue", self.max_queue),
             ("max batch", self.max_batch),
-            ("prefill chunk", self.prefill_chunk),
+            ("prefill step", self.prefill_step),
             ("default max tokens", self.default_max_tokens),
             ("max tokens limit", self.max_tokens_limit),
             ("max body bytes", self.max_body_bytes),
@@ -91,8 +91,8 @@ impl ServerConfig {
                 return Err(format!("the {name} must be at least 1"));
             }
         }
-        if self.prefill_chunk > 4096 {
-            return Err("the prefill chunk must be at most 4096 tokens".into());
+        if self.prefill_step > 4096 {
+            return Err("the prefill step must be at most 4096 tokens".into());
         }
         if self.default_max_tokens > self.max_tokens_limit {
             return Err(format!(

@@ -144,7 +144,7 @@ pub async fn serve(
         kv_memory: cfg.kv_memory,
         max_queue: cfg.max_queue,
         max_batch: cfg.max_batch,
-        prefill_chunk: cfg.prefill_chunk,
+        prefill_step: cfg.prefill_step,
         kv_dtype: cfg.kv_dtype,
     };
     let (sched, engine) = Scheduler::start(lm.clone(), limits, metrics.clone(), pool)

@@ -8,7 +8,7 @@
 //!    prompt during prefill, see [`crate::compression::estimate`]) fits beside the
 //!    reservations of those running, within the KV memory budget;
 //! 3. build one batched forward pass: the pending token of every decoding sequence plus
-//!    prompt chunks of prefilling sequences, up to `prefill_chunk` prompt tokens per pass,
+//!    prompt chunks of prefilling sequences, up to `prefill_step` prompt tokens per pass,
 //!    so a long prompt never stalls the others for more than one chunk;
 //! 4. after the pass: a prefill that completed is compressed (its reservation falls to
 //!    its compressed bound, making room for more); every sequence samples, streams its
@@ -87,7 +87,7 @@ pub struct Limits {
     pub kv_memory: usize,
     pub max_queue: usize,
     pub max_batch: usize,
-    pub prefill_chunk: usize,
+    pub prefill_step: usize,
     pub kv_dtype: KvDtype,
 }
 
@@ -360,7 +360,7 @@ impl<'m> Engine<'m> {
     /// One batched forward pass and what follows it.
     fn step(&mut self) {
         let model = &self.lm.model;
-        let mut chunk_left = self.sched.limits.prefill_chunk;
+        let mut chunk_left = self.sched.limits.prefill_step;
         let mut order = Vec::new();
         let mut segs = Vec::new();
         let mut prompt_tokens = 0;
