@@ -85,7 +85,7 @@ pub use method::{
     HeadInput, HeadPos, HeadStats, MassCorrection, Method, Options, QueryMoments, QueryNeeds,
     StatsNeeds,
 };
-pub use recipe::{Recipe, RecipeError, ScheduleFiles};
+pub use recipe::{Protocol, Recipe, RecipeError, ScheduleFiles};
 pub use schedule::Schedule;
 pub use store::{
     dequantize_q8_0, quantize_q8_0, HeadData, HeadStore, KvDtype, KvSlice, SlotMeta, Q8_BLOCK,

@@ -25,9 +25,10 @@ use crate::method::{Method, Options};
 use crate::registry;
 use crate::schedule::Schedule;
 use crate::Error;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::str::FromStr;
 
 /// The largest re-compression margin and prefill chunk accepted (tokens).
 pub const MAX_RECIPE_TOKENS: usize = 1 << 20;
@@ -458,6 +459,45 @@ impl fmt::Display for Recipe {
             write!(f, "@{}", self.budget_text())?;
         }
         Ok(())
+    }
+}
+
+/// When a context is compressed: before its question is seen (the field's query-agnostic
+/// protocol), or with the question inside what is compressed.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Prefill the context, compress it, then append the question and answer prefix
+    /// uncompressed (the field's query-agnostic protocol).
+    #[default]
+    Agnostic,
+    /// Prefill context and question, then compress both (the question is visible to
+    /// the method, as in an observation window).
+    Aware,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Agnostic => "agnostic",
+            Protocol::Aware => "aware",
+        }
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = RecipeError;
+    fn from_str(s: &str) -> Result<Protocol, RecipeError> {
+        match s.trim() {
+            "agnostic" => Ok(Protocol::Agnostic),
+            "aware" => Ok(Protocol::Aware),
+            other => Err(RecipeError::new(
+                "protocol",
+                format!("unknown protocol '{other}' (expected agnostic or aware)"),
+            )),
+        }
     }
 }
 

@@ -210,6 +210,16 @@ impl Storage {
             }
         }
     }
+    fn shrink_to_fit(&mut self) {
+        match self {
+            Storage::F16(v) => v.shrink_to_fit(),
+            Storage::F32(v) => v.shrink_to_fit(),
+            Storage::Q8_0 { q, d, .. } => {
+                q.shrink_to_fit();
+                d.shrink_to_fit();
+            }
+        }
+    }
     fn reserve(&mut self, slots: usize, dim: usize) {
         match self {
             Storage::F16(v) => v.reserve(slots * dim),
@@ -371,6 +381,13 @@ impl HeadStore {
         self.values.truncate(len, self.dim);
         self.meta.truncate(len);
         self.biased = self.meta.iter().any(|m| m.bias != 0.0);
+    }
+
+    /// Give back the room reserved beyond the live slots (a cache kept for later).
+    pub fn shrink_to_fit(&mut self) {
+        self.keys.shrink_to_fit();
+        self.values.shrink_to_fit();
+        self.meta.shrink_to_fit();
     }
 
     /// Add `scores[i]` to the accumulated attention of slot `i`.

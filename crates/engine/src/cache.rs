@@ -36,6 +36,13 @@ impl KvCache {
         }
     }
 
+    /// Give back the room reserved beyond the live slots, in every head.
+    pub fn shrink_to_fit(&mut self) {
+        for h in self.layers.iter_mut().flatten() {
+            h.shrink_to_fit();
+        }
+    }
+
     /// Bytes held by live slots, in all heads.
     pub fn bytes(&self) -> usize {
         self.layers

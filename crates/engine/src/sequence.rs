@@ -46,6 +46,9 @@ pub struct Sequence {
     protect: usize,
     logits: Vec<f32>,
     compressed: bool,
+    /// Tokens fed when the cache was last compressed: everything from here on is held
+    /// one slot per token, exactly as fed (see [`Sequence::truncate`]).
+    compressed_end: usize,
     /// Per-layer slot targets of the last compression (they bound re-compression).
     targets: Vec<usize>,
     /// The most KV bytes the cache has held after a forward pass.
@@ -72,6 +75,7 @@ impl Sequence {
             protect: 0,
             logits: Vec::new(),
             compressed: false,
+            compressed_end: 0,
             targets: Vec::new(),
             peak_bytes: 0,
             prefill_passes: 0,
@@ -211,6 +215,7 @@ impl Sequence {
         report.bytes_before = total * self.cache.token_bytes();
         report.bytes_after = self.cache.bytes();
         self.compressed = true;
+        self.compressed_end = self.tokens.len();
         self.targets = compressor.targets(model.cfg.n_layers, total);
         Ok((t0.elapsed().as_secs_f64(), report))
     }
@@ -228,6 +233,9 @@ impl Sequence {
         let done = self.tokens.len().min(prompt.len());
         let total = prompt.len();
         let mut n = max.max(1).min(total - done);
+        // After compression, tokens are appended as they are (a question, a new turn):
+        // no statistics, no compression during prefill.
+        let compressor = compressor.filter(|_| !self.compressed);
         // Window statistics describe the end of the input they were collected for: the
         // whole prompt, or with compression during prefill the chunk that the next
         // compression ends.
@@ -238,7 +246,11 @@ impl Sequence {
             start = done - chunk_start;
             input = c.min(total - chunk_start);
         }
-        let needs = self.needs;
+        let needs = if self.compressed {
+            StatsNeeds::default()
+        } else {
+            self.needs
+        };
         Segment {
             tokens: &prompt[done..done + n],
             cache: &mut self.cache,
@@ -266,6 +278,7 @@ impl Sequence {
         self.logits = logits;
         self.note_peak();
         let done = self.tokens.len();
+        let compressor = compressor.filter(|_| !self.compressed);
         match (compressor, within_chunk(compressor)) {
             (Some(c), Some(k)) if done.is_multiple_of(k) && done < prompt.len() => {
                 let r = c.after_prefill_chunk(&mut self.cache, &mut self.stats, prompt.len())?;
@@ -313,6 +326,7 @@ impl Sequence {
         if r.is_some() {
             self.decode_stats = PrefillStats::default();
             self.decode_passes += 1;
+            self.compressed_end = self.tokens.len();
         }
         Ok(r)
     }
@@ -467,6 +481,7 @@ impl Sequence {
         let out = compressor.compress_prompt(&mut self.cache, &self.stats)?;
         self.stats.clear_slot_stats();
         self.compressed = true;
+        self.compressed_end = self.tokens.len();
         self.targets = out.1.clone();
         Ok(out)
     }
@@ -488,6 +503,42 @@ impl Sequence {
 
     pub fn is_compressed(&self) -> bool {
         self.compressed
+    }
+
+    /// Tokens fed when the cache was last compressed (0 if never): the sequence can be
+    /// cut back to any length from here on ([`Sequence::truncate`]).
+    pub fn compressed_end(&self) -> usize {
+        self.compressed_end
+    }
+
+    /// Forget every token from position `n` on, as if only the first `n` had been fed:
+    /// how a cached context is reused by a prompt that shares its first `n` tokens and
+    /// then goes another way. Only tokens appended since the last compression can be
+    /// dropped (before it, slots may stand for several tokens), so `n` must be at least
+    /// [`Sequence::compressed_end`]. The logits are gone until the next feed; the
+    /// statistics of the dropped tokens too.
+    pub fn truncate(&mut self, n: usize) -> Result<(), Error> {
+        if n < self.compressed_end || n > self.tokens.len() {
+            return Err(Error::Invalid(format!(
+                "a sequence of {} tokens, compressed up to token {}, cannot be cut back to {n}",
+                self.tokens.len(),
+                self.compressed_end
+            )));
+        }
+        if n == self.tokens.len() {
+            return Ok(());
+        }
+        for head in self.cache.layers.iter_mut().flatten() {
+            // Slots after the last compression are single tokens in position order.
+            let keep = head.meta().partition_point(|m| (m.position as usize) < n);
+            head.truncate(keep);
+        }
+        self.cache.n_seen = n;
+        self.tokens.truncate(n);
+        self.logits.clear();
+        self.stats.clear_slot_stats();
+        self.decode_stats = PrefillStats::default();
+        Ok(())
     }
 }
 

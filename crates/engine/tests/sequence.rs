@@ -297,3 +297,45 @@ fn at_half(method: &str) -> Compressor {
     )
     .unwrap()
 }
+
+/// A compressed context asked a second question: the first question's sequence (with a
+/// decoded answer) cut back to the context and given the second question reads exactly
+/// what a fresh compression of the context given that question reads.
+#[test]
+fn a_sequence_cut_back_to_its_compressed_context_answers_like_a_fresh_one() {
+    let lm = open("smollm2-135m");
+    let second = "What does Alice watch by the river?";
+    let s1 = lm.split_prompt(CONTEXT, QUESTION, "", true).unwrap();
+    let s2 = lm.split_prompt(CONTEXT, second, "", true).unwrap();
+    assert_eq!(s1.context, s2.context);
+    for method in ["keydiff", "h2o", "kvmerger"] {
+        let c = at_half(method);
+        let fresh_context = |seq: &mut Sequence| {
+            seq.feed(&lm.model, &s1.context).unwrap();
+            seq.compress(&c).unwrap();
+        };
+        let mut first = Sequence::for_compressor(&lm.model, KvDtype::F16, Some(&c));
+        fresh_context(&mut first);
+        let n = first.tokens().len();
+        assert_eq!(first.compressed_end(), n);
+        let bytes = first.kv_bytes();
+        first.append(&lm.model, &s1.question).unwrap();
+        for t in [11, 12, 13] {
+            first.step(&lm.model, t, Some(&c)).unwrap();
+        }
+        // Not into the compressed part: its slots stand for several tokens.
+        assert!(first.clone().truncate(n - 1).is_err());
+        let mut reused = first.clone();
+        reused.truncate(n).unwrap();
+        assert_eq!(reused.tokens(), &s1.context[..]);
+        assert_eq!(reused.cache.n_seen, n);
+        assert_eq!(reused.kv_bytes(), bytes, "{method}");
+        reused.append(&lm.model, &s2.question).unwrap();
+
+        let mut fresh = Sequence::for_compressor(&lm.model, KvDtype::F16, Some(&c));
+        fresh_context(&mut fresh);
+        fresh.append(&lm.model, &s2.question).unwrap();
+        assert_eq!(reused.logits(), fresh.logits(), "{method}");
+        assert_eq!(reused.cache.lengths(), fresh.cache.lengths(), "{method}");
+    }
+}

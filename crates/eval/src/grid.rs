@@ -49,42 +49,7 @@ pub struct GridSpec {
     pub protocol: Protocol,
 }
 
-/// When a configuration compresses: before the question is seen, or after.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// Prefill the context, compress it, then append the question and answer prefix
-    /// uncompressed (the field's query-agnostic protocol).
-    #[default]
-    Agnostic,
-    /// Prefill context and question, then compress both (the question is visible to
-    /// the method, as in an observation window).
-    Aware,
-}
-
-impl Protocol {
-    pub fn name(self) -> &'static str {
-        match self {
-            Protocol::Agnostic => "agnostic",
-            Protocol::Aware => "aware",
-        }
-    }
-}
-
-impl FromStr for Protocol {
-    type Err = GridError;
-    fn from_str(s: &str) -> Result<Protocol, GridError> {
-        match s.trim() {
-            "agnostic" => Ok(Protocol::Agnostic),
-            "aware" => Ok(Protocol::Aware),
-            other => Err(GridError(format!(
-                "unknown protocol '{other}' (expected agnostic or aware)"
-            ))),
-        }
-    }
-}
+pub use kvmerger_compression::Protocol;
 
 fn default_samples() -> usize {
     10

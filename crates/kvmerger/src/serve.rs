@@ -58,6 +58,17 @@ pub struct ServeArgs {
     /// finishes its previous request) before it is closed.
     #[arg(long, default_value_t = 10.0, allow_negative_numbers = true)]
     pub header_timeout: f64,
+    /// When a chat is compressed, for requests whose `kv_compression` does not say:
+    /// `aware` compresses the whole prompt; `agnostic` compresses the messages before
+    /// the last user message (a system message holding a document, earlier turns) and
+    /// appends that message uncompressed, so the compressed context can serve other
+    /// questions.
+    #[arg(long, default_value = "aware")]
+    pub protocol: String,
+    /// Keep no contexts between requests (by default a finished request's cache is
+    /// kept, within --kv-memory, for later prompts that start with the same tokens).
+    #[arg(long)]
+    pub no_context_reuse: bool,
     /// Seconds shutdown (SIGTERM, Ctrl-C) waits for running requests.
     #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
     pub shutdown_grace: f64,
@@ -101,6 +112,8 @@ pub fn run(a: ServeArgs, dir: &Path, threads: Option<usize>) -> Result<()> {
         header_timeout: secs("header-timeout", a.header_timeout)?,
         shutdown_grace: secs("shutdown-grace", a.shutdown_grace)?,
         compression,
+        protocol: a.protocol.parse().map_err(|e| anyhow!("--protocol: {e}"))?,
+        context_reuse: !a.no_context_reuse,
         kv_dtype: a.model.kv_dtype.parse().map_err(anyhow::Error::msg)?,
         threads,
     };

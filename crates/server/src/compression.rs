@@ -15,7 +15,7 @@
 
 use crate::error::ApiError;
 use kvmerger_compression::recipe::Value as RecipeValue;
-use kvmerger_compression::{Recipe, RecipeError, ScheduleFiles};
+use kvmerger_compression::{Protocol, Recipe, RecipeError, ScheduleFiles};
 use kvmerger_engine::compress::Compressor;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -53,6 +53,9 @@ impl RequestRecipe for Recipe {
                 ))
             }
         };
+        let mut map = map;
+        // When to compress is the request's, not the recipe's: see `request_protocol`.
+        map.remove("protocol");
         let mut out = self.clone();
         out.apply(&map, ScheduleFiles::Refuse)
             .map_err(param_error)?;
@@ -78,6 +81,26 @@ impl RequestRecipe for Recipe {
 }
 
 pub use kvmerger_engine::compress::{estimate, KvEstimate};
+
+/// The protocol a request's `kv_compression` names, if it names one:
+/// `{"protocol": "agnostic"}` compresses a chat's messages before its last user message
+/// and appends that message uncompressed; `"aware"` compresses the whole prompt.
+pub fn request_protocol(v: Option<&Value>) -> Result<Option<Protocol>, ApiError> {
+    let Some(p) = v.and_then(|v| v.get("protocol")) else {
+        return Ok(None);
+    };
+    match p {
+        Value::Null => Ok(None),
+        Value::String(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|e: RecipeError| ApiError::param("kv_compression.protocol", e.message)),
+        _ => Err(ApiError::param(
+            "kv_compression.protocol",
+            "kv_compression.protocol must be \"agnostic\" or \"aware\"",
+        )),
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,8 +1,8 @@
 //! What the operator decides: address, limits, KV memory budget, defaults.
 
 use crate::compression::RequestRecipe;
-use kvmerger_compression::KvDtype;
 use kvmerger_compression::Recipe;
+use kvmerger_compression::{KvDtype, Protocol};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -39,6 +39,10 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Compression applied when a request does not choose (`full`: none).
     pub compression: Recipe,
+    /// When a chat's context is compressed, for requests that do not say.
+    pub protocol: Protocol,
+    /// Keep finished requests' contexts for later prompts that start with them.
+    pub context_reuse: bool,
     pub kv_dtype: KvDtype,
     /// Engine threads (default: all cores).
     pub threads: Option<usize>,
@@ -61,6 +65,8 @@ impl Default for ServerConfig {
             header_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
             compression: Recipe::full(),
+            protocol: Protocol::Aware,
+            context_reuse: true,
             kv_dtype: KvDtype::F16,
             threads: None,
         }

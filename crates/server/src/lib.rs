@@ -20,6 +20,7 @@
 pub mod api;
 pub mod compression;
 pub mod config;
+pub mod contexts;
 pub mod error;
 pub mod metrics;
 pub mod routes;
@@ -146,6 +147,7 @@ pub async fn serve(
         max_batch: cfg.max_batch,
         prefill_step: cfg.prefill_step,
         kv_dtype: cfg.kv_dtype,
+        context_reuse: cfg.context_reuse,
     };
     let (sched, engine) = Scheduler::start(lm.clone(), limits, metrics.clone(), pool)
         .map_err(|e| format!("starting the engine thread: {e}"))?;

@@ -34,6 +34,15 @@ pub struct Metrics {
     pub first_tokens: AtomicU64,
     pub request_us: AtomicU64,
     pub requests_done: AtomicU64,
+    /// Requests that reused a cached context, and those that found none.
+    pub context_hits: AtomicU64,
+    pub context_misses: AtomicU64,
+    /// Prompt tokens not prefilled because a cached context held them.
+    pub context_tokens_reused: AtomicU64,
+    pub context_evictions: AtomicU64,
+    /// Cached contexts and the bytes they hold.
+    pub context_entries: AtomicUsize,
+    pub context_bytes: AtomicUsize,
     compression: Mutex<BTreeMap<String, MethodStats>>,
     /// (when, prompt tokens, generated tokens) per engine step, for rates.
     recent: Mutex<VecDeque<(Instant, u64, u64)>>,
@@ -166,6 +175,42 @@ impl Metrics {
             "gauge",
             "Tokens generated per second over the last 10 s, all requests together.",
             &one(tg),
+        );
+        metric(
+            "kvmerger_context_cache_hits_total",
+            "counter",
+            "Requests whose prompt started with a cached context (same recipe, same tokens).",
+            &one(c(&self.context_hits)),
+        );
+        metric(
+            "kvmerger_context_cache_misses_total",
+            "counter",
+            "Requests that found no cached context to reuse.",
+            &one(c(&self.context_misses)),
+        );
+        metric(
+            "kvmerger_context_cache_reused_tokens_total",
+            "counter",
+            "Prompt tokens not prefilled because a cached context held them.",
+            &one(c(&self.context_tokens_reused)),
+        );
+        metric(
+            "kvmerger_context_cache_evictions_total",
+            "counter",
+            "Cached contexts evicted (least recently used) to make room.",
+            &one(c(&self.context_evictions)),
+        );
+        metric(
+            "kvmerger_context_cache_entries",
+            "gauge",
+            "Cached contexts held.",
+            &one(g(&self.context_entries)),
+        );
+        metric(
+            "kvmerger_context_cache_bytes",
+            "gauge",
+            "Bytes held by cached contexts (part of the KV memory budget).",
+            &one(g(&self.context_bytes)),
         );
         metric(
             "kvmerger_queue_depth",

@@ -2,7 +2,7 @@
 //! scheduler, and answer as JSON or as server-sent events.
 
 use crate::api::{self, ChatRequest, CompletionRequest, Prompt, RawSampling, Sampling};
-use crate::compression::{estimate, RequestRecipe};
+use crate::compression::{estimate, request_protocol, RequestRecipe};
 use crate::error::ApiError;
 use crate::scheduler::{Event, Finished, Job, PromptReport};
 use crate::App;
@@ -13,7 +13,7 @@ use axum::http::{header, StatusCode, Uri};
 use axum::response::sse::{self, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use kvmerger_compression::Recipe;
+use kvmerger_compression::{Protocol, Recipe};
 use kvmerger_engine::chat::Message;
 use kvmerger_engine::compress::Compressor;
 use kvmerger_engine::generate::{GenerateParams, StopReason};
@@ -47,6 +47,8 @@ struct Request {
     sampling: Sampling,
     spec: Recipe,
     compressor: Option<Compressor>,
+    /// The protocol the request named (`kv_compression.protocol`), if any.
+    protocol: Option<Protocol>,
     stream: bool,
     include_usage: bool,
     /// The field the prompt came from, for errors about its length.
@@ -87,7 +89,7 @@ pub async fn completions(State(app): AppState, body: Result<Bytes, BytesRejectio
         }
         .validate(app.cfg.max_tokens_limit)?;
         let prompt = api::parse_prompt(&req.prompt)?;
-        let (spec, compressor) = compression(&app, req.kv_compression.as_ref())?;
+        let (spec, compressor, protocol) = compression(&app, req.kv_compression.as_ref())?;
         let stream = req.stream.unwrap_or(false);
         run(
             app.clone(),
@@ -97,6 +99,7 @@ pub async fn completions(State(app): AppState, body: Result<Bytes, BytesRejectio
                 sampling,
                 spec,
                 compressor,
+                protocol,
                 stream,
                 include_usage: include_usage(stream, req.stream_options.as_ref()),
                 prompt_param: "prompt",
@@ -165,7 +168,7 @@ pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> 
             let role = api::message_role(i, &m.role)?;
             messages.push(Message::new(role, api::message_text(i, &m.content)?));
         }
-        let (spec, compressor) = compression(&app, req.kv_compression.as_ref())?;
+        let (spec, compressor, protocol) = compression(&app, req.kv_compression.as_ref())?;
         let stream = req.stream.unwrap_or(false);
         run(
             app.clone(),
@@ -175,6 +178,7 @@ pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> 
                 sampling,
                 spec,
                 compressor,
+                protocol,
                 stream,
                 include_usage: include_usage(stream, req.stream_options.as_ref()),
                 prompt_param: "messages",
@@ -209,7 +213,10 @@ fn check_model(app: &App, model: &str) -> Result<(), ApiError> {
     }
 }
 
-fn compression(app: &App, v: Option<&Value>) -> Result<(Recipe, Option<Compressor>), ApiError> {
+type RequestCompression = (Recipe, Option<Compressor>, Option<Protocol>);
+
+fn compression(app: &App, v: Option<&Value>) -> Result<RequestCompression, ApiError> {
+    let protocol = request_protocol(v)?;
     let spec = app
         .cfg
         .compression
@@ -220,7 +227,7 @@ fn compression(app: &App, v: Option<&Value>) -> Result<(Recipe, Option<Compresso
             .check(app.sched.n_layers)
             .map_err(|e| ApiError::param("kv_compression.schedule", e.to_string()))?;
     }
-    Ok((spec, c))
+    Ok((spec, c, protocol))
 }
 
 /// Tokenize (off the async threads), check lengths and memory, queue, answer.
@@ -308,6 +315,7 @@ fn prepare(
             encode(&text, "messages")?
         }
     };
+    let (protocol, context_end) = context_split(app, &req, &prompt)?;
     if prompt.is_empty() {
         return Err(ApiError::param(req.prompt_param, "the prompt is empty"));
     }
@@ -338,7 +346,7 @@ fn prepare(
     // Settings that cannot bring this prompt to its budget are refused before the
     // prefill, not after it.
     if let Some(c) = &req.compressor {
-        c.check_prompt(lm.model.cfg.n_layers, p)
+        c.check_prompt(lm.model.cfg.n_layers, context_end)
             .map_err(|e| match e {
                 kvmerger_engine::Error::Recipe(e) => {
                     ApiError::param(format!("kv_compression.{}", e.field), e.message)
@@ -383,6 +391,11 @@ fn prepare(
     sampling
         .validate()
         .map_err(|e| ApiError::invalid(e.to_string()))?;
+    // Cached contexts are matched on everything that shapes a compressed cache.
+    let cache_key = match &req.compressor {
+        Some(_) => format!("{}|{:?}|{}", req.spec, req.spec.schedule, protocol.name()),
+        None => "full".into(),
+    };
     let mut req = req;
     let job = Job {
         prompt,
@@ -396,11 +409,67 @@ fn prepare(
         method: req.spec.method.clone(),
         budget: req.spec.budget_text(),
         estimate: est,
+        context_end,
+        protocol,
+        cache_key,
         arrived,
         deadline: arrived + app.cfg.request_timeout,
         events,
     };
     Ok((job, req))
+}
+
+/// The protocol this request is compressed under, and where its compression stops:
+/// under `agnostic` (chat only) at the start of the last user message, which is then
+/// appended uncompressed; under `aware` (or without compression) at the prompt's end.
+/// The server's default protocol applies where it can: a request that names
+/// `agnostic` and cannot be split is refused, one that only inherits it is compressed
+/// whole (and says so in its usage).
+fn context_split(app: &App, req: &Request, prompt: &[u32]) -> Result<(Protocol, usize), ApiError> {
+    let asked = req.protocol;
+    if req.compressor.is_none() || asked.unwrap_or(app.cfg.protocol) == Protocol::Aware {
+        return Ok((Protocol::Aware, prompt.len()));
+    }
+    let whole = |why: &str| {
+        if asked.is_some() {
+            Err(ApiError::param("kv_compression.protocol", why))
+        } else {
+            Ok((Protocol::Aware, prompt.len()))
+        }
+    };
+    let Input::Messages(m) = &req.input else {
+        return whole(
+            "the agnostic protocol compresses the messages before the last user message, \
+             so it needs /v1/chat/completions (or use \"aware\")",
+        );
+    };
+    let last_user = m.iter().rposition(|m| m.role == "user").unwrap_or(0);
+    if last_user == 0 {
+        return whole(
+            "the agnostic protocol compresses the messages before the last user message \
+             (a system message holding a document, or earlier turns), and this conversation \
+             has none: put the document in a message of its own, or use \"aware\"",
+        );
+    }
+    let text = app
+        .lm
+        .template
+        .render(&m[..last_user], false)
+        .map_err(|e| ApiError::param("messages", e.to_string()))?;
+    let context = app
+        .lm
+        .tokenizer
+        .encode(&text, true)
+        .map_err(|e| ApiError::param("messages", e.to_string()))?;
+    let end = context
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
+    if end == 0 || end >= prompt.len() {
+        return whole("the conversation cannot be cut before its last user message");
+    }
+    Ok((Protocol::Agnostic, end))
 }
 
 struct Meta {
@@ -423,11 +492,13 @@ fn usage(meta: &Meta, report: Option<&PromptReport>, done: &Finished) -> Value {
         "prompt_tokens": meta.prompt_tokens,
         "completion_tokens": done.completion_tokens,
         "total_tokens": meta.prompt_tokens + done.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": report.map_or(0, |r| r.cached_tokens)},
     });
     if let Some(r) = report {
         u["kv_cache"] = json!({
             "method": r.method,
             "budget": r.budget,
+            "protocol": r.protocol.name(),
             "slots_full": r.slots_full,
             "slots_kept": r.slots_kept,
             "kept_fraction": if r.slots_full == 0 { 1.0 } else { r.slots_kept as f64 / r.slots_full as f64 },

@@ -17,9 +17,10 @@
 //! Weights are read once per pass for all sequences, which is where batching wins on CPU.
 
 use crate::compression::KvEstimate;
+use crate::contexts::ContextCache;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use kvmerger_compression::KvDtype;
+use kvmerger_compression::{KvDtype, Protocol};
 use kvmerger_engine::compress::{release_freed_memory, CompressReport, Compressor};
 use kvmerger_engine::generate::{Decoder, GenerateParams, Step, StopReason};
 use kvmerger_engine::load::LoadedModel;
@@ -40,6 +41,13 @@ pub struct Job {
     pub method: String,
     pub budget: String,
     pub estimate: KvEstimate,
+    /// Where compression stops: the start of the question under the query-agnostic
+    /// protocol (the rest is appended uncompressed), the prompt's end otherwise.
+    pub context_end: usize,
+    pub protocol: Protocol,
+    /// The recipe as cached contexts are matched on (method, options, budget,
+    /// schedule, protocol).
+    pub cache_key: String,
     pub arrived: Instant,
     pub deadline: Instant,
     pub events: UnboundedSender<Event>,
@@ -61,6 +69,9 @@ pub struct PromptReport {
     pub method: String,
     pub budget: String,
     pub prompt_tokens: usize,
+    /// Leading prompt tokens taken from a cached context instead of prefilled.
+    pub cached_tokens: usize,
+    pub protocol: Protocol,
     /// Slots over every (layer, KV head) without compression, and after it.
     pub slots_full: usize,
     pub slots_kept: usize,
@@ -89,6 +100,8 @@ pub struct Limits {
     pub max_batch: usize,
     pub prefill_step: usize,
     pub kv_dtype: KvDtype,
+    /// Keep finished requests' contexts for later prompts that start with them.
+    pub context_reuse: bool,
 }
 
 #[derive(Default)]
@@ -195,12 +208,29 @@ struct Seq<'m> {
     reserved: usize,
     prefill_started: Option<Instant>,
     first_token: bool,
+    /// The cached context this sequence started from, and the prompt tokens it held.
+    source: Option<u64>,
+    cached_tokens: usize,
+    compress_ms: f64,
+}
+
+impl Seq<'_> {
+    /// Where the prompt's prefill stops next: at the context's end while the context
+    /// still has to be compressed, else at the prompt's end.
+    fn prefill_end(&self) -> usize {
+        if self.job.compressor.is_some() && !self.seq.is_compressed() {
+            self.job.context_end
+        } else {
+            self.job.prompt.len()
+        }
+    }
 }
 
 struct Engine<'m> {
     lm: &'m LoadedModel,
     sched: &'m Scheduler,
     running: Vec<Seq<'m>>,
+    contexts: ContextCache,
 }
 
 /// How a sequence left the running set.
@@ -216,6 +246,7 @@ impl<'m> Engine<'m> {
             lm,
             sched,
             running: Vec::new(),
+            contexts: ContextCache::default(),
         }
     }
 
@@ -299,18 +330,61 @@ impl<'m> Engine<'m> {
 
     fn admit(&mut self, queue: &mut VecDeque<Job>) {
         let l = self.sched.limits;
+        let token_bytes = self.sched.slot_bytes * self.sched.n_layers * self.sched.n_kv_heads;
         while self.running.len() < l.max_batch {
             let Some(job) = queue.front() else { break };
             let reserved: usize = self.running.iter().map(|s| s.reserved).sum();
+            let found = if l.context_reuse {
+                self.contexts
+                    .find(&job.cache_key, &job.prompt, job.context_end)
+            } else {
+                None
+            };
+            // A reused context needs its copy plus one slot a token for the rest.
+            let need = match &found {
+                Some(m) => m.bytes + (job.prompt.len() - m.tokens) * token_bytes,
+                None => job.estimate.prefill_peak,
+            };
+            // Room comes first from cached contexts, least recently used first (the one
+            // this job reuses last: its copy is taken before it can go).
+            let keep = found.map(|m| m.id);
+            while reserved + need + self.contexts.bytes_except(keep) > l.kv_memory
+                && self.contexts.evict_one(keep)
+            {
+                self.sched.metrics.context_evictions.fetch_add(1, Relaxed);
+            }
             // With nothing running, the first job always goes in (submission already
             // refused any that could never fit), so the queue cannot stall.
-            if !self.running.is_empty() && reserved + job.estimate.prefill_peak > l.kv_memory {
+            if !self.running.is_empty()
+                && reserved + need + self.contexts.bytes_except(keep) > l.kv_memory
+            {
                 break;
             }
             let job = queue.pop_front().expect("front exists");
-            match Decoder::new(&self.lm.tokenizer, &job.prompt, &job.params) {
-                Ok(decoder) => {
-                    let reserved = job.estimate.prefill_peak;
+            let decoder = match Decoder::new(&self.lm.tokenizer, &job.prompt, &job.params) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = job
+                        .events
+                        .send(Event::Failed(ApiError::invalid(e.to_string())));
+                    self.sched.metrics.finished("error");
+                    continue;
+                }
+            };
+            let reused = found.and_then(|m| Some((m, self.contexts.take(&m)?)));
+            let m = &self.sched.metrics;
+            let (seq, source, cached_tokens) = match reused {
+                Some((found, mut seq)) => {
+                    m.context_hits.fetch_add(1, Relaxed);
+                    m.context_tokens_reused
+                        .fetch_add(found.tokens as u64, Relaxed);
+                    seq.cache.reserve(job.prompt.len() - found.tokens);
+                    (seq, Some(found.id), found.tokens)
+                }
+                None => {
+                    if l.context_reuse {
+                        m.context_misses.fetch_add(1, Relaxed);
+                    }
                     let mut seq = Sequence::for_compressor(
                         &self.lm.model,
                         l.kv_dtype,
@@ -322,23 +396,27 @@ impl<'m> Engine<'m> {
                         Some(c) if c.prefill_chunk.is_some() => 0,
                         _ => job.prompt.len(),
                     });
-                    self.running.push(Seq {
-                        seq,
-                        phase: Phase::Prefill,
-                        decoder,
-                        reserved,
-                        prefill_started: None,
-                        first_token: false,
-                        job,
-                    });
+                    (seq, None, 0)
                 }
-                Err(e) => {
-                    let _ = job
-                        .events
-                        .send(Event::Failed(ApiError::invalid(e.to_string())));
-                    self.sched.metrics.finished("error");
-                }
+            };
+            // The copy is taken: its entry can go too if room is still short.
+            while reserved + need + self.contexts.bytes() > l.kv_memory
+                && self.contexts.evict_one(None)
+            {
+                m.context_evictions.fetch_add(1, Relaxed);
             }
+            self.running.push(Seq {
+                seq,
+                phase: Phase::Prefill,
+                decoder,
+                reserved: need,
+                prefill_started: None,
+                first_token: false,
+                source,
+                cached_tokens,
+                compress_ms: 0.0,
+                job,
+            });
         }
     }
 
@@ -389,8 +467,11 @@ impl<'m> Engine<'m> {
                         continue;
                     }
                     s.prefill_started.get_or_insert_with(Instant::now);
-                    // KVzip's reconstruction pass runs once the prompt is in (below).
-                    let seg = s.seq.prefill_segment(&s.job.prompt, chunk_left, comp);
+                    // KVzip's reconstruction pass runs once the context is in (below).
+                    let end = s.prefill_end();
+                    let seg = s
+                        .seq
+                        .prefill_segment(&s.job.prompt[..end], chunk_left, comp);
                     let n = seg.tokens.len();
                     chunk_left -= n;
                     prompt_tokens += n;
@@ -420,25 +501,36 @@ impl<'m> Engine<'m> {
             let comp = s.job.compressor.as_ref();
             let after = match s.phase {
                 Phase::Prefill => {
-                    let last = !l.is_empty();
-                    let r =
-                        s.seq
-                            .after_prefill_segment(&s.job.prompt, n, std::mem::take(&mut l), comp);
-                    if !last {
-                        // More prompt chunks to come.
-                        match r {
-                            Ok(Some(r)) => record(&self.sched.metrics, &r),
-                            Ok(None) => {}
-                            Err(e) => {
-                                exits.push((i, Exit::Failed(ApiError::internal(e.to_string()))))
-                            }
+                    let end = s.prefill_end();
+                    let r = s.seq.after_prefill_segment(
+                        &s.job.prompt[..end],
+                        n,
+                        std::mem::take(&mut l),
+                        comp,
+                    );
+                    match r {
+                        Ok(Some(r)) => record(&self.sched.metrics, &r),
+                        Ok(None) => {}
+                        Err(e) => {
+                            exits.push((i, Exit::Failed(ApiError::internal(e.to_string()))));
+                            continue;
                         }
+                    }
+                    if s.seq.tokens().len() < end {
+                        // More prompt chunks to come.
                         continue;
                     }
-                    match r {
-                        Err(e) => Err(ApiError::internal(e.to_string())),
-                        Ok(_) => finish_prefill(s, self.sched, self.lm).map(|()| None),
+                    if let Err(e) = compress_context(s, self.sched, self.lm) {
+                        exits.push((i, Exit::Failed(e)));
+                        continue;
                     }
+                    if s.seq.tokens().len() < s.job.prompt.len() {
+                        // The question, appended uncompressed in the next passes.
+                        s.reserved = reservation(s);
+                        continue;
+                    }
+                    report_prompt(s);
+                    Ok(None)
                 }
                 Phase::Decode { pending } => s
                     .seq
@@ -514,6 +606,12 @@ impl<'m> Engine<'m> {
                     m.request_us
                         .fetch_add(s.job.arrived.elapsed().as_micros() as u64, Relaxed);
                     m.requests_done.fetch_add(1, Relaxed);
+                    if self.sched.limits.context_reuse {
+                        let key = std::mem::take(&mut s.job.cache_key);
+                        let end = s.job.context_end;
+                        self.contexts
+                            .store(key, s.seq, end, s.source, s.cached_tokens);
+                    }
                 }
                 Exit::Cancelled => m.finished("cancelled"),
                 Exit::Failed(e) => {
@@ -525,7 +623,13 @@ impl<'m> Engine<'m> {
                     let _ = s.job.events.send(Event::Failed(e));
                 }
             }
-            drop(s);
+        }
+        // Kept contexts stay within what the running requests leave of the budget.
+        let reserved: usize = self.running.iter().map(|s| s.reserved).sum();
+        while reserved + self.contexts.bytes() > self.sched.limits.kv_memory
+            && self.contexts.evict_one(None)
+        {
+            m.context_evictions.fetch_add(1, Relaxed);
         }
         release_freed_memory();
         self.publish();
@@ -543,6 +647,9 @@ impl<'m> Engine<'m> {
             saved += (s.seq.cache.n_seen * per_token).saturating_sub(b);
         }
         sched.metrics.set_kv(in_use, reserved, saved);
+        let cached = self.contexts.stats();
+        sched.metrics.context_entries.store(cached.entries, Relaxed);
+        sched.metrics.context_bytes.store(cached.bytes, Relaxed);
         sched.metrics.running.store(self.running.len(), Relaxed);
         sched
             .metrics
@@ -551,8 +658,30 @@ impl<'m> Engine<'m> {
     }
 }
 
-/// The prompt is in the cache: compress it, report, shrink the reservation.
-fn finish_prefill(s: &mut Seq<'_>, sched: &Scheduler, lm: &LoadedModel) -> Result<(), ApiError> {
+/// The context is in the cache: compress it (after KVzip's reconstruction pass, when
+/// the method needs one). Nothing to do without a compressor or once compressed.
+fn compress_context(s: &mut Seq<'_>, sched: &Scheduler, lm: &LoadedModel) -> Result<(), ApiError> {
+    let Some(c) = s.job.compressor.as_ref().filter(|_| !s.seq.is_compressed()) else {
+        return Ok(());
+    };
+    let internal = |e: kvmerger_engine::Error| ApiError::internal(e.to_string());
+    if c.needs().reconstruction && !c.is_noop() {
+        // KVzip: a second pass over the context, on this sequence alone; its tokens
+        // leave the cache when it ends.
+        let prompts = lm.repeat_prompts().map_err(internal)?;
+        s.seq
+            .score_reconstruction(&lm.model, &prompts)
+            .map_err(internal)?;
+    }
+    let (report, _) = s.seq.compress(c).map_err(internal)?;
+    s.compress_ms = report.secs * 1e3;
+    record(&sched.metrics, &report);
+    Ok(())
+}
+
+/// The whole prompt is in the cache: report it and shrink the reservation to the
+/// sequence's bound.
+fn report_prompt(s: &mut Seq<'_>) {
     let prefill_ms = s
         .prefill_started
         .map(|t| t.elapsed().as_secs_f64() * 1e3)
@@ -561,41 +690,24 @@ fn finish_prefill(s: &mut Seq<'_>, sched: &Scheduler, lm: &LoadedModel) -> Resul
         .prefill_started
         .map(|t| (t - s.job.arrived).as_secs_f64() * 1e3)
         .unwrap_or(0.0);
-    // What the prompt would hold uncompressed (compression during prefill has already
-    // dropped slots).
+    // What the prompt would hold uncompressed (compression has dropped slots).
     let cache = &s.seq.cache;
     let heads: usize = cache.layers.iter().map(|l| l.len()).sum();
-    let slots_full = cache.n_seen * heads;
-    let kv_bytes_full = cache.n_seen * cache.token_bytes();
-    let mut compress_ms = 0.0;
-    if let Some(c) = &s.job.compressor {
-        let internal = |e: kvmerger_engine::Error| ApiError::internal(e.to_string());
-        if c.needs().reconstruction && !c.is_noop() {
-            // KVzip: a second pass over the prompt, on this sequence alone; its tokens
-            // leave the cache when it ends.
-            let prompts = lm.repeat_prompts().map_err(internal)?;
-            s.seq
-                .score_reconstruction(&lm.model, &prompts)
-                .map_err(internal)?;
-        }
-        let (report, _) = s.seq.compress(c).map_err(internal)?;
-        compress_ms = report.secs * 1e3;
-        record(&sched.metrics, &report);
-    }
     let _ = s.job.events.send(Event::Prefilled(PromptReport {
         method: s.job.method.clone(),
         budget: s.job.budget.clone(),
         prompt_tokens: s.job.prompt.len(),
-        slots_full,
-        slots_kept: s.seq.cache.total_slots(),
-        kv_bytes_full,
+        cached_tokens: s.cached_tokens,
+        protocol: s.job.protocol,
+        slots_full: cache.n_seen * heads,
+        slots_kept: cache.total_slots(),
+        kv_bytes_full: cache.n_seen * cache.token_bytes(),
         kv_bytes: s.seq.kv_bytes(),
         queue_ms,
         prefill_ms,
-        compress_ms,
+        compress_ms: s.compress_ms,
     }));
     s.reserved = reservation(s);
-    Ok(())
 }
 
 fn record(m: &Metrics, r: &CompressReport) {
@@ -604,10 +716,12 @@ fn record(m: &Metrics, r: &CompressReport) {
 
 /// Upper bound of this sequence's cache from now to its last token.
 fn reservation(s: &Seq<'_>) -> usize {
-    let remaining = s
+    let generated = s
         .job
         .params
         .max_tokens
         .saturating_sub(s.decoder.tokens().len());
-    s.seq.kv_bound(s.job.compressor.as_ref(), remaining)
+    let prompt = s.job.prompt.len().saturating_sub(s.seq.tokens().len());
+    s.seq
+        .kv_bound(s.job.compressor.as_ref(), generated + prompt)
 }

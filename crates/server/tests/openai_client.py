@@ -102,6 +102,26 @@ for name, extra in [("chat_stream", {}), ("chat_stream_kv", KV)]:
                  "completion_tokens": usage.completion_tokens if usage else None,
                  "kv_cache": kv(usage) if usage else None}
 
+# A document asked two questions, then a second turn: the compressed document is reused
+# (usage.prompt_tokens_details.cached_tokens), and so is the first turn.
+doc = "".join(f"Fact {i}: the {['red', 'blue', 'green'][i % 3]} door of house {i * 3 + 1} "
+              f"opens with code {1000 + i * 37}.\n" for i in range(30))
+agnostic = {"kv_compression": {"method": "keydiff", "budget": 0.5, "protocol": "agnostic"}}
+def turn(messages):
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=8,
+                                       temperature=0, extra_body=agnostic)
+    d = r.usage.prompt_tokens_details
+    return {"content": r.choices[0].message.content, "prompt_tokens": r.usage.prompt_tokens,
+            "cached_tokens": d.cached_tokens if d else None}
+system = {"role": "system", "content": "Answer from this document.\n" + doc}
+q1 = {"role": "user", "content": "Which code opens the blue door of house 4?"}
+q2 = {"role": "user", "content": "What colour is the door of house 10?"}
+first = turn([system, q1])
+second = turn([system, q2])
+again = turn([system, q1])
+followup = turn([system, q1, {"role": "assistant", "content": first["content"]}, q2])
+out["reuse"] = {"first": first, "second": second, "again": again, "followup": followup}
+
 # Stop strings and seeded sampling.
 r = client.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0,
                               stop=[" 7"])

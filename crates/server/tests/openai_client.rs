@@ -109,4 +109,21 @@ fn the_official_openai_client_works_against_the_server() {
     assert_eq!(e["bad_compression"]["param"], "kv_compression.method");
     assert_eq!(e["too_long"]["code"], "context_length_exceeded");
     assert_eq!(o["wrong_key"], 401);
+
+    // Context reuse, as the client reads it: a compressed document asked again, and
+    // the next turn of the conversation.
+    let r = &o["reuse"];
+    let n = |k: &str, f: &str| r[k][f].as_u64().unwrap_or_else(|| panic!("{k}.{f}: {r}"));
+    assert_eq!(n("first", "cached_tokens"), 0, "{r}");
+    // The document (the system message) is reused; the new question is prefilled.
+    assert!(n("second", "cached_tokens") > 500, "{r}");
+    assert!(n("second", "cached_tokens") < n("second", "prompt_tokens"));
+    // The same question again: the same answer from the reused compressed document.
+    assert!(n("again", "cached_tokens") > 500, "{r}");
+    assert_eq!(r["again"]["content"], r["first"]["content"]);
+    // The next turn reuses everything before its new question.
+    assert!(
+        n("followup", "cached_tokens") >= n("first", "prompt_tokens"),
+        "{r}"
+    );
 }
