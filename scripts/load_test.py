@@ -98,8 +98,8 @@ async def one(client, model, i, args, extra):
         return {"ok": False, "status": None, "error": repr(e), "latency": time.perf_counter() - t0}
 
 
-async def sampler(pid, base, stop, acc):
-    while not stop.is_set():
+async def sampler(pid, base, done, acc):
+    while not done.is_set():
         acc["rss_peak_kib"] = max(acc["rss_peak_kib"], rss_kib(pid))
         try:
             m = await asyncio.to_thread(metrics, base)
@@ -109,7 +109,7 @@ async def sampler(pid, base, stop, acc):
         except Exception:  # noqa: BLE001 - a missed sample is not a failure
             pass
         try:
-            await asyncio.wait_for(stop.wait(), 0.1)
+            await asyncio.wait_for(done.wait(), 0.1)
         except asyncio.TimeoutError:
             pass
 
@@ -155,14 +155,14 @@ async def main():
         rss_idle = rss_kib(server.pid)
 
         acc = {"rss_peak_kib": rss_idle}
-        stop = asyncio.Event()
-        samp = asyncio.create_task(sampler(server.pid, base, stop, acc))
+        sampling_done = asyncio.Event()
+        samp = asyncio.create_task(sampler(server.pid, base, sampling_done, acc))
         t_start = time.perf_counter()
         results = await asyncio.wait_for(
             asyncio.gather(*(one(client, args.model, i, args, extra) for i in range(args.requests))),
             args.deadline)
         wall = time.perf_counter() - t_start
-        stop.set()
+        sampling_done.set()
         await samp
 
         # Memory after: give the engine a moment to free the last caches. Contexts it

@@ -4,13 +4,12 @@ use crate::cli::{ChatArgs, Cli, Command, GenerateArgs, ModelArgs, SamplingArgs};
 use crate::fetch::Bar;
 use anyhow::{bail, Context, Result};
 use kvmerger_assets::{self as assets, ModelSource, Progress};
-use kvmerger_compression::{KvDtype, StatsNeeds};
+use kvmerger_compression::KvDtype;
 use kvmerger_engine::cache::KvCache;
 use kvmerger_engine::chat::Message;
 use kvmerger_engine::compress::Compressor;
-use kvmerger_engine::generate::{decode_with, GenerateParams, Generation};
+use kvmerger_engine::generate::{GenerateParams, Generation};
 use kvmerger_engine::load::LoadedModel;
-use kvmerger_engine::model::Logits;
 use kvmerger_engine::sampling::SamplingParams;
 use kvmerger_engine::sequence::Sequence;
 use std::io::{BufRead, Write};
@@ -214,15 +213,10 @@ pub fn compressed_sequence(
     ids: &[u32],
     protect: usize,
 ) -> Result<(Sequence, f64)> {
-    let needs = if comp.is_noop() {
-        StatsNeeds::default()
-    } else {
-        comp.needs()
-    };
     if !comp.is_noop() {
         comp.check_prompt(lm.model.cfg.n_layers, ids.len())?;
     }
-    let mut seq = Sequence::new(&lm.model, dtype, needs);
+    let mut seq = Sequence::for_compressor(&lm.model, dtype, Some(comp));
     seq.protect(protect);
     if comp.prefill_chunk.is_some() && !comp.is_noop() {
         let (prefill, report) = seq.feed_within(&lm.model, ids, comp)?;
@@ -238,7 +232,7 @@ pub fn compressed_sequence(
     let prefill = seq.feed(&lm.model, ids)?;
     if !comp.is_noop() {
         let mut scoring = 0.0;
-        if needs.reconstruction {
+        if comp.needs().reconstruction {
             scoring = seq.score_reconstruction(&lm.model, &lm.repeat_prompts()?)?;
             eprintln!(
                 "[{}] reconstruction pass: {:.2}s ({:.2}x the prefill)",
@@ -299,8 +293,9 @@ fn chat(a: ChatArgs, dir: &std::path::Path) -> Result<()> {
     if let Some(s) = &a.system {
         messages.push(Message::new("system", s));
     }
-    let mut cache = lm.model.new_cache(dtype);
-    let mut in_cache: Vec<u32> = Vec::new();
+    // The conversation so far: compressed by the recipe on the first turn, then each
+    // turn's new tokens appended (as the server's context reuse does).
+    let mut conversation: Option<Sequence> = None;
     eprintln!("chatting with {} (empty line or Ctrl-D to quit)", lm.name);
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
@@ -314,52 +309,36 @@ fn chat(a: ChatArgs, dir: &std::path::Path) -> Result<()> {
         messages.push(Message::new("user", &line));
         let text = lm.template.render(&messages, true)?;
         let ids = lm.tokenizer.encode(&text, true)?;
-        // Reuse the cached prefix when the new rendering extends what is in the cache.
-        let common = in_cache
-            .iter()
-            .zip(&ids)
-            .take_while(|(a, b)| a == b)
-            .count();
-        if common < in_cache.len() || common == ids.len() {
-            cache.clear();
-            in_cache.clear();
-        }
+        // Reuse the conversation's cache up to where the new rendering departs from it
+        // (never inside its compressed part); otherwise prefill and compress again.
+        let reused = conversation.take().and_then(|mut seq| {
+            let common = seq
+                .tokens()
+                .iter()
+                .zip(&ids)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(ids.len().saturating_sub(1));
+            (common > 0 && seq.truncate(common).is_ok()).then_some(seq)
+        });
+        let mut seq = match reused {
+            Some(mut seq) => {
+                let done = seq.tokens().len();
+                seq.append(&lm.model, &ids[done..])?;
+                seq
+            }
+            None => compressed_sequence(&lm, &comp, dtype, &ids, 0)?.0,
+        };
         let mut out = std::io::stdout().lock();
         let mut print = |s: &str| {
             let _ = out.write_all(s.as_bytes());
             let _ = out.flush();
             true
         };
-        let gen = if comp.is_noop() {
-            let new = &ids[in_cache.len()..];
-            let logits =
-                lm.model
-                    .forward(new, &mut cache, StatsNeeds::default(), None, Logits::Last)?;
-            decode_with(
-                &lm.model,
-                &lm.tokenizer,
-                &mut cache,
-                logits,
-                &ids,
-                &params,
-                None,
-                &mut print,
-            )?
-        } else {
-            // A compressed cache no longer matches the token history: prefill the whole
-            // conversation again and compress it.
-            cache.clear();
-            run_compressed(&lm, &comp, &mut cache, &ids, &params, &mut print)?.0
-        };
-        in_cache = ids.clone();
+        let gen = decode_sequence(&lm, &comp, &mut seq, &params, &mut print)?;
         drop(out);
         println!();
-        // The sampled tokens went into the cache except the last one (or a stop token).
-        in_cache.extend_from_slice(&gen.tokens[..gen.tokens.len().saturating_sub(1)]);
-        if !comp.is_noop() || cache.n_seen != in_cache.len() {
-            cache.clear();
-            in_cache.clear();
-        }
+        conversation = Some(seq);
         messages.push(Message::new("assistant", gen.text.trim()));
     }
     Ok(())

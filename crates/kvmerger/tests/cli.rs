@@ -349,3 +349,47 @@ fn a_closed_stdout_ends_generation_quietly() {
 
 /// SIGPIPE's number on Linux.
 const SIGPIPE: i32 = 13;
+
+/// `chat` compresses the conversation once and then appends each turn to it: the
+/// second turn is not prefilled and compressed again.
+#[test]
+fn chat_compresses_once_and_appends_later_turns() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvmerger"))
+        .args([
+            "chat",
+            "-m",
+            "smollm2-135m",
+            "--max-tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--method",
+            "keydiff",
+            "--budget",
+            "0.5",
+            "--system",
+            "You answer in one short sentence. The blue door's code is 4812; the red door's is 7730.",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the blue door's code?\nAnd the red door's?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let answers: Vec<&str> = std::str::from_utf8(&out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(answers.len(), 2, "{answers:?}\n{err}");
+    assert_eq!(err.matches("[keydiff] KV cache").count(), 1, "{err}");
+}
