@@ -5,7 +5,6 @@ use crate::fetch::Bar;
 use anyhow::{bail, Context, Result};
 use kvmerger_assets::{self as assets, ModelSource, Progress};
 use kvmerger_compression::KvDtype;
-use kvmerger_engine::cache::KvCache;
 use kvmerger_engine::chat::Message;
 use kvmerger_engine::compress::Compressor;
 use kvmerger_engine::generate::{GenerateParams, Generation};
@@ -267,22 +266,6 @@ pub fn decode_sequence(
         );
     }
     Ok(gen)
-}
-
-/// Prefill `ids` (collecting what the method needs), compress, and decode with
-/// re-compression when asked. Returns the generation and the prefill time.
-pub fn run_compressed(
-    lm: &LoadedModel,
-    comp: &Compressor,
-    cache: &mut KvCache,
-    ids: &[u32],
-    params: &GenerateParams,
-    on_text: &mut dyn FnMut(&str) -> bool,
-) -> Result<(Generation, f64)> {
-    let (mut seq, prefill) = compressed_sequence(lm, comp, cache.dtype, ids, 0)?;
-    let gen = decode_sequence(lm, comp, &mut seq, params, on_text)?;
-    *cache = seq.cache;
-    Ok((gen, prefill))
 }
 
 fn chat(a: ChatArgs, dir: &std::path::Path) -> Result<()> {
