@@ -135,14 +135,17 @@ def gelu_tanh(x):
     return (0.5 * x64 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64 ** 3)))).astype(np.float32)
 
 
-def rope(x, pos, base, rot_dim, neox, pos_scale=1.0):
+def rope(x, pos, base, rot_dim, neox, pos_scale=1.0, freq_factors=None):
     """x: (n_tok, n_heads, head_dim). Rotates the first rot_dim dims of each head.
 
     neox=False: rotate adjacent pairs (2i, 2i+1); neox=True: pairs (i, i + rot_dim/2).
-    Pair i uses angle pos * base^(-2i/rot_dim).
+    Pair i uses angle pos / pos_scale * base^(-2i/rot_dim) / freq_factors[i] (Llama 3's
+    rope_freqs.weight, as llama.cpp applies it).
     """
     half = rot_dim // 2
     inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2.0 / rot_dim)
+    if freq_factors is not None:
+        inv_freq = inv_freq / freq_factors.astype(np.float64)[:half]
     ang = (pos.astype(np.float64) / pos_scale)[:, None] * inv_freq[None, :]  # (n, half)
     cos = np.cos(ang)[:, None, :]
     sin = np.sin(ang)[:, None, :]
@@ -226,8 +229,9 @@ class Runner:
                 q = rmsnorm(q, m.weight(p + "attn_q_norm.weight"), m.eps)
                 k = rmsnorm(k, m.weight(p + "attn_k_norm.weight"), m.eps)
             rd = min(m.rope_dim, D)
-            q = rope(q, pos, base, rd, neox, pos_scale)
-            k = rope(k, pos, base, rd, neox, pos_scale)
+            ff = m.opt("rope_freqs.weight") if m.arch != "gemma3" else None
+            q = rope(q, pos, base, rd, neox, pos_scale, ff)
+            k = rope(k, pos, base, rd, neox, pos_scale, ff)
 
             if self.k_cache[il] is None:
                 K, V = k, v

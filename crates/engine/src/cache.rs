@@ -143,9 +143,10 @@ pub struct QueryAccum {
 }
 
 /// The rotary embedding of one layer, as the forward pass applies it to keys.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct LayerRope {
-    pub base: f32,
+    /// Each rotated pair's angle per position (the layer's base and any scaling).
+    pub inv_freq: Vec<f64>,
     pub style: RopeStyle,
 }
 

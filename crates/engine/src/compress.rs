@@ -488,7 +488,7 @@ fn query_moments(
         .iter()
         .enumerate()
         .map(|(i, &(a, b))| {
-            let inv = (rope.base as f64).powf(-2.0 * i as f64 / d as f64);
+            let inv = rope.inv_freq.get(i).copied().unwrap_or(0.0);
             let (mut c, mut s) = (0.0f64, 0.0f64);
             for p in n_seen..n_seen + future.max(1) {
                 let angle = p as f64 * inv;
@@ -588,7 +588,12 @@ mod tests {
                 heads: vec![vec![HeadAccum::default()]],
                 queries: vec![vec![acc.clone(), acc]],
                 window_rows: 0,
-                rope: vec![LayerRope { base: 100.0, style }],
+                rope: vec![LayerRope {
+                    inv_freq: (0..d / 2)
+                        .map(|i| 100f64.powf(-2.0 * i as f64 / d as f64))
+                        .collect(),
+                    style,
+                }],
                 scale: 0.25,
             };
             let (n_seen, future) = (37, 5);

@@ -29,6 +29,53 @@ pub enum RopeStyle {
     Neox,
 }
 
+/// How RoPE's frequencies are stretched so that a model reads past the context it was
+/// first trained at. Layers with their own local base (gemma3's sliding-window layers)
+/// are never scaled.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum RopeScaling {
+    #[default]
+    None,
+    /// Positions divided by `factor` (`linear`: GGUF `rope.scaling.type`, HF
+    /// `rope_scaling.rope_type`).
+    Linear { factor: f32 },
+    /// Each frequency divided by its own factor, one per rotated pair: Llama 3.1/3.2's
+    /// `llama3` scaling (GGUF `rope_freqs.weight`, or computed from config.json).
+    Frequencies(Vec<f32>),
+}
+
+/// Llama 3's per-frequency divisors (`rope_type: llama3`): frequencies whose wavelength
+/// is shorter than `original / high_freq_factor` stay, those longer than
+/// `original / low_freq_factor` are divided by `factor`, and those between are
+/// interpolated smoothly in between.
+pub fn llama3_frequency_factors(
+    head_dim: usize,
+    base: f64,
+    factor: f64,
+    low_freq_factor: f64,
+    high_freq_factor: f64,
+    original: f64,
+) -> Vec<f32> {
+    let low_wavelen = original / low_freq_factor;
+    let high_wavelen = original / high_freq_factor;
+    (0..head_dim / 2)
+        .map(|i| {
+            let freq = base.powf(-2.0 * i as f64 / head_dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let divisor = if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth =
+                    (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            };
+            divisor as f32
+        })
+        .collect()
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
     Silu,
@@ -50,6 +97,7 @@ pub struct Config {
     /// RoPE base of sliding-window layers (gemma3).
     pub rope_base_local: f32,
     pub rope_style: RopeStyle,
+    pub rope_scaling: RopeScaling,
     pub rms_eps: f32,
     /// Window of sliding-window layers, if the model has any.
     pub sliding_window: Option<usize>,
@@ -73,6 +121,24 @@ impl Config {
             self.rope_base
         }
     }
+    /// RoPE's angle per position of each rotated pair in `layer`, scaling included.
+    pub fn layer_inv_freq(&self, layer: usize) -> Vec<f64> {
+        let base = self.layer_rope_base(layer) as f64;
+        let d = self.head_dim;
+        let local = self.is_local(layer);
+        (0..d / 2)
+            .map(|i| {
+                let f = base.powf(-2.0 * i as f64 / d as f64);
+                match &self.rope_scaling {
+                    _ if local => f,
+                    RopeScaling::None => f,
+                    RopeScaling::Linear { factor } => f / *factor as f64,
+                    RopeScaling::Frequencies(v) => f / v[i] as f64,
+                }
+            })
+            .collect()
+    }
+
     pub fn group(&self) -> usize {
         self.n_heads / self.n_kv_heads
     }
@@ -125,6 +191,7 @@ impl Config {
             .get(&k("rope.freq_base"))
             .and_then(|v| v.as_f64())
             .unwrap_or(10000.0) as f32;
+        let rope_scaling = gguf_rope_scaling(f, &k)?;
         let cfg = Config {
             arch,
             n_layers: f.u64(&k("block_count"))? as usize,
@@ -141,6 +208,7 @@ impl Config {
             rope_base,
             rope_base_local: 10000.0,
             rope_style,
+            rope_scaling,
             rms_eps: f
                 .get(&k("attention.layer_norm_rms_epsilon"))
                 .and_then(|v| v.as_f64())
@@ -196,6 +264,34 @@ impl Config {
                 c.n_heads, c.head_dim
             ));
         }
+        match &c.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => {
+                if !(factor.is_finite() && *factor > 0.0 && *factor <= 1e4) {
+                    return Err(format!(
+                        "implausible linear RoPE scaling factor {factor} (expected above 0, at most 10000)"
+                    ));
+                }
+            }
+            RopeScaling::Frequencies(v) => {
+                if v.len() != c.head_dim / 2 {
+                    return Err(format!(
+                        "{} RoPE frequency factors for heads of {} dimensions (expected {})",
+                        v.len(),
+                        c.head_dim,
+                        c.head_dim / 2
+                    ));
+                }
+                if let Some(bad) = v
+                    .iter()
+                    .find(|x| !(x.is_finite() && **x > 0.0 && **x <= 1e4))
+                {
+                    return Err(format!(
+                        "implausible RoPE frequency factor {bad} (expected above 0, at most 10000)"
+                    ));
+                }
+            }
+        }
         for (what, base) in [
             ("RoPE base", c.rope_base),
             ("local RoPE base", c.rope_base_local),
@@ -223,4 +319,40 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// RoPE scaling from GGUF metadata (`rope.scaling.type`, `rope.scaling.factor`) and
+/// Llama 3's per-frequency factors (`rope_freqs.weight`).
+fn gguf_rope_scaling(f: &GgufFile, k: &dyn Fn(&str) -> String) -> Result<RopeScaling, Error> {
+    let kind = f
+        .get(&k("rope.scaling.type"))
+        .and_then(|v| v.as_str().map(str::to_string));
+    let factor = f
+        .get(&k("rope.scaling.factor"))
+        .and_then(|v| v.as_f64())
+        .unwrap_or(1.0) as f32;
+    let linear = match kind.as_deref() {
+        None | Some("none") => 1.0,
+        Some("linear") => factor,
+        Some(other) => {
+            return Err(Error::Format {
+                path: f.path.clone(),
+                msg: format!(
+                    "RoPE scaling '{other}' is not supported (supported: linear, and Llama 3's \
+                     frequency factors)"
+                ),
+            })
+        }
+    };
+    if f.tensors.contains_key("rope_freqs.weight") {
+        let v = crate::quant::QMatrix::from_gguf(f, "rope_freqs.weight")?.to_f32();
+        return Ok(RopeScaling::Frequencies(
+            v.into_iter().map(|x| x * linear).collect(),
+        ));
+    }
+    Ok(if linear == 1.0 {
+        RopeScaling::None
+    } else {
+        RopeScaling::Linear { factor: linear }
+    })
 }

@@ -370,7 +370,7 @@ impl Model {
         st.window_rows = st.window_rows.max(needs.window.unwrap_or(0));
         st.rope = (0..c.n_layers)
             .map(|l| LayerRope {
-                base: c.layer_rope_base(l),
+                inv_freq: c.layer_inv_freq(l),
                 style: c.rope_style,
             })
             .collect();
@@ -501,9 +501,9 @@ impl Model {
     /// Rotates the queries and keys by their positions (RoPE), with layer `li`'s base.
     fn rotate_queries_keys(&self, li: usize, positions: &[u32], act: &mut Activations) {
         let c = &self.cfg;
-        let base = c.layer_rope_base(li);
-        rope(&mut act.queries, positions, c.head_dim, base, c.rope_style);
-        rope(&mut act.keys, positions, c.head_dim, base, c.rope_style);
+        let inv = c.layer_inv_freq(li);
+        rope(&mut act.queries, positions, c.head_dim, &inv, c.rope_style);
+        rope(&mut act.keys, positions, c.head_dim, &inv, c.rope_style);
     }
 
     /// Appends each segment's keys and values to layer `li` of its cache: one slot per
@@ -844,11 +844,9 @@ fn add_bias(x: &mut [f32], b: Option<&[f32]>) {
 }
 
 /// Rotary position embedding, in place, on rows of heads of size `d`.
-fn rope(x: &mut [f32], positions: &[u32], d: usize, base: f32, style: RopeStyle) {
+/// `inv[i]` is pair i's angle per position ([`Config::layer_inv_freq`]).
+fn rope(x: &mut [f32], positions: &[u32], d: usize, inv: &[f64], style: RopeStyle) {
     let half = d / 2;
-    let inv: Vec<f64> = (0..half)
-        .map(|i| (base as f64).powf(-2.0 * i as f64 / d as f64))
-        .collect();
     let per_tok = x.len() / positions.len();
     let mut cs = vec![(0.0f32, 0.0f32); half];
     for (row, &pos) in x.chunks_mut(per_tok).zip(positions) {

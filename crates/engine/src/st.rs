@@ -1,7 +1,7 @@
 //! Hugging Face-style model directories: config.json and one or more *.safetensors
 //! files in f32, f16 or bf16.
 
-use crate::config::{Activation, Arch, Config, RopeStyle};
+use crate::config::{llama3_frequency_factors, Activation, Arch, Config, RopeScaling, RopeStyle};
 use crate::model::WeightSource;
 use crate::quant::QMatrix;
 use crate::Error;
@@ -288,6 +288,8 @@ pub fn config_from_json(path: &Path) -> Result<Config, Error> {
         .map(|v| v as usize)
         .unwrap_or(hidden / n_heads.max(1));
     let gemma = arch == Arch::Gemma3;
+    let rope_scaling =
+        hf_rope_scaling(j, head_dim, f("rope_theta", 10000.0)).map_err(|m| format(path, m))?;
     let cfg = Config {
         arch,
         n_layers: u("num_hidden_layers")?,
@@ -308,6 +310,7 @@ pub fn config_from_json(path: &Path) -> Result<Config, Error> {
         rope_base: f("rope_theta", 10000.0) as f32,
         rope_base_local: f("rope_local_base_freq", 10000.0) as f32,
         rope_style: RopeStyle::Neox,
+        rope_scaling,
         rms_eps: f("rms_norm_eps", 1e-6) as f32,
         sliding_window: if gemma {
             Some(
@@ -332,4 +335,53 @@ pub fn config_from_json(path: &Path) -> Result<Config, Error> {
     };
     cfg.validate().map_err(|m| format(path, m))?;
     Ok(cfg)
+}
+
+/// config.json's `rope_scaling`: absent, null or `default` for none; `linear`
+/// (`factor`); `llama3` (`factor`, `low_freq_factor`, `high_freq_factor`,
+/// `original_max_position_embeddings`). Any other kind is refused by name rather than
+/// run with the wrong positions.
+fn hf_rope_scaling(
+    j: &serde_json::Value,
+    head_dim: usize,
+    base: f64,
+) -> Result<RopeScaling, String> {
+    let Some(r) = j.get("rope_scaling").filter(|v| !v.is_null()) else {
+        return Ok(RopeScaling::None);
+    };
+    let kind = r
+        .get("rope_type")
+        .or_else(|| r.get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let num = |k: &str| -> Result<f64, String> {
+        r.get(k)
+            .and_then(|v| v.as_f64())
+            .ok_or_else(|| format!("config.json: rope_scaling '{kind}' needs a number '{k}'"))
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")? as f32,
+        }),
+        "llama3" => {
+            let (factor, low, high) = (
+                num("factor")?,
+                num("low_freq_factor")?,
+                num("high_freq_factor")?,
+            );
+            let original = num("original_max_position_embeddings")?;
+            if !(high > low && low > 0.0 && original >= 1.0 && factor > 0.0) {
+                return Err(format!(
+                    "config.json: rope_scaling llama3 needs high_freq_factor > low_freq_factor > 0, a positive factor and original_max_position_embeddings >= 1 (got {high}, {low}, {factor}, {original})"
+                ));
+            }
+            Ok(RopeScaling::Frequencies(llama3_frequency_factors(
+                head_dim, base, factor, low, high, original,
+            )))
+        }
+        other => Err(format!(
+            "config.json: RoPE scaling '{other}' is not supported (supported: linear, llama3)"
+        )),
+    }
 }

@@ -1,0 +1,425 @@
+//! RoPE scaling against the independent numpy reference (scripts/reference_forward.py),
+//! on tiny random-weight llama models (2 layers, heads of 16 dimensions, so that eight
+//! frequencies span short and long wavelengths), at positions well past the scaling's
+//! original context of 32 tokens: Llama 3's per-frequency factors (`rope_freqs.weight`)
+//! and linear scaling, from GGUF files; and config.json's `rope_scaling` giving the same
+//! logits as the GGUF of the same weights.
+
+mod common;
+
+use common::{write_gguf, Meta};
+use kvmerger_compression::{KvDtype, StatsNeeds};
+use kvmerger_engine::load::LoadedModel;
+use kvmerger_engine::model::Logits;
+use std::path::Path;
+
+const HIDDEN: usize = 32;
+const HEADS: usize = 2;
+const KV_HEADS: usize = 1;
+const HEAD_DIM: usize = 16;
+const FFN: usize = 48;
+const VOCAB: usize = 8;
+const LAYERS: usize = 2;
+const BASE: f64 = 10000.0;
+/// Llama 3's settings, scaled down: the original context, the factor and the
+/// wavelength thresholds (original / 1 and original / 4).
+const ORIGINAL: f64 = 32.0;
+const FACTOR: f64 = 8.0;
+const LOW: f64 = 1.0;
+const HIGH: f64 = 4.0;
+const TOKENS: usize = 160;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.8
+    }
+}
+
+/// Llama 3's divisors, written out here from the published formula (Meta's reference
+/// code), apart from the engine's: 1 for wavelengths under original/high, `factor`
+/// over original/low, and in between 1 / ((1 - s) / factor + s) with
+/// s = (original / wavelength - low) / (high - low).
+fn llama3_factors() -> Vec<f32> {
+    (0..HEAD_DIM / 2)
+        .map(|i| {
+            let wavelength =
+                2.0 * std::f64::consts::PI * BASE.powf(2.0 * i as f64 / HEAD_DIM as f64);
+            if wavelength < ORIGINAL / HIGH {
+                1.0
+            } else if wavelength > ORIGINAL / LOW {
+                FACTOR as f32
+            } else {
+                let s = (ORIGINAL / wavelength - LOW) / (HIGH - LOW);
+                (1.0 / ((1.0 - s) / FACTOR + s)) as f32
+            }
+        })
+        .collect()
+}
+
+/// (GGUF name, HF name, rows, cols, values), rows = 1 for vectors; Q and K rows in HF
+/// order (rotated as (i, i + d/2) pairs).
+fn weights() -> Vec<(String, String, usize, usize, Vec<f32>)> {
+    let mut r = Rng(7);
+    let mut vec = |n: usize| (0..n).map(|_| r.next()).collect::<Vec<f32>>();
+    let ones = |n: usize| vec![1.0f32; n];
+    let mut w = vec![(
+        "token_embd.weight".to_string(),
+        "model.embed_tokens.weight".to_string(),
+        VOCAB,
+        HIDDEN,
+        vec(VOCAB * HIDDEN),
+    )];
+    for l in 0..LAYERS {
+        let g = |s: &str| format!("blk.{l}.{s}");
+        let h = |s: &str| format!("model.layers.{l}.{s}");
+        w.push((
+            g("attn_norm.weight"),
+            h("input_layernorm.weight"),
+            1,
+            HIDDEN,
+            ones(HIDDEN),
+        ));
+        w.push((
+            g("attn_q.weight"),
+            h("self_attn.q_proj.weight"),
+            HEADS * HEAD_DIM,
+            HIDDEN,
+            vec(HEADS * HEAD_DIM * HIDDEN),
+        ));
+        w.push((
+            g("attn_k.weight"),
+            h("self_attn.k_proj.weight"),
+            KV_HEADS * HEAD_DIM,
+            HIDDEN,
+            vec(KV_HEADS * HEAD_DIM * HIDDEN),
+        ));
+        w.push((
+            g("attn_v.weight"),
+            h("self_attn.v_proj.weight"),
+            KV_HEADS * HEAD_DIM,
+            HIDDEN,
+            vec(KV_HEADS * HEAD_DIM * HIDDEN),
+        ));
+        w.push((
+            g("attn_output.weight"),
+            h("self_attn.o_proj.weight"),
+            HIDDEN,
+            HEADS * HEAD_DIM,
+            vec(HIDDEN * HEADS * HEAD_DIM),
+        ));
+        w.push((
+            g("ffn_norm.weight"),
+            h("post_attention_layernorm.weight"),
+            1,
+            HIDDEN,
+            ones(HIDDEN),
+        ));
+        w.push((
+            g("ffn_gate.weight"),
+            h("mlp.gate_proj.weight"),
+            FFN,
+            HIDDEN,
+            vec(FFN * HIDDEN),
+        ));
+        w.push((
+            g("ffn_up.weight"),
+            h("mlp.up_proj.weight"),
+            FFN,
+            HIDDEN,
+            vec(FFN * HIDDEN),
+        ));
+        w.push((
+            g("ffn_down.weight"),
+            h("mlp.down_proj.weight"),
+            HIDDEN,
+            FFN,
+            vec(HIDDEN * FFN),
+        ));
+    }
+    w.push((
+        "output_norm.weight".into(),
+        "model.norm.weight".into(),
+        1,
+        HIDDEN,
+        ones(HIDDEN),
+    ));
+    w
+}
+
+/// HF row order (head, j * d/2 + i) to GGUF's (head, 2i + j).
+fn permute(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; w.len()];
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..HEAD_DIM / 2 {
+                let src = h * HEAD_DIM + j * HEAD_DIM / 2 + i;
+                let dst = h * HEAD_DIM + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+enum Scaling {
+    None,
+    Llama3,
+    Linear(f32),
+    /// `rope.scaling.type` set to this, factor 4.
+    Kind(&'static str),
+}
+
+fn write_gguf_model(path: &Path, scaling: &Scaling) {
+    let tokens: Vec<String> = (0..VOCAB).map(|i| format!("t{i}")).collect();
+    let mut meta = vec![
+        ("general.architecture", Meta::Str("llama".into())),
+        ("llama.block_count", Meta::U32(LAYERS as u32)),
+        ("llama.embedding_length", Meta::U32(HIDDEN as u32)),
+        ("llama.feed_forward_length", Meta::U32(FFN as u32)),
+        ("llama.attention.head_count", Meta::U32(HEADS as u32)),
+        ("llama.attention.head_count_kv", Meta::U32(KV_HEADS as u32)),
+        ("llama.context_length", Meta::U32(256)),
+        ("llama.rope.freq_base", Meta::F32(BASE as f32)),
+        ("llama.attention.layer_norm_rms_epsilon", Meta::F32(1e-5)),
+        ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
+        ("tokenizer.ggml.tokens", Meta::StrArr(tokens)),
+        ("tokenizer.ggml.merges", Meta::StrArr(vec![])),
+    ];
+    let (kind, factor) = match scaling {
+        Scaling::Linear(f) => ("linear", *f),
+        Scaling::Kind(k) => (*k, 4.0),
+        _ => ("none", 1.0),
+    };
+    if kind != "none" {
+        meta.push(("llama.rope.scaling.type", Meta::Str(kind.into())));
+        meta.push(("llama.rope.scaling.factor", Meta::F32(factor)));
+    }
+    let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let mut tensors: Vec<(&str, Vec<u64>, u32, Vec<u8>)> = weights()
+        .into_iter()
+        .map(|(gg, _, rows, cols, data)| {
+            let data = if gg.ends_with("attn_q.weight") {
+                permute(&data, HEADS, cols)
+            } else if gg.ends_with("attn_k.weight") {
+                permute(&data, KV_HEADS, cols)
+            } else {
+                data
+            };
+            let dims = if rows == 1 {
+                vec![cols as u64]
+            } else {
+                vec![cols as u64, rows as u64]
+            };
+            let name: &'static str = Box::leak(gg.into_boxed_str());
+            (name, dims, 0u32, bytes(&data))
+        })
+        .collect();
+    if let Scaling::Llama3 = scaling {
+        tensors.push((
+            "rope_freqs.weight",
+            vec![(HEAD_DIM / 2) as u64],
+            0,
+            bytes(&llama3_factors()),
+        ));
+    }
+    write_gguf(path, &meta, &tensors);
+}
+
+/// The same weights as a Hugging Face directory, `rope_scaling` set as for Llama 3.1.
+fn write_hf_dir(dir: &Path, rope_scaling: &str) {
+    std::fs::write(
+        dir.join("config.json"),
+        format!(
+            r#"{{"model_type": "llama", "hidden_size": {HIDDEN}, "num_hidden_layers": {LAYERS},
+               "num_attention_heads": {HEADS}, "num_key_value_heads": {KV_HEADS}, "intermediate_size": {FFN},
+               "vocab_size": {VOCAB}, "max_position_embeddings": 256, "rope_theta": {BASE},
+               "rms_norm_eps": 1e-5, "tie_word_embeddings": true, "rope_scaling": {rope_scaling}}}"#
+        ),
+    )
+    .unwrap();
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..VOCAB)
+        .map(|i| (format!("t{i}"), serde_json::json!(i)))
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "vocab": vocab, "merges": []}});
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (_, hf, rows, cols, w) in weights() {
+        let start = data.len();
+        w.iter()
+            .for_each(|x| data.extend_from_slice(&x.to_le_bytes()));
+        let shape = if rows == 1 {
+            vec![cols]
+        } else {
+            vec![rows, cols]
+        };
+        header.insert(
+            hf,
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let h = serde_json::to_vec(&header).unwrap();
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&h);
+    bytes.extend_from_slice(&data);
+    std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+}
+
+fn ids() -> Vec<u32> {
+    (0..TOKENS)
+        .map(|i| ((i * 5 + i / 7) % VOCAB) as u32)
+        .collect()
+}
+
+fn engine_logits(path: &Path) -> Vec<f32> {
+    let lm = LoadedModel::open(path).unwrap();
+    let mut cache = lm.model.new_cache(KvDtype::F32);
+    lm.model
+        .forward(&ids(), &mut cache, StatsNeeds::default(), None, Logits::All)
+        .unwrap()
+}
+
+fn numpy_logits(path: &Path) -> Vec<f32> {
+    let dir = path.parent().unwrap();
+    let out = dir.join("reference.f32");
+    let ids: Vec<String> = ids().iter().map(|i| i.to_string()).collect();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/reference_forward.py"
+    );
+    let status = std::process::Command::new("python3")
+        .arg(script)
+        .arg(path)
+        .arg("--ids")
+        .arg(ids.join(","))
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("python3 must be installed to run the reference");
+    assert!(
+        status.success(),
+        "the numpy reference failed (pip install -r scripts/requirements-reference.txt)"
+    );
+    std::fs::read(&out)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// The largest difference between two logit sets, relative to the largest logit.
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / scale
+}
+
+#[test]
+fn llama3_frequency_factors_and_linear_scaling_match_the_numpy_reference_past_the_original_context()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let mut all = Vec::new();
+    for (name, scaling) in [
+        ("none", Scaling::None),
+        ("llama3", Scaling::Llama3),
+        ("linear", Scaling::Linear(4.0)),
+    ] {
+        let path = dir.path().join(format!("{name}.gguf"));
+        write_gguf_model(&path, &scaling);
+        let got = engine_logits(&path);
+        let want = numpy_logits(&path);
+        assert_eq!(got.len(), TOKENS * VOCAB);
+        let d = max_rel_diff(&got, &want);
+        eprintln!("{name}: largest logit difference {d:.2e} of the largest logit");
+        assert!(d < 1e-4, "{name}: {d}");
+        all.push(got);
+    }
+    // Each scaling changes the logits past the original context (and the test would
+    // catch a scaling that is read but not applied).
+    let late = (ORIGINAL as usize + 8) * VOCAB;
+    for (i, name) in [(1, "llama3"), (2, "linear")] {
+        assert!(
+            max_rel_diff(&all[i][late..], &all[0][late..]) > 1e-2,
+            "{name} changed nothing"
+        );
+    }
+}
+
+#[test]
+fn config_json_rope_scaling_gives_the_logits_of_the_gguf_of_the_same_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    for (scaling, json) in [
+        (
+            Scaling::Llama3,
+            format!(
+                r#"{{"rope_type": "llama3", "factor": {FACTOR}, "low_freq_factor": {LOW},
+                   "high_freq_factor": {HIGH}, "original_max_position_embeddings": {ORIGINAL}}}"#
+            ),
+        ),
+        (
+            Scaling::Linear(4.0),
+            r#"{"type": "linear", "factor": 4.0}"#.to_string(),
+        ),
+        (Scaling::None, "null".to_string()),
+    ] {
+        let gguf = dir.path().join("model.gguf");
+        write_gguf_model(&gguf, &scaling);
+        let hf = dir.path().join("hf");
+        std::fs::create_dir_all(&hf).unwrap();
+        write_hf_dir(&hf, &json);
+        let d = max_rel_diff(&engine_logits(&hf), &engine_logits(&gguf));
+        assert!(d < 1e-5, "{json}: {d}");
+    }
+}
+
+#[test]
+fn unsupported_rope_scaling_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    for (json, needle) in [
+        (
+            r#"{"rope_type": "yarn", "factor": 4.0}"#,
+            "'yarn' is not supported",
+        ),
+        (
+            r#"{"rope_type": "dynamic", "factor": 4.0}"#,
+            "'dynamic' is not supported",
+        ),
+        (
+            r#"{"rope_type": "llama3", "factor": 8.0}"#,
+            "low_freq_factor",
+        ),
+        (
+            r#"{"rope_type": "linear", "factor": -2.0}"#,
+            "linear RoPE scaling factor",
+        ),
+    ] {
+        write_hf_dir(dir.path(), json);
+        let e = LoadedModel::open(dir.path())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains(needle), "{json}: {e}");
+    }
+    // A GGUF naming a scaling the engine does not implement.
+    let path = dir.path().join("yarn.gguf");
+    write_gguf_model(&path, &Scaling::Kind("yarn"));
+    let e = LoadedModel::open(&path).err().expect("refused").to_string();
+    assert!(e.contains("'yarn' is not supported"), "{e}");
+}
