@@ -6,7 +6,7 @@ shares no code with the engine. It reads a GGUF file with the `gguf` package,
 dequantizes the weights to float32 with `gguf.quants.dequantize`, and runs a
 plain numpy forward pass (causal attention, no quantized arithmetic).
 
-Supported architectures: llama (e.g. SmolLM2), qwen2, gemma3.
+Supported architectures: llama (e.g. SmolLM2), qwen2, qwen3, gemma3.
 
 Usage:
     python3 scripts/reference_forward.py MODEL.gguf (--ids 1,2,3 | --ids-file F)
@@ -44,7 +44,7 @@ class Model:
         self.reader = gguf.GGUFReader(path)
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.arch = self.meta("general.architecture")
-        if self.arch not in ("llama", "qwen2", "gemma3"):
+        if self.arch not in ("llama", "qwen2", "qwen3", "gemma3"):
             raise SystemExit(f"unsupported architecture: {self.arch}")
         a = self.arch
         self.n_layer = int(self.meta(f"{a}.block_count"))
@@ -189,7 +189,7 @@ class Runner:
     def layer_params(self, il):
         m = self.m
         is_gemma = m.arch == "gemma3"
-        neox = m.arch in ("qwen2", "gemma3")
+        neox = m.arch in ("qwen2", "qwen3", "gemma3")
         base = m.rope_base
         window = None
         pos_scale = 1.0

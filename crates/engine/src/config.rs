@@ -7,6 +7,8 @@ use crate::Error;
 pub enum Arch {
     Llama,
     Qwen2,
+    /// Qwen3 (dense): qwen2 with an RMS norm on each query and key head, no biases.
+    Qwen3,
     Gemma3,
 }
 
@@ -15,6 +17,7 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3",
         }
     }
@@ -148,6 +151,7 @@ impl Config {
         let arch = match arch_name.as_str() {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
             "gemma3" => Arch::Gemma3,
             _ => return Err(Error::UnsupportedArchitecture(arch_name)),
         };
@@ -175,7 +179,7 @@ impl Config {
         };
         let (rope_style, activation, embed_scale, sliding_window) = match arch {
             Arch::Llama => (RopeStyle::Adjacent, Activation::Silu, 1.0, None),
-            Arch::Qwen2 => (RopeStyle::Neox, Activation::Silu, 1.0, None),
+            Arch::Qwen2 | Arch::Qwen3 => (RopeStyle::Neox, Activation::Silu, 1.0, None),
             Arch::Gemma3 => (
                 RopeStyle::Neox,
                 Activation::GeluTanh,

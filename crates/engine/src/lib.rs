@@ -6,7 +6,7 @@
 //! - [`gguf`] (and `safetensors` directories): model files; [`config`]: hyperparameters;
 //! - [`quant`]: block formats and the quantized matrix kernels;
 //! - [`tokenizer`] and [`chat`]: text to ids and back, chat templates;
-//! - [`model`]: the forward pass (llama, qwen2, gemma3), [`attention`] and [`kernels`];
+//! - [`model`]: the forward pass (llama, qwen2, qwen3, gemma3), [`attention`] and [`kernels`];
 //! - [`cache`]: the KV cache, one store per (layer, KV head);
 //! - [`sampling`] and [`generate`]: decoding;
 //! - [`sequence`]: one sequence's cache, statistics and compression, fed a context and
@@ -48,7 +48,7 @@ pub enum Error {
     MissingTensor { path: PathBuf, name: String },
     #[error("tensor '{tensor}' has unsupported type {ty}")]
     UnsupportedTensorType { tensor: String, ty: String },
-    #[error("unsupported architecture '{0}' (supported: llama, qwen2, gemma3)")]
+    #[error("unsupported architecture '{0}' (supported: llama, qwen2, qwen3, gemma3)")]
     UnsupportedArchitecture(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -1,4 +1,4 @@
-//! The forward pass of llama, qwen2 and gemma3 models, over the engine's KV cache.
+//! The forward pass of llama, qwen2, qwen3 and gemma3 models, over the engine's KV cache.
 
 use crate::attention::{attend, HeadRows, LayerAttn, StatsRequest};
 use crate::cache::{HeadAccum, KvCache, LayerRope, PrefillStats, QueryAccum};
@@ -121,6 +121,7 @@ impl Model {
         for l in 0..c.n_layers {
             let n = |s: &str| format!("blk.{l}.{s}");
             let gemma = c.arch == Arch::Gemma3;
+            let head_norms = gemma || c.arch == Arch::Qwen3;
             layers.push(Layer {
                 attn_norm: vec(&n("attn_norm.weight"), c.hidden)?,
                 wq: mat(&n("attn_q.weight"), qd, c.hidden)?,
@@ -130,12 +131,12 @@ impl Model {
                 bq: opt_vec(&n("attn_q.bias"), qd)?,
                 bk: opt_vec(&n("attn_k.bias"), kd)?,
                 bv: opt_vec(&n("attn_v.bias"), kd)?,
-                q_norm: if gemma {
+                q_norm: if head_norms {
                     Some(vec(&n("attn_q_norm.weight"), c.head_dim)?)
                 } else {
                     None
                 },
-                k_norm: if gemma {
+                k_norm: if head_norms {
                     Some(vec(&n("attn_k_norm.weight"), c.head_dim)?)
                 } else {
                     None

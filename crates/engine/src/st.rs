@@ -265,6 +265,7 @@ pub fn config_from_json(path: &Path) -> Result<Config, Error> {
     let arch = match model_type {
         "llama" | "mistral" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
+        "qwen3" => Arch::Qwen3,
         "gemma3" | "gemma3_text" => Arch::Gemma3,
         other => return Err(Error::UnsupportedArchitecture(other.to_string())),
     };

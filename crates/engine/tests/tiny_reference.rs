@@ -1,9 +1,11 @@
-//! RoPE scaling against the independent numpy reference (scripts/reference_forward.py),
-//! on tiny random-weight llama models (2 layers, heads of 16 dimensions, so that eight
-//! frequencies span short and long wavelengths), at positions well past the scaling's
-//! original context of 32 tokens: Llama 3's per-frequency factors (`rope_freqs.weight`)
-//! and linear scaling, from GGUF files; and config.json's `rope_scaling` giving the same
-//! logits as the GGUF of the same weights.
+//! Tiny random-weight models against the independent numpy reference
+//! (scripts/reference_forward.py), for what no downloadable test model covers: RoPE
+//! scaling and the qwen3 architecture. 2 layers, heads of 16 dimensions (so that eight
+//! frequencies span short and long wavelengths), 160 positions, well past the scaling's
+//! original context of 32 tokens:
+//! - Llama 3's per-frequency factors (`rope_freqs.weight`) and linear scaling, from GGUF;
+//! - config.json's `rope_scaling` gives the logits of the GGUF of the same weights;
+//! - qwen3 (an RMS norm on every query and key head), from GGUF and from config.json.
 
 mod common;
 
@@ -63,7 +65,7 @@ fn llama3_factors() -> Vec<f32> {
 
 /// (GGUF name, HF name, rows, cols, values), rows = 1 for vectors; Q and K rows in HF
 /// order (rotated as (i, i + d/2) pairs).
-fn weights() -> Vec<(String, String, usize, usize, Vec<f32>)> {
+fn weights(arch: &str) -> Vec<(String, String, usize, usize, Vec<f32>)> {
     let mut r = Rng(7);
     let mut vec = |n: usize| (0..n).map(|_| r.next()).collect::<Vec<f32>>();
     let ones = |n: usize| vec![1.0f32; n];
@@ -112,6 +114,18 @@ fn weights() -> Vec<(String, String, usize, usize, Vec<f32>)> {
             HEADS * HEAD_DIM,
             vec(HIDDEN * HEADS * HEAD_DIM),
         ));
+        if arch == "qwen3" {
+            for (gg, hf) in [("attn_q_norm", "q_norm"), ("attn_k_norm", "k_norm")] {
+                let w1: Vec<f32> = vec(HEAD_DIM).into_iter().map(|x| 1.0 + x).collect();
+                w.push((
+                    g(&format!("{gg}.weight")),
+                    h(&format!("self_attn.{hf}.weight")),
+                    1,
+                    HEAD_DIM,
+                    w1,
+                ));
+            }
+        }
         w.push((
             g("ffn_norm.weight"),
             h("post_attention_layernorm.weight"),
@@ -174,18 +188,20 @@ enum Scaling {
     Kind(&'static str),
 }
 
-fn write_gguf_model(path: &Path, scaling: &Scaling) {
+fn write_gguf_model(path: &Path, arch: &str, scaling: &Scaling) {
+    let k = |s: &str| -> &'static str { Box::leak(format!("{arch}.{s}").into_boxed_str()) };
     let tokens: Vec<String> = (0..VOCAB).map(|i| format!("t{i}")).collect();
     let mut meta = vec![
-        ("general.architecture", Meta::Str("llama".into())),
-        ("llama.block_count", Meta::U32(LAYERS as u32)),
-        ("llama.embedding_length", Meta::U32(HIDDEN as u32)),
-        ("llama.feed_forward_length", Meta::U32(FFN as u32)),
-        ("llama.attention.head_count", Meta::U32(HEADS as u32)),
-        ("llama.attention.head_count_kv", Meta::U32(KV_HEADS as u32)),
-        ("llama.context_length", Meta::U32(256)),
-        ("llama.rope.freq_base", Meta::F32(BASE as f32)),
-        ("llama.attention.layer_norm_rms_epsilon", Meta::F32(1e-5)),
+        ("general.architecture", Meta::Str(arch.into())),
+        (k("block_count"), Meta::U32(LAYERS as u32)),
+        (k("embedding_length"), Meta::U32(HIDDEN as u32)),
+        (k("feed_forward_length"), Meta::U32(FFN as u32)),
+        (k("attention.head_count"), Meta::U32(HEADS as u32)),
+        (k("attention.head_count_kv"), Meta::U32(KV_HEADS as u32)),
+        (k("attention.key_length"), Meta::U32(HEAD_DIM as u32)),
+        (k("context_length"), Meta::U32(256)),
+        (k("rope.freq_base"), Meta::F32(BASE as f32)),
+        (k("attention.layer_norm_rms_epsilon"), Meta::F32(1e-5)),
         ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
         ("tokenizer.ggml.tokens", Meta::StrArr(tokens)),
         ("tokenizer.ggml.merges", Meta::StrArr(vec![])),
@@ -196,14 +212,19 @@ fn write_gguf_model(path: &Path, scaling: &Scaling) {
         _ => ("none", 1.0),
     };
     if kind != "none" {
-        meta.push(("llama.rope.scaling.type", Meta::Str(kind.into())));
-        meta.push(("llama.rope.scaling.factor", Meta::F32(factor)));
+        meta.push((k("rope.scaling.type"), Meta::Str(kind.into())));
+        meta.push((k("rope.scaling.factor"), Meta::F32(factor)));
     }
     let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let mut tensors: Vec<(&str, Vec<u64>, u32, Vec<u8>)> = weights()
+    // Llama GGUFs rotate adjacent pairs, with Q and K rows permuted to match; qwen
+    // GGUFs keep Hugging Face's order.
+    let llama = arch == "llama";
+    let mut tensors: Vec<(&str, Vec<u64>, u32, Vec<u8>)> = weights(arch)
         .into_iter()
         .map(|(gg, _, rows, cols, data)| {
-            let data = if gg.ends_with("attn_q.weight") {
+            let data = if !llama {
+                data
+            } else if gg.ends_with("attn_q.weight") {
                 permute(&data, HEADS, cols)
             } else if gg.ends_with("attn_k.weight") {
                 permute(&data, KV_HEADS, cols)
@@ -231,11 +252,11 @@ fn write_gguf_model(path: &Path, scaling: &Scaling) {
 }
 
 /// The same weights as a Hugging Face directory, `rope_scaling` set as for Llama 3.1.
-fn write_hf_dir(dir: &Path, rope_scaling: &str) {
+fn write_hf_dir(dir: &Path, arch: &str, rope_scaling: &str) {
     std::fs::write(
         dir.join("config.json"),
         format!(
-            r#"{{"model_type": "llama", "hidden_size": {HIDDEN}, "num_hidden_layers": {LAYERS},
+            r#"{{"model_type": "{arch}", "hidden_size": {HIDDEN}, "num_hidden_layers": {LAYERS}, "head_dim": {HEAD_DIM},
                "num_attention_heads": {HEADS}, "num_key_value_heads": {KV_HEADS}, "intermediate_size": {FFN},
                "vocab_size": {VOCAB}, "max_position_embeddings": 256, "rope_theta": {BASE},
                "rms_norm_eps": 1e-5, "tie_word_embeddings": true, "rope_scaling": {rope_scaling}}}"#
@@ -256,7 +277,7 @@ fn write_hf_dir(dir: &Path, rope_scaling: &str) {
     std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
     let mut header = serde_json::Map::new();
     let mut data = Vec::new();
-    for (_, hf, rows, cols, w) in weights() {
+    for (_, hf, rows, cols, w) in weights(arch) {
         let start = data.len();
         w.iter()
             .for_each(|x| data.extend_from_slice(&x.to_le_bytes()));
@@ -342,7 +363,7 @@ fn llama3_frequency_factors_and_linear_scaling_match_the_numpy_reference_past_th
         ("linear", Scaling::Linear(4.0)),
     ] {
         let path = dir.path().join(format!("{name}.gguf"));
-        write_gguf_model(&path, &scaling);
+        write_gguf_model(&path, "llama", &scaling);
         let got = engine_logits(&path);
         let want = numpy_logits(&path);
         assert_eq!(got.len(), TOKENS * VOCAB);
@@ -380,10 +401,10 @@ fn config_json_rope_scaling_gives_the_logits_of_the_gguf_of_the_same_weights() {
         (Scaling::None, "null".to_string()),
     ] {
         let gguf = dir.path().join("model.gguf");
-        write_gguf_model(&gguf, &scaling);
+        write_gguf_model(&gguf, "llama", &scaling);
         let hf = dir.path().join("hf");
         std::fs::create_dir_all(&hf).unwrap();
-        write_hf_dir(&hf, &json);
+        write_hf_dir(&hf, "llama", &json);
         let d = max_rel_diff(&engine_logits(&hf), &engine_logits(&gguf));
         assert!(d < 1e-5, "{json}: {d}");
     }
@@ -410,7 +431,7 @@ fn unsupported_rope_scaling_is_refused_by_name() {
             "linear RoPE scaling factor",
         ),
     ] {
-        write_hf_dir(dir.path(), json);
+        write_hf_dir(dir.path(), "llama", json);
         let e = LoadedModel::open(dir.path())
             .err()
             .expect("refused")
@@ -419,7 +440,27 @@ fn unsupported_rope_scaling_is_refused_by_name() {
     }
     // A GGUF naming a scaling the engine does not implement.
     let path = dir.path().join("yarn.gguf");
-    write_gguf_model(&path, &Scaling::Kind("yarn"));
+    write_gguf_model(&path, "llama", &Scaling::Kind("yarn"));
     let e = LoadedModel::open(&path).err().expect("refused").to_string();
     assert!(e.contains("'yarn' is not supported"), "{e}");
+}
+
+#[test]
+fn qwen3_with_its_per_head_query_and_key_norms_matches_the_numpy_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("qwen3.gguf");
+    write_gguf_model(&gguf, "qwen3", &Scaling::None);
+    assert_eq!(
+        LoadedModel::open(&gguf).unwrap().model.cfg.arch.name(),
+        "qwen3"
+    );
+    let got = engine_logits(&gguf);
+    let d = max_rel_diff(&got, &numpy_logits(&gguf));
+    eprintln!("qwen3: largest logit difference {d:.2e} of the largest logit");
+    assert!(d < 1e-4, "{d}");
+    let hf = dir.path().join("hf");
+    std::fs::create_dir_all(&hf).unwrap();
+    write_hf_dir(&hf, "qwen3", "null");
+    let d = max_rel_diff(&engine_logits(&hf), &got);
+    assert!(d < 1e-5, "config.json against GGUF: {d}");
 }
