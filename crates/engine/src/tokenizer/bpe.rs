@@ -68,6 +68,10 @@ pub(crate) const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s
 pub(crate) const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+";
 pub(crate) const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+";
 pub(crate) const DIGITS: &str = r"\p{N}";
+/// Falcon's: runs of punctuation first, then the GPT-2 pattern, then runs of ASCII
+/// digits cut into threes from the left.
+pub(crate) const PUNCTUATION: &str = r"[\p{P}\$\+<=>\^~\|`]+";
+pub(crate) const DIGIT_TRIPLES: &str = r"[0-9][0-9][0-9]";
 
 /// How a stage's whitespace-only matches are trimmed (see above).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -103,7 +107,9 @@ impl PreTokenizer {
     /// - `qwen2`, `stablelm2`, `hunyuan`: the Qwen2 pattern (single digits,
     ///   case-insensitive contractions, newlines kept with punctuation);
     /// - `llama3`, `llama-bpe`, `dbrx`, `smaug-bpe`: the Llama 3 pattern (digits
-    ///   in groups of up to three).
+    ///   in groups of up to three);
+    /// - `falcon`: punctuation runs, then the GPT-2 pattern, then ASCII digits in
+    ///   threes.
     ///
     /// Any other name gets the GPT-2 pattern: it is the common ancestor of the
     /// others, so unknown vocabularies still encode and decode losslessly, if
@@ -118,6 +124,14 @@ impl PreTokenizer {
             "llama3" | "llama-bpe" | "dbrx" | "smaug-bpe" => {
                 (&[(LLAMA3, Trim::WithoutNewline)], "llama3".into())
             }
+            "falcon" => (
+                &[
+                    (PUNCTUATION, Trim::Never),
+                    gpt2,
+                    (DIGIT_TRIPLES, Trim::Never),
+                ],
+                "falcon".into(),
+            ),
             other => (&[gpt2], format!("gpt2 (for unknown '{other}')")),
         };
         let stages = stages
@@ -361,7 +375,7 @@ mod tests {
     /// The reference pattern of a stage: the fast one with the lookahead
     /// branch put back.
     fn reference(p: &str) -> String {
-        if p == DIGITS {
+        if [DIGITS, PUNCTUATION, DIGIT_TRIPLES].contains(&p) {
             return p.to_string();
         }
         let head = p.strip_suffix(r"\s+").unwrap();
@@ -405,11 +419,12 @@ mod tests {
             state ^= state << 17;
             (state % n as u64) as usize
         };
-        let configs: [(&str, &[&str]); 4] = [
+        let configs: [(&str, &[&str]); 5] = [
             ("gpt2", &[GPT2]),
             ("smollm", &[DIGITS, GPT2]),
             ("qwen2", &[QWEN2]),
             ("llama3", &[LLAMA3]),
+            ("falcon", &[PUNCTUATION, GPT2, DIGIT_TRIPLES]),
         ];
         for (name, patterns) in configs {
             let fast = PreTokenizer::for_name(name).unwrap();
