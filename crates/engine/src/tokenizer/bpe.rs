@@ -104,7 +104,7 @@ impl PreTokenizer {
     /// - `gpt2`, `default`, `mpt`, `olmo`, `jais`: the GPT-2 pattern;
     /// - `smollm`, `starcoder`, `refact`, `command-r`, `codeshell`, `exaone`,
     ///   `minerva-7b`: every digit alone, then the GPT-2 pattern;
-    /// - `qwen2`, `stablelm2`, `hunyuan`: the Qwen2 pattern (single digits,
+    /// - `qwen2`, `qwen35`, `stablelm2`, `hunyuan`: the Qwen2 pattern (single digits,
     ///   case-insensitive contractions, newlines kept with punctuation);
     /// - `llama3`, `llama-bpe`, `dbrx`, `smaug-bpe`: the Llama 3 pattern (digits
     ///   in groups of up to three);
@@ -120,7 +120,9 @@ impl PreTokenizer {
             "gpt2" | "gpt-2" | "default" | "mpt" | "olmo" | "jais" => (&[gpt2], "gpt2".into()),
             "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
             | "minerva-7b" => (&[(DIGITS, Trim::Never), gpt2], "digits+gpt2".into()),
-            "qwen2" | "stablelm2" | "hunyuan" => (&[(QWEN2, Trim::WithoutNewline)], "qwen2".into()),
+            "qwen2" | "qwen35" | "stablelm2" | "hunyuan" => {
+                (&[(QWEN2, Trim::WithoutNewline)], "qwen2".into())
+            }
             "llama3" | "llama-bpe" | "dbrx" | "smaug-bpe" => {
                 (&[(LLAMA3, Trim::WithoutNewline)], "llama3".into())
             }
