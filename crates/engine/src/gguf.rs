@@ -355,6 +355,26 @@ impl GgufFile {
                 "tensors '{a}' and '{b}' overlap in the file (corrupt tensor directory)"
             )));
         }
+        // Writers lay tensors out one after another, each padded to the alignment. A
+        // gap wider than the padding means a type or shape in the directory does not
+        // match the data written: typically a type id changed to a smaller type, whose
+        // bytes would otherwise be read as that type without a word.
+        let mut spans: Vec<(usize, usize, &str)> = tensors
+            .values()
+            .map(|t| (t.offset, t.offset + t.size, t.name.as_str()))
+            .collect();
+        spans.sort_unstable();
+        for w in spans.windows(2) {
+            let padded = w[0].1.div_ceil(alignment) * alignment;
+            if w[1].0 > padded {
+                return Err(r.err(&format!(
+                    "tensor '{}' ends {} bytes before the next one, '{}', begins: its type or shape in the tensor directory does not match the data (corrupt or altered file)",
+                    w[0].2,
+                    w[1].0 - w[0].1,
+                    w[1].2
+                )));
+            }
+        }
         Ok(GgufFile {
             path: path.to_path_buf(),
             version,

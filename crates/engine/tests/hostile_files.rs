@@ -150,6 +150,28 @@ fn misaligned_overlapping_or_repeated_tensors_are_refused() {
     assert!(e.contains("listed twice"), "{e}");
 }
 
+/// A type id changed to a smaller type (F32 to F16 here): the tensor still fits the
+/// file, but its bytes would be read as the other type. The gap it leaves before the
+/// next tensor gives it away.
+#[test]
+fn a_tensor_whose_type_was_changed_to_a_smaller_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.gguf");
+    let (meta, mut tensors) = tiny_llama_parts("llama", true);
+    let q = tensors
+        .iter()
+        .position(|t| t.0 == "blk.0.attn_q.weight")
+        .unwrap();
+    tensors[q].2 = 1;
+    write_gguf(&p, &meta, &tensors);
+    let e = open_err(&p);
+    assert!(
+        e.contains("'blk.0.attn_q.weight' ends 128 bytes before"),
+        "{e}"
+    );
+    assert!(e.contains("does not match the data"), "{e}");
+}
+
 #[test]
 fn a_fifo_or_a_device_is_refused_as_a_model_without_blocking() {
     let dir = tempfile::tempdir().unwrap();
