@@ -59,6 +59,11 @@ class Model:
         self.n_ff = int(self.meta(f"{a}.feed_forward_length"))
         self.rope_scaling_type = self.meta(f"{a}.rope.scaling.type", None)
         self.rope_scaling_factor = float(self.meta(f"{a}.rope.scaling.factor", 1.0) or 1.0)
+        # YaRN (rope.scaling.type = yarn): the original context and the ramp's bounds.
+        self.yarn_original = self.meta(f"{a}.rope.scaling.original_context_length", None)
+        self.yarn_beta_fast = float(self.meta(f"{a}.rope.scaling.yarn_beta_fast", 32.0))
+        self.yarn_beta_slow = float(self.meta(f"{a}.rope.scaling.yarn_beta_slow", 1.0))
+        self.yarn_attn_factor = float(self.meta(f"{a}.rope.scaling.attn_factor", 1.0))
         # Gemma3 specifics
         self.sliding_window = self.meta(f"{a}.attention.sliding_window", None)
         self.rope_local_base = float(self.meta(f"{a}.rope.local.freq_base",
@@ -135,7 +140,23 @@ def gelu_tanh(x):
     return (0.5 * x64 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64 ** 3)))).astype(np.float32)
 
 
-def rope(x, pos, base, rot_dim, neox, pos_scale=1.0, freq_factors=None):
+def yarn_inv_freq(base, dim, factor, original, beta_fast, beta_slow):
+    """YaRN's frequencies (arXiv 2309.00071): interpolated below the ramp, kept above."""
+    def corr_dim(rotations):
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+    low = max(math.floor(corr_dim(beta_fast)), 0)
+    high = min(math.ceil(corr_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (factor * pos_freqs)
+    keep = 1.0 - ramp
+    return interpolation * (1.0 - keep) + extrapolation * keep
+
+
+def rope(x, pos, base, rot_dim, neox, pos_scale=1.0, freq_factors=None, yarn=None):
     """x: (n_tok, n_heads, head_dim). Rotates the first rot_dim dims of each head.
 
     neox=False: rotate adjacent pairs (2i, 2i+1); neox=True: pairs (i, i + rot_dim/2).
@@ -146,9 +167,14 @@ def rope(x, pos, base, rot_dim, neox, pos_scale=1.0, freq_factors=None):
     inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2.0 / rot_dim)
     if freq_factors is not None:
         inv_freq = inv_freq / freq_factors.astype(np.float64)[:half]
+    mscale = 1.0
+    if yarn is not None:
+        factor, original, beta_fast, beta_slow, attn_factor = yarn
+        inv_freq = yarn_inv_freq(base, rot_dim, factor, original, beta_fast, beta_slow)
+        mscale = attn_factor * (0.1 * math.log(factor) + 1.0)
     ang = (pos.astype(np.float64) / pos_scale)[:, None] * inv_freq[None, :]  # (n, half)
-    cos = np.cos(ang)[:, None, :]
-    sin = np.sin(ang)[:, None, :]
+    cos = np.cos(ang)[:, None, :] * mscale
+    sin = np.sin(ang)[:, None, :] * mscale
     x64 = x.astype(np.float64)
     out = x64.copy()
     if neox:
@@ -230,8 +256,12 @@ class Runner:
                 k = rmsnorm(k, m.weight(p + "attn_k_norm.weight"), m.eps)
             rd = min(m.rope_dim, D)
             ff = m.opt("rope_freqs.weight") if m.arch != "gemma3" else None
-            q = rope(q, pos, base, rd, neox, pos_scale, ff)
-            k = rope(k, pos, base, rd, neox, pos_scale, ff)
+            yarn = None
+            if m.rope_scaling_type == "yarn" and m.arch != "gemma3":
+                yarn = (m.rope_scaling_factor, float(m.yarn_original), m.yarn_beta_fast,
+                        m.yarn_beta_slow, m.yarn_attn_factor)
+            q = rope(q, pos, base, rd, neox, pos_scale, ff, yarn)
+            k = rope(k, pos, base, rd, neox, pos_scale, ff, yarn)
 
             if self.k_cache[il] is None:
                 K, V = k, v

@@ -147,6 +147,8 @@ pub struct QueryAccum {
 pub struct LayerRope {
     /// Each rotated pair's angle per position (the layer's base and any scaling).
     pub inv_freq: Vec<f64>,
+    /// The factor on the rotated vectors' length (YaRN's; 1 otherwise).
+    pub mscale: f64,
     pub style: RopeStyle,
 }
 

@@ -495,7 +495,7 @@ fn query_moments(
                 c += angle.cos();
                 s += angle.sin();
             }
-            (a, b, c / k, s / k)
+            (a, b, rope.mscale * c / k, rope.mscale * s / k)
         })
         .collect();
     // x -> R x on a strided vector (`at(i)` is element i).
@@ -592,6 +592,7 @@ mod tests {
                     inv_freq: (0..d / 2)
                         .map(|i| 100f64.powf(-2.0 * i as f64 / d as f64))
                         .collect(),
+                    mscale: 1.0,
                     style,
                 }],
                 scale: 0.25,

@@ -45,6 +45,49 @@ pub enum RopeScaling {
     /// Each frequency divided by its own factor, one per rotated pair: Llama 3.1/3.2's
     /// `llama3` scaling (GGUF `rope_freqs.weight`, or computed from config.json).
     Frequencies(Vec<f32>),
+    /// YaRN (Qwen2.5's long-context setting): frequencies that turn fewer than
+    /// `beta_slow` times over the original context are interpolated (divided by
+    /// `factor`), those that turn more than `beta_fast` times are kept, with a linear
+    /// ramp between; rotated queries and keys are scaled by `mscale`
+    /// (0.1 ln factor + 1 unless the model says otherwise).
+    Yarn {
+        factor: f32,
+        original: usize,
+        beta_fast: f32,
+        beta_slow: f32,
+        mscale: f32,
+    },
+}
+
+/// YaRN's angle per position of each rotated pair (the formula of the YaRN paper,
+/// arXiv 2309.00071, as Hugging Face and llama.cpp compute it).
+pub fn yarn_inv_freq(
+    head_dim: usize,
+    base: f64,
+    factor: f64,
+    original: f64,
+    beta_fast: f64,
+    beta_slow: f64,
+) -> Vec<f64> {
+    let d = head_dim as f64;
+    // The pair index at which a frequency turns `rotations` times over the original
+    // context.
+    let pair = |rotations: f64| {
+        d * (original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln())
+    };
+    let half = head_dim / 2;
+    let low = pair(beta_fast).floor().max(0.0);
+    let high = pair(beta_slow).ceil().min(head_dim as f64 - 1.0);
+    let span = if high == low { 0.001 } else { high - low };
+    (0..half)
+        .map(|i| {
+            let extrapolated = base.powf(-2.0 * i as f64 / d);
+            let interpolated = extrapolated / factor;
+            // 0 below `low` (keep the frequency), 1 above `high` (interpolate it).
+            let ramp = ((i as f64 - low) / span).clamp(0.0, 1.0);
+            extrapolated * (1.0 - ramp) + interpolated * ramp
+        })
+        .collect()
 }
 
 /// Llama 3's per-frequency divisors (`rope_type: llama3`): frequencies whose wavelength
@@ -124,8 +167,9 @@ impl Config {
             self.rope_base
         }
     }
-    /// RoPE's angle per position of each rotated pair in `layer`, scaling included.
-    pub fn layer_inv_freq(&self, layer: usize) -> Vec<f64> {
+    /// RoPE's angle per position of each rotated pair in `layer`, with the scalings
+    /// that only change frequencies (YaRN: see [`Config::layer_rope`]).
+    fn scaled_inv_freq(&self, layer: usize) -> Vec<f64> {
         let base = self.layer_rope_base(layer) as f64;
         let d = self.head_dim;
         let local = self.is_local(layer);
@@ -134,12 +178,43 @@ impl Config {
                 let f = base.powf(-2.0 * i as f64 / d as f64);
                 match &self.rope_scaling {
                     _ if local => f,
-                    RopeScaling::None => f,
+                    RopeScaling::None | RopeScaling::Yarn { .. } => f,
                     RopeScaling::Linear { factor } => f / *factor as f64,
                     RopeScaling::Frequencies(v) => f / v[i] as f64,
                 }
             })
             .collect()
+    }
+
+    /// RoPE's angles per position for `layer` with YaRN applied, when the model uses it.
+    fn yarn_layer(&self, layer: usize) -> Option<(Vec<f64>, f32)> {
+        match &self.rope_scaling {
+            RopeScaling::Yarn {
+                factor,
+                original,
+                beta_fast,
+                beta_slow,
+                mscale,
+            } if !self.is_local(layer) => Some((
+                yarn_inv_freq(
+                    self.head_dim,
+                    self.layer_rope_base(layer) as f64,
+                    *factor as f64,
+                    *original as f64,
+                    *beta_fast as f64,
+                    *beta_slow as f64,
+                ),
+                *mscale,
+            )),
+            _ => None,
+        }
+    }
+
+    /// The angles per position of `layer`'s rotated pairs and the factor on the rotated
+    /// vectors' length (1 but for YaRN).
+    pub fn layer_rope(&self, layer: usize) -> (Vec<f64>, f32) {
+        self.yarn_layer(layer)
+            .unwrap_or_else(|| (self.scaled_inv_freq(layer), 1.0))
     }
 
     pub fn group(&self) -> usize {
@@ -277,6 +352,27 @@ impl Config {
                     ));
                 }
             }
+            RopeScaling::Yarn {
+                factor,
+                original,
+                beta_fast,
+                beta_slow,
+                mscale,
+            } => {
+                let ok = |x: f32, lo: f32, hi: f32| x.is_finite() && x > lo && x <= hi;
+                if !(ok(*factor, 0.0, 1e4)
+                    && ok(*beta_fast, 0.0, 1e4)
+                    && ok(*beta_slow, 0.0, 1e4)
+                    && beta_fast > beta_slow
+                    && ok(*mscale, 0.0, 100.0)
+                    && *original >= 1
+                    && *original <= 1 << 24)
+                {
+                    return Err(format!(
+                        "implausible YaRN settings: factor {factor}, original context {original}, beta_fast {beta_fast}, beta_slow {beta_slow}, mscale {mscale}"
+                    ));
+                }
+            }
             RopeScaling::Frequencies(v) => {
                 if v.len() != c.head_dim / 2 {
                     return Err(format!(
@@ -338,12 +434,34 @@ fn gguf_rope_scaling(f: &GgufFile, k: &dyn Fn(&str) -> String) -> Result<RopeSca
     let linear = match kind.as_deref() {
         None | Some("none") => 1.0,
         Some("linear") => factor,
+        Some("yarn") => {
+            let num = |key: &str, default: f64| {
+                f.get(&k(key)).and_then(|v| v.as_f64()).unwrap_or(default)
+            };
+            let original = f
+                .get(&k("rope.scaling.original_context_length"))
+                .and_then(|v| v.as_u64())
+                .ok_or_else(|| Error::Format {
+                    path: f.path.clone(),
+                    msg: "YaRN RoPE scaling needs rope.scaling.original_context_length".into(),
+                })?;
+            // llama.cpp's convention: the model's own attention factor (1 unless
+            // given) times YaRN's 0.1 ln(factor) + 1.
+            let mscale = num("rope.scaling.attn_factor", 1.0) * (0.1 * (factor as f64).ln() + 1.0);
+            return Ok(RopeScaling::Yarn {
+                factor,
+                original: original as usize,
+                beta_fast: num("rope.scaling.yarn_beta_fast", 32.0) as f32,
+                beta_slow: num("rope.scaling.yarn_beta_slow", 1.0) as f32,
+                mscale: mscale as f32,
+            });
+        }
         Some(other) => {
             return Err(Error::Format {
                 path: f.path.clone(),
                 msg: format!(
-                    "RoPE scaling '{other}' is not supported (supported: linear, and Llama 3's \
-                     frequency factors)"
+                    "RoPE scaling '{other}' is not supported (supported: linear, yarn, and \
+                     Llama 3's frequency factors)"
                 ),
             })
         }

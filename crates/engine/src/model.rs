@@ -371,7 +371,8 @@ impl Model {
         st.window_rows = st.window_rows.max(needs.window.unwrap_or(0));
         st.rope = (0..c.n_layers)
             .map(|l| LayerRope {
-                inv_freq: c.layer_inv_freq(l),
+                inv_freq: c.layer_rope(l).0,
+                mscale: c.layer_rope(l).1 as f64,
                 style: c.rope_style,
             })
             .collect();
@@ -502,9 +503,21 @@ impl Model {
     /// Rotates the queries and keys by their positions (RoPE), with layer `li`'s base.
     fn rotate_queries_keys(&self, li: usize, positions: &[u32], act: &mut Activations) {
         let c = &self.cfg;
-        let inv = c.layer_inv_freq(li);
-        rope(&mut act.queries, positions, c.head_dim, &inv, c.rope_style);
-        rope(&mut act.keys, positions, c.head_dim, &inv, c.rope_style);
+        let (inv, mscale) = c.layer_rope(li);
+        rope(
+            &mut act.queries,
+            positions,
+            c.head_dim,
+            (&inv, mscale),
+            c.rope_style,
+        );
+        rope(
+            &mut act.keys,
+            positions,
+            c.head_dim,
+            (&inv, mscale),
+            c.rope_style,
+        );
     }
 
     /// Appends each segment's keys and values to layer `li` of its cache: one slot per
@@ -845,15 +858,22 @@ fn add_bias(x: &mut [f32], b: Option<&[f32]>) {
 }
 
 /// Rotary position embedding, in place, on rows of heads of size `d`.
-/// `inv[i]` is pair i's angle per position ([`Config::layer_inv_freq`]).
-fn rope(x: &mut [f32], positions: &[u32], d: usize, inv: &[f64], style: RopeStyle) {
+/// `inv[i]` is pair i's angle per position and `mscale` the factor on the rotated
+/// vectors (YaRN's; 1 otherwise): [`Config::layer_rope`].
+fn rope(
+    x: &mut [f32],
+    positions: &[u32],
+    d: usize,
+    (inv, mscale): (&[f64], f32),
+    style: RopeStyle,
+) {
     let half = d / 2;
     let per_tok = x.len() / positions.len();
     let mut cs = vec![(0.0f32, 0.0f32); half];
     for (row, &pos) in x.chunks_mut(per_tok).zip(positions) {
         for (i, c) in cs.iter_mut().enumerate() {
             let a = pos as f64 * inv[i];
-            *c = (a.cos() as f32, a.sin() as f32);
+            *c = (a.cos() as f32 * mscale, a.sin() as f32 * mscale);
         }
         for h in row.chunks_mut(d) {
             for (i, &(cos, sin)) in cs.iter().enumerate() {

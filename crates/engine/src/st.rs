@@ -340,8 +340,10 @@ pub fn config_from_json(path: &Path) -> Result<Config, Error> {
 
 /// config.json's `rope_scaling`: absent, null or `default` for none; `linear`
 /// (`factor`); `llama3` (`factor`, `low_freq_factor`, `high_freq_factor`,
-/// `original_max_position_embeddings`). Any other kind is refused by name rather than
-/// run with the wrong positions.
+/// `original_max_position_embeddings`); `yarn` (`factor`,
+/// `original_max_position_embeddings`, optional `beta_fast`, `beta_slow`,
+/// `attention_factor`). Any other kind is refused by name rather than run with the
+/// wrong positions.
 fn hf_rope_scaling(
     j: &serde_json::Value,
     head_dim: usize,
@@ -381,8 +383,29 @@ fn hf_rope_scaling(
                 head_dim, base, factor, low, high, original,
             )))
         }
+        "yarn" => {
+            if r.get("mscale").is_some() || r.get("mscale_all_dim").is_some() {
+                return Err(
+                    "config.json: rope_scaling yarn with mscale/mscale_all_dim (DeepSeek's variant) is not supported".into(),
+                );
+            }
+            let factor = num("factor")?;
+            let original = r
+                .get("original_max_position_embeddings")
+                .or_else(|| j.get("original_max_position_embeddings"))
+                .and_then(|v| v.as_f64())
+                .ok_or("config.json: rope_scaling 'yarn' needs original_max_position_embeddings")?;
+            let opt = |k: &str, d: f64| r.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
+            Ok(RopeScaling::Yarn {
+                factor: factor as f32,
+                original: original.max(0.0) as usize,
+                beta_fast: opt("beta_fast", 32.0) as f32,
+                beta_slow: opt("beta_slow", 1.0) as f32,
+                mscale: opt("attention_factor", 0.1 * factor.ln() + 1.0) as f32,
+            })
+        }
         other => Err(format!(
-            "config.json: RoPE scaling '{other}' is not supported (supported: linear, llama3)"
+            "config.json: RoPE scaling '{other}' is not supported (supported: linear, llama3, yarn)"
         )),
     }
 }

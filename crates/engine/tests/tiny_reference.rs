@@ -3,7 +3,8 @@
 //! scaling and the qwen3 architecture. 2 layers, heads of 16 dimensions (so that eight
 //! frequencies span short and long wavelengths), 160 positions, well past the scaling's
 //! original context of 32 tokens:
-//! - Llama 3's per-frequency factors (`rope_freqs.weight`) and linear scaling, from GGUF;
+//! - Llama 3's per-frequency factors (`rope_freqs.weight`), YaRN and linear scaling,
+//!   from GGUF;
 //! - config.json's `rope_scaling` gives the logits of the GGUF of the same weights;
 //! - qwen3 (an RMS norm on every query and key head), from GGUF and from config.json.
 
@@ -186,6 +187,8 @@ enum Scaling {
     Linear(f32),
     /// `rope.scaling.type` set to this, factor 4.
     Kind(&'static str),
+    /// YaRN with factor 4 over the original context.
+    Yarn,
 }
 
 fn write_gguf_model(path: &Path, arch: &str, scaling: &Scaling) {
@@ -209,11 +212,18 @@ fn write_gguf_model(path: &Path, arch: &str, scaling: &Scaling) {
     let (kind, factor) = match scaling {
         Scaling::Linear(f) => ("linear", *f),
         Scaling::Kind(k) => (*k, 4.0),
+        Scaling::Yarn => ("yarn", 4.0),
         _ => ("none", 1.0),
     };
     if kind != "none" {
         meta.push((k("rope.scaling.type"), Meta::Str(kind.into())));
         meta.push((k("rope.scaling.factor"), Meta::F32(factor)));
+    }
+    if let Scaling::Yarn = scaling {
+        meta.push((
+            k("rope.scaling.original_context_length"),
+            Meta::U32(ORIGINAL as u32),
+        ));
     }
     let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     // Llama GGUFs rotate adjacent pairs, with Q and K rows permuted to match; qwen
@@ -353,14 +363,14 @@ fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[test]
-fn llama3_frequency_factors_and_linear_scaling_match_the_numpy_reference_past_the_original_context()
-{
+fn llama3_yarn_and_linear_scaling_match_the_numpy_reference_past_the_original_context() {
     let dir = tempfile::tempdir().unwrap();
     let mut all = Vec::new();
     for (name, scaling) in [
         ("none", Scaling::None),
         ("llama3", Scaling::Llama3),
         ("linear", Scaling::Linear(4.0)),
+        ("yarn", Scaling::Yarn),
     ] {
         let path = dir.path().join(format!("{name}.gguf"));
         write_gguf_model(&path, "llama", &scaling);
@@ -375,7 +385,7 @@ fn llama3_frequency_factors_and_linear_scaling_match_the_numpy_reference_past_th
     // Each scaling changes the logits past the original context (and the test would
     // catch a scaling that is read but not applied).
     let late = (ORIGINAL as usize + 8) * VOCAB;
-    for (i, name) in [(1, "llama3"), (2, "linear")] {
+    for (i, name) in [(1, "llama3"), (2, "linear"), (3, "yarn")] {
         assert!(
             max_rel_diff(&all[i][late..], &all[0][late..]) > 1e-2,
             "{name} changed nothing"
@@ -398,6 +408,12 @@ fn config_json_rope_scaling_gives_the_logits_of_the_gguf_of_the_same_weights() {
             Scaling::Linear(4.0),
             r#"{"type": "linear", "factor": 4.0}"#.to_string(),
         ),
+        (
+            Scaling::Yarn,
+            format!(
+                r#"{{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": {ORIGINAL}}}"#
+            ),
+        ),
         (Scaling::None, "null".to_string()),
     ] {
         let gguf = dir.path().join("model.gguf");
@@ -415,8 +431,12 @@ fn unsupported_rope_scaling_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     for (json, needle) in [
         (
+            r#"{"rope_type": "longrope", "factor": 4.0}"#,
+            "'longrope' is not supported",
+        ),
+        (
             r#"{"rope_type": "yarn", "factor": 4.0}"#,
-            "'yarn' is not supported",
+            "original_max_position_embeddings",
         ),
         (
             r#"{"rope_type": "dynamic", "factor": 4.0}"#,
@@ -439,10 +459,14 @@ fn unsupported_rope_scaling_is_refused_by_name() {
         assert!(e.contains(needle), "{json}: {e}");
     }
     // A GGUF naming a scaling the engine does not implement.
-    let path = dir.path().join("yarn.gguf");
+    let path = dir.path().join("longrope.gguf");
+    write_gguf_model(&path, "llama", &Scaling::Kind("longrope"));
+    let e = LoadedModel::open(&path).err().expect("refused").to_string();
+    assert!(e.contains("'longrope' is not supported"), "{e}");
+    // YaRN without its original context length.
     write_gguf_model(&path, "llama", &Scaling::Kind("yarn"));
     let e = LoadedModel::open(&path).err().expect("refused").to_string();
-    assert!(e.contains("'yarn' is not supported"), "{e}");
+    assert!(e.contains("original_context_length"), "{e}");
 }
 
 #[test]
