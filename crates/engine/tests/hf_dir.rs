@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{write_gguf, Meta};
+use common::{gguf_f32_tensor, write_gguf, Meta, Rng};
 use kvmerger_compression::{KvDtype, StatsNeeds};
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::model::Logits;
@@ -17,35 +17,6 @@ const HEAD_DIM: usize = 4;
 const FFN: usize = 24;
 const VOCAB: usize = 6;
 const LAYERS: usize = 2;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.8
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.next()).collect()
-    }
-}
-
-/// HF row order (head, j * d/2 + i) to GGUF's (head, 2i + j).
-fn permute(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; w.len()];
-    for h in 0..heads {
-        for j in 0..2 {
-            for i in 0..HEAD_DIM / 2 {
-                let src = h * HEAD_DIM + j * HEAD_DIM / 2 + i;
-                let dst = h * HEAD_DIM + 2 * i + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
 
 /// (HF name, GGUF name, rows, cols, data); rows = 1 for vectors.
 fn weights() -> Vec<(String, String, usize, usize, Vec<f32>)> {
@@ -161,25 +132,7 @@ fn write_gguf_model(path: &Path) {
     let tensors: Vec<(&str, Vec<u64>, u32, Vec<u8>)> = weights()
         .into_iter()
         .map(|(_, gg, rows, cols, data)| {
-            let data = if gg.ends_with("attn_q.weight") {
-                permute(&data, HEADS, cols)
-            } else if gg.ends_with("attn_k.weight") {
-                permute(&data, KV_HEADS, cols)
-            } else {
-                data
-            };
-            let dims = if rows == 1 {
-                vec![cols as u64]
-            } else {
-                vec![cols as u64, rows as u64]
-            };
-            let name: &'static str = Box::leak(gg.into_boxed_str());
-            (
-                name,
-                dims,
-                0u32,
-                data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            )
+            gguf_f32_tensor(gg, rows, cols, data, (HEADS, KV_HEADS, HEAD_DIM), true)
         })
         .collect();
     write_gguf(path, &meta, &tensors);

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::model_path;
+use common::{model_path, numpy_reference_logits};
 use kvmerger_compression::{KvDtype, StatsNeeds};
 use kvmerger_engine::exact::Precision;
 use kvmerger_engine::generate::{decode, GenerateParams};
@@ -211,39 +211,7 @@ fn compare_with_numpy(id: &str, words: usize) {
     let ids = lm.tokenizer.encode(&long_text(words), false).unwrap();
     assert!(ids.len() >= 512, "prompt has only {} tokens", ids.len());
     let dir = tempfile::tempdir().unwrap();
-    let ids_file = dir.path().join("ids.txt");
-    let out = dir.path().join("logits.f32");
-    std::fs::write(
-        &ids_file,
-        ids.iter()
-            .map(|i| i.to_string())
-            .collect::<Vec<_>>()
-            .join(" "),
-    )
-    .unwrap();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../scripts/reference_forward.py"
-    );
-    let status = std::process::Command::new("python3")
-        .arg(script)
-        .arg(model_path(id))
-        .arg("--ids-file")
-        .arg(&ids_file)
-        .arg("--out")
-        .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("python3 must be installed to run the reference");
-    assert!(
-        status.success(),
-        "the numpy reference failed (pip install -r scripts/requirements-reference.txt)"
-    );
-    let want: Vec<f32> = std::fs::read(&out)
-        .unwrap()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
+    let want = numpy_reference_logits(&model_path(id), &ids, dir.path());
     let vocab = lm.model.cfg.vocab;
     assert_eq!(want.len(), ids.len() * vocab);
 

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{write_gguf, Meta};
+use common::{gguf_f32_tensor, numpy_reference_logits, write_gguf, Meta, Rng};
 use kvmerger_compression::{KvDtype, StatsNeeds};
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::model::Logits;
@@ -31,17 +31,6 @@ const FACTOR: f64 = 8.0;
 const LOW: f64 = 1.0;
 const HIGH: f64 = 4.0;
 const TOKENS: usize = 160;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.8
-    }
-}
 
 /// Llama 3's divisors, written out here from the published formula (Meta's reference
 /// code), apart from the engine's: 1 for wavelengths under original/high, `factor`
@@ -68,7 +57,7 @@ fn llama3_factors() -> Vec<f32> {
 /// order (rotated as (i, i + d/2) pairs).
 fn weights(arch: &str) -> Vec<(String, String, usize, usize, Vec<f32>)> {
     let mut r = Rng(7);
-    let mut vec = |n: usize| (0..n).map(|_| r.next()).collect::<Vec<f32>>();
+    let mut vec = |n: usize| r.vec(n);
     let ones = |n: usize| vec![1.0f32; n];
     let mut w = vec![(
         "token_embd.weight".to_string(),
@@ -166,21 +155,6 @@ fn weights(arch: &str) -> Vec<(String, String, usize, usize, Vec<f32>)> {
     w
 }
 
-/// HF row order (head, j * d/2 + i) to GGUF's (head, 2i + j).
-fn permute(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; w.len()];
-    for h in 0..heads {
-        for j in 0..2 {
-            for i in 0..HEAD_DIM / 2 {
-                let src = h * HEAD_DIM + j * HEAD_DIM / 2 + i;
-                let dst = h * HEAD_DIM + 2 * i + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
-
 enum Scaling {
     None,
     Llama3,
@@ -232,22 +206,7 @@ fn write_gguf_model(path: &Path, arch: &str, scaling: &Scaling) {
     let mut tensors: Vec<(&str, Vec<u64>, u32, Vec<u8>)> = weights(arch)
         .into_iter()
         .map(|(gg, _, rows, cols, data)| {
-            let data = if !llama {
-                data
-            } else if gg.ends_with("attn_q.weight") {
-                permute(&data, HEADS, cols)
-            } else if gg.ends_with("attn_k.weight") {
-                permute(&data, KV_HEADS, cols)
-            } else {
-                data
-            };
-            let dims = if rows == 1 {
-                vec![cols as u64]
-            } else {
-                vec![cols as u64, rows as u64]
-            };
-            let name: &'static str = Box::leak(gg.into_boxed_str());
-            (name, dims, 0u32, bytes(&data))
+            gguf_f32_tensor(gg, rows, cols, data, (HEADS, KV_HEADS, HEAD_DIM), llama)
         })
         .collect();
     if let Scaling::Llama3 = scaling {
@@ -323,32 +282,7 @@ fn engine_logits(path: &Path) -> Vec<f32> {
 }
 
 fn numpy_logits(path: &Path) -> Vec<f32> {
-    let dir = path.parent().unwrap();
-    let out = dir.join("reference.f32");
-    let ids: Vec<String> = ids().iter().map(|i| i.to_string()).collect();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../scripts/reference_forward.py"
-    );
-    let status = std::process::Command::new("python3")
-        .arg(script)
-        .arg(path)
-        .arg("--ids")
-        .arg(ids.join(","))
-        .arg("--out")
-        .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("python3 must be installed to run the reference");
-    assert!(
-        status.success(),
-        "the numpy reference failed (pip install -r scripts/requirements-reference.txt)"
-    );
-    std::fs::read(&out)
-        .unwrap()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
+    numpy_reference_logits(path, &ids(), path.parent().unwrap())
 }
 
 /// The largest difference between two logit sets, relative to the largest logit.

@@ -171,3 +171,100 @@ pub fn tiny_llama_parts(
     ];
     (meta, tensors)
 }
+
+/// A small deterministic generator of weights for tiny test models: values in
+/// [-0.4, 0.4).
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.8
+    }
+    pub fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next()).collect()
+    }
+}
+
+/// Q or K rows from Hugging Face's order (head, j * d/2 + i) to llama GGUFs' (head,
+/// 2i + j), for heads of `head_dim` and rows of `cols`.
+pub fn permute_rope_rows(w: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; w.len()];
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..head_dim / 2 {
+                let src = h * head_dim + j * head_dim / 2 + i;
+                let dst = h * head_dim + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The logits of every position of `ids` from the independent numpy reference
+/// (scripts/reference_forward.py) for the GGUF at `model`; `dir` holds its files.
+pub fn numpy_reference_logits(model: &Path, ids: &[u32], dir: &Path) -> Vec<f32> {
+    let ids_file = dir.join("ids.txt");
+    let out = dir.join("logits.f32");
+    let text: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    std::fs::write(&ids_file, text.join(" ")).unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/reference_forward.py"
+    );
+    let status = std::process::Command::new("python3")
+        .arg(script)
+        .arg(model)
+        .arg("--ids-file")
+        .arg(&ids_file)
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("python3 must be installed to run the reference");
+    assert!(
+        status.success(),
+        "the numpy reference failed (pip install -r scripts/requirements-reference.txt)"
+    );
+    std::fs::read(&out)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// One F32 GGUF tensor from a weight in Hugging Face's layout (`rows` = 1 for a vector),
+/// Q and K rows permuted for llama GGUFs' adjacent RoPE pairs when `llama_rope`.
+pub fn gguf_f32_tensor(
+    name: String,
+    rows: usize,
+    cols: usize,
+    data: Vec<f32>,
+    (heads, kv_heads, head_dim): (usize, usize, usize),
+    llama_rope: bool,
+) -> TestTensor {
+    let data = if !llama_rope {
+        data
+    } else if name.ends_with("attn_q.weight") {
+        permute_rope_rows(&data, heads, head_dim, cols)
+    } else if name.ends_with("attn_k.weight") {
+        permute_rope_rows(&data, kv_heads, head_dim, cols)
+    } else {
+        data
+    };
+    let dims = if rows == 1 {
+        vec![cols as u64]
+    } else {
+        vec![cols as u64, rows as u64]
+    };
+    let name: &'static str = Box::leak(name.into_boxed_str());
+    (
+        name,
+        dims,
+        0,
+        data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    )
+}
