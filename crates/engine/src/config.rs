@@ -50,13 +50,18 @@ pub enum RopeScaling {
     /// `factor`), those that turn more than `beta_fast` times are kept, with a linear
     /// ramp between; rotated queries and keys are scaled by `mscale`
     /// (0.1 ln factor + 1 unless the model says otherwise).
-    Yarn {
-        factor: f32,
-        original: usize,
-        beta_fast: f32,
-        beta_slow: f32,
-        mscale: f32,
-    },
+    Yarn(Yarn),
+}
+
+/// YaRN's settings ([`RopeScaling::Yarn`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Yarn {
+    pub factor: f32,
+    /// The context the model was first trained at.
+    pub original: usize,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
+    pub mscale: f32,
 }
 
 /// YaRN's angle per position of each rotated pair (the formula of the YaRN paper,
@@ -178,7 +183,7 @@ impl Config {
                 let f = base.powf(-2.0 * i as f64 / d as f64);
                 match &self.rope_scaling {
                     _ if local => f,
-                    RopeScaling::None | RopeScaling::Yarn { .. } => f,
+                    RopeScaling::None | RopeScaling::Yarn(_) => f,
                     RopeScaling::Linear { factor } => f / *factor as f64,
                     RopeScaling::Frequencies(v) => f / v[i] as f64,
                 }
@@ -189,22 +194,16 @@ impl Config {
     /// RoPE's angles per position for `layer` with YaRN applied, when the model uses it.
     fn yarn_layer(&self, layer: usize) -> Option<(Vec<f64>, f32)> {
         match &self.rope_scaling {
-            RopeScaling::Yarn {
-                factor,
-                original,
-                beta_fast,
-                beta_slow,
-                mscale,
-            } if !self.is_local(layer) => Some((
+            RopeScaling::Yarn(y) if !self.is_local(layer) => Some((
                 yarn_inv_freq(
                     self.head_dim,
                     self.layer_rope_base(layer) as f64,
-                    *factor as f64,
-                    *original as f64,
-                    *beta_fast as f64,
-                    *beta_slow as f64,
+                    y.factor as f64,
+                    y.original as f64,
+                    y.beta_fast as f64,
+                    y.beta_slow as f64,
                 ),
-                *mscale,
+                y.mscale,
             )),
             _ => None,
         }
@@ -352,24 +351,18 @@ impl Config {
                     ));
                 }
             }
-            RopeScaling::Yarn {
-                factor,
-                original,
-                beta_fast,
-                beta_slow,
-                mscale,
-            } => {
+            RopeScaling::Yarn(y) => {
                 let ok = |x: f32, lo: f32, hi: f32| x.is_finite() && x > lo && x <= hi;
-                if !(ok(*factor, 0.0, 1e4)
-                    && ok(*beta_fast, 0.0, 1e4)
-                    && ok(*beta_slow, 0.0, 1e4)
-                    && beta_fast > beta_slow
-                    && ok(*mscale, 0.0, 100.0)
-                    && *original >= 1
-                    && *original <= 1 << 24)
+                if !(ok(y.factor, 0.0, 1e4)
+                    && ok(y.beta_fast, 0.0, 1e4)
+                    && ok(y.beta_slow, 0.0, 1e4)
+                    && y.beta_fast > y.beta_slow
+                    && ok(y.mscale, 0.0, 100.0)
+                    && (1..=1 << 24).contains(&y.original))
                 {
                     return Err(format!(
-                        "implausible YaRN settings: factor {factor}, original context {original}, beta_fast {beta_fast}, beta_slow {beta_slow}, mscale {mscale}"
+                        "implausible YaRN settings: factor {}, original context {}, beta_fast {}, beta_slow {}, mscale {}",
+                        y.factor, y.original, y.beta_fast, y.beta_slow, y.mscale
                     ));
                 }
             }
@@ -448,13 +441,13 @@ fn gguf_rope_scaling(f: &GgufFile, k: &dyn Fn(&str) -> String) -> Result<RopeSca
             // llama.cpp's convention: the model's own attention factor (1 unless
             // given) times YaRN's 0.1 ln(factor) + 1.
             let mscale = num("rope.scaling.attn_factor", 1.0) * (0.1 * (factor as f64).ln() + 1.0);
-            return Ok(RopeScaling::Yarn {
+            return Ok(RopeScaling::Yarn(Yarn {
                 factor,
                 original: original as usize,
                 beta_fast: num("rope.scaling.yarn_beta_fast", 32.0) as f32,
                 beta_slow: num("rope.scaling.yarn_beta_slow", 1.0) as f32,
                 mscale: mscale as f32,
-            });
+            }));
         }
         Some(other) => {
             return Err(Error::Format {

@@ -1,7 +1,9 @@
 //! Hugging Face-style model directories: config.json and one or more *.safetensors
 //! files in f32, f16 or bf16.
 
-use crate::config::{llama3_frequency_factors, Activation, Arch, Config, RopeScaling, RopeStyle};
+use crate::config::{
+    llama3_frequency_factors, Activation, Arch, Config, RopeScaling, RopeStyle, Yarn,
+};
 use crate::model::WeightSource;
 use crate::quant::QMatrix;
 use crate::Error;
@@ -396,13 +398,13 @@ fn hf_rope_scaling(
                 .and_then(|v| v.as_f64())
                 .ok_or("config.json: rope_scaling 'yarn' needs original_max_position_embeddings")?;
             let opt = |k: &str, d: f64| r.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
-            Ok(RopeScaling::Yarn {
+            Ok(RopeScaling::Yarn(Yarn {
                 factor: factor as f32,
                 original: original.max(0.0) as usize,
                 beta_fast: opt("beta_fast", 32.0) as f32,
                 beta_slow: opt("beta_slow", 1.0) as f32,
                 mscale: opt("attention_factor", 0.1 * factor.ln() + 1.0) as f32,
-            })
+            }))
         }
         other => Err(format!(
             "config.json: RoPE scaling '{other}' is not supported (supported: linear, llama3, yarn)"
