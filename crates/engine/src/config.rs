@@ -172,48 +172,32 @@ impl Config {
             self.rope_base
         }
     }
-    /// RoPE's angle per position of each rotated pair in `layer`, with the scalings
-    /// that only change frequencies (YaRN: see [`Config::layer_rope`]).
-    fn scaled_inv_freq(&self, layer: usize) -> Vec<f64> {
+    /// The angle per position of each of `layer`'s rotated pairs, scaling included,
+    /// and the factor on the rotated vectors' length (YaRN's mscale; 1 otherwise).
+    /// Layers with their own local base are never scaled.
+    pub fn layer_rope(&self, layer: usize) -> (Vec<f64>, f32) {
         let base = self.layer_rope_base(layer) as f64;
         let d = self.head_dim;
-        let local = self.is_local(layer);
-        (0..d / 2)
-            .map(|i| {
-                let f = base.powf(-2.0 * i as f64 / d as f64);
-                match &self.rope_scaling {
-                    _ if local => f,
-                    RopeScaling::None | RopeScaling::Yarn(_) => f,
-                    RopeScaling::Linear { factor } => f / *factor as f64,
-                    RopeScaling::Frequencies(v) => f / v[i] as f64,
-                }
-            })
-            .collect()
-    }
-
-    /// RoPE's angles per position for `layer` with YaRN applied, when the model uses it.
-    fn yarn_layer(&self, layer: usize) -> Option<(Vec<f64>, f32)> {
+        let plain = |i: usize| base.powf(-2.0 * i as f64 / d as f64);
+        let scaled =
+            |divisor: &dyn Fn(usize) -> f64| (0..d / 2).map(|i| plain(i) / divisor(i)).collect();
         match &self.rope_scaling {
-            RopeScaling::Yarn(y) if !self.is_local(layer) => Some((
+            _ if self.is_local(layer) => (scaled(&|_| 1.0), 1.0),
+            RopeScaling::None => (scaled(&|_| 1.0), 1.0),
+            RopeScaling::Linear { factor } => (scaled(&|_| *factor as f64), 1.0),
+            RopeScaling::Frequencies(v) => (scaled(&|i| v[i] as f64), 1.0),
+            RopeScaling::Yarn(y) => (
                 yarn_inv_freq(
-                    self.head_dim,
-                    self.layer_rope_base(layer) as f64,
+                    d,
+                    base,
                     y.factor as f64,
                     y.original as f64,
                     y.beta_fast as f64,
                     y.beta_slow as f64,
                 ),
                 y.mscale,
-            )),
-            _ => None,
+            ),
         }
-    }
-
-    /// The angles per position of `layer`'s rotated pairs and the factor on the rotated
-    /// vectors' length (1 but for YaRN).
-    pub fn layer_rope(&self, layer: usize) -> (Vec<f64>, f32) {
-        self.yarn_layer(layer)
-            .unwrap_or_else(|| (self.scaled_inv_freq(layer), 1.0))
     }
 
     pub fn group(&self) -> usize {

@@ -59,6 +59,8 @@ pub struct Model {
     output: Option<QMatrix>,
     /// How matrix products treat activations.
     pub precision: Precision,
+    /// Each layer's RoPE frequencies and scale, computed once from `cfg`.
+    rope: Vec<LayerRope>,
 }
 
 /// Which logits a forward call returns.
@@ -163,7 +165,18 @@ impl Model {
         } else {
             None
         };
+        let rope = (0..c.n_layers)
+            .map(|l| {
+                let (inv_freq, mscale) = c.layer_rope(l);
+                LayerRope {
+                    inv_freq,
+                    mscale: mscale as f64,
+                    style: c.rope_style,
+                }
+            })
+            .collect();
         Ok(Model {
+            rope,
             cfg,
             embed,
             layers,
@@ -369,13 +382,7 @@ impl Model {
             st.queries = vec![vec![empty; c.n_heads]; c.n_layers];
         }
         st.window_rows = st.window_rows.max(needs.window.unwrap_or(0));
-        st.rope = (0..c.n_layers)
-            .map(|l| LayerRope {
-                inv_freq: c.layer_rope(l).0,
-                mscale: c.layer_rope(l).1 as f64,
-                style: c.rope_style,
-            })
-            .collect();
+        st.rope = self.rope.clone();
         st.scale = c.attn_scale;
     }
 
@@ -503,21 +510,9 @@ impl Model {
     /// Rotates the queries and keys by their positions (RoPE), with layer `li`'s base.
     fn rotate_queries_keys(&self, li: usize, positions: &[u32], act: &mut Activations) {
         let c = &self.cfg;
-        let (inv, mscale) = c.layer_rope(li);
-        rope(
-            &mut act.queries,
-            positions,
-            c.head_dim,
-            (&inv, mscale),
-            c.rope_style,
-        );
-        rope(
-            &mut act.keys,
-            positions,
-            c.head_dim,
-            (&inv, mscale),
-            c.rope_style,
-        );
+        let r = &self.rope[li];
+        rope(&mut act.queries, positions, c.head_dim, r);
+        rope(&mut act.keys, positions, c.head_dim, r);
     }
 
     /// Appends each segment's keys and values to layer `li` of its cache: one slot per
@@ -858,15 +853,11 @@ fn add_bias(x: &mut [f32], b: Option<&[f32]>) {
 }
 
 /// Rotary position embedding, in place, on rows of heads of size `d`.
-/// `inv[i]` is pair i's angle per position and `mscale` the factor on the rotated
-/// vectors (YaRN's; 1 otherwise): [`Config::layer_rope`].
-fn rope(
-    x: &mut [f32],
-    positions: &[u32],
-    d: usize,
-    (inv, mscale): (&[f64], f32),
-    style: RopeStyle,
-) {
+/// `r.inv_freq[i]` is pair i's angle per position and `r.mscale` the factor on the
+/// rotated vectors (YaRN's; 1 otherwise): [`Config::layer_rope`].
+fn rope(x: &mut [f32], positions: &[u32], d: usize, r: &LayerRope) {
+    let (inv, style) = (&r.inv_freq, r.style);
+    let mscale = r.mscale as f32;
     let half = d / 2;
     let per_tok = x.len() / positions.len();
     let mut cs = vec![(0.0f32, 0.0f32); half];

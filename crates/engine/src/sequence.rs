@@ -45,10 +45,10 @@ pub struct Sequence {
     /// Leading tokens KVzip does not score (the chat template's opening).
     protect: usize,
     logits: Vec<f32>,
-    compressed: bool,
-    /// Tokens fed when the cache was last compressed: everything from here on is held
-    /// one slot per token, exactly as fed (see [`Sequence::truncate`]).
-    compressed_end: usize,
+    /// Tokens fed when the cache was last compressed (None before any compression):
+    /// everything from here on is held one slot per token, exactly as fed (see
+    /// [`Sequence::truncate`]).
+    compressed_at: Option<usize>,
     /// Per-layer slot targets of the last compression (they bound re-compression).
     targets: Vec<usize>,
     /// The most KV bytes the cache has held after a forward pass.
@@ -74,8 +74,7 @@ impl Sequence {
             tokens: Vec::new(),
             protect: 0,
             logits: Vec::new(),
-            compressed: false,
-            compressed_end: 0,
+            compressed_at: None,
             targets: Vec::new(),
             peak_bytes: 0,
             prefill_passes: 0,
@@ -121,7 +120,7 @@ impl Sequence {
     /// Feed `ids`, collecting statistics (before compression: a context, or in the
     /// query-aware protocol the question too). Returns the seconds it took.
     pub fn feed(&mut self, model: &Model, ids: &[u32]) -> Result<f64, Error> {
-        if self.compressed {
+        if self.is_compressed() {
             return Err(Error::Invalid(
                 "statistics are collected before compression; use append after it".into(),
             ));
@@ -183,7 +182,7 @@ impl Sequence {
                 return Ok((secs, report));
             }
         };
-        if self.compressed {
+        if self.is_compressed() {
             return Err(Error::Invalid(
                 "statistics are collected before compression; use append after it".into(),
             ));
@@ -214,8 +213,7 @@ impl Sequence {
             .collect();
         report.bytes_before = total * self.cache.token_bytes();
         report.bytes_after = self.cache.bytes();
-        self.compressed = true;
-        self.compressed_end = self.tokens.len();
+        self.compressed_at = Some(self.tokens.len());
         self.targets = compressor.targets(model.cfg.n_layers, total);
         Ok((t0.elapsed().as_secs_f64(), report))
     }
@@ -235,7 +233,7 @@ impl Sequence {
         let mut n = max.max(1).min(total - done);
         // After compression, tokens are appended as they are (a question, a new turn):
         // no statistics, no compression during prefill.
-        let compressor = compressor.filter(|_| !self.compressed);
+        let compressor = compressor.filter(|_| !self.is_compressed());
         // Window statistics describe the end of the input they were collected for: the
         // whole prompt, or with compression during prefill the chunk that the next
         // compression ends.
@@ -246,7 +244,7 @@ impl Sequence {
             start = done - chunk_start;
             input = c.min(total - chunk_start);
         }
-        let needs = if self.compressed {
+        let needs = if self.is_compressed() {
             StatsNeeds::default()
         } else {
             self.needs
@@ -278,7 +276,7 @@ impl Sequence {
         self.logits = logits;
         self.note_peak();
         let done = self.tokens.len();
-        let compressor = compressor.filter(|_| !self.compressed);
+        let compressor = compressor.filter(|_| !self.is_compressed());
         match (compressor, within_chunk(compressor)) {
             (Some(c), Some(k)) if done.is_multiple_of(k) && done < prompt.len() => {
                 let r = c.after_prefill_chunk(&mut self.cache, &mut self.stats, prompt.len())?;
@@ -300,7 +298,7 @@ impl Sequence {
         compressor: Option<&Compressor>,
     ) -> Segment<'a> {
         let needs = match compressor {
-            Some(c) if self.compressed => c.decode_needs(),
+            Some(c) if self.is_compressed() => c.decode_needs(),
             _ => StatsNeeds::default(),
         };
         let stats = needs.any().then_some(&mut self.decode_stats);
@@ -319,14 +317,14 @@ impl Sequence {
         self.tokens.push(token);
         self.logits = logits;
         self.note_peak();
-        let Some(c) = compressor.filter(|_| self.compressed) else {
+        let Some(c) = compressor.filter(|_| self.is_compressed()) else {
             return Ok(None);
         };
         let r = c.recompress_if_over(&mut self.cache, &self.targets, &self.decode_stats)?;
         if r.is_some() {
             self.decode_stats = PrefillStats::default();
             self.decode_passes += 1;
-            self.compressed_end = self.tokens.len();
+            self.compressed_at = Some(self.tokens.len());
         }
         Ok(r)
     }
@@ -442,7 +440,7 @@ impl Sequence {
         if self.has_reconstruction() {
             return Ok(0.0);
         }
-        if self.compressed {
+        if self.is_compressed() {
             return Err(Error::Invalid(
                 "KVzip's reconstruction pass scores a cache before it is compressed".into(),
             ));
@@ -480,8 +478,7 @@ impl Sequence {
         }
         let out = compressor.compress_prompt(&mut self.cache, &self.stats)?;
         self.stats.clear_slot_stats();
-        self.compressed = true;
-        self.compressed_end = self.tokens.len();
+        self.compressed_at = Some(self.tokens.len());
         self.targets = out.1.clone();
         Ok(out)
     }
@@ -502,13 +499,38 @@ impl Sequence {
     }
 
     pub fn is_compressed(&self) -> bool {
-        self.compressed
+        self.compressed_at.is_some()
     }
 
     /// Tokens fed when the cache was last compressed (0 if never): the sequence can be
     /// cut back to any length from here on ([`Sequence::truncate`]).
     pub fn compressed_end(&self) -> usize {
-        self.compressed_end
+        self.compressed_at.unwrap_or(0)
+    }
+
+    /// How many leading tokens of `prompt` this sequence can serve once cut back to them
+    /// ([`Sequence::truncate`]): the prefix they share, leaving at least the prompt's
+    /// last token to prefill (its logits start the answer), and never into the
+    /// compressed part. 0 when it can serve none.
+    pub fn reusable_prefix(&self, prompt: &[u32]) -> usize {
+        let n = common_prefix(&self.tokens, prompt).min(prompt.len().saturating_sub(1));
+        if n > 0 && n >= self.compressed_end() {
+            n
+        } else {
+            0
+        }
+    }
+
+    /// The KV bytes this sequence would hold cut back to its first `n` tokens.
+    pub fn kv_bytes_at(&self, n: usize) -> usize {
+        let slots: usize = self
+            .cache
+            .layers
+            .iter()
+            .flatten()
+            .map(|h| slots_before(h, n))
+            .sum();
+        slots * self.cache.slot_bytes()
     }
 
     /// Forget every token from position `n` on, as if only the first `n` had been fed:
@@ -518,19 +540,18 @@ impl Sequence {
     /// [`Sequence::compressed_end`]. The logits are gone until the next feed; the
     /// statistics of the dropped tokens too.
     pub fn truncate(&mut self, n: usize) -> Result<(), Error> {
-        if n < self.compressed_end || n > self.tokens.len() {
+        if n < self.compressed_end() || n > self.tokens.len() {
             return Err(Error::Invalid(format!(
                 "a sequence of {} tokens, compressed up to token {}, cannot be cut back to {n}",
                 self.tokens.len(),
-                self.compressed_end
+                self.compressed_end()
             )));
         }
         if n == self.tokens.len() {
             return Ok(());
         }
         for head in self.cache.layers.iter_mut().flatten() {
-            // Slots after the last compression are single tokens in position order.
-            let keep = head.meta().partition_point(|m| (m.position as usize) < n);
+            let keep = slots_before(head, n);
             head.truncate(keep);
         }
         self.cache.n_seen = n;
@@ -540,6 +561,17 @@ impl Sequence {
         self.decode_stats = PrefillStats::default();
         Ok(())
     }
+}
+
+/// How many leading tokens `a` and `b` share.
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// The slots of `head` for positions before `n`: everything compressed, then the
+/// single-token slots appended since, which are in position order.
+fn slots_before(head: &kvmerger_compression::HeadStore, n: usize) -> usize {
+    head.meta().partition_point(|m| (m.position as usize) < n)
 }
 
 /// The chunk of compression during prefill, if `compressor` has one and compresses.

@@ -295,14 +295,8 @@ fn chat(a: ChatArgs, dir: &std::path::Path) -> Result<()> {
         // Reuse the conversation's cache up to where the new rendering departs from it
         // (never inside its compressed part); otherwise prefill and compress again.
         let reused = conversation.take().and_then(|mut seq| {
-            let common = seq
-                .tokens()
-                .iter()
-                .zip(&ids)
-                .take_while(|(a, b)| a == b)
-                .count()
-                .min(ids.len().saturating_sub(1));
-            (common > 0 && seq.truncate(common).is_ok()).then_some(seq)
+            let n = seq.reusable_prefix(&ids);
+            (n > 0 && seq.truncate(n).is_ok()).then_some(seq)
         });
         let mut seq = match reused {
             Some(mut seq) => {

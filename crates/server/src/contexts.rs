@@ -20,7 +20,7 @@
 //! request needs room; a running request works on its own copy, so eviction never
 //! touches it.
 
-use kvmerger_engine::sequence::Sequence;
+use kvmerger_engine::sequence::{common_prefix, Sequence};
 
 /// A context found for a prompt: which entry, and how many leading tokens it serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,10 +56,6 @@ pub struct ContextCache {
     next_id: u64,
 }
 
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
 /// Memory an entry holds: its slots and the room reserved beside them.
 fn held(seq: &Sequence) -> usize {
     seq.cache.allocated_bytes()
@@ -71,28 +67,15 @@ impl ContextCache {
     /// of its question); an entry compressed past it compressed part of this request's
     /// question and is not used.
     pub fn find(&self, key: &str, prompt: &[u32], context_end: usize) -> Option<Match> {
-        let most = prompt.len().checked_sub(1)?;
         self.entries
             .iter()
-            .filter(|e| e.key == key)
+            .filter(|e| e.key == key && e.seq.compressed_end() <= context_end)
             .filter_map(|e| {
-                let n = common_prefix(e.seq.tokens(), prompt).min(most);
-                let c = e.seq.compressed_end();
-                (n > 0 && n >= c && c <= context_end).then(|| {
-                    // Slots up to the cut: the compressed part, then one per token.
-                    let cut: usize = e
-                        .seq
-                        .cache
-                        .layers
-                        .iter()
-                        .flatten()
-                        .map(|h| h.meta().partition_point(|m| (m.position as usize) < n))
-                        .sum();
-                    Match {
-                        id: e.id,
-                        tokens: n,
-                        bytes: cut * e.seq.cache.slot_bytes(),
-                    }
+                let n = e.seq.reusable_prefix(prompt);
+                (n > 0).then(|| Match {
+                    id: e.id,
+                    tokens: n,
+                    bytes: e.seq.kv_bytes_at(n),
                 })
             })
             .max_by_key(|m| (m.tokens, m.id))

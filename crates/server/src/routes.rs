@@ -315,7 +315,6 @@ fn prepare(
             encode(&text, "messages")?
         }
     };
-    let (protocol, context_end) = context_split(app, &req, &prompt)?;
     if prompt.is_empty() {
         return Err(ApiError::param(req.prompt_param, "the prompt is empty"));
     }
@@ -343,6 +342,9 @@ fn prepare(
         Some(m) => m,
         None => app.cfg.default_max_tokens.min(ctx - p),
     };
+    // Where compression stops (after the length checks: splitting a chat tokenizes
+    // its context again).
+    let (protocol, context_end) = context_split(app, &req, &prompt)?;
     // Settings that cannot bring this prompt to its budget are refused before the
     // prefill, not after it.
     if let Some(c) = &req.compressor {
@@ -461,11 +463,7 @@ fn context_split(app: &App, req: &Request, prompt: &[u32]) -> Result<(Protocol, 
         .tokenizer
         .encode(&text, true)
         .map_err(|e| ApiError::param("messages", e.to_string()))?;
-    let end = context
-        .iter()
-        .zip(prompt)
-        .take_while(|(a, b)| a == b)
-        .count();
+    let end = kvmerger_engine::sequence::common_prefix(&context, prompt);
     if end == 0 || end >= prompt.len() {
         return whole("the conversation cannot be cut before its last user message");
     }

@@ -190,6 +190,11 @@ impl Scheduler {
     pub fn limits(&self) -> Limits {
         self.limits
     }
+
+    /// Bytes of one uncompressed token in every (layer, KV head).
+    pub fn token_bytes(&self) -> usize {
+        self.slot_bytes * self.n_layers * self.n_kv_heads
+    }
 }
 
 enum Phase {
@@ -330,7 +335,7 @@ impl<'m> Engine<'m> {
 
     fn admit(&mut self, queue: &mut VecDeque<Job>) {
         let l = self.sched.limits;
-        let token_bytes = self.sched.slot_bytes * self.sched.n_layers * self.sched.n_kv_heads;
+        let token_bytes = self.sched.token_bytes();
         while self.running.len() < l.max_batch {
             let Some(job) = queue.front() else { break };
             let reserved: usize = self.running.iter().map(|s| s.reserved).sum();
@@ -638,7 +643,7 @@ impl<'m> Engine<'m> {
     /// KV gauges from the running caches.
     fn publish(&self) {
         let sched = self.sched;
-        let per_token = sched.slot_bytes * sched.n_layers * sched.n_kv_heads;
+        let per_token = sched.token_bytes();
         let (mut in_use, mut reserved, mut saved) = (0, 0, 0);
         for s in &self.running {
             let b = s.seq.kv_bytes();
