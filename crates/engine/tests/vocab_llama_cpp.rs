@@ -4,27 +4,13 @@
 //! committed): every case of every vocabulary we load is encoded without special
 //! tokens and compared with llama.cpp's ids.
 //!
-//! The cases we still get wrong are listed below, by vocabulary and input, so that the
-//! test fails on any new mismatch and also when a listed one starts to pass (the list
-//! must then shrink). Vocabularies we refuse (BERT's WordPiece, Gemma 4's) must be
-//! refused with an error that names the reason.
+//! Every case must match. Vocabularies we refuse (BERT's WordPiece, Gemma 4's) must
+//! be refused with an error that names the reason.
 
 use kvmerger_engine::gguf::GgufFile;
 use kvmerger_engine::tokenizer::Tokenizer;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-
-/// Cases (vocabulary, index of the case in its `.inp` file) whose ids differ from
-/// llama.cpp's today: 3 of 602. deepseek-coder and deepseek-llm: "ied 4 ½ months" (their
-/// own pre-tokenizers, with long hand-written character classes, are not implemented;
-/// the GPT-2 pattern stands in and keeps " ½" together). llama-bpe: "Cửa Việt", where
-/// llama.cpp splits "C" from "ửa", as if U+1EED were not a letter (while it keeps
-/// " Việt", with U+1EC7, whole); the Unicode standard counts both as letters.
-const KNOWN_MISMATCHES: &[(&str, usize)] = &[
-    ("deepseek-coder", 0),
-    ("deepseek-llm", 0),
-    ("llama-bpe", 43),
-];
 
 /// Vocabularies we do not load (they are not used for generation), and what their
 /// error must say.
@@ -62,7 +48,7 @@ fn cases(name: &str) -> Vec<(String, Vec<u32>)> {
 }
 
 #[test]
-fn llama_cpp_vocabulary_tests_match_except_the_listed_cases() {
+fn llama_cpp_vocabulary_tests_all_match() {
     let dir = vocab_dir();
     assert!(
         dir.is_dir(),
@@ -110,23 +96,10 @@ fn llama_cpp_vocabulary_tests_match_except_the_listed_cases() {
         passed += ok;
     }
     eprintln!("{passed} of {total} cases match llama.cpp; refused: {refused:?}");
-    let is_known = |n: &str, i: usize| KNOWN_MISMATCHES.contains(&(n, i));
-    let new: Vec<_> = mismatches
-        .iter()
-        .filter(|(n, i, _)| !is_known(n, *i))
-        .collect();
-    let fixed: Vec<_> = KNOWN_MISMATCHES
-        .iter()
-        .filter(|(n, i)| !mismatches.iter().any(|(m, j, _)| m == n && j == i))
-        .collect();
     assert_eq!(passed + mismatches.len(), total);
     assert!(
-        new.is_empty(),
-        "cases that no longer match llama.cpp: {new:?}"
-    );
-    assert!(
-        fixed.is_empty(),
-        "listed mismatches that now match (remove them): {fixed:?}"
+        mismatches.is_empty(),
+        "cases that do not match llama.cpp: {mismatches:?}"
     );
     let want_refused: BTreeMap<String, &str> =
         REFUSED.iter().map(|(n, w)| (n.to_string(), *w)).collect();

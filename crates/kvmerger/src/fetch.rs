@@ -61,8 +61,8 @@ pub fn run(id: Option<&str>, list: bool, dir: &Path) -> Result<()> {
             "\nAny other GGUF file or Hugging Face directory loads with -m PATH when it is one of \
              these:\n  architectures: llama (Llama 2/3/3.1/3.2, Mistral, SmolLM2), qwen2, qwen3 \
              (dense), gemma3\n  RoPE scaling: none, linear, llama3, yarn (longrope and dynamic \
-             are refused)\n  tokenizers: byte-level BPE (gpt2, llama3, qwen2, falcon; other names get the GPT-2 \
-             pattern), SentencePiece (llama); not bert or gemma4"
+             are refused)\n  tokenizers: byte-level BPE (gpt2, llama3, qwen2, falcon, deepseek-llm, \
+             deepseek-coder; other names get the GPT-2 pattern), SentencePiece (llama); not bert or gemma4"
         );
         return Ok(());
     }

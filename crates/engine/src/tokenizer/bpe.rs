@@ -72,6 +72,28 @@ pub(crate) const DIGITS: &str = r"\p{N}";
 /// digits cut into threes from the left.
 pub(crate) const PUNCTUATION: &str = r"[\p{P}\$\+<=>\^~\|`]+";
 pub(crate) const DIGIT_TRIPLES: &str = r"[0-9][0-9][0-9]";
+/// DeepSeek LLM's stages (the `Split` pre-tokenizers of its tokenizer.json, with
+/// every non-ASCII character written as an escape so that no editor's Unicode
+/// normalisation can change a range): line
+/// breaks alone, runs of letters of the listed scripts, runs of ASCII and
+/// full-width punctuation, trailing whitespace, CJK and Hangul runs, number runs.
+pub(crate) const DEEPSEEK_LLM: &[&str] = &[
+    r"[\r\n]",
+    r"\s?[A-Za-z\x{b5}\x{c0}-\x{d6}\x{d8}-\x{f6}\x{f8}-\x{1ba}\x{1bc}-\x{1bf}\x{1c4}-\x{293}\x{295}-\x{2af}\x{370}-\x{373}\x{376}\x{377}\x{37b}-\x{37d}\x{37f}\x{386}\x{388}-\x{38a}\x{38c}\x{38e}-\x{3a1}\x{3a3}-\x{3f5}\x{3f7}-\x{481}\x{48a}-\x{52f}\x{531}-\x{556}\x{10a0}-\x{10c5}\x{13a0}-\x{13f5}\x{13f8}-\x{13fd}\x{1c90}-\x{1cba}\x{1cbd}-\x{1cbf}\x{1d00}-\x{1d2b}\x{1d6b}-\x{1d77}\x{1d79}-\x{1d9a}\x{1e00}-\x{1f15}\x{1f18}-\x{1f1d}\x{1f20}-\x{1f45}\x{1f48}-\x{1f4d}\x{1f50}-\x{1f57}\x{1f59}\x{1f5b}\x{1f5d}\x{1f5f}-\x{1f7d}\x{1f80}-\x{1fb4}\x{1fb6}-\x{1fbc}\x{1fbe}\x{1fc2}-\x{1fc4}\x{1fc6}-\x{1fcc}\x{1fd0}-\x{1fd3}\x{1fd6}-\x{1fdb}\x{1fe0}-\x{1fec}\x{1ff2}-\x{1ff4}\x{1ff6}-\x{1ffc}\x{2102}\x{2107}\x{210a}-\x{2113}\x{2115}\x{2119}-\x{211d}\x{2124}\x{2126}\x{2128}\x{212a}-\x{212d}\x{212f}-\x{2134}\x{2139}\x{213c}-\x{213f}\x{2145}-\x{2149}\x{214e}\x{2183}\x{2184}\x{2c00}-\x{2c7b}\x{2c7e}-\x{2ce4}\x{2ceb}-\x{2cee}\x{2cf2}\x{2cf3}\x{a640}-\x{a66d}\x{a680}-\x{a69b}\x{a722}-\x{a76f}\x{a771}-\x{a787}\x{a78b}-\x{a78e}\x{ab70}-\x{abbf}\x{fb00}-\x{fb06}\x{fb13}-\x{fb17}\x{ff21}-\x{ff3a}\x{ff41}-\x{ff5a}\x{10400}-\x{1044f}\x{104b0}-\x{104d3}\x{104d8}-\x{104fb}\x{10c80}-\x{10cb2}\x{10cc0}-\x{10cf2}\x{118a0}-\x{118df}\x{1e900}-\x{1e943}]+",
+    r"\s?[!-/:-~\x{ff01}-\x{ff0f}\x{ff1a}-\x{ff5e}\x{2018}-\x{201f}\x{3000}-\x{3002}]+",
+    r"\s+$",
+    r"[\x{4e00}-\x{9fa5}\x{800}-\x{4e00}\x{ac00}-\x{d7ff}]+",
+    r"\p{N}+",
+];
+/// DeepSeek Coder's stages: line breaks alone, letter runs, punctuation runs,
+/// CJK and Hangul runs, then every digit alone.
+pub(crate) const DEEPSEEK_CODER: &[&str] = &[
+    r"[\r\n]",
+    r"\s?\p{L}+",
+    r"\s?\p{P}+",
+    r"[\x{4e00}-\x{9fa5}\x{800}-\x{4e00}\x{ac00}-\x{d7ff}]+",
+    r"\p{N}",
+];
 
 /// How a stage's whitespace-only matches are trimmed (see above).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -96,6 +118,8 @@ pub(crate) struct PreTokenizer {
     stages: Vec<Stage>,
     /// What is used, e.g. `qwen2`, or `gpt2 (for unknown 'foo')`.
     pub description: String,
+    /// A pre-token that is itself a token is emitted whole (Llama 3).
+    pub ignore_merges: bool,
 }
 
 impl PreTokenizer {
@@ -109,33 +133,45 @@ impl PreTokenizer {
     /// - `llama3`, `llama-bpe`, `dbrx`, `smaug-bpe`: the Llama 3 pattern (digits
     ///   in groups of up to three);
     /// - `falcon`: punctuation runs, then the GPT-2 pattern, then ASCII digits in
-    ///   threes.
+    ///   threes;
+    /// - `deepseek-llm`, `deepseek-coder`: their own stages (see [`DEEPSEEK_LLM`],
+    ///   [`DEEPSEEK_CODER`]).
+    ///
+    /// The Llama 3 family also ignores merges for pre-tokens that are tokens.
     ///
     /// Any other name gets the GPT-2 pattern: it is the common ancestor of the
     /// others, so unknown vocabularies still encode and decode losslessly, if
     /// not always into the ids their reference tokenizer would pick.
     pub fn for_name(pre: &str) -> Result<PreTokenizer, Error> {
         let gpt2 = (GPT2, Trim::AllWhitespace);
-        let (stages, description): (&[(&str, Trim)], String) = match pre {
-            "gpt2" | "gpt-2" | "default" | "mpt" | "olmo" | "jais" => (&[gpt2], "gpt2".into()),
+        let untrimmed = |ps: &[&'static str]| ps.iter().map(|&p| (p, Trim::Never)).collect();
+        let (stages, description): (Vec<(&str, Trim)>, String) = match pre {
+            "gpt2" | "gpt-2" | "default" | "mpt" | "olmo" | "jais" => (vec![gpt2], "gpt2".into()),
             "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
-            | "minerva-7b" => (&[(DIGITS, Trim::Never), gpt2], "digits+gpt2".into()),
+            | "minerva-7b" => (vec![(DIGITS, Trim::Never), gpt2], "digits+gpt2".into()),
             "qwen2" | "qwen35" | "stablelm2" | "hunyuan" => {
-                (&[(QWEN2, Trim::WithoutNewline)], "qwen2".into())
+                (vec![(QWEN2, Trim::WithoutNewline)], "qwen2".into())
             }
-            "llama3" | "llama-bpe" | "dbrx" | "smaug-bpe" => {
-                (&[(LLAMA3, Trim::WithoutNewline)], "llama3".into())
-            }
+            "llama3" | "llama-bpe" | "llama-v3" | "falcon3" | "falcon-h1" | "pixtral" | "dbrx"
+            | "smaug-bpe" => (vec![(LLAMA3, Trim::WithoutNewline)], "llama3".into()),
             "falcon" => (
-                &[
+                vec![
                     (PUNCTUATION, Trim::Never),
                     gpt2,
                     (DIGIT_TRIPLES, Trim::Never),
                 ],
                 "falcon".into(),
             ),
-            other => (&[gpt2], format!("gpt2 (for unknown '{other}')")),
+            "deepseek-llm" => (untrimmed(DEEPSEEK_LLM), "deepseek-llm".into()),
+            "deepseek-coder" => (untrimmed(DEEPSEEK_CODER), "deepseek-coder".into()),
+            other => (vec![gpt2], format!("gpt2 (for unknown '{other}')")),
         };
+        // Llama 3's tokenizer.json sets `ignore_merges`: a pre-token that is a
+        // token of its own is that token, whatever the merges would build.
+        let ignore_merges = matches!(
+            pre,
+            "llama3" | "llama-bpe" | "llama-v3" | "falcon3" | "falcon-h1" | "pixtral"
+        );
         let stages = stages
             .iter()
             .map(|&(p, trim)| {
@@ -147,6 +183,7 @@ impl PreTokenizer {
         Ok(PreTokenizer {
             stages,
             description,
+            ignore_merges,
         })
     }
 
@@ -215,17 +252,25 @@ pub(crate) struct ByteBpe {
     /// `(left, right) -> (rank, merged)`.
     merges: FastMap<(u32, u32), (u32, u32)>,
     pub pre: PreTokenizer,
+    /// Every normal token by its byte-level text, kept when the pre-tokenizer
+    /// ignores merges for pre-tokens that are tokens themselves.
+    words: Option<FastMap<String, u32>>,
+    /// The character that spells each byte in token texts.
+    chars: [char; 256],
     cache: Mutex<HashMap<Box<str>, Box<[u32]>>>,
 }
 
 impl ByteBpe {
     /// `lookup` finds a normal token by its (byte-level spelled) text;
-    /// `fallback(b)` gives a token for a byte the vocabulary cannot spell.
+    /// `fallback(b)` gives a token for a byte the vocabulary cannot spell;
+    /// `words` is every normal token by its text, needed when `pre` ignores
+    /// merges (it is dropped otherwise).
     pub fn new(
         merges: &[String],
         lookup: &dyn Fn(&str) -> Option<u32>,
         fallback: &dyn Fn(u8) -> Option<u32>,
         pre: PreTokenizer,
+        words: impl FnOnce() -> FastMap<String, u32>,
     ) -> Result<ByteBpe, Error> {
         let chars = byte_chars();
         let mut byte_ids = [None; 256];
@@ -249,10 +294,13 @@ impl ByteBpe {
                 map.entry((l, r)).or_insert((rank as u32, id));
             }
         }
+        let words = pre.ignore_merges.then(words);
         Ok(ByteBpe {
             byte_ids,
             merges: map,
             pre,
+            words,
+            chars,
             cache: Mutex::new(HashMap::new()),
         })
     }
@@ -295,6 +343,13 @@ impl ByteBpe {
         }
         let start = out.len();
         let bytes = piece.as_bytes();
+        if let Some(words) = &self.words {
+            let spelled: String = bytes.iter().map(|&b| self.chars[b as usize]).collect();
+            if let Some(&id) = words.get(&spelled) {
+                out.push(id);
+                return Ok(());
+            }
+        }
         for (i, &b) in bytes.iter().enumerate() {
             if self.byte_ids[b as usize].is_none() {
                 return Err(Error::Tokenizer(format!(
@@ -368,6 +423,20 @@ mod tests {
             ["I", "'M", " here", " ", "4", "2", ".\n\n", " ok"]
         );
         assert_eq!(pieces("llama3", "12345 abc"), ["123", "45", " abc"]);
+        // DeepSeek: numbers (including "½") apart from their spaces; letters
+        // take one leading space; a line break stands alone.
+        assert_eq!(
+            pieces("deepseek-llm", "ied 4 ½ months"),
+            ["ied", " ", "4", " ", "½", " months"]
+        );
+        assert_eq!(
+            pieces("deepseek-llm", "a\n12, 中文 x  "),
+            ["a", "\n", "12", ",", " ", "中文", " x", "  "]
+        );
+        assert_eq!(
+            pieces("deepseek-coder", "x=12;\n"),
+            ["x", "=", "1", "2", ";", "\n"]
+        );
         assert!(PreTokenizer::for_name("mystery")
             .unwrap()
             .description

@@ -320,6 +320,7 @@ impl Tokenizer {
                     &|s| normal.get(s).copied(),
                     &|b| byte_tokens[b as usize].or(unk),
                     pre,
+                    || normal.clone(),
                 )?;
                 let dec = bpe::ByteDecoder::new();
                 let bytes: Vec<Box<[u8]>> = tokens

@@ -163,6 +163,36 @@ fn tokenizer_tiny_bpe_encodes_with_merges_and_specials() {
 }
 
 #[test]
+fn tokenizer_llama3_takes_whole_pretokens_that_are_tokens() {
+    // "Ġworld" is a token; the merges alone build it too, but "hellohello"
+    // (added below) has no merge path from "hello" + "hello".
+    let mut m = tiny_bpe();
+    let Some(Value::Array(tokens)) = m.get_mut("tokenizer.ggml.tokens") else {
+        unreachable!()
+    };
+    tokens.push(s("hellohello"));
+    let n = tokens.len();
+    let Some(Value::Array(types)) = m.get_mut("tokenizer.ggml.token_type") else {
+        unreachable!()
+    };
+    types.push(Value::I32(1));
+    let whole = (n - 1) as u32;
+    let tok = Tokenizer::from_metadata(&m).unwrap();
+    let hello = tok.token_id("hello").unwrap();
+    assert_eq!(tok.encode("hellohello", false).unwrap(), [hello, hello]);
+    m.insert("tokenizer.ggml.pre".into(), s("llama-bpe"));
+    let tok = Tokenizer::from_metadata(&m).unwrap();
+    assert_eq!(tok.encode("hellohello", false).unwrap(), [whole]);
+    // A pre-token that is no token still goes through the merges.
+    assert_eq!(
+        tok.encode("hellohellohello", false).unwrap().len(),
+        3,
+        "no token spells three hellos, so the merges make hello+hello+hello"
+    );
+    round_trip(&tok);
+}
+
+#[test]
 fn tokenizer_tiny_spm_merges_by_score_with_byte_fallback() {
     let tok = Tokenizer::from_metadata(&tiny_spm(Some(false))).unwrap();
     let id = |t: &str| tok.token_id(t).unwrap();
