@@ -6,7 +6,8 @@ shares no code with the engine. It reads a GGUF file with the `gguf` package,
 dequantizes the weights to float32 with `gguf.quants.dequantize`, and runs a
 plain numpy forward pass (causal attention, no quantized arithmetic).
 
-Supported architectures: llama (e.g. SmolLM2), qwen2, qwen3, gemma3.
+Supported architectures: llama (e.g. SmolLM2), qwen2, qwen3, gemma3, phi3 (fused
+attn_qkv and gate/up in ffn_up; LongRoPE factors rope_factors_long/short.weight).
 
 Usage:
     python3 scripts/reference_forward.py MODEL.gguf (--ids 1,2,3 | --ids-file F)
@@ -44,7 +45,7 @@ class Model:
         self.reader = gguf.GGUFReader(path)
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.arch = self.meta("general.architecture")
-        if self.arch not in ("llama", "qwen2", "qwen3", "gemma3"):
+        if self.arch not in ("llama", "qwen2", "qwen3", "gemma3", "phi3"):
             raise SystemExit(f"unsupported architecture: {self.arch}")
         a = self.arch
         self.n_layer = int(self.meta(f"{a}.block_count"))
@@ -64,6 +65,17 @@ class Model:
         self.yarn_beta_fast = float(self.meta(f"{a}.rope.scaling.yarn_beta_fast", 32.0))
         self.yarn_beta_slow = float(self.meta(f"{a}.rope.scaling.yarn_beta_slow", 1.0))
         self.yarn_attn_factor = float(self.meta(f"{a}.rope.scaling.attn_factor", 1.0))
+        # Phi-3's LongRoPE: the long factors when the model's context exceeds the
+        # original one (as llama.cpp chooses), the short ones otherwise; the rotated
+        # vectors are scaled by rope.scaling.attn_factor.
+        self.ctx_len = int(self.meta(f"{a}.context_length", 4096))
+        self.longrope = None
+        if "rope_factors_long.weight" in self.tensors:
+            orig = int(self.meta(f"{a}.rope.scaling.original_context_length"))
+            name = "rope_factors_long.weight"
+            if self.ctx_len <= orig and "rope_factors_short.weight" in self.tensors:
+                name = "rope_factors_short.weight"
+            self.longrope = name
         # Gemma3 specifics
         self.sliding_window = self.meta(f"{a}.attention.sliding_window", None)
         self.rope_local_base = float(self.meta(f"{a}.rope.local.freq_base",
@@ -156,7 +168,7 @@ def yarn_inv_freq(base, dim, factor, original, beta_fast, beta_slow):
     return interpolation * (1.0 - keep) + extrapolation * keep
 
 
-def rope(x, pos, base, rot_dim, neox, pos_scale=1.0, freq_factors=None, yarn=None):
+def rope(x, pos, base, rot_dim, neox, pos_scale=1.0, freq_factors=None, yarn=None, mscale=1.0):
     """x: (n_tok, n_heads, head_dim). Rotates the first rot_dim dims of each head.
 
     neox=False: rotate adjacent pairs (2i, 2i+1); neox=True: pairs (i, i + rot_dim/2).
@@ -167,7 +179,6 @@ def rope(x, pos, base, rot_dim, neox, pos_scale=1.0, freq_factors=None, yarn=Non
     inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2.0 / rot_dim)
     if freq_factors is not None:
         inv_freq = inv_freq / freq_factors.astype(np.float64)[:half]
-    mscale = 1.0
     if yarn is not None:
         factor, original, beta_fast, beta_slow, attn_factor = yarn
         inv_freq = yarn_inv_freq(base, rot_dim, factor, original, beta_fast, beta_slow)
@@ -215,7 +226,7 @@ class Runner:
     def layer_params(self, il):
         m = self.m
         is_gemma = m.arch == "gemma3"
-        neox = m.arch in ("qwen2", "qwen3", "gemma3")
+        neox = m.arch in ("qwen2", "qwen3", "gemma3", "phi3")
         base = m.rope_base
         window = None
         pos_scale = 1.0
@@ -248,9 +259,15 @@ class Runner:
             neox, base, window, pos_scale = self.layer_params(il)
 
             h = rmsnorm(x, m.weight(p + "attn_norm.weight"), m.eps)
-            q = linear(h, m.weight(p + "attn_q.weight"), m.opt(p + "attn_q.bias")).reshape(n, H, D)
-            k = linear(h, m.weight(p + "attn_k.weight"), m.opt(p + "attn_k.bias")).reshape(n, Hkv, D)
-            v = linear(h, m.weight(p + "attn_v.weight"), m.opt(p + "attn_v.bias")).reshape(n, Hkv, Dv)
+            if m.has(p + "attn_qkv.weight"):
+                qkv = linear(h, m.weight(p + "attn_qkv.weight"))
+                q = qkv[:, : H * D].reshape(n, H, D)
+                k = qkv[:, H * D : (H + Hkv) * D].reshape(n, Hkv, D)
+                v = qkv[:, (H + Hkv) * D :].reshape(n, Hkv, Dv)
+            else:
+                q = linear(h, m.weight(p + "attn_q.weight"), m.opt(p + "attn_q.bias")).reshape(n, H, D)
+                k = linear(h, m.weight(p + "attn_k.weight"), m.opt(p + "attn_k.bias")).reshape(n, Hkv, D)
+                v = linear(h, m.weight(p + "attn_v.weight"), m.opt(p + "attn_v.bias")).reshape(n, Hkv, Dv)
             if m.has(p + "attn_q_norm.weight"):
                 q = rmsnorm(q, m.weight(p + "attn_q_norm.weight"), m.eps)
                 k = rmsnorm(k, m.weight(p + "attn_k_norm.weight"), m.eps)
@@ -260,8 +277,12 @@ class Runner:
             if m.rope_scaling_type == "yarn" and m.arch != "gemma3":
                 yarn = (m.rope_scaling_factor, float(m.yarn_original), m.yarn_beta_fast,
                         m.yarn_beta_slow, m.yarn_attn_factor)
-            q = rope(q, pos, base, rd, neox, pos_scale, ff, yarn)
-            k = rope(k, pos, base, rd, neox, pos_scale, ff, yarn)
+            mscale = 1.0
+            if m.longrope is not None:
+                ff = m.weight(m.longrope)
+                mscale = m.yarn_attn_factor
+            q = rope(q, pos, base, rd, neox, pos_scale, ff, yarn, mscale)
+            k = rope(k, pos, base, rd, neox, pos_scale, ff, yarn, mscale)
 
             if self.k_cache[il] is None:
                 K, V = k, v
@@ -298,8 +319,13 @@ class Runner:
             x = x + o
 
             h = rmsnorm(x, m.weight(p + "ffn_norm.weight"), m.eps)
-            gate = linear(h, m.weight(p + "ffn_gate.weight"))
-            up = linear(h, m.weight(p + "ffn_up.weight"))
+            if m.has(p + "ffn_gate.weight"):
+                gate = linear(h, m.weight(p + "ffn_gate.weight"))
+                up = linear(h, m.weight(p + "ffn_up.weight"))
+            else:
+                # Phi-3: ffn_up holds the gate's rows, then the up projection's.
+                gate_up = linear(h, m.weight(p + "ffn_up.weight"))
+                gate, up = gate_up[:, : m.n_ff], gate_up[:, m.n_ff :]
             act = gelu_tanh(gate) if m.arch == "gemma3" else silu(gate)
             f = linear(act * up, m.weight(p + "ffn_down.weight"))
             if m.has(p + "post_ffw_norm.weight"):

@@ -10,6 +10,9 @@ pub enum Arch {
     /// Qwen3 (dense): qwen2 with an RMS norm on each query and key head, no biases.
     Qwen3,
     Gemma3,
+    /// Phi-3 and Phi-4 (`phi3`): llama's blocks with the Q, K and V projections fused
+    /// into one matrix and the gate and up projections into another, split at load.
+    Phi3,
 }
 
 impl Arch {
@@ -19,6 +22,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3",
+            Arch::Phi3 => "phi3",
         }
     }
 }
@@ -51,6 +55,15 @@ pub enum RopeScaling {
     /// ramp between; rotated queries and keys are scaled by `mscale`
     /// (0.1 ln factor + 1 unless the model says otherwise).
     Yarn(Yarn),
+    /// LongRoPE (Phi-3's `longrope`, formerly `su`): each frequency divided by its own
+    /// factor, as [`RopeScaling::Frequencies`], and the rotated queries and keys
+    /// scaled by `mscale` (sqrt(1 + ln(s) / ln(original)) for a context stretched
+    /// s times, unless the model says otherwise). The model gives two sets of
+    /// factors: the long ones when its context is longer than the original one
+    /// (llama.cpp's choice, made once so that every cached key was rotated alike;
+    /// Hugging Face switches to the short ones while a sequence is within the
+    /// original context), the short ones otherwise.
+    LongRope { factors: Vec<f32>, mscale: f32 },
 }
 
 /// YaRN's settings ([`RopeScaling::Yarn`]).
@@ -62,6 +75,18 @@ pub struct Yarn {
     pub beta_fast: f32,
     pub beta_slow: f32,
     pub mscale: f32,
+}
+
+/// LongRoPE's default attention factor for a context of `ctx` tokens stretched from
+/// `original`: sqrt(1 + ln(s) / ln(original)) with s = ctx / original, 1 when not
+/// stretched.
+pub fn longrope_mscale(ctx: f64, original: f64) -> f32 {
+    let s = ctx / original;
+    if s <= 1.0 || original <= 1.0 {
+        1.0
+    } else {
+        (1.0 + s.ln() / original.ln()).sqrt() as f32
+    }
 }
 
 /// YaRN's angle per position of each rotated pair (the formula of the YaRN paper,
@@ -186,6 +211,7 @@ impl Config {
             RopeScaling::None => (scaled(&|_| 1.0), 1.0),
             RopeScaling::Linear { factor } => (scaled(&|_| *factor as f64), 1.0),
             RopeScaling::Frequencies(v) => (scaled(&|i| v[i] as f64), 1.0),
+            RopeScaling::LongRope { factors, mscale } => (scaled(&|i| factors[i] as f64), *mscale),
             RopeScaling::Yarn(y) => (
                 yarn_inv_freq(
                     d,
@@ -211,6 +237,7 @@ impl Config {
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
             "gemma3" => Arch::Gemma3,
+            "phi3" => Arch::Phi3,
             _ => return Err(Error::UnsupportedArchitecture(arch_name)),
         };
         let a = arch.name();
@@ -237,7 +264,11 @@ impl Config {
         };
         let (rope_style, activation, embed_scale, sliding_window) = match arch {
             Arch::Llama => (RopeStyle::Adjacent, Activation::Silu, 1.0, None),
-            Arch::Qwen2 | Arch::Qwen3 => (RopeStyle::Neox, Activation::Silu, 1.0, None),
+            // Phi-3's sliding window (2047 in the mini 4k model) is not applied, as
+            // llama.cpp does not apply it either: attention is over the whole cache.
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => {
+                (RopeStyle::Neox, Activation::Silu, 1.0, None)
+            }
             Arch::Gemma3 => (
                 RopeStyle::Neox,
                 Activation::GeluTanh,
@@ -253,7 +284,22 @@ impl Config {
             .get(&k("rope.freq_base"))
             .and_then(|v| v.as_f64())
             .unwrap_or(10000.0) as f32;
-        let rope_scaling = gguf_rope_scaling(f, &k)?;
+        let ctx_len = f
+            .get(&k("context_length"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(4096) as usize;
+        if let Some(rot) = f.get(&k("rope.dimension_count")).and_then(|v| v.as_u64()) {
+            if rot != head_dim as u64 {
+                return Err(Error::Format {
+                    path: f.path.clone(),
+                    msg: format!(
+                        "RoPE over {rot} of each head's {head_dim} dimensions (partial rotary \
+                         embedding, as in Phi-4-mini) is not supported"
+                    ),
+                });
+            }
+        }
+        let rope_scaling = gguf_rope_scaling(f, &k, ctx_len)?;
         let cfg = Config {
             arch,
             n_layers: f.u64(&k("block_count"))? as usize,
@@ -263,10 +309,7 @@ impl Config {
             head_dim,
             ffn: f.u64(&k("feed_forward_length"))? as usize,
             vocab,
-            ctx_len: f
-                .get(&k("context_length"))
-                .and_then(|v| v.as_u64())
-                .unwrap_or(4096) as usize,
+            ctx_len,
             rope_base,
             rope_base_local: 10000.0,
             rope_style,
@@ -350,7 +393,14 @@ impl Config {
                     ));
                 }
             }
-            RopeScaling::Frequencies(v) => {
+            RopeScaling::Frequencies(v) | RopeScaling::LongRope { factors: v, .. } => {
+                if let RopeScaling::LongRope { mscale, .. } = &c.rope_scaling {
+                    if !(mscale.is_finite() && *mscale > 0.0 && *mscale <= 100.0) {
+                        return Err(format!(
+                            "implausible LongRoPE attention factor {mscale} (expected above 0, at most 100)"
+                        ));
+                    }
+                }
                 if v.len() != c.head_dim / 2 {
                     return Err(format!(
                         "{} RoPE frequency factors for heads of {} dimensions (expected {})",
@@ -398,9 +448,39 @@ impl Config {
     }
 }
 
-/// RoPE scaling from GGUF metadata (`rope.scaling.type`, `rope.scaling.factor`) and
-/// Llama 3's per-frequency factors (`rope_freqs.weight`).
-fn gguf_rope_scaling(f: &GgufFile, k: &dyn Fn(&str) -> String) -> Result<RopeScaling, Error> {
+/// RoPE scaling from GGUF metadata (`rope.scaling.type`, `rope.scaling.factor`),
+/// Llama 3's per-frequency factors (`rope_freqs.weight`) and Phi-3's LongRoPE factors
+/// (`rope_factors_long.weight`, `rope_factors_short.weight`, with
+/// `rope.scaling.original_context_length` and `rope.scaling.attn_factor`).
+fn gguf_rope_scaling(
+    f: &GgufFile,
+    k: &dyn Fn(&str) -> String,
+    ctx_len: usize,
+) -> Result<RopeScaling, Error> {
+    if f.tensors.contains_key("rope_factors_long.weight") {
+        let original = f
+            .get(&k("rope.scaling.original_context_length"))
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| Error::Format {
+                path: f.path.clone(),
+                msg: "LongRoPE factors need rope.scaling.original_context_length".into(),
+            })?;
+        let long = (ctx_len as u64) > original;
+        let name = if long || !f.tensors.contains_key("rope_factors_short.weight") {
+            "rope_factors_long.weight"
+        } else {
+            "rope_factors_short.weight"
+        };
+        let factors = crate::quant::QMatrix::from_gguf(f, name)?.to_f32();
+        let mscale = match f
+            .get(&k("rope.scaling.attn_factor"))
+            .and_then(|v| v.as_f64())
+        {
+            Some(a) => a as f32,
+            None => longrope_mscale(ctx_len as f64, original as f64),
+        };
+        return Ok(RopeScaling::LongRope { factors, mscale });
+    }
     let kind = f
         .get(&k("rope.scaling.type"))
         .and_then(|v| v.as_str().map(str::to_string));
@@ -410,6 +490,12 @@ fn gguf_rope_scaling(f: &GgufFile, k: &dyn Fn(&str) -> String) -> Result<RopeSca
         .unwrap_or(1.0) as f32;
     let linear = match kind.as_deref() {
         None | Some("none") => 1.0,
+        Some("longrope" | "su") => {
+            return Err(Error::Format {
+                path: f.path.clone(),
+                msg: "RoPE scaling 'longrope' needs the tensor rope_factors_long.weight".into(),
+            })
+        }
         Some("linear") => factor,
         Some("yarn") => {
             let num = |key: &str, default: f64| {

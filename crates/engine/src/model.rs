@@ -1,4 +1,4 @@
-//! The forward pass of llama, qwen2, qwen3 and gemma3 models, over the engine's KV cache.
+//! The forward pass of llama, qwen2, qwen3, gemma3 and phi3 models, over the engine's KV cache.
 
 use crate::attention::{attend, HeadRows, LayerAttn, StatsRequest};
 use crate::cache::{HeadAccum, KvCache, LayerRope, PrefillStats, QueryAccum};
@@ -124,11 +124,39 @@ impl Model {
             let n = |s: &str| format!("blk.{l}.{s}");
             let gemma = c.arch == Arch::Gemma3;
             let head_norms = gemma || c.arch == Arch::Qwen3;
+            // Phi-3 fuses Q, K and V into `attn_qkv`, and gate and up into `ffn_up`
+            // (gate first); they are cut apart here.
+            let qkv = n("attn_qkv.weight");
+            let (wq, wk, wv) = if c.arch == Arch::Phi3 && w.has(&qkv) {
+                let [q, k, v]: [QMatrix; 3] = mat(&qkv, qd + 2 * kd, c.hidden)?
+                    .split_rows(&[qd, kd, kd])?
+                    .try_into()
+                    .expect("three blocks");
+                (q, k, v)
+            } else {
+                (
+                    mat(&n("attn_q.weight"), qd, c.hidden)?,
+                    mat(&n("attn_k.weight"), kd, c.hidden)?,
+                    mat(&n("attn_v.weight"), kd, c.hidden)?,
+                )
+            };
+            let (w_gate, w_up) = if c.arch == Arch::Phi3 {
+                let [g, u]: [QMatrix; 2] = mat(&n("ffn_up.weight"), 2 * c.ffn, c.hidden)?
+                    .split_rows(&[c.ffn, c.ffn])?
+                    .try_into()
+                    .expect("two blocks");
+                (g, u)
+            } else {
+                (
+                    mat(&n("ffn_gate.weight"), c.ffn, c.hidden)?,
+                    mat(&n("ffn_up.weight"), c.ffn, c.hidden)?,
+                )
+            };
             layers.push(Layer {
                 attn_norm: vec(&n("attn_norm.weight"), c.hidden)?,
-                wq: mat(&n("attn_q.weight"), qd, c.hidden)?,
-                wk: mat(&n("attn_k.weight"), kd, c.hidden)?,
-                wv: mat(&n("attn_v.weight"), kd, c.hidden)?,
+                wq,
+                wk,
+                wv,
                 wo: mat(&n("attn_output.weight"), c.hidden, qd)?,
                 bq: opt_vec(&n("attn_q.bias"), qd)?,
                 bk: opt_vec(&n("attn_k.bias"), kd)?,
@@ -149,8 +177,8 @@ impl Model {
                     None
                 },
                 ffn_norm: vec(&n("ffn_norm.weight"), c.hidden)?,
-                w_gate: mat(&n("ffn_gate.weight"), c.ffn, c.hidden)?,
-                w_up: mat(&n("ffn_up.weight"), c.ffn, c.hidden)?,
+                w_gate,
+                w_up,
                 w_down: mat(&n("ffn_down.weight"), c.hidden, c.ffn)?,
                 post_ffn_norm: if gemma {
                     Some(vec(&n("post_ffw_norm.weight"), c.hidden)?)

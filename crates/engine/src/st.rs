@@ -192,6 +192,8 @@ impl SafetensorsDir {
             "post_attention_norm" => "post_attention_layernorm",
             "post_ffw_norm" => "post_feedforward_layernorm",
             "ffn_gate" => "mlp.gate_proj",
+            "attn_qkv" => "self_attn.qkv_proj",
+            "ffn_up" if self.arch == Arch::Phi3 => "mlp.gate_up_proj",
             "ffn_up" => "mlp.up_proj",
             "ffn_down" => "mlp.down_proj",
             other => other,
@@ -269,6 +271,7 @@ pub fn config_from_json(path: &Path) -> Result<Config, Error> {
         "qwen2" => Arch::Qwen2,
         "qwen3" => Arch::Qwen3,
         "gemma3" | "gemma3_text" => Arch::Gemma3,
+        "phi3" => Arch::Phi3,
         other => return Err(Error::UnsupportedArchitecture(other.to_string())),
     };
     let u = |k: &str| -> Result<usize, Error> {
@@ -291,8 +294,22 @@ pub fn config_from_json(path: &Path) -> Result<Config, Error> {
         .map(|v| v as usize)
         .unwrap_or(hidden / n_heads.max(1));
     let gemma = arch == Arch::Gemma3;
-    let rope_scaling =
-        hf_rope_scaling(j, head_dim, f("rope_theta", 10000.0)).map_err(|m| format(path, m))?;
+    let ctx_len = j
+        .get("max_position_embeddings")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(4096) as usize;
+    let rotary = f("partial_rotary_factor", 1.0);
+    if rotary != 1.0 {
+        return Err(format(
+            path,
+            format!(
+                "config.json: partial_rotary_factor {rotary} (RoPE over part of each head, as in \
+                 Phi-4-mini) is not supported"
+            ),
+        ));
+    }
+    let rope_scaling = hf_rope_scaling(j, head_dim, f("rope_theta", 10000.0), ctx_len)
+        .map_err(|m| format(path, m))?;
     let cfg = Config {
         arch,
         n_layers: u("num_hidden_layers")?,
@@ -306,10 +323,7 @@ pub fn config_from_json(path: &Path) -> Result<Config, Error> {
         head_dim,
         ffn: u("intermediate_size")?,
         vocab: u("vocab_size")?,
-        ctx_len: j
-            .get("max_position_embeddings")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(4096) as usize,
+        ctx_len,
         rope_base: f("rope_theta", 10000.0) as f32,
         rope_base_local: f("rope_local_base_freq", 10000.0) as f32,
         rope_style: RopeStyle::Neox,
@@ -344,12 +358,15 @@ pub fn config_from_json(path: &Path) -> Result<Config, Error> {
 /// (`factor`); `llama3` (`factor`, `low_freq_factor`, `high_freq_factor`,
 /// `original_max_position_embeddings`); `yarn` (`factor`,
 /// `original_max_position_embeddings`, optional `beta_fast`, `beta_slow`,
+/// `attention_factor`); `longrope` or `su` (`long_factor`, `short_factor`,
+/// `original_max_position_embeddings` beside it or in the config, optional
 /// `attention_factor`). Any other kind is refused by name rather than run with the
 /// wrong positions.
 fn hf_rope_scaling(
     j: &serde_json::Value,
     head_dim: usize,
     base: f64,
+    ctx_len: usize,
 ) -> Result<RopeScaling, String> {
     let Some(r) = j.get("rope_scaling").filter(|v| !v.is_null()) else {
         return Ok(RopeScaling::None);
@@ -406,8 +423,38 @@ fn hf_rope_scaling(
                 mscale: opt("attention_factor", 0.1 * factor.ln() + 1.0) as f32,
             }))
         }
+        "longrope" | "su" => {
+            let original = r
+                .get("original_max_position_embeddings")
+                .or_else(|| j.get("original_max_position_embeddings"))
+                .and_then(|v| v.as_f64())
+                .filter(|o| *o >= 1.0)
+                .ok_or(
+                    "config.json: rope_scaling 'longrope' needs original_max_position_embeddings",
+                )?;
+            let key = if ctx_len as f64 > original {
+                "long_factor"
+            } else {
+                "short_factor"
+            };
+            let factors = r
+                .get(key)
+                .and_then(|v| v.as_array())
+                .and_then(|a| a.iter().map(|x| x.as_f64().map(|x| x as f32)).collect())
+                .ok_or_else(|| {
+                    format!(
+                        "config.json: rope_scaling 'longrope' needs '{key}', an array of numbers"
+                    )
+                })?;
+            let mscale = match r.get("attention_factor").and_then(|v| v.as_f64()) {
+                Some(a) => a as f32,
+                None => crate::config::longrope_mscale(ctx_len as f64, original),
+            };
+            Ok(RopeScaling::LongRope { factors, mscale })
+        }
         other => Err(format!(
-            "config.json: RoPE scaling '{other}' is not supported (supported: linear, llama3, yarn)"
+            "config.json: RoPE scaling '{other}' is not supported (supported: linear, llama3, \
+             yarn, longrope)"
         )),
     }
 }

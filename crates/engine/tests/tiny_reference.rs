@@ -1,12 +1,14 @@
 //! Tiny random-weight models against the independent numpy reference
 //! (scripts/reference_forward.py), for what no downloadable test model covers: RoPE
-//! scaling and the qwen3 architecture. 2 layers, heads of 16 dimensions (so that eight
+//! scaling and the qwen3 and phi3 architectures. 2 layers, heads of 16 dimensions (so that eight
 //! frequencies span short and long wavelengths), 160 positions, well past the scaling's
 //! original context of 32 tokens:
 //! - Llama 3's per-frequency factors (`rope_freqs.weight`), YaRN and linear scaling,
 //!   from GGUF;
 //! - config.json's `rope_scaling` gives the logits of the GGUF of the same weights;
-//! - qwen3 (an RMS norm on every query and key head), from GGUF and from config.json.
+//! - qwen3 (an RMS norm on every query and key head), from GGUF and from config.json;
+//! - phi3 (fused Q/K/V and gate/up projections) with LongRoPE, from GGUF and from
+//!   config.json.
 
 mod common;
 
@@ -76,27 +78,39 @@ fn weights(arch: &str) -> Vec<(String, String, usize, usize, Vec<f32>)> {
             HIDDEN,
             ones(HIDDEN),
         ));
-        w.push((
-            g("attn_q.weight"),
-            h("self_attn.q_proj.weight"),
-            HEADS * HEAD_DIM,
-            HIDDEN,
-            vec(HEADS * HEAD_DIM * HIDDEN),
-        ));
-        w.push((
-            g("attn_k.weight"),
-            h("self_attn.k_proj.weight"),
-            KV_HEADS * HEAD_DIM,
-            HIDDEN,
-            vec(KV_HEADS * HEAD_DIM * HIDDEN),
-        ));
-        w.push((
-            g("attn_v.weight"),
-            h("self_attn.v_proj.weight"),
-            KV_HEADS * HEAD_DIM,
-            HIDDEN,
-            vec(KV_HEADS * HEAD_DIM * HIDDEN),
-        ));
+        if arch == "phi3" {
+            // Q, K and V in one matrix, in that order.
+            let rows = (HEADS + 2 * KV_HEADS) * HEAD_DIM;
+            w.push((
+                g("attn_qkv.weight"),
+                h("self_attn.qkv_proj.weight"),
+                rows,
+                HIDDEN,
+                vec(rows * HIDDEN),
+            ));
+        } else {
+            w.push((
+                g("attn_q.weight"),
+                h("self_attn.q_proj.weight"),
+                HEADS * HEAD_DIM,
+                HIDDEN,
+                vec(HEADS * HEAD_DIM * HIDDEN),
+            ));
+            w.push((
+                g("attn_k.weight"),
+                h("self_attn.k_proj.weight"),
+                KV_HEADS * HEAD_DIM,
+                HIDDEN,
+                vec(KV_HEADS * HEAD_DIM * HIDDEN),
+            ));
+            w.push((
+                g("attn_v.weight"),
+                h("self_attn.v_proj.weight"),
+                KV_HEADS * HEAD_DIM,
+                HIDDEN,
+                vec(KV_HEADS * HEAD_DIM * HIDDEN),
+            ));
+        }
         w.push((
             g("attn_output.weight"),
             h("self_attn.o_proj.weight"),
@@ -123,20 +137,31 @@ fn weights(arch: &str) -> Vec<(String, String, usize, usize, Vec<f32>)> {
             HIDDEN,
             ones(HIDDEN),
         ));
-        w.push((
-            g("ffn_gate.weight"),
-            h("mlp.gate_proj.weight"),
-            FFN,
-            HIDDEN,
-            vec(FFN * HIDDEN),
-        ));
-        w.push((
-            g("ffn_up.weight"),
-            h("mlp.up_proj.weight"),
-            FFN,
-            HIDDEN,
-            vec(FFN * HIDDEN),
-        ));
+        if arch == "phi3" {
+            // The gate's rows, then the up projection's.
+            w.push((
+                g("ffn_up.weight"),
+                h("mlp.gate_up_proj.weight"),
+                2 * FFN,
+                HIDDEN,
+                vec(2 * FFN * HIDDEN),
+            ));
+        } else {
+            w.push((
+                g("ffn_gate.weight"),
+                h("mlp.gate_proj.weight"),
+                FFN,
+                HIDDEN,
+                vec(FFN * HIDDEN),
+            ));
+            w.push((
+                g("ffn_up.weight"),
+                h("mlp.up_proj.weight"),
+                FFN,
+                HIDDEN,
+                vec(FFN * HIDDEN),
+            ));
+        }
         w.push((
             g("ffn_down.weight"),
             h("mlp.down_proj.weight"),
@@ -163,7 +188,21 @@ enum Scaling {
     Kind(&'static str),
     /// YaRN with factor 4 over the original context.
     Yarn,
+    /// Phi-3's LongRoPE: [`long_factors`] and [`short_factors`] over the original
+    /// context, the attention factor as Phi-3's converter writes it.
+    LongRope,
 }
+
+/// LongRoPE's factors for a model whose context (256) is longer than the original
+/// one (32): the long ones apply.
+fn long_factors() -> Vec<f32> {
+    (0..HEAD_DIM / 2).map(|i| 1.0 + i as f32).collect()
+}
+fn short_factors() -> Vec<f32> {
+    (0..HEAD_DIM / 2).map(|i| 1.0 + 0.1 * i as f32).collect()
+}
+/// sqrt(1 + ln(256 / 32) / ln(32)), written out.
+const LONGROPE_ATTN_FACTOR: f32 = 1.264_911;
 
 fn write_gguf_model(path: &Path, arch: &str, scaling: &Scaling) {
     let k = |s: &str| -> &'static str { Box::leak(format!("{arch}.{s}").into_boxed_str()) };
@@ -209,6 +248,22 @@ fn write_gguf_model(path: &Path, arch: &str, scaling: &Scaling) {
             gguf_f32_tensor(gg, rows, cols, data, (HEADS, KV_HEADS, HEAD_DIM), llama)
         })
         .collect();
+    if let Scaling::LongRope = scaling {
+        meta.push((
+            k("rope.scaling.original_context_length"),
+            Meta::U32(ORIGINAL as u32),
+        ));
+        meta.push((
+            k("rope.scaling.attn_factor"),
+            Meta::F32(LONGROPE_ATTN_FACTOR),
+        ));
+        for (name, v) in [
+            ("rope_factors_long.weight", long_factors()),
+            ("rope_factors_short.weight", short_factors()),
+        ] {
+            tensors.push((name, vec![(HEAD_DIM / 2) as u64], 0, bytes(&v)));
+        }
+    }
     if let Scaling::Llama3 = scaling {
         tensors.push((
             "rope_freqs.weight",
@@ -366,7 +421,11 @@ fn unsupported_rope_scaling_is_refused_by_name() {
     for (json, needle) in [
         (
             r#"{"rope_type": "longrope", "factor": 4.0}"#,
-            "'longrope' is not supported",
+            "'longrope' needs original_max_position_embeddings",
+        ),
+        (
+            r#"{"rope_type": "longrope", "original_max_position_embeddings": 32}"#,
+            "'longrope' needs 'long_factor'",
         ),
         (
             r#"{"rope_type": "yarn", "factor": 4.0}"#,
@@ -392,11 +451,15 @@ fn unsupported_rope_scaling_is_refused_by_name() {
             .to_string();
         assert!(e.contains(needle), "{json}: {e}");
     }
-    // A GGUF naming a scaling the engine does not implement.
-    let path = dir.path().join("longrope.gguf");
+    // A GGUF naming a scaling the engine does not implement, or LongRoPE without
+    // its factors.
+    let path = dir.path().join("dynamic.gguf");
+    write_gguf_model(&path, "llama", &Scaling::Kind("dynamic"));
+    let e = LoadedModel::open(&path).err().expect("refused").to_string();
+    assert!(e.contains("'dynamic' is not supported"), "{e}");
     write_gguf_model(&path, "llama", &Scaling::Kind("longrope"));
     let e = LoadedModel::open(&path).err().expect("refused").to_string();
-    assert!(e.contains("'longrope' is not supported"), "{e}");
+    assert!(e.contains("rope_factors_long.weight"), "{e}");
     // YaRN without its original context length.
     write_gguf_model(&path, "llama", &Scaling::Kind("yarn"));
     let e = LoadedModel::open(&path).err().expect("refused").to_string();
@@ -420,5 +483,42 @@ fn qwen3_with_its_per_head_query_and_key_norms_matches_the_numpy_reference() {
     std::fs::create_dir_all(&hf).unwrap();
     write_hf_dir(&hf, "qwen3", "null");
     let d = max_rel_diff(&engine_logits(&hf), &got);
+    assert!(d < 1e-5, "config.json against GGUF: {d}");
+}
+
+#[test]
+fn phi3_fused_projections_and_longrope_match_the_numpy_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut logits = Vec::new();
+    for scaling in [Scaling::None, Scaling::LongRope] {
+        let gguf = dir.path().join("phi3.gguf");
+        write_gguf_model(&gguf, "phi3", &scaling);
+        assert_eq!(
+            LoadedModel::open(&gguf).unwrap().model.cfg.arch.name(),
+            "phi3"
+        );
+        let got = engine_logits(&gguf);
+        let d = max_rel_diff(&got, &numpy_logits(&gguf));
+        eprintln!("phi3: largest logit difference {d:.2e} of the largest logit");
+        assert!(d < 1e-4, "{d}");
+        logits.push(got);
+    }
+    let late = (ORIGINAL as usize + 8) * VOCAB;
+    assert!(
+        max_rel_diff(&logits[1][late..], &logits[0][late..]) > 1e-2,
+        "LongRoPE changed nothing"
+    );
+    // config.json: the factors, the original context beside them, the attention
+    // factor computed from the two context lengths.
+    let hf = dir.path().join("hf");
+    std::fs::create_dir_all(&hf).unwrap();
+    let json = format!(
+        r#"{{"type": "longrope", "long_factor": {:?}, "short_factor": {:?}}},
+           "original_max_position_embeddings": {ORIGINAL}"#,
+        long_factors(),
+        short_factors()
+    );
+    write_hf_dir(&hf, "phi3", &json);
+    let d = max_rel_diff(&engine_logits(&hf), &logits[1]);
     assert!(d < 1e-5, "config.json against GGUF: {d}");
 }

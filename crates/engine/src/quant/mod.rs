@@ -330,6 +330,44 @@ impl QMatrix {
         Self::from_bytes(ty, rows, cols, bytes)
     }
 
+    /// Cuts the matrix into consecutive blocks of rows, `counts[i]` rows each (they
+    /// must add up to `rows`): the fused projections of Phi-3 (`attn_qkv`, the gate
+    /// and up halves of `ffn_up`) become the separate matrices the forward pass
+    /// uses. A memory-mapped matrix is cut without copying.
+    pub fn split_rows(self, counts: &[usize]) -> Result<Vec<QMatrix>, Error> {
+        if counts.iter().sum::<usize>() != self.rows {
+            return Err(Error::Invalid(format!(
+                "cannot cut {} rows into blocks of {counts:?}",
+                self.rows
+            )));
+        }
+        let mut out = Vec::with_capacity(counts.len());
+        let mut first = 0;
+        for &rows in counts {
+            let (start, len) = (first * self.row_bytes, rows * self.row_bytes);
+            let storage = match &self.storage {
+                Storage::Mmap { map, offset, .. } => Storage::Mmap {
+                    map: Arc::clone(map),
+                    offset: offset + start,
+                    len,
+                },
+                Storage::Bytes(b) => Storage::Bytes(b[start..start + len].to_vec()),
+                Storage::F32(v) => {
+                    Storage::F32(v[first * self.cols..(first + rows) * self.cols].to_vec())
+                }
+            };
+            out.push(QMatrix {
+                dtype: self.dtype,
+                rows,
+                cols: self.cols,
+                row_bytes: self.row_bytes,
+                storage,
+            });
+            first += rows;
+        }
+        Ok(out)
+    }
+
     pub fn dtype(&self) -> GgmlType {
         self.dtype
     }

@@ -255,8 +255,6 @@ pub(crate) struct ByteBpe {
     /// Every normal token by its byte-level text, kept when the pre-tokenizer
     /// ignores merges for pre-tokens that are tokens themselves.
     words: Option<FastMap<String, u32>>,
-    /// The character that spells each byte in token texts.
-    chars: [char; 256],
     cache: Mutex<HashMap<Box<str>, Box<[u32]>>>,
 }
 
@@ -300,7 +298,6 @@ impl ByteBpe {
             merges: map,
             pre,
             words,
-            chars,
             cache: Mutex::new(HashMap::new()),
         })
     }
@@ -344,7 +341,9 @@ impl ByteBpe {
         let start = out.len();
         let bytes = piece.as_bytes();
         if let Some(words) = &self.words {
-            let spelled: String = bytes.iter().map(|&b| self.chars[b as usize]).collect();
+            static CHARS: std::sync::OnceLock<[char; 256]> = std::sync::OnceLock::new();
+            let chars = CHARS.get_or_init(byte_chars);
+            let spelled: String = bytes.iter().map(|&b| chars[b as usize]).collect();
             if let Some(&id) = words.get(&spelled) {
                 out.push(id);
                 return Ok(());
