@@ -26,6 +26,10 @@
 //! them). Count and score of a merged slot are the members' sums; its position is the
 //! pivot's.
 //!
+//! **Tight budgets** (less than [`TIGHT_SHARE`], 17.7%, of the slots kept): where the
+//! options leave them unset, nothing is merged and kvzip keeps [`TIGHT_SINKS`] (64)
+//! sinks instead of 4, the best of the dev split's study at 12.5%.
+//!
 //! Options: `selector` (`kvzip`, the dev split's best), `scope` (`auto`: `model` for
 //! kvzip, else `head`; `layer` or `model` share budgets), `alpha` (0.2 with
 //! `scope=layer`, else 0), `merge` (`values` or `none`), `mass`
@@ -57,7 +61,7 @@ pub const OPTIONS: &[OptionDoc] = &[
     OptionDoc { key: "selector", default: "kvzip", help: "scorer that picks the kept slots (its options pass through)" },
     OptionDoc { key: "scope", default: "auto", help: "who shares the budget: head, layer (Ada-KV) or model (auto: model for kvzip, head otherwise)" },
     OptionDoc { key: "alpha", default: "auto", help: "safeguard share of each head's budget with shared budgets (auto: 0.2 for layer, 0 for model)" },
-    OptionDoc { key: "merge", default: "values", help: "values (evicted neighbours' values merged into kept slots) or none (the selection alone)" },
+    OptionDoc { key: "merge", default: "values", help: "values (evicted neighbours' values merged into kept slots) or none (the selection alone); unset: none below 17.7% kept, where kvzip also keeps 64 sinks unless sinks= is given" },
     OptionDoc { key: "mass", default: "bias", help: "bias (damped log-mass logit bias on merged slots) or none" },
     OptionDoc { key: "epsilon", default: "0.5", help: "cosine threshold for absorbing a neighbour into a pivot" },
     OptionDoc { key: "damp", default: "0.5", help: "factor on the log attention-mass bias, in [0, 1]" },
@@ -65,6 +69,16 @@ pub const OPTIONS: &[OptionDoc] = &[
 ];
 
 const MIN_WEIGHT: f32 = 1e-12;
+/// Below this share of the prompt kept, a tight budget: where `merge` is not set,
+/// nothing is merged, and where kvzip selects with its default sinks, it keeps
+/// [`TIGHT_SINKS`] instead. The dev split at 12.5% (docs/results/dev-qwen-tight, 24
+/// paired samples): kvzip's selection with 64 sinks and no merging scored 68.1
+/// against 54.2 for the default at 25%'s settings, paired +14.0 [+2.5, +26.6]; with 4
+/// sinks and no merging, 64.2. The threshold is the geometric midpoint between the
+/// two budgets measured, 12.5% and 25% (where merging ties or helps).
+pub const TIGHT_SHARE: f64 = 0.177;
+/// Sinks kvzip keeps at a tight budget, when each head's budget holds twice as many.
+pub const TIGHT_SINKS: usize = 64;
 /// The selection measured best under the query-agnostic protocol (docs/results.md,
 /// dev split): KVzip's.
 const DEFAULT_SELECTOR: &str = "kvzip";
@@ -72,6 +86,11 @@ const DEFAULT_SELECTOR: &str = "kvzip";
 pub struct KvMergerPlus {
     pub selector: Box<dyn Method>,
     pub selector_name: String,
+    /// The selector at tight budgets ([`TIGHT_SHARE`]): kvzip with [`TIGHT_SINKS`]
+    /// sinks, when the selector is kvzip and `sinks` was not given.
+    pub tight_selector: Option<Box<dyn Method>>,
+    /// Whether merging stops at tight budgets (`merge` not given).
+    pub tight_no_merge: bool,
     pub scope: Scope,
     pub alpha: f32,
     pub merge: bool,
@@ -113,9 +132,19 @@ impl KvMergerPlus {
                 inner.set(k, opts.get(k).unwrap_or_default());
             }
         }
-        let selector = crate::registry::build(&selector_name, &inner).map_err(|e| {
-            Error::InvalidOption(format!("kvmerger+: selector '{selector_name}': {e}"))
-        })?;
+        let build = |inner: &Options| {
+            crate::registry::build(&selector_name, inner).map_err(|e| {
+                Error::InvalidOption(format!("kvmerger+: selector '{selector_name}': {e}"))
+            })
+        };
+        let selector = build(&inner)?;
+        let tight_selector = if selector_name == "kvzip" && opts.get("sinks").is_none() {
+            let mut tight = inner.clone();
+            tight.set("sinks", TIGHT_SINKS);
+            Some(build(&tight)?)
+        } else {
+            None
+        };
         if !crate::registry::is_scorer(selector.as_ref()) {
             return Err(Error::InvalidOption(format!(
                 "kvmerger+: '{selector_name}' does not score slots (scorers: {})",
@@ -155,6 +184,8 @@ impl KvMergerPlus {
         Ok(KvMergerPlus {
             selector,
             selector_name,
+            tight_selector,
+            tight_no_merge: opts.get("merge").is_none(),
             scope,
             alpha,
             merge: opts.choice_or("merge", &["values", "none"], "values")? == "values",
@@ -165,11 +196,41 @@ impl KvMergerPlus {
         })
     }
 
+    /// The selector and whether to merge for these heads: the configured ones, or
+    /// at a tight budget (less than [`TIGHT_SHARE`] of their slots kept in all) the
+    /// tight ones, where the options left them to the default.
+    fn settings(&self, inputs: &[HeadInput<'_>]) -> (&dyn Method, bool) {
+        let (kept, len) = inputs.iter().fold((0usize, 0usize), |(k, n), i| {
+            (k + i.budget.min(i.data.len()), n + i.data.len())
+        });
+        if len == 0 || kept as f64 >= TIGHT_SHARE * len as f64 {
+            return (self.selector.as_ref(), self.merge);
+        }
+        let fits = inputs
+            .iter()
+            .all(|i| i.budget >= 2 * TIGHT_SINKS || i.budget >= i.data.len());
+        let selector = match &self.tight_selector {
+            Some(s) if fits => s.as_ref(),
+            _ => self.selector.as_ref(),
+        };
+        (selector, self.merge && !self.tight_no_merge)
+    }
+
     /// The protected slots, sets and value weights for a head, given the slots the
     /// selection keeps (`kept`, ascending) and the selector's `scores`.
     pub fn plan(&self, data: &HeadData, kept: &[usize], scores: &[f32]) -> PlusPlan {
+        self.plan_merging(data, kept, scores, self.merge)
+    }
+
+    fn plan_merging(
+        &self,
+        data: &HeadData,
+        kept: &[usize],
+        scores: &[f32],
+        merge: bool,
+    ) -> PlusPlan {
         let n = data.len();
-        if kept.len() >= n || !self.merge {
+        if kept.len() >= n || !merge {
             let kept_set: Vec<bool> = mask(n, kept);
             return PlusPlan {
                 protected: kept.to_vec(),
@@ -282,20 +343,27 @@ impl KvMergerPlus {
         out
     }
 
-    fn finish(&self, input: &HeadInput<'_>, kept: &[usize], scores: &[f32]) -> HeadData {
-        let plan = self.plan(input.data, kept, scores);
+    fn finish(
+        &self,
+        input: &HeadInput<'_>,
+        kept: &[usize],
+        scores: &[f32],
+        merge: bool,
+    ) -> HeadData {
+        let plan = self.plan_merging(input.data, kept, scores, merge);
         self.apply(&plan, input.data, scores)
     }
 
     /// The selection, scores and plan for one head on its own budget.
     pub fn plan_head(&self, input: &HeadInput<'_>) -> Result<PlusPlan, Error> {
-        let scores = self.head_scores(input)?;
+        let (selector, merge) = self.settings(std::slice::from_ref(input));
+        let scores = Self::head_scores(selector, input)?;
         let kept = self.kept_alone(input, &scores);
-        Ok(self.plan(input.data, &kept, &scores))
+        Ok(self.plan_merging(input.data, &kept, &scores, merge))
     }
 
-    fn head_scores(&self, input: &HeadInput<'_>) -> Result<Vec<f32>, Error> {
-        self.selector
+    fn head_scores(selector: &dyn Method, input: &HeadInput<'_>) -> Result<Vec<f32>, Error> {
+        selector
             .scores(input)
             .expect("the selector is a scorer")
             .map_err(|e| match e {
@@ -349,9 +417,10 @@ impl Method for KvMergerPlus {
             "kvmerger+",
             "the selector's window",
         )?;
-        let scores = self.head_scores(&input)?;
+        let (selector, merge) = self.settings(std::slice::from_ref(&input));
+        let scores = Self::head_scores(selector, &input)?;
         let kept = self.kept_alone(&input, &scores);
-        Ok(self.finish(&input, &kept, &scores))
+        Ok(self.finish(&input, &kept, &scores, merge))
     }
     fn compress_all(&self, inputs: &[HeadInput<'_>]) -> Result<Vec<HeadData>, Error> {
         use rayon::prelude::*;
@@ -361,9 +430,10 @@ impl Method for KvMergerPlus {
             "kvmerger+",
             "the selector's window",
         )?;
+        let (selector, merge) = self.settings(inputs);
         let scores: Vec<Vec<f32>> = inputs
             .par_iter()
-            .map(|i| self.head_scores(i))
+            .map(|i| Self::head_scores(selector, i))
             .collect::<Result<_, _>>()?;
         let kept = select::kept_shared(inputs, &scores, self.scope, self.alpha);
         Ok(inputs
@@ -374,7 +444,7 @@ impl Method for KvMergerPlus {
                 if k.len() >= i.data.len() {
                     i.data.clone()
                 } else {
-                    self.finish(i, k, s)
+                    self.finish(i, k, s, merge)
                 }
             })
             .collect())

@@ -514,3 +514,36 @@ fn sparsity_budgets_move_slots_to_the_layers_that_merge_least_and_keep_the_total
     let out = u.compress_all(&inputs).unwrap();
     assert_eq!((out[0].len(), out[1].len()), (24, 24));
 }
+
+#[test]
+fn kvmerger_plus_at_a_tight_budget_is_kvzip_with_64_sinks_unless_told_otherwise() {
+    let n = 1200;
+    let h = head(n, 8, 7);
+    let kvzip = |sinks: &str| {
+        let mut o = Options::new();
+        o.set("sinks", sinks);
+        kvmerger_compression::registry::build("kvzip", &o).unwrap()
+    };
+    // 12.5% kept: kvzip's selection with 64 sinks, nothing merged.
+    let tight = h.input(n / 8, mid());
+    let out = plus(&[]).compress(tight).unwrap();
+    assert!(identical(&out, &kvzip("64").compress(tight).unwrap()));
+    assert_eq!(
+        &data::positions(&out)[..64],
+        &(0..64).collect::<Vec<_>>()[..]
+    );
+    // Options given explicitly win: merging when asked, the sinks given.
+    let plan = plus(&[("merge", "values")]).plan_head(&tight).unwrap();
+    assert!(plan.sets.iter().any(|s| s.members.len() > 1));
+    let out = plus(&[("sinks", "4")]).compress(tight).unwrap();
+    assert!(identical(&out, &kvzip("4").compress(tight).unwrap()));
+    // A budget under twice the tight sinks keeps kvzip's default sinks (still no
+    // merging).
+    let small = h.input(100, mid());
+    let out = plus(&[]).compress(small).unwrap();
+    assert!(identical(&out, &kvzip("4").compress(small).unwrap()));
+    // 25% kept: the default settings, which merge.
+    let plan = plus(&[]).plan_head(&h.input(n / 4, mid())).unwrap();
+    assert!(plan.sets.iter().any(|s| s.members.len() > 1));
+    assert_eq!(plan.slots(), n / 4);
+}
