@@ -60,8 +60,8 @@ pub fn run(id: Option<&str>, list: bool, dir: &Path) -> Result<()> {
         println!(
             "\nAny other GGUF file or Hugging Face directory loads with -m PATH when it is one of \
              these:\n  architectures: llama (Llama 2/3/3.1/3.2, Mistral, SmolLM2), qwen2, qwen3 \
-             (dense), gemma3\n  RoPE scaling: none, linear, llama3, yarn (longrope and dynamic \
-             are refused)\n  tokenizers: byte-level BPE (gpt2, llama3, qwen2, falcon, deepseek-llm, \
+             (dense), gemma3, phi3 (Phi-3/3.5/4)\n  RoPE scaling: none, linear, llama3, yarn, \
+             longrope (dynamic and partial rotary embeddings are refused)\n  tokenizers: byte-level BPE (gpt2, llama3, qwen2, falcon, deepseek-llm, \
              deepseek-coder; other names get the GPT-2 pattern), SentencePiece (llama); not bert or gemma4"
         );
         return Ok(());
