@@ -252,6 +252,7 @@ impl ChatTemplate {
     /// Renders a conversation; with `add_generation_prompt` the text ends
     /// with the opening of an assistant turn.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let input: usize = messages.iter().map(|m| m.content.len()).sum();
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| context! { role => m.role.clone(), content => m.content.clone() })
@@ -266,7 +267,20 @@ impl ChatTemplate {
             .env
             .get_template(NAME)
             .map_err(|e| Error::Template(describe(&e)))?;
-        tmpl.render(ctx).map_err(|e| Error::Template(describe(&e)))
+        let limit = TEMPLATE_OUTPUT_BASE + TEMPLATE_OUTPUT_FACTOR * input;
+        let mut out = CappedWriter {
+            buf: Vec::new(),
+            limit,
+        };
+        match tmpl.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.buf)
+                .map_err(|_| Error::Template("the chat template wrote invalid UTF-8".into())),
+            Err(_) if out.buf.len() >= limit => Err(Error::Template(format!(
+                "the chat template's output passed {limit} bytes ({TEMPLATE_OUTPUT_BASE} plus \
+                 {TEMPLATE_OUTPUT_FACTOR} times the {input} bytes of the messages)"
+            ))),
+            Err(e) => Err(Error::Template(describe(&e))),
+        }
     }
 
     /// Whether a built-in template stands in for the model's.
@@ -316,6 +330,32 @@ fn describe(e: &minijinja::Error) -> String {
 /// dozen per message, so this allows conversations of hundreds of thousands of
 /// messages, and stops a runaway template within about a second.
 pub const TEMPLATE_FUEL: u64 = 50_000_000;
+
+/// A render writes at most this many bytes plus [`TEMPLATE_OUTPUT_FACTOR`] times the
+/// messages' own: real templates write each message once with a few dozen bytes
+/// around it, so a template that writes far more is broken or hostile.
+pub const TEMPLATE_OUTPUT_BASE: usize = 1 << 20;
+pub const TEMPLATE_OUTPUT_FACTOR: usize = 4;
+
+/// Collects a render's output and fails once it would pass `limit` bytes.
+struct CappedWriter {
+    buf: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > self.limit {
+            self.buf.extend_from_slice(&data[..self.limit - self.buf.len()]);
+            return Err(std::io::Error::other("chat template output limit"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
@@ -649,6 +689,22 @@ mod tests {
             .collect();
         let chatml = ChatTemplate::builtin(TemplateKind::ChatMl, "", "");
         assert!(chatml.render(&long, true).unwrap().contains("message 1999"));
+    }
+
+    /// A template that writes without bound (a loop printing a 100 MB string) stops
+    /// at its output limit with an error that says so, and loading falls back.
+    #[test]
+    fn a_chat_template_that_writes_without_bound_stops_at_its_output_limit() {
+        let src = "{% for i in range(100000) %}{{ 'x' * 100000000 }}{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        let e = t.render(&convo(), true).unwrap_err().to_string();
+        assert!(e.contains("output passed"), "{e}");
+        let t = ChatTemplate::or_fallback(Some(src), "", "", |_| false);
+        assert!(t.is_fallback());
+        // Long conversations are far within the limit.
+        let big = "y".repeat(3 << 20);
+        let chatml = ChatTemplate::builtin(TemplateKind::ChatMl, "", "");
+        assert!(chatml.render(&[Message::user(big)], true).is_ok());
     }
 
     #[test]
