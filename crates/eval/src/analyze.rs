@@ -12,15 +12,18 @@
 use crate::plot::{self, Series};
 use crate::Error;
 use kvmerger_compression::methods::kvmerger::{merge_sets, KvMerger, MergePlan};
-use kvmerger_compression::{HeadInput, HeadPos, HeadStats, HeadStore, Options, StatsNeeds};
+use kvmerger_compression::{
+    Budget, HeadInput, HeadPos, HeadStats, HeadStore, KvDtype, Options, Schedule,
+};
 use kvmerger_engine::cache::KvCache;
+use kvmerger_engine::compress::Compressor;
 use kvmerger_engine::load::LoadedModel;
-use kvmerger_engine::model::Logits;
+use kvmerger_engine::sequence::Sequence;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-/// Prefill `ids` into a fresh cache, accumulating attention scores (KVMerger's pivots
-/// and heavy hitters need them).
+/// Prefill `ids` into a fresh cache, collecting what KVMerger's merging-set scan
+/// needs (the accumulated attention that picks its pivots, kept in each slot).
 pub fn prefill(lm: &LoadedModel, ids: &[u32]) -> Result<KvCache, Error> {
     if ids.len() >= lm.model.cfg.ctx_len {
         return Err(Error::msg(format!(
@@ -29,15 +32,15 @@ pub fn prefill(lm: &LoadedModel, ids: &[u32]) -> Result<KvCache, Error> {
             lm.model.cfg.ctx_len
         )));
     }
-    let mut cache = lm.model.new_cache(kvmerger_compression::KvDtype::F16);
-    cache.reserve(ids.len());
-    let needs = StatsNeeds {
-        accumulated: true,
-        ..Default::default()
-    };
-    lm.model
-        .forward(ids, &mut cache, needs, None, Logits::Last)?;
-    Ok(cache)
+    let kvmerger = Compressor::new(
+        "kvmerger",
+        &Options::new(),
+        Budget::Fraction(0.5),
+        Schedule::Uniform,
+    )?;
+    let mut seq = Sequence::for_compressor(&lm.model, KvDtype::F16, Some(&kvmerger));
+    seq.feed(&lm.model, ids)?;
+    Ok(seq.cache)
 }
 
 fn rows(store: &HeadStore, values: bool) -> Vec<Vec<f32>> {
