@@ -523,7 +523,7 @@ fn gguf_rope_scaling(
             return Err(Error::Format {
                 path: f.path.clone(),
                 msg: format!(
-                    "RoPE scaling '{other}' is not supported (supported: linear, yarn, and \
+                    "RoPE scaling '{other}' is not supported (supported: linear, yarn, LongRoPE and \
                      Llama 3's frequency factors)"
                 ),
             })
