@@ -346,7 +346,8 @@ struct CappedWriter {
 impl std::io::Write for CappedWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         if self.buf.len() + data.len() > self.limit {
-            self.buf.extend_from_slice(&data[..self.limit - self.buf.len()]);
+            self.buf
+                .extend_from_slice(&data[..self.limit - self.buf.len()]);
             return Err(std::io::Error::other("chat template output limit"));
         }
         self.buf.extend_from_slice(data);

@@ -231,7 +231,23 @@ impl Model {
                     .sum::<usize>()
             })
             .sum();
-        l + self.embed.bytes() + self.output.as_ref().map_or(0, |o| o.bytes())
+        l + self.embed.bytes() + self.output_bytes()
+    }
+
+    /// Weight bytes one decode step reads: every layer's matrices, the output head
+    /// (the embedding matrix when tied) and one embedding row. Norms and biases are
+    /// left out (well under 0.1% of any model's weights).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let layers = self.weight_bytes() - self.embed.bytes() - self.output_bytes();
+        let head = match &self.output {
+            Some(o) => o.bytes(),
+            None => self.embed.bytes(),
+        };
+        layers + head + self.embed.bytes() / self.embed.rows().max(1)
+    }
+
+    fn output_bytes(&self) -> usize {
+        self.output.as_ref().map_or(0, |o| o.bytes())
     }
 
     pub fn new_cache(&self, dtype: KvDtype) -> KvCache {

@@ -33,6 +33,42 @@ pub fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Decode steps run before generation is timed.
+const WARM_UP_STEPS: usize = 4;
+
+/// Bytes per second a plain read of a buffer far larger than the caches reaches on
+/// `threads` threads (the best of three passes over 512 MiB): the ceiling of a
+/// memory-bound decode step.
+pub fn read_bandwidth(threads: usize) -> f64 {
+    use rayon::prelude::*;
+    const WORDS: usize = 64 << 20;
+    let buf: Vec<u64> = (0..WORDS as u64).collect();
+    let chunk = WORDS.div_ceil(threads.max(1));
+    let mut best = f64::INFINITY;
+    let mut total = 0u64;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        total = total.wrapping_add(
+            buf.par_chunks(chunk)
+                .map(|c| {
+                    // Four independent sums, so the loop is bound by loads, not by
+                    // one long chain of additions.
+                    let mut s = [0u64; 4];
+                    for w in c.chunks_exact(4) {
+                        for (a, &x) in s.iter_mut().zip(w) {
+                            *a = a.wrapping_add(x);
+                        }
+                    }
+                    s.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+                })
+                .reduce(|| 0, u64::wrapping_add),
+        );
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(total);
+    (WORDS * 8) as f64 / best
+}
+
 /// Deterministic prompt tokens spread over the vocabulary (like llama-bench's).
 fn bench_tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
     (0..n)
@@ -93,18 +129,29 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
             a.pp as f64 / best
         );
     }
+    let mut bandwidth = None;
     if a.tg > 0 {
         let mut best = f64::INFINITY;
+        let mut kv_read = 0usize;
         for r in 0..reps {
             let mut seq = Sequence::new(m, dtype, Default::default());
             let ctx = a.ctx.max(1);
             seq.feed(m, &bench_tokens(ctx, vocab, r + 100))?;
+            // Untimed steps first: the first steps after loading pay for weights
+            // not yet in memory (one run measured 10.6 tok/s, the next 18.1).
+            for _ in 0..WARM_UP_STEPS {
+                let next = argmax(seq.logits()) as u32;
+                seq.step(m, next, None)?;
+            }
+            let kv_start = seq.kv_bytes();
             let t0 = Instant::now();
             for _ in 0..a.tg {
                 let next = argmax(seq.logits()) as u32;
                 seq.step(m, next, None)?;
             }
             best = best.min(t0.elapsed().as_secs_f64());
+            // Each step reads the whole cache: on average its size half-way.
+            kv_read = (kv_start + seq.kv_bytes()) / 2;
         }
         let label = if a.ctx > 0 {
             format!("tg{} @ ctx {}", a.tg, a.ctx)
@@ -117,11 +164,28 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
             best,
             a.tg as f64 / best
         );
+        bandwidth = Some((kv_read, a.tg as f64 / best));
     }
     println!(
         "peak resident memory: {:.1} MiB",
         peak_rss_bytes() as f64 / (1 << 20) as f64
     );
+    // After the memory reading: the read loop's buffer would count in it.
+    if let Some((kv_read, tok_s)) = bandwidth {
+        let per_token = m.weight_bytes_per_token() + kv_read;
+        let achieved = per_token as f64 * tok_s;
+        let loop_rate = read_bandwidth(threads);
+        println!(
+            "generation reads {:.1} MiB per token (weights {:.1}, KV cache {:.1}): {:.2} GB/s, \
+             {:.0}% of a {threads}-thread read loop's {:.2} GB/s",
+            per_token as f64 / (1 << 20) as f64,
+            m.weight_bytes_per_token() as f64 / (1 << 20) as f64,
+            kv_read as f64 / (1 << 20) as f64,
+            achieved / 1e9,
+            100.0 * achieved / loop_rate,
+            loop_rate / 1e9
+        );
+    }
     fidelity(&a, &lm, dtype, &comp)
 }
 
