@@ -28,7 +28,10 @@
 //!
 //! **Tight budgets** (less than [`TIGHT_SHARE`], 17.7%, of the slots kept): where the
 //! options leave them unset, nothing is merged and kvzip keeps [`TIGHT_SINKS`] (64)
-//! sinks instead of 4, the best of the dev split's study at 12.5%.
+//! sinks instead of 4, the best of the dev split's study at 12.5%. The share is
+//! judged from the slots a call is given, so re-compression while decoding (a
+//! `recompress_margin`, which trims a margin off an already small cache) runs with
+//! the ordinary settings.
 //!
 //! Options: `selector` (`kvzip`, the dev split's best), `scope` (`auto`: `model` for
 //! kvzip, else `head`; `layer` or `model` share budgets), `alpha` (0.2 with
