@@ -519,13 +519,15 @@ fn gguf_rope_scaling(
                 mscale: mscale as f32,
             }));
         }
-        Some(other) => return Err(Error::Format {
-            path: f.path.clone(),
-            msg: format!(
+        Some(other) => {
+            return Err(Error::Format {
+                path: f.path.clone(),
+                msg: format!(
                 "RoPE scaling '{other}' is not supported (supported: linear, yarn, LongRoPE and \
                      Llama 3's frequency factors)"
             ),
-        }),
+            })
+        }
     };
     if f.tensors.contains_key("rope_freqs.weight") {
         let v = crate::quant::QMatrix::from_gguf(f, "rope_freqs.weight")?.to_f32();
