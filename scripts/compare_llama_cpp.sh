@@ -52,17 +52,29 @@ done
 
 LLAMA_BENCH="$LLAMA_DIR/build/bin/llama-bench"
 
+# The version whose vendored llama.cpp scripts/fetch_vocab_tests.sh also reads.
+LLAMA_CPP_PYTHON_VERSION=0.3.36
+
 build_llama_cpp() {
     if [ -x "$LLAMA_BENCH" ]; then
         return
     fi
+    for tool in cmake c++; do
+        if ! command -v "$tool" >/dev/null; then
+            echo "building llama.cpp needs $tool (Debian: apt install cmake g++; or pip install cmake)" >&2
+            exit 1
+        fi
+    done
     mkdir -p "$LLAMA_DIR/src"
     local tarball
-    tarball=$(ls "$LLAMA_DIR"/src/llama_cpp_python-*.tar.gz 2>/dev/null | head -1 || true)
+    tarball=$(ls "$LLAMA_DIR"/src/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION".tar.gz 2>/dev/null | head -1 || true)
     if [ -z "$tarball" ]; then
         echo "== downloading the llama-cpp-python source package" >&2
-        python3 -m pip download llama-cpp-python --no-binary :all: --no-deps -d "$LLAMA_DIR/src" >&2
-        tarball=$(ls "$LLAMA_DIR"/src/llama_cpp_python-*.tar.gz | head -1)
+        # Only the package itself from source: `--no-binary :all:` would also build its
+        # build dependencies (CMake among them) from source, which takes most of an hour.
+        python3 -m pip download "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" --no-deps \
+            --no-binary llama-cpp-python -d "$LLAMA_DIR/src" >&2
+        tarball=$(ls "$LLAMA_DIR"/src/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION".tar.gz | head -1)
     fi
     local srcdir="$LLAMA_DIR/src/$(basename "$tarball" .tar.gz)"
     if [ ! -d "$srcdir" ]; then

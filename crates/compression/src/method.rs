@@ -86,6 +86,36 @@ impl StatsNeeds {
     }
 }
 
+/// In words, for reports: "accumulated attention, a 64-query window", or "nothing".
+impl std::fmt::Display for StatsNeeds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if self.accumulated {
+            parts.push("accumulated attention".to_string());
+        }
+        if let Some(w) = self.window {
+            parts.push(format!("a {w}-query window"));
+        }
+        if self.last {
+            parts.push("the last query's attention".to_string());
+        }
+        if let Some(q) = self.queries {
+            parts.push(format!(
+                "query moments ({} positions ahead, {} sinks left out)",
+                q.future, q.sinks
+            ));
+        }
+        if self.reconstruction {
+            parts.push("a reconstruction pass".to_string());
+        }
+        if parts.is_empty() {
+            f.write_str("nothing")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}
+
 /// Where a head sits in the model, for methods whose behaviour depends on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeadPos {
@@ -265,5 +295,25 @@ impl Options {
                 choices.join(", ")
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_needs_read_as_words() {
+        assert_eq!(StatsNeeds::default().to_string(), "nothing");
+        let needs = StatsNeeds {
+            accumulated: true,
+            window: Some(64),
+            reconstruction: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            needs.to_string(),
+            "accumulated attention, a 64-query window, a reconstruction pass"
+        );
     }
 }

@@ -12,7 +12,8 @@
 //! them; when it does not, nothing extra is done.
 
 use crate::kernels::{
-    add_weighted_rows, dot_rows, exp_shifted_sum, f16_to_f32, max_f32, q8_0_to_f32,
+    add_weighted_rows, dot_rows, exp_shifted_key_major, exp_shifted_sum, f16_to_f32, max_f32,
+    q8_0_to_f32, scores_key_major, weighted_key_major,
 };
 use kvmerger_compression::{HeadStore, KvSlice};
 use rayon::prelude::*;
@@ -232,6 +233,125 @@ struct Folded {
     rows: Vec<(usize, Vec<f32>)>,
 }
 
+/// Buffers one prefill task reuses from unit to unit.
+#[derive(Default)]
+struct Scratch {
+    /// The unit's query rows transposed and scaled (d × np).
+    qt: Vec<f32>,
+    /// Scores, then exponentials, key-major (width × np).
+    s: Vec<f32>,
+    /// One tile of keys or values as f32.
+    kv: Vec<f32>,
+    /// Unnormalised outputs (np × d).
+    o: Vec<f32>,
+    /// Per row: the softmax shift, the sum of exponentials, and 1 / sum (0 for a row
+    /// that sees nothing).
+    m: Vec<f32>,
+    l: Vec<f32>,
+    c: Vec<f32>,
+}
+
+/// One prefill unit, key-major: the query heads of KV head `u.g` for queries
+/// `u.i0..u.i1` against keys `u.k0..u.k1`, which must cover every key those queries
+/// may see, so that each row's softmax is final. Rows are ordered (query, head within
+/// the group) and padded to `np`, a multiple of 8 (padding rows score 0 everywhere and
+/// are ignored). Leaves the exponentials in `w.s` (zero where a row may not look), the
+/// unnormalised outputs in `w.o` and `1 / sum` per row in `w.c`; returns `np`.
+fn prefill_unit(
+    p: &LayerAttn,
+    store: &HeadStore,
+    q: &[f32],
+    t: usize,
+    positions: &[u32],
+    u: Unit,
+    w: &mut Scratch,
+) -> usize {
+    let d = p.head_dim;
+    let group = p.n_heads / p.n_kv_heads;
+    let n_old = store.len() - t;
+    let meta = store.meta();
+    let nr = (u.i1 - u.i0) * group;
+    let np = nr.next_multiple_of(8);
+    let width = u.k1 - u.k0;
+    w.qt.clear();
+    w.qt.resize(d * np, 0.0);
+    for r in 0..nr {
+        let (i, hh) = (u.i0 + r / group, r % group);
+        let src = &q[(i * p.n_heads + u.g * group + hh) * d..][..d];
+        for (c, x) in src.iter().enumerate() {
+            w.qt[c * np + r] = x * p.scale;
+        }
+    }
+    if w.s.len() < width * np {
+        w.s.resize(width * np, 0.0);
+    }
+    let s = &mut w.s[..width * np];
+    let tile = (TILE_VALUES / d).max(4);
+    w.kv.resize(tile * d, 0.0);
+    let mut j = u.k0;
+    while j < u.k1 {
+        let nt = tile.min(u.k1 - j);
+        rows_f32(store.keys(), d, j, nt, &mut w.kv);
+        let at = (j - u.k0) * np;
+        scores_key_major(&w.qt, np, &w.kv[..nt * d], d, &mut s[at..at + nt * np]);
+        j += nt;
+    }
+    if store.has_bias() {
+        for (row, mt) in s.chunks_exact_mut(np).zip(&meta[u.k0..u.k1]) {
+            row.iter_mut().for_each(|x| *x += mt.bias);
+        }
+    }
+    // Keys that some of the unit's queries may not see: below a later query's window,
+    // or past an earlier query's own position.
+    let ranges: Vec<(usize, usize)> = (u.i0..u.i1)
+        .map(|i| {
+            let (lo, hi) = visible(p, meta, n_old, positions[i], i);
+            (lo.max(u.k0), hi.min(u.k1))
+        })
+        .collect();
+    let all_lo = ranges.iter().map(|r| r.0).max().unwrap_or(u.k0);
+    let all_hi = ranges.iter().map(|r| r.1).min().unwrap_or(u.k1);
+    for j in (u.k0..all_lo).chain(all_hi.max(all_lo)..u.k1) {
+        let row = &mut s[(j - u.k0) * np..(j - u.k0 + 1) * np];
+        for (qi, &(lo, hi)) in ranges.iter().enumerate() {
+            if j < lo || j >= hi {
+                row[qi * group..(qi + 1) * group].fill(f32::NEG_INFINITY);
+            }
+        }
+    }
+    w.m.clear();
+    w.m.resize(np, f32::NEG_INFINITY);
+    for row in s.chunks_exact(np) {
+        for (m, &x) in w.m.iter_mut().zip(row) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    // A row that sees nothing: every exponential is 0 and so is its sum.
+    w.m.iter_mut()
+        .filter(|m| **m == f32::NEG_INFINITY)
+        .for_each(|m| *m = 0.0);
+    w.l.clear();
+    w.l.resize(np, 0.0);
+    exp_shifted_key_major(s, np, &w.m, &mut w.l);
+    w.o.clear();
+    w.o.resize(np * d, 0.0);
+    let mut j = u.k0;
+    while j < u.k1 {
+        let nt = tile.min(u.k1 - j);
+        rows_f32(store.values(), d, j, nt, &mut w.kv);
+        let at = (j - u.k0) * np;
+        weighted_key_major(&s[at..at + nt * np], np, &w.kv[..nt * d], d, &mut w.o);
+        j += nt;
+    }
+    w.c.clear();
+    w.c.extend(
+        w.l.iter()
+            .enumerate()
+            .map(|(r, &l)| if r < nr && l > 0.0 { 1.0 / l } else { 0.0 }),
+    );
+    np
+}
+
 /// Prefill: each unit covers every key its queries may see, so its softmax shift and
 /// sum are final. Tasks run a run of consecutive units of one KV head, normalise
 /// their rows and fold statistics as they go, so no unit's exponentials outlive it
@@ -271,17 +391,20 @@ fn attend_block(
             let n = store.len();
             let n_old = n - t;
             let mut o = vec![0.0f32; (q1 - q0) * group * d];
-            let mut folded: Vec<Folded> = (0..if keep_e { group } else { 0 })
-                .map(|_| Folded {
-                    accumulated: if req.accumulated {
-                        vec![0.0; n]
-                    } else {
-                        Vec::new()
-                    },
-                    peak: if req.peak { vec![0.0; n] } else { Vec::new() },
-                    rows: Vec::new(),
-                })
-                .collect();
+            // Accumulated and peak attention, key-major like the units' rows (slot j,
+            // row r at j * rows + r): folded with vector operations as units run, then
+            // reduced over each head's rows once at the end of the task.
+            let rows_max = (qb * group).next_multiple_of(8);
+            let sized = |on: bool| {
+                if on {
+                    vec![0.0f32; n * rows_max]
+                } else {
+                    Vec::new()
+                }
+            };
+            let (mut acc_km, mut peak_km) = (sized(req.accumulated), sized(req.peak));
+            let mut picked: Vec<(usize, usize, Vec<f32>)> = Vec::new();
+            let mut w = Scratch::default();
             let mut i0 = q0;
             while i0 < q1 {
                 let i1 = (i0 + qb).min(q1);
@@ -293,43 +416,95 @@ fn attend_block(
                     k0,
                     k1: n_old + i1,
                 };
-                let part = run_unit(&p, store, q, t, positions, u, keep_e);
-                let width = u.k1 - u.k0;
-                for r in 0..(i1 - i0) * group {
-                    let (i, hh) = (i0 + r / group, r % group);
-                    let l = part.l[r];
-                    if part.m[r] == f32::NEG_INFINITY || l <= 0.0 {
-                        continue;
-                    }
-                    let c = 1.0 / l;
-                    let dst = ((i - q0) * group + hh) * d;
-                    for (a, b) in o[dst..dst + d].iter_mut().zip(&part.o[r * d..(r + 1) * d]) {
+                let np = prefill_unit(&p, store, q, t, positions, u, &mut w);
+                let nr = (i1 - i0) * group;
+                let base = (i0 - q0) * group * d;
+                for (r, (dst, src)) in o[base..base + nr * d]
+                    .chunks_exact_mut(d)
+                    .zip(w.o.chunks_exact(d))
+                    .enumerate()
+                {
+                    let c = w.c[r];
+                    for (a, b) in dst.iter_mut().zip(src) {
                         *a = b * c;
                     }
-                    if !keep_e {
-                        continue;
-                    }
-                    let e = &part.e[r * width..(r + 1) * width];
-                    let f = &mut folded[hh];
-                    if req.accumulated {
-                        for (a, x) in f.accumulated[u.k0..u.k1].iter_mut().zip(e) {
-                            *a += x * c;
-                        }
-                    }
-                    if req.peak {
-                        for (a, x) in f.peak[u.k0..u.k1].iter_mut().zip(e) {
-                            *a = a.max(x * c);
-                        }
-                    }
-                    if req.window_from.is_some_and(|w| i >= w) || req.last_at == Some(i) {
-                        let mut row = vec![0.0f32; n];
-                        for (a, x) in row[u.k0..u.k1].iter_mut().zip(e) {
-                            *a = x * c;
-                        }
-                        f.rows.push((i, row));
+                }
+                if !keep_e {
+                    i0 = i1;
+                    continue;
+                }
+                // Probabilities: every row normalised (rows that see nothing, and the
+                // padding, become zero).
+                let s = &mut w.s[..(u.k1 - u.k0) * np];
+                for row in s.chunks_exact_mut(np) {
+                    for (x, &c) in row.iter_mut().zip(&w.c) {
+                        *x *= c;
                     }
                 }
+                let at = u.k0 * rows_max;
+                if req.accumulated {
+                    for (dst, row) in acc_km[at..]
+                        .chunks_exact_mut(rows_max)
+                        .zip(s.chunks_exact(np))
+                    {
+                        for (a, &x) in dst.iter_mut().zip(row) {
+                            *a += x;
+                        }
+                    }
+                }
+                if req.peak {
+                    for (dst, row) in peak_km[at..]
+                        .chunks_exact_mut(rows_max)
+                        .zip(s.chunks_exact(np))
+                    {
+                        for (a, &x) in dst.iter_mut().zip(row) {
+                            *a = if x > *a { x } else { *a };
+                        }
+                    }
+                }
+                for r in 0..nr {
+                    let i = i0 + r / group;
+                    if w.c[r] == 0.0
+                        || !(req.window_from.is_some_and(|w| i >= w) || req.last_at == Some(i))
+                    {
+                        continue;
+                    }
+                    let mut row = vec![0.0f32; n];
+                    for (a, sr) in row[u.k0..u.k1].iter_mut().zip(s.chunks_exact(np)) {
+                        *a = sr[r];
+                    }
+                    picked.push((r % group, i, row));
+                }
                 i0 = i1;
+            }
+            let mut folded: Vec<Folded> = (0..if keep_e { group } else { 0 })
+                .map(|hh| {
+                    let reduce = |km: &[f32], add: bool| -> Vec<f32> {
+                        km.chunks_exact(rows_max)
+                            .map(|slot| {
+                                let mut it = slot.iter().skip(hh).step_by(group);
+                                let first = it.next().copied().unwrap_or(0.0);
+                                it.fold(first, |a, &x| if add { a + x } else { a.max(x) })
+                            })
+                            .collect()
+                    };
+                    Folded {
+                        accumulated: if req.accumulated {
+                            reduce(&acc_km, true)
+                        } else {
+                            Vec::new()
+                        },
+                        peak: if req.peak {
+                            reduce(&peak_km, false)
+                        } else {
+                            Vec::new()
+                        },
+                        rows: Vec::new(),
+                    }
+                })
+                .collect();
+            for (hh, i, row) in picked {
+                folded[hh].rows.push((i, row));
             }
             (o, folded)
         })
@@ -674,6 +849,11 @@ mod tests {
         check(4, 4, 16, 3, 20, Some(6), KvDtype::F16);
         check(6, 2, 64, 11, 29, None, KvDtype::Q8_0);
         check(4, 2, 40, 0, 12, None, KvDtype::Q8_0);
+        // Qwen2.5's groups of seven (rows padded to 16), several key tiles, a window
+        // that moves within a unit, and a group wider than a unit's rows.
+        check(14, 2, 64, 300, 41, None, KvDtype::F16);
+        check(14, 2, 64, 0, 70, Some(20), KvDtype::Q8_0);
+        check(32, 1, 16, 7, 5, None, KvDtype::F32);
     }
 
     #[test]

@@ -173,6 +173,78 @@ pub fn exp_shifted_sum(x: &mut [f32], m: f32) -> f32 {
     sum
 }
 
+/// Scores in key-major order, for prefill: `out[j * np + r] = sum_c qt[c * np + r] *
+/// keys[j * d + c]` for the `keys.len() / d` keys and the `np` query rows, whose values
+/// `qt` holds transposed (d × np, already scaled). `np` must be a multiple of 8. Each
+/// key value is broadcast against eight rows at a time, so no horizontal sums are
+/// needed.
+pub fn scores_key_major(qt: &[f32], np: usize, keys: &[f32], d: usize, out: &mut [f32]) {
+    let nk = keys.len() / d;
+    assert!(np.is_multiple_of(8) && qt.len() >= d * np && out.len() >= nk * np);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above); np is a multiple of
+            // 8 and `qt` and `out` hold d × np and nk × np values (asserted above).
+            unsafe { x86::scores_key_major(qt, np, keys, d, out) };
+            return;
+        }
+    }
+    for (j, key) in keys.chunks_exact(d).enumerate() {
+        let row = &mut out[j * np..(j + 1) * np];
+        row.fill(0.0);
+        for (c, &k) in key.iter().enumerate() {
+            for (o, &x) in row.iter_mut().zip(&qt[c * np..(c + 1) * np]) {
+                *o += x * k;
+            }
+        }
+    }
+}
+
+/// Weighted sums of values, key-major weights: `o[r * d + c] += sum_j p[j * np + r] *
+/// values[j * d + c]` for every row r < np (`o` is np × d). `np` must be a multiple
+/// of 4; four rows share every value load.
+pub fn weighted_key_major(p: &[f32], np: usize, values: &[f32], d: usize, o: &mut [f32]) {
+    let nk = values.len() / d;
+    assert!(np.is_multiple_of(4) && p.len() >= nk * np && o.len() >= np * d);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() && d.is_multiple_of(8) {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above); d is a multiple of 8,
+            // np of 4, and `p` and `o` hold nk × np and np × d values (asserted above).
+            unsafe { x86::weighted_key_major(p, np, values, d, o) };
+            return;
+        }
+    }
+    for (j, v) in values.chunks_exact(d).enumerate() {
+        for r in 0..np {
+            axpy_f32(&mut o[r * d..(r + 1) * d], p[j * np + r], v);
+        }
+    }
+}
+
+/// Key-major softmax exponentials: `s[j * np + r] = exp(s[j * np + r] - m[r])` for
+/// every key row j, each row's sum added to `l[r]`. `m[r]` must be finite and at least
+/// the row's largest score; negative infinity gives 0. `np` must be a multiple of 8.
+pub fn exp_shifted_key_major(s: &mut [f32], np: usize, m: &[f32], l: &mut [f32]) {
+    assert!(np.is_multiple_of(8) && m.len() >= np && l.len() >= np);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above); `m` and `l` hold np
+            // values, a multiple of 8 (asserted above).
+            unsafe { x86::exp_shifted_key_major(s, np, m, l) };
+            return;
+        }
+    }
+    for row in s.chunks_exact_mut(np) {
+        for ((x, &mr), lr) in row.iter_mut().zip(m).zip(l.iter_mut()) {
+            *x = (*x - mr).exp();
+            *lr += *x;
+        }
+    }
+}
+
 /// The largest value of `x` (negative infinity when empty).
 pub fn max_f32(x: &[f32]) -> f32 {
     x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
@@ -498,6 +570,149 @@ mod x86 {
             i += 1;
         }
         sum
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores_key_major(qt: &[f32], np: usize, keys: &[f32], d: usize, out: &mut [f32]) {
+        let nk = keys.len() / d;
+        let mut j = 0;
+        while j + 4 <= nk {
+            scores_block::<4>(
+                qt,
+                np,
+                keys.as_ptr().add(j * d),
+                d,
+                out.as_mut_ptr().add(j * np),
+            );
+            j += 4;
+        }
+        while j < nk {
+            scores_block::<1>(
+                qt,
+                np,
+                keys.as_ptr().add(j * d),
+                d,
+                out.as_mut_ptr().add(j * np),
+            );
+            j += 1;
+        }
+    }
+
+    /// K keys against every row: sixteen rows at a time (two vectors), then eight.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scores_block<const K: usize>(
+        qt: &[f32],
+        np: usize,
+        pk: *const f32,
+        d: usize,
+        po: *mut f32,
+    ) {
+        let pq = qt.as_ptr();
+        let mut r = 0;
+        while r + 16 <= np {
+            let mut a = [[_mm256_setzero_ps(); 2]; K];
+            for c in 0..d {
+                let q0 = _mm256_loadu_ps(pq.add(c * np + r));
+                let q1 = _mm256_loadu_ps(pq.add(c * np + r + 8));
+                for (t, at) in a.iter_mut().enumerate() {
+                    let k = _mm256_broadcast_ss(&*pk.add(t * d + c));
+                    at[0] = _mm256_fmadd_ps(q0, k, at[0]);
+                    at[1] = _mm256_fmadd_ps(q1, k, at[1]);
+                }
+            }
+            for (t, at) in a.iter().enumerate() {
+                _mm256_storeu_ps(po.add(t * np + r), at[0]);
+                _mm256_storeu_ps(po.add(t * np + r + 8), at[1]);
+            }
+            r += 16;
+        }
+        if r < np {
+            let mut a = [_mm256_setzero_ps(); K];
+            for c in 0..d {
+                let q0 = _mm256_loadu_ps(pq.add(c * np + r));
+                for (t, at) in a.iter_mut().enumerate() {
+                    *at = _mm256_fmadd_ps(q0, _mm256_broadcast_ss(&*pk.add(t * d + c)), *at);
+                }
+            }
+            for (t, at) in a.iter().enumerate() {
+                _mm256_storeu_ps(po.add(t * np + r), *at);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_key_major(
+        p: &[f32],
+        np: usize,
+        values: &[f32],
+        d: usize,
+        o: &mut [f32],
+    ) {
+        let nk = values.len() / d;
+        let (pp, pv, po) = (p.as_ptr(), values.as_ptr(), o.as_mut_ptr());
+        for r in (0..np).step_by(4) {
+            let mut c = 0;
+            while c + 16 <= d {
+                weighted_block::<2>(pp.add(r), np, pv.add(c), d, nk, po.add(r * d + c));
+                c += 16;
+            }
+            if c < d {
+                weighted_block::<1>(pp.add(r), np, pv.add(c), d, nk, po.add(r * d + c));
+            }
+        }
+    }
+
+    /// Four rows × 8V columns of `o`, over every key.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weighted_block<const V: usize>(
+        pp: *const f32,
+        np: usize,
+        pv: *const f32,
+        d: usize,
+        nk: usize,
+        po: *mut f32,
+    ) {
+        let mut a = [[_mm256_setzero_ps(); V]; 4];
+        for (t, at) in a.iter_mut().enumerate() {
+            for (v, x) in at.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(po.add(t * d + 8 * v));
+            }
+        }
+        for j in 0..nk {
+            let mut vv = [_mm256_setzero_ps(); V];
+            for (v, x) in vv.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(pv.add(j * d + 8 * v));
+            }
+            for (t, at) in a.iter_mut().enumerate() {
+                let w = _mm256_broadcast_ss(&*pp.add(j * np + t));
+                for (x, &y) in at.iter_mut().zip(&vv) {
+                    *x = _mm256_fmadd_ps(w, y, *x);
+                }
+            }
+        }
+        for (t, at) in a.iter().enumerate() {
+            for (v, x) in at.iter().enumerate() {
+                _mm256_storeu_ps(po.add(t * d + 8 * v), *x);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_shifted_key_major(s: &mut [f32], np: usize, m: &[f32], l: &mut [f32]) {
+        let nk = s.len() / np;
+        let ps = s.as_mut_ptr();
+        for r in (0..np).step_by(8) {
+            let vm = _mm256_loadu_ps(m.as_ptr().add(r));
+            let mut acc = _mm256_setzero_ps();
+            for j in 0..nk {
+                let at = ps.add(j * np + r);
+                let y = exp256(_mm256_sub_ps(_mm256_loadu_ps(at), vm));
+                _mm256_storeu_ps(at, y);
+                acc = _mm256_add_ps(acc, y);
+            }
+            let pl = l.as_mut_ptr().add(r);
+            _mm256_storeu_ps(pl, _mm256_add_ps(_mm256_loadu_ps(pl), acc));
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

@@ -51,7 +51,12 @@ const REFERENCES: &[Reference] = &[
 
 /// Exact and balanced precision: ids, top logits and the greedy text all match the fp32
 /// reference (balanced differs from exact in the greedy decoding's one-token products).
-/// Fast precision (8-bit activations): ids and top tokens match, logits within 1e-2.
+/// Fast precision (8-bit activations): ids and top tokens match, logits within 2e-2.
+/// Fast's logits are not stable to 1e-2: its 8-bit rounding of activations turns
+/// float-rounding differences elsewhere into logit changes of about a percent
+/// (measured on smollm2's " Paris", reference 17.37: 17.373 with the row-major
+/// prefill attention, 17.587 with the key-major one, 17.456 with the key-major one
+/// and libm's exp instead of the vector polynomial, which differ by ~2e-7).
 fn check(r: &Reference, precision: Precision) {
     let mut lm = LoadedModel::open(&model_path(r.id)).unwrap();
     lm.model.precision = precision;
@@ -74,8 +79,13 @@ fn check(r: &Reference, precision: Precision) {
             r.id
         );
         let rel = (logits[got] - want).abs() / want.abs();
+        let tolerance = if precision == Precision::Fast {
+            2e-2
+        } else {
+            1e-2
+        };
         assert!(
-            rel < 1e-2,
+            rel < tolerance,
             "{}: logit of {tok} is {}, reference {want} (rel err {rel})",
             r.id,
             logits[got]
@@ -125,7 +135,7 @@ fn balanced_precision_matches_the_reference_ids_logits_and_greedy_text() {
 }
 
 #[test]
-fn fast_precision_keeps_the_reference_ids_top_tokens_and_logits_within_one_percent() {
+fn fast_precision_keeps_the_reference_ids_top_tokens_and_logits_within_two_percent() {
     for r in REFERENCES {
         check(r, Precision::Fast);
     }

@@ -361,7 +361,7 @@ fn run_compressed(
     let mut seq = Sequence::for_compressor(m, dtype, Some(comp));
     let prefill = seq.feed(m, &toks)?;
     println!(
-        "| pp{pp} (collecting {:?}) | {pp} | {prefill:.3} | {:.1} |",
+        "| pp{pp} (collecting {}) | {pp} | {prefill:.3} | {:.1} |",
         comp.needs(),
         pp as f64 / prefill
     );
