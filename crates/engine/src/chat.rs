@@ -253,6 +253,7 @@ impl ChatTemplate {
     /// with the opening of an assistant turn.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let input: usize = messages.iter().map(|m| m.content.len()).sum();
+        let count = messages.len();
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| context! { role => m.role.clone(), content => m.content.clone() })
@@ -263,8 +264,15 @@ impl ChatTemplate {
             bos_token => self.bos_token.clone(),
             eos_token => self.eos_token.clone(),
         };
-        let tmpl = self
-            .env
+        // The budget grows with the conversation; it also bounds the bytes the template
+        // may allocate (minijinja charges every byte a string operation produces), so
+        // a template that doubles a string in a variable stops before it holds much.
+        let fuel = TEMPLATE_FUEL
+            .saturating_add(TEMPLATE_FUEL_PER_BYTE.saturating_mul(input as u64))
+            .saturating_add(TEMPLATE_FUEL_PER_MESSAGE.saturating_mul(count as u64));
+        let mut env = self.env.clone();
+        env.set_fuel(Some(fuel));
+        let tmpl = env
             .get_template(NAME)
             .map_err(|e| Error::Template(describe(&e)))?;
         let limit = TEMPLATE_OUTPUT_BASE + TEMPLATE_OUTPUT_FACTOR * input;
@@ -272,8 +280,9 @@ impl ChatTemplate {
             buf: Vec::new(),
             limit,
         };
-        match tmpl.render_captured_to(ctx, &mut out) {
-            Ok(_) => String::from_utf8(out.buf)
+        let rendered = tmpl.render_captured_to(ctx, &mut out).map(drop);
+        match rendered {
+            Ok(()) => String::from_utf8(out.buf)
                 .map_err(|_| Error::Template("the chat template wrote invalid UTF-8".into())),
             Err(_) if out.buf.len() >= limit => Err(Error::Template(format!(
                 "the chat template's output passed {limit} bytes ({TEMPLATE_OUTPUT_BASE} plus \
@@ -326,10 +335,16 @@ fn describe(e: &minijinja::Error) -> String {
     s
 }
 
-/// Instructions one render of a chat template may run: real templates spend a few
-/// dozen per message, so this allows conversations of hundreds of thousands of
-/// messages, and stops a runaway template within about a second.
-pub const TEMPLATE_FUEL: u64 = 50_000_000;
+/// The fuel of one render of a chat template, before it grows with the conversation:
+/// one unit per template instruction, and one per 64 bytes that string operations
+/// produce (minijinja's accounting). So a render with no messages may run 2 million
+/// instructions or build 128 MiB of strings, and a runaway template stops within a
+/// fraction of a second. Real templates spend a few dozen instructions per message.
+pub const TEMPLATE_FUEL: u64 = 2_000_000;
+/// Fuel added per byte of the messages (each byte may be copied 64 times) ...
+pub const TEMPLATE_FUEL_PER_BYTE: u64 = 1;
+/// ... and per message (a thousand instructions each).
+pub const TEMPLATE_FUEL_PER_MESSAGE: u64 = 1_000;
 
 /// A render writes at most this many bytes plus [`TEMPLATE_OUTPUT_FACTOR`] times the
 /// messages' own: real templates write each message once with a few dozen bytes
@@ -690,6 +705,34 @@ mod tests {
             .collect();
         let chatml = ChatTemplate::builtin(TemplateKind::ChatMl, "", "");
         assert!(chatml.render(&long, true).unwrap().contains("message 1999"));
+    }
+
+    /// A template that builds a huge string in a variable without writing it (doubled
+    /// forty times: terabytes) stops on its fuel, which minijinja charges per byte
+    /// produced, before it holds more than about 128 MiB; long real conversations
+    /// still render.
+    #[test]
+    fn a_chat_template_that_doubles_a_string_stops_on_its_fuel() {
+        let src = "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}\
+                   {% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}";
+        let t0 = std::time::Instant::now();
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        let e = t.render(&convo(), true).unwrap_err().to_string();
+        assert!(e.contains("fuel"), "{e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+        // Twenty doublings (8 MiB) are within the budget: the limit is on size, not
+        // on the construct.
+        let ok = src.replace("range(40)", "range(20)");
+        let t = ChatTemplate::new(&ok, "", "").unwrap();
+        assert_eq!(t.render(&convo(), true).unwrap(), (8u64 << 20).to_string());
+        // A long conversation through real templates: 20,000 messages, 24 MiB.
+        let long: Vec<Message> = (0..20_000)
+            .map(|i| Message::user(format!("message {i} {}", "z".repeat(1200))))
+            .collect();
+        for kind in [TemplateKind::ChatMl, TemplateKind::Gemma] {
+            let t = ChatTemplate::builtin(kind, "", "");
+            assert!(t.render(&long, true).unwrap().contains("message 19999"));
+        }
     }
 
     /// A template that writes without bound (a loop printing a 100 MB string) stops
