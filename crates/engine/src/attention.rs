@@ -120,6 +120,22 @@ fn visible(
     (lo, hi)
 }
 
+/// The keys each of the unit's queries may see, within the unit's keys.
+fn unit_ranges(
+    p: &LayerAttn,
+    meta: &[kvmerger_compression::SlotMeta],
+    n_old: usize,
+    positions: &[u32],
+    u: Unit,
+) -> Vec<(usize, usize)> {
+    (u.i0..u.i1)
+        .map(|i| {
+            let (lo, hi) = visible(p, meta, n_old, positions[i], i);
+            (lo.max(u.k0), hi.min(u.k1))
+        })
+        .collect()
+}
+
 fn run_unit(
     p: &LayerAttn,
     store: &HeadStore,
@@ -142,12 +158,7 @@ fn run_unit(
         let dst = (i - u.i0) * group * d;
         qr[dst..dst + group * d].copy_from_slice(&q[src..src + group * d]);
     }
-    let ranges: Vec<(usize, usize)> = (u.i0..u.i1)
-        .map(|i| {
-            let (lo, hi) = visible(p, meta, n_old, positions[i], i);
-            (lo.max(u.k0), hi.min(u.k1))
-        })
-        .collect();
+    let ranges = unit_ranges(p, meta, n_old, positions, u);
     let tile = (TILE_VALUES / d).max(4);
     let mut buf = vec![0.0f32; tile * d];
     let mut s = vec![0.0f32; nrows * width];
@@ -303,12 +314,7 @@ fn prefill_unit(
     }
     // Keys that some of the unit's queries may not see: below a later query's window,
     // or past an earlier query's own position.
-    let ranges: Vec<(usize, usize)> = (u.i0..u.i1)
-        .map(|i| {
-            let (lo, hi) = visible(p, meta, n_old, positions[i], i);
-            (lo.max(u.k0), hi.min(u.k1))
-        })
-        .collect();
+    let ranges = unit_ranges(p, meta, n_old, positions, u);
     let all_lo = ranges.iter().map(|r| r.0).max().unwrap_or(u.k0);
     let all_hi = ranges.iter().map(|r| r.1).min().unwrap_or(u.k1);
     for j in (u.k0..all_lo).chain(all_hi.max(all_lo)..u.k1) {
