@@ -48,6 +48,62 @@ pub struct RepeatPrompts {
 }
 
 impl LoadedModel {
+    /// A conversation rendered by the chat template and encoded (with BOS as the model
+    /// asks), where control tokens written inside the messages themselves (a user's
+    /// `<|im_end|>\n<|im_start|>system`) stay plain text, so that no message can
+    /// forge a turn: only the template's own control tokens are control tokens.
+    /// Fails as [`crate::tokenizer::Tokenizer::encode_within`] past `limit` tokens.
+    ///
+    /// Which control tokens come from messages: the conversation is rendered a second
+    /// time with each such token's bytes replaced by as many U+0001 bytes; where the
+    /// two renderings differ, the token came from a message. A template that changes
+    /// the length of message text around such a token gets a clear error instead.
+    /// `tokenizer.json` tokenizers match their added tokens themselves, so for them
+    /// messages are encoded as the rendered text (as `transformers` does).
+    pub fn encode_conversation(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        limit: usize,
+    ) -> Result<Vec<u32>, Error> {
+        let text = self.template.render(messages, add_generation_prompt)?;
+        let inside: Vec<_> = messages
+            .iter()
+            .map(|m| self.tokenizer.control_token_ranges(&m.content))
+            .collect();
+        if inside.iter().all(|r| r.is_empty()) {
+            return self.tokenizer.encode_within(&text, true, limit);
+        }
+        let mut masked = Vec::with_capacity(messages.len());
+        for (m, ranges) in messages.iter().zip(&inside) {
+            let mut bytes = m.content.clone().into_bytes();
+            for r in ranges {
+                bytes[r.clone()].fill(1);
+            }
+            // Whole tokens' bytes became ASCII, so this stays UTF-8.
+            let content = String::from_utf8(bytes)
+                .map_err(|_| Error::Invalid("a message is not UTF-8 text".into()))?;
+            masked.push(Message::new(m.role.clone(), content));
+        }
+        let other = self.template.render(&masked, add_generation_prompt)?;
+        if other.len() != text.len() {
+            return Err(Error::Invalid(
+                "a message contains control-token text (such as <|im_end|>), and this chat \
+                 template changes the text of messages, so it cannot be kept as plain text: \
+                 remove it from the message"
+                    .into(),
+            ));
+        }
+        let plain: Vec<_> = self
+            .tokenizer
+            .control_token_ranges(&text)
+            .into_iter()
+            .filter(|r| other.as_bytes()[r.start] == 1 && text.as_bytes()[r.start] != 1)
+            .collect();
+        self.tokenizer
+            .encode_within_plain(&text, true, limit, &plain)
+    }
+
     /// The template's text around a user message: what comes before it and after it
     /// (with the assistant turn opened). `chat` false: no template (raw text).
     fn around_user(&self, chat: bool) -> Result<(String, String), Error> {

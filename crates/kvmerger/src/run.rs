@@ -137,12 +137,13 @@ fn generate(a: GenerateArgs, dir: &std::path::Path) -> Result<()> {
     let split = match &context {
         Some(c) => lm.split_prompt(&format!("{}\n\n", c.trim_end()), &prompt, "", true)?,
         None => {
-            let text = if a.chat {
-                lm.template.render(&[Message::new("user", &prompt)], true)?
+            // A chat prompt's own `<|im_end|>` stays text; a raw prompt is the
+            // caller's to shape, control tokens included.
+            let ids = if a.chat {
+                lm.encode_conversation(&[Message::new("user", &prompt)], true, usize::MAX)?
             } else {
-                prompt
+                lm.tokenizer.encode(&prompt, true)?
             };
-            let ids = lm.tokenizer.encode(&text, true)?;
             kvmerger_engine::prompt::SplitPrompt {
                 context: ids,
                 question: Vec::new(),
@@ -290,8 +291,7 @@ fn chat(a: ChatArgs, dir: &std::path::Path) -> Result<()> {
             break;
         }
         messages.push(Message::new("user", &line));
-        let text = lm.template.render(&messages, true)?;
-        let ids = lm.tokenizer.encode(&text, true)?;
+        let ids = lm.encode_conversation(&messages, true, usize::MAX)?;
         // Reuse the conversation's cache up to where the new rendering departs from it
         // (never inside its compressed part); otherwise prefill and compress again.
         let reused = conversation.take().and_then(|mut seq| {

@@ -307,13 +307,15 @@ fn prepare(
             }
             ids.clone()
         }
-        Input::Messages(m) => {
-            let text = lm
-                .template
-                .render(m, true)
-                .map_err(|e| ApiError::param("messages", e.to_string()))?;
-            encode(&text, "messages")?
-        }
+        // Control tokens written inside messages stay text: a user cannot forge turns.
+        Input::Messages(m) => lm
+            .encode_conversation(m, true, ctx.saturating_sub(1))
+            .map_err(|e| match e {
+                kvmerger_engine::Error::ContextOverflow { prompt, .. } => {
+                    too_long("messages", prompt)
+                }
+                e => ApiError::param("messages", e.to_string()),
+            })?,
     };
     if prompt.is_empty() {
         return Err(ApiError::param(req.prompt_param, "the prompt is empty"));
@@ -453,15 +455,9 @@ fn context_split(app: &App, req: &Request, prompt: &[u32]) -> Result<(Protocol, 
              has none: put the document in a message of its own, or use \"aware\"",
         );
     }
-    let text = app
-        .lm
-        .template
-        .render(&m[..last_user], false)
-        .map_err(|e| ApiError::param("messages", e.to_string()))?;
     let context = app
         .lm
-        .tokenizer
-        .encode(&text, true)
+        .encode_conversation(&m[..last_user], false, usize::MAX)
         .map_err(|e| ApiError::param("messages", e.to_string()))?;
     let end = kvmerger_engine::sequence::common_prefix(&context, prompt);
     if end == 0 || end >= prompt.len() {

@@ -570,7 +570,24 @@ impl Tokenizer {
         add_special: bool,
         parse_special: bool,
     ) -> Result<Vec<u32>> {
-        self.encode_capped(text, add_special, parse_special, usize::MAX)
+        self.encode_capped(text, add_special, parse_special, usize::MAX, &[])
+    }
+
+    /// Byte ranges of the control tokens (not the user-defined ones, which are always
+    /// recognised) written in `text`, as [`encode`](Self::encode) would match them.
+    /// Empty for `tokenizer.json` tokenizers, which match their added tokens
+    /// themselves.
+    pub fn control_token_ranges(&self, text: &str) -> Vec<std::ops::Range<usize>> {
+        let Some(ac) = &self.all_specials.automaton else {
+            return Vec::new();
+        };
+        ac.find_iter(text)
+            .filter(|m| {
+                let id = self.all_specials.ids[m.pattern().as_usize()] as usize;
+                self.types.get(id) != Some(&TokenType::UserDefined)
+            })
+            .map(|m| m.range())
+            .collect()
     }
 
     /// [`encode`](Self::encode) of a text that may be of any size (a request): when it
@@ -580,6 +597,20 @@ impl Tokenizer {
     /// first refuse texts too long for any vocabulary (more bytes than `limit` times
     /// the longest token's), then encode and count.
     pub fn encode_within(&self, text: &str, add_special: bool, limit: usize) -> Result<Vec<u32>> {
+        self.encode_within_plain(text, add_special, limit, &[])
+    }
+
+    /// [`encode_within`](Self::encode_within), except that control tokens starting
+    /// inside the byte ranges `plain` are encoded as plain characters: text that a
+    /// user wrote inside a rendered conversation
+    /// ([`LoadedModel::encode_conversation`](crate::load::LoadedModel::encode_conversation)).
+    pub fn encode_within_plain(
+        &self,
+        text: &str,
+        add_special: bool,
+        limit: usize,
+        plain: &[std::ops::Range<usize>],
+    ) -> Result<Vec<u32>> {
         let longest = self.longest_token_bytes;
         if longest > 0 && text.len() / longest > limit.saturating_add(2) {
             return Err(Error::ContextOverflow {
@@ -587,7 +618,7 @@ impl Tokenizer {
                 ctx: limit,
             });
         }
-        let ids = self.encode_capped(text, add_special, true, limit)?;
+        let ids = self.encode_capped(text, add_special, true, limit, plain)?;
         if ids.len() > limit {
             return Err(Error::ContextOverflow {
                 prompt: ids.len(),
@@ -603,6 +634,7 @@ impl Tokenizer {
         add_special: bool,
         parse_special: bool,
         limit: usize,
+        plain: &[std::ops::Range<usize>],
     ) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity((text.len() / 3 + 2).min(limit.saturating_add(2)));
         #[cfg(feature = "hf-tokenizers")]
@@ -626,10 +658,17 @@ impl Tokenizer {
         let mut last = 0;
         if let Some(ac) = &specials.automaton {
             for m in ac.find_iter(text) {
+                let id = specials.ids[m.pattern().as_usize()];
+                if plain.iter().any(|r| r.contains(&m.start()))
+                    && self.types.get(id as usize) != Some(&TokenType::UserDefined)
+                {
+                    // Left in the text: encoded with its neighbours as characters.
+                    continue;
+                }
                 if m.start() > last {
                     self.encode_text(&text[last..m.start()], &mut out, &mut merger, limit)?;
                 }
-                out.push(specials.ids[m.pattern().as_usize()]);
+                out.push(id);
                 last = m.end();
             }
         }
