@@ -5,9 +5,11 @@
 //! converted to f32 one tile at a time (a few KiB, kept in L1) and each tile serves
 //! all the unit's query rows, so a GQA group reads its KV head once, not once per
 //! query head. Prefill blocks queries (each block scores its rows against the keys
-//! it may see, then sums values); decoding (one query) splits the keys into ranges
-//! so that both threads share a head, and the ranges are combined through their
-//! softmax maxima and sums (as flash-decoding does). No n×n matrix is ever held.
+//! it may see, key-major: every key value is broadcast against eight query rows,
+//! then sums values four rows at a time); decoding (one query) splits the keys into
+//! ranges so that both threads share a head, and the ranges are combined through
+//! their softmax maxima and sums (as flash-decoding does). No n×n matrix is ever
+//! held.
 //! When the caller asks for attention statistics, the softmax rows are folded into
 //! them; when it does not, nothing extra is done.
 
