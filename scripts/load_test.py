@@ -79,6 +79,7 @@ async def one(client, model, i, args, extra):
     t0 = time.perf_counter()
     first = None
     tokens = None
+    prompt_tokens = None
     try:
         stream = await client.chat.completions.create(
             model=model,
@@ -90,7 +91,9 @@ async def one(client, model, i, args, extra):
                 first = time.perf_counter() - t0
             if c.usage:
                 tokens = c.usage.completion_tokens
-        return {"ok": True, "ttft": first, "latency": time.perf_counter() - t0, "tokens": tokens}
+                prompt_tokens = c.usage.prompt_tokens
+        return {"ok": True, "ttft": first, "latency": time.perf_counter() - t0, "tokens": tokens,
+                "prompt_tokens": prompt_tokens}
     except openai.APIStatusError as e:
         return {"ok": False, "status": e.status_code, "latency": time.perf_counter() - t0,
                 "retry_after": e.response.headers.get("retry-after")}
@@ -127,6 +130,9 @@ async def main():
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--prompt-words", type=int, default=150)
+    ap.add_argument("--warmup-words", type=int, default=None,
+                    help="words of the warm-up request's prompt (default: --prompt-words); "
+                         "a short one saves a long prefill when prompts are long")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--documents", type=int, default=0,
                     help="clients ask about this many shared documents (system message), "
@@ -150,7 +156,12 @@ async def main():
             extra["kv_compression"] = json.loads(args.kv_compression)
 
         # Warm up (weights paged in, allocator pools created), then settle.
-        await one(client, args.model, 999, args, extra)
+        warm = argparse.Namespace(**vars(args))
+        if args.warmup_words is not None:
+            warm.prompt_words = args.warmup_words
+        warm_result = await one(client, args.model, 999, warm, extra)
+        if not warm_result["ok"]:
+            sys.exit(f"the warm-up request failed: {warm_result}")
         await asyncio.sleep(2)
         rss_idle = rss_kib(server.pid)
 
@@ -186,6 +197,7 @@ async def main():
         summary = {
             "command": " ".join(cmd),
             "requests": args.requests, "prompt_words": args.prompt_words,
+            "prompt_tokens_first": results[0].get("prompt_tokens") if results else None,
             "max_tokens": args.max_tokens, "kv_compression": extra.get("kv_compression"),
             "ok": len(ok), "refused_503_429": len(refused), "failed": len(failed),
             "failures": failed[:5],
