@@ -387,180 +387,243 @@ fn attend_block(
         let mut b = 0;
         while b < blocks {
             let e = (b + per_task).min(blocks);
-            tasks.push((g, b * qb, (e * qb).min(t)));
+            tasks.push(Task {
+                g,
+                q0: b * qb,
+                q1: (e * qb).min(t),
+            });
             b = e;
         }
     }
-    let keep_e = req.any();
     let results: Vec<(Vec<f32>, Vec<Folded>)> = tasks
         .par_iter()
-        .map(|&(g, q0, q1)| {
-            let store = &stores[g];
-            let n = store.len();
-            let n_old = n - t;
-            let mut o = vec![0.0f32; (q1 - q0) * group * d];
-            // Accumulated and peak attention, key-major like the units' rows (slot j,
-            // row r at j * rows + r): folded with vector operations as units run, then
-            // reduced over each head's rows once at the end of the task.
-            let rows_max = (qb * group).next_multiple_of(8);
-            let sized = |on: bool| {
-                if on {
-                    vec![0.0f32; n * rows_max]
-                } else {
-                    Vec::new()
-                }
-            };
-            let (mut acc_km, mut peak_km) = (sized(req.accumulated), sized(req.peak));
-            let mut picked: Vec<(usize, usize, Vec<f32>)> = Vec::new();
-            let mut w = Scratch::default();
-            let mut i0 = q0;
-            while i0 < q1 {
-                let i1 = (i0 + qb).min(q1);
-                let (k0, _) = visible(&p, store.meta(), n_old, positions[i0], i0);
-                let u = Unit {
-                    g,
-                    i0,
-                    i1,
-                    k0,
-                    k1: n_old + i1,
-                };
-                let np = prefill_unit(&p, store, q, t, positions, u, &mut w);
-                let nr = (i1 - i0) * group;
-                let base = (i0 - q0) * group * d;
-                for (r, (dst, src)) in o[base..base + nr * d]
-                    .chunks_exact_mut(d)
-                    .zip(w.o.chunks_exact(d))
-                    .enumerate()
-                {
-                    let c = w.c[r];
-                    for (a, b) in dst.iter_mut().zip(src) {
-                        *a = b * c;
-                    }
-                }
-                if !keep_e {
-                    i0 = i1;
-                    continue;
-                }
-                // Probabilities: every row normalised (rows that see nothing, and the
-                // padding, become zero).
-                let s = &mut w.s[..(u.k1 - u.k0) * np];
-                for row in s.chunks_exact_mut(np) {
-                    for (x, &c) in row.iter_mut().zip(&w.c) {
-                        *x *= c;
-                    }
-                }
-                let at = u.k0 * rows_max;
-                if req.accumulated {
-                    for (dst, row) in acc_km[at..]
-                        .chunks_exact_mut(rows_max)
-                        .zip(s.chunks_exact(np))
-                    {
-                        for (a, &x) in dst.iter_mut().zip(row) {
-                            *a += x;
-                        }
-                    }
-                }
-                if req.peak {
-                    for (dst, row) in peak_km[at..]
-                        .chunks_exact_mut(rows_max)
-                        .zip(s.chunks_exact(np))
-                    {
-                        for (a, &x) in dst.iter_mut().zip(row) {
-                            *a = if x > *a { x } else { *a };
-                        }
-                    }
-                }
-                for r in 0..nr {
-                    let i = i0 + r / group;
-                    if w.c[r] == 0.0
-                        || !(req.window_from.is_some_and(|w| i >= w) || req.last_at == Some(i))
-                    {
-                        continue;
-                    }
-                    let mut row = vec![0.0f32; n];
-                    for (a, sr) in row[u.k0..u.k1].iter_mut().zip(s.chunks_exact(np)) {
-                        *a = sr[r];
-                    }
-                    picked.push((r % group, i, row));
-                }
-                i0 = i1;
-            }
-            let mut folded: Vec<Folded> = (0..if keep_e { group } else { 0 })
-                .map(|hh| {
-                    let reduce = |km: &[f32], add: bool| -> Vec<f32> {
-                        km.chunks_exact(rows_max)
-                            .map(|slot| {
-                                let mut it = slot.iter().skip(hh).step_by(group);
-                                let first = it.next().copied().unwrap_or(0.0);
-                                it.fold(first, |a, &x| if add { a + x } else { a.max(x) })
-                            })
-                            .collect()
-                    };
-                    Folded {
-                        accumulated: if req.accumulated {
-                            reduce(&acc_km, true)
-                        } else {
-                            Vec::new()
-                        },
-                        peak: if req.peak {
-                            reduce(&peak_km, false)
-                        } else {
-                            Vec::new()
-                        },
-                        rows: Vec::new(),
-                    }
-                })
-                .collect();
-            for (hh, i, row) in picked {
-                folded[hh].rows.push((i, row));
-            }
-            (o, folded)
-        })
+        .map(|&task| prefill_task(&p, &stores[task.g], q, t, positions, req, task, qb))
         .collect();
 
     let nq = t * p.n_heads;
     out[..nq * d].fill(0.0);
-    for (&(g, q0, q1), (o, _)) in tasks.iter().zip(&results) {
-        for i in q0..q1 {
-            let dst = (i * p.n_heads + g * group) * d;
-            let src = (i - q0) * group * d;
+    for (task, (o, _)) in tasks.iter().zip(&results) {
+        for i in task.q0..task.q1 {
+            let dst = (i * p.n_heads + task.g * group) * d;
+            let src = (i - task.q0) * group * d;
             out[dst..dst + group * d].copy_from_slice(&o[src..src + group * d]);
         }
     }
-    if !keep_e {
+    if !req.any() {
         return Vec::new();
     }
     let mut rows = empty_rows(&p, stores, t, req);
     rows.par_iter_mut().enumerate().for_each(|(h, hr)| {
         let (g, hh) = (h / group, h % group);
-        for (&(tg, _, _), (_, folded)) in tasks.iter().zip(&results) {
-            if tg != g {
-                continue;
-            }
-            let f = &folded[hh];
-            if req.accumulated {
-                hr.accumulated
-                    .iter_mut()
-                    .zip(&f.accumulated)
-                    .for_each(|(a, b)| *a += b);
-            }
-            if req.peak {
-                hr.peak
-                    .iter_mut()
-                    .zip(&f.peak)
-                    .for_each(|(a, &b)| *a = a.max(b));
-            }
-            for (i, row) in &f.rows {
-                if let Some(w) = req.window_from.filter(|&w| *i >= w) {
-                    hr.window[i - w].copy_from_slice(row);
-                }
-                if req.last_at == Some(*i) {
-                    hr.last.copy_from_slice(row);
-                }
+        for (task, (_, folded)) in tasks.iter().zip(&results) {
+            if task.g == g {
+                folded[hh].add_to(hr, req);
             }
         }
     });
     rows
+}
+
+/// A prefill task: queries `q0..q1` of KV head `g`.
+#[derive(Clone, Copy)]
+struct Task {
+    g: usize,
+    q0: usize,
+    q1: usize,
+}
+
+/// One task's units in turn (blocks of `qb` queries): the normalised outputs of its
+/// rows ((query, head within the group) × d) and, when `req` asks, the statistics of
+/// each of the group's query heads.
+#[allow(clippy::too_many_arguments)]
+fn prefill_task(
+    p: &LayerAttn,
+    store: &HeadStore,
+    q: &[f32],
+    t: usize,
+    positions: &[u32],
+    req: StatsRequest,
+    task: Task,
+    qb: usize,
+) -> (Vec<f32>, Vec<Folded>) {
+    let d = p.head_dim;
+    let group = p.n_heads / p.n_kv_heads;
+    let n_old = store.len() - t;
+    let mut o = vec![0.0f32; (task.q1 - task.q0) * group * d];
+    let mut stats = req
+        .any()
+        .then(|| KeyMajorStats::new(req, store.len(), (qb * group).next_multiple_of(8)));
+    let mut w = Scratch::default();
+    let mut i0 = task.q0;
+    while i0 < task.q1 {
+        let i1 = (i0 + qb).min(task.q1);
+        let (k0, _) = visible(p, store.meta(), n_old, positions[i0], i0);
+        let u = Unit {
+            g: task.g,
+            i0,
+            i1,
+            k0,
+            k1: n_old + i1,
+        };
+        let np = prefill_unit(p, store, q, t, positions, u, &mut w);
+        let nr = (i1 - i0) * group;
+        let base = (i0 - task.q0) * group * d;
+        for (r, (dst, src)) in o[base..base + nr * d]
+            .chunks_exact_mut(d)
+            .zip(w.o.chunks_exact(d))
+            .enumerate()
+        {
+            let c = w.c[r];
+            for (a, b) in dst.iter_mut().zip(src) {
+                *a = b * c;
+            }
+        }
+        if let Some(stats) = &mut stats {
+            stats.fold(&mut w, np, u, group);
+        }
+        i0 = i1;
+    }
+    let folded = stats.map_or_else(Vec::new, |s| s.finish(group));
+    (o, folded)
+}
+
+/// A task's statistics while its units run. Accumulated and peak attention are
+/// key-major like the units' rows (slot j, row r at j * rows + r): folded with vector
+/// operations as units run, then reduced over each head's rows once at the end.
+struct KeyMajorStats {
+    req: StatsRequest,
+    /// Slots in the store.
+    n: usize,
+    /// Rows of the widest unit, padded to a multiple of 8.
+    rows: usize,
+    accumulated: Vec<f32>,
+    peak: Vec<f32>,
+    /// (head within the group, query index, softmax row) for the window and the last query.
+    picked: Vec<(usize, usize, Vec<f32>)>,
+}
+
+impl KeyMajorStats {
+    fn new(req: StatsRequest, n: usize, rows: usize) -> Self {
+        let sized = |on: bool| {
+            if on {
+                vec![0.0f32; n * rows]
+            } else {
+                Vec::new()
+            }
+        };
+        KeyMajorStats {
+            req,
+            n,
+            rows,
+            accumulated: sized(req.accumulated),
+            peak: sized(req.peak),
+            picked: Vec::new(),
+        }
+    }
+
+    /// Folds in one unit's rows (left in `w` by [`prefill_unit`], `np` wide), normalising
+    /// them in place first (rows that see nothing, and the padding, become zero).
+    fn fold(&mut self, w: &mut Scratch, np: usize, u: Unit, group: usize) {
+        let req = self.req;
+        let s = &mut w.s[..(u.k1 - u.k0) * np];
+        for row in s.chunks_exact_mut(np) {
+            for (x, &c) in row.iter_mut().zip(&w.c) {
+                *x *= c;
+            }
+        }
+        let at = u.k0 * self.rows;
+        if req.accumulated {
+            for (dst, row) in self.accumulated[at..]
+                .chunks_exact_mut(self.rows)
+                .zip(s.chunks_exact(np))
+            {
+                for (a, &x) in dst.iter_mut().zip(row) {
+                    *a += x;
+                }
+            }
+        }
+        if req.peak {
+            for (dst, row) in self.peak[at..]
+                .chunks_exact_mut(self.rows)
+                .zip(s.chunks_exact(np))
+            {
+                for (a, &x) in dst.iter_mut().zip(row) {
+                    *a = if x > *a { x } else { *a };
+                }
+            }
+        }
+        for r in 0..(u.i1 - u.i0) * group {
+            let i = u.i0 + r / group;
+            if w.c[r] == 0.0 || !(req.window_from.is_some_and(|w| i >= w) || req.last_at == Some(i))
+            {
+                continue;
+            }
+            let mut row = vec![0.0f32; self.n];
+            for (a, sr) in row[u.k0..u.k1].iter_mut().zip(s.chunks_exact(np)) {
+                *a = sr[r];
+            }
+            self.picked.push((r % group, i, row));
+        }
+    }
+
+    /// Per query head of the group: the key-major sums and maxima reduced over its rows,
+    /// and its picked rows.
+    fn finish(self, group: usize) -> Vec<Folded> {
+        let reduce = |km: &[f32], hh: usize, add: bool| -> Vec<f32> {
+            km.chunks_exact(self.rows)
+                .map(|slot| {
+                    let mut it = slot.iter().skip(hh).step_by(group);
+                    let first = it.next().copied().unwrap_or(0.0);
+                    it.fold(first, |a, &x| if add { a + x } else { a.max(x) })
+                })
+                .collect()
+        };
+        let mut folded: Vec<Folded> = (0..group)
+            .map(|hh| Folded {
+                accumulated: if self.req.accumulated {
+                    reduce(&self.accumulated, hh, true)
+                } else {
+                    Vec::new()
+                },
+                peak: if self.req.peak {
+                    reduce(&self.peak, hh, false)
+                } else {
+                    Vec::new()
+                },
+                rows: Vec::new(),
+            })
+            .collect();
+        for (hh, i, row) in self.picked {
+            folded[hh].rows.push((i, row));
+        }
+        folded
+    }
+}
+
+impl Folded {
+    /// Adds one task's statistics of a query head to the head's rows.
+    fn add_to(&self, hr: &mut HeadRows, req: StatsRequest) {
+        if req.accumulated {
+            hr.accumulated
+                .iter_mut()
+                .zip(&self.accumulated)
+                .for_each(|(a, b)| *a += b);
+        }
+        if req.peak {
+            hr.peak
+                .iter_mut()
+                .zip(&self.peak)
+                .for_each(|(a, &b)| *a = a.max(b));
+        }
+        for (i, row) in &self.rows {
+            if let Some(w) = req.window_from.filter(|&w| *i >= w) {
+                hr.window[i - w].copy_from_slice(row);
+            }
+            if req.last_at == Some(*i) {
+                hr.last.copy_from_slice(row);
+            }
+        }
+    }
 }
 
 /// Zeroed statistics for every query head, sized as `req` asks.
