@@ -9,7 +9,11 @@
 # Usage:
 #   scripts/compare_llama_cpp.sh [--models smollm2-135m,qwen2.5-0.5b] [--threads 2]
 #                                [--depth 4096] [--reps 2] [--build-only] [--quick]
-#                                [-- extra kvmerger bench flags]
+#                                [--pp 512] [--prompt-only] [-- extra kvmerger bench flags]
+#
+#   --pp N          prompt tokens of the prompt-processing test (default 512)
+#   --prompt-only   only prompt processing (and its peak RSS): no generation tests,
+#                   e.g. `--pp 4096 --prompt-only --reps 1`
 #
 # Environment:
 #   KVMERGER_HOME   the kvmerger data directory (models are read from $KVMERGER_HOME/models)
@@ -35,6 +39,8 @@ DEPTH=4096
 REPS=2
 BUILD_ONLY=0
 QUICK=0
+PP=512
+PROMPT_ONLY=0
 EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -44,8 +50,10 @@ while [ $# -gt 0 ]; do
         --reps) REPS="$2"; shift 2 ;;
         --build-only) BUILD_ONLY=1; shift ;;
         --quick) QUICK=1; shift ;;
+        --pp) PP="$2"; shift 2 ;;
+        --prompt-only) PROMPT_ONLY=1; shift ;;
         --) shift; EXTRA=("$@"); break ;;
-        -h|--help) sed -n 2,21p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,25p "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -125,9 +133,11 @@ ratio() { python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]);
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-PP=512
+case "$PP" in ''|*[!0-9]*) echo "--pp wants a positive number of tokens, not '$PP'" >&2; exit 2 ;; esac
+[ "$PP" -gt 0 ] || { echo "--pp wants a positive number of tokens" >&2; exit 2; }
 TG=128
 [ "$QUICK" = 1 ] && TG=32
+[ "$PROMPT_ONLY" = 1 ] && TG=0
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; threads $THREADS; load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "llama.cpp: $LLAMA_BENCH ${LLAMA_BENCH_ARGS:-} (OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-default})"
 echo "kvmerger: $KVMERGER_BIN ${EXTRA[*]}"
@@ -145,9 +155,24 @@ for id in "${MODEL_LIST[@]}"; do
     # pp512 and tg128 right after it (one process, so its peak RSS is for a 640-token context)
     /usr/bin/time -v "$LLAMA_BENCH" -m "$gguf" -t "$THREADS" -p $PP -n $TG -r "$REPS" -o json ${LLAMA_BENCH_ARGS:-} \
         >"$WORK/l1.json" 2>"$WORK/l1.time"
+    l_pp=$(llama_ts "$WORK/l1.json" $PP 0 0)
+    if [ "$PROMPT_ONLY" = 1 ]; then
+        echo "pp$PP $l_pp tok/s; peak RSS $(rss_mib "$WORK/l1.time") MiB"
+        echo "== $id: kvmerger"
+        /usr/bin/time -v "$KVMERGER_BIN" -t "$THREADS" bench -m "$gguf" --pp $PP --tg 0 --reps "$REPS" "${EXTRA[@]}" \
+            >"$WORK/k1.txt" 2>"$WORK/k1.time"
+        cat "$WORK/k1.txt"
+        k_pp=$(kv_ts "$WORK/k1.txt" "pp$PP")
+        l_r1=$(rss_mib "$WORK/l1.time"); k_r1=$(kv_rss_mib "$WORK/k1.txt")
+        {
+            echo "| $id | pp$PP | $l_pp | $k_pp | $(ratio "$k_pp" "$l_pp") |"
+            echo "| $id | peak RSS MiB, ctx $PP (lower is better) | $l_r1 | $k_r1 | $(ratio "$k_r1" "$l_r1") |"
+        } >>"$SUMMARY"
+        echo
+        continue
+    fi
     /usr/bin/time -v "$LLAMA_BENCH" -m "$gguf" -t "$THREADS" -p 0 -n $TG -d "$DEPTH" -r 1 -o json ${LLAMA_BENCH_ARGS:-} \
         >"$WORK/l2.json" 2>"$WORK/l2.time"
-    l_pp=$(llama_ts "$WORK/l1.json" $PP 0 0)
     l_tg=$(llama_ts "$WORK/l1.json" 0 $TG 0)
     l_tgd=$(llama_ts "$WORK/l2.json" 0 $TG "$DEPTH")
     echo "pp$PP $l_pp tok/s, tg$TG $l_tg tok/s, tg$TG @ depth $DEPTH $l_tgd tok/s; peak RSS $(rss_mib "$WORK/l1.time") MiB (ctx $((PP + TG))), $(rss_mib "$WORK/l2.time") MiB (ctx $((DEPTH + TG)))"
