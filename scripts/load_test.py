@@ -150,7 +150,8 @@ async def main():
     server, host, port = start(cmd)
     try:
         base = f"http://{host}:{port}"
-        client = AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
+        client = AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0,
+                             timeout=max(600, args.deadline))
         extra = {"ignore_eos": True}
         if args.kv_compression:
             extra["kv_compression"] = json.loads(args.kv_compression)
