@@ -137,6 +137,21 @@ rss_mib() { awk '/Maximum resident set size/ {printf "%.1f", $NF / 1024}' "$1"; 
 kv_rss_mib() { awk '/^peak resident memory:/ {print $4; exit}' "$1"; }
 ratio() { python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print(f'{a / b:.2f}' if b > 0 else 'nan')" "$1" "$2"; }
 
+# Runs a command under /usr/bin/time -v, stdout to $1 and stderr to $2; when it fails,
+# says which and shows the end of its error output instead of stopping silently.
+timed() { # out err cmd...
+    local out="$1" err="$2"
+    shift 2
+    if ! /usr/bin/time -v "$@" >"$out" 2>"$err"; then
+        echo "failed: $* (its last error lines below)" >&2
+        grep -v -E '^\s+(Command being timed|User time|System time|Percent of CPU|Elapsed|Average|Maximum|Major|Minor|Voluntary|Involuntary|Swaps|File system|Socket|Signals|Page size|Exit status)' "$err" | tail -15 >&2
+        case "$1" in
+            *llama-bench*) echo "(a llama-bench built by an older version of this script may use AMX, which crashes on some VMs: delete $LLAMA_DIR/build to rebuild it)" >&2 ;;
+        esac
+        exit 1
+    fi
+}
+
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 case "$PP" in ''|*[!0-9]*) echo "--pp wants a positive number of tokens, not '$PP'" >&2; exit 2 ;; esac
@@ -159,14 +174,12 @@ for id in "${MODEL_LIST[@]}"; do
     fi
     echo "== $id: llama.cpp"
     # pp512 and tg128 right after it (one process, so its peak RSS is for a 640-token context)
-    /usr/bin/time -v "$LLAMA_BENCH" -m "$gguf" -t "$THREADS" -p $PP -n $TG -r "$REPS" -o json ${LLAMA_BENCH_ARGS:-} \
-        >"$WORK/l1.json" 2>"$WORK/l1.time"
+    timed "$WORK/l1.json" "$WORK/l1.time" "$LLAMA_BENCH" -m "$gguf" -t "$THREADS" -p $PP -n $TG -r "$REPS" -o json ${LLAMA_BENCH_ARGS:-}
     l_pp=$(llama_ts "$WORK/l1.json" $PP 0 0)
     if [ "$PROMPT_ONLY" = 1 ]; then
         echo "pp$PP $l_pp tok/s; peak RSS $(rss_mib "$WORK/l1.time") MiB"
         echo "== $id: kvmerger"
-        /usr/bin/time -v "$KVMERGER_BIN" -t "$THREADS" bench -m "$gguf" --pp $PP --tg 0 --reps "$REPS" "${EXTRA[@]}" \
-            >"$WORK/k1.txt" 2>"$WORK/k1.time"
+        timed "$WORK/k1.txt" "$WORK/k1.time" "$KVMERGER_BIN" -t "$THREADS" bench -m "$gguf" --pp $PP --tg 0 --reps "$REPS" "${EXTRA[@]}"
         cat "$WORK/k1.txt"
         k_pp=$(kv_ts "$WORK/k1.txt" "pp$PP")
         l_r1=$(rss_mib "$WORK/l1.time"); k_r1=$(kv_rss_mib "$WORK/k1.txt")
@@ -177,18 +190,15 @@ for id in "${MODEL_LIST[@]}"; do
         echo
         continue
     fi
-    /usr/bin/time -v "$LLAMA_BENCH" -m "$gguf" -t "$THREADS" -p 0 -n $TG -d "$DEPTH" -r 1 -o json ${LLAMA_BENCH_ARGS:-} \
-        >"$WORK/l2.json" 2>"$WORK/l2.time"
+    timed "$WORK/l2.json" "$WORK/l2.time" "$LLAMA_BENCH" -m "$gguf" -t "$THREADS" -p 0 -n $TG -d "$DEPTH" -r 1 -o json ${LLAMA_BENCH_ARGS:-}
     l_tg=$(llama_ts "$WORK/l1.json" 0 $TG 0)
     l_tgd=$(llama_ts "$WORK/l2.json" 0 $TG "$DEPTH")
     echo "pp$PP $l_pp tok/s, tg$TG $l_tg tok/s, tg$TG @ depth $DEPTH $l_tgd tok/s; peak RSS $(rss_mib "$WORK/l1.time") MiB (ctx $((PP + TG))), $(rss_mib "$WORK/l2.time") MiB (ctx $((DEPTH + TG)))"
 
     echo "== $id: kvmerger"
-    /usr/bin/time -v "$KVMERGER_BIN" -t "$THREADS" bench -m "$gguf" --pp $PP --tg $TG --reps "$REPS" "${EXTRA[@]}" \
-        >"$WORK/k1.txt" 2>"$WORK/k1.time"
+    timed "$WORK/k1.txt" "$WORK/k1.time" "$KVMERGER_BIN" -t "$THREADS" bench -m "$gguf" --pp $PP --tg $TG --reps "$REPS" "${EXTRA[@]}"
     cat "$WORK/k1.txt"
-    /usr/bin/time -v "$KVMERGER_BIN" -t "$THREADS" bench -m "$gguf" --pp 0 --tg $TG --ctx "$DEPTH" "${EXTRA[@]}" \
-        >"$WORK/k2.txt" 2>"$WORK/k2.time"
+    timed "$WORK/k2.txt" "$WORK/k2.time" "$KVMERGER_BIN" -t "$THREADS" bench -m "$gguf" --pp 0 --tg $TG --ctx "$DEPTH" "${EXTRA[@]}"
     cat "$WORK/k2.txt"
     k_pp=$(kv_ts "$WORK/k1.txt" "pp$PP")
     k_tg=$(kv_ts "$WORK/k1.txt" "tg$TG")
