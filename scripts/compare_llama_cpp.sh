@@ -173,46 +173,41 @@ for id in "${MODEL_LIST[@]}"; do
         exit 1
     fi
     echo "== $id: llama.cpp"
-    # pp512 and tg128 right after it (one process, so its peak RSS is for a 640-token context)
+    # pp512 and tg128 right after it (one process, so its peak RSS is for a 640-token
+    # context); with --prompt-only, the prompt alone (TG is 0).
     timed "$WORK/l1.json" "$WORK/l1.time" "$LLAMA_BENCH" -m "$gguf" -t "$THREADS" -p $PP -n $TG -r "$REPS" -o json ${LLAMA_BENCH_ARGS:-}
     l_pp=$(llama_ts "$WORK/l1.json" $PP 0 0)
-    if [ "$PROMPT_ONLY" = 1 ]; then
+    if [ "$TG" -gt 0 ]; then
+        timed "$WORK/l2.json" "$WORK/l2.time" "$LLAMA_BENCH" -m "$gguf" -t "$THREADS" -p 0 -n $TG -d "$DEPTH" -r 1 -o json ${LLAMA_BENCH_ARGS:-}
+        l_tg=$(llama_ts "$WORK/l1.json" 0 $TG 0)
+        l_tgd=$(llama_ts "$WORK/l2.json" 0 $TG "$DEPTH")
+        echo "pp$PP $l_pp tok/s, tg$TG $l_tg tok/s, tg$TG @ depth $DEPTH $l_tgd tok/s; peak RSS $(rss_mib "$WORK/l1.time") MiB (ctx $((PP + TG))), $(rss_mib "$WORK/l2.time") MiB (ctx $((DEPTH + TG)))"
+    else
         echo "pp$PP $l_pp tok/s; peak RSS $(rss_mib "$WORK/l1.time") MiB"
-        echo "== $id: kvmerger"
-        timed "$WORK/k1.txt" "$WORK/k1.time" "$KVMERGER_BIN" -t "$THREADS" bench -m "$gguf" --pp $PP --tg 0 --reps "$REPS" "${EXTRA[@]}"
-        cat "$WORK/k1.txt"
-        k_pp=$(kv_ts "$WORK/k1.txt" "pp$PP")
-        l_r1=$(rss_mib "$WORK/l1.time"); k_r1=$(kv_rss_mib "$WORK/k1.txt")
-        {
-            echo "| $id | pp$PP | $l_pp | $k_pp | $(ratio "$k_pp" "$l_pp") |"
-            echo "| $id | peak RSS MiB, ctx $PP (lower is better) | $l_r1 | $k_r1 | $(ratio "$k_r1" "$l_r1") |"
-        } >>"$SUMMARY"
-        echo
-        continue
     fi
-    timed "$WORK/l2.json" "$WORK/l2.time" "$LLAMA_BENCH" -m "$gguf" -t "$THREADS" -p 0 -n $TG -d "$DEPTH" -r 1 -o json ${LLAMA_BENCH_ARGS:-}
-    l_tg=$(llama_ts "$WORK/l1.json" 0 $TG 0)
-    l_tgd=$(llama_ts "$WORK/l2.json" 0 $TG "$DEPTH")
-    echo "pp$PP $l_pp tok/s, tg$TG $l_tg tok/s, tg$TG @ depth $DEPTH $l_tgd tok/s; peak RSS $(rss_mib "$WORK/l1.time") MiB (ctx $((PP + TG))), $(rss_mib "$WORK/l2.time") MiB (ctx $((DEPTH + TG)))"
 
     echo "== $id: kvmerger"
     timed "$WORK/k1.txt" "$WORK/k1.time" "$KVMERGER_BIN" -t "$THREADS" bench -m "$gguf" --pp $PP --tg $TG --reps "$REPS" "${EXTRA[@]}"
     cat "$WORK/k1.txt"
-    timed "$WORK/k2.txt" "$WORK/k2.time" "$KVMERGER_BIN" -t "$THREADS" bench -m "$gguf" --pp 0 --tg $TG --ctx "$DEPTH" "${EXTRA[@]}"
-    cat "$WORK/k2.txt"
     k_pp=$(kv_ts "$WORK/k1.txt" "pp$PP")
-    k_tg=$(kv_ts "$WORK/k1.txt" "tg$TG")
-    k_tgd=$(kv_ts "$WORK/k2.txt" "tg$TG @ ctx $DEPTH")
-    echo
-    {
-        echo "| $id | pp$PP | $l_pp | $k_pp | $(ratio "$k_pp" "$l_pp") |"
-        echo "| $id | tg$TG | $l_tg | $k_tg | $(ratio "$k_tg" "$l_tg") |"
-        echo "| $id | tg$TG @ $DEPTH | $l_tgd | $k_tgd | $(ratio "$k_tgd" "$l_tgd") |"
-        l_r1=$(rss_mib "$WORK/l1.time"); k_r1=$(kv_rss_mib "$WORK/k1.txt")
+    l_r1=$(rss_mib "$WORK/l1.time"); k_r1=$(kv_rss_mib "$WORK/k1.txt")
+    echo "| $id | pp$PP | $l_pp | $k_pp | $(ratio "$k_pp" "$l_pp") |" >>"$SUMMARY"
+    if [ "$TG" -gt 0 ]; then
+        timed "$WORK/k2.txt" "$WORK/k2.time" "$KVMERGER_BIN" -t "$THREADS" bench -m "$gguf" --pp 0 --tg $TG --ctx "$DEPTH" "${EXTRA[@]}"
+        cat "$WORK/k2.txt"
+        k_tg=$(kv_ts "$WORK/k1.txt" "tg$TG")
+        k_tgd=$(kv_ts "$WORK/k2.txt" "tg$TG @ ctx $DEPTH")
         l_r2=$(rss_mib "$WORK/l2.time"); k_r2=$(kv_rss_mib "$WORK/k2.txt")
-        echo "| $id | peak RSS MiB, ctx $((PP + TG)) (lower is better) | $l_r1 | $k_r1 | $(ratio "$k_r1" "$l_r1") |"
-        echo "| $id | peak RSS MiB, ctx $((DEPTH + TG)) (lower is better) | $l_r2 | $k_r2 | $(ratio "$k_r2" "$l_r2") |"
-    } >>"$SUMMARY"
+        {
+            echo "| $id | tg$TG | $l_tg | $k_tg | $(ratio "$k_tg" "$l_tg") |"
+            echo "| $id | tg$TG @ $DEPTH | $l_tgd | $k_tgd | $(ratio "$k_tgd" "$l_tgd") |"
+        } >>"$SUMMARY"
+    fi
+    echo "| $id | peak RSS MiB, ctx $((PP + TG)) (lower is better) | $l_r1 | $k_r1 | $(ratio "$k_r1" "$l_r1") |" >>"$SUMMARY"
+    if [ "$TG" -gt 0 ]; then
+        echo "| $id | peak RSS MiB, ctx $((DEPTH + TG)) (lower is better) | $l_r2 | $k_r2 | $(ratio "$k_r2" "$l_r2") |" >>"$SUMMARY"
+    fi
+    echo
 done
 echo "== ratios (threads $THREADS; tok/s ratios above 1 mean kvmerger is faster; load average at end: $(cut -d' ' -f1-3 /proc/loadavg))"
 cat "$SUMMARY"
