@@ -573,6 +573,12 @@ impl Tokenizer {
         self.encode_capped(text, add_special, parse_special, usize::MAX, &[])
     }
 
+    /// A user-defined token: matched in text wherever it is written, as llama.cpp does,
+    /// unlike the other special tokens.
+    fn is_user_defined(&self, id: u32) -> bool {
+        self.token_type(id) == Some(TokenType::UserDefined)
+    }
+
     /// Byte ranges of the control tokens (not the user-defined ones, which are always
     /// recognised) written in `text`, as [`encode`](Self::encode) would match them.
     /// Empty for `tokenizer.json` tokenizers, which match their added tokens
@@ -582,10 +588,7 @@ impl Tokenizer {
             return Vec::new();
         };
         ac.find_iter(text)
-            .filter(|m| {
-                let id = self.all_specials.ids[m.pattern().as_usize()] as usize;
-                self.types.get(id) != Some(&TokenType::UserDefined)
-            })
+            .filter(|m| !self.is_user_defined(self.all_specials.ids[m.pattern().as_usize()]))
             .map(|m| m.range())
             .collect()
     }
@@ -659,9 +662,7 @@ impl Tokenizer {
         if let Some(ac) = &specials.automaton {
             for m in ac.find_iter(text) {
                 let id = specials.ids[m.pattern().as_usize()];
-                if plain.iter().any(|r| r.contains(&m.start()))
-                    && self.types.get(id as usize) != Some(&TokenType::UserDefined)
-                {
+                if plain.iter().any(|r| r.contains(&m.start())) && !self.is_user_defined(id) {
                     // Left in the text: encoded with its neighbours as characters.
                     continue;
                 }
