@@ -77,7 +77,19 @@ pub fn matmul_exact(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
         out[..rows].copy_from_slice(&tmp);
         return;
     }
-    gemm_exact(w, x, n, out);
+    crate::gemm::gemm(w, x, n, out);
+}
+
+/// [`matmul_exact`] of several matrices with the same input: several tokens are packed
+/// once for all of them.
+pub fn matmul_exact_multi(ws: &[&QMatrix], x: &[f32], n: usize, outs: &mut [&mut [f32]]) {
+    if n > 1 {
+        crate::gemm::gemm_multi(ws, x, n, outs);
+        return;
+    }
+    for (w, o) in ws.iter().zip(outs.iter_mut()) {
+        matmul_exact(w, x, n, o);
+    }
 }
 
 /// One token's activations rounded per block of 32 to 16-bit fixed point:
@@ -165,6 +177,10 @@ pub fn matmul_balanced(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
 
 /// [`matmul_balanced`] of several matrices with the same input, rounded once.
 pub fn matmul_balanced_multi(ws: &[&QMatrix], x: &[f32], n: usize, outs: &mut [&mut [f32]]) {
+    if n > 1 {
+        matmul_exact_multi(ws, x, n, outs);
+        return;
+    }
     let mut fixed: Option<Fixed16> = None;
     for (w, o) in ws.iter().zip(outs.iter_mut()) {
         match balanced_dot(w.dtype()).filter(|_| n == 1) {
@@ -222,102 +238,6 @@ fn balanced_dot(ty: GgmlType) -> Option<BalancedRows> {
     None
 }
 
-/// Bytes of f32 rows (weights, or activations) a block of work keeps near the core (L2).
-const PANEL_BYTES: usize = 192 * 1024;
-
-thread_local! {
-    /// A worker's dequantized weight panel, reused by [`gemm_exact`].
-    static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Several tokens: a chunk of rows is dequantized once into an f32 panel, then
-/// multiplied by blocks of tokens whose activations stay in L2, four rows by three
-/// tokens at a time (twelve accumulators in registers).
-fn gemm_exact(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
-    let (rows, cols) = (w.rows(), w.cols());
-    let threads = rayon::current_num_threads().max(1);
-    let fit = (PANEL_BYTES / (4 * cols)).max(4);
-    let rc = fit.min(rows.div_ceil(4 * threads)).div_ceil(4).max(1) * 4;
-    let tb = fit.max(3);
-    let mut tmp = vec![0.0f32; rows * n];
-    tmp.par_chunks_mut(rc * n).enumerate().for_each(|(c, dst)| {
-        let r0 = c * rc;
-        let nr = dst.len() / n;
-        // Each worker keeps its panel between calls: every value is overwritten by the
-        // dequantization, so zeroing a fresh one each time would be wasted work.
-        PANEL.with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() < nr * cols {
-                p.resize(nr * cols, 0.0);
-            }
-            let panel = &mut p[..nr * cols];
-            for (i, row) in panel.chunks_mut(cols).enumerate() {
-                w.dequantize_row(r0 + i, row);
-            }
-            let mut t0 = 0;
-            while t0 < n {
-                let t1 = (t0 + tb).min(n);
-                let xs = &x[t0 * cols..t1 * cols];
-                gemm_block(panel, nr, xs, t1 - t0, cols, &mut dst[t0..], n);
-                t0 = t1;
-            }
-        });
-    });
-    for r in 0..rows {
-        for t in 0..n {
-            out[t * rows + r] = tmp[r * n + t];
-        }
-    }
-}
-
-/// `dst[r * stride + t] = panel_r · x_t` for `nr` rows and `nt` tokens of `cols` values.
-fn gemm_block(
-    panel: &[f32],
-    nr: usize,
-    x: &[f32],
-    nt: usize,
-    cols: usize,
-    dst: &mut [f32],
-    stride: usize,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if cols.is_multiple_of(8)
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-        {
-            let mut r = 0;
-            while r < nr {
-                let mr = (nr - r).min(4);
-                let mut t = 0;
-                while t < nt {
-                    let mt = (nt - t).min(3);
-                    let mut acc = [[0.0f32; 3]; 4];
-                    // SAFETY: AVX2 and FMA were checked above; the rows and tokens read
-                    // lie inside `panel` and `x` (indices clamped to the last valid one).
-                    unsafe { x86::tile_4x3(panel, r, mr, x, t, mt, cols, &mut acc) };
-                    for (i, a) in acc.iter().enumerate().take(mr) {
-                        for (j, v) in a.iter().enumerate().take(mt) {
-                            dst[(r + i) * stride + t + j] = *v;
-                        }
-                    }
-                    t += mt;
-                }
-                r += mr;
-            }
-            return;
-        }
-    }
-    for r in 0..nr {
-        for t in 0..nt {
-            dst[r * stride + t] = dot_f32(
-                &panel[r * cols..(r + 1) * cols],
-                &x[t * cols..(t + 1) * cols],
-            );
-        }
-    }
-}
-
 /// (row blocks, activations, activation sums per block of 32) -> dot product.
 type FusedDot = fn(&[u8], &[f32], &[f32]) -> f32;
 
@@ -363,45 +283,6 @@ mod x86 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-    }
-
-    /// Up to four rows (from `r`) by up to three tokens (from `t`): the missing ones
-    /// repeat the last valid row or token, and their sums are ignored by the caller.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_4x3(
-        panel: &[f32],
-        r: usize,
-        mr: usize,
-        x: &[f32],
-        t: usize,
-        mt: usize,
-        cols: usize,
-        acc: &mut [[f32; 3]; 4],
-    ) {
-        let w: [*const f32; 4] =
-            std::array::from_fn(|i| panel.as_ptr().add((r + i.min(mr - 1)) * cols));
-        let a: [*const f32; 3] =
-            std::array::from_fn(|j| x.as_ptr().add((t + j.min(mt - 1)) * cols));
-        let mut s = [[_mm256_setzero_ps(); 3]; 4];
-        let mut k = 0;
-        while k < cols {
-            let x0 = _mm256_loadu_ps(a[0].add(k));
-            let x1 = _mm256_loadu_ps(a[1].add(k));
-            let x2 = _mm256_loadu_ps(a[2].add(k));
-            for i in 0..4 {
-                let wv = _mm256_loadu_ps(w[i].add(k));
-                s[i][0] = _mm256_fmadd_ps(wv, x0, s[i][0]);
-                s[i][1] = _mm256_fmadd_ps(wv, x1, s[i][1]);
-                s[i][2] = _mm256_fmadd_ps(wv, x2, s[i][2]);
-            }
-            k += 8;
-        }
-        for i in 0..4 {
-            for j in 0..3 {
-                acc[i][j] = hsum(s[i][j]);
-            }
-        }
     }
 
     /// Q4_1 blocks of 32: {d: f16, m: f16, qs: [u8; 16]}, value = q * d + m, low nibbles

@@ -18,6 +18,7 @@ pub mod chat;
 pub mod compress;
 pub mod config;
 pub mod exact;
+mod gemm;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;

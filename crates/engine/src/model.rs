@@ -3,7 +3,9 @@
 use crate::attention::{attend, HeadRows, LayerAttn, StatsRequest};
 use crate::cache::{HeadAccum, KvCache, LayerRope, PrefillStats, QueryAccum};
 use crate::config::{Activation, Arch, Config, RopeStyle};
-use crate::exact::{matmul_balanced, matmul_balanced_multi, matmul_exact, Precision};
+use crate::exact::{
+    matmul_balanced, matmul_balanced_multi, matmul_exact, matmul_exact_multi, Precision,
+};
 use crate::gguf::GgufFile;
 use crate::kernels::{gelu_tanh, rms_norm, rms_norm_inplace, silu};
 use crate::quant::QMatrix;
@@ -273,11 +275,7 @@ impl Model {
         match self.precision {
             Precision::Fast => QMatrix::matmul_multi(ws, x, n, outs),
             Precision::Balanced => matmul_balanced_multi(ws, x, n, outs),
-            Precision::Exact => {
-                for (w, o) in ws.iter().zip(outs.iter_mut()) {
-                    matmul_exact(w, x, n, o);
-                }
-            }
+            Precision::Exact => matmul_exact_multi(ws, x, n, outs),
         }
     }
 

@@ -1,0 +1,396 @@
+//! Several-token products in f32 (prefill): `out[t * rows + r] = W[r] · x[t]`, with
+//! each row dequantized once per block of tokens.
+//!
+//! The layout is BLIS's. A micro-panel holds 32 rows k-major (`panel[k * 32 + i]`), a
+//! group holds 12 tokens k-major (`group[k * 12 + j]`), and a micro-kernel keeps the
+//! 32 × 12 tile of outputs in registers while it walks k, one rank-1 update per
+//! column: no horizontal sums, and the tile is stored token-major as the caller wants
+//! it. AVX-512F runs a tile as 12 tokens × 2 vectors of 16 rows (24 accumulators of
+//! the 32 registers); AVX2 as four quarters of 16 rows × 6 tokens (12 of 16); other
+//! CPUs in plain loops. Every output is the same chain of fused multiply-adds in k
+//! order on all three, so they agree to the bit.
+//!
+//! A task takes a chunk of rows small enough that its packed panel stays in L2 and
+//! passes every group of the block over it; a group (12 tokens) stays in L1/L2 while
+//! it meets each micro-panel of the chunk.
+
+use crate::quant::QMatrix;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Rows of a micro-panel (a tile's height).
+const MR: usize = 32;
+/// Tokens of a group (a tile's width).
+const NR: usize = 12;
+/// Bytes of packed weights a task keeps near its core (L2) while groups pass over them.
+const CHUNK_BYTES: usize = 1 << 20;
+/// Bytes of packed activations per block of tokens: the weights are dequantized once
+/// per block.
+const BLOCK_BYTES: usize = 8 << 20;
+
+/// 64 bytes, aligned: packed panels are vectors of these, so that a micro-panel's
+/// columns (32 f32) never straddle cache lines.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// `lines` as f32 values.
+fn floats(lines: &[Line]) -> &[f32] {
+    // SAFETY: Line is 16 f32 with no padding (repr(C), size 64).
+    unsafe { std::slice::from_raw_parts(lines.as_ptr().cast(), lines.len() * 16) }
+}
+
+fn floats_mut(lines: &mut [Line]) -> &mut [f32] {
+    // SAFETY: as in `floats`.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast(), lines.len() * 16) }
+}
+
+thread_local! {
+    /// A worker's packed panel and its scratch rows, reused between calls: every value
+    /// in use is overwritten by the packing.
+    static PANEL: RefCell<(Vec<Line>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The output, written by tasks that own disjoint rows of it.
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint (row, token) entries, and `gemm` waits for all of them.
+unsafe impl Sync for Out {}
+
+impl Out {
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// The micro-kernel a CPU runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Plain,
+}
+
+impl Kernel {
+    fn detect() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                return Kernel::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Kernel::Avx2;
+            }
+        }
+        Kernel::Plain
+    }
+
+    /// `tile[j * MR + i] = Σ_k panel[k * MR + i] * group[k * NR + j]`, in k order.
+    fn run(self, panel: &[f32], group: &[f32], cols: usize, tile: &mut [f32; MR * NR]) {
+        assert!(panel.len() >= cols * MR && group.len() >= cols * NR);
+        match self {
+            // SAFETY (both): the CPU features were detected in `detect`, and the
+            // lengths asserted above cover every read.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => unsafe { x86::tile_avx512(panel, group, cols, tile) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe {
+                for (i0, j0) in [(0, 0), (16, 0), (0, 6), (16, 6)] {
+                    x86::quarter_avx2(panel, i0, group, j0, cols, tile);
+                }
+            },
+            Kernel::Plain => {
+                tile.fill(0.0);
+                for k in 0..cols {
+                    let a = &panel[k * MR..(k + 1) * MR];
+                    for (j, &b) in group[k * NR..(k + 1) * NR].iter().enumerate() {
+                        for (c, &w) in tile[j * MR..(j + 1) * MR].iter_mut().zip(a) {
+                            *c = w.mul_add(b, *c);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `out[t * rows + r] = W[r] · x[t]` for `n` tokens of `W.cols()` values each.
+pub(crate) fn gemm(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
+    gemm_multi(&[w], x, n, &mut [out]);
+}
+
+/// [`gemm`] of several matrices with the same input (q, k and v; gate and up): the
+/// tokens are packed once for all of them.
+pub(crate) fn gemm_multi(ws: &[&QMatrix], x: &[f32], n: usize, outs: &mut [&mut [f32]]) {
+    let Some(cols) = ws.first().map(|w| w.cols()) else {
+        return;
+    };
+    let tb = ((BLOCK_BYTES / (4 * cols)) / NR * NR).max(4 * NR);
+    gemm_blocked(ws, x, n, outs, None, tb, Kernel::detect());
+}
+
+/// Rows per task for a matrix: the packed chunk fits L2, and each thread gets about
+/// four chunks.
+fn chunk_rows(rows: usize, cols: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let fit = (CHUNK_BYTES / (4 * cols)) / MR * MR;
+    fit.min(rows.div_ceil(4 * threads).next_multiple_of(MR))
+        .max(MR)
+}
+
+/// [`gemm_multi`] with chunks of `rc` rows (a multiple of [`MR`]; `None`: [`chunk_rows`])
+/// and blocks of `tb` tokens.
+fn gemm_blocked(
+    ws: &[&QMatrix],
+    x: &[f32],
+    n: usize,
+    outs: &mut [&mut [f32]],
+    rc: Option<usize>,
+    tb: usize,
+    kernel: Kernel,
+) {
+    assert_eq!(ws.len(), outs.len());
+    let Some(cols) = ws.first().map(|w| w.cols()) else {
+        return;
+    };
+    assert!(tb > 0 && rc.is_none_or(|rc| rc > 0 && rc.is_multiple_of(MR)));
+    assert!(x.len() >= n * cols);
+    for (w, out) in ws.iter().zip(outs.iter()) {
+        assert!(w.cols() == cols && out.len() >= n * w.rows());
+    }
+    let mut packed: Vec<f32> = Vec::new();
+    for t0 in (0..n).step_by(tb) {
+        let nt = tb.min(n - t0);
+        let groups = nt.div_ceil(NR);
+        packed.clear();
+        packed.resize(groups * NR * cols, 0.0);
+        packed
+            .par_chunks_mut(NR * cols)
+            .enumerate()
+            .for_each(|(g, p)| {
+                let first = t0 + g * NR;
+                let live = (t0 + nt - first).min(NR);
+                let src: Vec<&[f32]> = (first..first + live)
+                    .map(|t| &x[t * cols..(t + 1) * cols])
+                    .collect();
+                // k-major: the writes are sequential, the reads `live` streams.
+                for (k, dst) in p.chunks_exact_mut(NR).enumerate() {
+                    for (d, s) in dst.iter_mut().zip(&src) {
+                        *d = s[k];
+                    }
+                }
+            });
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            let rows = w.rows();
+            let rc = rc.unwrap_or_else(|| chunk_rows(rows, cols));
+            let dst = Out(out.as_mut_ptr());
+            let packed = &packed;
+            (0..rows.div_ceil(rc)).into_par_iter().for_each(|c| {
+                let r0 = c * rc;
+                let nr = rc.min(rows - r0);
+                let panels = nr.div_ceil(MR);
+                PANEL.with(|cell| {
+                    let (lines, rows_buf) = &mut *cell.borrow_mut();
+                    let want = panels * MR * cols / 16;
+                    if lines.len() < want {
+                        lines.resize(want, Line([0.0; 16]));
+                    }
+                    // Rows are dequantized side by side, then written k-major a micro-panel
+                    // at a time: the writes fill whole lines, the reads are 32 streams.
+                    rows_buf.resize(MR * cols, 0.0);
+                    let panel = &mut floats_mut(lines)[..panels * MR * cols];
+                    for (m, p) in panel.chunks_exact_mut(MR * cols).enumerate() {
+                        let live = nr.saturating_sub(m * MR).min(MR);
+                        for (i, row) in rows_buf.chunks_exact_mut(cols).enumerate() {
+                            if i < live {
+                                w.dequantize_row(r0 + m * MR + i, row);
+                            } else {
+                                row.fill(0.0);
+                            }
+                        }
+                        for (k, col) in p.chunks_exact_mut(MR).enumerate() {
+                            for (i, v) in col.iter_mut().enumerate() {
+                                *v = rows_buf[i * cols + k];
+                            }
+                        }
+                    }
+                    let panel = &floats(lines)[..panels * MR * cols];
+                    let mut tile = [0.0f32; MR * NR];
+                    for g in 0..groups {
+                        let group = &packed[g * NR * cols..(g + 1) * NR * cols];
+                        let first = t0 + g * NR;
+                        for m in 0..panels {
+                            kernel.run(&panel[m * MR * cols..], group, cols, &mut tile);
+                            let (i0, mr) = (r0 + m * MR, (nr - m * MR).min(MR));
+                            for j in 0..(t0 + nt - first).min(NR) {
+                                // SAFETY: rows i0..i0 + mr belong to this task alone, and
+                                // token first + j < t0 + nt <= n: the entries lie inside `out`.
+                                unsafe {
+                                    std::ptr::copy_nonoverlapping(
+                                        tile[j * MR..].as_ptr(),
+                                        dst.ptr().add((first + j) * rows + i0),
+                                        mr,
+                                    );
+                                }
+                            }
+                        }
+                    }
+                });
+            });
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// The whole 32 × 12 tile: per k, two loads of 16 rows and twelve broadcasts.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn tile_avx512(panel: &[f32], group: &[f32], cols: usize, tile: &mut [f32]) {
+        let (a, b) = (panel.as_ptr(), group.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 2]; NR];
+        for k in 0..cols {
+            let a0 = _mm512_loadu_ps(a.add(k * MR));
+            let a1 = _mm512_loadu_ps(a.add(k * MR + 16));
+            for (j, s) in acc.iter_mut().enumerate() {
+                let bj = _mm512_set1_ps(*b.add(k * NR + j));
+                s[0] = _mm512_fmadd_ps(a0, bj, s[0]);
+                s[1] = _mm512_fmadd_ps(a1, bj, s[1]);
+            }
+        }
+        let c = tile.as_mut_ptr();
+        for (j, s) in acc.iter().enumerate() {
+            _mm512_storeu_ps(c.add(j * MR), s[0]);
+            _mm512_storeu_ps(c.add(j * MR + 16), s[1]);
+        }
+    }
+
+    /// Rows `i0..i0 + 16` by tokens `j0..j0 + 6` of the tile.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quarter_avx2(
+        panel: &[f32],
+        i0: usize,
+        group: &[f32],
+        j0: usize,
+        cols: usize,
+        tile: &mut [f32],
+    ) {
+        let (a, b) = (panel.as_ptr().add(i0), group.as_ptr().add(j0));
+        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+        for k in 0..cols {
+            let a0 = _mm256_loadu_ps(a.add(k * MR));
+            let a1 = _mm256_loadu_ps(a.add(k * MR + 8));
+            for (j, s) in acc.iter_mut().enumerate() {
+                let bj = _mm256_set1_ps(*b.add(k * NR + j));
+                s[0] = _mm256_fmadd_ps(a0, bj, s[0]);
+                s[1] = _mm256_fmadd_ps(a1, bj, s[1]);
+            }
+        }
+        let c = tile.as_mut_ptr();
+        for (j, s) in acc.iter().enumerate() {
+            _mm256_storeu_ps(c.add((j0 + j) * MR + i0), s[0]);
+            _mm256_storeu_ps(c.add((j0 + j) * MR + i0 + 8), s[1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{quantize_row, GgmlType};
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i + seed) * 7919 % 1013) as f32 / 1013.0 - 0.5) * 2.0)
+            .collect()
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        let mut ks = vec![Kernel::Plain];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                ks.push(Kernel::Avx512);
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                ks.push(Kernel::Avx2);
+            }
+        }
+        ks
+    }
+
+    /// The vector kernels are the plain one's chain of fused multiply-adds, to the bit.
+    #[test]
+    fn kernels_agree_to_the_bit() {
+        let cols = 37;
+        let panel = values(MR * cols, 1);
+        let group = values(NR * cols, 2);
+        let mut want = [0.0f32; MR * NR];
+        Kernel::Plain.run(&panel, &group, cols, &mut want);
+        // The plain kernel is the sum it says it is.
+        for (j, i) in [(0, 0), (11, 31), (5, 17)] {
+            let s: f64 = (0..cols)
+                .map(|k| panel[k * MR + i] as f64 * group[k * NR + j] as f64)
+                .sum();
+            assert!((want[j * MR + i] as f64 - s).abs() < 1e-5, "({i}, {j})");
+        }
+        for k in kernels() {
+            let mut got = [f32::NAN; MR * NR];
+            k.run(&panel, &group, cols, &mut got);
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{k:?} differs from the plain kernel");
+        }
+    }
+
+    /// Every kernel, chunk and block size gives dequantize-then-dot's products,
+    /// including partial micro-panels, partial groups and several blocks of tokens.
+    #[test]
+    fn products_match_dequantize_then_dot() {
+        for (rows, cols, n) in [(70, 96, 29), (9, 64, 2), (130, 160, 37), (32, 33, 12)] {
+            let data = values(rows * cols, 3);
+            let w = if cols.is_multiple_of(32) {
+                let bytes: Vec<u8> = data
+                    .chunks(cols)
+                    .flat_map(|r| quantize_row(GgmlType::Q8_0, r))
+                    .collect();
+                QMatrix::from_bytes(GgmlType::Q8_0, rows, cols, bytes)
+            } else {
+                QMatrix::from_f32(rows, cols, data)
+            };
+            let x = values(n * cols, 4);
+            let mut row = vec![0.0f32; cols];
+            let mut want = vec![0.0f64; rows * n];
+            for r in 0..rows {
+                w.dequantize_row(r, &mut row);
+                for t in 0..n {
+                    want[t * rows + r] = row
+                        .iter()
+                        .zip(&x[t * cols..])
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum();
+                }
+            }
+            for k in kernels() {
+                for (rc, tb) in [(32, 12), (64, 5), (96, 1000)] {
+                    let mut got = vec![f32::NAN; rows * n];
+                    gemm_blocked(&[&w], &x, n, &mut [&mut got], Some(rc), tb, k);
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (*g as f64 - e).abs() < 1e-4 * (1.0 + e.abs()),
+                            "{k:?} {rows}x{cols} n {n} rc {rc} tb {tb}: entry {i}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+            let mut auto = vec![f32::NAN; rows * n];
+            gemm(&w, &x, n, &mut auto);
+            assert!(auto.iter().all(|v| v.is_finite()));
+        }
+    }
+}
