@@ -23,7 +23,7 @@ const MR: usize = 32;
 /// Tokens of a group (a tile's width).
 const NR: usize = 12;
 /// Bytes of packed weights a task keeps near its core (L2) while groups pass over them.
-const CHUNK_BYTES: usize = 1 << 20;
+const CHUNK_BYTES: usize = 3 << 19;
 /// Bytes of packed activations per block of tokens: the weights are dequantized once
 /// per block.
 const BLOCK_BYTES: usize = 8 << 20;
@@ -130,13 +130,15 @@ pub(crate) fn gemm_multi(ws: &[&QMatrix], x: &[f32], n: usize, outs: &mut [&mut 
     gemm_blocked(ws, x, n, outs, None, tb, Kernel::detect());
 }
 
-/// Rows per task for a matrix: the packed chunk fits L2, and each thread gets about
-/// four chunks.
-fn chunk_rows(rows: usize, cols: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
-    let fit = (CHUNK_BYTES / (4 * cols)) / MR * MR;
-    fit.min(rows.div_ceil(4 * threads).next_multiple_of(MR))
-        .max(MR)
+/// Rows per task: two micro-panels where their packed rows fit in L2, else one. Small
+/// tasks keep the threads even (qwen2.5's 896 rows are 14 of them), and a group of
+/// tokens (from L3) meets both micro-panels of a task before the next is read.
+fn chunk_rows(cols: usize) -> usize {
+    if 2 * MR * 4 * cols <= CHUNK_BYTES {
+        2 * MR
+    } else {
+        MR
+    }
 }
 
 /// [`gemm_multi`] with chunks of `rc` rows (a multiple of [`MR`]; `None`: [`chunk_rows`])
@@ -183,7 +185,7 @@ fn gemm_blocked(
             });
         for (w, out) in ws.iter().zip(outs.iter_mut()) {
             let rows = w.rows();
-            let rc = rc.unwrap_or_else(|| chunk_rows(rows, cols));
+            let rc = rc.unwrap_or_else(|| chunk_rows(cols));
             let dst = Out(out.as_mut_ptr());
             let packed = &packed;
             (0..rows.div_ceil(rc)).into_par_iter().for_each(|c| {
@@ -209,11 +211,7 @@ fn gemm_blocked(
                                 row.fill(0.0);
                             }
                         }
-                        for (k, col) in p.chunks_exact_mut(MR).enumerate() {
-                            for (i, v) in col.iter_mut().enumerate() {
-                                *v = rows_buf[i * cols + k];
-                            }
-                        }
+                        transpose_rows(rows_buf, cols, p);
                     }
                     let panel = &floats(lines)[..panels * MR * cols];
                     let mut tile = [0.0f32; MR * NR];
@@ -242,6 +240,37 @@ fn gemm_blocked(
     }
 }
 
+/// `p[k * MR + i] = rows[i * cols + k]` for the [`MR`] rows of `rows`.
+fn transpose_rows(rows: &[f32], cols: usize, p: &mut [f32]) {
+    assert!(rows.len() >= MR * cols && p.len() >= MR * cols);
+    let mut k0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") {
+            while k0 + 8 <= cols {
+                for i0 in (0..MR).step_by(8) {
+                    // SAFETY: AVX2 was detected; rows i0..i0 + 8 at columns k0..k0 + 8
+                    // and their places in `p` lie inside the slices (asserted above).
+                    unsafe {
+                        x86::transpose_8x8(
+                            rows.as_ptr().add(i0 * cols + k0),
+                            cols,
+                            p.as_mut_ptr().add(k0 * MR + i0),
+                            MR,
+                        )
+                    };
+                }
+                k0 += 8;
+            }
+        }
+    }
+    for k in k0..cols {
+        for i in 0..MR {
+            p[k * MR + i] = rows[i * cols + k];
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{MR, NR};
@@ -265,6 +294,41 @@ mod x86 {
         for (j, s) in acc.iter().enumerate() {
             _mm512_storeu_ps(c.add(j * MR), s[0]);
             _mm512_storeu_ps(c.add(j * MR + 16), s[1]);
+        }
+    }
+
+    /// The 8 × 8 block at `src` (rows `stride` apart) into `dst` transposed (rows
+    /// `dst_stride` apart).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn transpose_8x8(src: *const f32, stride: usize, dst: *mut f32, dst_stride: usize) {
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * stride)));
+        let t: [__m256; 8] = std::array::from_fn(|i| {
+            let (a, b) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_ps(a, b)
+            } else {
+                _mm256_unpackhi_ps(a, b)
+            }
+        });
+        // u[4h + q]: rows 4h..4h + 4, columns q, q + 4 of each 128-bit half.
+        let u: [__m256; 8] = std::array::from_fn(|i| {
+            let (h, q) = (i / 4, i % 4);
+            let (a, b) = (t[4 * h + q / 2], t[4 * h + 2 + q / 2]);
+            if q % 2 == 0 {
+                _mm256_shuffle_ps::<0x44>(a, b)
+            } else {
+                _mm256_shuffle_ps::<0xEE>(a, b)
+            }
+        });
+        for q in 0..4 {
+            _mm256_storeu_ps(
+                dst.add(q * dst_stride),
+                _mm256_permute2f128_ps::<0x20>(u[q], u[4 + q]),
+            );
+            _mm256_storeu_ps(
+                dst.add((q + 4) * dst_stride),
+                _mm256_permute2f128_ps::<0x31>(u[q], u[4 + q]),
+            );
         }
     }
 
@@ -345,6 +409,21 @@ mod tests {
                 .zip(&want)
                 .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{k:?} differs from the plain kernel");
+        }
+    }
+
+    /// The vector transpose puts every value where the plain loop does.
+    #[test]
+    fn transpose_is_the_plain_one() {
+        for cols in [8, 37, 64] {
+            let rows = values(MR * cols, 5);
+            let mut p = vec![f32::NAN; MR * cols];
+            transpose_rows(&rows, cols, &mut p);
+            for i in 0..MR {
+                for k in 0..cols {
+                    assert_eq!(p[k * MR + i], rows[i * cols + k], "cols {cols} ({i}, {k})");
+                }
+            }
         }
     }
 

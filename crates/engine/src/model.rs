@@ -7,7 +7,7 @@ use crate::exact::{
     matmul_balanced, matmul_balanced_multi, matmul_exact, matmul_exact_multi, Precision,
 };
 use crate::gguf::GgufFile;
-use crate::kernels::{gelu_tanh, rms_norm, rms_norm_inplace, silu};
+use crate::kernels::{gelu_tanh, rms_norm, rms_norm_inplace, silu_mul};
 use crate::quant::QMatrix;
 use crate::Error;
 use kvmerger_compression::{KvDtype, SlotMeta, StatsNeeds};
@@ -683,10 +683,21 @@ impl Model {
             act.n_rows,
             &mut [&mut act.gate, &mut act.up],
         );
-        let gated = act.gate.iter_mut().zip(&act.up);
-        match self.cfg.activation {
-            Activation::Silu => gated.for_each(|(gate, up)| *gate = silu(*gate) * up),
-            Activation::GeluTanh => gated.for_each(|(gate, up)| *gate = gelu_tanh(*gate) * up),
+        let gate_rows = |gate: &mut [f32], up: &[f32]| match self.cfg.activation {
+            Activation::Silu => silu_mul(gate, up),
+            Activation::GeluTanh => gate
+                .iter_mut()
+                .zip(up)
+                .for_each(|(g, u)| *g = gelu_tanh(*g) * u),
+        };
+        if act.n_rows > 1 {
+            let ffn = self.cfg.ffn;
+            act.gate
+                .par_chunks_mut(ffn)
+                .zip(act.up.par_chunks(ffn))
+                .for_each(|(g, u)| gate_rows(g, u));
+        } else {
+            gate_rows(&mut act.gate, &act.up);
         }
         self.mm(&layer.w_down, &act.gate, act.n_rows, &mut act.out);
         self.add_to_residual(layer.post_ffn_norm.as_deref(), act);
