@@ -183,6 +183,12 @@ pub fn scores_key_major(qt: &[f32], np: usize, keys: &[f32], d: usize, out: &mut
     assert!(np.is_multiple_of(8) && qt.len() >= d * np && out.len() >= nk * np);
     #[cfg(target_arch = "x86_64")]
     {
+        if np.is_multiple_of(16) && has_avx512() {
+            // SAFETY: the CPU supports AVX-512F (checked); np is a multiple of 16 and
+            // `qt` and `out` hold d × np and nk × np values (asserted above).
+            unsafe { x86::scores_key_major_512(qt, np, keys, d, out) };
+            return;
+        }
         if has_avx2() {
             // SAFETY: the CPU supports AVX2 and FMA (checked above); np is a multiple of
             // 8 and `qt` and `out` hold d × np and nk × np values (asserted above).
@@ -209,6 +215,12 @@ pub fn weighted_key_major(p: &[f32], np: usize, values: &[f32], d: usize, o: &mu
     assert!(np.is_multiple_of(4) && p.len() >= nk * np && o.len() >= np * d);
     #[cfg(target_arch = "x86_64")]
     {
+        if d.is_multiple_of(16) && has_avx512() {
+            // SAFETY: the CPU supports AVX-512F (checked); d is a multiple of 16, np of
+            // 4, and `p` and `o` hold nk × np and np × d values (asserted above).
+            unsafe { x86::weighted_key_major_512(p, np, values, d, o) };
+            return;
+        }
         if has_avx2() && d.is_multiple_of(8) {
             // SAFETY: the CPU supports AVX2 and FMA (checked above); d is a multiple of 8,
             // np of 4, and `p` and `o` hold nk × np and np × d values (asserted above).
@@ -252,6 +264,13 @@ pub fn max_f32(x: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[inline]
+fn has_avx512() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+}
+
+#[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
@@ -716,6 +735,140 @@ mod x86 {
         }
     }
 
+    /// [`super::scores_key_major`] with 16 rows a vector; np a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn scores_key_major_512(
+        qt: &[f32],
+        np: usize,
+        keys: &[f32],
+        d: usize,
+        out: &mut [f32],
+    ) {
+        let nk = keys.len() / d;
+        let mut j = 0;
+        while j + 8 <= nk {
+            scores_block_512::<8>(
+                qt,
+                np,
+                keys.as_ptr().add(j * d),
+                d,
+                out.as_mut_ptr().add(j * np),
+            );
+            j += 8;
+        }
+        while j < nk {
+            scores_block_512::<1>(
+                qt,
+                np,
+                keys.as_ptr().add(j * d),
+                d,
+                out.as_mut_ptr().add(j * np),
+            );
+            j += 1;
+        }
+    }
+
+    /// K keys against every row: 32 rows at a time (two vectors), then 16.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores_block_512<const K: usize>(
+        qt: &[f32],
+        np: usize,
+        pk: *const f32,
+        d: usize,
+        po: *mut f32,
+    ) {
+        let pq = qt.as_ptr();
+        let mut r = 0;
+        while r + 32 <= np {
+            let mut a = [[_mm512_setzero_ps(); 2]; K];
+            for c in 0..d {
+                let q0 = _mm512_loadu_ps(pq.add(c * np + r));
+                let q1 = _mm512_loadu_ps(pq.add(c * np + r + 16));
+                for (t, at) in a.iter_mut().enumerate() {
+                    let k = _mm512_set1_ps(*pk.add(t * d + c));
+                    at[0] = _mm512_fmadd_ps(q0, k, at[0]);
+                    at[1] = _mm512_fmadd_ps(q1, k, at[1]);
+                }
+            }
+            for (t, at) in a.iter().enumerate() {
+                _mm512_storeu_ps(po.add(t * np + r), at[0]);
+                _mm512_storeu_ps(po.add(t * np + r + 16), at[1]);
+            }
+            r += 32;
+        }
+        if r < np {
+            let mut a = [_mm512_setzero_ps(); K];
+            for c in 0..d {
+                let q0 = _mm512_loadu_ps(pq.add(c * np + r));
+                for (t, at) in a.iter_mut().enumerate() {
+                    *at = _mm512_fmadd_ps(q0, _mm512_set1_ps(*pk.add(t * d + c)), *at);
+                }
+            }
+            for (t, at) in a.iter().enumerate() {
+                _mm512_storeu_ps(po.add(t * np + r), *at);
+            }
+        }
+    }
+
+    /// [`super::weighted_key_major`] with 16 columns a vector; d a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn weighted_key_major_512(
+        p: &[f32],
+        np: usize,
+        values: &[f32],
+        d: usize,
+        o: &mut [f32],
+    ) {
+        let nk = values.len() / d;
+        let (pp, pv, po) = (p.as_ptr(), values.as_ptr(), o.as_mut_ptr());
+        for r in (0..np).step_by(4) {
+            let mut c = 0;
+            while c + 64 <= d {
+                weighted_block_512::<4>(pp.add(r), np, pv.add(c), d, nk, po.add(r * d + c));
+                c += 64;
+            }
+            while c < d {
+                weighted_block_512::<1>(pp.add(r), np, pv.add(c), d, nk, po.add(r * d + c));
+                c += 16;
+            }
+        }
+    }
+
+    /// Four rows × 16V columns of `o`, over every key.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn weighted_block_512<const V: usize>(
+        pp: *const f32,
+        np: usize,
+        pv: *const f32,
+        d: usize,
+        nk: usize,
+        po: *mut f32,
+    ) {
+        let mut a = [[_mm512_setzero_ps(); V]; 4];
+        for (t, at) in a.iter_mut().enumerate() {
+            for (v, x) in at.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(po.add(t * d + 16 * v));
+            }
+        }
+        for j in 0..nk {
+            let mut vv = [_mm512_setzero_ps(); V];
+            for (v, x) in vv.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(pv.add(j * d + 16 * v));
+            }
+            for (t, at) in a.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*pp.add(j * np + t));
+                for (x, &y) in at.iter_mut().zip(&vv) {
+                    *x = _mm512_fmadd_ps(w, y, *x);
+                }
+            }
+        }
+        for (t, at) in a.iter().enumerate() {
+            for (v, x) in at.iter().enumerate() {
+                _mm512_storeu_ps(po.add(t * d + 16 * v), *x);
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_shifted_key_major(s: &mut [f32], np: usize, m: &[f32], l: &mut [f32]) {
         let nk = s.len() / np;
@@ -818,6 +971,51 @@ pub fn softmax(x: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The key-major kernels (AVX-512, AVX2 or plain, whichever this CPU runs) give the
+    /// plain sums, for row counts and widths that exercise every tail.
+    #[test]
+    fn key_major_kernels_match_plain_sums() {
+        let val = |i: usize| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 2.0;
+        for (np, d, nk) in [
+            (16, 64, 13),
+            (48, 80, 9),
+            (8, 64, 5),
+            (32, 128, 17),
+            (24, 24, 3),
+        ] {
+            let qt: Vec<f32> = (0..d * np).map(val).collect();
+            let keys: Vec<f32> = (0..nk * d).map(|i| val(i + 5)).collect();
+            let mut s = vec![f32::NAN; nk * np];
+            scores_key_major(&qt, np, &keys, d, &mut s);
+            let mut o: Vec<f32> = (0..np * d).map(|i| val(i + 9)).collect();
+            let o0 = o.clone();
+            weighted_key_major(&s, np, &keys, d, &mut o);
+            for j in 0..nk {
+                for r in 0..np {
+                    let want: f32 = (0..d).map(|c| qt[c * np + r] * keys[j * d + c]).sum();
+                    let got = s[j * np + r];
+                    assert!(
+                        (got - want).abs() < 1e-4,
+                        "np {np} d {d}: score ({j}, {r}) {got} vs {want}"
+                    );
+                }
+            }
+            for r in 0..np {
+                for c in 0..d {
+                    let want = o0[r * d + c]
+                        + (0..nk)
+                            .map(|j| s[j * np + r] * keys[j * d + c])
+                            .sum::<f32>();
+                    let got = o[r * d + c];
+                    assert!(
+                        (got - want).abs() < 1e-3,
+                        "np {np} d {d}: out ({r}, {c}) {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 
     /// The vectorized gating is the scalar one within a few ulps, over the whole range
     /// (values whose exp(-x) overflows included), and NaN stays NaN.
