@@ -558,6 +558,7 @@ mod x86 {
             let s8 = _mm256_loadu_ps(a.scale.as_ptr().add(b0));
             for j in 0..NR {
                 let p0 = rows[j].add(b0 * TS);
+                prefetch_ahead(p0, 8 * TS);
                 let d8 = f16x8(p0, TS, kn);
                 _mm256_storeu_ps(sbuf[j].as_mut_ptr(), _mm256_mul_ps(d8, s8));
                 if KIND == Q4_1 {
@@ -637,16 +638,17 @@ mod x86 {
     /// How far ahead (bytes) the fixed-point kernels prefetch weight rows.
     const PREFETCH_BYTES: usize = 6 << 10;
 
-    /// Prefetches rows `r..r + k` (`rb` bytes each) of `raw` where they exist.
+    /// Prefetches the lines of `bytes` bytes from `p` + [`PREFETCH_BYTES`], spread
+    /// through a kernel's loop (a burst of a whole row's lines fills the line-fill
+    /// buffers and stalls the core). Addresses past the matrix are harmless: a prefetch
+    /// never faults, and `wrapping_add` keeps the pointer arithmetic defined.
     #[inline(always)]
-    unsafe fn prefetch(raw: &[u8], rb: usize, r: usize, k: usize) {
-        if (r + k) * rb <= raw.len() {
-            let p = raw.as_ptr().add(r * rb);
-            let mut o = 0;
-            while o < k * rb {
-                _mm_prefetch::<_MM_HINT_T0>(p.add(o) as *const i8);
-                o += 64;
-            }
+    unsafe fn prefetch_ahead(p: *const u8, bytes: usize) {
+        let p = p.wrapping_add(PREFETCH_BYTES);
+        let mut o = 0;
+        while o < bytes {
+            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(o) as *const i8);
+            o += 64;
         }
     }
 
@@ -664,13 +666,11 @@ mod x86 {
         let r1 = r0 + out.len();
         assert!(r1 * rb <= raw.len() && rb == ty.row_bytes(a.q.len()));
         let base = raw.as_ptr();
-        let ahead = PREFETCH_BYTES.div_ceil(rb).next_multiple_of(2);
         // Two rows a pass share the activations' loads (measured faster than one).
         macro_rules! rows2 {
             ($f:ident $(, $c:expr)*) => {{
                 let mut r = r0;
                 while r + 2 <= r1 {
-                    prefetch(raw, rb, r + ahead, 2);
                     let v = $f::<$($c,)* 2>([base.add(r * rb), base.add((r + 1) * rb)], a);
                     out[r - r0] = v[0];
                     out[r + 1 - r0] = v[1];
@@ -690,7 +690,6 @@ mod x86 {
                 // One row a pass: two need more registers than there are (measured
                 // slower).
                 for (i, o) in out.iter_mut().enumerate() {
-                    prefetch(raw, rb, r0 + i + ahead, 1);
                     *o = fixed_q6_k::<1>([base.add((r0 + i) * rb)], a)[0];
                 }
             }
@@ -737,6 +736,7 @@ mod x86 {
             let sums8 = _mm256_loadu_ps(a.sums.as_ptr().add(8 * s));
             for j in 0..NR {
                 let p = rows[j].add(144 * s);
+                prefetch_ahead(p, 144);
                 let (sc, m) = k_scales_mins(p.add(4));
                 let d = _mm256_set1_ps(f16_at(p));
                 _mm256_storeu_ps(
@@ -802,6 +802,7 @@ mod x86 {
             let mut sc = [[_mm256_setzero_ps(); 2]; NR];
             for j in 0..NR {
                 let p = rows[j].add(210 * s);
+                prefetch_ahead(p, 210);
                 let d = _mm256_set1_ps(f16_at(p.add(208)));
                 let b = _mm_loadu_si128(p.add(192) as *const __m128i);
                 let f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
