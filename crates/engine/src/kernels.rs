@@ -610,132 +610,80 @@ mod x86 {
         sum
     }
 
+    /// The vector operations of the key-major kernels, for AVX2 (8 lanes) and AVX-512
+    /// (16): the kernels are written once, generic over these, and inlined into entry
+    /// points compiled for each instruction set.
+    trait Lanes {
+        type V: Copy;
+        const N: usize;
+        unsafe fn zero() -> Self::V;
+        unsafe fn load(p: *const f32) -> Self::V;
+        unsafe fn store(p: *mut f32, v: Self::V);
+        unsafe fn splat(p: *const f32) -> Self::V;
+        /// a * b + c
+        unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    }
+
+    struct Avx2;
+    struct Avx512;
+
+    impl Lanes for Avx2 {
+        type V = __m256;
+        const N: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            _mm256_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const f32) -> __m256 {
+            _mm256_broadcast_ss(&*p)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+    }
+
+    impl Lanes for Avx512 {
+        type V = __m512;
+        const N: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const f32) -> __m512 {
+            _mm512_set1_ps(*p)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+    }
+
+    /// [`super::scores_key_major`] with 8 rows a vector (AVX2); np a multiple of 8.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn scores_key_major(qt: &[f32], np: usize, keys: &[f32], d: usize, out: &mut [f32]) {
-        let nk = keys.len() / d;
-        let mut j = 0;
-        while j + 4 <= nk {
-            scores_block::<4>(
-                qt,
-                np,
-                keys.as_ptr().add(j * d),
-                d,
-                out.as_mut_ptr().add(j * np),
-            );
-            j += 4;
-        }
-        while j < nk {
-            scores_block::<1>(
-                qt,
-                np,
-                keys.as_ptr().add(j * d),
-                d,
-                out.as_mut_ptr().add(j * np),
-            );
-            j += 1;
-        }
+        scores_keys::<Avx2, 4>(qt, np, keys, d, out)
     }
 
-    /// K keys against every row: sixteen rows at a time (two vectors), then eight.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn scores_block<const K: usize>(
-        qt: &[f32],
-        np: usize,
-        pk: *const f32,
-        d: usize,
-        po: *mut f32,
-    ) {
-        let pq = qt.as_ptr();
-        let mut r = 0;
-        while r + 16 <= np {
-            let mut a = [[_mm256_setzero_ps(); 2]; K];
-            for c in 0..d {
-                let q0 = _mm256_loadu_ps(pq.add(c * np + r));
-                let q1 = _mm256_loadu_ps(pq.add(c * np + r + 8));
-                for (t, at) in a.iter_mut().enumerate() {
-                    let k = _mm256_broadcast_ss(&*pk.add(t * d + c));
-                    at[0] = _mm256_fmadd_ps(q0, k, at[0]);
-                    at[1] = _mm256_fmadd_ps(q1, k, at[1]);
-                }
-            }
-            for (t, at) in a.iter().enumerate() {
-                _mm256_storeu_ps(po.add(t * np + r), at[0]);
-                _mm256_storeu_ps(po.add(t * np + r + 8), at[1]);
-            }
-            r += 16;
-        }
-        if r < np {
-            let mut a = [_mm256_setzero_ps(); K];
-            for c in 0..d {
-                let q0 = _mm256_loadu_ps(pq.add(c * np + r));
-                for (t, at) in a.iter_mut().enumerate() {
-                    *at = _mm256_fmadd_ps(q0, _mm256_broadcast_ss(&*pk.add(t * d + c)), *at);
-                }
-            }
-            for (t, at) in a.iter().enumerate() {
-                _mm256_storeu_ps(po.add(t * np + r), *at);
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_key_major(
-        p: &[f32],
-        np: usize,
-        values: &[f32],
-        d: usize,
-        o: &mut [f32],
-    ) {
-        let nk = values.len() / d;
-        let (pp, pv, po) = (p.as_ptr(), values.as_ptr(), o.as_mut_ptr());
-        for r in (0..np).step_by(4) {
-            let mut c = 0;
-            while c + 16 <= d {
-                weighted_block::<2>(pp.add(r), np, pv.add(c), d, nk, po.add(r * d + c));
-                c += 16;
-            }
-            if c < d {
-                weighted_block::<1>(pp.add(r), np, pv.add(c), d, nk, po.add(r * d + c));
-            }
-        }
-    }
-
-    /// Four rows × 8V columns of `o`, over every key.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn weighted_block<const V: usize>(
-        pp: *const f32,
-        np: usize,
-        pv: *const f32,
-        d: usize,
-        nk: usize,
-        po: *mut f32,
-    ) {
-        let mut a = [[_mm256_setzero_ps(); V]; 4];
-        for (t, at) in a.iter_mut().enumerate() {
-            for (v, x) in at.iter_mut().enumerate() {
-                *x = _mm256_loadu_ps(po.add(t * d + 8 * v));
-            }
-        }
-        for j in 0..nk {
-            let mut vv = [_mm256_setzero_ps(); V];
-            for (v, x) in vv.iter_mut().enumerate() {
-                *x = _mm256_loadu_ps(pv.add(j * d + 8 * v));
-            }
-            for (t, at) in a.iter_mut().enumerate() {
-                let w = _mm256_broadcast_ss(&*pp.add(j * np + t));
-                for (x, &y) in at.iter_mut().zip(&vv) {
-                    *x = _mm256_fmadd_ps(w, y, *x);
-                }
-            }
-        }
-        for (t, at) in a.iter().enumerate() {
-            for (v, x) in at.iter().enumerate() {
-                _mm256_storeu_ps(po.add(t * d + 8 * v), *x);
-            }
-        }
-    }
-
-    /// [`super::scores_key_major`] with 16 rows a vector; np a multiple of 16.
+    /// [`super::scores_key_major`] with 16 rows a vector (AVX-512); np a multiple of 16.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn scores_key_major_512(
         qt: &[f32],
@@ -744,75 +692,101 @@ mod x86 {
         d: usize,
         out: &mut [f32],
     ) {
+        scores_keys::<Avx512, 8>(qt, np, keys, d, out)
+    }
+
+    /// Every key against every row, K keys at a time.
+    #[inline(always)]
+    unsafe fn scores_keys<S: Lanes, const K: usize>(
+        qt: &[f32],
+        np: usize,
+        keys: &[f32],
+        d: usize,
+        out: &mut [f32],
+    ) {
         let nk = keys.len() / d;
+        let (pk, po) = (keys.as_ptr(), out.as_mut_ptr());
         let mut j = 0;
-        while j + 8 <= nk {
-            scores_block_512::<8>(
-                qt,
-                np,
-                keys.as_ptr().add(j * d),
-                d,
-                out.as_mut_ptr().add(j * np),
-            );
-            j += 8;
+        while j + K <= nk {
+            scores_block::<S, K>(qt, np, pk.add(j * d), d, po.add(j * np));
+            j += K;
         }
         while j < nk {
-            scores_block_512::<1>(
-                qt,
-                np,
-                keys.as_ptr().add(j * d),
-                d,
-                out.as_mut_ptr().add(j * np),
-            );
+            scores_block::<S, 1>(qt, np, pk.add(j * d), d, po.add(j * np));
             j += 1;
         }
     }
 
-    /// K keys against every row: 32 rows at a time (two vectors), then 16.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn scores_block_512<const K: usize>(
+    /// K keys against every row: two vectors of rows at a time, then one.
+    #[inline(always)]
+    unsafe fn scores_block<S: Lanes, const K: usize>(
         qt: &[f32],
         np: usize,
         pk: *const f32,
         d: usize,
         po: *mut f32,
     ) {
-        let pq = qt.as_ptr();
+        let (pq, n) = (qt.as_ptr(), S::N);
         let mut r = 0;
-        while r + 32 <= np {
-            let mut a = [[_mm512_setzero_ps(); 2]; K];
+        while r + 2 * n <= np {
+            let mut a = [[S::zero(); 2]; K];
             for c in 0..d {
-                let q0 = _mm512_loadu_ps(pq.add(c * np + r));
-                let q1 = _mm512_loadu_ps(pq.add(c * np + r + 16));
+                let q0 = S::load(pq.add(c * np + r));
+                let q1 = S::load(pq.add(c * np + r + n));
                 for (t, at) in a.iter_mut().enumerate() {
-                    let k = _mm512_set1_ps(*pk.add(t * d + c));
-                    at[0] = _mm512_fmadd_ps(q0, k, at[0]);
-                    at[1] = _mm512_fmadd_ps(q1, k, at[1]);
+                    let k = S::splat(pk.add(t * d + c));
+                    at[0] = S::fma(q0, k, at[0]);
+                    at[1] = S::fma(q1, k, at[1]);
                 }
             }
             for (t, at) in a.iter().enumerate() {
-                _mm512_storeu_ps(po.add(t * np + r), at[0]);
-                _mm512_storeu_ps(po.add(t * np + r + 16), at[1]);
+                S::store(po.add(t * np + r), at[0]);
+                S::store(po.add(t * np + r + n), at[1]);
             }
-            r += 32;
+            r += 2 * n;
         }
         if r < np {
-            let mut a = [_mm512_setzero_ps(); K];
+            let mut a = [S::zero(); K];
             for c in 0..d {
-                let q0 = _mm512_loadu_ps(pq.add(c * np + r));
+                let q0 = S::load(pq.add(c * np + r));
                 for (t, at) in a.iter_mut().enumerate() {
-                    *at = _mm512_fmadd_ps(q0, _mm512_set1_ps(*pk.add(t * d + c)), *at);
+                    *at = S::fma(q0, S::splat(pk.add(t * d + c)), *at);
                 }
             }
             for (t, at) in a.iter().enumerate() {
-                _mm512_storeu_ps(po.add(t * np + r), *at);
+                S::store(po.add(t * np + r), *at);
             }
         }
     }
 
-    /// [`super::weighted_key_major`] with 16 columns a vector; d a multiple of 16.
+    /// [`super::weighted_key_major`] with 8 columns a vector (AVX2); d a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_key_major(
+        p: &[f32],
+        np: usize,
+        values: &[f32],
+        d: usize,
+        o: &mut [f32],
+    ) {
+        weighted_rows::<Avx2, 2>(p, np, values, d, o)
+    }
+
+    /// [`super::weighted_key_major`] with 16 columns a vector (AVX-512); d a multiple
+    /// of 16.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn weighted_key_major_512(
+        p: &[f32],
+        np: usize,
+        values: &[f32],
+        d: usize,
+        o: &mut [f32],
+    ) {
+        weighted_rows::<Avx512, 4>(p, np, values, d, o)
+    }
+
+    /// Four rows at a time, V vectors of columns at a time, then one.
+    #[inline(always)]
+    unsafe fn weighted_rows<S: Lanes, const V: usize>(
         p: &[f32],
         np: usize,
         values: &[f32],
@@ -823,20 +797,20 @@ mod x86 {
         let (pp, pv, po) = (p.as_ptr(), values.as_ptr(), o.as_mut_ptr());
         for r in (0..np).step_by(4) {
             let mut c = 0;
-            while c + 64 <= d {
-                weighted_block_512::<4>(pp.add(r), np, pv.add(c), d, nk, po.add(r * d + c));
-                c += 64;
+            while c + V * S::N <= d {
+                weighted_block::<S, V>(pp.add(r), np, pv.add(c), d, nk, po.add(r * d + c));
+                c += V * S::N;
             }
             while c < d {
-                weighted_block_512::<1>(pp.add(r), np, pv.add(c), d, nk, po.add(r * d + c));
-                c += 16;
+                weighted_block::<S, 1>(pp.add(r), np, pv.add(c), d, nk, po.add(r * d + c));
+                c += S::N;
             }
         }
     }
 
-    /// Four rows × 16V columns of `o`, over every key.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn weighted_block_512<const V: usize>(
+    /// Four rows × V vectors of columns of `o`, over every key.
+    #[inline(always)]
+    unsafe fn weighted_block<S: Lanes, const V: usize>(
         pp: *const f32,
         np: usize,
         pv: *const f32,
@@ -844,27 +818,28 @@ mod x86 {
         nk: usize,
         po: *mut f32,
     ) {
-        let mut a = [[_mm512_setzero_ps(); V]; 4];
+        let n = S::N;
+        let mut a = [[S::zero(); V]; 4];
         for (t, at) in a.iter_mut().enumerate() {
             for (v, x) in at.iter_mut().enumerate() {
-                *x = _mm512_loadu_ps(po.add(t * d + 16 * v));
+                *x = S::load(po.add(t * d + n * v));
             }
         }
         for j in 0..nk {
-            let mut vv = [_mm512_setzero_ps(); V];
+            let mut vv = [S::zero(); V];
             for (v, x) in vv.iter_mut().enumerate() {
-                *x = _mm512_loadu_ps(pv.add(j * d + 16 * v));
+                *x = S::load(pv.add(j * d + n * v));
             }
             for (t, at) in a.iter_mut().enumerate() {
-                let w = _mm512_set1_ps(*pp.add(j * np + t));
+                let w = S::splat(pp.add(j * np + t));
                 for (x, &y) in at.iter_mut().zip(&vv) {
-                    *x = _mm512_fmadd_ps(w, y, *x);
+                    *x = S::fma(w, y, *x);
                 }
             }
         }
         for (t, at) in a.iter().enumerate() {
             for (v, x) in at.iter().enumerate() {
-                _mm512_storeu_ps(po.add(t * d + 16 * v), *x);
+                S::store(po.add(t * d + n * v), *x);
             }
         }
     }
