@@ -95,11 +95,7 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => unsafe { x86::tile_avx512(panel, group, cols, tile) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe {
-                for (i0, j0) in [(0, 0), (16, 0), (0, 6), (16, 6)] {
-                    x86::quarter_avx2(panel, i0, group, j0, cols, tile);
-                }
-            },
+            Kernel::Avx2 => unsafe { x86::tile_avx2(panel, group, cols, tile) },
             Kernel::Plain => {
                 tile.fill(0.0);
                 for k in 0..cols {
@@ -274,26 +270,49 @@ fn transpose_rows(rows: &[f32], cols: usize, p: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{MR, NR};
+    use crate::kernels::lanes::{Avx2, Avx512, Lanes};
     use std::arch::x86_64::*;
 
-    /// The whole 32 × 12 tile: per k, two loads of 16 rows and twelve broadcasts.
+    /// The whole 32 × 12 tile in 16-row vectors.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn tile_avx512(panel: &[f32], group: &[f32], cols: usize, tile: &mut [f32]) {
-        let (a, b) = (panel.as_ptr(), group.as_ptr());
-        let mut acc = [[_mm512_setzero_ps(); 2]; NR];
+        block::<Avx512, NR>(panel, 0, group, 0, cols, tile)
+    }
+
+    /// The tile as four quarters of 16 rows × 6 tokens, in 8-row vectors.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_avx2(panel: &[f32], group: &[f32], cols: usize, tile: &mut [f32]) {
+        for (i0, j0) in [(0, 0), (16, 0), (0, 6), (16, 6)] {
+            block::<Avx2, 6>(panel, i0, group, j0, cols, tile);
+        }
+    }
+
+    /// Rows `i0..i0 + 2 S::N` by tokens `j0..j0 + T` of the tile: per k, two loads of
+    /// rows and T broadcasts feed 2T fused multiply-adds.
+    #[inline(always)]
+    unsafe fn block<S: Lanes, const T: usize>(
+        panel: &[f32],
+        i0: usize,
+        group: &[f32],
+        j0: usize,
+        cols: usize,
+        tile: &mut [f32],
+    ) {
+        let (a, b, n) = (panel.as_ptr().add(i0), group.as_ptr().add(j0), S::N);
+        let mut acc = [[S::zero(); 2]; T];
         for k in 0..cols {
-            let a0 = _mm512_loadu_ps(a.add(k * MR));
-            let a1 = _mm512_loadu_ps(a.add(k * MR + 16));
+            let a0 = S::load(a.add(k * MR));
+            let a1 = S::load(a.add(k * MR + n));
             for (j, s) in acc.iter_mut().enumerate() {
-                let bj = _mm512_set1_ps(*b.add(k * NR + j));
-                s[0] = _mm512_fmadd_ps(a0, bj, s[0]);
-                s[1] = _mm512_fmadd_ps(a1, bj, s[1]);
+                let bj = S::splat(b.add(k * NR + j));
+                s[0] = S::fma(a0, bj, s[0]);
+                s[1] = S::fma(a1, bj, s[1]);
             }
         }
         let c = tile.as_mut_ptr();
         for (j, s) in acc.iter().enumerate() {
-            _mm512_storeu_ps(c.add(j * MR), s[0]);
-            _mm512_storeu_ps(c.add(j * MR + 16), s[1]);
+            S::store(c.add((j0 + j) * MR + i0), s[0]);
+            S::store(c.add((j0 + j) * MR + i0 + n), s[1]);
         }
     }
 
@@ -329,34 +348,6 @@ mod x86 {
                 dst.add((q + 4) * dst_stride),
                 _mm256_permute2f128_ps::<0x31>(u[q], u[4 + q]),
             );
-        }
-    }
-
-    /// Rows `i0..i0 + 16` by tokens `j0..j0 + 6` of the tile.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn quarter_avx2(
-        panel: &[f32],
-        i0: usize,
-        group: &[f32],
-        j0: usize,
-        cols: usize,
-        tile: &mut [f32],
-    ) {
-        let (a, b) = (panel.as_ptr().add(i0), group.as_ptr().add(j0));
-        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
-        for k in 0..cols {
-            let a0 = _mm256_loadu_ps(a.add(k * MR));
-            let a1 = _mm256_loadu_ps(a.add(k * MR + 8));
-            for (j, s) in acc.iter_mut().enumerate() {
-                let bj = _mm256_set1_ps(*b.add(k * NR + j));
-                s[0] = _mm256_fmadd_ps(a0, bj, s[0]);
-                s[1] = _mm256_fmadd_ps(a1, bj, s[1]);
-            }
-        }
-        let c = tile.as_mut_ptr();
-        for (j, s) in acc.iter().enumerate() {
-            _mm256_storeu_ps(c.add((j0 + j) * MR + i0), s[0]);
-            _mm256_storeu_ps(c.add((j0 + j) * MR + i0 + 8), s[1]);
         }
     }
 }

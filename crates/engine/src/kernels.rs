@@ -282,7 +282,80 @@ fn has_avx2() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod lanes {
+    use std::arch::x86_64::*;
+
+    /// The vector operations of the f32 kernels written once for AVX2 (8 lanes) and
+    /// AVX-512 (16): generic over these, inlined into entry points compiled for each
+    /// instruction set (the key-major attention kernels here, the prefill GEMM's tiles).
+    pub(crate) trait Lanes {
+        type V: Copy;
+        const N: usize;
+        unsafe fn zero() -> Self::V;
+        unsafe fn load(p: *const f32) -> Self::V;
+        unsafe fn store(p: *mut f32, v: Self::V);
+        unsafe fn splat(p: *const f32) -> Self::V;
+        /// a * b + c
+        unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    }
+
+    pub(crate) struct Avx2;
+    pub(crate) struct Avx512;
+
+    impl Lanes for Avx2 {
+        type V = __m256;
+        const N: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            _mm256_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const f32) -> __m256 {
+            _mm256_broadcast_ss(&*p)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+    }
+
+    impl Lanes for Avx512 {
+        type V = __m512;
+        const N: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const f32) -> __m512 {
+            _mm512_set1_ps(*p)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::lanes::{Avx2, Avx512, Lanes};
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -608,73 +681,6 @@ mod x86 {
             i += 1;
         }
         sum
-    }
-
-    /// The vector operations of the key-major kernels, for AVX2 (8 lanes) and AVX-512
-    /// (16): the kernels are written once, generic over these, and inlined into entry
-    /// points compiled for each instruction set.
-    trait Lanes {
-        type V: Copy;
-        const N: usize;
-        unsafe fn zero() -> Self::V;
-        unsafe fn load(p: *const f32) -> Self::V;
-        unsafe fn store(p: *mut f32, v: Self::V);
-        unsafe fn splat(p: *const f32) -> Self::V;
-        /// a * b + c
-        unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
-    }
-
-    struct Avx2;
-    struct Avx512;
-
-    impl Lanes for Avx2 {
-        type V = __m256;
-        const N: usize = 8;
-        #[inline(always)]
-        unsafe fn zero() -> __m256 {
-            _mm256_setzero_ps()
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> __m256 {
-            _mm256_loadu_ps(p)
-        }
-        #[inline(always)]
-        unsafe fn store(p: *mut f32, v: __m256) {
-            _mm256_storeu_ps(p, v)
-        }
-        #[inline(always)]
-        unsafe fn splat(p: *const f32) -> __m256 {
-            _mm256_broadcast_ss(&*p)
-        }
-        #[inline(always)]
-        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
-            _mm256_fmadd_ps(a, b, c)
-        }
-    }
-
-    impl Lanes for Avx512 {
-        type V = __m512;
-        const N: usize = 16;
-        #[inline(always)]
-        unsafe fn zero() -> __m512 {
-            _mm512_setzero_ps()
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> __m512 {
-            _mm512_loadu_ps(p)
-        }
-        #[inline(always)]
-        unsafe fn store(p: *mut f32, v: __m512) {
-            _mm512_storeu_ps(p, v)
-        }
-        #[inline(always)]
-        unsafe fn splat(p: *const f32) -> __m512 {
-            _mm512_set1_ps(*p)
-        }
-        #[inline(always)]
-        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
-            _mm512_fmadd_ps(a, b, c)
-        }
     }
 
     /// [`super::scores_key_major`] with 8 rows a vector (AVX2); np a multiple of 8.
