@@ -267,6 +267,7 @@ fn fused_dot(ty: GgmlType) -> Option<FusedDot> {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Fixed16;
+    use crate::kernels::lanes::hsum;
     use crate::quant::GgmlType;
     use std::arch::x86_64::*;
 
@@ -276,13 +277,6 @@ mod x86 {
     unsafe fn f16(b: &[u8]) -> f32 {
         let bits = u16::from_le_bytes([b[0], b[1]]);
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
     /// Q4_1 blocks of 32: {d: f16, m: f16, qs: [u8; 16]}, value = q * d + m, low nibbles

@@ -87,6 +87,12 @@ impl Kernel {
         Kernel::Plain
     }
 
+    /// Whether the CPU has AVX2 and FMA (every AVX-512 CPU does), for the transposes
+    /// and the few-token dot products.
+    fn avx2(self) -> bool {
+        self != Kernel::Plain
+    }
+
     /// `tile[j * MR + i] = Σ_k panel[k * MR + i] * group[k * NR + j]`, in k order.
     fn run(self, panel: &[f32], group: &[f32], cols: usize, tile: &mut [f32; MR * NR]) {
         assert!(panel.len() >= cols * MR && group.len() >= cols * NR);
@@ -123,14 +129,15 @@ pub(crate) fn gemm_multi(ws: &[&QMatrix], x: &[f32], n: usize, outs: &mut [&mut 
     let Some(cols) = ws.first().map(|w| w.cols()) else {
         return;
     };
+    let kernel = Kernel::detect();
     if n < FEW_TOKENS {
         for (w, out) in ws.iter().zip(outs.iter_mut()) {
-            few_tokens(w, x, n, out);
+            few_tokens(w, x, n, out, kernel);
         }
         return;
     }
     let tb = ((BLOCK_BYTES / (4 * cols)) / NR * NR).max(4 * NR);
-    gemm_blocked(ws, x, n, outs, None, tb, Kernel::detect());
+    gemm_blocked(ws, x, n, outs, None, tb, kernel);
 }
 
 /// Below this many tokens (several sequences decoding together), packing the weights
@@ -141,7 +148,7 @@ const FEW_TOKENS: usize = 32;
 /// [`gemm`] for a few tokens: a task dequantizes [`MR`] rows side by side and dots
 /// them with every token (a few rows of activations, in L1), four rows by three
 /// tokens at a time.
-fn few_tokens(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
+fn few_tokens(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32], kernel: Kernel) {
     let (rows, cols) = (w.rows(), w.cols());
     assert!(x.len() >= n * cols && out.len() >= n * rows);
     let dst = Out(out.as_mut_ptr());
@@ -163,6 +170,7 @@ fn few_tokens(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
                         &x[t * cols..n * cols],
                         mt,
                         cols,
+                        kernel,
                     );
                     for (a, ii) in acc.iter().zip(i..i + mr) {
                         for (v, tt) in a.iter().zip(t..t + mt) {
@@ -179,16 +187,20 @@ fn few_tokens(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
 
 /// The dot products of the first `mr` (≤ 4) rows of `w` with the first `mt` (≤ 3) of
 /// `x`, rows of `cols` values (entries past `mr` or `mt` are unspecified).
-fn dots_4x3(w: &[f32], mr: usize, x: &[f32], mt: usize, cols: usize) -> [[f32; 3]; 4] {
+fn dots_4x3(
+    w: &[f32],
+    mr: usize,
+    x: &[f32],
+    mt: usize,
+    cols: usize,
+    kernel: Kernel,
+) -> [[f32; 3]; 4] {
     assert!((1..=4).contains(&mr) && (1..=3).contains(&mt));
     assert!(w.len() >= mr * cols && x.len() >= mt * cols);
     #[cfg(target_arch = "x86_64")]
     {
-        if cols.is_multiple_of(8)
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-        {
-            // SAFETY: AVX2 and FMA were checked; rows past mr (tokens past mt) repeat
+        if cols.is_multiple_of(8) && kernel.avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (`kernel` was detected); rows past mr (tokens past mt) repeat
             // the last valid one, so every read lies inside the slices (asserted above).
             return unsafe { x86::dots_4x3(w, mr, x, mt, cols) };
         }
@@ -235,25 +247,7 @@ fn gemm_blocked(
     let mut packed: Vec<f32> = Vec::new();
     for t0 in (0..n).step_by(tb) {
         let nt = tb.min(n - t0);
-        let groups = nt.div_ceil(NR);
-        packed.clear();
-        packed.resize(groups * NR * cols, 0.0);
-        packed
-            .par_chunks_mut(NR * cols)
-            .enumerate()
-            .for_each(|(g, p)| {
-                let first = t0 + g * NR;
-                let live = (t0 + nt - first).min(NR);
-                let src: Vec<&[f32]> = (first..first + live)
-                    .map(|t| &x[t * cols..(t + 1) * cols])
-                    .collect();
-                // k-major: the writes are sequential, the reads `live` streams.
-                for (k, dst) in p.chunks_exact_mut(NR).enumerate() {
-                    for (d, s) in dst.iter_mut().zip(&src) {
-                        *d = s[k];
-                    }
-                }
-            });
+        pack_tokens(&x[t0 * cols..(t0 + nt) * cols], cols, &mut packed);
         for (w, out) in ws.iter().zip(outs.iter_mut()) {
             let rows = w.rows();
             let rc = rc.unwrap_or_else(|| chunk_rows(cols));
@@ -261,66 +255,108 @@ fn gemm_blocked(
             let packed = &packed;
             (0..rows.div_ceil(rc)).into_par_iter().for_each(|c| {
                 let r0 = c * rc;
-                let nr = rc.min(rows - r0);
-                let panels = nr.div_ceil(MR);
-                PANEL.with(|cell| {
-                    let (lines, rows_buf) = &mut *cell.borrow_mut();
-                    let want = panels * MR * cols / 16;
-                    if lines.len() < want {
-                        lines.resize(want, Line([0.0; 16]));
-                    }
-                    // Rows are dequantized side by side, then written k-major a micro-panel
-                    // at a time: the writes fill whole lines, the reads are 32 streams.
-                    rows_buf.resize(MR * cols, 0.0);
-                    let panel = &mut floats_mut(lines)[..panels * MR * cols];
-                    for (m, p) in panel.chunks_exact_mut(MR * cols).enumerate() {
-                        let live = nr.saturating_sub(m * MR).min(MR);
-                        for (i, row) in rows_buf.chunks_exact_mut(cols).enumerate() {
-                            if i < live {
-                                w.dequantize_row(r0 + m * MR + i, row);
-                            } else {
-                                row.fill(0.0);
-                            }
-                        }
-                        transpose_rows(rows_buf, cols, p);
-                    }
-                    let panel = &floats(lines)[..panels * MR * cols];
-                    let mut tile = [0.0f32; MR * NR];
-                    for g in 0..groups {
-                        let group = &packed[g * NR * cols..(g + 1) * NR * cols];
-                        let first = t0 + g * NR;
-                        for m in 0..panels {
-                            kernel.run(&panel[m * MR * cols..], group, cols, &mut tile);
-                            let (i0, mr) = (r0 + m * MR, (nr - m * MR).min(MR));
-                            for j in 0..(t0 + nt - first).min(NR) {
-                                // SAFETY: rows i0..i0 + mr belong to this task alone, and
-                                // token first + j < t0 + nt <= n: the entries lie inside `out`.
-                                unsafe {
-                                    std::ptr::copy_nonoverlapping(
-                                        tile[j * MR..].as_ptr(),
-                                        dst.ptr().add((first + j) * rows + i0),
-                                        mr,
-                                    );
-                                }
-                            }
-                        }
-                    }
-                });
+                // SAFETY: the task owns rows r0..r0 + nr of `out`, which holds n tokens
+                // of `rows` values (asserted above), and t0 + nt <= n.
+                unsafe { chunk_product(w, r0, rc.min(rows - r0), packed, t0, nt, &dst, kernel) };
             });
         }
     }
 }
 
+/// The `nt` tokens of `x` (rows of `cols` values) into groups of [`NR`], k-major
+/// (`packed[g * NR * cols + k * NR + j]`), zeros past the last token.
+fn pack_tokens(x: &[f32], cols: usize, packed: &mut Vec<f32>) {
+    let nt = x.len() / cols;
+    packed.clear();
+    packed.resize(nt.div_ceil(NR) * NR * cols, 0.0);
+    packed
+        .par_chunks_mut(NR * cols)
+        .zip(x.par_chunks(NR * cols))
+        .for_each(|(p, xs)| {
+            let src: Vec<&[f32]> = xs.chunks_exact(cols).collect();
+            // k-major: the writes are sequential, the reads a stream per token.
+            for (k, dst) in p.chunks_exact_mut(NR).enumerate() {
+                for (d, s) in dst.iter_mut().zip(&src) {
+                    *d = s[k];
+                }
+            }
+        });
+}
+
+/// One task of [`gemm_blocked`]: rows `r0..r0 + nr` of `w` packed into micro-panels
+/// (in the worker's [`PANEL`]), then every group of `packed` (tokens `t0..t0 + nt`)
+/// over them, into `dst[t * rows + r]`.
+///
+/// # Safety
+/// No other task may write those rows of `dst`, which must hold `t0 + nt` tokens of
+/// `w.rows()` values.
+#[allow(clippy::too_many_arguments)]
+unsafe fn chunk_product(
+    w: &QMatrix,
+    r0: usize,
+    nr: usize,
+    packed: &[f32],
+    t0: usize,
+    nt: usize,
+    dst: &Out,
+    kernel: Kernel,
+) {
+    let (rows, cols) = (w.rows(), w.cols());
+    let panels = nr.div_ceil(MR);
+    PANEL.with(|cell| {
+        let (lines, rows_buf) = &mut *cell.borrow_mut();
+        let want = panels * MR * cols / 16;
+        if lines.len() < want {
+            lines.resize(want, Line([0.0; 16]));
+        }
+        // Rows are dequantized side by side, then written k-major a micro-panel at a
+        // time: the writes fill whole lines, the reads are 32 streams.
+        rows_buf.resize(MR * cols, 0.0);
+        let panel = &mut floats_mut(lines)[..panels * MR * cols];
+        for (m, p) in panel.chunks_exact_mut(MR * cols).enumerate() {
+            let live = nr.saturating_sub(m * MR).min(MR);
+            for (i, row) in rows_buf.chunks_exact_mut(cols).enumerate() {
+                if i < live {
+                    w.dequantize_row(r0 + m * MR + i, row);
+                } else {
+                    row.fill(0.0);
+                }
+            }
+            transpose_rows(rows_buf, cols, p, kernel);
+        }
+        let panel = &floats(lines)[..panels * MR * cols];
+        let mut tile = [0.0f32; MR * NR];
+        for (g, group) in packed.chunks_exact(NR * cols).enumerate() {
+            let first = g * NR;
+            for m in 0..panels {
+                kernel.run(&panel[m * MR * cols..], group, cols, &mut tile);
+                let (i0, mr) = (r0 + m * MR, (nr - m * MR).min(MR));
+                for j in 0..(nt - first).min(NR) {
+                    // SAFETY: rows i0..i0 + mr are this task's, and token
+                    // t0 + first + j < t0 + nt (the caller's contract).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            tile[j * MR..].as_ptr(),
+                            dst.ptr().add((t0 + first + j) * rows + i0),
+                            mr,
+                        );
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// `p[k * MR + i] = rows[i * cols + k]` for the [`MR`] rows of `rows`.
-fn transpose_rows(rows: &[f32], cols: usize, p: &mut [f32]) {
+fn transpose_rows(rows: &[f32], cols: usize, p: &mut [f32], kernel: Kernel) {
     assert!(rows.len() >= MR * cols && p.len() >= MR * cols);
     let mut k0 = 0;
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") {
+        if kernel.avx2() {
             while k0 + 8 <= cols {
                 for i0 in (0..MR).step_by(8) {
-                    // SAFETY: AVX2 was detected; rows i0..i0 + 8 at columns k0..k0 + 8
+                    // SAFETY: the CPU has AVX2 (`kernel`); rows i0..i0 + 8 at columns k0..k0 + 8
                     // and their places in `p` lie inside the slices (asserted above).
                     unsafe {
                         x86::transpose_8x8(
@@ -345,7 +381,7 @@ fn transpose_rows(rows: &[f32], cols: usize, p: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{MR, NR};
-    use crate::kernels::lanes::{Avx2, Avx512, Lanes};
+    use crate::kernels::lanes::{hsum, Avx2, Avx512, Lanes};
     use std::arch::x86_64::*;
 
     /// The whole 32 × 12 tile in 16-row vectors.
@@ -413,13 +449,7 @@ mod x86 {
                 }
             }
         }
-        s.map(|si| {
-            si.map(|v| {
-                let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
-            })
-        })
+        s.map(|si| si.map(|v| hsum(v)))
     }
 
     /// The 8 × 8 block at `src` (rows `stride` apart) into `dst` transposed (rows
@@ -512,13 +542,19 @@ mod tests {
     /// The vector transpose puts every value where the plain loop does.
     #[test]
     fn transpose_is_the_plain_one() {
-        for cols in [8, 37, 64] {
-            let rows = values(MR * cols, 5);
-            let mut p = vec![f32::NAN; MR * cols];
-            transpose_rows(&rows, cols, &mut p);
-            for i in 0..MR {
-                for k in 0..cols {
-                    assert_eq!(p[k * MR + i], rows[i * cols + k], "cols {cols} ({i}, {k})");
+        for kernel in kernels() {
+            for cols in [8, 37, 64] {
+                let rows = values(MR * cols, 5);
+                let mut p = vec![f32::NAN; MR * cols];
+                transpose_rows(&rows, cols, &mut p, kernel);
+                for i in 0..MR {
+                    for k in 0..cols {
+                        assert_eq!(
+                            p[k * MR + i],
+                            rows[i * cols + k],
+                            "{kernel:?} cols {cols} ({i}, {k})"
+                        );
+                    }
                 }
             }
         }
@@ -568,6 +604,14 @@ mod tests {
                             "{k:?} {rows}x{cols} n {n} rc {rc} tb {tb}: entry {i}: {g} vs {e}"
                         );
                     }
+                }
+                let mut got = vec![f32::NAN; rows * n];
+                few_tokens(&w, &x, n, &mut got, k);
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*g as f64 - e).abs() < 1e-4 * (1.0 + e.abs()),
+                        "{k:?} few tokens {rows}x{cols} n {n}: entry {i}: {g} vs {e}"
+                    );
                 }
             }
             // `gemm` itself: the few-token path below FEW_TOKENS, the packed one above.

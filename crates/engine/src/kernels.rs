@@ -285,6 +285,14 @@ fn has_avx2() -> bool {
 pub(crate) mod lanes {
     use std::arch::x86_64::*;
 
+    /// The sum of the eight lanes of `v`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
     /// The vector operations of the f32 kernels written once for AVX2 (8 lanes) and
     /// AVX-512 (16): generic over these, inlined into entry points compiled for each
     /// instruction set (the key-major attention kernels here, the prefill GEMM's tiles).
@@ -355,19 +363,9 @@ pub(crate) mod lanes {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::lanes::{Avx2, Avx512, Lanes};
+    use super::lanes::{hsum, Avx2, Avx512, Lanes};
     use half::f16;
     use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
@@ -919,7 +917,7 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if has_avx2() {
             // SAFETY: the features were checked; the lengths are equal (asserted).
             done = unsafe { x86::silu_mul(gate, up) };
         }
