@@ -9,6 +9,8 @@
 //! - [`store`]: the slot store ([`HeadStore`], f16, f32 or q8_0) and its f32 view ([`HeadData`]);
 //! - [`method`]: the [`Method`] trait, the attention statistics it may read ([`HeadStats`]),
 //!   and string options;
+//! - [`scorer`]: the [`Scorer`] trait (one score per slot) and [`Selection`], which keeps
+//!   the best-scoring slots for every scorer;
 //! - [`budget`]: budgets as a fraction of the prompt or a token count, and
 //!   [`should_recompress`] for decode-time re-compression;
 //! - [`recipe`]: a method with its options, budget, schedule and when it compresses
@@ -35,6 +37,7 @@
 //! | `keydiff` | keys least similar to the head's mean key direction (KeyDiff) | none |
 //! | `expected_attention` | attention expected from future queries (Expected Attention) | queries |
 //! | `kvzip` | attention while the model repeats the context (KVzip), one threshold over all heads | reconstruction |
+//! | `kvzap` | KVzip's scores predicted from hidden states by a trained per-layer model (KVzap) | learned |
 //! | `adakv` | any scorer's best slots over all heads of a layer (Ada-KV) | the scorer's |
 //! | `kvmerger` | recent + heavy hitters, similar consecutive keys merged (KVMerger) | accumulated, window, queries, reconstruction or none |
 //! | `kvmerger+` | a scorer's selection (KVzip's by default), neighbours' values merged into kept keys, mass bias | the selector's |
@@ -77,6 +80,7 @@ pub mod methods;
 pub mod recipe;
 pub mod registry;
 pub mod schedule;
+pub mod scorer;
 pub mod select;
 pub mod store;
 
@@ -87,6 +91,7 @@ pub use method::{
 };
 pub use recipe::{Protocol, Recipe, RecipeError, ScheduleFiles};
 pub use schedule::Schedule;
+pub use scorer::{Scorer, Selection};
 pub use store::{
     dequantize_q8_0, quantize_q8_0, HeadData, HeadStore, KvDtype, KvSlice, SlotMeta, Q8_BLOCK,
 };

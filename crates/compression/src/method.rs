@@ -21,6 +21,9 @@ pub struct HeadStats {
     /// KVzip's score: the largest attention each slot received from the queries of a
     /// pass that repeats the context (max over those queries and the group's heads).
     pub reconstruction: Option<Vec<f32>>,
+    /// A learned scorer's prediction for each slot (KVzap: the log of its KVzip score),
+    /// computed from the slot's hidden state during the forward pass.
+    pub learned: Option<Vec<f32>>,
 }
 
 /// Mean and covariance of one query head's future queries, as they will meet the
@@ -47,6 +50,8 @@ pub struct StatsNeeds {
     pub queries: Option<QueryNeeds>,
     /// KVzip's context reconstruction pass.
     pub reconstruction: bool,
+    /// A learned scorer's prediction per token, from the forward pass (KVzap).
+    pub learned: bool,
 }
 
 /// What Expected Attention asks of the query statistics.
@@ -75,6 +80,7 @@ impl StatsNeeds {
                 (a, b) => a.or(b),
             },
             reconstruction: self.reconstruction || other.reconstruction,
+            learned: self.learned || other.learned,
         }
     }
     pub fn any(&self) -> bool {
@@ -83,6 +89,7 @@ impl StatsNeeds {
             || self.last
             || self.queries.is_some()
             || self.reconstruction
+            || self.learned
     }
 }
 
@@ -107,6 +114,9 @@ impl std::fmt::Display for StatsNeeds {
         }
         if self.reconstruction {
             parts.push("a reconstruction pass".to_string());
+        }
+        if self.learned {
+            parts.push("a learned scorer's predictions".to_string());
         }
         if parts.is_empty() {
             f.write_str("nothing")
@@ -162,12 +172,6 @@ pub trait Method: Send + Sync {
     fn compress_all(&self, inputs: &[HeadInput<'_>]) -> Result<Vec<HeadData>, Error> {
         use rayon::prelude::*;
         inputs.par_iter().map(|i| self.compress(*i)).collect()
-    }
-    /// For methods that keep the top-scoring slots of a head: each slot's score (higher
-    /// is kept first; slots the method always keeps score `f32::INFINITY`). Head-wise
-    /// budget allocation (`adakv`) needs it. None for methods that do not work this way.
-    fn scores(&self, _input: &HeadInput<'_>) -> Option<Result<Vec<f32>, Error>> {
-        None
     }
     /// Slots the method keeps in a head whatever the budget (an observation window,
     /// attention sinks): a budget below it is an error. Layer schedules give no layer

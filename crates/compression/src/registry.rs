@@ -1,23 +1,41 @@
 //! Method names, one-line descriptions and options, and [`build`].
 //!
-//! Adding a method: a file in `methods/` and one line in [`METHODS`].
+//! Adding a method: a file in `methods/` and one line in [`METHODS`]. A scorer (a
+//! method that ranks slots and keeps the best, [`Scorer`]) is registered with
+//! `scorer!`, which also makes it available to the composites (`adakv`,
+//! `kvmerger+`), which are handed [`build_scorer`] to build the scorer they wrap.
 
-use crate::method::{HeadInput, HeadPos, HeadStats, Method, Options};
+use crate::method::{Method, Options};
 use crate::methods::{self, OptionDoc};
-use crate::store::{HeadData, SlotMeta};
+use crate::scorer::{Scorer, Selection};
 use crate::Error;
 use std::sync::OnceLock;
 
-/// Builds a method from its options (unknown keys and invalid values are errors).
-pub type Builder = fn(&Options) -> Result<Box<dyn Method>, Error>;
+/// How a registered method is built from its options (unknown keys and invalid
+/// values are errors).
+#[derive(Clone, Copy)]
+pub enum Builder {
+    Method(fn(&Options) -> Result<Box<dyn Method>, Error>),
+    Scorer(fn(&Options) -> Result<Box<dyn Scorer>, Error>),
+    /// A method that wraps a scorer, which it builds through the factory it is given.
+    Composite(fn(&Options, methods::ScorerFactory<'_>) -> Result<Box<dyn Method>, Error>),
+}
 
 /// A registered method, for `--help`, the README and [`build`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct MethodInfo {
     pub name: &'static str,
     pub summary: &'static str,
     pub options: &'static [OptionDoc],
     pub build: Builder,
+}
+
+impl MethodInfo {
+    /// Whether this method ranks slots (usable as `adakv`'s scorer or `kvmerger+`'s
+    /// selector).
+    pub fn is_scorer(&self) -> bool {
+        matches!(self.build, Builder::Scorer(_))
+    }
 }
 
 macro_rules! method {
@@ -26,7 +44,29 @@ macro_rules! method {
             name: $name,
             summary: methods::$module::SUMMARY,
             options: methods::$module::OPTIONS,
-            build: |o| Ok(Box::new(<$ty>::from_options(o)?)),
+            build: Builder::Method(|o| Ok(Box::new(<$ty>::from_options(o)?))),
+        }
+    };
+}
+
+macro_rules! scorer {
+    ($name:literal, $module:ident, $ty:ty) => {
+        MethodInfo {
+            name: $name,
+            summary: methods::$module::SUMMARY,
+            options: methods::$module::OPTIONS,
+            build: Builder::Scorer(|o| Ok(Box::new(<$ty>::from_options(o)?))),
+        }
+    };
+}
+
+macro_rules! composite {
+    ($name:literal, $module:ident, $ty:ty) => {
+        MethodInfo {
+            name: $name,
+            summary: methods::$module::SUMMARY,
+            options: methods::$module::OPTIONS,
+            build: Builder::Composite(|o, make| Ok(Box::new(<$ty>::from_options(o, make)?))),
         }
     };
 }
@@ -35,24 +75,25 @@ macro_rules! method {
 pub const METHODS: &[MethodInfo] = &[
     method!("full", full, methods::full::Full),
     method!("streaming", streaming, methods::streaming::Streaming),
-    method!("h2o", h2o, methods::h2o::H2o),
-    method!("tova", tova, methods::tova::Tova),
-    method!("snapkv", snapkv, methods::snapkv::SnapKv),
+    scorer!("h2o", h2o, methods::h2o::H2o),
+    scorer!("tova", tova, methods::tova::Tova),
+    scorer!("snapkv", snapkv, methods::snapkv::SnapKv),
     method!("pyramidkv", pyramidkv, methods::pyramidkv::PyramidKv),
-    method!("knorm", knorm, methods::knorm::KNorm),
+    scorer!("knorm", knorm, methods::knorm::KNorm),
     method!("random", random, methods::random::Random),
     method!("cam", cam, methods::cam::Cam),
     method!("d2o", d2o, methods::d2o::D2o),
-    method!("keydiff", keydiff, methods::keydiff::KeyDiff),
-    method!(
+    scorer!("keydiff", keydiff, methods::keydiff::KeyDiff),
+    scorer!(
         "expected_attention",
         expected_attention,
         methods::expected_attention::ExpectedAttention
     ),
-    method!("kvzip", kvzip, methods::kvzip::KvZip),
-    method!("adakv", adakv, methods::adakv::AdaKv),
+    scorer!("kvzip", kvzip, methods::kvzip::KvZip),
+    scorer!("kvzap", kvzap, methods::kvzap::KvZap),
+    composite!("adakv", adakv, methods::adakv::AdaKv),
     method!("kvmerger", kvmerger, methods::kvmerger::KvMerger),
-    method!(
+    composite!(
         "kvmerger+",
         kvmerger_plus,
         methods::kvmerger_plus::KvMergerPlus
@@ -70,43 +111,40 @@ pub fn info(name: &str) -> Option<&'static MethodInfo> {
     METHODS.iter().find(|m| m.name == name)
 }
 
+fn unknown(name: &str) -> Error {
+    Error::UnknownMethod(name.to_string(), names().join(", "))
+}
+
 /// The method `name`, configured by `opts` (unknown keys and invalid values are errors).
 pub fn build(name: &str, opts: &Options) -> Result<Box<dyn Method>, Error> {
-    match info(name) {
-        Some(m) => (m.build)(opts),
-        None => Err(Error::UnknownMethod(name.to_string(), names().join(", "))),
+    match info(name).map(|m| m.build) {
+        Some(Builder::Method(b)) => b(opts),
+        Some(Builder::Scorer(b)) => Ok(Box::new(Selection(b(opts)?))),
+        Some(Builder::Composite(b)) => b(opts, &build_scorer),
+        None => Err(unknown(name)),
     }
 }
 
-/// Whether `method` scores slots (so that head-wise allocation can use it).
-pub fn is_scorer(method: &dyn Method) -> bool {
-    let mut data = HeadData::new(1);
-    data.push(&[1.0], &[1.0], SlotMeta::token(0));
-    let input = HeadInput {
-        data: &data,
-        stats: &HeadStats::default(),
-        pos: HeadPos {
-            layer: 0,
-            n_layers: 1,
-            kv_head: 0,
-            n_kv_heads: 1,
-        },
-        budget: 1,
-    };
-    method.scores(&input).is_some()
+/// The scorer `name`, configured by `opts`; an error naming the scorers when `name`
+/// is a method that does not rank slots.
+pub fn build_scorer(name: &str, opts: &Options) -> Result<Box<dyn Scorer>, Error> {
+    match info(name).map(|m| m.build) {
+        Some(Builder::Scorer(b)) => b(opts),
+        Some(_) => Err(Error::InvalidOption(format!(
+            "'{name}' does not score slots (scorers: {})",
+            scorers().join(", ")
+        ))),
+        None => Err(unknown(name)),
+    }
 }
 
-/// The names of the methods that score slots with their default options.
+/// The names of the methods that score slots.
 pub fn scorers() -> &'static [&'static str] {
     static SCORERS: OnceLock<Vec<&'static str>> = OnceLock::new();
     SCORERS.get_or_init(|| {
         METHODS
             .iter()
-            .filter(|m| {
-                (m.build)(&Options::new())
-                    .map(|b| is_scorer(b.as_ref()))
-                    .unwrap_or(false)
-            })
+            .filter(|m| m.is_scorer())
             .map(|m| m.name)
             .collect()
     })
@@ -145,6 +183,7 @@ mod tests {
             "keydiff",
             "expected_attention",
             "kvzip",
+            "kvzap",
         ] {
             assert!(s.contains(&name), "{name} should score slots: {s:?}");
         }

@@ -8,7 +8,7 @@
 //! slots, and the memory of what each head drops is freed for real (every head's store
 //! has its own length).
 
-use crate::method::{HeadInput, Method};
+use crate::method::HeadInput;
 use crate::store::HeadData;
 use crate::Error;
 
@@ -160,27 +160,6 @@ pub fn kept_shared(
     }
     out.into_iter()
         .map(|o| o.expect("every input is in one group"))
-        .collect()
-}
-
-/// The scores `method` gives every input, in parallel; an error if it is not a scorer.
-pub fn all_scores(
-    method: &dyn Method,
-    inputs: &[HeadInput<'_>],
-    user: &str,
-) -> Result<Vec<Vec<f32>>, Error> {
-    use rayon::prelude::*;
-    inputs
-        .par_iter()
-        .map(|i| {
-            method.scores(i).unwrap_or_else(|| {
-                Err(Error::Invalid(format!(
-                    "{user}: '{}' does not score slots (scorers: {})",
-                    method.name(),
-                    crate::registry::scorers().join(", ")
-                )))
-            })
-        })
         .collect()
 }
 

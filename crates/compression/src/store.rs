@@ -64,6 +64,10 @@ pub struct SlotMeta {
     pub score: f32,
     /// Additive bias on the attention logit of this slot (0 = none).
     pub bias: f32,
+    /// A learned scorer's prediction for the token (KVzap's predicted log KVzip
+    /// score), set by the forward pass when a method asks for it; travels with the slot
+    /// through compression, as `score` does.
+    pub learned: f32,
 }
 
 impl SlotMeta {
@@ -73,6 +77,7 @@ impl SlotMeta {
             count: 1,
             score: 0.0,
             bias: 0.0,
+            learned: 0.0,
         }
     }
 }
@@ -467,7 +472,8 @@ mod tests {
             s2.key_f32(3, &mut row);
             assert_eq!(row, d.key(3));
             assert_eq!(s2.allocated_bytes(), s2.bytes());
-            assert_eq!(s2.bytes(), 7 * (2 * (dim + 2 * dim.div_ceil(32)) + 16));
+            let meta = std::mem::size_of::<SlotMeta>();
+            assert_eq!(s2.bytes(), 7 * (2 * (dim + 2 * dim.div_ceil(32)) + meta));
         }
     }
 
@@ -496,6 +502,6 @@ mod tests {
     fn bytes_count_keys_values_and_metadata() {
         let mut s = HeadStore::new(64, KvDtype::F32);
         s.push(&[0.0; 64], &[1.0; 64], SlotMeta::token(0));
-        assert_eq!(s.bytes(), 2 * 64 * 4 + 16);
+        assert_eq!(s.bytes(), 2 * 64 * 4 + std::mem::size_of::<SlotMeta>());
     }
 }

@@ -118,6 +118,10 @@ pub struct PrefillStats {
     pub rope: Vec<LayerRope>,
     /// The attention logit scale.
     pub scale: f32,
+    /// When set, every forward pass appends the attention blocks' normalized inputs
+    /// here, per layer (`rows * hidden` values): the features a learned scorer is
+    /// trained on ([`crate::learned`]).
+    pub hidden: Option<Vec<Vec<f32>>>,
 }
 
 /// Statistics of one (layer, KV head).

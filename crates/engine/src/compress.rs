@@ -19,6 +19,9 @@ pub struct CompressReport {
     /// Slots per layer (summed over KV heads) before and after.
     pub layer_slots: Vec<(usize, usize)>,
     pub secs: f64,
+    /// Seconds of the pass beyond the prefill the method needed (KVzip's
+    /// reconstruction pass), which ran before `secs`; 0 for most methods.
+    pub pass_secs: f64,
 }
 
 impl CompressReport {
@@ -51,6 +54,18 @@ pub struct Compressor {
     pub prefill_chunk: Option<usize>,
 }
 
+impl std::fmt::Debug for Compressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compressor")
+            .field("method", &self.method.name())
+            .field("budget", &self.budget)
+            .field("schedule", &self.schedule)
+            .field("recompress_margin", &self.recompress_margin)
+            .field("prefill_chunk", &self.prefill_chunk)
+            .finish()
+    }
+}
+
 impl Compressor {
     pub fn new(
         name: &str,
@@ -79,8 +94,8 @@ impl Compressor {
         })
     }
 
-    /// No compression at all.
-    pub fn full() -> Compressor {
+    /// No compression at all: every token keeps its slot.
+    pub fn none() -> Compressor {
         Compressor::new(
             "full",
             &Options::new(),
@@ -110,6 +125,12 @@ impl Compressor {
 
     pub fn needs(&self) -> StatsNeeds {
         self.method.needs()
+    }
+
+    /// Whether this recipe compresses during prefill, chunk by chunk: its sequences
+    /// cannot share a prefill with others.
+    pub fn compresses_during_prefill(&self) -> bool {
+        !self.is_noop() && self.prefill_chunk.is_some()
     }
 
     /// Whether this compressor can change anything.
@@ -185,7 +206,7 @@ pub struct KvEstimate {
 /// Bytes bound for a sequence of `prompt` tokens generating up to `max_tokens`, in a
 /// cache of `n_layers` × `n_kv_heads` heads whose slots take `slot_bytes` each.
 pub fn estimate(
-    comp: Option<&Compressor>,
+    comp: &Compressor,
     prompt: usize,
     max_tokens: usize,
     n_layers: usize,
@@ -194,7 +215,7 @@ pub fn estimate(
 ) -> KvEstimate {
     let per_token = n_layers * n_kv_heads * slot_bytes;
     let uncompressed = (prompt + max_tokens) * per_token;
-    let Some(c) = comp.filter(|c| !c.is_noop()) else {
+    let Some(c) = Some(comp).filter(|c| !c.is_noop()) else {
         return KvEstimate {
             prefill_peak: uncompressed,
             steady: uncompressed,
@@ -253,46 +274,6 @@ impl Compressor {
         let report = compress_cache(cache, self.method.as_ref(), stats, &|l, _| targets[l])?;
         stats.clear_slot_stats();
         Ok(Some(report))
-    }
-}
-
-/// Re-compression state carried through a decode loop.
-pub struct DecodeCompression<'a> {
-    pub compressor: &'a Compressor,
-    pub targets: Vec<usize>,
-    /// Statistics of the decode steps since the last compression.
-    pub stats: PrefillStats,
-    pub passes: usize,
-    pub secs: f64,
-}
-
-impl<'a> DecodeCompression<'a> {
-    pub fn new(compressor: &'a Compressor, targets: Vec<usize>) -> Self {
-        DecodeCompression {
-            compressor,
-            targets,
-            stats: PrefillStats::default(),
-            passes: 0,
-            secs: 0.0,
-        }
-    }
-
-    /// Statistics each decode step must collect.
-    pub fn needs(&self) -> StatsNeeds {
-        self.compressor.decode_needs()
-    }
-
-    /// Re-compress if some head passed its budget by the margin.
-    pub fn after_step(&mut self, cache: &mut KvCache) -> Result<(), Error> {
-        if let Some(report) =
-            self.compressor
-                .recompress_if_over(cache, &self.targets, &self.stats)?
-        {
-            self.stats = PrefillStats::default();
-            self.passes += 1;
-            self.secs += report.secs;
-        }
-        Ok(())
     }
 }
 
@@ -428,6 +409,7 @@ fn report(
         bytes_after: cache.bytes(),
         layer_slots: before.into_iter().zip(after).collect(),
         secs: t0.elapsed().as_secs_f64(),
+        pass_secs: 0.0,
     }
 }
 
@@ -452,6 +434,9 @@ fn head_stats(
     }
     if needs.last {
         hs.last = src.and_then(|s| s.last.clone()).filter(|v| v.len() == len);
+    }
+    if needs.learned {
+        hs.learned = Some(data.meta.iter().map(|m| m.learned).collect());
     }
     if needs.reconstruction {
         hs.reconstruction = src
@@ -596,6 +581,7 @@ mod tests {
                     style,
                 }],
                 scale: 0.25,
+                hidden: None,
             };
             let (n_seen, future) = (37, 5);
             let got = query_moments(&stats, 0, 0, n_seen, future).unwrap();

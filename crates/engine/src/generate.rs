@@ -1,12 +1,8 @@
 //! The decode loop: sample, append, stream text, stop.
 
-use crate::cache::KvCache;
-use crate::compress::DecodeCompression;
-use crate::model::{Logits, Model};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{Detokenizer, Tokenizer};
 use crate::Error;
-use kvmerger_compression::StatsNeeds;
 use std::time::Instant;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -48,50 +44,6 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     pub stop: StopReason,
     pub decode_secs: f64,
-}
-
-/// Generate from `logits` (the prompt's last-position logits, after prefill and any
-/// compression) until a stop condition. `on_text` receives text as it becomes final and
-/// returns false to cancel.
-pub fn decode(
-    model: &Model,
-    tok: &Tokenizer,
-    cache: &mut KvCache,
-    logits: Vec<f32>,
-    prompt: &[u32],
-    params: &GenerateParams,
-    on_text: &mut dyn FnMut(&str) -> bool,
-) -> Result<Generation, Error> {
-    decode_with(model, tok, cache, logits, prompt, params, None, on_text)
-}
-
-/// [`decode`], re-compressing the cache whenever it passes its budget by a margin.
-#[allow(clippy::too_many_arguments)]
-pub fn decode_with(
-    model: &Model,
-    tok: &Tokenizer,
-    cache: &mut KvCache,
-    logits: Vec<f32>,
-    prompt: &[u32],
-    params: &GenerateParams,
-    mut compression: Option<&mut DecodeCompression<'_>>,
-    on_text: &mut dyn FnMut(&str) -> bool,
-) -> Result<Generation, Error> {
-    generate_with(tok, prompt, params, logits, on_text, &mut |next| {
-        if cache.n_seen + 1 > model.cfg.ctx_len {
-            return Ok(None);
-        }
-        let logits = match compression.as_deref_mut() {
-            Some(dc) => {
-                let needs = dc.needs();
-                let l = model.forward(&[next], cache, needs, Some(&mut dc.stats), Logits::Last)?;
-                dc.after_step(cache)?;
-                l
-            }
-            None => model.forward(&[next], cache, StatsNeeds::default(), None, Logits::Last)?,
-        };
-        Ok(Some(logits))
-    })
 }
 
 /// The generation loop: sample from `logits`, stream text, and feed each token with
@@ -140,7 +92,7 @@ pub enum Step {
 }
 
 /// Sampling, stop conditions and incremental text of one generation, one token at a
-/// time. [`decode_with`] drives it over one cache; a server drives many of them over a
+/// time. [`crate::sequence::Sequence::generate`] drives it over one cache; a server drives many of them over a
 /// batched forward pass.
 pub struct Decoder<'t> {
     sampler: Sampler,

@@ -22,6 +22,7 @@ mod gemm;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;
+pub mod learned;
 pub mod load;
 pub mod model;
 pub mod prompt;
@@ -115,6 +116,46 @@ pub(crate) fn read_text_file(path: &std::path::Path, limit: u64) -> Result<Strin
         path: path.to_path_buf(),
         error: e,
     })
+}
+
+/// Writes `bytes` to `path` so that a reader sees the old file or the whole new one,
+/// never a part: a temporary file beside it, flushed to disk, then renamed over it.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let io = |e: std::io::Error| Error::Io {
+        path: path.to_path_buf(),
+        error: e,
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // The rename itself reaches the disk with the directory.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
 }
 
 /// The first two byte ranges `(start, end, name)` of a file's tensors that share bytes,

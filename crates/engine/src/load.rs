@@ -17,6 +17,9 @@ pub struct LoadedModel {
     pub path: PathBuf,
     /// A short name for reports (the file or directory name).
     pub name: String,
+    /// What identifies the weights and tokenizer (SHA-256, hex): a learned scorer or
+    /// a stored compressed context is only ever used with the model it was made for.
+    pub fingerprint: String,
 }
 
 impl LoadedModel {
@@ -40,13 +43,7 @@ impl LoadedModel {
                 )));
             }
             let template = ChatTemplate::from_gguf(&f);
-            Ok(LoadedModel {
-                model,
-                tokenizer,
-                template,
-                path: path.to_path_buf(),
-                name,
-            })
+            Ok(LoadedModel::new(model, tokenizer, template, path, name))
         }
     }
 
@@ -70,12 +67,62 @@ impl LoadedModel {
         let model = Model::load(cfg, &weights)?;
         let tokenizer = Tokenizer::from_tokenizer_json(&tok_path)?;
         let template = ChatTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json"));
-        Ok(LoadedModel {
+        Ok(LoadedModel::new(model, tokenizer, template, dir, name))
+    }
+
+    /// The model with its fingerprint computed and, if this project ships a KVzap
+    /// scorer trained for it, that scorer attached.
+    fn new(
+        mut model: Model,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        path: &Path,
+        name: String,
+    ) -> LoadedModel {
+        let fingerprint = fingerprint(&model, &tokenizer);
+        model.learned = crate::learned::shipped(&fingerprint).map(std::sync::Arc::new);
+        LoadedModel {
             model,
             tokenizer,
             template,
-            path: dir.to_path_buf(),
+            path: path.to_path_buf(),
             name,
-        })
+            fingerprint,
+        }
     }
+
+    /// Attaches the KVzap scorer at `path` (trained with `kvmerger train-scorer`),
+    /// refusing one trained for another model.
+    pub fn attach_scorer(&mut self, path: &Path) -> Result<(), Error> {
+        let s = crate::learned::LearnedScorer::read(path)?;
+        if s.fingerprint != self.fingerprint {
+            return Err(Error::Format {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "this scorer was trained for another model (fingerprint {}, this model's is {})",
+                    short(&s.fingerprint),
+                    short(&self.fingerprint)
+                ),
+            });
+        }
+        self.model.learned = Some(std::sync::Arc::new(s));
+        Ok(())
+    }
+}
+
+fn short(fp: &str) -> &str {
+    &fp[..fp.len().min(12)]
+}
+
+/// SHA-256 (hex) of the model's identifying weights ([`Model::fingerprint_into`]) and
+/// every token of its vocabulary with its type.
+pub fn fingerprint(model: &Model, tokenizer: &Tokenizer) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    model.fingerprint_into(&mut |b| h.update(b));
+    for id in 0..tokenizer.vocab_size() as u32 {
+        h.update(tokenizer.token_str(id).unwrap_or_default().as_bytes());
+        h.update(format!("\0{:?}\0", tokenizer.token_type(id)).as_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -63,6 +63,9 @@ pub struct Model {
     pub precision: Precision,
     /// Each layer's RoPE frequencies and scale, computed once from `cfg`.
     rope: Vec<LayerRope>,
+    /// KVzap's trained scorer for this model, if one is attached: the forward pass
+    /// applies it for methods that need `learned` statistics.
+    pub learned: Option<std::sync::Arc<crate::learned::LearnedScorer>>,
 }
 
 /// Which logits a forward call returns.
@@ -213,6 +216,7 @@ impl Model {
             out_norm,
             output,
             precision: Precision::default(),
+            learned: None,
         })
     }
 
@@ -222,6 +226,51 @@ impl Model {
     }
 
     /// Bytes of weights held (mapped or owned).
+    /// Feeds what identifies these weights to `h`: the configuration, every norm's
+    /// weights, and each matrix's type, shape and raw first and last rows. Cheap (a
+    /// few MiB), and any fine-tune or requantization changes it.
+    pub fn fingerprint_into(&self, h: &mut dyn FnMut(&[u8])) {
+        h(format!("{:?}", self.cfg).as_bytes());
+        let floats = |h: &mut dyn FnMut(&[u8]), v: &[f32]| {
+            for x in v {
+                h(&x.to_le_bytes());
+            }
+        };
+        let matrix = |h: &mut dyn FnMut(&[u8]), m: &QMatrix| {
+            h(format!("{:?} {} {}", m.dtype(), m.rows(), m.cols()).as_bytes());
+            if m.rows() > 0 {
+                h(m.row_raw(0));
+                h(m.row_raw(m.rows() - 1));
+            }
+        };
+        matrix(h, &self.embed);
+        for l in &self.layers {
+            floats(h, &l.attn_norm);
+            floats(h, &l.ffn_norm);
+            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                matrix(h, m);
+            }
+            for v in [
+                &l.bq,
+                &l.bk,
+                &l.bv,
+                &l.q_norm,
+                &l.k_norm,
+                &l.post_attn_norm,
+                &l.post_ffn_norm,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                floats(h, v);
+            }
+        }
+        floats(h, &self.out_norm);
+        if let Some(o) = &self.output {
+            matrix(h, o);
+        }
+    }
+
     pub fn weight_bytes(&self) -> usize {
         let l: usize = self
             .layers
@@ -322,6 +371,7 @@ impl Model {
             return Err(Error::Invalid("no tokens to process".into()));
         }
         self.check_segment(tokens, cache, cache.n_seen + tokens.len())?;
+        self.check_learned(needs)?;
         cache.reserve(tokens.len());
         let total = tokens.len();
         let mut out = Vec::new();
@@ -373,6 +423,7 @@ impl Model {
                 )));
             }
             self.check_segment(s.tokens, s.cache, s.cache.n_seen + s.tokens.len())?;
+            self.check_learned(s.needs)?;
         }
         for s in segments.iter_mut() {
             s.cache.reserve(s.tokens.len());
@@ -380,6 +431,25 @@ impl Model {
             s.needs.reconstruction = false;
         }
         Ok(self.forward_segments(segments))
+    }
+
+    /// Refuses a request for a learned scorer's predictions when none is attached.
+    pub fn check_learned(&self, needs: StatsNeeds) -> Result<(), Error> {
+        match &self.learned {
+            None if needs.learned => Err(Error::Invalid(
+                "kvzap needs a scorer trained for this model, and none is attached: train one \
+                 with `kvmerger train-scorer -m MODEL` (it is written to the data directory and \
+                 found there)"
+                    .into(),
+            )),
+            Some(s) if needs.learned && !s.fits(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.hidden) => {
+                Err(Error::Invalid(format!(
+                    "the attached kvzap scorer is for {} layers x {} KV heads x {} hidden, not this model's {} x {} x {}",
+                    s.n_layers, s.n_kv_heads, s.hidden, self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.hidden
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn check_segment(&self, tokens: &[u32], cache: &KvCache, end: usize) -> Result<(), Error> {
@@ -451,8 +521,9 @@ impl Model {
             // its own cache, the output projection into the residual stream.
             self.project_qkv(layer, &mut act);
             self.add_query_stats(li, segs, &pass, &act.queries);
+            let learned = self.learned_predictions(li, segs, &pass, &act.normed);
             self.rotate_queries_keys(li, &pass.positions, &mut act);
-            self.store_keys_values(li, segs, &pass, &act);
+            self.store_keys_values(li, segs, &pass, &act, learned.as_deref());
             if last_layer && no_logits && no_stats {
                 // Neither logits nor statistics: the keys and values are all.
                 break;
@@ -549,6 +620,44 @@ impl Model {
         }
     }
 
+    /// KVzap's predictions for layer `li` (`n_rows * n_kv_heads`) from the attention
+    /// block's normalized input, for the segments that ask for them (zeros for the
+    /// others); None when no segment does. Segments whose statistics keep hidden
+    /// states (a scorer's training) get their rows copied out.
+    fn learned_predictions(
+        &self,
+        li: usize,
+        segs: &mut [Segment<'_>],
+        pass: &PassRows,
+        normed: &[f32],
+    ) -> Option<Vec<f32>> {
+        let hidden = self.cfg.hidden;
+        for (s, seg) in segs.iter_mut().enumerate() {
+            if let Some(keep) = seg.stats.as_deref_mut().and_then(|st| st.hidden.as_mut()) {
+                let rows = pass.rows_of(s);
+                keep.resize(self.cfg.n_layers, Vec::new());
+                keep[li].extend_from_slice(&normed[rows.start * hidden..rows.end * hidden]);
+            }
+        }
+        let scorer = self.learned.as_ref()?;
+        if !segs.iter().any(|s| s.needs.learned) {
+            return None;
+        }
+        let k = self.cfg.n_kv_heads;
+        let mut out = vec![0.0f32; pass.n_rows() * k];
+        for (s, seg) in segs.iter().enumerate() {
+            if seg.needs.learned {
+                let rows = pass.rows_of(s);
+                scorer.predict(
+                    li,
+                    &normed[rows.start * hidden..rows.end * hidden],
+                    &mut out[rows.start * k..rows.end * k],
+                );
+            }
+        }
+        Some(out)
+    }
+
     /// Rotates the queries and keys by their positions (RoPE), with layer `li`'s base.
     fn rotate_queries_keys(&self, li: usize, positions: &[u32], act: &mut Activations) {
         let c = &self.cfg;
@@ -558,26 +667,32 @@ impl Model {
     }
 
     /// Appends each segment's keys and values to layer `li` of its cache: one slot per
-    /// token and KV head.
+    /// token and KV head, with KVzap's prediction where one was made.
     fn store_keys_values(
         &self,
         li: usize,
         segs: &mut [Segment<'_>],
         pass: &PassRows,
         act: &Activations,
+        learned: Option<&[f32]>,
     ) {
         let head_dim = self.cfg.head_dim;
         let kv_width = self.cfg.n_kv_heads * head_dim;
         for (s, seg) in segs.iter_mut().enumerate() {
             let stores = &mut seg.cache.layers[li];
+            let stores_len = stores.len();
             let rows = pass.rows_of(s);
             for (row, &pos) in rows.clone().zip(&pass.positions[rows]) {
                 for (h, store) in stores.iter_mut().enumerate() {
                     let at = row * kv_width + h * head_dim;
+                    let mut meta = SlotMeta::token(pos);
+                    if let Some(p) = learned {
+                        meta.learned = p[row * stores_len + h];
+                    }
                     store.push(
                         &act.keys[at..at + head_dim],
                         &act.values[at..at + head_dim],
-                        SlotMeta::token(pos),
+                        meta,
                     );
                 }
             }

@@ -1,46 +1,50 @@
-//! One sequence's cache with what its compression needs: the statistics collected as
-//! tokens are fed, the tokens themselves (KVzip repeats them), and whether it has been
-//! compressed. Cloning a sequence is how one prefill serves several compressions (the
-//! evaluation harness) or several questions.
+//! One sequence's cache with its compression: the compressor it owns, the statistics
+//! collected as tokens are fed, the tokens themselves (KVzip repeats them), and whether
+//! it has been compressed. "No compression" is a compressor that changes nothing
+//! ([`Compressor::none`]), so every caller runs the same lifecycle. Cloning a sequence
+//! is how one prefill serves several compressions (the evaluation harness) or several
+//! questions.
 //!
 //! The lifecycle of a question about a document (the query-agnostic protocol):
 //!
 //! ```text
-//! let mut seq = Sequence::new(&model, dtype, compressor.needs());
-//! seq.feed(&model, &split.context)?;             // collecting statistics
-//! seq.score_reconstruction(&model, &prompts)?;   // only if the method is KVzip
-//! seq.compress(&compressor)?;                    // the context, before any question
-//! seq.append(&model, &split.question)?;          // uncompressed
-//! // decode from seq.logits()
+//! let mut seq = Sequence::new(&lm.model, dtype, compressor);
+//! seq.protect(split.prefix);                    // the chat template's opening
+//! let report = seq.feed_context(&lm, &split.context)?; // prefill, any pass, compress
+//! seq.append(&lm.model, &split.question)?;       // uncompressed
+//! let gen = seq.generate(&lm.model, &lm.tokenizer, &params, &mut on_text)?;
 //! ```
 //!
-//! Feeding the question before compressing instead gives the query-aware protocol.
-//!
-//! With a recipe that compresses during prefill (`prefill_chunk`), `feed_within` feeds
-//! the context in chunks and compresses back to the budget after each one, so the cache
-//! never holds more than the budget plus one chunk, whatever the prompt's length:
-//!
-//! ```text
-//! seq.feed_within(&model, &split.context, &compressor)?; // compressed as it goes
-//! seq.append(&model, &split.question)?;
-//! ```
+//! `feed_context` prefills in chunks and compresses after each one when the recipe
+//! says so (`prefill_chunk`), runs KVzip's reconstruction pass when the method needs
+//! it (the only place it is started), and compresses. Feeding the question before
+//! compressing instead gives the query-aware protocol. The batched forms
+//! ([`Sequence::prefill_segment`], [`Sequence::decode_segment`] and their `after_`
+//! calls) run the same steps over a pass shared with other sequences.
 
 use crate::cache::{KvCache, PrefillStats};
 use crate::compress::{CompressReport, Compressor};
 use crate::generate::{GenerateParams, Generation};
+use crate::load::LoadedModel;
 use crate::model::{Logits, Model, Segment};
 use crate::prompt::RepeatPrompts;
 use crate::tokenizer::Tokenizer;
 use crate::Error;
 use kvmerger_compression::{KvDtype, StatsNeeds};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
 pub struct Sequence {
     pub cache: KvCache,
     pub stats: PrefillStats,
+    compressor: Arc<Compressor>,
     /// What feeding collects (the reconstruction pass is separate).
     needs: StatsNeeds,
+    /// Whether some compressor this sequence's prefill serves needs KVzip's pass.
+    needs_pass: bool,
+    /// Seconds KVzip's pass took on this sequence's prefill.
+    pass_secs: f64,
     tokens: Vec<u32>,
     /// Leading tokens KVzip does not score (the chat template's opening).
     protect: usize,
@@ -61,16 +65,62 @@ pub struct Sequence {
     decode_passes: usize,
 }
 
+/// What [`Sequence::feed_context`] did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ContextReport {
+    /// Seconds of the prefill (with compression during prefill, its passes included).
+    pub prefill_s: f64,
+    /// The compression (during prefill: every pass together; KVzip's pass in its
+    /// `pass_secs`); empty without one.
+    pub compress: CompressReport,
+}
+
 impl Sequence {
-    /// An empty sequence that will collect the statistics `needs` asks for.
-    pub fn new(model: &Model, dtype: KvDtype, needs: StatsNeeds) -> Sequence {
+    /// An empty sequence compressed by `compressor`, collecting what it needs.
+    pub fn new(model: &Model, dtype: KvDtype, compressor: Arc<Compressor>) -> Sequence {
+        let needs = if compressor.is_noop() {
+            StatsNeeds::default()
+        } else {
+            compressor.needs()
+        };
+        Sequence::with_needs(model, dtype, compressor, needs)
+    }
+
+    /// An empty sequence that keeps every token (no compression).
+    pub fn uncompressed(model: &Model, dtype: KvDtype) -> Sequence {
+        Sequence::new(model, dtype, Arc::new(Compressor::none()))
+    }
+
+    /// An empty sequence whose prefill serves several compressors: it collects the union
+    /// of what they need, and each copy takes its own with [`Sequence::set_compressor`].
+    pub fn shared<'c>(
+        model: &Model,
+        dtype: KvDtype,
+        compressors: impl IntoIterator<Item = &'c Compressor>,
+    ) -> Sequence {
+        let needs = compressors
+            .into_iter()
+            .filter(|c| !c.is_noop())
+            .fold(StatsNeeds::default(), |all, c| all.union(c.needs()));
+        Sequence::with_needs(model, dtype, Arc::new(Compressor::none()), needs)
+    }
+
+    fn with_needs(
+        model: &Model,
+        dtype: KvDtype,
+        compressor: Arc<Compressor>,
+        needs: StatsNeeds,
+    ) -> Sequence {
         Sequence {
             cache: model.new_cache(dtype),
             stats: PrefillStats::default(),
+            compressor,
             needs: StatsNeeds {
                 reconstruction: false,
                 ..needs
             },
+            needs_pass: needs.reconstruction,
+            pass_secs: 0.0,
             tokens: Vec::new(),
             protect: 0,
             logits: Vec::new(),
@@ -83,32 +133,39 @@ impl Sequence {
         }
     }
 
-    /// An empty sequence that collects what `compressor` needs (nothing for None or a
-    /// compressor that changes nothing).
-    pub fn for_compressor(
-        model: &Model,
-        dtype: KvDtype,
-        compressor: Option<&Compressor>,
-    ) -> Sequence {
-        let needs = compressor
-            .filter(|c| !c.is_noop())
-            .map(|c| c.needs())
-            .unwrap_or_default();
-        Sequence::new(model, dtype, needs)
+    /// The compressor of this copy of a shared prefill ([`Sequence::shared`]), which
+    /// must have collected what it needs; before compression only.
+    pub fn set_compressor(&mut self, compressor: Arc<Compressor>) -> Result<(), Error> {
+        if self.is_compressed() {
+            return Err(Error::Invalid(
+                "a compressed sequence keeps the compressor that compressed it".into(),
+            ));
+        }
+        if !compressor.is_noop() {
+            let want = compressor.needs();
+            let have = StatsNeeds {
+                reconstruction: self.needs_pass,
+                ..self.needs
+            };
+            if have.union(want) != have {
+                return Err(Error::Invalid(format!(
+                    "{}: this prefill did not collect what it needs ({want})",
+                    compressor.name()
+                )));
+            }
+        }
+        self.compressor = compressor;
+        Ok(())
     }
 
-    /// An empty sequence whose prefill serves several compressors (copies of it are
-    /// compressed by each): it collects the union of what they need.
-    pub fn shared<'c>(
-        model: &Model,
-        dtype: KvDtype,
-        compressors: impl IntoIterator<Item = &'c Compressor>,
-    ) -> Sequence {
-        let needs = compressors
-            .into_iter()
-            .filter(|c| !c.is_noop())
-            .fold(StatsNeeds::default(), |all, c| all.union(c.needs()));
-        Sequence::new(model, dtype, needs)
+    /// The compressor this sequence compresses with.
+    pub fn compressor(&self) -> &Compressor {
+        &self.compressor
+    }
+
+    /// A shared handle on the compressor (for a sequence built from this one).
+    pub fn compressor_handle(&self) -> Arc<Compressor> {
+        self.compressor.clone()
     }
 
     /// The first `n` tokens (a chat template's opening) are kept by KVzip whatever
@@ -117,8 +174,9 @@ impl Sequence {
         self.protect = n;
     }
 
-    /// Feed `ids`, collecting statistics (before compression: a context, or in the
-    /// query-aware protocol the question too). Returns the seconds it took.
+    /// Feed `ids`, collecting statistics, without compressing (a context to compress
+    /// later, or in the query-aware protocol the question too). Returns the seconds it
+    /// took.
     pub fn feed(&mut self, model: &Model, ids: &[u32]) -> Result<f64, Error> {
         if self.is_compressed() {
             return Err(Error::Invalid(
@@ -150,21 +208,13 @@ impl Sequence {
         Ok(t0.elapsed().as_secs_f64())
     }
 
-    /// Feed a prompt under `compressor`'s recipe. With `prefill_chunk`, the prompt goes
-    /// in chunks of that many tokens, and after each chunk every head is compressed back
-    /// to its share of the whole prompt's budget, so the cache holds at most the budget
-    /// plus one chunk: a prompt of any length within the model's context can be read.
-    /// Positions stay the original ones. Statistics are those of the queries since the
-    /// last compression (H2O's accumulated scores travel with their slots). Without
-    /// `prefill_chunk`, this is [`Sequence::feed`] followed by [`Sequence::compress`].
-    /// Everything that can be refused is refused before the first chunk.
-    pub fn feed_within(
-        &mut self,
-        model: &Model,
-        ids: &[u32],
-        compressor: &Compressor,
-    ) -> Result<(f64, CompressReport), Error> {
-        let t0 = Instant::now();
+    /// A context's whole lifecycle: everything that can be refused is refused first;
+    /// then `ids` are prefilled (in chunks, compressing back to the budget after each,
+    /// when the recipe compresses during prefill, so the cache never holds more than
+    /// the budget plus one chunk), KVzip's pass runs when the method needs it, and the
+    /// cache is compressed. Positions stay the original ones.
+    pub fn feed_context(&mut self, lm: &LoadedModel, ids: &[u32]) -> Result<ContextReport, Error> {
+        let model = &lm.model;
         let total = self.cache.n_seen + ids.len();
         if total > model.cfg.ctx_len {
             return Err(Error::ContextOverflow {
@@ -172,30 +222,31 @@ impl Sequence {
                 ctx: model.cfg.ctx_len,
             });
         }
-        compressor.check()?;
-        compressor.check_prompt(model.cfg.n_layers, total)?;
-        let chunk = match compressor.prefill_chunk {
-            Some(c) if !compressor.is_noop() => c.max(1),
-            _ => {
-                let secs = self.feed(model, ids)?;
-                let (report, _) = self.compress(compressor)?;
-                return Ok((secs, report));
-            }
-        };
+        let c = self.compressor.clone();
+        c.check()?;
+        c.check_prompt(model.cfg.n_layers, total)?;
+        model.check_learned(self.needs)?;
         if self.is_compressed() {
             return Err(Error::Invalid(
                 "statistics are collected before compression; use append after it".into(),
             ));
         }
-        // check() refused a reconstruction pass, which needs the whole prompt.
-        self.needs = self.needs.union(compressor.needs());
+        let Some(chunk) = self.within_chunk() else {
+            let prefill_s = self.feed(model, ids)?;
+            let compress = self.compress(lm)?;
+            return Ok(ContextReport {
+                prefill_s,
+                compress,
+            });
+        };
+        let t0 = Instant::now();
         let mut report = CompressReport {
-            method: compressor.name().to_string(),
+            method: c.name().to_string(),
             ..Default::default()
         };
         for part in ids.chunks(chunk) {
             self.forward_collecting(model, part)?;
-            let pass = compressor
+            let pass = c
                 .after_prefill_chunk(&mut self.cache, &mut self.stats, total)?
                 .unwrap_or_default();
             if pass.bytes_after < pass.bytes_before {
@@ -214,36 +265,114 @@ impl Sequence {
         report.bytes_before = total * self.cache.token_bytes();
         report.bytes_after = self.cache.bytes();
         self.compressed_at = Some(self.tokens.len());
-        self.targets = compressor.targets(model.cfg.n_layers, total);
-        Ok((t0.elapsed().as_secs_f64(), report))
+        self.targets = c.targets(model.cfg.n_layers, total);
+        Ok(ContextReport {
+            prefill_s: t0.elapsed().as_secs_f64(),
+            compress: report,
+        })
+    }
+
+    /// Runs every pass beyond the prefill that the compressors this sequence serves
+    /// need: KVzip's reconstruction pass, over everything fed so far, unless its scores
+    /// are there already. Returns the seconds it took (0 when none ran).
+    pub fn score(&mut self, lm: &LoadedModel) -> Result<f64, Error> {
+        if !self.needs_pass || self.has_reconstruction() {
+            return Ok(0.0);
+        }
+        self.score_with(&lm.model, &lm.repeat_prompts()?)
+    }
+
+    /// [`Sequence::score`] with KVzip's prompts given (another chunk size, say).
+    pub fn score_with(&mut self, model: &Model, prompts: &RepeatPrompts) -> Result<f64, Error> {
+        if self.is_compressed() {
+            return Err(Error::Invalid(
+                "KVzip's reconstruction pass scores a cache before it is compressed".into(),
+            ));
+        }
+        let t0 = Instant::now();
+        crate::reconstruct::reconstruction_scores(
+            model,
+            &self.cache,
+            &self.tokens,
+            self.protect,
+            prompts,
+            &mut self.stats,
+        )?;
+        self.pass_secs = t0.elapsed().as_secs_f64();
+        Ok(self.pass_secs)
+    }
+
+    /// [`Sequence::score`] when one of `compressors` (those a shared prefill's copies
+    /// will take) needs a pass: a pass none of them needs is not run.
+    pub fn score_for<'c>(
+        &mut self,
+        lm: &LoadedModel,
+        compressors: impl IntoIterator<Item = &'c Compressor>,
+    ) -> Result<f64, Error> {
+        if compressors
+            .into_iter()
+            .any(|c| !c.is_noop() && c.needs().reconstruction)
+        {
+            self.score(lm)
+        } else {
+            Ok(0.0)
+        }
+    }
+
+    /// Whether KVzip's scores for the whole cache are there.
+    pub fn has_reconstruction(&self) -> bool {
+        !self.stats.heads.is_empty()
+            && self
+                .stats
+                .heads
+                .iter()
+                .flatten()
+                .all(|h| h.reconstruction.is_some())
+    }
+
+    /// Compress the cache with this sequence's compressor, after the passes it needs
+    /// ([`Sequence::score`]): once, before any question under the query-agnostic
+    /// protocol. Nothing changes without compression (an empty report).
+    pub fn compress(&mut self, lm: &LoadedModel) -> Result<CompressReport, Error> {
+        if self.compressor.is_noop() {
+            return Ok(CompressReport::default());
+        }
+        let needs_pass = self.compressor.needs().reconstruction;
+        if needs_pass {
+            self.score(lm)?;
+        }
+        let (mut report, targets) = self
+            .compressor
+            .compress_prompt(&mut self.cache, &self.stats)?;
+        if needs_pass {
+            report.pass_secs = self.pass_secs;
+        }
+        self.stats.clear_slot_stats();
+        self.compressed_at = Some(self.tokens.len());
+        self.targets = targets;
+        Ok(report)
     }
 
     /// The next prefill segment of `prompt` for a batched pass ([`Model::forward_batch`]):
     /// at most `max` tokens from where the last one ended, stopping at a chunk's end
-    /// when `compressor` compresses during prefill. Call
+    /// when the recipe compresses during prefill. Call
     /// [`Sequence::after_prefill_segment`] once the pass has run.
-    pub fn prefill_segment<'a>(
-        &'a mut self,
-        prompt: &'a [u32],
-        max: usize,
-        compressor: Option<&Compressor>,
-    ) -> Segment<'a> {
+    pub fn prefill_segment<'a>(&'a mut self, prompt: &'a [u32], max: usize) -> Segment<'a> {
         let done = self.tokens.len().min(prompt.len());
         let total = prompt.len();
         let mut n = max.max(1).min(total - done);
-        // After compression, tokens are appended as they are (a question, a new turn):
-        // no statistics, no compression during prefill.
-        let compressor = compressor.filter(|_| !self.is_compressed());
         // Window statistics describe the end of the input they were collected for: the
         // whole prompt, or with compression during prefill the chunk that the next
         // compression ends.
         let (mut start, mut input) = (done, total);
-        if let Some(c) = within_chunk(compressor) {
+        if let Some(c) = self.within_chunk() {
             n = n.min(c - done % c);
             let chunk_start = done - done % c;
             start = done - chunk_start;
             input = c.min(total - chunk_start);
         }
+        // After compression, tokens are appended as they are (a question, a new turn):
+        // no statistics.
         let needs = if self.is_compressed() {
             StatsNeeds::default()
         } else {
@@ -262,24 +391,26 @@ impl Sequence {
 
     /// After a batched pass ran a prefill segment of `n` tokens of `prompt` (with its
     /// `logits`, empty until the last segment): record them, and at a chunk's end
-    /// compress back to the budget when `compressor` compresses during prefill.
+    /// compress back to the budget when the recipe compresses during prefill.
     /// Returns the report of that compression, if one ran.
     pub fn after_prefill_segment(
         &mut self,
         prompt: &[u32],
         n: usize,
         logits: Vec<f32>,
-        compressor: Option<&Compressor>,
     ) -> Result<Option<CompressReport>, Error> {
         let done = self.tokens.len();
         self.tokens.extend_from_slice(&prompt[done..done + n]);
         self.logits = logits;
         self.note_peak();
         let done = self.tokens.len();
-        let compressor = compressor.filter(|_| !self.is_compressed());
-        match (compressor, within_chunk(compressor)) {
-            (Some(c), Some(k)) if done.is_multiple_of(k) && done < prompt.len() => {
-                let r = c.after_prefill_chunk(&mut self.cache, &mut self.stats, prompt.len())?;
+        match self.within_chunk() {
+            Some(k) if done.is_multiple_of(k) && done < prompt.len() => {
+                let r = self.compressor.after_prefill_chunk(
+                    &mut self.cache,
+                    &mut self.stats,
+                    prompt.len(),
+                )?;
                 if r.as_ref().is_some_and(|r| r.bytes_after < r.bytes_before) {
                     self.prefill_passes += 1;
                 }
@@ -289,38 +420,48 @@ impl Sequence {
         }
     }
 
+    /// A prompt prefilled through [`Sequence::prefill_segment`] reached the end of its
+    /// context: compress it (after KVzip's pass, when the method needs one; with
+    /// compression during prefill, the last chunk's), unless it already is.
+    pub fn finish_context(&mut self, lm: &LoadedModel) -> Result<Option<CompressReport>, Error> {
+        if self.is_compressed() || self.compressor.is_noop() {
+            return Ok(None);
+        }
+        self.compress(lm).map(Some)
+    }
+
     /// One decode step's segment for a batched pass: `token` appended, with the
-    /// statistics re-compression needs when `compressor` has a margin. Call
+    /// statistics re-compression needs when the recipe has a margin. Call
     /// [`Sequence::after_decode_step`] once the pass has run.
-    pub fn decode_segment<'a>(
-        &'a mut self,
-        token: &'a [u32],
-        compressor: Option<&Compressor>,
-    ) -> Segment<'a> {
-        let needs = match compressor {
-            Some(c) if self.is_compressed() => c.decode_needs(),
-            _ => StatsNeeds::default(),
+    pub fn decode_segment<'a>(&'a mut self, token: &'a [u32]) -> Segment<'a> {
+        let needs = if self.is_compressed() && !self.compressor.is_noop() {
+            self.compressor.decode_needs()
+        } else {
+            StatsNeeds::default()
         };
         let stats = needs.any().then_some(&mut self.decode_stats);
         Segment::decode(token, &mut self.cache, needs, stats)
     }
 
     /// After a decode step appended `token`: re-compress to the targets of the last
-    /// compression once a head passed them by `compressor`'s margin. Returns the report
+    /// compression once a head passed them by the recipe's margin. Returns the report
     /// of that compression, if one ran.
     pub fn after_decode_step(
         &mut self,
         token: u32,
         logits: Vec<f32>,
-        compressor: Option<&Compressor>,
     ) -> Result<Option<CompressReport>, Error> {
         self.tokens.push(token);
         self.logits = logits;
         self.note_peak();
-        let Some(c) = compressor.filter(|_| self.is_compressed()) else {
+        if !self.is_compressed() || self.compressor.is_noop() {
             return Ok(None);
-        };
-        let r = c.recompress_if_over(&mut self.cache, &self.targets, &self.decode_stats)?;
+        }
+        let r = self.compressor.recompress_if_over(
+            &mut self.cache,
+            &self.targets,
+            &self.decode_stats,
+        )?;
         if r.is_some() {
             self.decode_stats = PrefillStats::default();
             self.decode_passes += 1;
@@ -332,29 +473,23 @@ impl Sequence {
     /// One decode step on its own: `token` appended (with what re-compression needs),
     /// then re-compression if a head passed its target by the margin. The new logits
     /// are in [`Sequence::logits`].
-    pub fn step(
-        &mut self,
-        model: &Model,
-        token: u32,
-        compressor: Option<&Compressor>,
-    ) -> Result<Option<CompressReport>, Error> {
+    pub fn step(&mut self, model: &Model, token: u32) -> Result<Option<CompressReport>, Error> {
         let tok = [token];
         let logits = {
-            let mut seg = [self.decode_segment(&tok, compressor)];
+            let mut seg = [self.decode_segment(&tok)];
             model.forward_batch(&mut seg)?.pop().unwrap_or_default()
         };
-        self.after_decode_step(token, logits, compressor)
+        self.after_decode_step(token, logits)
     }
 
     /// Generate from the last logits until a stop condition, stepping this sequence
-    /// (re-compressing past `compressor`'s margin). `on_text` receives text as it
+    /// (re-compressing past the recipe's margin). `on_text` receives text as it
     /// becomes final and returns false to cancel.
     pub fn generate(
         &mut self,
         model: &Model,
         tok: &Tokenizer,
         params: &GenerateParams,
-        compressor: Option<&Compressor>,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, Error> {
         let prompt = self.tokens.clone();
@@ -363,7 +498,7 @@ impl Sequence {
             if self.cache.n_seen + 1 > model.cfg.ctx_len {
                 return Ok(None);
             }
-            self.step(model, next, compressor)?;
+            self.step(model, next)?;
             Ok(Some(self.take_logits()))
         })
     }
@@ -374,10 +509,14 @@ impl Sequence {
     }
 
     /// The most KV bytes this sequence can hold with `remaining` more tokens: each head
-    /// grows by one slot a token, and with `compressor`'s re-compression margin falls
+    /// grows by one slot a token, and with the recipe's re-compression margin falls
     /// back to its target once past target + margin.
-    pub fn kv_bound(&self, compressor: Option<&Compressor>, remaining: usize) -> usize {
-        let margin = compressor.and_then(|c| c.recompress_margin);
+    pub fn kv_bound(&self, remaining: usize) -> usize {
+        let margin = if self.compressor.is_noop() {
+            None
+        } else {
+            self.compressor.recompress_margin
+        };
         let slots: usize = self
             .cache
             .layers
@@ -411,6 +550,15 @@ impl Sequence {
         Ok(())
     }
 
+    /// The chunk of compression during prefill, if the recipe has one, compresses, and
+    /// the context is not compressed yet.
+    fn within_chunk(&self) -> Option<usize> {
+        if self.compressor.is_noop() || self.is_compressed() {
+            return None;
+        }
+        self.compressor.prefill_chunk.filter(|&k| k > 0)
+    }
+
     fn note_peak(&mut self) {
         self.peak_bytes = self.peak_bytes.max(self.cache.bytes());
     }
@@ -428,59 +576,6 @@ impl Sequence {
     /// Compression passes that dropped slots during prefill.
     pub fn prefill_passes(&self) -> usize {
         self.prefill_passes
-    }
-
-    /// Run KVzip's reconstruction pass over everything fed so far, unless its scores
-    /// are already there. Returns the seconds it took.
-    pub fn score_reconstruction(
-        &mut self,
-        model: &Model,
-        prompts: &RepeatPrompts,
-    ) -> Result<f64, Error> {
-        if self.has_reconstruction() {
-            return Ok(0.0);
-        }
-        if self.is_compressed() {
-            return Err(Error::Invalid(
-                "KVzip's reconstruction pass scores a cache before it is compressed".into(),
-            ));
-        }
-        let t0 = Instant::now();
-        crate::reconstruct::reconstruction_scores(
-            model,
-            &self.cache,
-            &self.tokens,
-            self.protect,
-            prompts,
-            &mut self.stats,
-        )?;
-        Ok(t0.elapsed().as_secs_f64())
-    }
-
-    pub fn has_reconstruction(&self) -> bool {
-        !self.stats.heads.is_empty()
-            && self
-                .stats
-                .heads
-                .iter()
-                .flatten()
-                .all(|h| h.reconstruction.is_some())
-    }
-
-    /// Compress the cache with `compressor` (a no-op for the full cache). Returns the
-    /// report and the per-layer slot targets, which bound the cache during decoding.
-    pub fn compress(
-        &mut self,
-        compressor: &Compressor,
-    ) -> Result<(CompressReport, Vec<usize>), Error> {
-        if compressor.is_noop() {
-            return Ok((CompressReport::default(), Vec::new()));
-        }
-        let out = compressor.compress_prompt(&mut self.cache, &self.stats)?;
-        self.stats.clear_slot_stats();
-        self.compressed_at = Some(self.tokens.len());
-        self.targets = out.1.clone();
-        Ok(out)
     }
 
     /// The last position's logits after the latest feed or append.
@@ -572,12 +667,4 @@ pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 /// single-token slots appended since, which are in position order.
 fn slots_before(head: &kvmerger_compression::HeadStore, n: usize) -> usize {
     head.meta().partition_point(|m| (m.position as usize) < n)
-}
-
-/// The chunk of compression during prefill, if `compressor` has one and compresses.
-fn within_chunk(compressor: Option<&Compressor>) -> Option<usize> {
-    compressor
-        .filter(|c| !c.is_noop())
-        .and_then(|c| c.prefill_chunk)
-        .filter(|&k| k > 0)
 }

@@ -8,10 +8,12 @@ use kvmerger_compression::{
 };
 use kvmerger_engine::attention::{attend, LayerAttn, StatsRequest};
 use kvmerger_engine::cache::PrefillStats;
-use kvmerger_engine::compress::{Compressor, DecodeCompression};
-use kvmerger_engine::generate::{decode_with, GenerateParams};
+use kvmerger_engine::compress::Compressor;
+use kvmerger_engine::generate::GenerateParams;
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::model::Logits;
+use kvmerger_engine::sequence::Sequence;
+use std::sync::Arc;
 
 const PROMPT: &str = "Alice keeps bees behind the old mill. Every morning she counts the hives, \
 writes the number in a green notebook, and walks to the river to watch the herons. \
@@ -20,49 +22,29 @@ Where did Alice write the number of hives?";
 
 fn generate(
     lm: &LoadedModel,
-    comp: &Compressor,
+    comp: Compressor,
     ids: &[u32],
     max_tokens: usize,
     ignore_eos: bool,
 ) -> (Vec<u32>, kvmerger_engine::cache::KvCache) {
-    let mut cache = lm.model.new_cache(KvDtype::F16);
-    let mut stats = PrefillStats::default();
-    let logits = lm
-        .model
-        .forward(
-            ids,
-            &mut cache,
-            comp.needs(),
-            Some(&mut stats),
-            Logits::Last,
-        )
-        .unwrap();
-    let (_, targets) = comp.compress_prompt(&mut cache, &stats).unwrap();
-    let mut dc = DecodeCompression::new(comp, targets);
+    let mut seq = Sequence::new(&lm.model, KvDtype::F16, Arc::new(comp));
+    seq.feed_context(lm, ids).unwrap();
     let params = GenerateParams {
         max_tokens,
         ignore_eos,
         ..Default::default()
     };
-    let gen = decode_with(
-        &lm.model,
-        &lm.tokenizer,
-        &mut cache,
-        logits,
-        ids,
-        &params,
-        Some(&mut dc),
-        &mut |_| true,
-    )
-    .unwrap();
-    (gen.tokens, cache)
+    let gen = seq
+        .generate(&lm.model, &lm.tokenizer, &params, &mut |_| true)
+        .unwrap();
+    (gen.tokens, seq.cache)
 }
 
 #[test]
 fn at_budget_one_every_method_generates_exactly_what_full_does() {
     let lm = LoadedModel::open(&model_path("smollm2-135m")).unwrap();
     let ids = lm.tokenizer.encode(PROMPT, true).unwrap();
-    let (want, _) = generate(&lm, &Compressor::full(), &ids, 12, false);
+    let (want, _) = generate(&lm, Compressor::none(), &ids, 12, false);
     for name in registry::names() {
         let comp = Compressor::new(
             name,
@@ -71,7 +53,7 @@ fn at_budget_one_every_method_generates_exactly_what_full_does() {
             Schedule::Uniform,
         )
         .unwrap();
-        let (got, _) = generate(&lm, &comp, &ids, 12, false);
+        let (got, _) = generate(&lm, comp, &ids, 12, false);
         assert_eq!(got, want, "{name} at budget 1.0 changed the generation");
     }
 }
@@ -143,7 +125,7 @@ fn decode_time_recompression_keeps_every_head_bounded() {
         let mut comp =
             Compressor::new(method, &opts, Budget::Tokens(40), Schedule::Uniform).unwrap();
         comp.recompress_margin = Some(8);
-        let (tokens, cache) = generate(&lm, &comp, &ids, 48, true);
+        let (tokens, cache) = generate(&lm, comp, &ids, 48, true);
         assert_eq!(tokens.len(), 48, "{name} stopped early");
         let heads: usize = cache.layers.iter().map(|l| l.len()).sum();
         let total: usize = cache.layers.iter().flatten().map(|h| h.len()).sum();
@@ -196,6 +178,7 @@ fn a_merged_slot_with_log_count_bias_reproduces_full_attention_in_the_engine() {
             count: 5,
             score: 0.0,
             bias: 5f32.ln(),
+            learned: 0.0,
         },
     );
     let q: Vec<f32> = (0..2 * d).map(|j| (j as f32 * 0.37).sin()).collect();
@@ -240,7 +223,7 @@ fn a_4k_prompt_decodes_from_full_half_and_a_third_of_its_cache() {
     ids.truncate(4096);
     assert_eq!(ids.len(), 4096);
     let comps = [
-        Compressor::full(),
+        Compressor::none(),
         Compressor::new(
             "kvmerger",
             &Options::new(),
@@ -263,21 +246,17 @@ fn a_4k_prompt_decodes_from_full_half_and_a_third_of_its_cache() {
         )
         .unwrap(),
     ];
-    let needs = comps
-        .iter()
-        .fold(StatsNeeds::default(), |n, c| n.union(c.needs()));
-    let mut base = lm.model.new_cache(KvDtype::F16);
-    let mut stats = PrefillStats::default();
-    let logits = lm
-        .model
-        .forward(&ids, &mut base, needs, Some(&mut stats), Logits::Last)
-        .unwrap();
-    let full_bytes = base.bytes();
-    assert_eq!(full_bytes, 30 * 3 * 4096 * (2 * 64 * 2 + 16));
+    let comps: Vec<Arc<Compressor>> = comps.into_iter().map(Arc::new).collect();
+    let mut base = Sequence::shared(&lm.model, KvDtype::F16, comps.iter().map(|c| c.as_ref()));
+    base.feed(&lm.model, &ids).unwrap();
+    let full_bytes = base.kv_bytes();
+    let slot = 2 * 64 * 2 + std::mem::size_of::<SlotMeta>();
+    assert_eq!(full_bytes, 30 * 3 * 4096 * slot);
     for comp in &comps {
-        let mut cache = base.clone();
-        let (_, targets) = comp.compress_prompt(&mut cache, &stats).unwrap();
-        let ratio = cache.bytes() as f64 / full_bytes as f64;
+        let mut seq = base.clone();
+        seq.set_compressor(comp.clone()).unwrap();
+        seq.compress(&lm).unwrap();
+        let ratio = seq.kv_bytes() as f64 / full_bytes as f64;
         let want = match comp.budget {
             Budget::Fraction(f) => f,
             _ => unreachable!(),
@@ -287,23 +266,15 @@ fn a_4k_prompt_decodes_from_full_half_and_a_third_of_its_cache() {
             "{} kept {ratio:.3}, budget {want}",
             comp.name()
         );
-        let mut dc = DecodeCompression::new(comp, targets);
         let params = GenerateParams {
             max_tokens: 8,
             ignore_eos: true,
             ..Default::default()
         };
-        let gen = decode_with(
-            &lm.model,
-            &lm.tokenizer,
-            &mut cache,
-            logits.clone(),
-            &ids,
-            &params,
-            Some(&mut dc),
-            &mut |_| true,
-        )
-        .unwrap();
+        let gen = seq
+            .generate(&lm.model, &lm.tokenizer, &params, &mut |_| true)
+            .unwrap();
+        let cache = &seq.cache;
         assert_eq!(gen.tokens.len(), 8, "{}", comp.name());
         assert_eq!(cache.n_seen, 4096 + 7);
     }

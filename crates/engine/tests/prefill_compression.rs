@@ -9,6 +9,7 @@ use kvmerger_compression::{KvDtype, Recipe};
 use kvmerger_engine::compress::Compressor;
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::sequence::Sequence;
+use std::sync::Arc;
 
 fn open() -> LoadedModel {
     LoadedModel::open(&model_path("smollm2-135m")).unwrap()
@@ -29,8 +30,8 @@ fn prompt(lm: &LoadedModel) -> Vec<u32> {
     lm.tokenizer.encode(&text, true).unwrap()
 }
 
-fn compressor(recipe: &str) -> Compressor {
-    Compressor::from_recipe(&Recipe::parse(recipe).unwrap()).unwrap()
+fn compressor(recipe: &str) -> Arc<Compressor> {
+    Arc::new(Compressor::from_recipe(&Recipe::parse(recipe).unwrap()).unwrap())
 }
 
 #[test]
@@ -59,8 +60,8 @@ fn the_cache_never_holds_more_than_the_budget_plus_one_chunk() {
     ] {
         let sep = if method.ends_with(',') { "" } else { ":" };
         let c = compressor(&format!("{method}{sep}prefill_chunk={chunk}@{budget}"));
-        let mut seq = Sequence::new(&lm.model, KvDtype::F16, c.needs());
-        let (_, report) = seq.feed_within(&lm.model, &ids, &c).unwrap();
+        let mut seq = Sequence::new(&lm.model, KvDtype::F16, c.clone());
+        let report = seq.feed_context(&lm, &ids).unwrap().compress;
         let targets = c.targets(cfg.n_layers, ids.len());
         let slot = seq.cache.slot_bytes();
         let bound: usize = targets
@@ -97,8 +98,8 @@ fn positions_stay_the_original_ones() {
     let lm = open();
     let ids = prompt(&lm);
     let c = compressor("streaming:sinks=4,prefill_chunk=50@100");
-    let mut seq = Sequence::new(&lm.model, KvDtype::F16, c.needs());
-    seq.feed_within(&lm.model, &ids, &c).unwrap();
+    let mut seq = Sequence::new(&lm.model, KvDtype::F16, c.clone());
+    seq.feed_context(&lm, &ids).unwrap();
     let n = ids.len() as u32;
     for h in seq.cache.layers.iter().flatten() {
         let pos: Vec<u32> = h.meta().iter().map(|m| m.position).collect();
@@ -118,12 +119,12 @@ fn one_chunk_as_long_as_the_prompt_is_compression_after_prefill() {
     let ids = prompt(&lm);
     for method in ["snapkv", "h2o", "expected_attention"] {
         let whole = compressor(&format!("{method}@0.25"));
-        let mut a = Sequence::new(&lm.model, KvDtype::F16, whole.needs());
+        let mut a = Sequence::new(&lm.model, KvDtype::F16, whole.clone());
         a.feed(&lm.model, &ids).unwrap();
-        a.compress(&whole).unwrap();
+        a.compress(&lm).unwrap();
         let chunked = compressor(&format!("{method}:prefill_chunk={}@0.25", ids.len()));
-        let mut b = Sequence::new(&lm.model, KvDtype::F16, chunked.needs());
-        b.feed_within(&lm.model, &ids, &chunked).unwrap();
+        let mut b = Sequence::new(&lm.model, KvDtype::F16, chunked.clone());
+        b.feed_context(&lm, &ids).unwrap();
         assert_eq!(a.logits(), b.logits(), "{method}");
         for (ha, hb) in a
             .cache
@@ -146,22 +147,16 @@ fn recipes_that_cannot_compress_during_prefill_are_refused_before_any_work() {
     assert_eq!(r.field, "prefill_chunk");
     // A budget below one chunk.
     let c = compressor("snapkv:prefill_chunk=256@100");
-    let mut seq = Sequence::new(&lm.model, KvDtype::F16, c.needs());
-    let e = seq
-        .feed_within(&lm.model, &ids, &c)
-        .unwrap_err()
-        .to_string();
+    let mut seq = Sequence::new(&lm.model, KvDtype::F16, c.clone());
+    let e = seq.feed_context(&lm, &ids).unwrap_err().to_string();
     assert!(e.contains("prefill_chunk") && e.contains("100"), "{e}");
     assert_eq!(seq.cache.n_seen, 0);
     assert_eq!(seq.peak_kv_bytes(), 0);
     // A prompt past the model's context, even though the cache would stay small.
     let long = vec![ids[1]; lm.model.cfg.ctx_len + 1];
     let c = compressor("streaming:prefill_chunk=256@512");
-    let mut seq = Sequence::new(&lm.model, KvDtype::F16, c.needs());
-    let e = seq
-        .feed_within(&lm.model, &long, &c)
-        .unwrap_err()
-        .to_string();
+    let mut seq = Sequence::new(&lm.model, KvDtype::F16, c.clone());
+    let e = seq.feed_context(&lm, &long).unwrap_err().to_string();
     assert!(e.contains("does not fit the context"), "{e}");
     assert_eq!(seq.cache.n_seen, 0);
 }

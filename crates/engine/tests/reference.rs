@@ -7,9 +7,10 @@ mod common;
 use common::{model_path, numpy_reference_logits};
 use kvmerger_compression::{KvDtype, StatsNeeds};
 use kvmerger_engine::exact::Precision;
-use kvmerger_engine::generate::{decode, GenerateParams};
+use kvmerger_engine::generate::GenerateParams;
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::model::Logits;
+use kvmerger_engine::sequence::Sequence;
 
 struct Reference {
     id: &'static str,
@@ -63,11 +64,9 @@ fn check(r: &Reference, precision: Precision) {
     let ids = lm.tokenizer.encode(PROMPT, r.bos).unwrap();
     assert_eq!(ids, r.ids, "{}: prompt ids", r.id);
 
-    let mut cache = lm.model.new_cache(KvDtype::F16);
-    let logits = lm
-        .model
-        .forward(&ids, &mut cache, StatsNeeds::default(), None, Logits::Last)
-        .unwrap();
+    let mut seq = Sequence::uncompressed(&lm.model, KvDtype::F16);
+    seq.feed(&lm.model, &ids).unwrap();
+    let logits = seq.logits().to_vec();
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
     for (rank, (tok, want)) in r.top.iter().enumerate() {
@@ -99,16 +98,9 @@ fn check(r: &Reference, precision: Precision) {
         max_tokens: r.greedy_tokens,
         ..Default::default()
     };
-    let gen = decode(
-        &lm.model,
-        &lm.tokenizer,
-        &mut cache,
-        logits,
-        &ids,
-        &params,
-        &mut |_| true,
-    )
-    .unwrap();
+    let gen = seq
+        .generate(&lm.model, &lm.tokenizer, &params, &mut |_| true)
+        .unwrap();
     assert_eq!(gen.text, r.greedy, "{}: greedy continuation", r.id);
 }
 

@@ -11,6 +11,7 @@ use kvmerger_engine::compress::Compressor;
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::model::Logits;
 use kvmerger_engine::sequence::Sequence;
+use std::sync::Arc;
 
 const CONTEXT: &str = "Alice keeps bees behind the old mill. Every morning she counts the hives, \
 writes the number in a green notebook, and walks to the river to watch the herons. \
@@ -67,13 +68,16 @@ fn a_split_prompt_is_the_whole_prompt_cut_after_the_context() {
 fn feeding_a_context_then_a_question_equals_feeding_them_at_once() {
     let lm = open("smollm2-135m");
     let s = lm.split_prompt(CONTEXT, QUESTION, "", true).unwrap();
+    // A prefill shared by H2O, SnapKV with a window of 8 and TOVA collects what each
+    // of them needs.
     let needs = StatsNeeds {
         accumulated: true,
         window: Some(8),
         last: true,
         ..Default::default()
     };
-    let mut seq = Sequence::new(&lm.model, KvDtype::F32, needs);
+    let comps = [at_half("h2o"), snapkv_window(8), at_half("tova")];
+    let mut seq = Sequence::shared(&lm.model, KvDtype::F32, comps.iter().map(|c| c.as_ref()));
     seq.feed(&lm.model, &s.context).unwrap();
     seq.feed(&lm.model, &s.question).unwrap();
     let mut cache: KvCache = lm.model.new_cache(KvDtype::F32);
@@ -112,12 +116,15 @@ fn feeding_a_context_then_a_question_equals_feeding_them_at_once() {
 fn the_reconstruction_pass_scores_every_context_slot_and_leaves_the_cache_as_it_was() {
     let lm = open("smollm2-135m");
     let s = lm.split_prompt(CONTEXT, QUESTION, "", true).unwrap();
-    let mut seq = Sequence::new(&lm.model, KvDtype::F16, StatsNeeds::default());
+    let mut comp = Arc::try_unwrap(at_half("kvzip")).unwrap();
+    comp.recompress_margin = None;
+    let mut seq = Sequence::new(&lm.model, KvDtype::F16, Arc::new(comp));
     seq.protect(s.prefix);
     seq.feed(&lm.model, &s.context).unwrap();
     let before = seq.cache.clone();
     let prompts = lm.repeat_prompts().unwrap();
-    seq.score_reconstruction(&lm.model, &prompts).unwrap();
+    let secs = seq.score(&lm).unwrap();
+    assert!(secs > 0.0);
     assert!(seq.has_reconstruction());
     // The pass's tokens are gone: every store holds exactly what it held.
     assert_eq!(seq.cache.n_seen, before.n_seen);
@@ -174,11 +181,11 @@ fn the_reconstruction_pass_scores_every_context_slot_and_leaves_the_cache_as_it_
             want[j]
         );
     }
-    // KVzip compresses from those scores to its budget over the whole cache.
-    let mut comp = at_half("kvzip");
-    comp.recompress_margin = None;
+    // KVzip compresses from those scores to its budget over the whole cache, without
+    // a second pass.
     let slots = seq.cache.total_slots();
-    seq.compress(&comp).unwrap();
+    let report = seq.compress(&lm).unwrap();
+    assert_eq!(report.pass_secs, secs, "the pass ran once");
     let kept = seq.cache.total_slots();
     assert!(
         (kept as f64 - slots as f64 * 0.5).abs() <= 90.0,
@@ -194,13 +201,13 @@ fn the_reconstruction_pass_scores_every_context_slot_and_leaves_the_cache_as_it_
 fn each_reconstruction_chunk_attends_over_the_whole_context() {
     let lm = open("smollm2-135m");
     let s = lm.split_prompt(CONTEXT, QUESTION, "", true).unwrap();
-    let mut seq = Sequence::new(&lm.model, KvDtype::F32, StatsNeeds::default());
+    let mut seq = Sequence::new(&lm.model, KvDtype::F32, at_half("kvzip"));
     seq.protect(s.prefix);
     seq.feed(&lm.model, &s.context).unwrap();
     let mut prompts = lm.repeat_prompts().unwrap();
     prompts.chunk = 16;
     let before = seq.cache.clone();
-    seq.score_reconstruction(&lm.model, &prompts).unwrap();
+    seq.score_with(&lm.model, &prompts).unwrap();
     let n = s.context.len();
     assert!(n - s.prefix > 32, "several chunks");
     // The second chunk by hand: the whole context's cache, fed the "repeat the part
@@ -267,7 +274,7 @@ fn expected_attention_runs_on_query_moments_collected_by_the_engine() {
     let lm = open("qwen2.5-0.5b");
     let s = lm.split_prompt(CONTEXT, QUESTION, "", true).unwrap();
     let comp = at_half("expected_attention");
-    let mut seq = Sequence::new(&lm.model, KvDtype::F16, comp.needs());
+    let mut seq = Sequence::new(&lm.model, KvDtype::F16, comp.clone());
     seq.feed(&lm.model, &s.context).unwrap();
     let q = &seq.stats.queries;
     assert_eq!(q.len(), lm.model.cfg.n_layers);
@@ -275,7 +282,7 @@ fn expected_attention_runs_on_query_moments_collected_by_the_engine() {
     // Every position but the 4 sinks is counted.
     assert_eq!(q[0][0].count as usize, s.context.len() - 4);
     let n = s.context.len();
-    let (report, _) = seq.compress(&comp).unwrap();
+    let report = seq.compress(&lm).unwrap();
     assert_eq!(
         seq.cache.total_slots(),
         report.layer_slots.iter().map(|x| x.1).sum::<usize>()
@@ -288,14 +295,22 @@ fn expected_attention_runs_on_query_moments_collected_by_the_engine() {
 }
 
 /// `method` with its default options at half the prompt, budgets uniform over layers.
-fn at_half(method: &str) -> Compressor {
-    Compressor::new(
-        method,
-        &Options::new(),
-        Budget::Fraction(0.5),
-        Schedule::Uniform,
+fn at_half(method: &str) -> Arc<Compressor> {
+    Arc::new(
+        Compressor::new(
+            method,
+            &Options::new(),
+            Budget::Fraction(0.5),
+            Schedule::Uniform,
+        )
+        .unwrap(),
     )
-    .unwrap()
+}
+
+fn snapkv_window(window: usize) -> Arc<Compressor> {
+    let mut o = Options::new();
+    o.set("window", window);
+    Arc::new(Compressor::new("snapkv", &o, Budget::Fraction(0.5), Schedule::Uniform).unwrap())
 }
 
 /// A compressed context asked a second question: the first question's sequence (with a
@@ -311,17 +326,16 @@ fn a_sequence_cut_back_to_its_compressed_context_answers_like_a_fresh_one() {
     for method in ["keydiff", "h2o", "kvmerger"] {
         let c = at_half(method);
         let fresh_context = |seq: &mut Sequence| {
-            seq.feed(&lm.model, &s1.context).unwrap();
-            seq.compress(&c).unwrap();
+            seq.feed_context(&lm, &s1.context).unwrap();
         };
-        let mut first = Sequence::for_compressor(&lm.model, KvDtype::F16, Some(&c));
+        let mut first = Sequence::new(&lm.model, KvDtype::F16, c.clone());
         fresh_context(&mut first);
         let n = first.tokens().len();
         assert_eq!(first.compressed_end(), n);
         let bytes = first.kv_bytes();
         first.append(&lm.model, &s1.question).unwrap();
         for t in [11, 12, 13] {
-            first.step(&lm.model, t, Some(&c)).unwrap();
+            first.step(&lm.model, t).unwrap();
         }
         // Not into the compressed part: its slots stand for several tokens.
         assert!(first.clone().truncate(n - 1).is_err());
@@ -332,7 +346,7 @@ fn a_sequence_cut_back_to_its_compressed_context_answers_like_a_fresh_one() {
         assert_eq!(reused.kv_bytes(), bytes, "{method}");
         reused.append(&lm.model, &s2.question).unwrap();
 
-        let mut fresh = Sequence::for_compressor(&lm.model, KvDtype::F16, Some(&c));
+        let mut fresh = Sequence::new(&lm.model, KvDtype::F16, c.clone());
         fresh_context(&mut fresh);
         fresh.append(&lm.model, &s2.question).unwrap();
         assert_eq!(reused.logits(), fresh.logits(), "{method}");

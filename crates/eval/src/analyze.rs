@@ -38,7 +38,7 @@ pub fn prefill(lm: &LoadedModel, ids: &[u32]) -> Result<KvCache, Error> {
         Budget::Fraction(0.5),
         Schedule::Uniform,
     )?;
-    let mut seq = Sequence::for_compressor(&lm.model, KvDtype::F16, Some(&kvmerger));
+    let mut seq = Sequence::new(&lm.model, KvDtype::F16, std::sync::Arc::new(kvmerger));
     seq.feed(&lm.model, ids)?;
     Ok(seq.cache)
 }

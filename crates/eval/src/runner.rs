@@ -7,12 +7,12 @@ use crate::records::{Record, RecordFile, Timing};
 use crate::sample::Sample;
 use crate::{metrics, Error};
 use kvmerger_compression::KvDtype;
-use kvmerger_engine::compress::Compressor;
+use kvmerger_engine::compress::{CompressReport, Compressor};
 use kvmerger_engine::generate::GenerateParams;
 use kvmerger_engine::load::LoadedModel;
-use kvmerger_engine::prompt::RepeatPrompts;
 use kvmerger_engine::sequence::Sequence;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Where answer-task samples come from (the task generators, or a user's JSONL file).
@@ -49,7 +49,7 @@ pub struct TextSource {
 /// A configuration ready to run.
 struct Prepared {
     config: RunConfig,
-    compressor: Compressor,
+    compressor: Arc<Compressor>,
 }
 
 impl Prepared {
@@ -62,19 +62,29 @@ impl Prepared {
 struct Compressed {
     seq: Sequence,
     compress_s: f64,
+    /// KVzip's pass on the prefill this copy came from (0 for other methods).
+    pass_s: f64,
     kv_bytes: usize,
     kv_slots: usize,
 }
 
-fn compressed_copy(base: &Sequence, p: &Prepared) -> Result<Compressed, Error> {
+impl Compressed {
+    fn new(seq: Sequence, report: &CompressReport) -> Compressed {
+        Compressed {
+            kv_bytes: seq.cache.bytes(),
+            kv_slots: seq.cache.total_slots(),
+            seq,
+            compress_s: report.secs,
+            pass_s: report.pass_secs,
+        }
+    }
+}
+
+fn compressed_copy(lm: &LoadedModel, base: &Sequence, p: &Prepared) -> Result<Compressed, Error> {
     let mut seq = base.clone();
-    let (report, _) = seq.compress(&p.compressor)?;
-    Ok(Compressed {
-        kv_bytes: seq.cache.bytes(),
-        kv_slots: seq.cache.total_slots(),
-        seq,
-        compress_s: report.secs,
-    })
+    seq.set_compressor(p.compressor.clone())?;
+    let report = seq.compress(lm)?;
+    Ok(Compressed::new(seq, &report))
 }
 
 pub struct Runner<'a> {
@@ -85,8 +95,6 @@ pub struct Runner<'a> {
     pub spec: &'a GridSpec,
     pub samples: &'a dyn SampleSource,
     pub text: Option<&'a TextSource>,
-    /// KVzip's reconstruction prompts, made on first use.
-    pub repeat: std::sync::OnceLock<RepeatPrompts>,
 }
 
 /// What a run did.
@@ -103,7 +111,7 @@ impl Runner<'_> {
         let mut out = Vec::new();
         for config in self.spec.configs()? {
             let compressor = match config.budget {
-                None => Compressor::full(),
+                None => Arc::new(Compressor::none()),
                 Some(_) => {
                     let bad = |e: &dyn std::fmt::Display| {
                         Error::Grid(GridError(format!("method '{}': {e}", config.label)))
@@ -138,7 +146,7 @@ impl Runner<'_> {
                             ))));
                         }
                     }
-                    c
+                    Arc::new(c)
                 }
             };
             out.push(Prepared { config, compressor });
@@ -222,16 +230,8 @@ impl Runner<'_> {
         Sequence::shared(
             &self.lm.model,
             self.dtype,
-            configs.iter().map(|p| &p.compressor),
+            configs.iter().map(|p| p.compressor.as_ref()),
         )
-    }
-
-    fn repeat_prompts(&self) -> Result<&RepeatPrompts, Error> {
-        if self.repeat.get().is_none() {
-            let p = self.lm.repeat_prompts()?;
-            let _ = self.repeat.set(p);
-        }
-        Ok(self.repeat.get().expect("set above"))
     }
 
     fn check_fits(&self, tokens: usize) -> Result<(), Error> {
@@ -302,32 +302,31 @@ impl Runner<'_> {
         let mut base = self.shared_sequence(configs);
         base.protect(split.prefix);
         let prefill_s = base.feed(model, &split.context)?;
-        let mut reconstruct_s = 0.0;
-        if configs
-            .iter()
-            .any(|p| !p.aware() && p.compressor.needs().reconstruction)
-        {
-            obs.stage(item, "KVzip's reconstruction pass");
-            reconstruct_s = base.score_reconstruction(model, self.repeat_prompts()?)?;
-        }
-        // Each configuration's record carries the pass its own cache had: the
-        // context's, or (query-aware) the context and question's.
-        let mut reconstruct_aware_s = 0.0;
-        // Query-aware configurations compress context and question together.
+        // Query-aware configurations compress context and question together: their
+        // copy is fed the question before any pass runs.
         let mut full = None;
         let mut aware_question_s = 0.0;
         if configs.iter().any(|p| p.aware()) {
             let mut f = base.clone();
             aware_question_s = f.feed(model, &split.question)?;
-            if configs
-                .iter()
-                .any(|p| p.aware() && p.compressor.needs().reconstruction)
-            {
-                obs.stage(item, "KVzip's reconstruction pass (query-aware)");
-                reconstruct_aware_s = f.score_reconstruction(model, self.repeat_prompts()?)?;
-            }
+            obs.stage(item, "passes over the context and question (query-aware)");
+            f.score_for(
+                lm,
+                configs
+                    .iter()
+                    .filter(|p| p.aware())
+                    .map(|p| p.compressor.as_ref()),
+            )?;
             full = Some(f);
         }
+        obs.stage(item, "passes over the context");
+        base.score_for(
+            lm,
+            configs
+                .iter()
+                .filter(|p| !p.aware())
+                .map(|p| p.compressor.as_ref()),
+        )?;
         let params = GenerateParams {
             max_tokens: sample.max_new_tokens.max(1),
             ..Default::default()
@@ -342,35 +341,27 @@ impl Runner<'_> {
             };
             // Compression during prefill cannot share the prefill: the configuration
             // feeds its own copy of the prompt, compressing as it goes.
-            let (mut c, own_prefill_s) = match p.compressor.prefill_chunk {
-                Some(_) if !p.compressor.is_noop() => {
-                    let mut seq = Sequence::new(model, self.dtype, p.compressor.needs());
-                    seq.protect(split.prefix);
-                    let ids = if p.aware() {
-                        split.joined()
-                    } else {
-                        split.context.clone()
-                    };
-                    let (secs, report) = seq.feed_within(model, &ids, &p.compressor)?;
-                    let c = Compressed {
-                        kv_bytes: seq.cache.bytes(),
-                        kv_slots: seq.cache.total_slots(),
-                        seq,
-                        compress_s: report.secs,
-                    };
-                    (c, Some(secs))
-                }
-                _ => (compressed_copy(from, p)?, None),
+            let (mut c, own_prefill_s) = if p.compressor.compresses_during_prefill() {
+                let mut seq = Sequence::new(model, self.dtype, p.compressor.clone());
+                seq.protect(split.prefix);
+                let ids = if p.aware() {
+                    split.joined()
+                } else {
+                    split.context.clone()
+                };
+                let done = seq.feed_context(lm, &ids)?;
+                (Compressed::new(seq, &done.compress), Some(done.prefill_s))
+            } else {
+                (compressed_copy(lm, from, p)?, None)
             };
             let question_s = match (p.aware(), own_prefill_s) {
                 (true, Some(_)) => 0.0,
                 (true, None) => aware_question_s,
                 (false, _) => c.seq.append(model, &split.question)?,
             };
-            let comp = Some(&p.compressor).filter(|c| !c.is_noop());
             let gen = c
                 .seq
-                .generate(model, &lm.tokenizer, &params, comp, &mut |_| true)?;
+                .generate(model, &lm.tokenizer, &params, &mut |_| true)?;
             let mut r = self.record(item, &p.config, from.tokens().len());
             r.kv_bytes_full = from.cache.bytes();
             r.kv_bytes = c.kv_bytes;
@@ -386,11 +377,7 @@ impl Runner<'_> {
                 prefill_s: own_prefill_s.unwrap_or(prefill_s),
                 compress_s: c.compress_s,
                 decode_s: gen.decode_secs,
-                reconstruct_s: match (p.compressor.needs().reconstruction, p.aware()) {
-                    (false, _) => 0.0,
-                    (true, false) => reconstruct_s,
-                    (true, true) => reconstruct_aware_s,
-                },
+                reconstruct_s: c.pass_s,
                 question_s,
             };
             out.push(r);
@@ -425,10 +412,9 @@ impl Runner<'_> {
         let model = &self.lm.model;
         obs.stage(item, &format!("prefilling {} tokens", context.len()));
         // The full cache is always the reference, even when only other configs are missing.
-        let full = Compressor::full();
         let full_prep = Prepared {
             config: RunConfig::full(),
-            compressor: full,
+            compressor: Arc::new(Compressor::none()),
         };
         let mut all: Vec<&Prepared> = vec![&full_prep];
         all.extend(configs.iter().filter(|p| !p.compressor.is_noop()));
@@ -436,11 +422,8 @@ impl Runner<'_> {
         // A text has no template; a beginning-of-sequence token is not repeated.
         base.protect(self.lm.tokenizer.encode("", true)?.len());
         let prefill_s = base.feed(model, context)?;
-        let mut reconstruct_s = 0.0;
-        if all.iter().any(|p| p.compressor.needs().reconstruction) {
-            obs.stage(item, "KVzip's reconstruction pass");
-            reconstruct_s = base.score_reconstruction(model, self.repeat_prompts()?)?;
-        }
+        obs.stage(item, "passes over the context");
+        base.score(self.lm)?;
         let mut reference: Vec<Vec<f32>> = Vec::new();
         let mut out = Vec::new();
         for (ci, p) in all.iter().enumerate() {
@@ -448,14 +431,13 @@ impl Runner<'_> {
                 item,
                 &format!("{} (scoring {} tokens)", p.config.label, cont.len() - 1),
             );
-            let mut c = compressed_copy(&base, p)?;
-            let comp = Some(&p.compressor).filter(|c| !c.is_noop());
+            let mut c = compressed_copy(self.lm, &base, p)?;
             let t0 = Instant::now();
             let mut nll = 0.0f64;
             let (mut kl, mut agree) = (0.0f64, 0usize);
             // Feed the true continuation; each step's logits predict the next true token.
             for step in 0..cont.len() - 1 {
-                c.seq.step(model, cont[step], comp)?;
+                c.seq.step(model, cont[step])?;
                 let logits = c.seq.logits();
                 let lp = log_softmax(logits);
                 nll -= lp[cont[step + 1] as usize] as f64;
@@ -487,11 +469,7 @@ impl Runner<'_> {
                 prefill_s,
                 compress_s: c.compress_s,
                 decode_s,
-                reconstruct_s: if p.compressor.needs().reconstruction {
-                    reconstruct_s
-                } else {
-                    0.0
-                },
+                reconstruct_s: c.pass_s,
                 question_s: 0.0,
             };
             out.push(r);

@@ -59,7 +59,6 @@ fn runner<'a>(
         spec,
         samples,
         text,
-        repeat: Default::default(),
     }
 }
 

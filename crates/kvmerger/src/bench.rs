@@ -3,8 +3,10 @@
 use crate::cli::BenchArgs;
 use crate::run::load_model;
 use anyhow::{bail, Result};
+use kvmerger_engine::compress::Compressor;
 use kvmerger_engine::sampling::argmax;
 use kvmerger_engine::sequence::Sequence;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Peak resident memory of this process, from /proc (0 where unavailable).
@@ -107,7 +109,7 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
     println!("|---|---|---|---|");
     let reps = a.reps.max(1);
     let comp = crate::compress::build(&a.compress)?;
-    if !comp.is_noop() && comp.prefill_chunk.is_some() {
+    if comp.compresses_during_prefill() {
         return prefill_within(&a, &lm, dtype, &comp, vocab);
     }
     if !comp.is_noop() {
@@ -118,7 +120,7 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
         let mut best = f64::INFINITY;
         for r in 0..reps {
             let toks = bench_tokens(a.pp, vocab, r);
-            let mut seq = Sequence::new(m, dtype, Default::default());
+            let mut seq = Sequence::uncompressed(m, dtype);
             best = best.min(seq.feed(m, &toks)?);
         }
         println!(
@@ -134,20 +136,20 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
         let mut best = f64::INFINITY;
         let mut kv_read = 0usize;
         for r in 0..reps {
-            let mut seq = Sequence::new(m, dtype, Default::default());
+            let mut seq = Sequence::uncompressed(m, dtype);
             let ctx = a.ctx.max(1);
             seq.feed(m, &bench_tokens(ctx, vocab, r + 100))?;
             // Untimed steps first: the first steps after loading pay for weights
             // not yet in memory (one run measured 10.6 tok/s, the next 18.1).
             for _ in 0..WARM_UP_STEPS {
                 let next = argmax(seq.logits()) as u32;
-                seq.step(m, next, None)?;
+                seq.step(m, next)?;
             }
             let kv_start = seq.kv_bytes();
             let t0 = Instant::now();
             for _ in 0..a.tg {
                 let next = argmax(seq.logits()) as u32;
-                seq.step(m, next, None)?;
+                seq.step(m, next)?;
             }
             best = best.min(t0.elapsed().as_secs_f64());
             // Each step reads the whole cache: on average its size half-way.
@@ -197,7 +199,7 @@ fn prefill_within(
     a: &BenchArgs,
     lm: &kvmerger_engine::load::LoadedModel,
     dtype: kvmerger_compression::KvDtype,
-    comp: &kvmerger_engine::compress::Compressor,
+    comp: &Arc<Compressor>,
     vocab: usize,
 ) -> Result<()> {
     use crate::compress::mib;
@@ -205,33 +207,22 @@ fn prefill_within(
     let pp = a.pp.max(a.ctx).max(1);
     let chunk = comp.prefill_chunk.unwrap_or(pp);
     let toks = bench_tokens(pp, vocab, 0);
-    let mut seq = Sequence::new(m, dtype, comp.needs());
-    let (secs, report) = seq.feed_within(m, &toks, comp)?;
+    let mut seq = Sequence::new(m, dtype, comp.clone());
+    let done = seq.feed_context(lm, &toks)?;
+    let (secs, report) = (done.prefill_s, done.compress);
     println!(
         "| pp{pp}, {} during prefill (chunks of {chunk}) | {pp} | {secs:.3} | {:.1} |",
         comp.name(),
         pp as f64 / secs
     );
     let slot = seq.cache.slot_bytes();
-    let bound = kvmerger_engine::compress::estimate(
-        Some(comp),
-        pp,
-        0,
-        m.cfg.n_layers,
-        m.cfg.n_kv_heads,
-        slot,
-    )
-    .prefill_peak;
+    let bound =
+        kvmerger_engine::compress::estimate(comp, pp, 0, m.cfg.n_layers, m.cfg.n_kv_heads, slot)
+            .prefill_peak;
     let full = pp * seq.cache.token_bytes();
     let prefill_rss = peak_rss_bytes();
     if a.tg > 0 {
-        decode_row(
-            m,
-            &mut seq,
-            a.tg,
-            Some(comp),
-            &format!("ctx {pp}, compressed"),
-        )?;
+        decode_row(m, &mut seq, a.tg, &format!("ctx {pp}, compressed"))?;
     }
     println!(
         "KV cache: peak {:.2} MiB during prefill (bound budget + one chunk: {:.2} MiB; the full cache would be {:.2} MiB), {:.2} MiB after ({} compression passes, {:.1} ms, {:.2}% of prefill)",
@@ -251,19 +242,18 @@ fn prefill_within(
     Ok(())
 }
 
-/// Generate `tg` greedy tokens from `seq` (re-compressing with `comp`'s margin), print
-/// the table row `tg<tg> @ <label>`, and return the tokens per second.
+/// Generate `tg` greedy tokens from `seq` (re-compressing past its recipe's margin),
+/// print the table row `tg<tg> @ <label>`, and return the tokens per second.
 fn decode_row(
     m: &kvmerger_engine::model::Model,
     seq: &mut Sequence,
     tg: usize,
-    comp: Option<&kvmerger_engine::compress::Compressor>,
     label: &str,
 ) -> Result<f64> {
     let t0 = Instant::now();
     for _ in 0..tg {
         let next = argmax(seq.logits()) as u32;
-        seq.step(m, next, comp)?;
+        seq.step(m, next)?;
     }
     let secs = t0.elapsed().as_secs_f64();
     println!(
@@ -294,7 +284,7 @@ fn fidelity(
     a: &BenchArgs,
     lm: &kvmerger_engine::load::LoadedModel,
     dtype: kvmerger_compression::KvDtype,
-    comp: &kvmerger_engine::compress::Compressor,
+    comp: &Arc<Compressor>,
 ) -> Result<()> {
     use kvmerger_compression::KvDtype;
     if a.fidelity == 0 {
@@ -312,14 +302,11 @@ fn fidelity(
         toks.extend_from_slice(&again);
     }
     toks.truncate(n);
-    let mut full = Sequence::new(m, KvDtype::F16, Default::default());
+    let mut full = Sequence::uncompressed(m, KvDtype::F16);
     full.feed(m, &toks)?;
-    let mut seq = Sequence::for_compressor(m, dtype, Some(comp));
+    let mut seq = Sequence::new(m, dtype, comp.clone());
     seq.feed(m, &toks)?;
-    if comp.needs().reconstruction && !comp.is_noop() {
-        seq.score_reconstruction(m, &lm.repeat_prompts()?)?;
-    }
-    seq.compress(comp)?;
+    seq.compress(lm)?;
     let (bytes_full, bytes) = (full.kv_bytes(), seq.kv_bytes());
     let (mut sum, mut worst, mut agree) = (0.0f64, 0.0f64, 0usize);
     for _ in 0..a.fidelity {
@@ -328,8 +315,8 @@ fn fidelity(
         worst = worst.max(kl);
         agree += same as usize;
         let next = argmax(full.logits()) as u32;
-        full.step(m, next, None)?;
-        seq.step(m, next, Some(comp))?;
+        full.step(m, next)?;
+        seq.step(m, next)?;
     }
     println!(
         "fidelity vs full f16 cache ({n}-token prompt, {} steps): mean KL {:.5} nats, max KL {:.5}, top-1 agreement {:.3}; KV bytes {:.3}x full f16 ({:?}, {})",
@@ -351,14 +338,14 @@ fn run_compressed(
     a: &BenchArgs,
     lm: &kvmerger_engine::load::LoadedModel,
     dtype: kvmerger_compression::KvDtype,
-    comp: &kvmerger_engine::compress::Compressor,
+    comp: &Arc<Compressor>,
     vocab: usize,
 ) -> Result<()> {
     use crate::compress::mib;
     let m = &lm.model;
     let pp = a.pp.max(a.ctx).max(1);
     let toks = bench_tokens(pp, vocab, 0);
-    let mut seq = Sequence::for_compressor(m, dtype, Some(comp));
+    let mut seq = Sequence::new(m, dtype, comp.clone());
     let prefill = seq.feed(m, &toks)?;
     println!(
         "| pp{pp} (collecting {}) | {pp} | {prefill:.3} | {:.1} |",
@@ -367,22 +354,29 @@ fn run_compressed(
     );
     // The same context uncompressed, for the speed ratio (timed on a copy, dropped
     // before the memory readings).
-    let full_speed = if a.tg > 0 {
+    let uncompressed = || -> Result<Sequence> {
         let mut full = seq.clone();
+        full.set_compressor(Arc::new(Compressor::none()))?;
+        Ok(full)
+    };
+    let full_speed = if a.tg > 0 {
         Some(decode_row(
             m,
-            &mut full,
+            &mut uncompressed()?,
             a.tg,
-            None,
             &format!("ctx {pp}, full cache"),
         )?)
     } else {
         None
     };
     // The uncompressed sequence, kept for the batched comparison only.
-    let full_prompt = (a.tg > 0 && a.batch > 1).then(|| seq.clone());
-    if comp.needs().reconstruction {
-        let secs = seq.score_reconstruction(m, &lm.repeat_prompts()?)?;
+    let full_prompt = if a.tg > 0 && a.batch > 1 {
+        Some(uncompressed()?)
+    } else {
+        None
+    };
+    let secs = seq.score(lm)?;
+    if secs > 0.0 {
         println!(
             "| reconstruction pass ({}) | {pp} | {secs:.3} | {:.2}x prefill |",
             comp.name(),
@@ -390,7 +384,7 @@ fn run_compressed(
         );
     }
     let rss_before = rss_bytes();
-    let (report, _) = seq.compress(comp)?;
+    let report = seq.compress(lm)?;
     let rss_after = rss_bytes();
     println!(
         "| compress {} | {pp} | {:.4} | {:.2}% of prefill |",
@@ -400,13 +394,7 @@ fn run_compressed(
     );
     let compressed_prompt = (a.tg > 0 && a.batch > 1).then(|| seq.clone());
     if a.tg > 0 {
-        let speed = decode_row(
-            m,
-            &mut seq,
-            a.tg,
-            Some(comp),
-            &format!("ctx {pp}, compressed"),
-        )?;
+        let speed = decode_row(m, &mut seq, a.tg, &format!("ctx {pp}, compressed"))?;
         if let Some(full) = full_speed {
             println!(
                 "compressed / full-cache generation speed: {:.2}x; KV bytes {:.3}x the uncompressed cache",
@@ -416,7 +404,7 @@ fn run_compressed(
         }
     }
     if let (Some(full), Some(compressed)) = (&full_prompt, &compressed_prompt) {
-        batched(a, m, full, compressed, comp)?;
+        batched(a, m, full, compressed)?;
     }
     println!(
         "KV cache {:.2} MiB -> {:.2} MiB ({:.1}%); resident memory {:.1} MiB -> {:.1} MiB (-{:.1} MiB)",
@@ -450,14 +438,10 @@ fn batched(
     m: &kvmerger_engine::model::Model,
     full: &Sequence,
     compressed: &Sequence,
-    comp: &kvmerger_engine::compress::Compressor,
 ) -> Result<()> {
     let n = a.batch as usize;
     let mut speeds = Vec::new();
-    for (label, base, c) in [
-        ("full cache", full, None),
-        ("compressed", compressed, Some(comp)),
-    ] {
+    for (label, base) in [("full cache", full), ("compressed", compressed)] {
         let mut seqs: Vec<_> = (0..n).map(|_| base.clone()).collect();
         let t0 = Instant::now();
         for _ in 0..a.tg {
@@ -465,12 +449,12 @@ fn batched(
             let mut segs: Vec<_> = seqs
                 .iter_mut()
                 .zip(&toks)
-                .map(|(s, t)| s.decode_segment(t, c))
+                .map(|(s, t)| s.decode_segment(t))
                 .collect();
             let out = m.forward_batch(&mut segs)?;
             drop(segs);
             for ((s, l), t) in seqs.iter_mut().zip(out).zip(&toks) {
-                s.after_decode_step(t[0], l, c)?;
+                s.after_decode_step(t[0], l)?;
             }
         }
         let secs = t0.elapsed().as_secs_f64();

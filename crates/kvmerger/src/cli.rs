@@ -43,6 +43,40 @@ pub enum Command {
     Analyze(AnalyzeArgs),
     /// Serve the model over an OpenAI-compatible HTTP API, with compression per request.
     Serve(crate::serve::ServeArgs),
+    /// Train KVzap's learned scorer for a model (KVzip's selection without its second
+    /// pass) from public-domain text, into the data directory.
+    TrainScorer(TrainArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Training texts, fetched on first use: austen, jargon (comma-separated).
+    #[arg(long, default_value = "austen,jargon")]
+    pub texts: String,
+    /// Passages to score with KVzip's pass (the last --held-out only measure the fit).
+    #[arg(long, default_value_t = 40)]
+    pub docs: usize,
+    /// Passage lengths in tokens, used in turn.
+    #[arg(long, default_value = "1024,2048,4096")]
+    pub lengths: String,
+    /// Tokens per passage that enter the regression.
+    #[arg(long, default_value_t = 1024)]
+    pub sample: usize,
+    /// Ridge penalties to try, relative to the mean squared feature (comma-separated):
+    /// the one whose held-out selection agrees best with KVzip's at 25% is kept.
+    #[arg(long, default_value = "1e-4,1e-3,1e-2,1e-1")]
+    pub lambda: String,
+    /// Passages held out to measure the fit.
+    #[arg(long, default_value_t = 4)]
+    pub held_out: usize,
+    /// Seed for choosing passages and tokens.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where to write the scorer (default: the data directory, where it is found).
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

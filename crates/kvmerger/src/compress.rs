@@ -6,10 +6,11 @@ use kvmerger_compression::recipe::Value;
 use kvmerger_compression::{registry, Recipe, RecipeError, ScheduleFiles};
 use kvmerger_engine::compress::{CompressReport, Compressor};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-pub fn build(a: &CompressArgs) -> Result<Compressor> {
+pub fn build(a: &CompressArgs) -> Result<Arc<Compressor>> {
     let r = recipe(a)?;
-    Ok(Compressor::from_recipe(&r)?)
+    Ok(Arc::new(Compressor::from_recipe(&r)?))
 }
 
 /// The flag that sets a recipe field, for error messages.

@@ -12,6 +12,7 @@ use kvmerger_compression::{Budget, Recipe};
 use kvmerger_engine::compress::Compressor;
 use kvmerger_engine::generate::GenerateParams;
 use kvmerger_engine::sequence::Sequence;
+use std::sync::Arc;
 
 const FILLER: &str =
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
@@ -64,7 +65,8 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
     if a.needles == 0 || a.needles > PEOPLE.len() {
         bail!("--needles must be between 1 and {}", PEOPLE.len());
     }
-    let mut runs: Vec<(String, Compressor)> = vec![("full".into(), Compressor::full())];
+    let mut runs: Vec<(String, Arc<Compressor>)> =
+        vec![("full".into(), Arc::new(Compressor::none()))];
     for b in &a.budgets {
         for m in &a.methods {
             // Options are `;`-separated here: `--methods` is a comma-separated list.
@@ -77,7 +79,10 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
                 );
             }
             let budget: Budget = b.parse()?;
-            runs.push((format!("{m} @ {budget}"), Compressor::from_recipe(&recipe)?));
+            runs.push((
+                format!("{m} @ {budget}"),
+                Arc::new(Compressor::from_recipe(&recipe)?),
+            ));
         }
     }
     let (lm, dtype) = load_model(&a.model, dir)?;
@@ -125,16 +130,10 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
         "reading a document of {} tokens once, with {n} facts in it...",
         first.context.len()
     );
-    let mut base = Sequence::shared(&lm.model, dtype, runs.iter().map(|(_, c)| c));
+    let mut base = Sequence::shared(&lm.model, dtype, runs.iter().map(|(_, c)| c.as_ref()));
     base.protect(first.prefix);
     let prefill = base.feed(&lm.model, &first.context)?;
-    let mut reconstruct = 0.0;
-    if runs
-        .iter()
-        .any(|(_, c)| !c.is_noop() && c.needs().reconstruction)
-    {
-        reconstruct = base.score_reconstruction(&lm.model, &lm.repeat_prompts()?)?;
-    }
+    base.score(&lm)?;
     let params = GenerateParams {
         max_tokens: a.max_tokens,
         stop: vec!["\n\n".into()],
@@ -152,17 +151,15 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
     println!("|---|---|---|---|---|---|---|");
     for (label, comp) in &runs {
         let mut compressed = base.clone();
-        let (report, _) = compressed.compress(comp)?;
-        let mut secs = report.secs;
-        if comp.needs().reconstruction {
-            secs += reconstruct;
-        }
+        compressed.set_compressor(comp.clone())?;
+        let report = compressed.compress(&lm)?;
+        let secs = report.secs + report.pass_secs;
         let kept = compressed.cache.bytes();
         let (mut right, mut decode, mut wrong) = (0, 0.0, None);
         for ((_, city, _), q) in facts.iter().zip(&questions) {
             let mut s = compressed.clone();
             s.append(&lm.model, q)?;
-            let gen = s.generate(&lm.model, &lm.tokenizer, &params, None, &mut |_| true)?;
+            let gen = s.generate(&lm.model, &lm.tokenizer, &params, &mut |_| true)?;
             decode += gen.decode_secs;
             if gen.text.contains(city) {
                 right += 1;

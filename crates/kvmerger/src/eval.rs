@@ -327,7 +327,6 @@ fn run_grid(a: EvalRunArgs, dir: &Path) -> Result<()> {
         spec: &spec,
         samples: &source,
         text: text.as_ref(),
-        repeat: Default::default(),
     };
     let bar = ProgressBar::new(0);
     bar.set_style(

@@ -9,6 +9,7 @@ mod eval;
 mod fetch;
 mod run;
 mod serve;
+mod train;
 
 use clap::Parser;
 

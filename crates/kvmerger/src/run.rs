@@ -13,6 +13,7 @@ use kvmerger_engine::sampling::SamplingParams;
 use kvmerger_engine::sequence::Sequence;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub fn dispatch(cli: Cli) -> Result<()> {
     if let Command::Serve(a) = cli.command {
@@ -43,6 +44,7 @@ fn dispatch_in_pool(cli: Cli) -> Result<()> {
         Command::Demo(a) => crate::demo::run(a, &dir),
         Command::Eval(a) => crate::eval::run(a, &dir),
         Command::Analyze(a) => crate::analyze::run(a, &dir),
+        Command::TrainScorer(a) => crate::train::run(a, &dir),
         Command::Methods => {
             crate::compress::print_methods();
             Ok(())
@@ -72,6 +74,11 @@ pub fn load_model(m: &ModelArgs, dir: &std::path::Path) -> Result<(LoadedModel, 
     bar.finish();
     let mut loaded = loaded.with_context(|| format!("loading model {}", path.display()))?;
     loaded.model.precision = precision;
+    // A scorer the user trained for this model replaces the one shipped.
+    let trained = crate::train::scorer_path(dir, &loaded.fingerprint);
+    if trained.is_file() {
+        loaded.attach_scorer(&trained)?;
+    }
     Ok((loaded, dtype))
 }
 
@@ -167,7 +174,7 @@ fn generate(a: GenerateArgs, dir: &std::path::Path) -> Result<()> {
         seq.append(&lm.model, &split.question)?;
     }
     let mut out = std::io::stdout().lock();
-    let gen = decode_sequence(&lm, &comp, &mut seq, &params, &mut |s| {
+    let gen = decode_sequence(&lm, &mut seq, &params, &mut |s| {
         let _ = out.write_all(s.as_bytes());
         let _ = out.flush();
         true
@@ -203,66 +210,55 @@ fn generate(a: GenerateArgs, dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Prefill `ids` (collecting what the method needs, KVzip's reconstruction pass
-/// included) and compress, reporting what compression did. The first `protect` tokens
-/// are the chat template's opening. Returns the sequence and the prefill time.
+/// Prefill `ids` and compress them with `comp` (the sequence runs whatever pass the
+/// method needs), reporting what compression did. The first `protect` tokens are the
+/// chat template's opening. Returns the sequence and the prefill time.
 pub fn compressed_sequence(
     lm: &LoadedModel,
-    comp: &Compressor,
+    comp: &Arc<Compressor>,
     dtype: KvDtype,
     ids: &[u32],
     protect: usize,
 ) -> Result<(Sequence, f64)> {
-    if !comp.is_noop() {
-        comp.check_prompt(lm.model.cfg.n_layers, ids.len())?;
-    }
-    let mut seq = Sequence::for_compressor(&lm.model, dtype, Some(comp));
+    let mut seq = Sequence::new(&lm.model, dtype, comp.clone());
     seq.protect(protect);
-    if comp.prefill_chunk.is_some() && !comp.is_noop() {
-        let (prefill, report) = seq.feed_within(&lm.model, ids, comp)?;
-        crate::compress::report(&report, prefill);
+    let done = seq.feed_context(lm, ids)?;
+    let r = &done.compress;
+    if r.pass_secs > 0.0 {
+        eprintln!(
+            "[{}] reconstruction pass: {:.2}s ({:.2}x the prefill)",
+            r.method,
+            r.pass_secs,
+            r.pass_secs / done.prefill_s.max(1e-9)
+        );
+    }
+    if !r.method.is_empty() {
+        crate::compress::report(r, done.prefill_s);
+    }
+    if seq.prefill_passes() > 0 {
         eprintln!(
             "[{}] compressed during prefill: {} passes, peak KV cache {:.2} MiB",
-            comp.name(),
+            r.method,
             seq.prefill_passes(),
             crate::compress::mib(seq.peak_kv_bytes())
         );
-        return Ok((seq, prefill));
     }
-    let prefill = seq.feed(&lm.model, ids)?;
-    if !comp.is_noop() {
-        let mut scoring = 0.0;
-        if comp.needs().reconstruction {
-            scoring = seq.score_reconstruction(&lm.model, &lm.repeat_prompts()?)?;
-            eprintln!(
-                "[{}] reconstruction pass: {:.2}s ({:.2}x the prefill)",
-                comp.name(),
-                scoring,
-                scoring / prefill.max(1e-9)
-            );
-        }
-        let _ = scoring;
-        let (report, _) = seq.compress(comp)?;
-        crate::compress::report(&report, prefill);
-    }
-    Ok((seq, prefill))
+    Ok((seq, done.prefill_s))
 }
 
-/// Decode from `seq`'s last logits, re-compressing past the budget when `comp` has a
-/// margin.
+/// Decode from `seq`'s last logits, re-compressing past the budget when its recipe
+/// has a margin.
 pub fn decode_sequence(
     lm: &LoadedModel,
-    comp: &Compressor,
     seq: &mut Sequence,
     params: &GenerateParams,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
-    let comp = Some(comp).filter(|c| !c.is_noop());
-    let gen = seq.generate(&lm.model, &lm.tokenizer, params, comp, on_text)?;
-    if let Some(c) = comp.filter(|_| seq.decode_passes() > 0) {
+    let gen = seq.generate(&lm.model, &lm.tokenizer, params, on_text)?;
+    if seq.decode_passes() > 0 {
         eprintln!(
             "[{}] re-compressed {} times while decoding",
-            c.name(),
+            seq.compressor().name(),
             seq.decode_passes()
         );
     }
@@ -312,7 +308,7 @@ fn chat(a: ChatArgs, dir: &std::path::Path) -> Result<()> {
             let _ = out.flush();
             true
         };
-        let gen = decode_sequence(&lm, &comp, &mut seq, &params, &mut print)?;
+        let gen = decode_sequence(&lm, &mut seq, &params, &mut print)?;
         drop(out);
         println!();
         conversation = Some(seq);

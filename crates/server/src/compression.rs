@@ -19,6 +19,7 @@ use kvmerger_compression::{Protocol, Recipe, RecipeError, ScheduleFiles};
 use kvmerger_engine::compress::Compressor;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// The recipe of one request: the server's default with the request's `kv_compression`
 /// laid over it. The recipe type and its parsing are the compression crate's
@@ -26,8 +27,8 @@ use std::collections::BTreeMap;
 pub trait RequestRecipe: Sized {
     /// This recipe with a request's `kv_compression` value laid over it.
     fn with_request(&self, v: &Value) -> Result<Self, ApiError>;
-    /// The compressor, or None when nothing would be compressed.
-    fn build(&self) -> Result<Option<Compressor>, ApiError>;
+    /// The compressor ([`Compressor::none`] when nothing would be compressed).
+    fn build(&self) -> Result<Arc<Compressor>, ApiError>;
 }
 
 fn param_error(e: RecipeError) -> ApiError {
@@ -65,18 +66,15 @@ impl RequestRecipe for Recipe {
         Ok(out)
     }
 
-    fn build(&self) -> Result<Option<Compressor>, ApiError> {
+    fn build(&self) -> Result<Arc<Compressor>, ApiError> {
         if self.method == "full" {
-            return Ok(None);
+            return Ok(Arc::new(Compressor::none()));
         }
         let c = Compressor::from_recipe(self).map_err(|e| match e {
             kvmerger_engine::Error::Recipe(e) => param_error(e),
             e => ApiError::param("kv_compression", e.to_string()),
         })?;
-        if c.is_noop() {
-            return Ok(None);
-        }
-        Ok(Some(c))
+        Ok(Arc::new(c))
     }
 }
 
@@ -125,7 +123,7 @@ mod tests {
         for v in [json!("none"), json!(false), json!({"method": "full"})] {
             let s = d.with_request(&v).unwrap();
             assert_eq!(s, Recipe::full());
-            assert!(s.build().unwrap().is_none());
+            assert!(s.build().unwrap().is_noop());
         }
     }
 
@@ -143,7 +141,7 @@ mod tests {
         assert_eq!(s.options.get("epsilon"), Some("0.7"));
         assert_eq!(s.options.get("mass"), Some("bias"));
         assert!(matches!(s.schedule, Schedule::Pyramid { .. }));
-        let c = s.build().unwrap().unwrap();
+        let c = s.build().unwrap();
         assert_eq!(c.name(), "kvmerger");
     }
 
@@ -156,7 +154,7 @@ mod tests {
         let other = d.with_request(&json!({"method": "h2o"})).unwrap();
         assert_eq!(other.options.get("epsilon"), None);
         assert_eq!(other.budget, d.budget, "the budget is not per method");
-        other.build().unwrap().unwrap();
+        other.build().unwrap();
     }
 
     #[test]
@@ -222,12 +220,12 @@ mod tests {
         let spec = Recipe::full()
             .with_request(&json!({"method": "streaming", "budget": 0.25}))
             .unwrap();
-        let c = spec.build().unwrap().unwrap();
+        let c = spec.build().unwrap();
         let (l, h, slot) = (30, 3, 272);
-        let full = estimate(None, 1000, 100, l, h, slot);
+        let full = estimate(&Compressor::none(), 1000, 100, l, h, slot);
         assert_eq!(full.steady, 1100 * l * h * slot);
         assert_eq!(full.prefill_peak, full.steady);
-        let comp = estimate(Some(&c), 1000, 100, l, h, slot);
+        let comp = estimate(&c, 1000, 100, l, h, slot);
         assert_eq!(comp.steady, (250 + 100) * l * h * slot);
         assert_eq!(comp.prefill_peak, 1000 * l * h * slot);
         assert_eq!(comp.uncompressed, full.steady);
@@ -236,9 +234,8 @@ mod tests {
             .with_request(&json!({"method": "streaming", "budget": 0.25, "prefill_chunk": 200}))
             .unwrap()
             .build()
-            .unwrap()
             .unwrap();
-        let est = estimate(Some(&within), 1000, 100, l, h, slot);
+        let est = estimate(&within, 1000, 100, l, h, slot);
         assert_eq!(est.prefill_peak, (250 + 200) * l * h * slot);
         assert_eq!(est.steady, comp.steady);
     }

@@ -46,7 +46,7 @@ struct Request {
     input: Input,
     sampling: Sampling,
     spec: Recipe,
-    compressor: Option<Compressor>,
+    compressor: Arc<Compressor>,
     /// The protocol the request named (`kv_compression.protocol`), if any.
     protocol: Option<Protocol>,
     stream: bool,
@@ -213,7 +213,7 @@ fn check_model(app: &App, model: &str) -> Result<(), ApiError> {
     }
 }
 
-type RequestCompression = (Recipe, Option<Compressor>, Option<Protocol>);
+type RequestCompression = (Recipe, Arc<Compressor>, Option<Protocol>);
 
 fn compression(app: &App, v: Option<&Value>) -> Result<RequestCompression, ApiError> {
     let protocol = request_protocol(v)?;
@@ -222,11 +222,9 @@ fn compression(app: &App, v: Option<&Value>) -> Result<RequestCompression, ApiEr
         .compression
         .with_request(v.unwrap_or(&Value::Null))?;
     let c = spec.build()?;
-    if let Some(c) = &c {
-        c.schedule
-            .check(app.sched.n_layers)
-            .map_err(|e| ApiError::param("kv_compression.schedule", e.to_string()))?;
-    }
+    c.schedule
+        .check(app.sched.n_layers)
+        .map_err(|e| ApiError::param("kv_compression.schedule", e.to_string()))?;
     Ok((spec, c, protocol))
 }
 
@@ -349,18 +347,21 @@ fn prepare(
     let (protocol, context_end) = context_split(app, &req, &prompt)?;
     // Settings that cannot bring this prompt to its budget are refused before the
     // prefill, not after it.
-    if let Some(c) = &req.compressor {
-        c.check_prompt(lm.model.cfg.n_layers, context_end)
-            .map_err(|e| match e {
-                kvmerger_engine::Error::Recipe(e) => {
-                    ApiError::param(format!("kv_compression.{}", e.field), e.message)
-                }
-                e => ApiError::param("kv_compression", e.to_string()),
-            })?;
-    }
+    let c = &req.compressor;
+    c.check_prompt(lm.model.cfg.n_layers, context_end)
+        .and_then(|_| match c.is_noop() {
+            true => Ok(()),
+            false => lm.model.check_learned(c.needs()),
+        })
+        .map_err(|e| match e {
+            kvmerger_engine::Error::Recipe(e) => {
+                ApiError::param(format!("kv_compression.{}", e.field), e.message)
+            }
+            e => ApiError::param("kv_compression", e.to_string()),
+        })?;
     let s = &app.sched;
     let est = estimate(
-        req.compressor.as_ref(),
+        &req.compressor,
         p,
         max_tokens,
         s.n_layers,
@@ -376,9 +377,9 @@ fn prepare(
             mib(est.prefill_peak),
             mib(budget),
             match &req.compressor {
-                None => " or ask for kv_compression",
-                Some(c) if c.prefill_chunk.is_none() => " or compress during prefill (kv_compression.prefill_chunk)",
-                Some(_) => "",
+                c if c.is_noop() => " or ask for kv_compression",
+                c if c.prefill_chunk.is_none() => " or compress during prefill (kv_compression.prefill_chunk)",
+                _ => "",
             }
         ))
         .with_param(req.prompt_param)
@@ -396,11 +397,11 @@ fn prepare(
         .validate()
         .map_err(|e| ApiError::invalid(e.to_string()))?;
     // Cached contexts are matched on everything that shapes a compressed cache.
-    let cache_key = match &req.compressor {
-        Some(_) => format!("{}|{:?}|{}", req.spec, req.spec.schedule, protocol.name()),
-        None => "full".into(),
+    let cache_key = if req.compressor.is_noop() {
+        "full".into()
+    } else {
+        format!("{}|{:?}|{}", req.spec, req.spec.schedule, protocol.name())
     };
-    let mut req = req;
     let job = Job {
         prompt,
         params: GenerateParams {
@@ -409,7 +410,7 @@ fn prepare(
             stop: req.sampling.stop.clone(),
             ignore_eos: req.sampling.ignore_eos,
         },
-        compressor: req.compressor.take(),
+        compressor: req.compressor.clone(),
         method: req.spec.method.clone(),
         budget: req.spec.budget_text(),
         estimate: est,
@@ -431,7 +432,7 @@ fn prepare(
 /// whole (and says so in its usage).
 fn context_split(app: &App, req: &Request, prompt: &[u32]) -> Result<(Protocol, usize), ApiError> {
     let asked = req.protocol;
-    if req.compressor.is_none() || asked.unwrap_or(app.cfg.protocol) == Protocol::Aware {
+    if req.compressor.is_noop() || asked.unwrap_or(app.cfg.protocol) == Protocol::Aware {
         return Ok((Protocol::Aware, prompt.len()));
     }
     let whole = |why: &str| {

@@ -36,7 +36,7 @@ use tokio::sync::mpsc::UnboundedSender;
 pub struct Job {
     pub prompt: Vec<u32>,
     pub params: GenerateParams,
-    pub compressor: Option<Compressor>,
+    pub compressor: Arc<Compressor>,
     /// Method and budget as the request resolved them (for usage reports).
     pub method: String,
     pub budget: String,
@@ -223,7 +223,7 @@ impl Seq<'_> {
     /// Where the prompt's prefill stops next: at the context's end while the context
     /// still has to be compressed, else at the prompt's end.
     fn prefill_end(&self) -> usize {
-        if self.job.compressor.is_some() && !self.seq.is_compressed() {
+        if !self.job.compressor.is_noop() && !self.seq.is_compressed() {
             self.job.context_end
         } else {
             self.job.prompt.len()
@@ -390,17 +390,15 @@ impl<'m> Engine<'m> {
                     if l.context_reuse {
                         m.context_misses.fetch_add(1, Relaxed);
                     }
-                    let mut seq = Sequence::for_compressor(
-                        &self.lm.model,
-                        l.kv_dtype,
-                        job.compressor.as_ref(),
-                    );
+                    let mut seq = Sequence::new(&self.lm.model, l.kv_dtype, job.compressor.clone());
                     // Room for the prompt (or, compressing during prefill, one chunk
                     // past the budget): its rows are not moved as it grows.
-                    seq.cache.reserve(match job.compressor.as_ref() {
-                        Some(c) if c.prefill_chunk.is_some() => 0,
-                        _ => job.prompt.len(),
-                    });
+                    seq.cache
+                        .reserve(if job.compressor.compresses_during_prefill() {
+                            0
+                        } else {
+                            job.prompt.len()
+                        });
                     (seq, None, 0)
                 }
             };
@@ -461,10 +459,9 @@ impl<'m> Engine<'m> {
             .zip(pending_tokens.iter_mut())
             .enumerate()
         {
-            let comp = s.job.compressor.as_ref();
             match &mut s.phase {
                 Phase::Decode { .. } => {
-                    segs.push(s.seq.decode_segment(&tok[..], comp));
+                    segs.push(s.seq.decode_segment(&tok[..]));
                     order.push((i, 0));
                 }
                 Phase::Prefill => {
@@ -474,9 +471,7 @@ impl<'m> Engine<'m> {
                     s.prefill_started.get_or_insert_with(Instant::now);
                     // KVzip's reconstruction pass runs once the context is in (below).
                     let end = s.prefill_end();
-                    let seg = s
-                        .seq
-                        .prefill_segment(&s.job.prompt[..end], chunk_left, comp);
+                    let seg = s.seq.prefill_segment(&s.job.prompt[..end], chunk_left);
                     let n = seg.tokens.len();
                     chunk_left -= n;
                     prompt_tokens += n;
@@ -503,7 +498,6 @@ impl<'m> Engine<'m> {
         let mut exits = Vec::new();
         for (&(i, n), mut l) in order.iter().zip(logits) {
             let s = &mut self.running[i];
-            let comp = s.job.compressor.as_ref();
             let after = match s.phase {
                 Phase::Prefill => {
                     let end = s.prefill_end();
@@ -511,7 +505,6 @@ impl<'m> Engine<'m> {
                         &s.job.prompt[..end],
                         n,
                         std::mem::take(&mut l),
-                        comp,
                     );
                     match r {
                         Ok(Some(r)) => record(&self.sched.metrics, &r),
@@ -539,7 +532,7 @@ impl<'m> Engine<'m> {
                 }
                 Phase::Decode { pending } => s
                     .seq
-                    .after_decode_step(pending, std::mem::take(&mut l), comp)
+                    .after_decode_step(pending, std::mem::take(&mut l))
                     .map_err(|e| ApiError::internal(e.to_string())),
             };
             match after {
@@ -663,24 +656,18 @@ impl<'m> Engine<'m> {
     }
 }
 
-/// The context is in the cache: compress it (after KVzip's reconstruction pass, when
-/// the method needs one). Nothing to do without a compressor or once compressed.
+/// The context is in the cache: the sequence compresses it (after any pass its
+/// method needs, on this sequence alone). Nothing to do without compression or once
+/// compressed.
 fn compress_context(s: &mut Seq<'_>, sched: &Scheduler, lm: &LoadedModel) -> Result<(), ApiError> {
-    let Some(c) = s.job.compressor.as_ref().filter(|_| !s.seq.is_compressed()) else {
-        return Ok(());
-    };
-    let internal = |e: kvmerger_engine::Error| ApiError::internal(e.to_string());
-    if c.needs().reconstruction && !c.is_noop() {
-        // KVzip: a second pass over the context, on this sequence alone; its tokens
-        // leave the cache when it ends.
-        let prompts = lm.repeat_prompts().map_err(internal)?;
-        s.seq
-            .score_reconstruction(&lm.model, &prompts)
-            .map_err(internal)?;
+    let report = s
+        .seq
+        .finish_context(lm)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if let Some(report) = report {
+        s.compress_ms = (report.secs + report.pass_secs) * 1e3;
+        record(&sched.metrics, &report);
     }
-    let (report, _) = s.seq.compress(c).map_err(internal)?;
-    s.compress_ms = report.secs * 1e3;
-    record(&sched.metrics, &report);
     Ok(())
 }
 
@@ -727,6 +714,5 @@ fn reservation(s: &Seq<'_>) -> usize {
         .max_tokens
         .saturating_sub(s.decoder.tokens().len());
     let prompt = s.job.prompt.len().saturating_sub(s.seq.tokens().len());
-    s.seq
-        .kv_bound(s.job.compressor.as_ref(), generated + prompt)
+    s.seq.kv_bound(generated + prompt)
 }

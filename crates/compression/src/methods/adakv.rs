@@ -12,8 +12,9 @@
 //! layers). Every other option is passed to the scorer, e.g.
 //! `adakv:scorer=snapkv,window=16`.
 
-use super::OptionDoc;
-use crate::method::{HeadInput, MassCorrection, Method, Options, StatsNeeds};
+use super::{OptionDoc, ScorerFactory};
+use crate::method::{HeadInput, Method, Options, StatsNeeds};
+use crate::scorer::{self, Scorer, Selection};
 use crate::select::{self, Scope};
 use crate::store::HeadData;
 use crate::Error;
@@ -39,33 +40,17 @@ pub const OPTIONS: &[OptionDoc] = &[
 ];
 
 pub struct AdaKv {
-    pub scorer: Box<dyn Method>,
+    pub scorer: Box<dyn Scorer>,
     pub alpha: f32,
     pub scope: Scope,
 }
 
 impl AdaKv {
-    pub fn from_options(opts: &Options) -> Result<Self, Error> {
+    /// `make` builds the scorer named by `scorer` from the options that are not adakv's.
+    pub fn from_options(opts: &Options, make: ScorerFactory<'_>) -> Result<Self, Error> {
         let scorer_name = opts.get("scorer").unwrap_or("expected_attention");
-        if scorer_name == "adakv" {
-            return Err(Error::InvalidOption(
-                "adakv: the scorer cannot be adakv itself".into(),
-            ));
-        }
-        let mut inner = Options::new();
-        for k in opts.keys() {
-            if !OPTIONS.iter().any(|d| d.key == k) {
-                inner.set(k, opts.get(k).unwrap_or_default());
-            }
-        }
-        let scorer = crate::registry::build(scorer_name, &inner)
+        let scorer = make(scorer_name, &super::passed_through(opts, OPTIONS))
             .map_err(|e| Error::InvalidOption(format!("adakv: scorer '{scorer_name}': {e}")))?;
-        if !crate::registry::is_scorer(scorer.as_ref()) {
-            return Err(Error::InvalidOption(format!(
-                "adakv: '{scorer_name}' does not score slots (scorers: {})",
-                crate::registry::scorers().join(", ")
-            )));
-        }
         let scope = Scope::parse("scope", opts.get("scope").unwrap_or("layer"))?;
         if scope == Scope::Head {
             return Err(Error::InvalidOption(
@@ -88,37 +73,20 @@ impl Method for AdaKv {
         self.scorer.needs()
     }
     fn min_slots(&self) -> usize {
-        self.scorer.min_slots()
-    }
-    fn mass_correction(&self) -> MassCorrection {
-        self.scorer.mass_correction()
+        self.scorer.always_kept().map_or(0, |(_, k)| k)
     }
     /// One head alone has no other head to share with: the scorer's own selection.
     fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error> {
-        self.scorer.compress(input).map_err(rename)
+        Selection::compress_head(self.scorer.as_ref(), input)
+            .map_err(|e| scorer::missing_as("adakv", e))
     }
     fn compress_all(&self, inputs: &[HeadInput<'_>]) -> Result<Vec<HeadData>, Error> {
-        select::check_min_slots(
-            inputs,
-            self.scorer.min_slots(),
-            "adakv",
-            "the scorer's window",
-        )?;
-        let scores = select::all_scores(self.scorer.as_ref(), inputs, "adakv").map_err(rename)?;
+        select::check_min_slots(inputs, self.min_slots(), "adakv", "the scorer's window")?;
+        let scores = scorer::all_scores(self.scorer.as_ref(), inputs)
+            .map_err(|e| scorer::missing_as("adakv", e))?;
         Ok(select::keep_top_shared(
             inputs, &scores, self.scope, self.alpha,
         ))
-    }
-}
-
-/// A missing statistic is reported as adakv's, the method the user asked for.
-fn rename(e: Error) -> Error {
-    match e {
-        Error::MissingStats { stat, .. } => Error::MissingStats {
-            method: "adakv".into(),
-            stat,
-        },
-        e => e,
     }
 }
 
@@ -148,7 +116,7 @@ mod tests {
         opts.parse_pair("window=2").unwrap();
         opts.parse_pair("kernel=1").unwrap();
         opts.parse_pair("alpha=0.25").unwrap();
-        let m = AdaKv::from_options(&opts).unwrap();
+        let m = AdaKv::from_options(&opts, &crate::registry::build_scorer).unwrap();
         // Head 0 attends to everything a little; head 1 concentrates on a few slots
         // (with far higher votes): head 1's votes win the shared budget.
         let (d0, s0) = head(100, |_| 1.0);
@@ -214,12 +182,18 @@ mod tests {
     fn a_method_that_does_not_score_is_refused_at_build_time() {
         let mut opts = Options::new();
         opts.parse_pair("scorer=kvmerger").unwrap();
-        let e = AdaKv::from_options(&opts).err().unwrap().to_string();
+        let e = AdaKv::from_options(&opts, &crate::registry::build_scorer)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("does not score slots"), "{e}");
         let mut opts = Options::new();
         opts.parse_pair("scorer=snapkv").unwrap();
         opts.parse_pair("colour=red").unwrap();
-        let e = AdaKv::from_options(&opts).err().unwrap().to_string();
+        let e = AdaKv::from_options(&opts, &crate::registry::build_scorer)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("colour"), "{e}");
     }
 }

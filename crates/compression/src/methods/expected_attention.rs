@@ -17,7 +17,8 @@
 //! implementation's.
 
 use super::OptionDoc;
-use crate::method::{HeadInput, Method, Options, QueryMoments, QueryNeeds, StatsNeeds};
+use crate::method::{HeadInput, Options, QueryMoments, QueryNeeds, StatsNeeds};
+use crate::scorer::Scorer;
 use crate::store::HeadData;
 use crate::Error;
 
@@ -188,7 +189,7 @@ fn expected_logits_plain(
     }
 }
 
-impl Method for ExpectedAttention {
+impl Scorer for ExpectedAttention {
     fn name(&self) -> &str {
         "expected_attention"
     }
@@ -201,16 +202,11 @@ impl Method for ExpectedAttention {
             ..Default::default()
         }
     }
-    fn min_slots(&self) -> usize {
-        self.sinks
+    fn always_kept(&self) -> Option<(&'static str, usize)> {
+        Some(("sinks", self.sinks))
     }
-    fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error> {
-        super::keep_top_after_sinks(&input, "expected_attention", self.sinks, || {
-            self.expected_scores(&input)
-        })
-    }
-    fn scores(&self, input: &HeadInput<'_>) -> Option<Result<Vec<f32>, Error>> {
-        Some(self.expected_scores(input))
+    fn scores(&self, input: &HeadInput<'_>) -> Result<Vec<f32>, Error> {
+        self.expected_scores(input)
     }
 }
 
@@ -220,6 +216,7 @@ mod tests {
     use crate::method::HeadStats;
     use crate::store::SlotMeta;
     use crate::HeadPos;
+    use crate::{Method, Selection};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -324,7 +321,7 @@ mod tests {
         for i in 0..n {
             assert!((scores[i] as f64 - mc[i] / total).abs() < 0.01, "slot {i}");
         }
-        assert_eq!(m.compress(input).unwrap().len(), 4);
+        assert_eq!(Selection(Box::new(m)).compress(input).unwrap().len(), 4);
     }
 
     #[test]
@@ -333,7 +330,9 @@ mod tests {
         for i in 0..8 {
             data.push(&[1.0, 0.0], &[1.0, 0.0], SlotMeta::token(i));
         }
-        let m = ExpectedAttention::from_options(&Options::new()).unwrap();
+        let m = Selection(Box::new(
+            ExpectedAttention::from_options(&Options::new()).unwrap(),
+        ));
         let e = m
             .compress(HeadInput {
                 data: &data,

@@ -7,8 +7,8 @@
 //! in the official scripts; heavy hitters fill the rest).
 
 use super::{OptionDoc, Stat};
-use crate::method::{HeadInput, Method, Options, StatsNeeds};
-use crate::store::HeadData;
+use crate::method::{HeadInput, Options, StatsNeeds};
+use crate::scorer::Scorer;
 use crate::Error;
 
 pub const SUMMARY: &str = "H2O: recent window plus heavy hitters by accumulated attention";
@@ -32,7 +32,7 @@ impl H2o {
     }
 }
 
-impl Method for H2o {
+impl Scorer for H2o {
     fn name(&self) -> &str {
         "h2o"
     }
@@ -42,22 +42,12 @@ impl Method for H2o {
             ..Default::default()
         }
     }
-    fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error> {
-        let (n, budget) = (input.data.len(), input.budget);
-        if budget >= n {
-            return Ok(input.data.clone());
-        }
-        let scores = super::stat(&input, Stat::Accumulated, "h2o")?;
-        let recent = super::share_of(budget, self.recent);
-        Ok(super::keep(
-            input.data,
-            super::recent_plus_top(n, scores, recent, budget),
+    /// The recent window scores infinity; the rest their accumulated attention.
+    fn scores(&self, input: &HeadInput<'_>) -> Result<Vec<f32>, Error> {
+        let s = super::stat(input, Stat::Accumulated, "h2o")?;
+        Ok(super::recent_scores(
+            s,
+            super::share_of(input.budget, self.recent),
         ))
-    }
-    fn scores(&self, input: &HeadInput<'_>) -> Option<Result<Vec<f32>, Error>> {
-        Some(
-            super::stat(input, Stat::Accumulated, "h2o")
-                .map(|s| super::recent_scores(s, super::share_of(input.budget, self.recent))),
-        )
     }
 }

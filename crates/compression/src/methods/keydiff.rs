@@ -7,7 +7,8 @@
 //! Options: `sinks` (the first slots always kept, default 0: the paper's rule alone).
 
 use super::OptionDoc;
-use crate::method::{HeadInput, Method, Options, StatsNeeds};
+use crate::method::{HeadInput, Options, StatsNeeds};
+use crate::scorer::Scorer;
 use crate::store::HeadData;
 use crate::Error;
 
@@ -64,23 +65,18 @@ impl KeyDiff {
     }
 }
 
-impl Method for KeyDiff {
+impl Scorer for KeyDiff {
     fn name(&self) -> &str {
         "keydiff"
     }
     fn needs(&self) -> StatsNeeds {
         StatsNeeds::default()
     }
-    fn min_slots(&self) -> usize {
-        self.sinks
+    fn always_kept(&self) -> Option<(&'static str, usize)> {
+        Some(("sinks", self.sinks))
     }
-    fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error> {
-        super::keep_top_after_sinks(&input, "keydiff", self.sinks, || {
-            Ok(self.key_scores(input.data))
-        })
-    }
-    fn scores(&self, input: &HeadInput<'_>) -> Option<Result<Vec<f32>, Error>> {
-        Some(Ok(self.key_scores(input.data)))
+    fn scores(&self, input: &HeadInput<'_>) -> Result<Vec<f32>, Error> {
+        Ok(self.key_scores(input.data))
     }
 }
 
@@ -88,6 +84,7 @@ impl Method for KeyDiff {
 mod tests {
     use super::*;
     use crate::store::SlotMeta;
+    use crate::Method;
 
     #[test]
     fn the_key_that_points_elsewhere_is_kept() {
@@ -105,7 +102,7 @@ mod tests {
         let s = m.key_scores(&d);
         let best = (0..8).max_by(|&a, &b| s[a].total_cmp(&s[b])).unwrap();
         assert_eq!(best, 3);
-        let out = m
+        let out = crate::Selection(Box::new(m))
             .compress(HeadInput {
                 data: &d,
                 stats: &Default::default(),

@@ -6,8 +6,8 @@
 //! fills the rest, default 0: the paper's rule alone).
 
 use super::OptionDoc;
-use crate::method::{HeadInput, Method, Options, StatsNeeds};
-use crate::store::HeadData;
+use crate::method::{HeadInput, Options, StatsNeeds};
+use crate::scorer::Scorer;
 use crate::Error;
 
 pub const SUMMARY: &str = "KNorm: keep the keys with the smallest L2 norm";
@@ -31,28 +31,17 @@ impl KNorm {
     }
 }
 
-impl Method for KNorm {
+impl Scorer for KNorm {
     fn name(&self) -> &str {
         "knorm"
     }
     fn needs(&self) -> StatsNeeds {
         StatsNeeds::default()
     }
-    fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error> {
-        let (n, budget) = (input.data.len(), input.budget);
-        if budget >= n {
-            return Ok(input.data.clone());
-        }
-        let negative_norms: Vec<f32> = super::key_norms(input.data).iter().map(|x| -x).collect();
-        let recent = super::share_of(budget, self.recent);
-        Ok(super::keep(
-            input.data,
-            super::recent_plus_top(n, &negative_norms, recent, budget),
-        ))
-    }
-    fn scores(&self, input: &HeadInput<'_>) -> Option<Result<Vec<f32>, Error>> {
+    /// The recent window scores infinity; the rest minus their key norm.
+    fn scores(&self, input: &HeadInput<'_>) -> Result<Vec<f32>, Error> {
         let negative_norms: Vec<f32> = super::key_norms(input.data).iter().map(|x| -x).collect();
         let recent = super::share_of(input.budget, self.recent);
-        Some(Ok(super::recent_scores(&negative_norms, recent)))
+        Ok(super::recent_scores(&negative_norms, recent))
     }
 }

@@ -68,6 +68,7 @@
 
 use super::{OptionDoc, Stat};
 use crate::method::{HeadInput, MassCorrection, Method, Options, StatsNeeds};
+use crate::scorer::Scorer as _;
 use crate::store::{HeadData, SlotMeta};
 use crate::Error;
 use std::ops::Range;
@@ -575,6 +576,7 @@ impl KvMerger {
                 count: 0,
                 score: 0.0,
                 bias: 0.0,
+                learned: data.meta[set.pivot].learned,
             };
             let mut weighted_bias = 0.0;
             for (i, &w) in set.members.clone().zip(&set.weights) {

@@ -52,8 +52,9 @@
 //! 0.0029 at 50% and 0.0204 against 0.0250 at 25% (docs/results/ppl-scorers-*).
 
 use super::kvmerger::MergeSet;
-use super::OptionDoc;
+use super::{OptionDoc, ScorerFactory};
 use crate::method::{HeadInput, MassCorrection, Method, Options, StatsNeeds};
+use crate::scorer::{self, Scorer};
 use crate::select::{self, Scope};
 use crate::store::HeadData;
 use crate::Error;
@@ -85,13 +86,14 @@ pub const TIGHT_SINKS: usize = 64;
 /// The selection measured best under the query-agnostic protocol (docs/results.md,
 /// dev split): KVzip's.
 const DEFAULT_SELECTOR: &str = "kvzip";
+/// Selectors whose sinks grow to [`TIGHT_SINKS`] at tight budgets.
+const TIGHT_SELECTORS: &[&str] = &["kvzip", "kvzap"];
 
 pub struct KvMergerPlus {
-    pub selector: Box<dyn Method>,
-    pub selector_name: String,
-    /// The selector at tight budgets ([`TIGHT_SHARE`]): kvzip with [`TIGHT_SINKS`]
-    /// sinks, when the selector is kvzip and `sinks` was not given.
-    pub tight_selector: Option<Box<dyn Method>>,
+    pub selector: Box<dyn Scorer>,
+    /// The selector at tight budgets ([`TIGHT_SHARE`]): the selector with
+    /// [`TIGHT_SINKS`] sinks, when it is kvzip or kvzap and `sinks` was not given.
+    pub tight_selector: Option<Box<dyn Scorer>>,
     /// Whether merging stops at tight budgets (`merge` not given).
     pub tight_no_merge: bool,
     pub scope: Scope,
@@ -122,38 +124,25 @@ impl PlusPlan {
 }
 
 impl KvMergerPlus {
-    pub fn from_options(opts: &Options) -> Result<Self, Error> {
+    /// `make` builds the scorer named by `selector` from the options that are not
+    /// kvmerger+'s.
+    pub fn from_options(opts: &Options, make: ScorerFactory<'_>) -> Result<Self, Error> {
         let selector_name = opts.get("selector").unwrap_or(DEFAULT_SELECTOR).to_string();
-        if matches!(selector_name.as_str(), "kvmerger+" | "adakv") {
-            return Err(Error::InvalidOption(format!(
-                "kvmerger+: selector '{selector_name}' is not a plain scorer (use scope= for head-wise budgets)"
-            )));
-        }
-        let mut inner = Options::new();
-        for k in opts.keys() {
-            if !OPTIONS.iter().any(|d| d.key == k) {
-                inner.set(k, opts.get(k).unwrap_or_default());
-            }
-        }
+        let inner = super::passed_through(opts, OPTIONS);
         let build = |inner: &Options| {
-            crate::registry::build(&selector_name, inner).map_err(|e| {
+            make(&selector_name, inner).map_err(|e| {
                 Error::InvalidOption(format!("kvmerger+: selector '{selector_name}': {e}"))
             })
         };
         let selector = build(&inner)?;
-        let tight_selector = if selector_name == "kvzip" && opts.get("sinks").is_none() {
-            let mut tight = inner.clone();
-            tight.set("sinks", TIGHT_SINKS);
-            Some(build(&tight)?)
-        } else {
-            None
-        };
-        if !crate::registry::is_scorer(selector.as_ref()) {
-            return Err(Error::InvalidOption(format!(
-                "kvmerger+: '{selector_name}' does not score slots (scorers: {})",
-                crate::registry::scorers().join(", ")
-            )));
-        }
+        let tight_selector =
+            if TIGHT_SELECTORS.contains(&selector_name.as_str()) && opts.get("sinks").is_none() {
+                let mut tight = inner.clone();
+                tight.set("sinks", TIGHT_SINKS);
+                Some(build(&tight)?)
+            } else {
+                None
+            };
         let epsilon = opts.f32_or("epsilon", 0.5)?;
         if !(-1.0..=1.0).contains(&epsilon) {
             return Err(Error::InvalidOption(format!(
@@ -166,14 +155,12 @@ impl KvMergerPlus {
                 "option cap={cap} must be a finite number >= 0"
             )));
         }
-        // KVzip's scores are made to be compared across layers and heads (its own
-        // default); other scorers' are per head.
-        let scope_default = if selector_name == "kvzip" {
-            "model"
-        } else {
-            "head"
+        // KVzip's scores (and kvzap's predictions of them) are made to be compared
+        // across layers and heads: the selector's own scope unless one is given.
+        let scope = match opts.get("scope") {
+            None | Some("auto") => selector.scope(),
+            Some(v) => Scope::parse("scope", v)?,
         };
-        let scope = Scope::parse("scope", opts.get("scope").unwrap_or(scope_default))?;
         let alpha = match opts.get("alpha") {
             None | Some("auto") => {
                 if scope == Scope::Layer {
@@ -186,7 +173,6 @@ impl KvMergerPlus {
         };
         Ok(KvMergerPlus {
             selector,
-            selector_name,
             tight_selector,
             tight_no_merge: opts.get("merge").is_none(),
             scope,
@@ -202,7 +188,7 @@ impl KvMergerPlus {
     /// The selector and whether to merge for these heads: the configured ones, or
     /// at a tight budget (less than [`TIGHT_SHARE`] of their slots kept in all) the
     /// tight ones, where the options left them to the default.
-    fn settings(&self, inputs: &[HeadInput<'_>]) -> (&dyn Method, bool) {
+    fn settings(&self, inputs: &[HeadInput<'_>]) -> (&dyn Scorer, bool) {
         let (kept, len) = inputs.iter().fold((0usize, 0usize), |(k, n), i| {
             (k + i.budget.min(i.data.len()), n + i.data.len())
         });
@@ -365,17 +351,10 @@ impl KvMergerPlus {
         Ok(self.plan_merging(input.data, &kept, &scores, merge))
     }
 
-    fn head_scores(selector: &dyn Method, input: &HeadInput<'_>) -> Result<Vec<f32>, Error> {
+    fn head_scores(selector: &dyn Scorer, input: &HeadInput<'_>) -> Result<Vec<f32>, Error> {
         selector
             .scores(input)
-            .expect("the selector is a scorer")
-            .map_err(|e| match e {
-                Error::MissingStats { stat, .. } => Error::MissingStats {
-                    method: "kvmerger+".into(),
-                    stat,
-                },
-                e => e,
-            })
+            .map_err(|e| scorer::missing_as("kvmerger+", e))
     }
 
     fn kept_alone(&self, input: &HeadInput<'_>, scores: &[f32]) -> Vec<usize> {
@@ -401,7 +380,7 @@ impl Method for KvMergerPlus {
         self.selector.needs()
     }
     fn min_slots(&self) -> usize {
-        self.selector.min_slots()
+        self.selector.always_kept().map_or(0, |(_, k)| k)
     }
     fn mass_correction(&self) -> MassCorrection {
         if self.merge && self.mass {
@@ -416,7 +395,7 @@ impl Method for KvMergerPlus {
         }
         select::check_min_slots(
             &[input],
-            self.selector.min_slots(),
+            self.selector.always_kept().map_or(0, |(_, k)| k),
             "kvmerger+",
             "the selector's window",
         )?;
@@ -429,7 +408,7 @@ impl Method for KvMergerPlus {
         use rayon::prelude::*;
         select::check_min_slots(
             inputs,
-            self.selector.min_slots(),
+            self.selector.always_kept().map_or(0, |(_, k)| k),
             "kvmerger+",
             "the selector's window",
         )?;

@@ -17,9 +17,9 @@
 //! Options: `scope` (`model`), `sinks` (4).
 
 use super::{OptionDoc, Stat};
-use crate::method::{HeadInput, Method, Options, StatsNeeds};
-use crate::select::{self, Scope};
-use crate::store::HeadData;
+use crate::method::{HeadInput, Options, StatsNeeds};
+use crate::scorer::Scorer;
+use crate::select::Scope;
 use crate::Error;
 
 pub const SUMMARY: &str =
@@ -51,16 +51,9 @@ impl KvZip {
             sinks: opts.usize_or("sinks", 4)?,
         })
     }
-
-    fn head_scores(&self, input: &HeadInput<'_>) -> Result<Vec<f32>, Error> {
-        let mut s = super::stat(input, Stat::Reconstruction, "kvzip")?.to_vec();
-        let sinks = self.sinks.min(s.len());
-        s[..sinks].iter_mut().for_each(|x| *x = f32::INFINITY);
-        Ok(s)
-    }
 }
 
-impl Method for KvZip {
+impl Scorer for KvZip {
     fn name(&self) -> &str {
         "kvzip"
     }
@@ -70,22 +63,16 @@ impl Method for KvZip {
             ..Default::default()
         }
     }
-    fn min_slots(&self) -> usize {
-        self.sinks
+    fn always_kept(&self) -> Option<(&'static str, usize)> {
+        Some(("sinks", self.sinks))
     }
-    fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error> {
-        super::keep_top_after_sinks(&input, "kvzip", self.sinks, || self.head_scores(&input))
+    fn scope(&self) -> Scope {
+        self.scope
     }
-    fn compress_all(&self, inputs: &[HeadInput<'_>]) -> Result<Vec<HeadData>, Error> {
-        if self.scope == Scope::Head {
-            use rayon::prelude::*;
-            return inputs.par_iter().map(|i| self.compress(*i)).collect();
-        }
-        select::check_min_slots(inputs, self.sinks, "kvzip", "sinks")?;
-        let scores = select::all_scores(self, inputs, "kvzip")?;
-        Ok(select::keep_top_shared(inputs, &scores, self.scope, 0.0))
-    }
-    fn scores(&self, input: &HeadInput<'_>) -> Option<Result<Vec<f32>, Error>> {
-        Some(self.head_scores(input))
+    fn scores(&self, input: &HeadInput<'_>) -> Result<Vec<f32>, Error> {
+        let mut s = super::stat(input, Stat::Reconstruction, "kvzip")?.to_vec();
+        let sinks = self.sinks.min(s.len());
+        s[..sinks].iter_mut().for_each(|x| *x = f32::INFINITY);
+        Ok(s)
     }
 }

@@ -19,6 +19,7 @@ pub mod keydiff;
 pub mod knorm;
 pub mod kvmerger;
 pub mod kvmerger_plus;
+pub mod kvzap;
 pub mod kvzip;
 pub mod pyramidkv;
 pub mod random;
@@ -45,6 +46,23 @@ pub(crate) fn check_options(method: &str, opts: &Options, docs: &[OptionDoc]) ->
     opts.check_known(method, &allowed)
 }
 
+/// Builds a scorer by name from its options: how composites (`adakv`, `kvmerger+`) get
+/// the scorer they wrap without knowing the registry.
+pub type ScorerFactory<'a> =
+    &'a dyn Fn(&str, &Options) -> Result<Box<dyn crate::scorer::Scorer>, Error>;
+
+/// The options of a composite's inner scorer: every key that is not one of the
+/// composite's own (`docs`).
+pub(crate) fn passed_through(opts: &Options, docs: &[OptionDoc]) -> Options {
+    let mut inner = Options::new();
+    for k in opts.keys() {
+        if !docs.iter().any(|d| d.key == k) {
+            inner.set(k, opts.get(k).unwrap_or_default());
+        }
+    }
+    inner
+}
+
 /// Which per-slot statistic a method reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Stat {
@@ -52,6 +70,7 @@ pub(crate) enum Stat {
     Window,
     Last,
     Reconstruction,
+    Learned,
 }
 
 /// The statistic `which`, checked to be present and one entry per slot.
@@ -65,6 +84,7 @@ pub(crate) fn stat<'a>(
         Stat::Window => (&input.stats.window, "window"),
         Stat::Last => (&input.stats.last, "last"),
         Stat::Reconstruction => (&input.stats.reconstruction, "reconstruction"),
+        Stat::Learned => (&input.stats.learned, "learned"),
     };
     let v = v.as_deref().ok_or_else(|| Error::MissingStats {
         method: method.to_string(),
@@ -158,22 +178,6 @@ pub(crate) fn recent_scores(scores: &[f32], recent: usize) -> Vec<f32> {
 /// The `budget` best slots of `scores` (infinite scores first), in slot order.
 pub(crate) fn keep_top(data: &HeadData, scores: &[f32], budget: usize) -> HeadData {
     keep(data, top_k(scores, (0..data.len()).collect(), budget))
-}
-
-/// One head compressed by a scorer that always keeps its first `sinks` slots: the
-/// whole head when the budget covers it, an error when the sinks do not fit, else
-/// the best `budget` slots of `scores`.
-pub(crate) fn keep_top_after_sinks(
-    input: &HeadInput<'_>,
-    method: &str,
-    sinks: usize,
-    scores: impl FnOnce() -> Result<Vec<f32>, Error>,
-) -> Result<HeadData, Error> {
-    if input.budget >= input.data.len() {
-        return Ok(input.data.clone());
-    }
-    window_fits(method, "sinks", sinks.min(input.data.len()), input.budget)?;
-    Ok(keep_top(input.data, &scores()?, input.budget))
 }
 
 /// A per-head seed: the same `seed` gives every (layer, KV head) its own stream.

@@ -11,8 +11,8 @@
 //! [`SnapSelect`] is shared with `pyramidkv` and `kvmerger+`.
 
 use super::{OptionDoc, Stat};
-use crate::method::{HeadInput, Method, Options, StatsNeeds};
-use crate::store::HeadData;
+use crate::method::{HeadInput, Options, StatsNeeds};
+use crate::scorer::Scorer;
 use crate::Error;
 
 pub const SUMMARY: &str = "SnapKV: observation-window votes, pooled, plus the window itself";
@@ -128,25 +128,17 @@ impl SnapKv {
     }
 }
 
-impl Method for SnapKv {
+impl Scorer for SnapKv {
     fn name(&self) -> &str {
         "snapkv"
     }
     fn needs(&self) -> StatsNeeds {
         self.select.needs()
     }
-    fn min_slots(&self) -> usize {
-        self.select.window
+    fn always_kept(&self) -> Option<(&'static str, usize)> {
+        Some(("the observation window", self.select.window))
     }
-    fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error> {
-        if input.budget >= input.data.len() {
-            return Ok(input.data.clone());
-        }
-        let votes = super::stat(&input, Stat::Window, "snapkv")?;
-        let kept = self.select.select("snapkv", votes, input.budget)?;
-        Ok(super::keep(input.data, kept))
-    }
-    fn scores(&self, input: &HeadInput<'_>) -> Option<Result<Vec<f32>, Error>> {
-        Some(super::stat(input, Stat::Window, "snapkv").map(|v| self.select.scores(v)))
+    fn scores(&self, input: &HeadInput<'_>) -> Result<Vec<f32>, Error> {
+        super::stat(input, Stat::Window, "snapkv").map(|v| self.select.scores(v))
     }
 }

@@ -3,8 +3,8 @@
 //! and evicts the rest at once. No options.
 
 use super::{OptionDoc, Stat};
-use crate::method::{HeadInput, Method, Options, StatsNeeds};
-use crate::store::HeadData;
+use crate::method::{HeadInput, Options, StatsNeeds};
+use crate::scorer::Scorer;
 use crate::Error;
 
 pub const SUMMARY: &str = "TOVA: keep the slots the newest query attends to most";
@@ -20,7 +20,7 @@ impl Tova {
     }
 }
 
-impl Method for Tova {
+impl Scorer for Tova {
     fn name(&self) -> &str {
         "tova"
     }
@@ -30,18 +30,7 @@ impl Method for Tova {
             ..Default::default()
         }
     }
-    fn compress(&self, input: HeadInput<'_>) -> Result<HeadData, Error> {
-        let (n, budget) = (input.data.len(), input.budget);
-        if budget >= n {
-            return Ok(input.data.clone());
-        }
-        let scores = super::stat(&input, Stat::Last, "tova")?;
-        Ok(super::keep(
-            input.data,
-            super::top_k(scores, (0..n).collect(), budget),
-        ))
-    }
-    fn scores(&self, input: &HeadInput<'_>) -> Option<Result<Vec<f32>, Error>> {
-        Some(super::stat(input, Stat::Last, "tova").map(<[f32]>::to_vec))
+    fn scores(&self, input: &HeadInput<'_>) -> Result<Vec<f32>, Error> {
+        super::stat(input, Stat::Last, "tova").map(<[f32]>::to_vec)
     }
 }

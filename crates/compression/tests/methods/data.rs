@@ -68,12 +68,13 @@ pub fn head_with(n: usize, dim: usize, seed: u64, rho: f32) -> Head {
                 count: 1,
                 score,
                 bias: 0.0,
+                learned: score.ln(),
             },
         );
     }
     let window = (0..n).map(|_| normal(&mut rng).exp()).collect();
     let last = (0..n).map(|_| normal(&mut rng).exp()).collect();
-    let reconstruction = (0..n).map(|_| normal(&mut rng).exp()).collect();
+    let reconstruction: Vec<f32> = (0..n).map(|_| normal(&mut rng).exp()).collect();
     // Two query heads with random means and diagonal covariances.
     let queries = (0..2)
         .map(|_| QueryMoments {
@@ -97,6 +98,7 @@ pub fn head_with(n: usize, dim: usize, seed: u64, rho: f32) -> Head {
             window: Some(window),
             last: Some(last),
             queries: Some(queries),
+            learned: Some(reconstruction.iter().map(|r| r.max(1e-9).ln()).collect()),
             reconstruction: Some(reconstruction),
         },
     }

@@ -329,7 +329,7 @@ fn plus(pairs: &[(&str, &str)]) -> KvMergerPlus {
     for (k, v) in pairs {
         o.set(k, v);
     }
-    KvMergerPlus::from_options(&o).unwrap()
+    KvMergerPlus::from_options(&o, &kvmerger_compression::registry::build_scorer).unwrap()
 }
 
 proptest! {

@@ -123,6 +123,7 @@ fn windows_larger_than_the_budget_are_errors() {
         ("keydiff", &[("sinks", "8")], 7),
         ("expected_attention", &[("sinks", "8")], 7),
         ("kvzip", &[("sinks", "8")], 7),
+        ("kvzap", &[("sinks", "8")], 7),
         ("adakv", &[("scorer", "snapkv"), ("window", "16")], 15),
     ];
     for (name, pairs, budget) in cases {
@@ -178,6 +179,7 @@ fn a_statistic_of_the_wrong_length_is_an_error() {
             scale: 1.0,
         }]),
         reconstruction: Some(vec![1.0; 49]),
+        learned: Some(vec![1.0; 49]),
     };
     for &name in registry::names() {
         let m = registry::build(name, &Options::new()).unwrap();

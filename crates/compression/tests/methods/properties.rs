@@ -23,7 +23,7 @@ fn small_options(name: &str) -> Options {
             o.set("sinks", 2);
             o.set("m", 4);
         }
-        "expected_attention" | "kvzip" | "adakv" => o.set("sinks", 1),
+        "expected_attention" | "kvzip" | "kvzap" | "adakv" => o.set("sinks", 1),
         _ => {}
     }
     o
@@ -54,6 +54,7 @@ const EVICTION_ONLY: &[&str] = &[
     "keydiff",
     "expected_attention",
     "kvzip",
+    "kvzap",
     "adakv",
 ];
 

@@ -1,0 +1,205 @@
+//! `kvmerger train-scorer`: trains KVzap's learned scorer for a model from public
+//! domain text (Jane Austen's novels and the Jargon File, fetched on first use) and
+//! writes it to the data directory, where every command finds it.
+
+use crate::cli::TrainArgs;
+use crate::fetch::Bar;
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use kvmerger_assets::{self as assets, Progress};
+use kvmerger_engine::learned::train::{train, TrainOptions};
+use kvmerger_engine::load::LoadedModel;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
+
+/// Where a scorer trained for the model with fingerprint `fp` lives in the data directory.
+pub fn scorer_path(dir: &Path, fp: &str) -> PathBuf {
+    dir.join("scorers").join(format!("{fp}.kvzap"))
+}
+
+/// The texts named in `spec` (`austen`, `jargon`), each as one string.
+fn texts(spec: &str, dir: &Path) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for name in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let bar = Bar::new();
+        let r = assets::fetch(name, dir, &bar);
+        bar.finish();
+        let path = r.with_context(|| format!("fetching {name}"))?;
+        match name {
+            "austen" => {
+                for (title, text) in kvmerger_eval::tasks::text::austen(&path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                {
+                    out.push((title, text));
+                }
+            }
+            "jargon" => {
+                let f = if path.is_dir() {
+                    path.join("jargon.txt")
+                } else {
+                    path
+                };
+                let text = kvmerger_eval::tasks::text::read_text_file(&f)?;
+                out.push(("The Jargon File".into(), text));
+            }
+            other => bail!("unknown training text '{other}' (known: austen, jargon)"),
+        }
+    }
+    if out.is_empty() {
+        bail!("--texts names no text");
+    }
+    Ok(out)
+}
+
+/// `count` passages of the lengths given in turn (tokens of the model), from random
+/// places in the texts (each text's share proportional to its length).
+fn passages(
+    lm: &LoadedModel,
+    texts: &[(String, String)],
+    lengths: &[usize],
+    count: usize,
+    seed: u64,
+) -> Result<Vec<String>> {
+    let encoded: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|(_, t)| lm.tokenizer.encode(t, false))
+        .collect::<Result<_, _>>()?;
+    let total: usize = encoded.iter().map(|e| e.len()).sum();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let len = lengths[i % lengths.len()];
+        // A token position over all texts, then the text it falls in.
+        let mut at = rng.gen_range(0..total);
+        let ids = encoded
+            .iter()
+            .find(|e| {
+                if at < e.len() {
+                    true
+                } else {
+                    at -= e.len();
+                    false
+                }
+            })
+            .expect("at < total");
+        if ids.len() < len {
+            bail!(
+                "a training text has {} tokens, fewer than a passage of {len}",
+                ids.len()
+            );
+        }
+        let start = at.min(ids.len() - len);
+        out.push(lm.tokenizer.decode(&ids[start..start + len]));
+    }
+    Ok(out)
+}
+
+pub fn run(a: TrainArgs, dir: &Path) -> Result<()> {
+    if a.docs <= a.held_out {
+        bail!(
+            "--docs {} leaves nothing to train on with --held-out {}",
+            a.docs,
+            a.held_out
+        );
+    }
+    let lengths: Vec<usize> = a
+        .lengths
+        .split(',')
+        .map(|s| s.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .context("--lengths must be token counts separated by commas")?;
+    if lengths.iter().any(|&l| l < 64) {
+        bail!("--lengths: every passage needs at least 64 tokens");
+    }
+    let (lm, _) = crate::run::load_model(&a.model, dir)?;
+    let longest = lengths.iter().max().copied().unwrap_or(0);
+    if 2 * longest + 64 > lm.model.cfg.ctx_len {
+        bail!(
+            "--lengths: a passage of {longest} tokens and its reconstruction pass do not fit the model's context of {}",
+            lm.model.cfg.ctx_len
+        );
+    }
+    let lambdas: Vec<f64> = a
+        .lambda
+        .split(',')
+        .map(|s| s.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .context("--lambda must be numbers separated by commas")?;
+    if lambdas.is_empty()
+        || lambdas
+            .iter()
+            .any(|l| !(l.is_finite() && *l > 0.0 && *l <= 1e3))
+    {
+        bail!("--lambda: every penalty must be in (0, 1000]");
+    }
+    let texts = texts(&a.texts, dir)?;
+    let docs = passages(&lm, &texts, &lengths, a.docs, a.seed)?;
+    let opts = TrainOptions {
+        sample_per_doc: a.sample,
+        lambdas,
+        held_out: a.held_out,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let bar = ProgressBar::new(docs.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} documents [{elapsed}, eta {eta}]",
+        )
+        .unwrap()
+        .progress_chars("=> "),
+    );
+    bar.set_message("scoring with KVzip's pass");
+    let result = train(&lm, &docs, &opts, &mut |done, _, what| {
+        bar.set_message(what.to_string());
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    let (mut scorer, report) = result?;
+    scorer.training["texts"] = a.texts.clone().into();
+    scorer.training["lengths"] = a.lengths.clone().into();
+    scorer.training["docs"] = a.docs.into();
+    scorer.training["model"] = lm.name.clone().into();
+    let out = a
+        .output
+        .clone()
+        .unwrap_or_else(|| scorer_path(dir, &lm.fingerprint));
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    scorer.write(&out)?;
+    let r2 = &report.r2;
+    let mean_r2 = r2.iter().sum::<f64>() / r2.len().max(1) as f64;
+    eprintln!(
+        "[{}] trained on {} tokens of {} documents in {:.0}s; held out {} documents ({} tokens): R² {:.3} (layers {:.2}..{:.2})",
+        lm.name,
+        report.train_tokens,
+        report.train_docs,
+        report.secs,
+        report.held_out_docs,
+        report.held_out_tokens,
+        mean_r2,
+        r2.iter().copied().fold(f64::INFINITY, f64::min),
+        r2.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    );
+    eprintln!(
+        "  ridge penalty {} (of {:?})",
+        report.lambda,
+        lambdas_tried(&report)
+    );
+    for (b, share) in &report.agreement {
+        eprintln!(
+            "  at {:.1}% kept, {:.1}% of the slots KVzip keeps are kept",
+            b * 100.0,
+            share * 100.0
+        );
+    }
+    println!("{}", out.display());
+    Ok(())
+}
+
+fn lambdas_tried(r: &kvmerger_engine::learned::train::TrainReport) -> Vec<f64> {
+    r.tried.iter().map(|t| t.0).collect()
+}
