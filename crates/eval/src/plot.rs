@@ -6,21 +6,109 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-const W: f64 = 760.0;
+/// The plot area's width and height (a legend widens the picture, a long one makes
+/// it taller).
+const W: f64 = 570.0;
 const H: f64 = 440.0;
 const LEFT: f64 = 70.0;
-const RIGHT: f64 = 190.0;
 const TOP: f64 = 44.0;
 const BOTTOM: f64 = 70.0;
+/// Legend rows: height, and the room before the label.
+const ROW: f64 = 18.0;
+const SWATCH: f64 = 44.0;
 
-/// Distinguishable colours for series (a qualitative palette chosen for contrast).
+/// Distinguishable colours for series: Tableau's ten, then ten more from Kelly's
+/// colours of maximum contrast that differ from them.
 const PALETTE: &[&str] = &[
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-    "#7f7f7f", "#bcbd22", "#393b79", "#ad494a",
+    "#7f7f7f", "#bcbd22", "#000000", "#f3c300", "#a1caf1", "#604e97", "#882d17", "#8db600",
+    "#f99379", "#0067a5", "#654522", "#dcd300",
 ];
+
+/// Marker shapes, cycled on a period prime to the palette's, so that no two of the
+/// first 140 series share colour and shape.
+const MARKERS: usize = 7;
 
 pub fn color(i: usize) -> &'static str {
     PALETTE[i % PALETTE.len()]
+}
+
+/// Series `i`'s marker at (x, y), in its colour.
+fn marker(svg: &mut Svg, i: usize, x: f64, y: f64) {
+    let c = color(i);
+    let r = 4.0;
+    let shape = match i % MARKERS {
+        0 => format!(
+            r#"<circle cx="{x:.1}" cy="{y:.1}" r="{:.1}" fill="{c}"/>"#,
+            r - 0.5
+        ),
+        1 => format!(
+            r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{c}"/>"#,
+            x - r + 0.5,
+            y - r + 0.5,
+            2.0 * r - 1.0,
+            2.0 * r - 1.0
+        ),
+        2 => format!(
+            r#"<polygon points="{x:.1},{:.1} {:.1},{:.1} {:.1},{:.1}" fill="{c}"/>"#,
+            y - r - 0.5,
+            x - r,
+            y + r - 0.5,
+            x + r,
+            y + r - 0.5
+        ),
+        3 => format!(
+            r#"<polygon points="{x:.1},{:.1} {:.1},{y:.1} {x:.1},{:.1} {:.1},{y:.1}" fill="{c}"/>"#,
+            y - r - 0.5,
+            x + r + 0.5,
+            y + r + 0.5,
+            x - r - 0.5
+        ),
+        4 => format!(
+            r#"<polygon points="{x:.1},{:.1} {:.1},{:.1} {:.1},{:.1}" fill="{c}"/>"#,
+            y + r + 0.5,
+            x - r,
+            y - r + 0.5,
+            x + r,
+            y - r + 0.5
+        ),
+        5 => format!(
+            r#"<path d="M{:.1},{:.1}L{:.1},{:.1}M{:.1},{:.1}L{:.1},{:.1}" stroke="{c}" stroke-width="2.2"/>"#,
+            x - r,
+            y - r,
+            x + r,
+            y + r,
+            x - r,
+            y + r,
+            x + r,
+            y - r
+        ),
+        _ => format!(
+            r#"<circle cx="{x:.1}" cy="{y:.1}" r="{:.1}" fill="white" stroke="{c}" stroke-width="2"/>"#,
+            r - 1.0
+        ),
+    };
+    svg.s.push_str(&shape);
+}
+
+/// Width of `text` at the charts' font size (an estimate that errs wide: DejaVu Sans
+/// at 12 px averages under 7 px a character).
+fn text_width(text: &str) -> f64 {
+    7.4 * text.chars().count() as f64
+}
+
+/// The legend's width for these labels (swatch, label, margins).
+fn legend_width<S: AsRef<str>>(labels: &[S]) -> f64 {
+    let widest = labels
+        .iter()
+        .map(|l| text_width(l.as_ref()))
+        .fold(0.0, f64::max);
+    SWATCH + widest + 30.0
+}
+
+/// The picture's height: the plot's, or the legend's when it is taller.
+fn height_for(rows: usize) -> f64 {
+    H.max(TOP + 10.0 + ROW * rows as f64 + 10.0)
 }
 
 fn esc(s: &str) -> String {
@@ -166,11 +254,14 @@ pub fn line_chart(
             (y0 - p, y1 + p)
         }
     };
-    let pw = W - LEFT - RIGHT;
+    let names: Vec<&str> = series.iter().map(|s| s.name.as_str()).collect();
+    let right = legend_width(&names);
+    let (w, h) = (W + right, height_for(series.len()));
+    let pw = W - LEFT;
     let ph = H - TOP - BOTTOM;
     let sx = |x: f64| LEFT + (x - x0) / (x1 - x0) * pw;
     let sy = |y: f64| TOP + ph - (y - y0) / (y1 - y0) * ph;
-    let mut svg = Svg::new(W, H, title);
+    let mut svg = Svg::new(w, h, title);
     for t in ticks(y0, y1, 6) {
         svg.line(LEFT, sy(t), LEFT + pw, sy(t), "#e0e0e0", 1.0, false);
         svg.text(LEFT - 6.0, sy(t) + 4.0, "end", &fmt_tick(t));
@@ -183,6 +274,7 @@ pub fn line_chart(
     svg.line(LEFT, TOP, LEFT, TOP + ph, "#444", 1.0, false);
     svg.text(LEFT + pw / 2.0, H - 22.0, "middle", x_label);
     svg.text_rot(18.0, TOP + ph / 2.0, y_label);
+    let lx = W + 10.0;
     for (i, s) in series.iter().enumerate() {
         let c = color(i);
         let mut pts = s.points.clone();
@@ -204,16 +296,12 @@ pub fn line_chart(
             );
         }
         for &(x, y) in &pts {
-            let _ = write!(
-                svg.s,
-                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{c}"/>"#,
-                sx(x),
-                sy(y)
-            );
+            marker(&mut svg, i, sx(x), sy(y));
         }
-        let ly = TOP + 10.0 + 18.0 * i as f64;
-        svg.line(W - RIGHT + 14.0, ly, W - RIGHT + 38.0, ly, c, 2.0, s.dashed);
-        svg.text(W - RIGHT + 44.0, ly + 4.0, "start", &s.name);
+        let ly = TOP + 10.0 + ROW * i as f64;
+        svg.line(lx + 4.0, ly, lx + 34.0, ly, c, 2.0, s.dashed);
+        marker(&mut svg, i, lx + 19.0, ly);
+        svg.text(lx + SWATCH, ly + 4.0, "start", &s.name);
     }
     svg.finish()
 }
@@ -235,10 +323,13 @@ pub fn bar_chart(
         .copied()
         .fold(0.0f64, f64::max);
     let (y0, y1) = y_range.unwrap_or((0.0, if vmax > 0.0 { vmax * 1.1 } else { 1.0 }));
-    let pw = W - LEFT - RIGHT;
+    let right = legend_width(series);
+    let (w, h) = (W + right, height_for(series.len()));
+    let pw = W - LEFT;
     let ph = H - TOP - BOTTOM;
     let sy = |y: f64| TOP + ph - ((y - y0) / (y1 - y0)).clamp(0.0, 1.0) * ph;
-    let mut svg = Svg::new(W, H, title);
+    let mut svg = Svg::new(w, h, title);
+    svg.s.push_str(HATCH);
     for t in ticks(y0, y1, 6) {
         svg.line(LEFT, sy(t), LEFT + pw, sy(t), "#e0e0e0", 1.0, false);
         svg.text(LEFT - 6.0, sy(t) + 4.0, "end", &fmt_tick(t));
@@ -251,12 +342,13 @@ pub fn bar_chart(
         for (s, row) in values.iter().enumerate() {
             if let Some(Some(v)) = row.get(g) {
                 let top = sy(*v);
-                svg.rect(
+                bar(
+                    &mut svg,
+                    s,
                     gx + s as f64 * bw,
                     top,
                     (bw - 1.0).max(0.5),
                     TOP + ph - top,
-                    color(s),
                 );
             }
         }
@@ -265,11 +357,94 @@ pub fn bar_chart(
     svg.line(LEFT, TOP + ph, LEFT + pw, TOP + ph, "#444", 1.0, false);
     svg.line(LEFT, TOP, LEFT, TOP + ph, "#444", 1.0, false);
     for (i, s) in series.iter().enumerate() {
-        let ly = TOP + 10.0 + 18.0 * i as f64;
-        svg.rect(W - RIGHT + 14.0, ly - 6.0, 14.0, 12.0, color(i));
-        svg.text(W - RIGHT + 34.0, ly + 4.0, "start", s);
+        let ly = TOP + 10.0 + ROW * i as f64;
+        bar(&mut svg, i, W + 14.0, ly - 6.0, 24.0, 12.0);
+        svg.text(W + SWATCH, ly + 4.0, "start", s);
     }
     svg.finish()
+}
+
+/// Horizontal bars on a logarithmic axis (values must be positive; others are left
+/// out), a label beside each bar: for costs that span orders of magnitude. Bar `i`
+/// takes series colour `first_color + i` (to match a chart beside it).
+pub fn hbar_log(
+    title: &str,
+    x_label: &str,
+    labels: &[String],
+    values: &[f64],
+    first_color: usize,
+) -> String {
+    let left = labels.iter().map(|l| text_width(l)).fold(0.0, f64::max) + 24.0;
+    let (w, rh) = (left + 360.0, 24.0);
+    let ph = rh * labels.len().max(1) as f64;
+    let h = TOP + ph + BOTTOM;
+    let pos: Vec<f64> = values.iter().copied().filter(|v| *v > 0.0).collect();
+    let lo = pos.iter().copied().fold(f64::INFINITY, f64::min).min(1.0);
+    let hi = pos.iter().copied().fold(0.0, f64::max).max(10.0);
+    let (e0, e1) = (lo.log10().floor(), hi.log10().ceil());
+    let pw = w - left - 40.0;
+    let sx = |v: f64| left + (v.log10() - e0) / (e1 - e0).max(1e-9) * pw;
+    let mut svg = Svg::new(w, h, title);
+    let mut e = e0;
+    while e <= e1 + 1e-9 {
+        let x = sx(10f64.powf(e));
+        svg.line(x, TOP, x, TOP + ph, "#e0e0e0", 1.0, false);
+        svg.text(x, TOP + ph + 16.0, "middle", &fmt_tick(10f64.powf(e)));
+        e += 1.0;
+    }
+    for (i, (l, &v)) in labels.iter().zip(values).enumerate() {
+        let y = TOP + i as f64 * rh;
+        svg.text(left - 8.0, y + rh / 2.0 + 4.0, "end", l);
+        if v > 0.0 {
+            let x = sx(v);
+            svg.rect(
+                left,
+                y + 4.0,
+                (x - left).max(1.0),
+                rh - 8.0,
+                color(first_color + i),
+            );
+            svg.text(x + 4.0, y + rh / 2.0 + 4.0, "start", &fmt_tick(v));
+        }
+    }
+    svg.line(left, TOP, left, TOP + ph, "#444", 1.0, false);
+    svg.text(left + pw / 2.0, h - 24.0, "middle", x_label);
+    svg.finish()
+}
+
+/// Two charts side by side in one picture (each a whole SVG, placed as is).
+pub fn side_by_side(title: &str, a: &str, b: &str) -> String {
+    let size = |svg: &str| -> (f64, f64) {
+        let get = |k: &str| {
+            svg.split(&format!(" {k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (get("width"), get("height"))
+    };
+    let ((aw, ah), (bw, bh)) = (size(a), size(b));
+    let (w, h) = (aw + bw, ah.max(bh) + 30.0);
+    let mut svg = Svg::new(w, h, title);
+    let inner = |s: &str, x: f64| {
+        s.trim_end()
+            .replacen("<svg ", &format!(r#"<svg x="{x:.0}" y="30" "#), 1)
+    };
+    svg.s.push_str(&inner(a, 0.0));
+    svg.s.push_str(&inner(b, aw));
+    svg.finish()
+}
+
+/// Diagonal white stripes laid over the bars of the second round of colours.
+const HATCH: &str = r##"<defs><pattern id="hatch" width="6" height="6" patternUnits="userSpaceOnUse" patternTransform="rotate(45)"><rect width="2" height="6" fill="white" fill-opacity="0.7"/></pattern></defs>"##;
+
+/// Series `i`'s bar: its colour, striped from the second round of the palette on.
+fn bar(svg: &mut Svg, i: usize, x: f64, y: f64, w: f64, h: f64) {
+    svg.rect(x, y, w, h, color(i));
+    if i >= PALETTE.len() {
+        svg.rect(x, y, w, h, "url(#hatch)");
+    }
 }
 
 /// A colour from a perceptually ordered dark-blue → green → yellow ramp, t in [0, 1].
@@ -312,17 +487,19 @@ pub fn heatmap(
     range: (f64, f64),
     annotate: bool,
 ) -> String {
-    // Room for row labels such as "80–100%" or "L29 H2" beside the axis title.
-    const LEFT: f64 = 110.0;
-    let pw = W - LEFT - RIGHT + 60.0;
-    let ph = H - TOP - BOTTOM;
+    // Room for the row labels beside the axis title; a row at least 15 px high.
+    let widest = rows.iter().map(|r| text_width(r)).fold(0.0, f64::max);
+    let left = (widest + 40.0).max(110.0);
+    let pw = W - 70.0;
+    let ph = (H - TOP - BOTTOM).max(15.0 * rows.len() as f64);
+    let (w, h) = (left + pw + 80.0, TOP + ph + BOTTOM);
     let cw = pw / cols.len().max(1) as f64;
     let rh = ph / rows.len().max(1) as f64;
-    let mut svg = Svg::new(W, H, title);
+    let mut svg = Svg::new(w, h, title);
     let norm = |v: f64| (v - range.0) / (range.1 - range.0).max(1e-12);
     for (r, row) in values.iter().enumerate() {
         for (c, v) in row.iter().enumerate() {
-            let (x, y) = (LEFT + c as f64 * cw, TOP + r as f64 * rh);
+            let (x, y) = (left + c as f64 * cw, TOP + r as f64 * rh);
             match v {
                 Some(v) => {
                     svg.rect(x, y, cw + 0.3, rh + 0.3, &ramp(norm(*v)));
@@ -347,7 +524,7 @@ pub fn heatmap(
     let cstep = every(cols.len(), widest * 7.5 + 8.0, cw);
     for (c, name) in cols.iter().enumerate().step_by(cstep) {
         svg.text(
-            LEFT + c as f64 * cw + cw / 2.0,
+            left + c as f64 * cw + cw / 2.0,
             TOP + ph + 16.0,
             "middle",
             name,
@@ -356,15 +533,15 @@ pub fn heatmap(
     let rstep = every(rows.len(), 14.0, rh);
     for (r, name) in rows.iter().enumerate().step_by(rstep) {
         svg.text(
-            LEFT - 6.0,
+            left - 6.0,
             TOP + r as f64 * rh + rh / 2.0 + 4.0,
             "end",
             name,
         );
     }
-    svg.text(LEFT + pw / 2.0, H - 22.0, "middle", x_label);
+    svg.text(left + pw / 2.0, h - 22.0, "middle", x_label);
     svg.text_rot(16.0, TOP + ph / 2.0, y_label);
-    let bx = LEFT + pw + 30.0;
+    let bx = left + pw + 30.0;
     for k in 0..50 {
         let t = k as f64 / 49.0;
         svg.rect(

@@ -66,6 +66,17 @@ fn config_order(records: &[Record]) -> Vec<String> {
     seen.into_iter().map(|s| s.0).collect()
 }
 
+/// The configuration a record belongs to without its budget: the name of its line in
+/// a chart against the budget (`kvmerger+:protocol=aware@0.5` -> `kvmerger+:protocol=aware`).
+/// Two configurations of one method (another protocol, other options, another layer
+/// schedule) are two lines, never one mean.
+pub fn series_name(config: &str) -> &str {
+    match config.rsplit_once('@') {
+        Some((name, _)) => name,
+        None => config,
+    }
+}
+
 /// A budget label as a number for ordering and plotting: fractions as themselves,
 /// percentages divided by 100, token counts as they are.
 pub fn budget_value(label: &str) -> f64 {
@@ -752,17 +763,12 @@ pub fn write_all(records: &[Record], out: &Path) -> Result<Vec<PathBuf>, String>
             .filter(|r| r.run == run && r.task.starts_with("niah") && r.score.is_some())
             .collect();
         if !niah.is_empty() {
-            for cfg in &order {
-                let rs: Vec<&Record> = niah.iter().filter(|r| r.config == *cfg).copied().collect();
-                if !rs.is_empty() {
-                    files.extend(niah_heatmap(
-                        run,
-                        cfg,
-                        &rs,
-                        &out.join(format!("{prefix}niah_{}", slug(cfg))),
-                    )?);
-                }
-            }
+            files.extend(niah_heatmap(
+                run,
+                &order,
+                &niah,
+                &out.join(format!("{prefix}niah")),
+            )?);
         }
         let text: Vec<&Cell> = rc.iter().filter(|c| c.ppl.is_some()).copied().collect();
         if !text.is_empty() {
@@ -777,63 +783,200 @@ pub fn write_all(records: &[Record], out: &Path) -> Result<Vec<PathBuf>, String>
     Ok(files)
 }
 
-fn score_vs_budget(run: &str, cells: &[&Cell], stem: &Path) -> Result<Vec<PathBuf>, String> {
-    // Mean over every (task, length) column, per configuration.
+/// The lines of the score-against-budget chart: per configuration (without its
+/// budget), its mean score over every (task, length) at each budget, ×100; the full
+/// cache first, flat.
+pub fn budget_series(cells: &[&Cell]) -> Vec<Series> {
     let mut by_cfg: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    let mut names: Vec<String> = Vec::new();
     for c in cells {
+        let name = series_name(&c.config).to_string();
+        if c.method != "full" && !names.contains(&name) {
+            names.push(name.clone());
+        }
         by_cfg
-            .entry((c.method.clone(), c.budget.clone()))
+            .entry((name, c.budget.clone()))
             .or_default()
             .push(c.score.unwrap_or(0.0));
     }
-    let mut methods: Vec<String> = Vec::new();
-    for c in cells {
-        if c.method != "full" && !methods.contains(&c.method) {
-            methods.push(c.method.clone());
-        }
-    }
-    let budgets: Vec<f64> = by_cfg
+    let in_range = |b: f64| b.is_finite() && b <= 1.0;
+    let lo = by_cfg
         .keys()
         .filter(|k| k.0 != "full")
         .map(|k| budget_value(&k.1))
-        .filter(|b| b.is_finite() && *b <= 1.0)
-        .collect();
-    let full = by_cfg
+        .filter(|&b| in_range(b))
+        .fold(1.0f64, f64::min);
+    let mut series = Vec::new();
+    if let Some(f) = by_cfg
         .iter()
         .find(|(k, _)| k.0 == "full")
-        .and_then(|(_, v)| mean(v.iter().copied()));
-    let mut series = Vec::new();
-    if let Some(f) = full {
-        let lo = budgets.iter().copied().fold(1.0f64, f64::min);
+        .and_then(|(_, v)| mean(v.iter().copied()))
+    {
         series.push(Series {
             name: "full cache".into(),
             points: vec![(lo, f * 100.0), (1.0, f * 100.0)],
             dashed: true,
         });
     }
-    for m in methods {
+    for name in names {
         let points: Vec<(f64, f64)> = by_cfg
             .iter()
-            .filter(|(k, _)| k.0 == m)
+            .filter(|(k, _)| k.0 == name)
             .filter_map(|(k, v)| {
                 let b = budget_value(&k.1);
-                (b.is_finite() && b <= 1.0)
-                    .then(|| (b, mean(v.iter().copied()).unwrap_or(0.0) * 100.0))
+                in_range(b).then(|| (b, mean(v.iter().copied()).unwrap_or(0.0) * 100.0))
             })
             .collect();
         if !points.is_empty() {
             series.push(Series {
-                name: m,
+                name,
                 points,
                 dashed: false,
             });
         }
     }
+    series
+}
+
+/// One line of the decision chart: a configuration's quality (% of the full cache's
+/// score on the same samples) against the KV memory it kept (%), per budget, and what
+/// compressing cost (median of compression and any extra pass, % of the prefill).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub name: String,
+    /// `(budget, kv kept %, quality %, samples)`, largest budget first.
+    pub points: Vec<(String, f64, f64, usize)>,
+    pub cost_pct: f64,
+}
+
+/// The decision lines of `names` (configurations without their budget) from the
+/// query-agnostic records of one run, each against the full cache on the samples both
+/// have.
+pub fn decisions(records: &[Record], names: &[String]) -> Vec<Decision> {
+    type Key = (String, usize, usize);
+    let key = |r: &Record| -> Key { (r.task.clone(), r.length, r.index) };
+    let full: BTreeMap<Key, f64> = records
+        .iter()
+        .filter(|r| r.method == "full")
+        .filter_map(|r| Some((key(r), r.score?)))
+        .collect();
+    let mut out = Vec::new();
+    for name in names {
+        let own: Vec<&Record> = records
+            .iter()
+            .filter(|r| r.protocol == "agnostic" && series_name(&r.config) == name.as_str())
+            .filter(|r| r.method != "full")
+            .collect();
+        let budgets: BTreeSet<String> = own.iter().map(|r| r.budget.clone()).collect();
+        let mut points = Vec::new();
+        for b in budgets {
+            let rs: Vec<(&Record, f64)> = own
+                .iter()
+                .filter(|r| r.budget == b)
+                .filter_map(|r| Some((*r, *full.get(&key(r))?)))
+                .collect();
+            let (mine, base): (f64, f64) = rs
+                .iter()
+                .map(|(r, f)| (r.score.unwrap_or(0.0), *f))
+                .fold((0.0, 0.0), |a, x| (a.0 + x.0, a.1 + x.1));
+            if rs.is_empty() || base <= 0.0 {
+                continue;
+            }
+            let kept = mean(rs.iter().map(|(r, _)| r.kv_ratio())).unwrap_or(1.0) * 100.0;
+            points.push((b, kept, 100.0 * mine / base, rs.len()));
+        }
+        points.sort_by(|a, b| budget_value(&b.0).total_cmp(&budget_value(&a.0)));
+        let mut costs: Vec<f64> = own
+            .iter()
+            .filter(|r| r.timing.prefill_s > 0.0)
+            .map(|r| 100.0 * (r.timing.compress_s + r.timing.reconstruct_s) / r.timing.prefill_s)
+            .collect();
+        costs.sort_by(f64::total_cmp);
+        if !points.is_empty() {
+            out.push(Decision {
+                name: name.clone(),
+                points,
+                cost_pct: costs.get(costs.len() / 2).copied().unwrap_or(0.0),
+            });
+        }
+    }
+    out
+}
+
+/// The decision chart (`stem.svg`, `.png`) and its numbers (`stem.csv`): quality
+/// against KV memory kept, one line per configuration in `names`, beside what each
+/// costs to compress.
+pub fn decision_chart(
+    records: &[Record],
+    names: &[String],
+    stem: &Path,
+) -> Result<Vec<PathBuf>, String> {
+    let ds = decisions(records, names);
+    if ds.is_empty() {
+        return Err(format!(
+            "no query-agnostic records with a full-cache reference for {}",
+            names.join(", ")
+        ));
+    }
+    let run = records.first().map(|r| r.run.as_str()).unwrap_or("");
+    let mut series = vec![Series {
+        name: "full cache".into(),
+        points: vec![(0.0, 100.0), (100.0, 100.0)],
+        dashed: true,
+    }];
+    series.extend(ds.iter().map(|d| Series {
+        name: d.name.clone(),
+        points: d.points.iter().map(|p| (p.1, p.2)).collect(),
+        dashed: false,
+    }));
+    let quality = plot::line_chart(
+        "quality against memory",
+        "KV cache kept (% of the full cache)",
+        "score (% of the full cache's, same samples)",
+        &series,
+        None,
+    );
+    let cost = plot::hbar_log(
+        "time to compress",
+        "% of the prefill (log scale)",
+        &ds.iter().map(|d| d.name.clone()).collect::<Vec<_>>(),
+        &ds.iter().map(|d| d.cost_pct.max(1e-3)).collect::<Vec<_>>(),
+        1,
+    );
+    let svg = plot::side_by_side(
+        &format!("{run}: which method (query-agnostic)"),
+        &quality,
+        &cost,
+    );
+    let mut files = plot::save(&svg, stem)?;
+    let mut csv =
+        String::from("config,budget,kv_kept_pct,quality_pct,samples,compress_pct_of_prefill\n");
+    for d in &ds {
+        for p in &d.points {
+            let _ = writeln!(
+                csv,
+                "{},{},{:.1},{:.1},{},{:.2}",
+                csv_field(&d.name),
+                p.0,
+                p.1,
+                p.2,
+                p.3,
+                d.cost_pct
+            );
+        }
+    }
+    let csv_path = PathBuf::from(format!("{}.csv", stem.display()));
+    plot::write_atomic(&csv_path, csv.as_bytes())?;
+    files.push(csv_path);
+    Ok(files)
+}
+
+fn score_vs_budget(run: &str, cells: &[&Cell], stem: &Path) -> Result<Vec<PathBuf>, String> {
     let svg = plot::line_chart(
         &format!("{run}: mean score against KV budget"),
         "budget (fraction of the prompt's KV cache kept)",
         "mean score over tasks (×100)",
-        &series,
+        &budget_series(cells),
         Some((0.0, 100.0)),
     );
     plot::save(&svg, stem)
@@ -889,18 +1032,34 @@ fn task_bars(
 /// Depth bins of a NIAH heatmap.
 const DEPTH_BINS: usize = 5;
 
-fn niah_heatmap(run: &str, cfg: &str, rs: &[&Record], stem: &Path) -> Result<Vec<PathBuf>, String> {
+/// NIAH retrieval of every configuration in one picture: a row per configuration,
+/// a column per needle-depth bin (per context length when there are several).
+fn niah_heatmap(
+    run: &str,
+    order: &[String],
+    rs: &[&Record],
+    stem: &Path,
+) -> Result<Vec<PathBuf>, String> {
     let lengths: BTreeSet<usize> = rs.iter().map(|r| r.length).collect();
     let lengths: Vec<usize> = lengths.into_iter().collect();
-    let mut sum = vec![vec![(0.0, 0usize); lengths.len()]; DEPTH_BINS];
+    let cfgs: Vec<&String> = order
+        .iter()
+        .filter(|c| rs.iter().any(|r| &r.config == *c))
+        .collect();
+    let ncol = DEPTH_BINS * lengths.len();
+    let mut sum = vec![vec![(0.0, 0usize); ncol]; cfgs.len()];
     for r in rs {
-        let Some(d) = r.meta.get("depth").and_then(|v| v.as_f64()) else {
+        let (Some(d), Some(row)) = (
+            r.meta.get("depth").and_then(|v| v.as_f64()),
+            cfgs.iter().position(|c| **c == r.config),
+        ) else {
             continue;
         };
         let bin = ((d.clamp(0.0, 1.0) * DEPTH_BINS as f64) as usize).min(DEPTH_BINS - 1);
-        let col = lengths.iter().position(|&l| l == r.length).unwrap_or(0);
-        sum[bin][col].0 += r.score.unwrap_or(0.0);
-        sum[bin][col].1 += 1;
+        let l = lengths.iter().position(|&x| x == r.length).unwrap_or(0);
+        let cell = &mut sum[row][l * DEPTH_BINS + bin];
+        cell.0 += r.score.unwrap_or(0.0);
+        cell.1 += 1;
     }
     let values: Vec<Vec<Option<f64>>> = sum
         .iter()
@@ -910,20 +1069,29 @@ fn niah_heatmap(run: &str, cfg: &str, rs: &[&Record], stem: &Path) -> Result<Vec
                 .collect()
         })
         .collect();
-    let rows: Vec<String> = (0..DEPTH_BINS)
-        .map(|b| {
-            format!(
-                "{:.0}–{:.0}%",
-                100.0 * b as f64 / DEPTH_BINS as f64,
-                100.0 * (b + 1) as f64 / DEPTH_BINS as f64
-            )
+    let several = lengths.len() > 1;
+    let cols: Vec<String> = lengths
+        .iter()
+        .flat_map(|&l| {
+            (0..DEPTH_BINS).map(move |b| {
+                let depth = format!(
+                    "{:.0}–{:.0}%",
+                    100.0 * b as f64 / DEPTH_BINS as f64,
+                    100.0 * (b + 1) as f64 / DEPTH_BINS as f64
+                );
+                if several {
+                    format!("{} {depth}", short_len(l))
+                } else {
+                    depth
+                }
+            })
         })
         .collect();
-    let cols: Vec<String> = lengths.iter().map(|&l| short_len(l)).collect();
+    let rows: Vec<String> = cfgs.iter().map(|c| c.to_string()).collect();
     let svg = plot::heatmap(
-        &format!("{run}: needle retrieval, {cfg}"),
-        "context length (tokens)",
-        "needle depth",
+        &format!("{run}: needle retrieval by depth"),
+        "needle depth in the context",
+        "configuration",
         &cols,
         &rows,
         &values,
@@ -1109,7 +1277,7 @@ mod tests {
             "score_vs_budget.svg",
             "score_vs_budget.png",
             "tasks_at_0.5.png",
-            "niah_kvmerger_0.5.svg",
+            "niah.svg",
         ] {
             assert!(
                 names.iter().any(|n| n == want),
@@ -1121,6 +1289,80 @@ mod tests {
             csv.contains("m,niah_single_1,4096,h2o@0.5,h2o,0.5,4,0.5000,0.5000,,,"),
             "{csv}"
         );
+    }
+
+    #[test]
+    fn a_chart_line_is_one_configuration_never_a_mean_of_several() {
+        // Two configurations of one method at one budget (another protocol), and a
+        // third at another budget: the chart has a line per configuration, at each
+        // configuration's own mean.
+        let mut v = Vec::new();
+        for i in 0..4 {
+            v.push(rec("vt", "full", "full", "1", i, 1.0, 0.0));
+            v.push(rec("vt", "snapkv@0.5", "snapkv", "0.5", i, 0.25, 0.0));
+            v.push(rec("vt", "snapkv@0.25", "snapkv", "0.25", i, 0.0, 0.0));
+            let mut aware = rec(
+                "vt",
+                "snapkv:protocol=aware@0.5",
+                "snapkv",
+                "0.5",
+                i,
+                0.75,
+                0.0,
+            );
+            aware.protocol = "aware".into();
+            v.push(aware);
+        }
+        let cs = cells(&v);
+        let refs: Vec<&Cell> = cs.iter().collect();
+        let series = budget_series(&refs);
+        let line = |name: &str| {
+            series
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap_or_else(|| panic!("no line {name}: {series:?}"))
+        };
+        assert_eq!(line("snapkv").points, vec![(0.25, 0.0), (0.5, 25.0)]);
+        assert_eq!(line("snapkv:protocol=aware").points, vec![(0.5, 75.0)]);
+        assert_eq!(line("full cache").points[1], (1.0, 100.0));
+        assert_eq!(series.len(), 3, "{series:?}");
+    }
+
+    #[test]
+    fn decision_lines_are_quality_against_the_full_cache_on_the_same_samples() {
+        let mut v = Vec::new();
+        for i in 0..4 {
+            v.push(rec(
+                "vt",
+                "full",
+                "full",
+                "1",
+                i,
+                if i < 2 { 1.0 } else { 0.5 },
+                0.0,
+            ));
+            // Sample 3 has no full-cache record in the pairing below.
+            let mut r = rec("vt", "keydiff@0.5", "keydiff", "0.5", i, 0.5, 0.0);
+            r.timing = Timing {
+                prefill_s: 10.0,
+                compress_s: 0.1 * (i + 1) as f64,
+                ..Default::default()
+            };
+            v.push(r);
+        }
+        v.retain(|r| !(r.method == "full" && r.index == 3));
+        let d = decisions(&v, &["keydiff".to_string()]);
+        assert_eq!(d.len(), 1);
+        // Samples 0..3 paired: keydiff 1.5 against full 2.5.
+        assert_eq!(d[0].points, vec![("0.5".to_string(), 50.0, 60.0, 3)]);
+        // The median of 1%, 2%, 3%, 4% of the prefill (the upper middle).
+        assert!((d[0].cost_pct - 3.0).abs() < 1e-9, "{}", d[0].cost_pct);
+        let dir = tempfile::tempdir().unwrap();
+        let files =
+            decision_chart(&v, &["keydiff".to_string()], &dir.path().join("decision")).unwrap();
+        assert_eq!(files.len(), 3);
+        let svg = std::fs::read_to_string(dir.path().join("decision.svg")).unwrap();
+        plot::render_png(&svg).unwrap();
     }
 
     /// An answer record of sample `i` (task `t`), with half the full cache's bytes kept

@@ -378,6 +378,11 @@ pub struct EvalReportArgs {
     /// Where to write the reports (default: the first directory).
     #[arg(long, short = 'o')]
     pub out: Option<PathBuf>,
+    /// Also draw the decision chart (decision.svg, .png, .csv): quality against KV
+    /// memory kept and the time each costs, for these configurations without their
+    /// budget (comma-separated, e.g. `kvmerger+,kvzap,keydiff,snapkv,streaming`).
+    #[arg(long, value_name = "CONFIGS")]
+    pub decision: Option<String>,
 }
 
 #[derive(Args, Debug)]

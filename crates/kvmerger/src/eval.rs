@@ -350,7 +350,7 @@ fn run_grid(a: EvalRunArgs, dir: &Path) -> Result<()> {
         summary.items, summary.evaluated, summary.skipped
     );
     if !a.no_report {
-        write_reports(std::slice::from_ref(&out), &out, false)?;
+        write_reports(std::slice::from_ref(&out), &out, false, &[])?;
     }
     Ok(())
 }
@@ -378,10 +378,17 @@ fn load_text(spec: &str, dir: &Path) -> Result<TextSource> {
 
 fn report_cmd(a: EvalReportArgs, merge: bool) -> Result<()> {
     let out = a.out.clone().unwrap_or_else(|| a.dirs[0].clone());
-    write_reports(&a.dirs, &out, merge)
+    let decision: Vec<String> = a
+        .decision
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    write_reports(&a.dirs, &out, merge, &decision)
 }
 
-fn write_reports(dirs: &[PathBuf], out: &Path, merge: bool) -> Result<()> {
+fn write_reports(dirs: &[PathBuf], out: &Path, merge: bool, decision: &[String]) -> Result<()> {
     let c = records::collect(dirs)?;
     for b in &c.bad {
         eprintln!(
@@ -422,7 +429,13 @@ fn write_reports(dirs: &[PathBuf], out: &Path, merge: bool) -> Result<()> {
             out.join("samples.merged.jsonl").display()
         );
     }
-    let files = report::write_all(&c.records, out).map_err(anyhow::Error::msg)?;
+    let mut files = report::write_all(&c.records, out).map_err(anyhow::Error::msg)?;
+    if !decision.is_empty() {
+        files.extend(
+            report::decision_chart(&c.records, decision, &out.join("decision"))
+                .map_err(anyhow::Error::msg)?,
+        );
+    }
     if !kvmerger_eval::plot::have_fonts() {
         eprintln!("note: no fonts are installed, so the PNG charts have no text (the SVGs do)");
     }
