@@ -4,6 +4,7 @@
 //! sizes; replacing a store (see [`HeadStore::from_data`]) really frees the
 //! memory of the slots that were dropped.
 
+use crate::Error;
 use half::f16;
 
 /// Element type of stored keys and values.
@@ -81,6 +82,9 @@ impl SlotMeta {
         }
     }
 }
+
+/// Bytes of one slot's metadata in [`HeadStore::write_bytes`]'s layout.
+pub const META_BYTES: usize = 20;
 
 /// Borrowed view of stored keys or values in their storage type.
 #[derive(Clone, Copy, Debug)]
@@ -420,6 +424,145 @@ impl HeadStore {
         }
     }
 
+    /// Appends this store's slots to `out` in a fixed little-endian layout: the slot
+    /// count (u32), each slot's metadata (position, count, score, bias, learned: 20
+    /// bytes), then the keys and the values in their storage type (f16, f32, or q8_0's
+    /// values followed by its scales). [`HeadStore::read_bytes`] reads it back.
+    pub fn write_bytes(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.len() as u32).to_le_bytes());
+        for m in &self.meta {
+            out.extend_from_slice(&m.position.to_le_bytes());
+            out.extend_from_slice(&m.count.to_le_bytes());
+            out.extend_from_slice(&m.score.to_le_bytes());
+            out.extend_from_slice(&m.bias.to_le_bytes());
+            out.extend_from_slice(&m.learned.to_le_bytes());
+        }
+        for s in [&self.keys, &self.values] {
+            match s {
+                Storage::F16(v) => v
+                    .iter()
+                    .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                Storage::F32(v) => v
+                    .iter()
+                    .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                Storage::Q8_0 { q, d, .. } => {
+                    out.extend(q.iter().map(|&x| x as u8));
+                    d.iter()
+                        .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+                }
+            }
+        }
+    }
+
+    /// The bytes [`HeadStore::write_bytes`] writes for `slots` slots of this shape.
+    pub fn serialized_len(dim: usize, dtype: KvDtype, slots: usize) -> usize {
+        4 + slots * (META_BYTES + 2 * dtype.row_bytes(dim))
+    }
+
+    /// Reads a store written by [`HeadStore::write_bytes`] from the start of `bytes`;
+    /// returns it and the bytes it took. Refuses, naming the fault, a count that runs
+    /// past the data, slots out of position order or at or past `n_seen`, a count of
+    /// zero, and values that are not finite.
+    pub fn read_bytes(
+        dim: usize,
+        dtype: KvDtype,
+        n_seen: usize,
+        bytes: &[u8],
+    ) -> Result<(HeadStore, usize), Error> {
+        let bad = |m: String| Error::Invalid(format!("stored head: {m}"));
+        let n = u32::from_le_bytes(
+            bytes
+                .get(..4)
+                .ok_or_else(|| bad("truncated before its slot count".into()))?
+                .try_into()
+                .expect("4 bytes"),
+        ) as usize;
+        let need = (n as u128) * (META_BYTES as u128 + 2 * dtype.row_bytes(dim) as u128) + 4;
+        if need > bytes.len() as u128 {
+            return Err(bad(format!(
+                "{n} slots need {need} bytes, {} are left",
+                bytes.len()
+            )));
+        }
+        let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+        let float = |at: usize| f32::from_bits(word(at));
+        let mut s = HeadStore::with_capacity(dim, dtype, n);
+        let mut at = 4;
+        let mut last = 0u32;
+        for i in 0..n {
+            let m = SlotMeta {
+                position: word(at),
+                count: word(at + 4),
+                score: float(at + 8),
+                bias: float(at + 12),
+                learned: float(at + 16),
+            };
+            at += META_BYTES;
+            if m.position as usize >= n_seen || (i > 0 && m.position < last) {
+                return Err(bad(format!(
+                    "slot {i} at position {} is out of order or past the {n_seen} tokens seen",
+                    m.position
+                )));
+            }
+            if m.count == 0 || !(m.score.is_finite() && m.bias.is_finite() && m.learned.is_finite())
+            {
+                return Err(bad(format!(
+                    "slot {i} has a count of 0 or a value that is not finite"
+                )));
+            }
+            last = m.position;
+            s.biased |= m.bias != 0.0;
+            s.meta.push(m);
+        }
+        let values = n * dim;
+        for which in 0..2 {
+            let store = if which == 0 {
+                &mut s.keys
+            } else {
+                &mut s.values
+            };
+            match store {
+                Storage::F16(v) => {
+                    v.extend(
+                        bytes[at..at + 2 * values]
+                            .chunks_exact(2)
+                            .map(|c| f16::from_le_bytes([c[0], c[1]])),
+                    );
+                    at += 2 * values;
+                    if v.iter().any(|x| !x.is_finite()) {
+                        return Err(bad("a key or value is not finite".into()));
+                    }
+                }
+                Storage::F32(v) => {
+                    v.extend(
+                        bytes[at..at + 4 * values]
+                            .chunks_exact(4)
+                            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))),
+                    );
+                    at += 4 * values;
+                    if v.iter().any(|x| !x.is_finite()) {
+                        return Err(bad("a key or value is not finite".into()));
+                    }
+                }
+                Storage::Q8_0 { q, d, .. } => {
+                    q.extend(bytes[at..at + values].iter().map(|&b| b as i8));
+                    at += values;
+                    let scales = n * dim.div_ceil(Q8_BLOCK);
+                    d.extend(
+                        bytes[at..at + 2 * scales]
+                            .chunks_exact(2)
+                            .map(|c| f16::from_le_bytes([c[0], c[1]])),
+                    );
+                    at += 2 * scales;
+                    if d.iter().any(|x| !x.is_finite()) {
+                        return Err(bad("a q8_0 scale is not finite".into()));
+                    }
+                }
+            }
+        }
+        Ok((s, at))
+    }
+
     /// Bytes held by the live slots: keys, values and metadata.
     pub fn bytes(&self) -> usize {
         self.len() * (2 * self.dtype.row_bytes(self.dim) + std::mem::size_of::<SlotMeta>())
@@ -495,6 +638,38 @@ mod tests {
             assert_eq!(s.to_data(), before);
             assert!(!s.has_bias());
             assert_eq!(s.bytes(), HeadStore::from_data(&before, dtype).bytes());
+        }
+    }
+
+    #[test]
+    fn every_storage_type_round_trips_through_bytes_and_a_bad_count_is_refused() {
+        for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8_0] {
+            let mut s = HeadStore::new(40, dtype);
+            for i in 0..6u32 {
+                let k: Vec<f32> = (0..40)
+                    .map(|j| ((i * 40 + j) as f32 * 0.37).sin())
+                    .collect();
+                let mut m = SlotMeta::token(i * 2);
+                m.count = 1 + i;
+                m.bias = i as f32 * 0.1;
+                m.learned = -(i as f32);
+                m.score = 0.5;
+                s.push(&k, &k, m);
+            }
+            let mut b = vec![9u8];
+            s.write_bytes(&mut b);
+            assert_eq!(b.len(), 1 + HeadStore::serialized_len(40, dtype, 6));
+            let (r, used) = HeadStore::read_bytes(40, dtype, 100, &b[1..]).unwrap();
+            assert_eq!(used, b.len() - 1);
+            assert_eq!(r.to_data(), s.to_data(), "{dtype:?}");
+            assert_eq!(r.meta(), s.meta());
+            assert!(r.has_bias());
+            // Positions past the tokens seen, a truncated payload, a huge count.
+            assert!(HeadStore::read_bytes(40, dtype, 10, &b[1..]).is_err());
+            assert!(HeadStore::read_bytes(40, dtype, 100, &b[1..b.len() - 1]).is_err());
+            let mut huge = b[1..].to_vec();
+            huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+            assert!(HeadStore::read_bytes(40, dtype, 100, &huge).is_err());
         }
     }
 

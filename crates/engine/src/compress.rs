@@ -50,8 +50,10 @@ pub struct Compressor {
     /// During decoding, re-compress once a head holds this many slots over its budget.
     pub recompress_margin: Option<usize>,
     /// Compress during prefill after every chunk of this many tokens (see
-    /// [`crate::sequence::Sequence::feed_within`]).
+    /// [`crate::sequence::Sequence::feed_context`]).
     pub prefill_chunk: Option<usize>,
+    /// The options the method was built from (for [`Compressor::recipe`]).
+    options: Options,
 }
 
 impl std::fmt::Debug for Compressor {
@@ -79,6 +81,7 @@ impl Compressor {
             schedule,
             recompress_margin: None,
             prefill_chunk: None,
+            options: opts.clone(),
         })
     }
 
@@ -91,7 +94,23 @@ impl Compressor {
             schedule: recipe.schedule.clone(),
             recompress_margin: recipe.recompress_margin,
             prefill_chunk: recipe.prefill_chunk,
+            options: recipe.options.clone(),
         })
+    }
+
+    /// The recipe this compressor carries out.
+    pub fn recipe(&self) -> Recipe {
+        if self.method.name() == "full" {
+            return Recipe::full();
+        }
+        Recipe {
+            method: self.method.name().to_string(),
+            options: self.options.clone(),
+            budget: Some(self.budget),
+            schedule: self.schedule.clone(),
+            recompress_margin: self.recompress_margin,
+            prefill_chunk: self.prefill_chunk,
+        }
     }
 
     /// No compression at all: every token keeps its slot.

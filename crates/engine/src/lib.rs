@@ -22,6 +22,7 @@ mod gemm;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;
+pub mod kvc;
 pub mod learned;
 pub mod load;
 pub mod model;

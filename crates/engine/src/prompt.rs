@@ -157,6 +157,41 @@ impl LoadedModel {
         })
     }
 
+    /// A question appended to a context that [`LoadedModel::split_prompt`] cut (a
+    /// stored compressed context): the question, the end of the user turn, the
+    /// assistant turn's opening and `answer_prefix`. The context's text is not needed:
+    /// what follows the user's message in the template does not depend on it.
+    pub fn question_ids(&self, question: &str, answer_prefix: &str) -> Result<Vec<u32>, Error> {
+        let (_, after) = self.around_user(true)?;
+        self.tokenizer
+            .encode(&format!("{question}{after}{answer_prefix}"), false)
+    }
+
+    /// The next user turn of a conversation whose last assistant answer is the last
+    /// thing fed: the end of that answer's turn, the user turn with `message`, and the
+    /// assistant turn's opening, as the chat template renders them.
+    pub fn next_turn_ids(&self, message: &str) -> Result<Vec<u32>, Error> {
+        const A: &str = "\u{E000}kvmerger-answer\u{E001}";
+        let text = self.template.render(
+            &[
+                Message::user("x"),
+                Message::assistant(A),
+                Message::user(MARK),
+            ],
+            true,
+        )?;
+        let (a, m) = (text.find(A), text.find(MARK));
+        let (Some(a), Some(m)) = (a, m) else {
+            return Err(Error::Template(
+                "the chat template does not show the messages verbatim".into(),
+            ));
+        };
+        let between = &text[a + A.len()..m];
+        let after = &text[m + MARK.len()..];
+        self.tokenizer
+            .encode(&format!("{between}{message}{after}"), false)
+    }
+
     /// KVzip's reconstruction prompts in this model's chat template.
     pub fn repeat_prompts(&self) -> Result<RepeatPrompts, Error> {
         let (_, suffix) = self.around_user(true)?;

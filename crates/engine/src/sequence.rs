@@ -133,6 +133,62 @@ impl Sequence {
         }
     }
 
+    /// A sequence from its parts, as [`crate::kvc`] stores them: the cache holding
+    /// `tokens` (compressed up to token `compressed_end`, with the per-layer `targets`
+    /// of that compression), its first `protect` tokens a template's opening. Ready to
+    /// be appended a question.
+    pub fn restore(
+        compressor: Arc<Compressor>,
+        cache: KvCache,
+        tokens: Vec<u32>,
+        compressed_end: usize,
+        targets: Vec<usize>,
+        protect: usize,
+    ) -> Result<Sequence, Error> {
+        if cache.n_seen != tokens.len() || compressed_end > tokens.len() {
+            return Err(Error::Invalid(format!(
+                "a cache of {} tokens compressed up to {compressed_end} does not hold {} tokens",
+                cache.n_seen,
+                tokens.len()
+            )));
+        }
+        if !targets.is_empty() && targets.len() != cache.layers.len() {
+            return Err(Error::Invalid(format!(
+                "{} layer targets for {} layers",
+                targets.len(),
+                cache.layers.len()
+            )));
+        }
+        let bytes = cache.bytes();
+        Ok(Sequence {
+            cache,
+            stats: PrefillStats::default(),
+            compressor,
+            needs: StatsNeeds::default(),
+            needs_pass: false,
+            pass_secs: 0.0,
+            tokens,
+            protect,
+            logits: Vec::new(),
+            compressed_at: (compressed_end > 0).then_some(compressed_end),
+            targets,
+            peak_bytes: bytes,
+            prefill_passes: 0,
+            decode_stats: PrefillStats::default(),
+            decode_passes: 0,
+        })
+    }
+
+    /// How many leading tokens are a template's opening (see [`Sequence::protect`]).
+    pub fn protected(&self) -> usize {
+        self.protect
+    }
+
+    /// Per-layer slot targets of the last compression (empty before any).
+    pub fn targets(&self) -> &[usize] {
+        &self.targets
+    }
+
     /// The compressor of this copy of a shared prefill ([`Sequence::shared`]), which
     /// must have collected what it needs; before compression only.
     pub fn set_compressor(&mut self, compressor: Arc<Compressor>) -> Result<(), Error> {

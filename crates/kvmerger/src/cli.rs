@@ -43,9 +43,40 @@ pub enum Command {
     Analyze(AnalyzeArgs),
     /// Serve the model over an OpenAI-compatible HTTP API, with compression per request.
     Serve(crate::serve::ServeArgs),
+    /// Read a document once, compress it, and save the compressed context to a file
+    /// (`.kvc`) that `generate --kv`, `chat --kv` and the server can answer from.
+    Compress(CompressCmdArgs),
+    /// Print what a compressed-context file holds (and check it is intact).
+    Inspect(InspectArgs),
     /// Train KVzap's learned scorer for a model (KVzip's selection without its second
     /// pass) from public-domain text, into the data directory.
     TrainScorer(TrainArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CompressCmdArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub compress: CompressArgs,
+    /// The document to compress (a UTF-8 text file; `-` reads standard input).
+    #[arg(long, value_name = "FILE")]
+    pub context_file: PathBuf,
+    /// Where to write the compressed context.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// A compressed-context file written by `kvmerger compress` or the server's store.
+    pub file: PathBuf,
+    /// Also check it against this model (fingerprint, shapes) and load it.
+    #[arg(long, short = 'm')]
+    pub model: Option<String>,
+    /// The whole header as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -198,8 +229,12 @@ pub struct GenerateArgs {
     /// A document to ask about: it is prefilled and compressed (--method) before the
     /// prompt is seen, then the prompt is appended uncompressed as the question (in the
     /// chat template's user turn, after the document).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "kv")]
     pub context_file: Option<PathBuf>,
+    /// A compressed context saved by `kvmerger compress`: the prompt is asked of it
+    /// (appended uncompressed), without reading the document again.
+    #[arg(long, value_name = "FILE")]
+    pub kv: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -211,8 +246,12 @@ pub struct ChatArgs {
     #[command(flatten)]
     pub compress: CompressArgs,
     /// System prompt.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kv")]
     pub system: Option<String>,
+    /// Chat about a compressed context saved by `kvmerger compress`: the first message
+    /// is asked of the document, later ones continue the conversation.
+    #[arg(long, value_name = "FILE")]
+    pub kv: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }

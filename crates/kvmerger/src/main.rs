@@ -4,6 +4,7 @@ mod analyze;
 mod bench;
 mod cli;
 mod compress;
+mod context;
 mod demo;
 mod eval;
 mod fetch;

@@ -45,6 +45,8 @@ fn dispatch_in_pool(cli: Cli) -> Result<()> {
         Command::Eval(a) => crate::eval::run(a, &dir),
         Command::Analyze(a) => crate::analyze::run(a, &dir),
         Command::TrainScorer(a) => crate::train::run(a, &dir),
+        Command::Compress(a) => crate::context::compress(a, &dir),
+        Command::Inspect(a) => crate::context::inspect(a, &dir),
         Command::Methods => {
             crate::compress::print_methods();
             Ok(())
@@ -103,9 +105,50 @@ pub fn sampling(s: &SamplingArgs) -> Result<GenerateParams> {
     })
 }
 
-/// A UTF-8 text file's contents, or a clear error.
+/// The most bytes a text input (prompt, document, config, schedule) may have.
+pub const MAX_TEXT_BYTES: u64 = 64 << 20;
+
+/// A UTF-8 text file's contents (`-`: standard input), or a clear error: only a
+/// regular file is opened (a FIFO or device would block or never end), and at most
+/// [`MAX_TEXT_BYTES`] are read.
 pub fn read_text(f: &std::path::Path, what: &str) -> Result<String> {
-    let bytes = std::fs::read(f).with_context(|| format!("reading {what} {}", f.display()))?;
+    use std::io::Read;
+    let limit = MAX_TEXT_BYTES;
+    let mut bytes = Vec::new();
+    if f.as_os_str() == "-" {
+        std::io::stdin()
+            .lock()
+            .take(limit + 1)
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("reading {what} from standard input"))?;
+    } else {
+        let meta =
+            std::fs::metadata(f).with_context(|| format!("reading {what} {}", f.display()))?;
+        if !meta.is_file() {
+            bail!(
+                "{what} {} is not a regular file (a directory, FIFO, socket or device): refusing to read it",
+                f.display()
+            );
+        }
+        if meta.len() > limit {
+            bail!(
+                "{what} {} has {} bytes, more than the {} MiB a text input may have",
+                f.display(),
+                meta.len(),
+                limit >> 20
+            );
+        }
+        std::fs::File::open(f)
+            .and_then(|file| file.take(limit + 1).read_to_end(&mut bytes))
+            .with_context(|| format!("reading {what} {}", f.display()))?;
+    }
+    if bytes.len() as u64 > limit {
+        bail!(
+            "{what} {} is longer than the {} MiB a text input may have",
+            f.display(),
+            limit >> 20
+        );
+    }
     String::from_utf8(bytes).map_err(|e| {
         anyhow::anyhow!(
             "{what} {} is not valid UTF-8 (invalid byte at offset {})",
@@ -126,6 +169,9 @@ fn read_prompt(a: &GenerateArgs) -> Result<String> {
 fn generate(a: GenerateArgs, dir: &std::path::Path) -> Result<()> {
     let params = sampling(&a.sampling)?;
     let prompt = read_prompt(&a)?;
+    if let Some(kv) = &a.kv {
+        return generate_from_kv(&a, kv, &prompt, &params, dir);
+    }
     let context = match &a.context_file {
         Some(f) => {
             let c = read_text(f, "context file")?;
@@ -210,6 +256,60 @@ fn generate(a: GenerateArgs, dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// `generate --kv FILE`: the prompt asked of a saved compressed context.
+fn generate_from_kv(
+    a: &GenerateArgs,
+    kv: &std::path::Path,
+    prompt: &str,
+    params: &GenerateParams,
+    dir: &std::path::Path,
+) -> Result<()> {
+    if a.compress.method.is_some() || a.compress.compress_config.is_some() {
+        bail!(
+            "--kv: the compression recipe is the saved context's; drop --method/--compress-config"
+        );
+    }
+    if prompt.trim().is_empty() {
+        bail!("--kv needs a question: give --prompt TEXT or --prompt-file FILE");
+    }
+    let (lm, dtype) = load_model(&a.model, dir)?;
+    let (mut seq, h) = crate::context::load(kv, &lm, dtype)?;
+    let t0 = std::time::Instant::now();
+    let question = lm.question_ids(prompt, "")?;
+    if seq.tokens().len() + question.len() >= lm.model.cfg.ctx_len {
+        bail!(
+            "the saved context of {} tokens and this question of {} do not fit the model's context of {}",
+            seq.tokens().len(),
+            question.len(),
+            lm.model.cfg.ctx_len
+        );
+    }
+    let loaded = t0.elapsed().as_secs_f64();
+    seq.append(&lm.model, &question)?;
+    let mut out = std::io::stdout().lock();
+    let gen = decode_sequence(&lm, &mut seq, params, &mut |s| {
+        let _ = out.write_all(s.as_bytes());
+        let _ = out.flush();
+        true
+    })?;
+    drop(out);
+    println!();
+    eprintln!(
+        "[{}] context {} tokens from {} ({}, {:.1} MiB), question {} tokens; first token after {:.2}s; generated {} tokens in {:.2}s, stop: {:?}",
+        lm.name,
+        h.tokens,
+        kv.display(),
+        h.recipe,
+        crate::compress::mib(h.kv_bytes),
+        question.len(),
+        loaded + gen.decode_secs / gen.tokens.len().max(1) as f64,
+        gen.tokens.len(),
+        gen.decode_secs,
+        gen.stop
+    );
+    Ok(())
+}
+
 /// Prefill `ids` and compress them with `comp` (the sequence runs whatever pass the
 /// method needs), reporting what compression did. The first `protect` tokens are the
 /// chat template's opening. Returns the sequence and the prefill time.
@@ -267,40 +367,78 @@ pub fn decode_sequence(
 
 fn chat(a: ChatArgs, dir: &std::path::Path) -> Result<()> {
     let params = sampling(&a.sampling)?;
+    if a.kv.is_some() && (a.compress.method.is_some() || a.compress.compress_config.is_some()) {
+        bail!(
+            "--kv: the compression recipe is the saved context's; drop --method/--compress-config"
+        );
+    }
     let comp = crate::compress::build(&a.compress)?;
     let (lm, dtype) = load_model(&a.model, dir)?;
-    let mut messages = Vec::new();
-    if let Some(s) = &a.system {
-        messages.push(Message::new("system", s));
-    }
-    // The conversation so far: compressed by the recipe on the first turn, then each
-    // turn's new tokens appended (as the server's context reuse does).
+    // A saved context to chat about: every conversation starts from a copy of it.
+    let base = match &a.kv {
+        Some(p) => Some(crate::context::load(p, &lm, dtype)?.0),
+        None => None,
+    };
+    let system: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
+    let mut messages = system.clone();
+    // The conversation so far: compressed by the recipe on the first turn (or taken
+    // from the saved context), then each turn's new tokens appended (as the server's
+    // context reuse does).
     let mut conversation: Option<Sequence> = None;
-    eprintln!("chatting with {} (empty line or Ctrl-D to quit)", lm.name);
+    eprintln!(
+        "chatting with {}{} (/reset starts over, /exit or Ctrl-D quits)",
+        lm.name,
+        a.kv.as_ref()
+            .map(|p| format!(" about {}", p.display()))
+            .unwrap_or_default()
+    );
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
         eprint!("> ");
         let Some(line) = lines.next() else { break };
         let line = line.context("reading standard input")?;
-        if line.trim().is_empty() {
-            break;
+        match line.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages = system.clone();
+                conversation = None;
+                eprintln!("(new conversation)");
+                continue;
+            }
+            _ => {}
         }
-        messages.push(Message::new("user", &line));
-        let ids = lm.encode_conversation(&messages, true, usize::MAX)?;
-        // Reuse the conversation's cache up to where the new rendering departs from it
-        // (never inside its compressed part); otherwise prefill and compress again.
-        let reused = conversation.take().and_then(|mut seq| {
-            let n = seq.reusable_prefix(&ids);
-            (n > 0 && seq.truncate(n).is_ok()).then_some(seq)
-        });
-        let mut seq = match reused {
-            Some(mut seq) => {
-                let done = seq.tokens().len();
-                seq.append(&lm.model, &ids[done..])?;
+        let mut seq = match (&base, conversation.take()) {
+            // About a saved context: the first question, then the next turns, appended.
+            (Some(base), None) => {
+                let mut seq = base.clone();
+                seq.append(&lm.model, &lm.question_ids(&line, "")?)?;
                 seq
             }
-            None => compressed_sequence(&lm, &comp, dtype, &ids, 0)?.0,
+            (Some(_), Some(mut seq)) => {
+                seq.append(&lm.model, &lm.next_turn_ids(&line)?)?;
+                seq
+            }
+            (None, previous) => {
+                messages.push(Message::new("user", &line));
+                let ids = lm.encode_conversation(&messages, true, usize::MAX)?;
+                // Reuse the conversation's cache up to where the new rendering departs
+                // from it (never inside its compressed part); otherwise prefill and
+                // compress again.
+                let reused = previous.and_then(|mut seq| {
+                    let n = seq.reusable_prefix(&ids);
+                    (n > 0 && seq.truncate(n).is_ok()).then_some(seq)
+                });
+                match reused {
+                    Some(mut seq) => {
+                        let done = seq.tokens().len();
+                        seq.append(&lm.model, &ids[done..])?;
+                        seq
+                    }
+                    None => compressed_sequence(&lm, &comp, dtype, &ids, 0)?.0,
+                }
+            }
         };
         let mut out = std::io::stdout().lock();
         let mut print = |s: &str| {
@@ -312,7 +450,9 @@ fn chat(a: ChatArgs, dir: &std::path::Path) -> Result<()> {
         drop(out);
         println!();
         conversation = Some(seq);
-        messages.push(Message::new("assistant", gen.text.trim()));
+        if base.is_none() {
+            messages.push(Message::new("assistant", gen.text.trim()));
+        }
     }
     Ok(())
 }

@@ -69,6 +69,18 @@ pub struct ServeArgs {
     /// kept, within --kv-memory, for later prompts that start with the same tokens).
     #[arg(long)]
     pub no_context_reuse: bool,
+    /// Keep every compressed context beyond this process: a directory (the contexts
+    /// are found again after a restart) or redis://HOST:PORT (shared by every server
+    /// that names it). Requests whose context is there skip its prefill and compression.
+    #[arg(long, value_name = "DIR|redis://HOST:PORT")]
+    pub context_store: Option<String>,
+    /// The most a directory store holds (least recently used contexts go first); without
+    /// --context-store, the memory kept for context handles (POST /v1/contexts).
+    #[arg(long, default_value = "4GiB")]
+    pub context_store_size: String,
+    /// Seconds a context lives in Redis after its last use (0: until Redis evicts it).
+    #[arg(long, default_value_t = 0)]
+    pub context_store_ttl: u64,
     /// Seconds shutdown (SIGTERM, Ctrl-C) waits for running requests.
     #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
     pub shutdown_grace: f64,
@@ -97,6 +109,15 @@ pub fn run(a: ServeArgs, dir: &Path, threads: Option<usize>) -> Result<()> {
     let compression = default_recipe(&a.compress)?;
     let kv_memory = parse_bytes(&a.kv_memory).map_err(|e| anyhow!("--kv-memory: {e}"))?;
     let max_body = parse_bytes(&a.max_body).map_err(|e| anyhow!("--max-body: {e}"))?;
+    let store_size =
+        parse_bytes(&a.context_store_size).map_err(|e| anyhow!("--context-store-size: {e}"))?;
+    let context_store = match &a.context_store {
+        Some(s) => Some(
+            kvmerger_server::store::StoreSpec::parse(s, store_size as u64, a.context_store_ttl)
+                .map_err(|e| anyhow!("--context-store: {e}"))?,
+        ),
+        None => None,
+    };
     let mut cfg = ServerConfig {
         addr: SocketAddr::new(a.host, a.port),
         model_id: String::new(),
@@ -114,6 +135,8 @@ pub fn run(a: ServeArgs, dir: &Path, threads: Option<usize>) -> Result<()> {
         compression,
         protocol: a.protocol.parse().map_err(|e| anyhow!("--protocol: {e}"))?,
         context_reuse: !a.no_context_reuse,
+        context_store,
+        handle_memory: store_size,
         kv_dtype: a.model.kv_dtype.parse().map_err(anyhow::Error::msg)?,
         threads,
     };

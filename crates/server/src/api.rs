@@ -85,6 +85,19 @@ pub struct ChatRequest {
     pub repetition_penalty: Option<f64>,
     pub ignore_eos: Option<bool>,
     pub kv_compression: Option<Value>,
+    /// A stored context (`POST /v1/contexts`) whose messages come before these.
+    pub kv_context: Option<String>,
+}
+
+/// `POST /v1/contexts`: a document (a system message) or messages to compress and keep.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextRequest {
+    #[serde(default)]
+    pub model: String,
+    pub document: Option<String>,
+    pub messages: Option<Vec<ChatMessage>>,
+    pub kv_compression: Option<Value>,
 }
 
 /// Parse a body: malformed JSON and wrong field types are 400s that name what is wrong.

@@ -43,6 +43,12 @@ pub struct ServerConfig {
     pub protocol: Protocol,
     /// Keep finished requests' contexts for later prompts that start with them.
     pub context_reuse: bool,
+    /// Where compressed contexts are kept beyond this process (a directory or a Redis
+    /// server), so a restarted server or another replica reuses them.
+    pub context_store: Option<crate::store::StoreSpec>,
+    /// Bytes of context handles (`POST /v1/contexts`) kept in memory when no
+    /// `context_store` is set.
+    pub handle_memory: usize,
     pub kv_dtype: KvDtype,
     /// Engine threads (default: all cores).
     pub threads: Option<usize>,
@@ -67,6 +73,8 @@ impl Default for ServerConfig {
             compression: Recipe::full(),
             protocol: Protocol::Aware,
             context_reuse: true,
+            context_store: None,
+            handle_memory: 256 << 20,
             kv_dtype: KvDtype::F16,
             threads: None,
         }

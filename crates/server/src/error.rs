@@ -34,7 +34,7 @@ struct Inner<'a> {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             message: message.into(),
@@ -95,7 +95,7 @@ impl ApiError {
         Self::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
-            format!("Unknown URL {path}: this server has POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health and GET /metrics."),
+            format!("Unknown URL {path}: this server has POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST/GET /v1/contexts, GET/DELETE /v1/contexts/ID, GET /health and GET /metrics."),
         )
         .with_code("unknown_url")
     }

@@ -25,6 +25,7 @@ pub mod error;
 pub mod metrics;
 pub mod routes;
 pub mod scheduler;
+pub mod store;
 
 pub use compression::RequestRecipe;
 pub use config::{parse_bytes, ServerConfig};
@@ -56,6 +57,11 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub shutting_down: AtomicBool,
     next_id: AtomicU64,
+    /// Where compressed contexts are kept: the configured store (every finished
+    /// context is written there), or, without one, memory for explicit handles only.
+    pub store: Arc<dyn store::ContextStore>,
+    /// Whether `store` is the configured (persistent, shared) one.
+    pub persist: bool,
 }
 
 /// The routes with their layers: request counting, API key, request time limit, body limit.
@@ -65,6 +71,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/chat/completions", post(routes::chat))
         .route("/v1/models", get(routes::models))
         .route("/v1/models/{id}", get(routes::model))
+        .route(
+            "/v1/contexts",
+            post(routes::create_context).get(routes::list_contexts),
+        )
+        .route(
+            "/v1/contexts/{id}",
+            get(routes::get_context).delete(routes::delete_context),
+        )
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
         .fallback(routes::not_found)
@@ -149,8 +163,28 @@ pub async fn serve(
         kv_dtype: cfg.kv_dtype,
         context_reuse: cfg.context_reuse,
     };
-    let (sched, engine) = Scheduler::start(lm.clone(), limits, metrics.clone(), pool)
-        .map_err(|e| format!("starting the engine thread: {e}"))?;
+    let (store, persist): (Arc<dyn store::ContextStore>, bool) = match &cfg.context_store {
+        Some(spec) => (spec.open().map_err(|e| e.to_string())?, true),
+        None => (
+            Arc::new(store::MemoryStore::new(cfg.handle_memory as u64)),
+            false,
+        ),
+    };
+    let writer = persist.then(|| {
+        let m = metrics.clone();
+        Arc::new(store::Writer::start(store.clone(), 16, move |r| {
+            match r {
+                Ok(bytes) => m.store_written(bytes),
+                Err(_) => m.store_errors.fetch_add(1, Relaxed),
+            };
+        }))
+    });
+    if persist {
+        eprintln!("context store: {}", store.describe());
+    }
+    let (sched, engine) =
+        Scheduler::start(lm.clone(), limits, metrics.clone(), pool, writer.clone())
+            .map_err(|e| format!("starting the engine thread: {e}"))?;
     let grace = cfg.shutdown_grace;
     let app = Arc::new(App {
         cfg,
@@ -159,6 +193,8 @@ pub async fn serve(
         metrics,
         shutting_down: AtomicBool::new(false),
         next_id: AtomicU64::new(1),
+        store,
+        persist,
     });
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let app2 = app.clone();
@@ -183,7 +219,14 @@ pub async fn serve(
         }
     };
     sched.abort();
-    let _ = tokio::task::spawn_blocking(move || engine.join()).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = engine.join();
+        // What the engine queued for the store is written before the process ends.
+        if let Some(w) = writer {
+            w.finish();
+        }
+    })
+    .await;
     result
 }
 

@@ -43,6 +43,13 @@ pub struct Metrics {
     /// Cached contexts and the bytes they hold.
     pub context_entries: AtomicUsize,
     pub context_bytes: AtomicUsize,
+    /// The context store: contexts found there, written there, bytes written, entries
+    /// found corrupt (deleted and recomputed), and failed reads or writes.
+    pub store_hits: AtomicU64,
+    pub store_writes: AtomicU64,
+    pub store_bytes_written: AtomicU64,
+    pub store_corrupt: AtomicU64,
+    pub store_errors: AtomicU64,
     compression: Mutex<BTreeMap<String, MethodStats>>,
     /// (when, prompt tokens, generated tokens) per engine step, for rates.
     recent: Mutex<VecDeque<(Instant, u64, u64)>>,
@@ -62,6 +69,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Metrics {
+    /// An entry of `bytes` reached the context store.
+    pub fn store_written(&self, bytes: usize) -> u64 {
+        self.store_bytes_written.fetch_add(bytes as u64, Relaxed);
+        self.store_writes.fetch_add(1, Relaxed)
+    }
+
     pub fn http_response(&self, route: &str, status: u16) {
         *lock(&self.http)
             .entry((route.to_string(), status))
@@ -200,6 +213,35 @@ impl Metrics {
             "Cached contexts evicted (least recently used) to make room.",
             &one(c(&self.context_evictions)),
         );
+        for (name, help, v) in [
+            (
+                "kvmerger_context_store_hits_total",
+                "Requests whose context was read from the context store (disk or Redis).",
+                &self.store_hits,
+            ),
+            (
+                "kvmerger_context_store_writes_total",
+                "Compressed contexts written to the context store.",
+                &self.store_writes,
+            ),
+            (
+                "kvmerger_context_store_written_bytes_total",
+                "Bytes written to the context store.",
+                &self.store_bytes_written,
+            ),
+            (
+                "kvmerger_context_store_corrupt_total",
+                "Stored contexts that failed their checks (deleted and recomputed).",
+                &self.store_corrupt,
+            ),
+            (
+                "kvmerger_context_store_errors_total",
+                "Reads or writes the context store failed (the request went on without it).",
+                &self.store_errors,
+            ),
+        ] {
+            metric(name, "counter", help, &one(c(v)));
+        }
         metric(
             "kvmerger_context_cache_entries",
             "gauge",

@@ -17,7 +17,9 @@ use kvmerger_compression::{Protocol, Recipe};
 use kvmerger_engine::chat::Message;
 use kvmerger_engine::compress::Compressor;
 use kvmerger_engine::generate::{GenerateParams, StopReason};
+use kvmerger_engine::kvc;
 use kvmerger_engine::sampling::SamplingParams;
+use kvmerger_engine::sequence::Sequence;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -38,6 +40,9 @@ enum Kind {
 enum Input {
     Prompt(Prompt),
     Messages(Vec<Message>),
+    /// Messages that are a context to compress and keep (a handle): no generation
+    /// prompt after them.
+    Context(Vec<Message>),
 }
 
 /// A checked request, ready to queue.
@@ -53,6 +58,12 @@ struct Request {
     include_usage: bool,
     /// The field the prompt came from, for errors about its length.
     prompt_param: &'static str,
+}
+
+impl Request {
+    fn compress_only(&self) -> bool {
+        matches!(self.input, Input::Context(_))
+    }
 }
 
 pub async fn completions(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
@@ -168,7 +179,22 @@ pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> 
             let role = api::message_role(i, &m.role)?;
             messages.push(Message::new(role, api::message_text(i, &m.content)?));
         }
-        let (spec, compressor, protocol) = compression(&app, req.kv_compression.as_ref())?;
+        let (spec, compressor, protocol) = match &req.kv_context {
+            // A stored context's messages come first, compressed as they were.
+            Some(id) => {
+                if req.kv_compression.is_some() {
+                    return Err(ApiError::param(
+                        "kv_compression",
+                        "a request with kv_context is compressed as its context was: drop kv_compression",
+                    ));
+                }
+                let (before, recipe) = context_messages(&app, id).await?;
+                messages.splice(0..0, before);
+                let c = recipe.build()?;
+                (recipe, c, Some(Protocol::Agnostic))
+            }
+            None => compression(&app, req.kv_compression.as_ref())?,
+        };
         let stream = req.stream.unwrap_or(false);
         run(
             app.clone(),
@@ -306,8 +332,12 @@ fn prepare(
             ids.clone()
         }
         // Control tokens written inside messages stay text: a user cannot forge turns.
-        Input::Messages(m) => lm
-            .encode_conversation(m, true, ctx.saturating_sub(1))
+        Input::Messages(m) | Input::Context(m) => lm
+            .encode_conversation(
+                m,
+                matches!(req.input, Input::Messages(_)),
+                ctx.saturating_sub(1),
+            )
             .map_err(|e| match e {
                 kvmerger_engine::Error::ContextOverflow { prompt, .. } => {
                     too_long("messages", prompt)
@@ -402,6 +432,30 @@ fn prepare(
     } else {
         format!("{}|{:?}|{}", req.spec, req.spec.schedule, protocol.name())
     };
+    // The compressed context is kept in the store (every one when a store is
+    // configured; a handle's always), under a key of everything that shapes it.
+    let store_key =
+        (!req.compressor.is_noop() && context_end > 0 && (app.persist || req.compress_only()))
+            .then(|| {
+                crate::store::key(
+                    &lm.fingerprint,
+                    &cache_key,
+                    &format!("{:?}", app.cfg.kv_dtype),
+                    &prompt[..context_end],
+                )
+            });
+    let preloaded = store_key
+        .as_deref()
+        .and_then(|k| load_stored(app, k, &prompt[..context_end]));
+    // The context's messages go with it: a stored context is also a handle.
+    let context_extra = match &req.input {
+        Input::Context(m) => json!({"messages": messages_json(m)}),
+        Input::Messages(m) if protocol == Protocol::Agnostic => {
+            let last_user = m.iter().rposition(|m| m.role == "user").unwrap_or(0);
+            json!({"messages": messages_json(&m[..last_user]), "tokens": context_end})
+        }
+        _ => Value::Null,
+    };
     let job = Job {
         prompt,
         params: GenerateParams {
@@ -417,11 +471,50 @@ fn prepare(
         context_end,
         protocol,
         cache_key,
+        store_key,
+        preloaded,
+        compress_only: req.compress_only(),
+        context_extra,
         arrived,
         deadline: arrived + app.cfg.request_timeout,
         events,
     };
     Ok((job, req))
+}
+
+fn messages_json(m: &[Message]) -> Value {
+    Value::Array(
+        m.iter()
+            .map(|m| json!({"role": m.role, "content": m.content}))
+            .collect(),
+    )
+}
+
+/// The compressed context stored under `key`, when it holds exactly `context`: read,
+/// checked (checksum, model, shapes) and ready to be appended the rest of the prompt.
+/// A stored entry that fails its checks is deleted (the request recomputes it); a
+/// store that fails is counted and skipped.
+fn load_stored(app: &App, key: &str, context: &[u32]) -> Option<Sequence> {
+    let m = &app.metrics;
+    let bytes = match app.store.get(key) {
+        Ok(Some(b)) => b,
+        Ok(None) => return None,
+        Err(_) => {
+            m.store_errors.fetch_add(1, Relaxed);
+            return None;
+        }
+    };
+    match kvc::decode(&bytes, &app.lm) {
+        Ok((seq, _)) if seq.tokens() == context && seq.is_compressed() => Some(seq),
+        bad => {
+            if let Err(e) = bad {
+                eprintln!("context store: entry {key} is unusable ({e}); recomputing it");
+            }
+            m.store_corrupt.fetch_add(1, Relaxed);
+            let _ = app.store.delete(key);
+            None
+        }
+    }
 }
 
 /// The protocol this request is compressed under, and where its compression stops:
@@ -431,6 +524,11 @@ fn prepare(
 /// `agnostic` and cannot be split is refused, one that only inherits it is compressed
 /// whole (and says so in its usage).
 fn context_split(app: &App, req: &Request, prompt: &[u32]) -> Result<(Protocol, usize), ApiError> {
+    if let Input::Context(_) = req.input {
+        // A handle's context is compressed whole, as the context of the questions
+        // that will follow it.
+        return Ok((Protocol::Agnostic, prompt.len()));
+    }
     let asked = req.protocol;
     if req.compressor.is_noop() || asked.unwrap_or(app.cfg.protocol) == Protocol::Aware {
         return Ok((Protocol::Aware, prompt.len()));
@@ -740,4 +838,244 @@ pub async fn not_found(uri: Uri) -> ApiError {
 
 pub async fn method_not_allowed() -> ApiError {
     ApiError::method_not_allowed()
+}
+
+/// A stored context's header, by id (404 when there is none).
+async fn stored_header(app: &Arc<App>, id: &str) -> Result<kvc::KvcHeader, ApiError> {
+    if !crate::store::valid_key(id) {
+        return Err(context_not_found(id));
+    }
+    let (a, key) = (app.clone(), id.to_string());
+    let prefix = tokio::task::spawn_blocking(move || a.store.get_prefix(&key, kvc::HEADER_PEEK))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .ok_or_else(|| context_not_found(id))?;
+    kvc::peek_header(&prefix)
+        .map_err(|e| ApiError::internal(format!("the stored context {id} is unreadable: {e}")))
+}
+
+fn context_not_found(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!("No stored context '{id}' (create one with POST /v1/contexts; it may have been evicted)."),
+    )
+    .with_param("kv_context")
+    .with_code("context_not_found")
+}
+
+/// The messages and recipe of the stored context `id`.
+async fn context_messages(app: &Arc<App>, id: &str) -> Result<(Vec<Message>, Recipe), ApiError> {
+    let h = stored_header(app, id).await?;
+    let messages = h.extra["messages"]
+        .as_array()
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| {
+            ApiError::param(
+                "kv_context",
+                format!("the stored context {id} holds no messages to continue"),
+            )
+        })?
+        .iter()
+        .map(|m| {
+            Message::new(
+                m["role"].as_str().unwrap_or("user"),
+                m["content"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    Ok((messages, h.recipe))
+}
+
+fn context_card(app: &App, id: &str, h: &kvc::KvcHeader, bytes: Option<u64>) -> Value {
+    json!({
+        "id": id,
+        "object": "kv_context",
+        "created": h.created,
+        "model": app.cfg.model_id,
+        "tokens": h.tokens,
+        "kv_compression": {
+            "method": h.recipe.method,
+            "budget": h.recipe.budget_text(),
+            "recipe": h.recipe.to_string(),
+            "protocol": h.protocol,
+        },
+        "kv_bytes": h.kv_bytes,
+        "kv_bytes_full": h.kv_bytes_full,
+        "bytes": bytes,
+        "messages": h.extra["messages"].as_array().map_or(0, |m| m.len()),
+    })
+}
+
+/// `POST /v1/contexts`: compress a document (or messages) once and keep it; the id
+/// answers later chat requests (`kv_context`), on any server sharing the store.
+pub async fn create_context(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = async {
+        let body = body.map_err(|e| body_error(&app, e))?;
+        let req: api::ContextRequest = api::parse(&body)?;
+        if !req.model.is_empty() {
+            check_model(&app, &req.model)?;
+        }
+        let messages = match (&req.document, &req.messages) {
+            (Some(d), None) => {
+                if d.trim().is_empty() {
+                    return Err(ApiError::param("document", "the document is empty"));
+                }
+                vec![Message::new("system", d)]
+            }
+            (None, Some(ms)) if !ms.is_empty() => {
+                let mut v = Vec::with_capacity(ms.len());
+                for (i, m) in ms.iter().enumerate() {
+                    let role = api::message_role(i, &m.role)?;
+                    v.push(Message::new(role, api::message_text(i, &m.content)?));
+                }
+                v
+            }
+            _ => {
+                return Err(ApiError::param(
+                    "document",
+                    "give the context as document (text) or messages (a list), one of them",
+                ))
+            }
+        };
+        let (spec, compressor, _) = compression(&app, req.kv_compression.as_ref())?;
+        if compressor.is_noop() {
+            return Err(ApiError::param(
+                "kv_compression",
+                "a context handle keeps a compressed context: give kv_compression (the server's default compresses nothing)",
+            ));
+        }
+        let sampling = RawSampling {
+            max_tokens: Some(1),
+            max_tokens_param: "max_tokens",
+            temperature: None,
+            top_p: None,
+            top_k: None,
+            repetition_penalty: None,
+            presence_penalty: None,
+            frequency_penalty: None,
+            seed: None,
+            stop: None,
+            n: None,
+            logit_bias: None,
+            ignore_eos: None,
+        }
+        .validate(app.cfg.max_tokens_limit)?;
+        if app.shutting_down.load(Relaxed) {
+            return Err(ApiError::shutting_down());
+        }
+        let request = Request {
+            kind: Kind::Chat,
+            input: Input::Context(messages),
+            sampling,
+            spec,
+            compressor,
+            protocol: Some(Protocol::Agnostic),
+            stream: false,
+            include_usage: false,
+            prompt_param: if req.document.is_some() { "document" } else { "messages" },
+        };
+        let arrived = Instant::now();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let a = app.clone();
+        let (mut job, _) = tokio::task::spawn_blocking(move || prepare(&a, request, arrived, tx))
+            .await
+            .map_err(|e| ApiError::internal(format!("request preparation failed: {e}")))??;
+        let key = job
+            .store_key
+            .clone()
+            .ok_or_else(|| ApiError::internal("a context handle without a store key"))?;
+        if let Some(seq) = job.preloaded.take() {
+            // Stored already: the handle is its key.
+            let bytes = kvc::encode(&seq, &app.lm, "agnostic", Value::Null);
+            let h = kvc::read_header(&bytes)
+                .map_err(|e| ApiError::internal(e.to_string()))?
+                .0;
+            let mut card = context_card(&app, &key, &h, None);
+            card["cached_tokens"] = json!(h.tokens);
+            card["stored_in"] = json!(app.store.describe());
+            return Ok((StatusCode::OK, Json(card)).into_response());
+        }
+        app.sched.submit(job)?;
+        let mut report = None;
+        let context = loop {
+            match rx.recv().await {
+                Some(Event::Prefilled(r)) => report = Some(r),
+                Some(Event::Text(_)) => {}
+                Some(Event::Failed(e)) => return Err(e),
+                Some(Event::Done(d)) => break d.context,
+                None => return Err(ApiError::internal("the engine stopped before the context was compressed")),
+            }
+        };
+        let bytes = context.ok_or_else(|| ApiError::internal("the engine kept no context"))?;
+        let h = kvc::read_header(&bytes)
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .0;
+        let (a, k, n) = (app.clone(), key.clone(), bytes.len());
+        tokio::task::spawn_blocking(move || a.store.put(&k, &bytes))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        app.metrics.store_written(n);
+        let mut card = context_card(&app, &key, &h, Some(n as u64));
+        if let Some(r) = report {
+            card["prefill_ms"] = json!(r.prefill_ms);
+            card["compress_ms"] = json!(r.compress_ms);
+            card["cached_tokens"] = json!(r.cached_tokens);
+        }
+        card["stored_in"] = json!(app.store.describe());
+        Ok((StatusCode::CREATED, Json(card)).into_response())
+    }
+    .await;
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `GET /v1/contexts`: every stored context, most recently used first.
+pub async fn list_contexts(State(app): AppState) -> Response {
+    let a = app.clone();
+    let r = tokio::task::spawn_blocking(move || -> Result<Vec<Value>, ApiError> {
+        let listed = a
+            .store
+            .list()
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|l| {
+                let prefix = a.store.get_prefix(&l.key, kvc::HEADER_PEEK).ok()??;
+                let h = kvc::peek_header(&prefix).ok()?;
+                Some(context_card(&a, &l.key, &h, Some(l.bytes)))
+            })
+            .collect())
+    })
+    .await;
+    match r {
+        Ok(Ok(data)) => Json(json!({"object": "list", "data": data})).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => ApiError::internal(e.to_string()).into_response(),
+    }
+}
+
+/// `GET /v1/contexts/{id}`.
+pub async fn get_context(State(app): AppState, Path(id): Path<String>) -> Response {
+    match stored_header(&app, &id).await {
+        Ok(h) => Json(context_card(&app, &id, &h, None)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `DELETE /v1/contexts/{id}`.
+pub async fn delete_context(State(app): AppState, Path(id): Path<String>) -> Response {
+    if !crate::store::valid_key(&id) {
+        return context_not_found(&id).into_response();
+    }
+    let (a, k) = (app.clone(), id.clone());
+    match tokio::task::spawn_blocking(move || a.store.delete(&k)).await {
+        Ok(Ok(true)) => {
+            Json(json!({"id": id, "object": "kv_context", "deleted": true})).into_response()
+        }
+        Ok(Ok(false)) => context_not_found(&id).into_response(),
+        Ok(Err(e)) => ApiError::internal(e.to_string()).into_response(),
+        Err(e) => ApiError::internal(e.to_string()).into_response(),
+    }
 }

@@ -48,6 +48,16 @@ pub struct Job {
     /// The recipe as cached contexts are matched on (method, options, budget,
     /// schedule, protocol).
     pub cache_key: String,
+    /// The context's key in the context store, when its compressed context is to be
+    /// kept there ([`crate::store::key`]).
+    pub store_key: Option<String>,
+    /// The compressed context, read from the store before the job was queued.
+    pub preloaded: Option<Sequence>,
+    /// Compress the prompt and stop (an explicit context handle): nothing is
+    /// generated, and the compressed context comes back in [`Finished::context`].
+    pub compress_only: bool,
+    /// Kept in the stored context's header (a handle's messages).
+    pub context_extra: serde_json::Value,
     pub arrived: Instant,
     pub deadline: Instant,
     pub events: UnboundedSender<Event>,
@@ -90,6 +100,8 @@ pub struct Finished {
     pub kv_bytes_final: usize,
     /// Re-compressions during decoding.
     pub recompressions: usize,
+    /// A compress-only job's compressed context, as a compressed-context file.
+    pub context: Option<Vec<u8>>,
 }
 
 /// Admission and batching settings.
@@ -119,6 +131,8 @@ pub struct Scheduler {
     wake: Condvar,
     limits: Limits,
     metrics: Arc<Metrics>,
+    /// Writes finished requests' compressed contexts to the context store.
+    writer: Option<Arc<crate::store::Writer>>,
     /// Bytes of one slot in one head, and heads per token, for estimates.
     pub slot_bytes: usize,
     pub n_layers: usize,
@@ -133,6 +147,7 @@ impl Scheduler {
         limits: Limits,
         metrics: Arc<Metrics>,
         pool: rayon::ThreadPool,
+        writer: Option<Arc<crate::store::Writer>>,
     ) -> std::io::Result<(Arc<Scheduler>, std::thread::JoinHandle<()>)> {
         let probe = model.model.new_cache(limits.kv_dtype);
         let c = &model.model.cfg;
@@ -141,6 +156,7 @@ impl Scheduler {
             wake: Condvar::new(),
             limits,
             metrics,
+            writer,
             slot_bytes: probe.slot_bytes(),
             n_layers: c.n_layers,
             n_kv_heads: c.n_kv_heads,
@@ -217,6 +233,8 @@ struct Seq<'m> {
     source: Option<u64>,
     cached_tokens: usize,
     compress_ms: f64,
+    /// Whether the context came from the context store (it is not written back).
+    from_store: bool,
 }
 
 impl Seq<'_> {
@@ -376,31 +394,51 @@ impl<'m> Engine<'m> {
                     continue;
                 }
             };
+            let mut job = job;
+            // A context read from the store serves the prompt unless the memory cache
+            // serves more of it.
+            let preloaded = job.preloaded.take();
+            let found = found.filter(|f| {
+                preloaded
+                    .as_ref()
+                    .is_none_or(|p| f.tokens > p.tokens().len())
+            });
             let reused = found.and_then(|m| Some((m, self.contexts.take(&m)?)));
             let m = &self.sched.metrics;
-            let (seq, source, cached_tokens) = match reused {
-                Some((found, mut seq)) => {
-                    m.context_hits.fetch_add(1, Relaxed);
+            let from_store = reused.is_none() && preloaded.is_some();
+            let (seq, source, cached_tokens) = match (reused, preloaded) {
+                (None, Some(seq)) => {
+                    m.store_hits.fetch_add(1, Relaxed);
                     m.context_tokens_reused
-                        .fetch_add(found.tokens as u64, Relaxed);
-                    seq.cache.reserve(job.prompt.len() - found.tokens);
-                    (seq, Some(found.id), found.tokens)
+                        .fetch_add(seq.tokens().len() as u64, Relaxed);
+                    let n = seq.tokens().len();
+                    (seq, None, n)
                 }
-                None => {
-                    if l.context_reuse {
-                        m.context_misses.fetch_add(1, Relaxed);
+                (reused, _) => match reused {
+                    Some((found, mut seq)) => {
+                        m.context_hits.fetch_add(1, Relaxed);
+                        m.context_tokens_reused
+                            .fetch_add(found.tokens as u64, Relaxed);
+                        seq.cache.reserve(job.prompt.len() - found.tokens);
+                        (seq, Some(found.id), found.tokens)
                     }
-                    let mut seq = Sequence::new(&self.lm.model, l.kv_dtype, job.compressor.clone());
-                    // Room for the prompt (or, compressing during prefill, one chunk
-                    // past the budget): its rows are not moved as it grows.
-                    seq.cache
-                        .reserve(if job.compressor.compresses_during_prefill() {
-                            0
-                        } else {
-                            job.prompt.len()
-                        });
-                    (seq, None, 0)
-                }
+                    None => {
+                        if l.context_reuse {
+                            m.context_misses.fetch_add(1, Relaxed);
+                        }
+                        let mut seq =
+                            Sequence::new(&self.lm.model, l.kv_dtype, job.compressor.clone());
+                        // Room for the prompt (or, compressing during prefill, one chunk
+                        // past the budget): its rows are not moved as it grows.
+                        seq.cache
+                            .reserve(if job.compressor.compresses_during_prefill() {
+                                0
+                            } else {
+                                job.prompt.len()
+                            });
+                        (seq, None, 0)
+                    }
+                },
             };
             // The copy is taken: its entry can go too if room is still short.
             while reserved + need + self.contexts.bytes() > l.kv_memory
@@ -418,6 +456,7 @@ impl<'m> Engine<'m> {
                 source,
                 cached_tokens,
                 compress_ms: 0.0,
+                from_store,
                 job,
             });
         }
@@ -528,6 +567,10 @@ impl<'m> Engine<'m> {
                         continue;
                     }
                     report_prompt(s);
+                    if s.job.compress_only {
+                        exits.push((i, Exit::Finished(StopReason::MaxTokens)));
+                        continue;
+                    }
                     Ok(None)
                 }
                 Phase::Decode { pending } => s
@@ -591,11 +634,13 @@ impl<'m> Engine<'m> {
                     if !rest.is_empty() {
                         let _ = s.job.events.send(Event::Text(rest));
                     }
+                    let context = self.keep_context(&mut s);
                     let _ = s.job.events.send(Event::Done(Finished {
                         reason,
                         completion_tokens: s.decoder.tokens().len(),
                         kv_bytes_final: s.seq.kv_bytes(),
                         recompressions: s.seq.decode_passes(),
+                        context,
                     }));
                     m.finished(match reason {
                         StopReason::Eos | StopReason::StopString => "stop",
@@ -631,6 +676,34 @@ impl<'m> Engine<'m> {
         }
         release_freed_memory();
         self.publish();
+    }
+
+    /// A finished sequence's compressed context, when it has one worth keeping: to
+    /// the store's writer (a context computed here, not read from the store), or back
+    /// to a compress-only job.
+    fn keep_context(&self, s: &mut Seq<'_>) -> Option<Vec<u8>> {
+        s.job.store_key.as_ref()?;
+        // Only a context computed here is new to the store (one taken from the memory
+        // cache or the store was written when it was computed).
+        let fresh = s.source.is_none() && !s.from_store;
+        if s.seq.compressed_end() == 0 || !(fresh || s.job.compress_only) {
+            return None;
+        }
+        let bytes = kvmerger_engine::kvc::encode(
+            &s.seq,
+            self.lm,
+            s.job.protocol.name(),
+            std::mem::take(&mut s.job.context_extra),
+        );
+        if s.job.compress_only {
+            return Some(bytes);
+        }
+        if let (Some(w), Some(key)) = (&self.sched.writer, s.job.store_key.take()) {
+            if !w.write(key, bytes) {
+                self.sched.metrics.store_errors.fetch_add(1, Relaxed);
+            }
+        }
+        None
     }
 
     /// KV gauges from the running caches.
