@@ -561,6 +561,11 @@ impl<'m> Engine<'m> {
                         exits.push((i, Exit::Failed(e)));
                         continue;
                     }
+                    // Stored as soon as it is compressed: a question to another replica
+                    // can find it while this one is still answering.
+                    if !s.job.compress_only {
+                        Self::store_context(self.sched, self.lm, s);
+                    }
                     if s.seq.tokens().len() < s.job.prompt.len() {
                         // The question, appended uncompressed in the next passes.
                         s.reserved = reservation(s);
@@ -634,7 +639,14 @@ impl<'m> Engine<'m> {
                     if !rest.is_empty() {
                         let _ = s.job.events.send(Event::Text(rest));
                     }
-                    let context = self.keep_context(&mut s);
+                    let context = s.job.compress_only.then(|| {
+                        kvmerger_engine::kvc::encode(
+                            &s.seq,
+                            self.lm,
+                            s.job.protocol.name(),
+                            std::mem::take(&mut s.job.context_extra),
+                        )
+                    });
                     let _ = s.job.events.send(Event::Done(Finished {
                         reason,
                         completion_tokens: s.decoder.tokens().len(),
@@ -678,32 +690,25 @@ impl<'m> Engine<'m> {
         self.publish();
     }
 
-    /// A finished sequence's compressed context, when it has one worth keeping: to
-    /// the store's writer (a context computed here, not read from the store), or back
-    /// to a compress-only job.
-    fn keep_context(&self, s: &mut Seq<'_>) -> Option<Vec<u8>> {
-        s.job.store_key.as_ref()?;
-        // Only a context computed here is new to the store (one taken from the memory
-        // cache or the store was written when it was computed).
+    /// A freshly compressed context to the store's writer (not one taken from the
+    /// memory cache or the store: those were written when they were computed).
+    fn store_context(sched: &Scheduler, lm: &LoadedModel, s: &mut Seq<'_>) {
         let fresh = s.source.is_none() && !s.from_store;
-        if s.seq.compressed_end() == 0 || !(fresh || s.job.compress_only) {
-            return None;
+        if !fresh || s.seq.compressed_end() == 0 {
+            return;
         }
+        let (Some(w), Some(key)) = (&sched.writer, s.job.store_key.take()) else {
+            return;
+        };
         let bytes = kvmerger_engine::kvc::encode(
             &s.seq,
-            self.lm,
+            lm,
             s.job.protocol.name(),
             std::mem::take(&mut s.job.context_extra),
         );
-        if s.job.compress_only {
-            return Some(bytes);
+        if !w.write(key, bytes) {
+            sched.metrics.store_errors.fetch_add(1, Relaxed);
         }
-        if let (Some(w), Some(key)) = (&self.sched.writer, s.job.store_key.take()) {
-            if !w.write(key, bytes) {
-                self.sched.metrics.store_errors.fetch_add(1, Relaxed);
-            }
-        }
-        None
     }
 
     /// KV gauges from the running caches.
