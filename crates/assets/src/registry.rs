@@ -5,7 +5,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// The model fetched when none is named.
-pub const DEFAULT_MODEL: &str = "smollm2-135m";
+pub const DEFAULT_MODEL: &str = "qwen2.5-0.5b";
 
 /// Whether an asset is a model file or a folder of data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

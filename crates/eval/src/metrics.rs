@@ -149,6 +149,32 @@ pub fn is_punctuation(c: char) -> bool {
             | 0xFF5B..=0xFF65)
 }
 
+/// `s` in lower case with the accents of Latin letters removed (`Reykjavík` ->
+/// `reykjavik`, `Kraków` -> `krakow`): for matching answers that a model may spell with
+/// or without them.
+pub fn fold_case_and_accents(s: &str) -> String {
+    s.to_lowercase()
+        .chars()
+        .map(|c| match c {
+            'à'..='å' | 'ā' | 'ă' | 'ą' => 'a',
+            'ç' | 'ć' | 'ĉ' | 'ċ' | 'č' => 'c',
+            'ď' | 'đ' => 'd',
+            'è'..='ë' | 'ē' | 'ĕ' | 'ė' | 'ę' | 'ě' => 'e',
+            'ĝ' | 'ğ' | 'ġ' | 'ģ' => 'g',
+            'ì'..='ï' | 'ĩ' | 'ī' | 'ĭ' | 'į' | 'ı' => 'i',
+            'ñ' | 'ń' | 'ņ' | 'ň' => 'n',
+            'ò'..='ö' | 'ø' | 'ō' | 'ŏ' | 'ő' => 'o',
+            'ś' | 'ŝ' | 'ş' | 'š' => 's',
+            'ţ' | 'ť' => 't',
+            'ù'..='ü' | 'ũ' | 'ū' | 'ŭ' | 'ů' | 'ű' | 'ų' => 'u',
+            'ý' | 'ÿ' => 'y',
+            'ź' | 'ż' | 'ž' => 'z',
+            'ł' => 'l',
+            c => c,
+        })
+        .collect()
+}
+
 /// LongBench / SQuAD answer normalization: lower-case, remove punctuation, drop the
 /// articles `a`, `an`, `the`, and collapse whitespace to single spaces.
 pub fn normalize_answer(s: &str) -> String {

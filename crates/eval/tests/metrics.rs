@@ -209,3 +209,14 @@ fn score_sample_keeps_the_first_line_when_asked() {
     assert_eq!(metrics::score_sample(&sample, pred), 1.0);
     assert_eq!(first_line("\n\nab\ncd"), "ab");
 }
+
+#[test]
+fn folding_ignores_case_and_the_accents_of_latin_letters() {
+    use kvmerger_eval::metrics::fold_case_and_accents as fold;
+    assert_eq!(fold("Reykjavík"), "reykjavik");
+    assert_eq!(
+        fold("KRAKÓW, Tromsø, Valparaíso"),
+        "krakow, tromso, valparaiso"
+    );
+    assert_eq!(fold("東京 Osaka"), "東京 osaka");
+}

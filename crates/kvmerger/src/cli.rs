@@ -30,8 +30,8 @@ pub enum Command {
     Chat(ChatArgs),
     /// Measure prompt processing and generation speed, compression time, and peak memory.
     Bench(BenchArgs),
-    /// Side by side: a long prompt with a fact buried in it, answered with the full cache
-    /// and with compressed caches.
+    /// Side by side: a document with several facts in it, read once, compressed once per
+    /// method before any question is seen, then every question asked of each copy.
     Demo(DemoArgs),
     /// List the compression methods and their options.
     Methods,
@@ -122,7 +122,7 @@ pub struct FetchArgs {
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// A model id (see `kvmerger fetch --list`), a GGUF file, or a Hugging Face-style directory.
-    #[arg(long, short = 'm', default_value = "smollm2-135m")]
+    #[arg(long, short = 'm', default_value = "qwen2.5-0.5b")]
     pub model: String,
     /// Storage type of the KV cache: f16, f32 or q8_0 (8-bit, one f16 scale per 32 values).
     #[arg(long, default_value = "f16")]
@@ -303,7 +303,7 @@ pub struct DemoArgs {
     /// separated by semicolons: `kvmerger+:selector=kvzip;scope=model`).
     #[arg(
         long,
-        default_value = "kvmerger+,kvzip,snapkv,streaming",
+        default_value = "kvmerger+,kvzap,keydiff,snapkv,streaming",
         value_delimiter = ','
     )]
     pub methods: Vec<String>,
@@ -313,6 +313,10 @@ pub struct DemoArgs {
     /// Seed for which person gets which city.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Documents to run (seeds from --seed on); with more than one, the table gives
+    /// each method's right answers per document: mean, min, median, max.
+    #[arg(long, default_value_t = 1)]
+    pub seeds: u64,
     /// Tokens to generate per answer.
     #[arg(long, default_value_t = 16)]
     pub max_tokens: usize,

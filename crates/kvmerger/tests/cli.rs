@@ -20,6 +20,8 @@ fn fails(args: &[&str]) -> String {
 
 const P: &[&str] = &[
     "generate",
+    "-m",
+    "smollm2-135m",
     "-n",
     "2",
     "-p",
@@ -260,7 +262,17 @@ fn bench_defaults_to_balanced_precision_and_takes_the_others() {
         (Some("exact"), "precision Exact"),
         (Some("fast"), "precision Fast"),
     ] {
-        let mut args = vec!["bench", "--pp", "8", "--tg", "2", "-t", "1"];
+        let mut args = vec![
+            "bench",
+            "-m",
+            "smollm2-135m",
+            "--pp",
+            "8",
+            "--tg",
+            "2",
+            "-t",
+            "1",
+        ];
         if let Some(f) = flag {
             args.extend(["--precision", f]);
         }
@@ -278,7 +290,7 @@ fn bench_defaults_to_balanced_precision_and_takes_the_others() {
     assert!(e.contains("unknown precision 'int4'"), "{e}");
     // A run past the context is refused before any work (smollm2's context is 8192).
     let t = std::time::Instant::now();
-    let e = fails(&["bench", "--pp", "8190", "--tg", "16"]);
+    let e = fails(&["bench", "-m", "smollm2-135m", "--pp", "8190", "--tg", "16"]);
     assert!(e.contains("past the model's context of 8192"), "{e}");
     assert!(t.elapsed().as_secs() < 60, "refused only after the work");
     // Compression during prefill that cannot work is refused with the flag named.
