@@ -132,9 +132,23 @@ pub fn resolve_model(
                 missing: "config.json",
             });
         }
+        // A FIFO or device named as the model is refused before it is opened: opening
+        // a FIFO blocks until a writer comes, reading a device never ends.
+        let regular = std::fs::metadata(path).is_ok_and(|m| m.is_file());
+        if !regular {
+            return Err(Error::io(
+                format!("cannot read {}", path.display()),
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "not a regular file (a FIFO, socket or device): refusing to read it",
+                ),
+            ));
+        }
+        let file = File::open(path)
+            .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
         let mut magic = Vec::with_capacity(4);
-        File::open(path)
-            .and_then(|f| f.take(4).read_to_end(&mut magic))
+        file.take(4)
+            .read_to_end(&mut magic)
             .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
         if magic.as_slice() != GGUF_MAGIC {
             return Err(Error::NotGguf {

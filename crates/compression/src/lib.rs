@@ -75,6 +75,7 @@
 //! ```
 
 pub mod budget;
+pub mod files;
 pub mod method;
 pub mod methods;
 pub mod recipe;

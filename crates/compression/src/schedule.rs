@@ -15,6 +15,9 @@
 use crate::budget::Budget;
 use crate::Error;
 
+/// The largest schedule file read (a ratio per layer: a few KiB at most).
+pub const MAX_SCHEDULE_BYTES: u64 = 1 << 20;
+
 /// The slope `beta = 0.95` corresponds to PyramidKV's official β = 20.
 pub const DEFAULT_PYRAMID_BETA: f64 = 0.95;
 
@@ -93,11 +96,13 @@ impl Schedule {
         if s == "uniform" || s.starts_with("pyramid") {
             return s.parse();
         }
-        let text = std::fs::read_to_string(s).map_err(|e| {
-            Error::Invalid(format!(
-                "schedule '{s}' is neither uniform, pyramid[:slope] nor a readable ratio file ({e})"
-            ))
-        })?;
+        let text = crate::files::read_text_bounded(std::path::Path::new(s), MAX_SCHEDULE_BYTES)
+            .map_err(|e| {
+                Error::Invalid(format!(
+                    "schedule '{s}' is neither uniform, pyramid[:slope] nor a readable ratio file ({})",
+                    e.message
+                ))
+            })?;
         Schedule::parse_ratios(&text).map_err(|e| Error::Invalid(format!("schedule file {s}: {e}")))
     }
 

@@ -468,6 +468,22 @@ fn head_stats(
     hs
 }
 
+/// The mean of `(cos pθ, sin pθ)` over the `n` positions `p = start .. start + n`, in
+/// closed form (a geometric series), so that any horizon costs the same: the sum of
+/// `e^{ipθ}` is `e^{i(start + (n-1)/2)θ} sin(nθ/2) / sin(θ/2)`.
+pub fn mean_rotation(start: usize, n: usize, theta: f64) -> (f64, f64) {
+    let n_f = n as f64;
+    let half = (theta / 2.0).sin();
+    if half.abs() < 1e-12 {
+        // θ is a multiple of 2π (to rounding): every position turns alike.
+        let a = start as f64 * theta;
+        return (a.cos(), a.sin());
+    }
+    let ratio = (n_f * theta / 2.0).sin() / (n_f * half);
+    let centre = (start as f64 + (n_f - 1.0) / 2.0) * theta;
+    (ratio * centre.cos(), ratio * centre.sin())
+}
+
 /// The moments of the future queries of KV head `g`'s query heads in `layer`: the
 /// collected mean and covariance rotated by RoPE's rotation averaged over positions
 /// `n_seen .. n_seen + future` (Expected Attention's model of the next queries).
@@ -487,19 +503,13 @@ fn query_moments(
     // The mean rotation: per frequency, the mean cosine and sine over the positions.
     // It acts on each RoPE pair (a, b) as [[c, -s], [s, c]].
     let pairs = crate::model::rope_pairs(d, rope.style);
-    let k = future.max(1) as f64;
     let rot: Vec<(usize, usize, f64, f64)> = pairs
         .iter()
         .enumerate()
         .map(|(i, &(a, b))| {
             let inv = rope.inv_freq.get(i).copied().unwrap_or(0.0);
-            let (mut c, mut s) = (0.0f64, 0.0f64);
-            for p in n_seen..n_seen + future.max(1) {
-                let angle = p as f64 * inv;
-                c += angle.cos();
-                s += angle.sin();
-            }
-            (a, b, rope.mscale * c / k, rope.mscale * s / k)
+            let (c, s) = mean_rotation(n_seen, future.max(1), inv);
+            (a, b, rope.mscale * c, rope.mscale * s)
         })
         .collect();
     // x -> R x on a strided vector (`at(i)` is element i).
@@ -569,6 +579,34 @@ mod tests {
         // A head already over its target (a method that keeps more) grows by the one
         // step that triggers re-compression.
         assert_eq!(head_bound(300, 100, Some(16), 1000), 301);
+    }
+
+    #[test]
+    fn the_mean_rotation_in_closed_form_equals_the_sum_over_positions() {
+        for &theta in &[0.0, 1e-9, 0.3, 1.0, 2.0 * std::f64::consts::PI, 3.0, 1e-4] {
+            for &(start, n) in &[(0usize, 1usize), (37, 5), (1000, 512), (5, 10_000)] {
+                let (mut c, mut s) = (0.0f64, 0.0f64);
+                for p in start..start + n {
+                    c += (p as f64 * theta).cos();
+                    s += (p as f64 * theta).sin();
+                }
+                let (gc, gs) = mean_rotation(start, n, theta);
+                assert!(
+                    (gc - c / n as f64).abs() < 1e-9,
+                    "{theta} {start} {n}: {gc} vs {}",
+                    c / n as f64
+                );
+                assert!(
+                    (gs - s / n as f64).abs() < 1e-9,
+                    "{theta} {start} {n}: {gs} vs {}",
+                    s / n as f64
+                );
+            }
+        }
+        // A horizon of a trillion positions costs the same as one.
+        let t = std::time::Instant::now();
+        let (c, s) = mean_rotation(10, 1_000_000_000_000, 0.01);
+        assert!(c.abs() < 1e-9 && s.abs() < 1e-9 && t.elapsed().as_millis() < 10);
     }
 
     /// The query moments rotated pair by pair equal the explicit products with the

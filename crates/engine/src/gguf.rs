@@ -224,7 +224,7 @@ impl<'a> Reader<'a> {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile, Error> {
-        crate::check_regular_file(path)?;
+        crate::check_regular_file(path, u64::MAX)?;
         let file = std::fs::File::open(path).map_err(|e| Error::Io {
             path: path.to_path_buf(),
             error: e,

@@ -394,15 +394,5 @@ pub fn decode(bytes: &[u8], lm: &LoadedModel) -> Result<(Sequence, KvcHeader), K
 
 /// Reads a compressed-context file of at most `limit` bytes (regular files only).
 pub fn read_file(path: &std::path::Path, limit: u64) -> Result<Vec<u8>, Error> {
-    let len = crate::check_regular_file(path)?;
-    if len > limit {
-        return Err(Error::Format {
-            path: path.to_path_buf(),
-            msg: format!("{len} bytes is more than the {} MiB allowed", limit >> 20),
-        });
-    }
-    std::fs::read(path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        error: e,
-    })
+    crate::read_file(path, limit)
 }

@@ -70,6 +70,29 @@ pub enum Error {
     Recipe(kvmerger_compression::RecipeError),
     #[error("{0}")]
     Invalid(String),
+    /// The work was stopped by its cancellation check (a deadline, a shutdown).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+}
+
+/// Asked between steps of work that can run long (a prefill chunk, a chunk of KVzip's
+/// pass): `Some(reason)` stops it with [`Error::Cancelled`]. A server uses it for
+/// request deadlines and shutdown.
+#[derive(Clone)]
+pub struct Cancel(pub std::sync::Arc<dyn Fn() -> Option<String> + Send + Sync>);
+
+impl std::fmt::Debug for Cancel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Cancel")
+    }
+}
+
+/// Errors with [`Error::Cancelled`] when `cancel` says stop.
+pub fn check_cancel(cancel: Option<&Cancel>) -> Result<(), Error> {
+    match cancel.and_then(|c| (c.0)()) {
+        Some(why) => Err(Error::Cancelled(why)),
+        None => Ok(()),
+    }
 }
 
 impl From<kvmerger_compression::RecipeError> for Error {
@@ -84,39 +107,36 @@ impl From<kvmerger_compression::Error> for Error {
     }
 }
 
-/// Refuses anything but a regular file (or a link to one) before it is opened: a FIFO
-/// would block `open` forever, a device would never end. Returns the file's length.
-pub(crate) fn check_regular_file(path: &std::path::Path) -> Result<u64, Error> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        error: e,
-    })?;
-    if !meta.is_file() {
-        return Err(Error::Format {
+fn file_error(e: kvmerger_compression::files::FileError, path: &std::path::Path) -> Error {
+    match e.kind {
+        Some(kind) => Error::Io {
             path: path.to_path_buf(),
-            msg: "not a regular file (a directory, FIFO, socket or device): refusing to read it"
-                .into(),
-        });
+            error: std::io::Error::new(kind, e.message),
+        },
+        None => Error::Format {
+            path: path.to_path_buf(),
+            msg: e.message,
+        },
     }
-    Ok(meta.len())
+}
+
+/// Refuses anything but a regular file (or a link to one) of at most `limit` bytes
+/// before it is read: a FIFO would block `open` forever, a device would never end.
+/// Returns the file's length.
+pub(crate) fn check_regular_file(path: &std::path::Path, limit: u64) -> Result<u64, Error> {
+    kvmerger_compression::files::open_regular(path, limit)
+        .map(|(_, len)| len)
+        .map_err(|e| file_error(e, path))
+}
+
+/// The bytes of a regular file of at most `limit` bytes.
+pub(crate) fn read_file(path: &std::path::Path, limit: u64) -> Result<Vec<u8>, Error> {
+    kvmerger_compression::files::read_bounded(path, limit).map_err(|e| file_error(e, path))
 }
 
 /// Reads a text file of at most `limit` bytes, refusing anything but a regular file.
 pub(crate) fn read_text_file(path: &std::path::Path, limit: u64) -> Result<String, Error> {
-    let len = check_regular_file(path)?;
-    if len > limit {
-        return Err(Error::Format {
-            path: path.to_path_buf(),
-            msg: format!(
-                "{len} bytes is more than the {} MiB such a file may have",
-                limit >> 20
-            ),
-        });
-    }
-    std::fs::read_to_string(path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        error: e,
-    })
+    kvmerger_compression::files::read_text_bounded(path, limit).map_err(|e| file_error(e, path))
 }
 
 /// Writes `bytes` to `path` so that a reader sees the old file or the whole new one,

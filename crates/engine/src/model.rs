@@ -364,8 +364,22 @@ impl Model {
         tokens: &[u32],
         cache: &mut KvCache,
         needs: StatsNeeds,
+        stats: Option<&mut PrefillStats>,
+        logits: Logits,
+    ) -> Result<Vec<f32>, Error> {
+        self.forward_within(tokens, cache, needs, stats, logits, None)
+    }
+
+    /// [`Model::forward_peak`], asking `cancel` before each chunk of
+    /// [`PREFILL_CHUNK`] tokens (a long prompt stops within one chunk of being told).
+    pub fn forward_within(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        needs: StatsNeeds,
         mut stats: Option<&mut PrefillStats>,
         logits: Logits,
+        cancel: Option<&crate::Cancel>,
     ) -> Result<Vec<f32>, Error> {
         if tokens.is_empty() {
             return Err(Error::Invalid("no tokens to process".into()));
@@ -376,6 +390,7 @@ impl Model {
         let total = tokens.len();
         let mut out = Vec::new();
         for (ci, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+            crate::check_cancel(cancel)?;
             let start = ci * PREFILL_CHUNK;
             let last_chunk = start + chunk.len() == total;
             let want = match logits {

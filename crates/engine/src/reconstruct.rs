@@ -33,6 +33,7 @@ pub fn reconstruction_scores(
     protect: usize,
     prompts: &RepeatPrompts,
     stats: &mut PrefillStats,
+    cancel: Option<&crate::Cancel>,
 ) -> Result<(), Error> {
     let n0 = cache.n_seen;
     if tokens.len() != n0 || cache.layers.iter().flatten().any(|h| h.len() != n0) {
@@ -76,12 +77,13 @@ pub fn reconstruction_scores(
             reconstruction: true,
             ..Default::default()
         };
-        model.forward_peak(
+        model.forward_within(
             &input,
             &mut pass_cache,
             needs,
             Some(&mut pass),
             Logits::None,
+            cancel,
         )?;
         drop(pass_cache);
         for (l, layer) in pass.heads.iter().enumerate() {

@@ -63,6 +63,8 @@ pub struct Sequence {
     decode_stats: PrefillStats,
     /// Re-compression passes while decoding.
     decode_passes: usize,
+    /// Asked between steps of long work (see [`Sequence::set_cancel`]).
+    cancel: Option<crate::Cancel>,
 }
 
 /// What [`Sequence::feed_context`] did.
@@ -130,6 +132,7 @@ impl Sequence {
             prefill_passes: 0,
             decode_stats: PrefillStats::default(),
             decode_passes: 0,
+            cancel: None,
         }
     }
 
@@ -176,6 +179,7 @@ impl Sequence {
             prefill_passes: 0,
             decode_stats: PrefillStats::default(),
             decode_passes: 0,
+            cancel: None,
         })
     }
 
@@ -187,6 +191,12 @@ impl Sequence {
     /// Per-layer slot targets of the last compression (empty before any).
     pub fn targets(&self) -> &[usize] {
         &self.targets
+    }
+
+    /// Long work on this sequence (a prefill, KVzip's pass) asks `cancel` between its
+    /// steps and stops with [`Error::Cancelled`] when it says so.
+    pub fn set_cancel(&mut self, cancel: crate::Cancel) {
+        self.cancel = Some(cancel);
     }
 
     /// The compressor of this copy of a shared prefill ([`Sequence::shared`]), which
@@ -353,6 +363,7 @@ impl Sequence {
             self.protect,
             prompts,
             &mut self.stats,
+            self.cancel.as_ref(),
         )?;
         self.pass_secs = t0.elapsed().as_secs_f64();
         Ok(self.pass_secs)
@@ -594,12 +605,17 @@ impl Sequence {
     /// Feed `ids` collecting this sequence's statistics; the last logits are kept.
     fn forward_collecting(&mut self, model: &Model, ids: &[u32]) -> Result<(), Error> {
         self.cache.reserve(ids.len() + 1);
-        self.logits = model.forward(
+        let needs = StatsNeeds {
+            reconstruction: false,
+            ..self.needs
+        };
+        self.logits = model.forward_within(
             ids,
             &mut self.cache,
-            self.needs,
+            needs,
             Some(&mut self.stats),
             Logits::Last,
+            self.cancel.as_ref(),
         )?;
         self.tokens.extend_from_slice(ids);
         self.note_peak();

@@ -73,7 +73,7 @@ impl SafetensorsDir {
         let mut maps = Vec::new();
         let mut entries = BTreeMap::new();
         for (fi, path) in files.iter().enumerate() {
-            crate::check_regular_file(path)?;
+            crate::check_regular_file(path, u64::MAX)?;
             let f = std::fs::File::open(path).map_err(io(path))?;
             // SAFETY: read-only mapping of a file treated as immutable bytes.
             let map = unsafe { Mmap::map(&f) }.map_err(io(path))?;

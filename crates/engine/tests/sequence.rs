@@ -353,3 +353,42 @@ fn a_sequence_cut_back_to_its_compressed_context_answers_like_a_fresh_one() {
         assert_eq!(reused.cache.lengths(), fresh.cache.lengths(), "{method}");
     }
 }
+
+/// Long work asks its cancellation check between steps: KVzip's pass over a long
+/// context stops within a chunk once told to, and so does a long prefill.
+#[test]
+fn a_cancelled_pass_or_prefill_stops_within_a_step() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let lm = open("smollm2-135m");
+    let text: String = (0..300)
+        .map(|i| format!("Line {i}: the fox counted {} stones. ", i * 7 % 13))
+        .collect();
+    let ids = lm.tokenizer.encode(&text, true).unwrap();
+    assert!(ids.len() > 2000, "{}", ids.len());
+    let asked = Arc::new(AtomicUsize::new(0));
+    let cancel = |after: usize| {
+        let asked = asked.clone();
+        asked.store(0, Ordering::SeqCst);
+        kvmerger_engine::Cancel(Arc::new(move || {
+            (asked.fetch_add(1, Ordering::SeqCst) >= after).then(|| "told to stop".to_string())
+        }))
+    };
+    // The prefill: 2000+ tokens are 8+ chunks of 256; stopped at the third.
+    let mut seq = Sequence::new(&lm.model, KvDtype::F16, at_half("kvzip"));
+    seq.set_cancel(cancel(2));
+    let e = seq.feed(&lm.model, &ids).unwrap_err();
+    assert!(matches!(e, kvmerger_engine::Error::Cancelled(_)), "{e}");
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        3,
+        "asked once per chunk, stopped at once"
+    );
+    // KVzip's pass: prefilled whole, then stopped partway through the pass.
+    let mut seq = Sequence::new(&lm.model, KvDtype::F16, at_half("kvzip"));
+    seq.feed(&lm.model, &ids).unwrap();
+    seq.set_cancel(cancel(3));
+    let e = seq.compress(&lm).unwrap_err();
+    assert!(matches!(e, kvmerger_engine::Error::Cancelled(_)), "{e}");
+    assert!(!seq.is_compressed());
+    assert_eq!(asked.load(Ordering::SeqCst), 4);
+}

@@ -157,6 +157,9 @@ pub struct RecordFile {
     done: BTreeSet<RecordKey>,
 }
 
+/// The largest records file read (a grid of a few thousand samples is a few MiB).
+pub const MAX_RECORDS_BYTES: u64 = 4 << 30;
+
 impl RecordFile {
     /// Open (creating) `path`. A torn last line is cut off; any other line that does
     /// not parse is an error, since the file would then not be one this harness wrote.
@@ -166,7 +169,13 @@ impl RecordFile {
         }
         let mut done = BTreeSet::new();
         if path.exists() {
-            let bytes = std::fs::read(path)?;
+            let bytes = kvmerger_compression::files::read_bounded(path, MAX_RECORDS_BYTES)
+                .map_err(|e| {
+                    std::io::Error::new(
+                        e.kind.unwrap_or(std::io::ErrorKind::InvalidData),
+                        e.to_string(),
+                    )
+                })?;
             let complete = match bytes.iter().rposition(|&b| b == b'\n') {
                 Some(p) => p + 1,
                 None => 0,

@@ -108,6 +108,17 @@ pub struct RunSummary {
 
 impl Runner<'_> {
     fn prepare(&self) -> Result<Vec<Prepared>, Error> {
+        // Lengths past the model's context are refused before any sample is made: a
+        // sample of 10^8 tokens would be generated and rendered before its length was
+        // checked.
+        let ctx = self.lm.model.cfg.ctx_len;
+        for &len in &self.spec.lengths {
+            if len >= ctx {
+                return Err(Error::Grid(GridError(format!(
+                    "length {len} does not fit the model's context of {ctx} tokens"
+                ))));
+            }
+        }
         let mut out = Vec::new();
         for config in self.spec.configs()? {
             let compressor = match config.budget {

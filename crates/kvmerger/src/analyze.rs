@@ -212,9 +212,7 @@ fn merge_map(a: MergeMapArgs, dir: &Path) -> Result<()> {
     let layer = layer_and_head(&lm, a.layer, a.head)?;
     let ids = match &a.prompt_file {
         Some(p) => {
-            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-            let text = String::from_utf8(bytes)
-                .map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", p.display()))?;
+            let text = crate::run::read_text(p, "prompt file")?;
             prompt_ids(&lm, &text, "")?
         }
         None => {

@@ -86,7 +86,12 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
     let m = &lm.model;
     let vocab = m.cfg.vocab.min(lm.tokenizer.vocab_size());
     // Refuse, before any work, a run that would pass the model's context midway.
-    let longest = a.pp.max(a.ctx).max(16) + a.tg.max(a.fidelity);
+    // Saturating: a count of 2^64 - 1 is refused, not wrapped into a small one.
+    let longest =
+        a.pp.max(a.ctx)
+            .max(16)
+            .saturating_add(a.tg.max(a.fidelity))
+            .saturating_add(if a.tg > 0 { WARM_UP_STEPS } else { 0 });
     if longest > m.cfg.ctx_len {
         bail!(
             "--pp/--ctx ({}) plus --tg/--fidelity ({}) is {longest} tokens, past the model's context of {} tokens",
@@ -293,7 +298,7 @@ fn fidelity(
     let m = &lm.model;
     let n = a.pp.max(a.ctx).max(16);
     let text = match &a.prompt_file {
-        Some(p) => std::fs::read_to_string(p)?,
+        Some(p) => crate::run::read_text(p, "prompt file")?,
         None => crate::demo::haystack(n + 64, 0.4, "Lisbon"),
     };
     let mut toks = lm.tokenizer.encode(&text, true)?;

@@ -38,8 +38,7 @@ pub fn run(a: EvalArgs, dir: &Path) -> Result<()> {
 fn grid_spec(a: &EvalRunArgs) -> Result<GridSpec> {
     let mut g = match &a.config {
         Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let text = crate::run::read_text(p, "grid config")?;
             GridSpec::from_toml(&text).with_context(|| format!("in {}", p.display()))?
         }
         None => GridSpec {

@@ -122,25 +122,8 @@ pub fn read_text(f: &std::path::Path, what: &str) -> Result<String> {
             .read_to_end(&mut bytes)
             .with_context(|| format!("reading {what} from standard input"))?;
     } else {
-        let meta =
-            std::fs::metadata(f).with_context(|| format!("reading {what} {}", f.display()))?;
-        if !meta.is_file() {
-            bail!(
-                "{what} {} is not a regular file (a directory, FIFO, socket or device): refusing to read it",
-                f.display()
-            );
-        }
-        if meta.len() > limit {
-            bail!(
-                "{what} {} has {} bytes, more than the {} MiB a text input may have",
-                f.display(),
-                meta.len(),
-                limit >> 20
-            );
-        }
-        std::fs::File::open(f)
-            .and_then(|file| file.take(limit + 1).read_to_end(&mut bytes))
-            .with_context(|| format!("reading {what} {}", f.display()))?;
+        bytes = kvmerger_compression::files::read_bounded(f, limit)
+            .map_err(|e| anyhow::anyhow!("{what} {e}"))?;
     }
     if bytes.len() as u64 > limit {
         bail!(

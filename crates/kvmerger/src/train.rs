@@ -114,7 +114,9 @@ pub fn run(a: TrainArgs, dir: &Path) -> Result<()> {
     }
     let (lm, _) = crate::run::load_model(&a.model, dir)?;
     let longest = lengths.iter().max().copied().unwrap_or(0);
-    if 2 * longest + 64 > lm.model.cfg.ctx_len {
+    // The pass repeats the passage in chunks after it.
+    let pass = longest.min(kvmerger_engine::reconstruct::CHUNK) + 64;
+    if longest + pass > lm.model.cfg.ctx_len {
         bail!(
             "--lengths: a passage of {longest} tokens and its reconstruction pass do not fit the model's context of {}",
             lm.model.cfg.ctx_len

@@ -129,6 +129,8 @@ struct QueueState {
 pub struct Scheduler {
     state: Mutex<QueueState>,
     wake: Condvar,
+    /// Set by [`Scheduler::abort`]; long work on a sequence asks it between steps.
+    aborted: Arc<std::sync::atomic::AtomicBool>,
     limits: Limits,
     metrics: Arc<Metrics>,
     /// Writes finished requests' compressed contexts to the context store.
@@ -154,6 +156,7 @@ impl Scheduler {
         let s = Arc::new(Scheduler {
             state: Mutex::new(QueueState::default()),
             wake: Condvar::new(),
+            aborted: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             limits,
             metrics,
             writer,
@@ -200,6 +203,7 @@ impl Scheduler {
         st.closed = true;
         st.abort = true;
         drop(st);
+        self.aborted.store(true, Relaxed);
         self.wake.notify_one();
     }
 
@@ -440,6 +444,20 @@ impl<'m> Engine<'m> {
                     }
                 },
             };
+            // Long work on it (a long prefill chunk, KVzip's pass) stops at its deadline
+            // or when the server aborts, instead of holding the engine.
+            let mut seq = seq;
+            let (deadline, aborted) = (job.deadline, self.sched.aborted.clone());
+            let limit = (job.deadline - job.arrived).as_secs_f64();
+            seq.set_cancel(kvmerger_engine::Cancel(Arc::new(move || {
+                if aborted.load(Relaxed) {
+                    Some("the server is shutting down".into())
+                } else if Instant::now() >= deadline {
+                    Some(format!("the request's time limit of {limit:.0} s passed"))
+                } else {
+                    None
+                }
+            })));
             // The copy is taken: its entry can go too if room is still short.
             while reserved + need + self.contexts.bytes() > l.kv_memory
                 && self.contexts.evict_one(None)
@@ -738,10 +756,13 @@ impl<'m> Engine<'m> {
 /// method needs, on this sequence alone). Nothing to do without compression or once
 /// compressed.
 fn compress_context(s: &mut Seq<'_>, sched: &Scheduler, lm: &LoadedModel) -> Result<(), ApiError> {
-    let report = s
-        .seq
-        .finish_context(lm)
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let report = s.seq.finish_context(lm).map_err(|e| match e {
+        kvmerger_engine::Error::Cancelled(_) if Instant::now() >= s.job.deadline => {
+            ApiError::timeout((s.job.deadline - s.job.arrived).as_secs_f64())
+        }
+        kvmerger_engine::Error::Cancelled(_) => ApiError::shutting_down(),
+        e => ApiError::internal(e.to_string()),
+    })?;
     if let Some(report) = report {
         s.compress_ms = (report.secs + report.pass_secs) * 1e3;
         record(&sched.metrics, &report);

@@ -52,6 +52,9 @@ pub const OPTIONS: &[OptionDoc] = &[
     },
 ];
 
+/// The longest horizon `future` may name: longer than any model's context.
+pub const MAX_FUTURE: usize = 1 << 24;
+
 #[derive(Clone, Debug)]
 pub struct ExpectedAttention {
     pub future: usize,
@@ -65,10 +68,10 @@ impl ExpectedAttention {
     pub fn from_options(opts: &Options) -> Result<Self, Error> {
         super::check_options("expected_attention", opts, OPTIONS)?;
         let future = opts.usize_or("future", 512)?;
-        if future == 0 {
-            return Err(Error::InvalidOption(
-                "option future=0 must be at least 1".into(),
-            ));
+        if future == 0 || future > MAX_FUTURE {
+            return Err(Error::InvalidOption(format!(
+                "option future={future} must be from 1 to {MAX_FUTURE} positions (no model has a longer context)"
+            )));
         }
         let epsilon = opts.f32_or("epsilon", 0.0)?;
         if !(epsilon.is_finite() && epsilon >= 0.0) {

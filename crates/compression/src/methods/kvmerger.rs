@@ -138,6 +138,11 @@ pub enum Layers {
     Sparsity,
 }
 
+/// The range of a fixed `sigma`: 2·sigma² stays a normal f32 with room for the
+/// squared distances of real keys.
+pub const SIGMA_MIN: f32 = 1e-3;
+pub const SIGMA_MAX: f32 = 1e6;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct KvMerger {
     pub recent: Option<f32>,
@@ -236,10 +241,11 @@ impl KvMerger {
         let sigma = match opts.get("sigma") {
             None | Some("mean") => Sigma::Mean,
             Some(v) => match v.parse::<f32>() {
-                Ok(x) if x.is_finite() && x > 0.0 => Sigma::Fixed(x),
+                Ok(x) if (SIGMA_MIN..=SIGMA_MAX).contains(&x) => Sigma::Fixed(x),
                 _ => {
                     return Err(Error::InvalidOption(format!(
-                        "option sigma='{v}' must be 'mean' or a positive number"
+                        "option sigma='{v}' must be 'mean' or a number from {SIGMA_MIN} to {SIGMA_MAX} \
+                         (the kernel divides by 2·sigma², which must stay a normal f32)"
                     )))
                 }
             },
@@ -527,12 +533,15 @@ impl KvMerger {
             Sigma::Fixed(s) => s,
             Sigma::Mean => d2.iter().map(|x| x.sqrt()).sum::<f32>() / (members.len() - 1) as f32,
         };
-        let g: Vec<f32> = if sigma > 0.0 {
-            d2.iter()
-                .map(|x| (-x / (2.0 * sigma * sigma)).exp())
-                .collect()
+        let denom = 2.0 * sigma * sigma;
+        let g: Vec<f32> = if denom.is_normal() {
+            d2.iter().map(|x| (-x / denom).exp()).collect()
         } else {
-            vec![1.0; d2.len()] // every key equals the pivot's
+            // A kernel narrower than f32 can hold: only keys equal to the pivot's count
+            // (all of them when every key is the pivot's).
+            d2.iter()
+                .map(|&x| if x == 0.0 { 1.0 } else { 0.0 })
+                .collect()
         };
         let total: f32 = g.iter().sum();
         MergeSet {

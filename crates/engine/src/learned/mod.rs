@@ -154,17 +154,7 @@ impl LearnedScorer {
     }
 
     pub fn read(path: &Path) -> Result<LearnedScorer, Error> {
-        let len = crate::check_regular_file(path)?;
-        if len > MAX_FILE {
-            return Err(Error::Format {
-                path: path.to_path_buf(),
-                msg: format!("{len} bytes is more than a scorer file may have"),
-            });
-        }
-        let bytes = std::fs::read(path).map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            error: e,
-        })?;
+        let bytes = crate::read_file(path, MAX_FILE)?;
         Self::from_bytes(&bytes, path)
     }
 

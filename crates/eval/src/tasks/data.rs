@@ -91,10 +91,7 @@ pub(crate) fn ends_sentence(word: &str, next: &str) -> bool {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        error: e,
-    })
+    super::read_user_file(path)
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, Error> {

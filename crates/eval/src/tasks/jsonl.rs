@@ -96,10 +96,7 @@ type Line = (usize, Result<String, String>);
 
 /// The non-blank lines of a file; a line that is not UTF-8 is an error of its own.
 fn lines(path: &Path) -> Result<Vec<Line>, Error> {
-    let bytes = std::fs::read(path).map_err(|error| Error::Io {
-        path: path.to_path_buf(),
-        error,
-    })?;
+    let bytes = super::read_user_file(path)?;
     Ok(bytes
         .split(|&b| b == b'\n')
         .enumerate()

@@ -136,6 +136,23 @@ pub enum Error {
     Data { path: PathBuf, message: String },
 }
 
+/// The largest data file read (a RULER or LongBench JSONL file, a haystack, a novel).
+pub const MAX_DATA_BYTES: u64 = 1 << 30;
+
+/// A user-named or fetched data file: a regular file of at most [`MAX_DATA_BYTES`].
+pub(crate) fn read_user_file(path: &Path) -> Result<Vec<u8>, Error> {
+    kvmerger_compression::files::read_bounded(path, MAX_DATA_BYTES).map_err(|e| match e.kind {
+        Some(kind) => Error::Io {
+            path: path.to_path_buf(),
+            error: std::io::Error::new(kind, e.message),
+        },
+        None => Error::Data {
+            path: path.to_path_buf(),
+            message: e.message,
+        },
+    })
+}
+
 /// RULER's 13 tasks and passkey retrieval, in RULER's order.
 pub const TASKS: &[&str] = &[
     "niah_single_1",

@@ -22,10 +22,7 @@ const AUSTEN_TITLES: &[(&str, &str)] = &[
 ];
 
 fn read(path: &Path) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|error| Error::Io {
-        path: path.to_path_buf(),
-        error,
-    })
+    super::read_user_file(path)
 }
 
 /// `(title, text)` of every character vector in the R lazy-load data base in `dir`
