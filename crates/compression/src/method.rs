@@ -61,6 +61,9 @@ pub struct QueryNeeds {
     pub future: usize,
     /// Leading positions left out of the moments (attention sinks, outliers).
     pub sinks: usize,
+    /// Whether the mean includes the model's query bias (the mean of the real
+    /// queries); without it, the mean of `W_q h` alone, as kvpress builds it.
+    pub bias: bool,
 }
 
 impl StatsNeeds {
@@ -76,6 +79,9 @@ impl StatsNeeds {
                 (Some(a), Some(b)) => Some(QueryNeeds {
                     future: a.future.max(b.future),
                     sinks: a.sinks.min(b.sinks),
+                    // The collected statistics serve both: the bias is added or not
+                    // when each method's moments are made.
+                    bias: a.bias || b.bias,
                 }),
                 (a, b) => a.or(b),
             },

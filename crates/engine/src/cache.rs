@@ -118,6 +118,9 @@ pub struct PrefillStats {
     pub rope: Vec<LayerRope>,
     /// The attention logit scale.
     pub scale: f32,
+    /// Per layer, the model's query bias (all query heads), when it has one: the
+    /// collected moments include it, and a method may ask for the mean without it.
+    pub query_bias: Vec<Option<Vec<f32>>>,
     /// When set, every forward pass appends the attention blocks' normalized inputs
     /// here, per layer (`rows * hidden` values): the features a learned scorer is
     /// trained on ([`crate::learned`]).

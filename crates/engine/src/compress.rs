@@ -463,7 +463,7 @@ fn head_stats(
             .filter(|v| v.len() == len);
     }
     if let Some(q) = needs.queries {
-        hs.queries = query_moments(stats, layer, g, n_seen, q.future);
+        hs.queries = query_moments(stats, layer, g, n_seen, q.future, q.bias);
     }
     hs
 }
@@ -493,6 +493,7 @@ fn query_moments(
     g: usize,
     n_seen: usize,
     future: usize,
+    with_bias: bool,
 ) -> Option<Vec<QueryMoments>> {
     let heads = stats.queries.get(layer)?;
     let n_kv = stats.heads.get(layer)?.len().max(1);
@@ -520,9 +521,15 @@ fn query_moments(
             x[b * stride] = s * xa + c * xb;
         }
     };
+    let bias = stats
+        .query_bias
+        .get(layer)
+        .and_then(|b| b.as_deref())
+        .filter(|_| !with_bias);
     let out = heads[g * group..(g + 1) * group]
         .iter()
-        .map(|h| {
+        .enumerate()
+        .map(|(hi, h)| {
             if h.count < 1.0 {
                 return QueryMoments {
                     mean: vec![0.0; d],
@@ -535,6 +542,13 @@ fn query_moments(
             for i in 0..d {
                 for j in 0..d {
                     cov[i * d + j] = h.outer[i * d + j] / h.count - mean[i] * mean[j];
+                }
+            }
+            // The covariance does not depend on the bias; the mean loses it.
+            if let Some(b) = bias {
+                let at = (g * group + hi) * d;
+                for (m, &x) in mean.iter_mut().zip(&b[at..at + d]) {
+                    *m -= x as f64;
                 }
             }
             rotate(&mut mean, 1);
@@ -579,6 +593,181 @@ mod tests {
         // A head already over its target (a method that keeps more) grows by the one
         // step that triggers re-compression.
         assert_eq!(head_bound(300, 100, Some(16), 1000), 301);
+    }
+
+    /// Expected Attention against the reference formula (kvpress's
+    /// `ExpectedAttentionPress`, written here from it in f64): queries of a group of two
+    /// query heads over a context, their mean and population covariance after the
+    /// attention sinks, rotated by the mean RoPE rotation of the next `future`
+    /// positions (NEOX pairs, as Qwen2's); each key's logit `mu.k/sqrt(d) +
+    /// k^T Sigma k/(2d)`, a softmax over the keys past the sinks, the mean over the
+    /// group's heads, times the value's norm. Our engine's statistics and method give
+    /// the same scores to float precision. (kvpress builds the mean query from the
+    /// hidden states and `q_proj.weight` alone, so for a model with a query bias,
+    /// Qwen2's, its mean leaves the bias out; ours is the mean of the real queries.)
+    #[test]
+    fn expected_attention_equals_the_reference_formula() {
+        use kvmerger_compression::{
+            registry, HeadData, HeadInput, HeadPos, HeadStats, Options, SlotMeta,
+        };
+        let (d, heads, n, sinks, future) = (8usize, 2usize, 40usize, 4usize, 16usize);
+        let pseudo = |i: usize| (((i * 2654435761) % 1000) as f64 / 500.0) - 1.0;
+        // Queries (with a bias, as Qwen2's), before RoPE.
+        let q: Vec<Vec<f64>> = (0..n * heads)
+            .map(|r| {
+                (0..d)
+                    .map(|j| pseudo(r * d + j) + if j % 3 == 0 { 0.7 } else { -0.2 })
+                    .collect()
+            })
+            .collect();
+        let mut accum = vec![
+            QueryAccum {
+                count: 0.0,
+                sum: vec![0.0; d],
+                outer: vec![0.0; d * d]
+            };
+            heads
+        ];
+        for t in sinks..n {
+            for (h, a) in accum.iter_mut().enumerate() {
+                let x = &q[t * heads + h];
+                a.count += 1.0;
+                for i in 0..d {
+                    a.sum[i] += x[i];
+                    for j in 0..d {
+                        a.outer[i * d + j] += x[i] * x[j];
+                    }
+                }
+            }
+        }
+        let inv_freq: Vec<f64> = (0..d / 2)
+            .map(|i| 1e4f64.powf(-2.0 * i as f64 / d as f64))
+            .collect();
+        let scale = 1.0 / (d as f32).sqrt();
+        let stats = PrefillStats {
+            heads: vec![vec![HeadAccum::default()]],
+            queries: vec![accum],
+            window_rows: 0,
+            rope: vec![LayerRope {
+                inv_freq: inv_freq.clone(),
+                mscale: 1.0,
+                style: RopeStyle::Neox,
+            }],
+            scale,
+            hidden: None,
+            query_bias: Vec::new(),
+        };
+        let moments = query_moments(&stats, 0, 0, n, future, true).unwrap();
+        let mut data = HeadData::new(d);
+        for t in 0..n {
+            let k: Vec<f32> = (0..d).map(|j| pseudo(7 * t + 3 * j + 11) as f32).collect();
+            let v: Vec<f32> = (0..d).map(|j| pseudo(5 * t + j + 1) as f32 * 2.0).collect();
+            data.push(&k, &v, SlotMeta::token(t as u32));
+        }
+        let method = registry::build_scorer("expected_attention", &{
+            let mut o = Options::new();
+            o.set("future", future);
+            o.set("sinks", sinks);
+            o
+        })
+        .unwrap();
+        let hs = HeadStats {
+            queries: Some(moments),
+            ..Default::default()
+        };
+        let input = HeadInput {
+            data: &data,
+            stats: &hs,
+            pos: HeadPos {
+                layer: 0,
+                n_layers: 1,
+                kv_head: 0,
+                n_kv_heads: 1,
+            },
+            budget: n / 2,
+        };
+        let ours = method.scores(&input).unwrap();
+        // The reference, in f64, step by step.
+        let half = d / 2;
+        let mut rbar = vec![0.0f64; d * d];
+        for p in n..n + future {
+            for i in 0..half {
+                let (c, s) = (
+                    (p as f64 * inv_freq[i]).cos(),
+                    (p as f64 * inv_freq[i]).sin(),
+                );
+                // R = cos * I + sin * P, P[i+h][i] = 1, P[i][i+h] = -1 (rotate_half).
+                rbar[i * d + i] += c / future as f64;
+                rbar[(i + half) * d + i + half] += c / future as f64;
+                rbar[(i + half) * d + i] += s / future as f64;
+                rbar[i * d + i + half] -= s / future as f64;
+            }
+        }
+        let mut reference = vec![0.0f64; n];
+        for h in 0..heads {
+            let m = (n - sinks) as f64;
+            let mu: Vec<f64> = (0..d)
+                .map(|i| (sinks..n).map(|t| q[t * heads + h][i]).sum::<f64>() / m)
+                .collect();
+            let mut cov = vec![0.0f64; d * d];
+            for t in sinks..n {
+                for i in 0..d {
+                    for j in 0..d {
+                        cov[i * d + j] +=
+                            (q[t * heads + h][i] - mu[i]) * (q[t * heads + h][j] - mu[j]) / m;
+                    }
+                }
+            }
+            let mu_r: Vec<f64> = (0..d)
+                .map(|i| (0..d).map(|j| rbar[i * d + j] * mu[j]).sum())
+                .collect();
+            let mut cov_r = vec![0.0f64; d * d];
+            for i in 0..d {
+                for j in 0..d {
+                    for k in 0..d {
+                        for l in 0..d {
+                            cov_r[i * d + j] += rbar[i * d + k] * cov[k * d + l] * rbar[j * d + l];
+                        }
+                    }
+                }
+            }
+            let logits: Vec<f64> = (sinks..n)
+                .map(|t| {
+                    let k: Vec<f64> = data.key(t).iter().map(|&x| x as f64).collect();
+                    let lin: f64 = (0..d).map(|i| mu_r[i] * k[i]).sum::<f64>() / (d as f64).sqrt();
+                    let quad: f64 = (0..d)
+                        .flat_map(|i| (0..d).map(move |j| (i, j)))
+                        .map(|(i, j)| k[i] * cov_r[i * d + j] * k[j])
+                        .sum::<f64>()
+                        / d as f64
+                        / 2.0;
+                    lin + quad
+                })
+                .collect();
+            let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = logits.iter().map(|x| (x - max).exp()).sum();
+            for (t, x) in (sinks..n).zip(&logits) {
+                reference[t] += (x - max).exp() / z / heads as f64;
+            }
+        }
+        for t in sinks..n {
+            let vnorm: f64 = data
+                .value(t)
+                .iter()
+                .map(|&x| (x as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let want = reference[t] * vnorm;
+            assert!(
+                (ours[t] as f64 - want).abs() <= 1e-5 * want.abs() + 1e-7,
+                "slot {t}: ours {} reference {want}",
+                ours[t]
+            );
+        }
+        assert!(
+            ours[..sinks].iter().all(|s| s.is_infinite()),
+            "sinks are kept"
+        );
     }
 
     #[test]
@@ -639,9 +828,10 @@ mod tests {
                 }],
                 scale: 0.25,
                 hidden: None,
+                query_bias: Vec::new(),
             };
             let (n_seen, future) = (37, 5);
-            let got = query_moments(&stats, 0, 0, n_seen, future).unwrap();
+            let got = query_moments(&stats, 0, 0, n_seen, future, true).unwrap();
             assert_eq!(got.len(), 2);
             // Explicit: the average of the rotation matrices, then R mu and R cov R^T.
             let pairs = crate::model::rope_pairs(d, style);

@@ -509,6 +509,9 @@ impl Model {
             st.queries = vec![vec![empty; c.n_heads]; c.n_layers];
         }
         st.window_rows = st.window_rows.max(needs.window.unwrap_or(0));
+        if needs.queries.is_some() && st.query_bias.is_empty() {
+            st.query_bias = self.layers.iter().map(|l| l.bq.clone()).collect();
+        }
         st.rope = self.rope.clone();
         st.scale = c.attn_scale;
     }

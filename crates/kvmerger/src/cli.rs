@@ -92,6 +92,11 @@ pub struct TrainArgs {
     /// Passage lengths in tokens, used in turn.
     #[arg(long, default_value = "1024,2048,4096")]
     pub lengths: String,
+    /// Made-up facts put into each passage (numbers, codes, chains of assignments, keys
+    /// and values: the kinds of things long documents are asked about), so that the
+    /// scorer sees such tokens beside prose.
+    #[arg(long, default_value_t = 8)]
+    pub facts: usize,
     /// Tokens per passage that enter the regression.
     #[arg(long, default_value_t = 1024)]
     pub sample: usize,

@@ -52,13 +52,89 @@ fn texts(spec: &str, dir: &Path) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// One fact of the kinds long documents are asked about (a number, a code, a chain of
+/// assignments, a key and its value), made up from `rng` and words of the passage.
+fn fact(rng: &mut ChaCha8Rng, words: &[&str]) -> String {
+    let word = |rng: &mut ChaCha8Rng| {
+        let w = words[rng.gen_range(0..words.len())];
+        w.trim_matches(|c: char| !c.is_alphanumeric()).to_string()
+    };
+    let name = |rng: &mut ChaCha8Rng| -> String {
+        (0..5)
+            .map(|_| (b'A' + rng.gen_range(0..26)) as char)
+            .collect()
+    };
+    let hex = |rng: &mut ChaCha8Rng, n: usize| -> String {
+        (0..n)
+            .map(|_| format!("{:x}", rng.gen_range(0..16)))
+            .collect()
+    };
+    match rng.gen_range(0..5) {
+        0 => format!(
+            "One of the special magic numbers for {} is: {}.",
+            word(rng),
+            rng.gen_range(1_000_000..10_000_000)
+        ),
+        1 => {
+            let (a, b) = (name(rng), name(rng));
+            format!(
+                "VAR {a} = {} VAR {b} = VAR {a}",
+                rng.gen_range(10_000..100_000)
+            )
+        }
+        2 => format!(
+            "The code for the {} door is {}-{}.",
+            word(rng),
+            hex(rng, 4),
+            hex(rng, 4)
+        ),
+        3 => format!("Key {}: value {}.", hex(rng, 8), hex(rng, 12)),
+        _ => format!(
+            "Remember that {} keeps {} {} in the {} box.",
+            word(rng),
+            rng.gen_range(2..100),
+            word(rng),
+            word(rng)
+        ),
+    }
+}
+
+/// `text` with `n` made-up facts put between its sentences.
+fn with_facts(text: &str, n: usize, rng: &mut ChaCha8Rng) -> String {
+    let words: Vec<&str> = text.split_whitespace().filter(|w| w.len() > 3).collect();
+    if n == 0 || words.is_empty() {
+        return text.to_string();
+    }
+    let cuts: Vec<usize> = text.match_indices(". ").map(|(i, _)| i + 2).collect();
+    let mut at: Vec<usize> = (0..n)
+        .map(|_| {
+            cuts.get(rng.gen_range(0..cuts.len().max(1)))
+                .copied()
+                .unwrap_or(0)
+        })
+        .collect();
+    at.sort_unstable();
+    let mut out = String::with_capacity(text.len() + 80 * n);
+    let mut last = 0;
+    for i in at {
+        out.push_str(&text[last..i]);
+        out.push_str(&fact(rng, &words));
+        out.push(' ');
+        last = i;
+    }
+    out.push_str(&text[last..]);
+    out
+}
+
 /// `count` passages of the lengths given in turn (tokens of the model), from random
-/// places in the texts (each text's share proportional to its length).
+/// places in the texts (each text's share proportional to its length), each with
+/// `facts` made-up facts put between its sentences.
 fn passages(
     lm: &LoadedModel,
     texts: &[(String, String)],
     lengths: &[usize],
     count: usize,
+    facts: usize,
     seed: u64,
 ) -> Result<Vec<String>> {
     let encoded: Vec<Vec<u32>> = texts
@@ -90,7 +166,10 @@ fn passages(
             );
         }
         let start = at.min(ids.len() - len);
-        out.push(lm.tokenizer.decode(&ids[start..start + len]));
+        // The facts take about 20 tokens each: the passage is cut that much shorter.
+        let keep = len.saturating_sub(20 * facts).max(len / 2);
+        let text = lm.tokenizer.decode(&ids[start..start + keep]);
+        out.push(with_facts(&text, facts, &mut rng));
     }
     Ok(out)
 }
@@ -136,7 +215,7 @@ pub fn run(a: TrainArgs, dir: &Path) -> Result<()> {
         bail!("--lambda: every penalty must be in (0, 1000]");
     }
     let texts = texts(&a.texts, dir)?;
-    let docs = passages(&lm, &texts, &lengths, a.docs, a.seed)?;
+    let docs = passages(&lm, &texts, &lengths, a.docs, a.facts, a.seed)?;
     let opts = TrainOptions {
         sample_per_doc: a.sample,
         lambdas,
@@ -162,6 +241,7 @@ pub fn run(a: TrainArgs, dir: &Path) -> Result<()> {
     scorer.training["texts"] = a.texts.clone().into();
     scorer.training["lengths"] = a.lengths.clone().into();
     scorer.training["docs"] = a.docs.into();
+    scorer.training["facts_per_passage"] = a.facts.into();
     scorer.training["model"] = lm.name.clone().into();
     let out = a
         .output

@@ -13,7 +13,9 @@
 //! `sinks` slots are always kept.
 //!
 //! Options: `future` (512), `sinks` (4), `cov` (true: the covariance term; false: the
-//! mean alone), `vnorm` (true), `epsilon` (0). The defaults are the reference
+//! mean alone), `vnorm` (true), `epsilon` (0), `qbias` (true: the mean of the real
+//! queries; false: without the model's query bias, as the reference implementation
+//! computes it from `q_proj.weight` alone). The other defaults are the reference
 //! implementation's.
 
 use super::OptionDoc;
@@ -50,6 +52,11 @@ pub const OPTIONS: &[OptionDoc] = &[
         default: "0",
         help: "added to the expected attention before the value norm",
     },
+    OptionDoc {
+        key: "qbias",
+        default: "true",
+        help: "the mean query includes the model's query bias (false: W_q h alone, as kvpress computes it)",
+    },
 ];
 
 /// The longest horizon `future` may name: longer than any model's context.
@@ -62,6 +69,7 @@ pub struct ExpectedAttention {
     pub cov: bool,
     pub vnorm: bool,
     pub epsilon: f32,
+    pub qbias: bool,
 }
 
 impl ExpectedAttention {
@@ -85,6 +93,7 @@ impl ExpectedAttention {
             cov: opts.bool_or("cov", true)?,
             vnorm: opts.bool_or("vnorm", true)?,
             epsilon,
+            qbias: opts.bool_or("qbias", true)?,
         })
     }
 
@@ -201,6 +210,7 @@ impl Scorer for ExpectedAttention {
             queries: Some(QueryNeeds {
                 future: self.future,
                 sinks: self.sinks,
+                bias: self.qbias,
             }),
             ..Default::default()
         }
@@ -303,6 +313,7 @@ mod tests {
             cov: true,
             vnorm: false,
             epsilon: 0.0,
+            qbias: true,
         };
         let stats = HeadStats {
             queries: Some(vec![moments]),
