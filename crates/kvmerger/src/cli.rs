@@ -104,6 +104,13 @@ pub struct TrainArgs {
     /// the one whose held-out selection agrees best with KVzip's at 25% is kept.
     #[arg(long, default_value = "1e-4,1e-3,1e-2,1e-1")]
     pub lambda: String,
+    /// Also train a one-layer MLP with this many GELU units per layer (0: linear only);
+    /// it is kept when its held-out selection agrees with KVzip's better.
+    #[arg(long, default_value_t = 0)]
+    pub mlp_units: usize,
+    /// Passes over the training rows for the MLP.
+    #[arg(long, default_value_t = 8)]
+    pub mlp_epochs: usize,
     /// Passages held out to measure the fit.
     #[arg(long, default_value_t = 4)]
     pub held_out: usize,

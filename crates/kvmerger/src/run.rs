@@ -100,9 +100,39 @@ pub fn sampling(s: &SamplingArgs) -> Result<GenerateParams> {
     Ok(GenerateParams {
         max_tokens: s.max_tokens,
         sampling,
-        stop: s.stop.clone(),
+        stop: s.stop.iter().map(|x| unescape(x)).collect::<Result<_>>()?,
         ignore_eos: s.ignore_eos,
     })
+}
+
+/// A stop string as the shell passes it with its escapes understood, so that
+/// `--stop "\n\n"` stops at a blank line: `\n`, `\t`, `\r`, `\\`, `\"`, `\0`.
+pub fn unescape(s: &str) -> Result<String> {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some('0') => out.push('\0'),
+            Some('\\') => out.push('\\'),
+            Some('"') => out.push('"'),
+            Some('\'') => out.push('\''),
+            Some(other) => bail!(
+                "--stop {s:?}: unknown escape \\{other} (known: \\n \\t \\r \\0 \\\\ \\\" \\')"
+            ),
+            None => bail!("--stop {s:?} ends with a lone backslash (write \\\\ for one)"),
+        }
+    }
+    if out.is_empty() {
+        bail!("--stop must not be empty");
+    }
+    Ok(out)
 }
 
 /// The most bytes a text input (prompt, document, config, schedule) may have.

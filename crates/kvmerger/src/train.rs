@@ -219,6 +219,8 @@ pub fn run(a: TrainArgs, dir: &Path) -> Result<()> {
     let opts = TrainOptions {
         sample_per_doc: a.sample,
         lambdas,
+        mlp_units: a.mlp_units,
+        mlp_epochs: a.mlp_epochs,
         held_out: a.held_out,
         seed: a.seed,
         ..Default::default()

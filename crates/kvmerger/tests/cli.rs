@@ -405,3 +405,41 @@ fn chat_compresses_once_and_appends_later_turns() {
     assert_eq!(answers.len(), 2, "{answers:?}\n{err}");
     assert_eq!(err.matches("[keydiff] KV cache").count(), 1, "{err}");
 }
+
+/// `--stop "\n\n"` as the README writes it stops at the blank line (the shell passes
+/// a backslash and an n), and `-f -` reads the prompt from standard input.
+#[test]
+fn stop_escapes_are_understood_and_a_prompt_can_come_from_standard_input() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvmerger"))
+        .args([
+            "generate",
+            "-m",
+            "smollm2-135m",
+            "-f",
+            "-",
+            "-n",
+            "16",
+            "--stop",
+            "\\n\\n",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"The capital of France is")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // Greedy: " Paris.\n\nThe answer is:" (the reference), cut at the blank line.
+    assert_eq!(String::from_utf8_lossy(&out.stdout), " Paris.\n", "{err}");
+    assert!(err.contains("StopString"), "{err}");
+    let e = fails(&with(&["--stop", "a\\q"]));
+    assert!(e.contains("unknown escape"), "{e}");
+}

@@ -31,9 +31,12 @@ pub struct LearnedScorer {
     pub n_layers: usize,
     pub n_kv_heads: usize,
     pub hidden: usize,
-    /// `[layer][kv_head][hidden]`.
+    /// 0 for a linear map; else the hidden units of a one-layer MLP (GELU) per layer.
+    pub units: usize,
+    /// Linear: `[layer][kv_head][hidden]`. MLP: `[layer][unit][hidden]` (the first
+    /// layer) then `[layer][kv_head][unit]` (the second).
     pub weights: Vec<f32>,
-    /// `[layer][kv_head]`.
+    /// Linear: `[layer][kv_head]`. MLP: `[layer][unit]` then `[layer][kv_head]`.
     pub bias: Vec<f32>,
     /// The fingerprint of the model it was trained for (hex).
     pub fingerprint: String,
@@ -45,12 +48,28 @@ impl LearnedScorer {
     /// The predictions of layer `layer` for `n_rows` rows of `hidden` values each, into
     /// `out` (`n_rows * n_kv_heads`, row-major).
     pub fn predict(&self, layer: usize, rows: &[f32], out: &mut [f32]) {
-        let (d, k) = (self.hidden, self.n_kv_heads);
-        let w = &self.weights[layer * k * d..(layer + 1) * k * d];
-        let b = &self.bias[layer * k..(layer + 1) * k];
+        let (d, k, u, l) = (self.hidden, self.n_kv_heads, self.units, self.n_layers);
+        if u == 0 {
+            let w = &self.weights[layer * k * d..(layer + 1) * k * d];
+            let b = &self.bias[layer * k..(layer + 1) * k];
+            for (x, o) in rows.chunks_exact(d).zip(out.chunks_exact_mut(k)) {
+                for (h, o) in o.iter_mut().enumerate() {
+                    *o = b[h] + crate::kernels::dot_f32(&w[h * d..(h + 1) * d], x);
+                }
+            }
+            return;
+        }
+        let w1 = &self.weights[layer * u * d..(layer + 1) * u * d];
+        let w2 = &self.weights[l * u * d + layer * k * u..l * u * d + (layer + 1) * k * u];
+        let b1 = &self.bias[layer * u..(layer + 1) * u];
+        let b2 = &self.bias[l * u + layer * k..l * u + (layer + 1) * k];
+        let mut a = vec![0.0f32; u];
         for (x, o) in rows.chunks_exact(d).zip(out.chunks_exact_mut(k)) {
+            for (j, a) in a.iter_mut().enumerate() {
+                *a = gelu(b1[j] + crate::kernels::dot_f32(&w1[j * d..(j + 1) * d], x));
+            }
             for (h, o) in o.iter_mut().enumerate() {
-                *o = b[h] + crate::kernels::dot_f32(&w[h * d..(h + 1) * d], x);
+                *o = b2[h] + crate::kernels::dot_f32(&w2[h * u..(h + 1) * u], &a);
             }
         }
     }
@@ -62,7 +81,8 @@ impl LearnedScorer {
 
     pub fn to_bytes(&self) -> Vec<u8> {
         let header = serde_json::json!({
-            "kind": "linear",
+            "kind": if self.units == 0 { "linear" } else { "mlp" },
+            "units": self.units,
             "fingerprint": self.fingerprint,
             "n_layers": self.n_layers,
             "n_kv_heads": self.n_kv_heads,
@@ -115,19 +135,18 @@ impl LearnedScorer {
         };
         let (n_layers, n_kv_heads, hidden) =
             (field("n_layers")?, field("n_kv_heads")?, field("hidden")?);
-        if h.get("kind").and_then(|v| v.as_str()) != Some("linear") {
-            return Err(bad("only linear scorers are known (header 'kind')".into()));
-        }
+        let units = match h.get("kind").and_then(|v| v.as_str()) {
+            Some("linear") => 0,
+            Some("mlp") => field("units")?,
+            _ => return Err(bad("the header's 'kind' is neither linear nor mlp".into())),
+        };
         let fingerprint = h
             .get("fingerprint")
             .and_then(|v| v.as_str())
             .ok_or_else(|| bad("header field 'fingerprint' is missing".into()))?
             .to_string();
-        let n_w = n_layers
-            .checked_mul(n_kv_heads)
-            .and_then(|x| x.checked_mul(hidden))
+        let (n_w, n_b) = shapes(n_layers, n_kv_heads, hidden, units)
             .ok_or_else(|| bad("shapes overflow".into()))?;
-        let n_b = n_layers * n_kv_heads;
         let data = &body[12 + hlen..];
         if data.len() != 4 * (n_w + n_b) {
             return Err(bad(format!(
@@ -146,6 +165,7 @@ impl LearnedScorer {
             n_layers,
             n_kv_heads,
             hidden,
+            units,
             weights: floats[..n_w].to_vec(),
             bias: floats[n_w..].to_vec(),
             fingerprint,
@@ -162,6 +182,27 @@ impl LearnedScorer {
     pub fn write(&self, path: &Path) -> Result<(), Error> {
         crate::write_atomic(path, &self.to_bytes())
     }
+}
+
+/// The number of weights and biases of a scorer of these shapes.
+pub fn shapes(
+    n_layers: usize,
+    n_kv_heads: usize,
+    hidden: usize,
+    units: usize,
+) -> Option<(usize, usize)> {
+    if units == 0 {
+        let w = n_layers.checked_mul(n_kv_heads)?.checked_mul(hidden)?;
+        return Some((w, n_layers * n_kv_heads));
+    }
+    let w1 = n_layers.checked_mul(units)?.checked_mul(hidden)?;
+    let w2 = n_layers.checked_mul(n_kv_heads)?.checked_mul(units)?;
+    Some((w1.checked_add(w2)?, n_layers * (units + n_kv_heads)))
+}
+
+/// GELU (the tanh form).
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh())
 }
 
 /// The scorers this project trained and ships, one per fetchable model (see
@@ -355,6 +396,7 @@ mod tests {
             n_layers: 2,
             n_kv_heads: 3,
             hidden: 4,
+            units: 0,
             weights: (0..24).map(|i| i as f32 * 0.5 - 3.0).collect(),
             bias: vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
             fingerprint: "ab".repeat(32),

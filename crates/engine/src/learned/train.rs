@@ -32,6 +32,10 @@ pub struct TrainOptions {
     pub seed: u64,
     /// Budgets at which held-out agreement with KVzip's selection is measured.
     pub budgets: Vec<f64>,
+    /// Also train a one-layer MLP of this many GELU units per layer (0: linear only);
+    /// it is kept when it agrees with KVzip better than the best linear map.
+    pub mlp_units: usize,
+    pub mlp_epochs: usize,
 }
 
 impl Default for TrainOptions {
@@ -42,6 +46,8 @@ impl Default for TrainOptions {
             held_out: 4,
             seed: 0,
             budgets: vec![0.5, 0.25, 0.125],
+            mlp_units: 0,
+            mlp_epochs: 8,
         }
     }
 }
@@ -53,8 +59,9 @@ pub struct TrainReport {
     pub train_tokens: usize,
     pub held_out_docs: usize,
     pub held_out_tokens: usize,
-    /// The penalty chosen.
+    /// The penalty chosen (the linear map's), and whether the MLP was kept instead.
     pub lambda: f64,
+    pub mlp: bool,
     /// Every penalty tried, with its mean held-out R² and agreement at each budget.
     pub tried: Vec<(f64, f64, Vec<(f64, f64)>)>,
     /// Per layer: R² of the predicted log scores on the held-out documents.
@@ -146,6 +153,9 @@ pub fn train(
     }
     let n_train = docs.len() - opts.held_out;
     let mut normal: Vec<Normal> = (0..n_layers).map(|_| Normal::new(h, k)).collect();
+    // For the MLP: the sampled rows themselves, per layer (f16 features).
+    let mut rows_x: Vec<Vec<half::f16>> = vec![Vec::new(); n_layers];
+    let mut rows_y: Vec<Vec<f32>> = vec![Vec::new(); n_layers];
     let mut report = TrainReport {
         train_docs: n_train,
         held_out_docs: opts.held_out,
@@ -165,6 +175,10 @@ pub fn train(
                 .iter()
                 .flat_map(|&r| doc.targets[l][r * k..(r + 1) * k].iter().copied())
                 .collect();
+            if opts.mlp_units > 0 {
+                rows_x[l].extend(x.iter().map(|&v| half::f16::from_f32(v)));
+                rows_y[l].extend_from_slice(&y);
+            }
             ne.add(&x, &y);
         }
         report.train_tokens += rows.len();
@@ -188,6 +202,7 @@ pub fn train(
                 n_layers,
                 n_kv_heads: k,
                 hidden: h,
+                units: 0,
                 weights,
                 bias,
                 fingerprint: lm.fingerprint.clone(),
@@ -196,6 +211,47 @@ pub fn train(
             Fit::new(n_layers, opts.budgets.len()),
         ));
     }
+    if opts.mlp_units > 0 {
+        let u = opts.mlp_units;
+        let (mut w1, mut w2, mut b1, mut b2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for l in 0..n_layers {
+            let m = train_mlp(
+                &rows_x[l],
+                &rows_y[l],
+                h,
+                k,
+                u,
+                opts.mlp_epochs,
+                opts.seed ^ l as u64,
+            );
+            w1.extend(m.0);
+            b1.extend(m.1);
+            w2.extend(m.2);
+            b2.extend(m.3);
+            progress(
+                n_train,
+                docs.len(),
+                &format!("MLP layer {} of {n_layers}", l + 1),
+            );
+        }
+        w1.extend(w2);
+        b1.extend(b2);
+        candidates.push((
+            f64::NAN,
+            LearnedScorer {
+                n_layers,
+                n_kv_heads: k,
+                hidden: h,
+                units: u,
+                weights: w1,
+                bias: b1,
+                fingerprint: lm.fingerprint.clone(),
+                training: serde_json::Value::Null,
+            },
+            Fit::new(n_layers, opts.budgets.len()),
+        ));
+    }
+    drop((rows_x, rows_y));
     for (j, text) in docs[n_train..].iter().enumerate() {
         let doc = collect(lm, text)?;
         for (_, scorer, fit) in candidates.iter_mut() {
@@ -220,12 +276,16 @@ pub fn train(
         }
     }
     let (lambda, mut scorer, fit) = candidates.swap_remove(best);
+    report.mlp = scorer.units > 0;
     report.lambda = lambda;
     report.r2 = fit.r2();
     report.agreement = fit.agreement(&opts.budgets);
     report.secs = t0.elapsed().as_secs_f64();
     scorer.training = serde_json::json!({
-        "lambda": lambda,
+        "kind": if scorer.units > 0 { "mlp" } else { "linear" },
+        "units": scorer.units,
+        "mlp_epochs": opts.mlp_epochs,
+        "lambda": if lambda.is_nan() { serde_json::Value::Null } else { lambda.into() },
         "sample_per_doc": opts.sample_per_doc,
         "seed": opts.seed,
         "report": report,
@@ -313,4 +373,236 @@ fn top(s: &[f32], keep: usize) -> Vec<usize> {
     }
     idx.truncate(keep);
     idx
+}
+
+/// A one-layer MLP (`units` GELU units, then `targets` outputs) fitted to rows `x`
+/// (`hidden` features each) and targets `y` by Adam on the mean squared error, with
+/// features and targets standardized (folded into the weights at the end). Returns
+/// `(w1 [units][hidden], b1, w2 [targets][units], b2)`.
+fn train_mlp(
+    x: &[half::f16],
+    y: &[f32],
+    hidden: usize,
+    targets: usize,
+    units: usize,
+    epochs: usize,
+    seed: u64,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    use rand::Rng;
+    use rayon::prelude::*;
+    let (d, k, u) = (hidden, targets, units);
+    let n = x.len() / d;
+    // Feature and target standardization.
+    let mut mu = vec![0.0f64; d];
+    let mut sd = vec![0.0f64; d];
+    for row in x.chunks_exact(d) {
+        for (i, v) in row.iter().enumerate() {
+            let v = v.to_f64();
+            mu[i] += v;
+            sd[i] += v * v;
+        }
+    }
+    for i in 0..d {
+        mu[i] /= n.max(1) as f64;
+        sd[i] = (sd[i] / n.max(1) as f64 - mu[i] * mu[i]).max(1e-12).sqrt();
+    }
+    let mut ymu = vec![0.0f64; k];
+    let mut ysd = vec![0.0f64; k];
+    for row in y.chunks_exact(k) {
+        for (i, &v) in row.iter().enumerate() {
+            ymu[i] += v as f64;
+            ysd[i] += (v as f64) * (v as f64);
+        }
+    }
+    for i in 0..k {
+        ymu[i] /= n.max(1) as f64;
+        ysd[i] = (ysd[i] / n.max(1) as f64 - ymu[i] * ymu[i])
+            .max(1e-12)
+            .sqrt();
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut normal = |std: f64| {
+        let (a, b): (f64, f64) = (rng.gen_range(1e-12..1.0), rng.gen());
+        ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos() * std) as f32
+    };
+    let mut w1: Vec<f32> = (0..u * d)
+        .map(|_| normal(1.0 / (d as f64).sqrt()))
+        .collect();
+    let mut w2: Vec<f32> = (0..k * u)
+        .map(|_| normal(1.0 / (u as f64).sqrt()))
+        .collect();
+    let (mut b1, mut b2) = (vec![0.0f32; u], vec![0.0f32; k]);
+    // Adam's moments, for w1, b1, w2, b2 in that order.
+    let sizes = [u * d, u, k * u, k];
+    let mut m: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![0.0; s]).collect();
+    let mut v: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![0.0; s]).collect();
+    let batch = 256usize;
+    let steps = epochs * n.div_ceil(batch);
+    let (lr0, beta1, beta2, eps) = (2e-3f32, 0.9f32, 0.999f32, 1e-8f32);
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut step = 0usize;
+    let gelu_grad = |a: f32| {
+        let c = 0.797_884_6f32;
+        let t = (c * (a + 0.044_715 * a * a * a)).tanh();
+        0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044_715 * a * a)
+    };
+    for _ in 0..epochs {
+        // Shuffle (Fisher-Yates).
+        for i in (1..n).rev() {
+            let j = rng.gen_range(0..=i);
+            order.swap(i, j);
+        }
+        for chunk in order.chunks(batch) {
+            let bn = chunk.len();
+            let z: Vec<f32> = chunk
+                .iter()
+                .flat_map(|&r| {
+                    x[r * d..(r + 1) * d]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| ((v.to_f64() - mu[i]) / sd[i]) as f32)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let (ymu, ysd) = (&ymu, &ysd);
+            let t: Vec<f32> = chunk
+                .iter()
+                .flat_map(|&r| {
+                    (0..k).map(move |i| ((y[r * k + i] as f64 - ymu[i]) / ysd[i]) as f32)
+                })
+                .collect();
+            // Forward.
+            let a: Vec<f32> = z
+                .par_chunks(d)
+                .flat_map_iter(|zr| {
+                    (0..u).map(|j| b1[j] + crate::kernels::dot_f32(&w1[j * d..(j + 1) * d], zr))
+                })
+                .collect();
+            let g: Vec<f32> = a.iter().map(|&x| super::gelu(x)).collect();
+            let mut dout = vec![0.0f32; bn * k];
+            for r in 0..bn {
+                for h in 0..k {
+                    let o = b2[h]
+                        + crate::kernels::dot_f32(&w2[h * u..(h + 1) * u], &g[r * u..(r + 1) * u]);
+                    dout[r * k + h] = 2.0 * (o - t[r * k + h]) / bn as f32;
+                }
+            }
+            // Backward.
+            let mut gw2 = vec![0.0f32; k * u];
+            let mut gb2 = vec![0.0f32; k];
+            let mut da = vec![0.0f32; bn * u];
+            for r in 0..bn {
+                for h in 0..k {
+                    let e = dout[r * k + h];
+                    gb2[h] += e;
+                    for j in 0..u {
+                        gw2[h * u + j] += e * g[r * u + j];
+                        da[r * u + j] += e * w2[h * u + j];
+                    }
+                }
+                for j in 0..u {
+                    da[r * u + j] *= gelu_grad(a[r * u + j]);
+                }
+            }
+            let gb1: Vec<f32> = (0..u)
+                .map(|j| (0..bn).map(|r| da[r * u + j]).sum())
+                .collect();
+            let gw1: Vec<f32> = (0..u)
+                .into_par_iter()
+                .flat_map_iter(|j| {
+                    let mut acc = vec![0.0f32; d];
+                    for r in 0..bn {
+                        let e = da[r * u + j];
+                        if e != 0.0 {
+                            for (a, zv) in acc.iter_mut().zip(&z[r * d..(r + 1) * d]) {
+                                *a += e * zv;
+                            }
+                        }
+                    }
+                    acc
+                })
+                .collect();
+            // Adam with a cosine schedule.
+            step += 1;
+            let lr = lr0 * 0.5 * (1.0 + (std::f32::consts::PI * step as f32 / steps as f32).cos());
+            let (c1, c2) = (1.0 - beta1.powi(step as i32), 1.0 - beta2.powi(step as i32));
+            for (pi, (p, gr)) in [
+                (&mut w1, &gw1),
+                (&mut b1, &gb1),
+                (&mut w2, &gw2),
+                (&mut b2, &gb2),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let (mm, vv) = (&mut m[pi], &mut v[pi]);
+                for i in 0..p.len() {
+                    let gi = gr[i].clamp(-10.0, 10.0);
+                    mm[i] = beta1 * mm[i] + (1.0 - beta1) * gi;
+                    vv[i] = beta2 * vv[i] + (1.0 - beta2) * gi * gi;
+                    p[i] -= lr * (mm[i] / c1) / ((vv[i] / c2).sqrt() + eps);
+                }
+            }
+        }
+    }
+    // Fold the standardization into the weights.
+    for j in 0..u {
+        let mut shift = 0.0f64;
+        for i in 0..d {
+            let w = w1[j * d + i] as f64 / sd[i];
+            shift += w * mu[i];
+            w1[j * d + i] = w as f32;
+        }
+        b1[j] = (b1[j] as f64 - shift) as f32;
+    }
+    for h in 0..k {
+        for j in 0..u {
+            w2[h * u + j] = (w2[h * u + j] as f64 * ysd[h]) as f32;
+        }
+        b2[h] = (b2[h] as f64 * ysd[h] + ymu[h]) as f32;
+    }
+    (w1, b1, w2, b2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mlp_fits_what_a_linear_map_cannot() {
+        // y = |x0| * 2 + x1: no linear map fits |x0|.
+        let (d, n) = (4, 4000);
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        use rand::Rng;
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        for _ in 0..n {
+            let row: Vec<f32> = (0..d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            y.push(2.0 * row[0].abs() + row[1]);
+            x.extend(row.iter().map(|&v| half::f16::from_f32(v)));
+        }
+        let (w1, b1, w2, b2) = train_mlp(&x, &y, d, 1, 16, 30, 1);
+        let s = LearnedScorer {
+            n_layers: 1,
+            n_kv_heads: 1,
+            hidden: d,
+            units: 16,
+            weights: [w1, w2].concat(),
+            bias: [b1, b2].concat(),
+            fingerprint: String::new(),
+            training: serde_json::Value::Null,
+        };
+        let mut mse = 0.0f32;
+        for (row, want) in x.chunks(d).zip(&y).take(500) {
+            let row: Vec<f32> = row.iter().map(|v| v.to_f32()).collect();
+            let mut out = [0.0f32];
+            s.predict(0, &row, &mut out);
+            mse += (out[0] - want).powi(2) / 500.0;
+        }
+        // The best linear map leaves the variance of 2|x0| around its mean: 1/3.
+        assert!(mse < 0.05, "mse {mse}");
+        // The file round-trips an MLP too.
+        let back = LearnedScorer::from_bytes(&s.to_bytes(), std::path::Path::new("t")).unwrap();
+        assert_eq!(back, s);
+    }
 }
