@@ -208,7 +208,18 @@ pub fn gelu(x: f32) -> f32 {
 /// The scorers this project trained and ships, one per fetchable model (see
 /// `docs/learned-scorer.md` for how each was made).
 const SHIPPED: &[(&str, &[u8])] = &[
-    // Filled in as each model's scorer is trained and committed.
+    (
+        "qwen2.5-0.5b.kvzap",
+        include_bytes!("../../scorers/qwen2.5-0.5b.kvzap"),
+    ),
+    (
+        "smollm2-135m.kvzap",
+        include_bytes!("../../scorers/smollm2-135m.kvzap"),
+    ),
+    (
+        "gemma3-270m.kvzap",
+        include_bytes!("../../scorers/gemma3-270m.kvzap"),
+    ),
 ];
 
 /// The shipped scorer trained for the model with this fingerprint, if any.
