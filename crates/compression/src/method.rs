@@ -199,6 +199,11 @@ pub trait Method: Send + Sync {
         }
         Ok(())
     }
+    /// Errors for settings that name layers a model of `n_layers` layers does not have,
+    /// checked before any prefill.
+    fn check_layers(&self, _n_layers: usize) -> Result<(), Error> {
+        Ok(())
+    }
     /// How the engine must treat the slots this method merges (most methods merge none).
     fn mass_correction(&self) -> MassCorrection {
         MassCorrection::None

@@ -173,6 +173,7 @@ impl Compressor {
         if self.is_noop() {
             return Ok(());
         }
+        self.method.check_layers(n_layers)?;
         let mut targets = self.targets(n_layers, len);
         targets.sort_unstable();
         targets.dedup();

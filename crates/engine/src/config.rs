@@ -372,19 +372,19 @@ impl Config {
         match &c.rope_scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => {
-                if !(factor.is_finite() && *factor > 0.0 && *factor <= 1e4) {
+                if !(factor.is_finite() && *factor >= 1e-2 && *factor <= 1e4) {
                     return Err(format!(
-                        "implausible linear RoPE scaling factor {factor} (expected above 0, at most 10000)"
+                        "implausible linear RoPE scaling factor {factor} (expected from 0.01 to 10000)"
                     ));
                 }
             }
             RopeScaling::Yarn(y) => {
-                let ok = |x: f32, lo: f32, hi: f32| x.is_finite() && x > lo && x <= hi;
-                if !(ok(y.factor, 0.0, 1e4)
-                    && ok(y.beta_fast, 0.0, 1e4)
-                    && ok(y.beta_slow, 0.0, 1e4)
+                let ok = |x: f32, lo: f32, hi: f32| x.is_finite() && x >= lo && x <= hi;
+                if !(ok(y.factor, 1e-2, 1e4)
+                    && ok(y.beta_fast, 1e-3, 1e4)
+                    && ok(y.beta_slow, 1e-3, 1e4)
                     && y.beta_fast > y.beta_slow
-                    && ok(y.mscale, 0.0, 100.0)
+                    && ok(y.mscale, 1e-2, 100.0)
                     && (1..=1 << 24).contains(&y.original))
                 {
                     return Err(format!(
@@ -395,9 +395,9 @@ impl Config {
             }
             RopeScaling::Frequencies(v) | RopeScaling::LongRope { factors: v, .. } => {
                 if let RopeScaling::LongRope { mscale, .. } = &c.rope_scaling {
-                    if !(mscale.is_finite() && *mscale > 0.0 && *mscale <= 100.0) {
+                    if !(mscale.is_finite() && *mscale >= 1e-2 && *mscale <= 100.0) {
                         return Err(format!(
-                            "implausible LongRoPE attention factor {mscale} (expected above 0, at most 100)"
+                            "implausible LongRoPE attention factor {mscale} (rope.scaling.attn_factor; expected from 0.01 to 100)"
                         ));
                     }
                 }
@@ -411,10 +411,10 @@ impl Config {
                 }
                 if let Some(bad) = v
                     .iter()
-                    .find(|x| !(x.is_finite() && **x > 0.0 && **x <= 1e4))
+                    .find(|x| !(x.is_finite() && **x >= 1e-2 && **x <= 1e4))
                 {
                     return Err(format!(
-                        "implausible RoPE frequency factor {bad} (expected above 0, at most 10000)"
+                        "implausible RoPE frequency factor {bad} (rope_freqs / rope_factors_*; expected from 0.01 to 10000)"
                     ));
                 }
             }
@@ -457,6 +457,20 @@ fn gguf_rope_scaling(
     k: &dyn Fn(&str) -> String,
     ctx_len: usize,
 ) -> Result<RopeScaling, Error> {
+    // A known key of the wrong type is refused, not read as absent.
+    let wrong = |key: &str, want: &str| Error::Format {
+        path: f.path.clone(),
+        msg: format!("metadata {} is not {want}", k(key)),
+    };
+    for key in [
+        "rope.scaling.attn_factor",
+        "rope.scaling.yarn_beta_fast",
+        "rope.scaling.yarn_beta_slow",
+    ] {
+        if f.get(&k(key)).is_some_and(|v| v.as_f64().is_none()) {
+            return Err(wrong(key, "a number"));
+        }
+    }
     if f.tensors.contains_key("rope_factors_long.weight") {
         let original = f
             .get(&k("rope.scaling.original_context_length"))
@@ -481,13 +495,20 @@ fn gguf_rope_scaling(
         };
         return Ok(RopeScaling::LongRope { factors, mscale });
     }
-    let kind = f
-        .get(&k("rope.scaling.type"))
-        .and_then(|v| v.as_str().map(str::to_string));
-    let factor = f
-        .get(&k("rope.scaling.factor"))
-        .and_then(|v| v.as_f64())
-        .unwrap_or(1.0) as f32;
+    let kind = match f.get(&k("rope.scaling.type")) {
+        None => None,
+        Some(v) => Some(
+            v.as_str()
+                .ok_or_else(|| wrong("rope.scaling.type", "a string"))?
+                .to_string(),
+        ),
+    };
+    let factor = match f.get(&k("rope.scaling.factor")) {
+        None => 1.0,
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| wrong("rope.scaling.factor", "a number"))? as f32,
+    };
     let linear = match kind.as_deref() {
         None | Some("none") => 1.0,
         Some("longrope" | "su") => {

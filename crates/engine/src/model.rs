@@ -98,6 +98,14 @@ fn check_len(name: &str, v: &[f32], len: usize) -> Result<(), Error> {
             v.len()
         )));
     }
+    // Norm weights and biases are read whole: one that is not finite makes every
+    // output NaN.
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(Error::Invalid(format!(
+            "tensor '{name}' has a value that is not finite ({} at index {i})",
+            v[i]
+        )));
+    }
     Ok(())
 }
 

@@ -282,3 +282,51 @@ fn a_malformed_tokenizer_json_section_is_an_error_not_a_panic() {
         }
     }
 }
+
+#[test]
+fn rope_factors_out_of_range_metadata_of_the_wrong_type_and_nan_norms_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.gguf");
+    let cases: Vec<(&'static str, Meta, &str)> = vec![
+        (
+            "llama.rope.scaling.type",
+            Meta::U32(1),
+            "rope.scaling.type is not a string",
+        ),
+        (
+            "llama.rope.scaling.factor",
+            Meta::Str("8".into()),
+            "rope.scaling.factor is not a number",
+        ),
+        (
+            "llama.rope.scaling.attn_factor",
+            Meta::Str("1".into()),
+            "attn_factor is not a number",
+        ),
+    ];
+    for (key, value, want) in cases {
+        tiny_with(&p, key, value);
+        let e = open_err(&p);
+        assert!(e.contains(want), "{key}: {e}");
+    }
+    // A linear factor of 1e-30 loaded and produced garbage.
+    let (mut meta, tensors) = tiny_llama_parts("llama", true);
+    meta.push(("llama.rope.scaling.type", Meta::Str("linear".into())));
+    meta.push(("llama.rope.scaling.factor", Meta::F32(1e-30)));
+    write_gguf(&p, &meta, &tensors);
+    let e = open_err(&p);
+    assert!(e.contains("linear RoPE scaling factor"), "{e}");
+    // A NaN in a norm's weights made every output NaN.
+    let (meta, mut tensors) = tiny_llama_parts("llama", true);
+    let norm = tensors
+        .iter_mut()
+        .find(|t| t.0 == "blk.0.ffn_norm.weight")
+        .unwrap();
+    norm.3[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+    write_gguf(&p, &meta, &tensors);
+    let e = open_err(&p);
+    assert!(
+        e.contains("blk.0.ffn_norm.weight") && e.contains("not finite"),
+        "{e}"
+    );
+}

@@ -690,10 +690,17 @@ fn samples_from_rulers_own_generator_are_cut_at_the_question_and_answer_prefix()
     let input = "Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz you about the numbers afterwards.\nThe grass. One of the special magic numbers for sad-dog is: 1234567. More grass.\nWhat is the special magic number for sad-dog mentioned in the provided text? The special magic number for sad-dog mentioned in the provided text is";
     let line =
         serde_json::json!({"index": 7, "input": input, "outputs": ["1234567"], "length": 80});
-    std::fs::write(&path, format!("{line}\n{{\"index\": 8, \"input\": \"no question here\", \"outputs\": [\"1\"]}}\nnot json\n")).unwrap();
+    let no_reference = serde_json::json!({"index": 9, "input": input, "outputs": [], "length": 80});
+    std::fs::write(&path, format!("{line}\n{{\"index\": 8, \"input\": \"no question here\", \"outputs\": [\"1\"]}}\nnot json\n{no_reference}\n")).unwrap();
     let read = tasks::read_ruler(&path, None).unwrap();
     assert_eq!(read.samples.len(), 1);
-    assert_eq!(read.errors.len(), 2, "{:?}", read.errors);
+    // A line without a reference answer is refused, not scored 0.
+    assert_eq!(read.errors.len(), 3, "{:?}", read.errors);
+    assert!(
+        read.errors[2].message.contains("outputs"),
+        "{:?}",
+        read.errors[2]
+    );
     assert_eq!(read.errors[0].line, 2);
     let s = &read.samples[0];
     assert_eq!(s.task, "ruler/niah_single_2");

@@ -206,10 +206,11 @@ impl RawSampling<'_> {
             ));
         }
         let top_p = self.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
+        // As f32, where the sampler works: 1e-300 would become 0.
+        if !((top_p as f32) > 0.0 && top_p <= 1.0) {
             return Err(ApiError::param(
                 "top_p",
-                format!("top_p must be in (0, 1], got {top_p}"),
+                format!("top_p must be in (0, 1] (and at least the smallest f32, about 1.2e-38), got {top_p}"),
             ));
         }
         let top_k = match self.top_k {
@@ -223,10 +224,13 @@ impl RawSampling<'_> {
             Some(k) => k as usize,
         };
         let repetition_penalty = self.repetition_penalty.unwrap_or(1.0);
-        if !(repetition_penalty > 0.0 && repetition_penalty <= 10.0) {
+        if !((repetition_penalty as f32).is_normal()
+            && repetition_penalty > 0.0
+            && repetition_penalty <= 10.0)
+        {
             return Err(ApiError::param(
                 "repetition_penalty",
-                format!("repetition_penalty must be in (0, 10], got {repetition_penalty}"),
+                format!("repetition_penalty must be in (0, 10] (and at least about 1.2e-38), got {repetition_penalty}"),
             ));
         }
         for (name, v) in [

@@ -149,6 +149,17 @@ fn invalid_parameters_are_400s_naming_the_parameter() {
             with(completion("x", 2), "top_p", json!(1.5)),
             "top_p",
         ),
+        // Positive in f64 but 0 in the f32 the sampler works in.
+        (
+            COMPLETIONS,
+            with(completion("x", 2), "top_p", json!(1e-300)),
+            "top_p",
+        ),
+        (
+            COMPLETIONS,
+            with(completion("x", 2), "repetition_penalty", json!(1e-308)),
+            "repetition_penalty",
+        ),
         (COMPLETIONS, with(completion("x", 2), "n", json!(3)), "n"),
         (
             COMPLETIONS,

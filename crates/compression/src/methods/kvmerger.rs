@@ -138,6 +138,10 @@ pub enum Layers {
     Sparsity,
 }
 
+/// The most layers a `skip_layers` index may count (the engine refuses models with
+/// more than 1024).
+pub const MAX_LAYERS: usize = 1024;
+
 /// The range of a fixed `sigma`: 2·sigma² stays a normal f32 with room for the
 /// squared distances of real keys.
 pub const SIGMA_MIN: f32 = 1e-3;
@@ -211,11 +215,20 @@ fn parse_layers(s: &str) -> Result<Vec<i64>, Error> {
     }
     t.split(',')
         .map(|x| {
-            x.trim().parse::<i64>().map_err(|_| {
+            let bad = |why: &str| {
                 Error::InvalidOption(format!(
-                    "option skip_layers='{s}': '{x}' is not a layer index (use e.g. 0,1,-1 or none)"
+                    "option skip_layers='{s}': '{x}' {why} (use e.g. 0,1,-1 or none)"
                 ))
-            })
+            };
+            let i = x
+                .trim()
+                .parse::<i64>()
+                .map_err(|_| bad("is not a layer index"))?;
+            // No model has more layers; a larger index masks nothing and is a typo.
+            if !(-(MAX_LAYERS as i64)..MAX_LAYERS as i64).contains(&i) {
+                return Err(bad(&format!("is outside -{MAX_LAYERS}..{MAX_LAYERS}")));
+            }
+            Ok(i)
         })
         .collect()
 }
@@ -753,6 +766,15 @@ fn partition(
 }
 
 impl Method for KvMerger {
+    fn check_layers(&self, n_layers: usize) -> Result<(), Error> {
+        let n = n_layers as i64;
+        match self.skip_layers.iter().find(|&&l| l >= n || l < -n) {
+            Some(l) => Err(Error::InvalidOption(format!(
+                "option skip_layers: layer {l} does not exist in a model of {n_layers} layers"
+            ))),
+            None => Ok(()),
+        }
+    }
     fn check_budget(&self, len: usize, budget: usize) -> Result<(), Error> {
         if budget < len {
             self.protected_counts(len, budget)?;

@@ -197,3 +197,19 @@ fn a_statistic_of_the_wrong_length_is_an_error() {
         }
     }
 }
+
+#[test]
+fn skip_layers_outside_any_model_or_outside_this_one_are_refused() {
+    for bad in ["100000", "-5000", "x"] {
+        assert!(
+            registry::build("kvmerger", &opts(&[("skip_layers", bad)])).is_err(),
+            "{bad}"
+        );
+    }
+    let m = registry::build("kvmerger", &opts(&[("skip_layers", "0,100")])).unwrap();
+    let e = m.check_layers(24).unwrap_err().to_string();
+    assert!(e.contains("layer 100") && e.contains("24 layers"), "{e}");
+    let m = registry::build("kvmerger", &opts(&[("skip_layers", "-100")])).unwrap();
+    assert!(m.check_layers(24).is_err());
+    assert!(m.check_layers(128).is_ok());
+}

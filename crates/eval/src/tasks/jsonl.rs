@@ -674,6 +674,10 @@ pub fn read_ruler(path: &Path, task: Option<&str>) -> Result<JsonlSamples, Error
         let read = text.and_then(|t| parse_object(&t)).and_then(|obj| {
             let raw = string(&obj, "input")?;
             let outputs = strings(&obj, "outputs")?;
+            if outputs.is_empty() {
+                // Every answer would score 0: a sample without a reference is refused.
+                return Err("field `outputs` is an empty list (no reference answer)".to_string());
+            }
             let (question_at, answer_at) =
                 super::split::ruler_cut(&name, &raw).ok_or_else(|| {
                     format!("the input has no {name} question and answer prefix to cut at")
