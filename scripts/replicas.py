@@ -180,8 +180,10 @@ def ask(client, model, messages, max_tokens, extra):
         if c.usage:
             usage = c.usage
     cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    kv = (getattr(usage, "model_extra", None) or {}).get("kv_cache") or {}
     return "".join(parts), first, {"prompt_tokens": usage.prompt_tokens,
-                                   "cached_tokens": cached}, upstream
+                                   "cached_tokens": cached,
+                                   "kv_bytes": kv.get("kv_bytes")}, upstream
 
 
 def replica(args, store):
@@ -204,6 +206,10 @@ def main():
     ap.add_argument("--kv-memory", default="1GiB")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--proxy", choices=["auto", "nginx", "python"], default="auto")
+    ap.add_argument("--store", choices=["redis", "disk"], default="redis",
+                    help="the shared store: a Redis server, or one directory both replicas name")
+    ap.add_argument("--fresh", type=int, default=3,
+                    help="questions also asked of a server that computes everything, to compare answers")
     ap.add_argument("--kv-compression",
                     default='{"method": "kvmerger+", "budget": 0.25, "protocol": "agnostic"}')
     args = ap.parse_args()
@@ -218,7 +224,7 @@ def main():
     checks = {}
     try:
         procs["redis"], rport = start_redis(work)
-        store = f"redis://127.0.0.1:{rport}/"
+        store = f"redis://127.0.0.1:{rport}/" if args.store == "redis" else os.path.join(work, "store")
         procs["r1"], p1, cmd = replica(args, store)
         procs["r2"], p2, _ = replica(args, store)
         out["replica_command"] = " ".join(cmd)
@@ -261,13 +267,23 @@ def main():
         ask(client, args.model, [{"role": "system", "content": "Say hi."},
                                  {"role": "user", "content": "Hi"}], 2, extra)
         second = round_of("round_2_after_restart")
-        sizes = redis_entries(rport)
-        out["store"] = {"entries": len(sizes), "entry_bytes": sizes,
-                        "redis_used_memory_bytes": redis_used_bytes(rport)}
+        if args.store == "redis":
+            sizes = redis_entries(rport)
+            out["store"] = {"kind": "redis", "entries": len(sizes), "entry_bytes": sizes,
+                            "redis_used_memory_bytes": redis_used_bytes(rport)}
+        else:
+            files = [os.path.join(store, f) for f in os.listdir(store) if f.endswith(".kvc")]
+            out["store"] = {"kind": "disk", "entries": len(files),
+                            "entry_bytes": [os.path.getsize(f) for f in files]}
+        reads = []
         for port in (p1b, p2):
             m = metrics(f"http://127.0.0.1:{port}")
             out.setdefault("replica_metrics", []).append(
                 {k: v for k, v in m.items() if "context_store" in k or "context_cache_hits" in k})
+            hits = m.get("kvmerger_context_store_hits_total", 0)
+            if hits:
+                reads.append(m.get("kvmerger_context_store_read_microseconds_total", 0) / hits / 1e3)
+        out["store_read_ms_mean_per_replica"] = [round(r, 2) for r in reads]
         compute = first[0]["ttft_s"]
         later = [r["ttft_s"] for r in first[1:] + second]
         out["ttft_computed_s"] = compute
@@ -291,7 +307,7 @@ def main():
         fresh = OpenAI(base_url=f"http://{host}:{fport}/v1", api_key="unused", max_retries=0,
                        timeout=3600)
         same = []
-        for r in first:
+        for r in first[:args.fresh]:
             a, _, _, _ = ask(fresh, args.model, [system, {"role": "user", "content": r["question"]}],
                              args.max_tokens, extra)
             same.append(a == r["answer"])

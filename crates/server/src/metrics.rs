@@ -50,6 +50,8 @@ pub struct Metrics {
     pub store_bytes_written: AtomicU64,
     pub store_corrupt: AtomicU64,
     pub store_errors: AtomicU64,
+    /// Time spent reading and checking stored contexts that were used, in µs.
+    pub store_read_us: AtomicU64,
     compression: Mutex<BTreeMap<String, MethodStats>>,
     /// (when, prompt tokens, generated tokens) per engine step, for rates.
     recent: Mutex<VecDeque<(Instant, u64, u64)>>,
@@ -233,6 +235,11 @@ impl Metrics {
                 "kvmerger_context_store_corrupt_total",
                 "Stored contexts that failed their checks (deleted and recomputed).",
                 &self.store_corrupt,
+            ),
+            (
+                "kvmerger_context_store_read_microseconds_total",
+                "Time spent reading and checking the stored contexts that were used (divide by the hits for the mean).",
+                &self.store_read_us,
             ),
             (
                 "kvmerger_context_store_errors_total",

@@ -496,6 +496,7 @@ fn messages_json(m: &[Message]) -> Value {
 /// store that fails is counted and skipped.
 fn load_stored(app: &App, key: &str, context: &[u32]) -> Option<Sequence> {
     let m = &app.metrics;
+    let t0 = Instant::now();
     let bytes = match app.store.get(key) {
         Ok(Some(b)) => b,
         Ok(None) => return None,
@@ -505,7 +506,11 @@ fn load_stored(app: &App, key: &str, context: &[u32]) -> Option<Sequence> {
         }
     };
     match kvc::decode(&bytes, &app.lm) {
-        Ok((seq, _)) if seq.tokens() == context && seq.is_compressed() => Some(seq),
+        Ok((seq, _)) if seq.tokens() == context && seq.is_compressed() => {
+            m.store_read_us
+                .fetch_add(t0.elapsed().as_micros() as u64, Relaxed);
+            Some(seq)
+        }
         bad => {
             if let Err(e) = bad {
                 eprintln!("context store: entry {key} is unusable ({e}); recomputing it");
