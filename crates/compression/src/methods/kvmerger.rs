@@ -1,5 +1,6 @@
-//! `kvmerger`: KVMerger (Wang et al. 2024, arXiv 2407.08454), as specified in
-//! `spec/kvmerger.md`, every open point an option.
+//! `kvmerger`: KVMerger (Wang et al. 2024, arXiv 2407.08454), every point the paper
+//! leaves open an option (the method in the project's words, the choices and the
+//! evidence: docs/kvmerger-method.md).
 //!
 //! Per (layer, KV head):
 //! 1. Protected slots are kept exactly as they are: the recent window (the newest
@@ -32,37 +33,10 @@
 //!    unchanged; in `exact` mode they must still fit the budget, so they fall back to
 //!    H2O-style eviction: the same recent window plus the top-scoring slots.
 //!
-//! Defaults and why:
-//! - `recent`/`heavy`: the paper's proportions (17% + 12% of the context at a 50% budget,
-//!   8% + 2% at 35%), expressed as shares of the budget and interpolated linearly in the
-//!   budget ratio between those two points (held constant outside them), so the
-//!   protected slots use about 58% of the budget at 50% and 29% at 35%, leaving the rest
-//!   for merged sets as in the paper. Given explicitly, they are fractions of the context.
-//! - `mode=exact`: methods are compared at equal memory; `paper` is there to reproduce
-//!   the paper's behaviour.
-//! - `sigma=mean` (mean distance to the pivot within the set): scale-free across models,
-//!   unlike the paper's fixed 5 for Llama-2.
-//! - `mass=bias`: a `log(sum exp(bias_i))` logit bias (`log |S|` on fresh tokens) keeps
-//!   the softmax normalised and reproduces full attention exactly when the merged keys
-//!   are identical; with `none`, merged slots keep the members' `w`-weighted bias;
-//!   with `scale` (the paper's), values are multiplied by `|S|` (members' earlier
-//!   scaling is already in their values) and the bias is the weighted one.
-//! - `score=accumulated`: the aggregated attention over all prompt queries, as H2O's.
-//! - `layers=sparsity`: the paper's observation 2 (layers that merge less keep more),
-//!   measured on the fly. Chosen on the dev split (qwen2.5-0.5b, RULER-4k,
-//!   query-agnostic, seed 42, 10 paired samples, docs/results/dev-qwen-merging): 52.3
-//!   against 18.3 for `uniform` at 50% kept (paired difference +34.0, 95% interval
-//!   [+13.5, +56.0]), 32.3 against 19.2 at 25% (a tie). `layers=uniform` is the paper's
-//!   literal setting.
-//!
-//! Measured (`examples/fidelity.rs`: a synthetic head with correlated keys and statistics
-//! from real causal softmax attention; mean relative error of 64 future queries'
-//! attention output, 3 heads of 1024 slots, budgets 50% / 35% / 10%): `mass=bias`
-//! 0.45 / 0.53 / 0.81, `none` 0.70 / 0.82 / 1.23, `scale` 1.07 / 1.87 / 3.87 (value
-//! scaling breaks the softmax normalisation); `sigma=mean` 0.45 / 0.53 / 0.81, fixed 5
-//! 0.46 / 0.53 / 0.83 (5 happens to suit keys of norm about 8), fixed 1 1.40 / 1.73 / 2.42.
-//! `chain=first` scored better there (0.35 / 0.40 / 0.78); the default stays the paper's
-//! chaining until real tasks say otherwise. A proxy, not a benchmark.
+//! Defaults: `recent`/`heavy` the paper's proportions interpolated in the budget,
+//! `mode=exact`, `sigma=mean`, `mass=bias`, `score=accumulated`, `layers=sparsity`,
+//! `chain=last`; why each, and what was measured:
+//! [docs/kvmerger-method.md](../../../../docs/kvmerger-method.md).
 //!
 //! [`KvMerger::plan`] (or [`merge_sets`]) exposes the sets and weights without merging.
 

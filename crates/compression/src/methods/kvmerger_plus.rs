@@ -41,15 +41,7 @@
 //! `damp` (0.5), `cap` (ln 4 = 1.386: a merged slot draws at most 4 times its pivot's
 //! own attention). Every other option goes to the selector (`window=16` for snapkv).
 //!
-//! Measured (qwen2.5-0.5b, RULER-4k, query-agnostic, dev split, 10 paired samples at
-//! 50% and 25%, docs/results/dev-qwen-merging): on KVzip's selection the default,
-//! `merge=none`, `mass=none` and `damp=1` gave the same answer on every sample. KVzip's
-//! scores are concentrated on few slots, so an evicted neighbour's weight beside its
-//! pivot is tiny and neither the merged value nor the bias moves enough to change a
-//! greedy answer. On running text it does help: Austen, 3 samples of 4096 tokens, KL
-//! from the full cache over 128 continuation tokens, kvmerger+ against kvzip: qwen2.5
-//! 0.0211 against 0.0276 at 50% (0.242 against 0.248 at 25%), smollm2 0.0020 against
-//! 0.0029 at 50% and 0.0204 against 0.0250 at 25% (docs/results/ppl-scorers-*).
+//! What was measured, and why these defaults: docs/kvmerger-method.md.
 
 use super::kvmerger::MergeSet;
 use super::{OptionDoc, ScorerFactory};
