@@ -18,8 +18,12 @@ pub enum Builder {
     Method(fn(&Options) -> Result<Box<dyn Method>, Error>),
     Scorer(fn(&Options) -> Result<Box<dyn Scorer>, Error>),
     /// A method that wraps a scorer, which it builds through the factory it is given.
-    Composite(fn(&Options, methods::ScorerFactory<'_>) -> Result<Box<dyn Method>, Error>),
+    Composite(CompositeBuilder),
 }
+
+/// Builds a composite from its options and a factory for the scorer it wraps.
+pub type CompositeBuilder =
+    fn(&Options, methods::ScorerFactory<'_>) -> Result<Box<dyn Method>, Error>;
 
 /// A registered method, for `--help`, the README and [`build`].
 #[derive(Clone, Copy)]

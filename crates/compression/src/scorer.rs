@@ -44,11 +44,11 @@ impl Selection {
             return Ok(input.data.clone());
         }
         if let Some((what, k)) = scorer.always_kept() {
-            crate::methods::window_fits(scorer.name(), what, k.min(n), input.budget)?;
+            select::window_fits(scorer.name(), what, k.min(n), input.budget)?;
         }
         let scores = scorer.scores(&input)?;
         check_len(scorer.name(), &scores, n)?;
-        Ok(crate::methods::keep_top(input.data, &scores, input.budget))
+        Ok(select::keep_top(input.data, &scores, input.budget))
     }
 }
 

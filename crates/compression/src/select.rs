@@ -137,7 +137,7 @@ pub fn kept_shared(
             .iter()
             .zip(scores)
             .map(|(i, s)| {
-                let mut k = crate::methods::top_k(s, (0..s.len()).collect(), i.budget);
+                let mut k = top_k(s, (0..s.len()).collect(), i.budget);
                 k.sort_unstable();
                 k
             })
@@ -180,6 +180,47 @@ pub fn check_min_slots(
         }
     }
     Ok(())
+}
+
+/// Refuses a window (recent slots, sinks) larger than the budget.
+pub(crate) fn window_fits(
+    method: &str,
+    what: &str,
+    window: usize,
+    budget: usize,
+) -> Result<(), Error> {
+    if window > budget {
+        return Err(Error::Invalid(format!(
+            "{method}: {what} of {window} slots does not fit in the budget of {budget} slots"
+        )));
+    }
+    Ok(())
+}
+
+/// The `k` candidates with the highest scores (ties: the newer slot wins), unsorted.
+pub fn top_k(scores: &[f32], mut candidates: Vec<usize>, k: usize) -> Vec<usize> {
+    if k >= candidates.len() {
+        return candidates;
+    }
+    if k == 0 {
+        return Vec::new();
+    }
+    let better = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(b.cmp(a));
+    candidates.select_nth_unstable_by(k - 1, better);
+    candidates.truncate(k);
+    candidates
+}
+
+/// The slots at `indices` (any order, no duplicates), in slot order, unchanged.
+pub(crate) fn keep(data: &HeadData, mut indices: Vec<usize>) -> HeadData {
+    indices.sort_unstable();
+    debug_assert!(indices.windows(2).all(|w| w[0] < w[1]));
+    data.gather(&indices)
+}
+
+/// The `budget` best slots of `scores` (infinite scores first), in slot order.
+pub(crate) fn keep_top(data: &HeadData, scores: &[f32], budget: usize) -> HeadData {
+    keep(data, top_k(scores, (0..data.len()).collect(), budget))
 }
 
 #[cfg(test)]

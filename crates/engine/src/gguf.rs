@@ -3,7 +3,7 @@
 //! Every length and offset read from the file is checked against the file size
 //! before it is used, so a truncated or corrupt file gives an error, not a panic.
 
-use crate::quant::GgmlType;
+use crate::quant::{GgmlType, QMatrix};
 use crate::Error;
 use memmap2::Mmap;
 use std::collections::BTreeMap;
@@ -450,5 +450,36 @@ impl GgufFile {
     /// The shared memory map, for weights that borrow from it.
     pub fn mmap(&self) -> &Arc<Mmap> {
         &self.mmap
+    }
+}
+
+impl QMatrix {
+    /// The tensor `name` of a GGUF file, borrowing its bytes from the memory map.
+    /// A tensor with more than two dimensions is seen as `[prod(dims[1..])][dims[0]]`;
+    /// a 1-D tensor as one row.
+    pub fn from_gguf(file: &GgufFile, name: &str) -> Result<QMatrix, Error> {
+        let info = file.tensor(name)?;
+        let cols = info.dims[0] as usize;
+        let rows = info.dims[1..].iter().product::<u64>() as usize;
+        let ty = info.dtype;
+        let row_bytes = ty.row_bytes(cols);
+        let whole_blocks = cols / ty.block_size() * ty.block_size() == cols;
+        if !whole_blocks || row_bytes * rows != info.size {
+            return Err(Error::Format {
+                path: file.path.clone(),
+                msg: format!(
+                    "tensor '{name}': {ty} data of {} bytes does not fit dims {:?}",
+                    info.size, info.dims
+                ),
+            });
+        }
+        Ok(QMatrix::from_mmap(
+            ty,
+            rows,
+            cols,
+            Arc::clone(file.mmap()),
+            info.offset,
+            info.size,
+        ))
     }
 }

@@ -32,6 +32,9 @@ impl SplitPrompt {
     }
 }
 
+/// Context tokens repeated per reconstruction pass (the reference implementation's chunk).
+pub const CHUNK: usize = 2048;
+
 /// The three prompts of KVzip's reconstruction pass, as token ids.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RepeatPrompts {
@@ -205,7 +208,7 @@ impl LoadedModel {
             )?,
             suffix: self.tokenizer.encode(&suffix, false)?,
             overlap: 8,
-            chunk: crate::reconstruct::CHUNK,
+            chunk: CHUNK,
         })
     }
 }

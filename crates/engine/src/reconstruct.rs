@@ -18,11 +18,9 @@
 use crate::cache::{KvCache, PrefillStats};
 use crate::model::{Logits, Model};
 use crate::prompt::RepeatPrompts;
+pub use crate::prompt::CHUNK;
 use crate::Error;
 use kvmerger_compression::StatsNeeds;
-
-/// Context tokens repeated per pass (the reference implementation's chunk).
-pub const CHUNK: usize = 2048;
 
 /// Fills `stats`' reconstruction scores for `cache`, which must hold exactly `tokens`
 /// uncompressed; the first `protect` tokens are kept whatever they score.

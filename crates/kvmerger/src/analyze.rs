@@ -3,8 +3,8 @@
 use crate::cli::{
     AnalyzeArgs, AnalyzeCommand, AnalyzeInput, MergeMapArgs, SimilarityArgs, SparsityArgs,
 };
-use crate::fetch::Bar;
-use crate::run::load_model;
+use crate::shared::progress::Bar;
+use crate::shared::session::load_model;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvmerger_assets::{self as assets, Progress};
@@ -212,7 +212,7 @@ fn merge_map(a: MergeMapArgs, dir: &Path) -> Result<()> {
     let layer = layer_and_head(&lm, a.layer, a.head)?;
     let ids = match &a.prompt_file {
         Some(p) => {
-            let text = crate::run::read_text(p, "prompt file")?;
+            let text = crate::shared::text::read_text(p, "prompt file")?;
             prompt_ids(&lm, &text, "")?
         }
         None => {

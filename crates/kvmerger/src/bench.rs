@@ -1,7 +1,7 @@
 //! `kvmerger bench`: prompt processing and generation speed, and peak memory.
 
 use crate::cli::BenchArgs;
-use crate::run::load_model;
+use crate::shared::session::load_model;
 use anyhow::{bail, Result};
 use kvmerger_engine::compress::Compressor;
 use kvmerger_engine::sampling::argmax;
@@ -113,7 +113,7 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
     println!("| test | tokens | seconds | tok/s |");
     println!("|---|---|---|---|");
     let reps = a.reps.max(1);
-    let comp = crate::compress::build(&a.compress)?;
+    let comp = crate::shared::recipe::build(&a.compress)?;
     if comp.compresses_during_prefill() {
         return prefill_within(&a, &lm, dtype, &comp, vocab);
     }
@@ -207,7 +207,7 @@ fn prefill_within(
     comp: &Arc<Compressor>,
     vocab: usize,
 ) -> Result<()> {
-    use crate::compress::mib;
+    use crate::shared::recipe::mib;
     let m = &lm.model;
     let pp = a.pp.max(a.ctx).max(1);
     let chunk = comp.prefill_chunk.unwrap_or(pp);
@@ -298,8 +298,8 @@ fn fidelity(
     let m = &lm.model;
     let n = a.pp.max(a.ctx).max(16);
     let text = match &a.prompt_file {
-        Some(p) => crate::run::read_text(p, "prompt file")?,
-        None => crate::demo::haystack(n + 64, 0.4, "Lisbon"),
+        Some(p) => crate::shared::text::read_text(p, "prompt file")?,
+        None => crate::shared::text::haystack(n + 64, 0.4, "Lisbon"),
     };
     let mut toks = lm.tokenizer.encode(&text, true)?;
     while toks.len() < n {
@@ -346,7 +346,7 @@ fn run_compressed(
     comp: &Arc<Compressor>,
     vocab: usize,
 ) -> Result<()> {
-    use crate::compress::mib;
+    use crate::shared::recipe::mib;
     let m = &lm.model;
     let pp = a.pp.max(a.ctx).max(1);
     let toks = bench_tokens(pp, vocab, 0);

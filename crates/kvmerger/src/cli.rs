@@ -1,6 +1,7 @@
 //! Command-line arguments.
 
 use clap::{Args, Parser, Subcommand};
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -42,7 +43,7 @@ pub enum Command {
     /// tokens, per-layer sparsity of merging sets, and merge maps.
     Analyze(AnalyzeArgs),
     /// Serve the model over an OpenAI-compatible HTTP API, with compression per request.
-    Serve(crate::serve::ServeArgs),
+    Serve(ServeArgs),
     /// Read a document once, compress it, and save the compressed context to a file
     /// (`.kvc`) that `generate --kv`, `chat --kv` and the server can answer from.
     Compress(CompressCmdArgs),
@@ -538,4 +539,82 @@ pub struct MergeMapArgs {
     /// Output directory.
     #[arg(long, short = 'o', default_value = "analysis")]
     pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The server's default compression; each request may choose its own with the
+    /// `kv_compression` body field.
+    #[command(flatten)]
+    pub compress: CompressArgs,
+    /// Address to listen on (loopback by default; 0.0.0.0 exposes the server to the network).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Port (0 picks a free one and prints it).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every route but /health.
+    #[arg(long, env = "KVMERGER_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// The model's name in the API (default: the --model id, or the file name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// KV cache memory shared by running requests (512MiB, 2GiB, ...): requests are
+    /// admitted while their estimated peak fits, so compression lets more in.
+    #[arg(long, default_value = "1GiB")]
+    pub kv_memory: String,
+    /// Requests waiting for KV memory before new ones get 503 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// Most requests decoded together in one batched step.
+    #[arg(long, default_value_t = 32)]
+    pub max_batch: usize,
+    /// Prompt tokens prefilled per engine step, between decode steps of running
+    /// requests (not compression during prefill: that is `--prefill-chunk`).
+    #[arg(long, default_value_t = 128)]
+    pub prefill_step: usize,
+    /// max_tokens of requests that give none.
+    #[arg(long, default_value_t = 256)]
+    pub default_max_tokens: usize,
+    /// The largest max_tokens a request may ask for.
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens_limit: usize,
+    /// Largest request body.
+    #[arg(long, default_value = "4MiB")]
+    pub max_body: String,
+    /// Seconds one request may take, queueing included.
+    #[arg(long, default_value_t = 600.0, allow_negative_numbers = true)]
+    pub timeout: f64,
+    /// Seconds a connection has to send a request's headers (from when it opens or
+    /// finishes its previous request) before it is closed.
+    #[arg(long, default_value_t = 10.0, allow_negative_numbers = true)]
+    pub header_timeout: f64,
+    /// When a chat is compressed, for requests whose `kv_compression` does not say:
+    /// `aware` compresses the whole prompt; `agnostic` compresses the messages before
+    /// the last user message (a system message holding a document, earlier turns) and
+    /// appends that message uncompressed, so the compressed context can serve other
+    /// questions.
+    #[arg(long, default_value = "aware")]
+    pub protocol: String,
+    /// Keep no contexts between requests (by default a finished request's cache is
+    /// kept, within --kv-memory, for later prompts that start with the same tokens).
+    #[arg(long)]
+    pub no_context_reuse: bool,
+    /// Keep every compressed context beyond this process: a directory (the contexts
+    /// are found again after a restart) or redis://HOST:PORT (shared by every server
+    /// that names it). Requests whose context is there skip its prefill and compression.
+    #[arg(long, value_name = "DIR|redis://HOST:PORT")]
+    pub context_store: Option<String>,
+    /// The most a directory store holds (least recently used contexts go first); without
+    /// --context-store, the memory kept for context handles (POST /v1/contexts).
+    #[arg(long, default_value = "4GiB")]
+    pub context_store_size: String,
+    /// Seconds a context lives in Redis after its last use (0: until Redis evicts it).
+    #[arg(long, default_value_t = 0)]
+    pub context_store_ttl: u64,
+    /// Seconds shutdown (SIGTERM, Ctrl-C) waits for running requests.
+    #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
+    pub shutdown_grace: f64,
 }

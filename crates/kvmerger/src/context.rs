@@ -1,27 +1,21 @@
 //! Compressed contexts in files: `kvmerger compress` (read a document once, compress it,
-//! save it), `kvmerger inspect`, and loading a saved context for `generate --kv` and
-//! `chat --kv`.
+//! save it) and `kvmerger inspect`.
 
 use crate::cli::{CompressCmdArgs, InspectArgs};
-use crate::compress::mib;
+use crate::shared::recipe::{build, mib};
+use crate::shared::session::{compressed_sequence, load_model, MAX_KVC_BYTES};
+use crate::shared::text::read_text;
 use anyhow::{bail, Context, Result};
-use kvmerger_compression::KvDtype;
 use kvmerger_engine::kvc;
-use kvmerger_engine::load::LoadedModel;
-use kvmerger_engine::sequence::Sequence;
 use std::path::Path;
 
-/// The largest compressed-context file read (a whole 32k-token cache of a 7B model in
-/// f32 is about 16 GiB).
-pub const MAX_KVC_BYTES: u64 = 16 << 30;
-
 pub fn compress(a: CompressCmdArgs, dir: &Path) -> Result<()> {
-    let doc = crate::run::read_text(&a.context_file, "context file")?;
+    let doc = read_text(&a.context_file, "context file")?;
     if doc.trim().is_empty() {
         bail!("the context file {} is empty", a.context_file.display());
     }
-    let comp = crate::compress::build(&a.compress)?;
-    let (lm, dtype) = crate::run::load_model(&a.model, dir)?;
+    let comp = build(&a.compress)?;
+    let (lm, dtype) = load_model(&a.model, dir)?;
     let split = lm.split_prompt(&format!("{}\n\n", doc.trim_end()), "", "", true)?;
     // Room for a question and an answer after the context.
     if split.context.len() + 64 > lm.model.cfg.ctx_len {
@@ -31,8 +25,7 @@ pub fn compress(a: CompressCmdArgs, dir: &Path) -> Result<()> {
             lm.model.cfg.ctx_len
         );
     }
-    let (seq, prefill) =
-        crate::run::compressed_sequence(&lm, &comp, dtype, &split.context, split.prefix)?;
+    let (seq, prefill) = compressed_sequence(&lm, &comp, dtype, &split.context, split.prefix)?;
     let source = a.context_file.display().to_string();
     let bytes = kvc::encode(
         &seq,
@@ -52,22 +45,6 @@ pub fn compress(a: CompressCmdArgs, dir: &Path) -> Result<()> {
         mib(bytes.len())
     );
     Ok(())
-}
-
-/// The compressed context saved in `path`, for `lm` (refusing another model's), and
-/// its header.
-pub fn load(path: &Path, lm: &LoadedModel, dtype: KvDtype) -> Result<(Sequence, kvc::KvcHeader)> {
-    let bytes = kvc::read_file(path, MAX_KVC_BYTES)?;
-    let (seq, h) =
-        kvc::decode(&bytes, lm).with_context(|| format!("reading {}", path.display()))?;
-    if h.dtype != dtype {
-        eprintln!(
-            "note: {} stores its cache as {:?}; it is used as stored (--kv-dtype applies to new caches)",
-            path.display(),
-            h.dtype
-        );
-    }
-    Ok((seq, h))
 }
 
 pub fn inspect(a: InspectArgs, dir: &Path) -> Result<()> {
@@ -119,7 +96,7 @@ pub fn inspect(a: InspectArgs, dir: &Path) -> Result<()> {
             kv_dtype: "f16".into(),
             precision: None,
         };
-        let (lm, _) = crate::run::load_model(&args, dir)?;
+        let (lm, _) = load_model(&args, dir)?;
         let (seq, _) = kvc::decode(&bytes, &lm)
             .with_context(|| format!("checking {} against {}", a.file.display(), lm.name))?;
         println!(

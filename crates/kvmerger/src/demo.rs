@@ -5,8 +5,9 @@
 //! memory each kept.
 
 use crate::cli::DemoArgs;
-use crate::compress::mib;
-use crate::run::load_model;
+use crate::shared::recipe::mib;
+use crate::shared::session::load_model;
+use crate::shared::text::document;
 use anyhow::{anyhow, bail, Result};
 use kvmerger_compression::{Budget, Recipe};
 use kvmerger_engine::compress::Compressor;
@@ -15,8 +16,6 @@ use kvmerger_engine::sequence::Sequence;
 use kvmerger_eval::metrics::fold_case_and_accents;
 use std::sync::Arc;
 
-const FILLER: &str =
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
 const CITIES: &[&str] = &[
     "Lisbon",
     "Nairobi",
@@ -34,30 +33,6 @@ const CITIES: &[&str] = &[
 const PEOPLE: &[&str] = &[
     "Anna", "Boris", "Chen", "Dara", "Emil", "Fatima", "Goran", "Hana", "Ivo", "Jamal",
 ];
-
-/// A filler text of about `tokens` tokens with one fact at `depth`, and the question
-/// about it (for `bench --fidelity`'s prompt).
-pub fn haystack(tokens: usize, depth: f64, city: &str) -> String {
-    let (text, _) = document(tokens, &[(depth, format!("The secret city is {city}."))]);
-    format!("{text}\n\nQuestion: What is the secret city?")
-}
-
-/// About `tokens` tokens of filler with each fact at its depth (0 = start, 1 = end).
-fn document(tokens: usize, facts: &[(f64, String)]) -> (String, usize) {
-    // One filler group is about 25 tokens in BPE vocabularies.
-    let reps = (tokens / 25).max(2);
-    let mut s = String::new();
-    for i in 0..reps {
-        for (depth, fact) in facts {
-            if ((reps as f64) * depth.clamp(0.0, 1.0)).round() as usize == i {
-                s.push_str(fact);
-                s.push(' ');
-            }
-        }
-        s.push_str(FILLER);
-    }
-    (s, reps)
-}
 
 /// One configuration's result on one document.
 struct Outcome {

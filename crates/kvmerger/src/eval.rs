@@ -2,8 +2,8 @@
 
 use crate::cli::EVAL_PRECISION;
 use crate::cli::{EvalArgs, EvalCommand, EvalReportArgs, EvalRunArgs};
-use crate::fetch::Bar;
-use crate::run::load_model;
+use crate::shared::progress::Bar;
+use crate::shared::session::load_model;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvmerger_assets::{self as assets, Progress};
@@ -38,7 +38,7 @@ pub fn run(a: EvalArgs, dir: &Path) -> Result<()> {
 fn grid_spec(a: &EvalRunArgs) -> Result<GridSpec> {
     let mut g = match &a.config {
         Some(p) => {
-            let text = crate::run::read_text(p, "grid config")?;
+            let text = crate::shared::text::read_text(p, "grid config")?;
             GridSpec::from_toml(&text).with_context(|| format!("in {}", p.display()))?
         }
         None => GridSpec {

@@ -3,7 +3,8 @@
 //! writes it to the data directory, where every command finds it.
 
 use crate::cli::TrainArgs;
-use crate::fetch::Bar;
+use crate::shared::progress::Bar;
+use crate::shared::session::scorer_path;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvmerger_assets::{self as assets, Progress};
@@ -11,12 +12,7 @@ use kvmerger_engine::learned::train::{train, TrainOptions};
 use kvmerger_engine::load::LoadedModel;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::path::{Path, PathBuf};
-
-/// Where a scorer trained for the model with fingerprint `fp` lives in the data directory.
-pub fn scorer_path(dir: &Path, fp: &str) -> PathBuf {
-    dir.join("scorers").join(format!("{fp}.kvzap"))
-}
+use std::path::Path;
 
 /// The texts named in `spec` (`austen`, `jargon`), each as one string.
 fn texts(spec: &str, dir: &Path) -> Result<Vec<(String, String)>> {
@@ -191,7 +187,7 @@ pub fn run(a: TrainArgs, dir: &Path) -> Result<()> {
     if lengths.iter().any(|&l| l < 64) {
         bail!("--lengths: every passage needs at least 64 tokens");
     }
-    let (lm, _) = crate::run::load_model(&a.model, dir)?;
+    let (lm, _) = crate::shared::session::load_model(&a.model, dir)?;
     let longest = lengths.iter().max().copied().unwrap_or(0);
     // The pass repeats the passage in chunks after it.
     let pass = longest.min(kvmerger_engine::reconstruct::CHUNK) + 64;

@@ -135,7 +135,13 @@ fn a_prompt_longer_than_the_context_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let long = dir.path().join("long.txt");
     std::fs::write(&long, "word ".repeat(9000)).unwrap();
-    let e = fails(&["generate", "-f", long.to_str().unwrap()]);
+    let e = fails(&[
+        "generate",
+        "-m",
+        "smollm2-135m",
+        "-f",
+        long.to_str().unwrap(),
+    ]);
     assert!(
         e.contains("does not fit the model's context of 8192"),
         "{e}"
@@ -221,6 +227,8 @@ fn eval_reports_malformed_jsonl_lines_by_number_and_evaluates_the_rest() {
     let out = kvmerger(&[
         "eval",
         "run",
+        "-m",
+        "smollm2-135m",
         "--longbench",
         file.to_str().unwrap(),
         "--methods",

@@ -423,8 +423,14 @@ impl ContextStore for RedisStore {
 /// out.
 pub struct MemoryStore {
     max_bytes: u64,
-    inner: Mutex<(HashMap<String, (u64, Arc<Vec<u8>>)>, u64)>,
+    inner: Mutex<(Entries, u64)>,
 }
+
+/// Key -> (last use, bytes).
+type Entries = HashMap<String, (u64, Arc<Vec<u8>>)>;
+
+/// A key and the bytes to write under it.
+type Entry = (String, Vec<u8>);
 
 impl MemoryStore {
     pub fn new(max_bytes: u64) -> MemoryStore {
@@ -541,7 +547,7 @@ impl StoreSpec {
 /// One thread that writes entries, so that the engine never waits on a disk or Redis.
 /// Entries are dropped (with a count in the metrics) when more than `queue` wait.
 pub struct Writer {
-    tx: Mutex<Option<mpsc::SyncSender<(String, Vec<u8>)>>>,
+    tx: Mutex<Option<mpsc::SyncSender<Entry>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 

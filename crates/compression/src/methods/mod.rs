@@ -28,6 +28,8 @@ pub mod streaming;
 pub mod tova;
 
 use crate::method::{HeadInput, HeadPos, Options};
+pub use crate::select::top_k;
+pub(crate) use crate::select::{keep, window_fits};
 use crate::store::HeadData;
 use crate::Error;
 
@@ -116,41 +118,6 @@ pub(crate) fn share_of(budget: usize, share: f32) -> usize {
     ((budget as f64 * share as f64).round() as usize).min(budget)
 }
 
-pub(crate) fn window_fits(
-    method: &str,
-    what: &str,
-    window: usize,
-    budget: usize,
-) -> Result<(), Error> {
-    if window > budget {
-        return Err(Error::Invalid(format!(
-            "{method}: {what} of {window} slots does not fit in the budget of {budget} slots"
-        )));
-    }
-    Ok(())
-}
-
-/// The `k` candidates with the highest scores (ties: the newer slot wins), unsorted.
-pub fn top_k(scores: &[f32], mut candidates: Vec<usize>, k: usize) -> Vec<usize> {
-    if k >= candidates.len() {
-        return candidates;
-    }
-    if k == 0 {
-        return Vec::new();
-    }
-    let better = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(b.cmp(a));
-    candidates.select_nth_unstable_by(k - 1, better);
-    candidates.truncate(k);
-    candidates
-}
-
-/// The slots at `indices` (any order, no duplicates), in slot order, unchanged.
-pub(crate) fn keep(data: &HeadData, mut indices: Vec<usize>) -> HeadData {
-    indices.sort_unstable();
-    debug_assert!(indices.windows(2).all(|w| w[0] < w[1]));
-    data.gather(&indices)
-}
-
 /// The last `recent` slots plus the `budget - recent` best-scoring of the others.
 pub(crate) fn recent_plus_top(
     n: usize,
@@ -173,11 +140,6 @@ pub(crate) fn recent_scores(scores: &[f32], recent: usize) -> Vec<f32> {
     let mut s = scores.to_vec();
     s[n - recent..].iter_mut().for_each(|x| *x = f32::INFINITY);
     s
-}
-
-/// The `budget` best slots of `scores` (infinite scores first), in slot order.
-pub(crate) fn keep_top(data: &HeadData, scores: &[f32], budget: usize) -> HeadData {
-    keep(data, top_k(scores, (0..data.len()).collect(), budget))
 }
 
 /// A per-head seed: the same `seed` gives every (layer, KV head) its own stream.

@@ -52,6 +52,9 @@ impl Default for TrainOptions {
     }
 }
 
+/// One penalty tried: `(lambda, mean held-out R², [(budget, agreement)])`.
+pub type Tried = (f64, f64, Vec<(f64, f64)>);
+
 /// What training measured.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct TrainReport {
@@ -63,7 +66,7 @@ pub struct TrainReport {
     pub lambda: f64,
     pub mlp: bool,
     /// Every penalty tried, with its mean held-out R² and agreement at each budget.
-    pub tried: Vec<(f64, f64, Vec<(f64, f64)>)>,
+    pub tried: Vec<Tried>,
     /// Per layer: R² of the predicted log scores on the held-out documents.
     pub r2: Vec<f64>,
     /// `(budget, share)`: of the slots KVzip's one threshold over the cache keeps at

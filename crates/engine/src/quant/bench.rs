@@ -1,6 +1,7 @@
 //! Hand-run timings on real weights: `cargo test --release quant::bench -- --ignored --nocapture`.
 
 use super::*;
+use crate::gguf::GgufFile;
 use std::time::Instant;
 
 fn time_it(mut f: impl FnMut(), min_secs: f64) -> f64 {

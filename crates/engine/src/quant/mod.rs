@@ -44,7 +44,6 @@ pub use formats::quantize_row;
 use act::QActs;
 use panel::PR;
 
-use crate::gguf::GgufFile;
 use crate::Error;
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -237,36 +236,23 @@ impl std::fmt::Debug for QMatrix {
 }
 
 impl QMatrix {
-    /// The tensor `name` of a GGUF file, borrowing its bytes from the memory map.
-    /// A tensor with more than two dimensions is seen as `[prod(dims[1..])][dims[0]]`;
-    /// a 1-D tensor as one row.
-    pub fn from_gguf(file: &GgufFile, name: &str) -> Result<QMatrix, Error> {
-        let info = file.tensor(name)?;
-        let cols = info.dims[0] as usize;
-        let rows = info.dims[1..].iter().product::<u64>() as usize;
-        let ty = info.dtype;
-        let row_bytes = ty.row_bytes(cols);
-        let whole_blocks = cols / ty.block_size() * ty.block_size() == cols;
-        if !whole_blocks || row_bytes * rows != info.size {
-            return Err(Error::Format {
-                path: file.path.clone(),
-                msg: format!(
-                    "tensor '{name}': {ty} data of {} bytes does not fit dims {:?}",
-                    info.size, info.dims
-                ),
-            });
-        }
-        Ok(QMatrix {
-            dtype: ty,
+    /// A matrix whose rows are `len` bytes of `map` from `offset` (checked by the
+    /// caller: whole blocks, `rows * row_bytes == len`).
+    pub(crate) fn from_mmap(
+        dtype: GgmlType,
+        rows: usize,
+        cols: usize,
+        map: Arc<Mmap>,
+        offset: usize,
+        len: usize,
+    ) -> QMatrix {
+        QMatrix {
+            dtype,
             rows,
             cols,
-            row_bytes,
-            storage: Storage::Mmap {
-                map: Arc::clone(file.mmap()),
-                offset: info.offset,
-                len: info.size,
-            },
-        })
+            row_bytes: dtype.row_bytes(cols),
+            storage: Storage::Mmap { map, offset, len },
+        }
     }
 
     /// A row-major `f32` matrix.

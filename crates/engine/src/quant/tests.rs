@@ -1,4 +1,5 @@
 use super::*;
+use crate::gguf::GgufFile;
 
 /// Deterministic pseudo-random values in [-1, 1) (xorshift).
 pub(crate) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {

@@ -30,7 +30,7 @@ fn flag(field: &str) -> String {
 pub fn recipe(a: &CompressArgs) -> Result<Recipe> {
     let mut r = Recipe::full();
     if let Some(p) = &a.compress_config {
-        let text = crate::run::read_text(p, "compression config")?;
+        let text = super::text::read_text(p, "compression config")?;
         let map: BTreeMap<String, Value> = toml::from_str(&text)
             .with_context(|| format!("{} is not a valid compression config", p.display()))?;
         r.apply(&map, ScheduleFiles::Read)
