@@ -83,6 +83,7 @@ pub mod registry;
 pub mod schedule;
 pub mod scorer;
 pub mod select;
+mod simd;
 pub mod store;
 
 pub use budget::{should_recompress, Budget};

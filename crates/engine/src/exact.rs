@@ -222,9 +222,7 @@ type BalancedRows = fn(GgmlType, &[u8], usize, usize, &Fixed16, &mut [f32]);
 fn balanced_dot(ty: GgmlType) -> Option<BalancedRows> {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
+        if crate::kernels::Family::active() >= crate::kernels::Family::Avx2
             && matches!(
                 ty,
                 GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q4_K | GgmlType::Q6_K
@@ -245,10 +243,7 @@ type FusedDot = fn(&[u8], &[f32], &[f32]) -> f32;
 fn fused_dot(ty: GgmlType) -> Option<FusedDot> {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
+        if crate::kernels::Family::active() >= crate::kernels::Family::Avx2 {
             return match ty {
                 // SAFETY (all): the CPU features were checked just above.
                 GgmlType::Q4_1 => Some(|w, x, s| unsafe { x86::dot_q4_1(w, x, s) }),

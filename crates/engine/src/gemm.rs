@@ -75,13 +75,13 @@ enum Kernel {
 
 impl Kernel {
     fn detect() -> Kernel {
+        use crate::kernels::Family;
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx512f") {
-                return Kernel::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Kernel::Avx2;
+            match Family::active() {
+                Family::Avx512 => return Kernel::Avx512,
+                Family::Avx2 => return Kernel::Avx2,
+                Family::Plain => {}
             }
         }
         Kernel::Plain

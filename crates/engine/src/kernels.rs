@@ -1,7 +1,96 @@
 //! Small vector kernels for attention and normalisation: plain loops, with AVX2/F16C
-//! versions where they pay (dot products and axpy over f16 keys and values).
+//! versions where they pay (dot products and axpy over f16 keys and values), and the
+//! choice of kernel family ([`Family`]) that every SIMD path of the engine follows.
 
 use half::f16;
+
+/// A family of SIMD kernels, narrowest first. The engine uses the widest the CPU has,
+/// or the one `KVMERGER_KERNELS` names (`avx512`, `avx2` or `plain`), so that every
+/// family can be tested and measured on whatever machine runs it.
+/// `KVMERGER_NO_SIMD=1` (older name) means `plain`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Family {
+    /// Portable loops: the arithmetic every other family reproduces.
+    Plain,
+    /// AVX2 with FMA and F16C.
+    Avx2,
+    /// AVX-512F on top of AVX2 (wider GEMM and attention kernels; the quantized
+    /// products stay AVX2).
+    Avx512,
+}
+
+impl Family {
+    pub const ALL: [Family; 3] = [Family::Plain, Family::Avx2, Family::Avx512];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Plain => "plain",
+            Family::Avx2 => "avx2",
+            Family::Avx512 => "avx512",
+        }
+    }
+
+    /// The widest family this CPU runs.
+    pub fn supported() -> Family {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            if avx2 && is_x86_feature_detected!("avx512f") {
+                return Family::Avx512;
+            }
+            if avx2 {
+                return Family::Avx2;
+            }
+        }
+        Family::Plain
+    }
+
+    /// The family asked for in the environment, checked against the CPU: `Ok(None)`
+    /// when none is asked for, an error naming the problem for an unknown name or a
+    /// family the CPU lacks.
+    pub fn requested() -> Result<Option<Family>, String> {
+        let no_simd =
+            std::env::var_os("KVMERGER_NO_SIMD").is_some_and(|v| !v.is_empty() && v != "0");
+        let asked = match std::env::var("KVMERGER_KERNELS") {
+            Ok(v) if !v.trim().is_empty() => {
+                let v = v.trim().to_ascii_lowercase();
+                Some(Family::ALL.into_iter().find(|f| f.name() == v).ok_or_else(|| {
+                    format!("KVMERGER_KERNELS={v}: unknown kernel family (avx512, avx2 or plain)")
+                })?)
+            }
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err("KVMERGER_KERNELS is not valid UTF-8 (avx512, avx2 or plain)".into())
+            }
+            _ => None,
+        };
+        let asked = if no_simd { Some(Family::Plain) } else { asked };
+        match asked {
+            Some(f) if f > Family::supported() => Err(format!(
+                "KVMERGER_KERNELS={}: this CPU runs at most the {} kernels",
+                f.name(),
+                Family::supported().name()
+            )),
+            a => Ok(a),
+        }
+    }
+
+    /// The family in use, fixed at its first call: the one asked for in the
+    /// environment if the CPU runs it, else the widest the CPU runs. (The binary
+    /// refuses a bad `KVMERGER_KERNELS` at start with [`Family::requested`]'s error;
+    /// a library caller gets the widest family instead.)
+    pub fn active() -> Family {
+        use std::sync::OnceLock;
+        static ACTIVE: OnceLock<Family> = OnceLock::new();
+        *ACTIVE.get_or_init(|| {
+            Family::requested()
+                .ok()
+                .flatten()
+                .unwrap_or_else(Family::supported)
+        })
+    }
+}
 
 #[inline]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
@@ -265,20 +354,12 @@ pub fn max_f32(x: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn has_avx512() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+    Family::active() >= Family::Avx512
 }
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    })
+    Family::active() >= Family::Avx2
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -102,13 +102,14 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
     }
     let threads = rayon::current_num_threads();
     println!(
-        "model {} ({}, {} layers, weights {:.1} MiB), threads {threads}, KV {:?}, precision {:?}",
+        "model {} ({}, {} layers, weights {:.1} MiB), threads {threads}, KV {:?}, precision {:?}, kernels {}",
         lm.name,
         m.cfg.arch.name(),
         m.cfg.n_layers,
         m.weight_bytes() as f64 / (1 << 20) as f64,
         dtype,
-        m.precision
+        m.precision,
+        kvmerger_engine::kernels::Family::active().name()
     );
     println!("| test | tokens | seconds | tok/s |");
     println!("|---|---|---|---|");

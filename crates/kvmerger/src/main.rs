@@ -35,6 +35,8 @@ fn main() {
 }
 
 fn dispatch(cli: Cli) -> Result<()> {
+    // A kernel family forced in the environment must exist and run on this CPU.
+    kvmerger_engine::kernels::Family::requested().map_err(anyhow::Error::msg)?;
     if let Command::Serve(a) = cli.command {
         // The server runs its engine on a thread pool of its own.
         let dir = assets::data_dir(cli.data_dir.as_deref());

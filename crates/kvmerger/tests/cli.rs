@@ -451,3 +451,28 @@ fn stop_escapes_are_understood_and_a_prompt_can_come_from_standard_input() {
     let e = fails(&with(&["--stop", "a\\q"]));
     assert!(e.contains("unknown escape"), "{e}");
 }
+
+#[test]
+fn an_unknown_or_unsupported_kernel_family_is_refused_at_start() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvmerger"))
+        .args(P)
+        .env("KVMERGER_KERNELS", "avx9")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("KVMERGER_KERNELS=avx9: unknown kernel family"), "{err}");
+    // The portable family always exists, and gives the same greedy text as the
+    // widest one (the integer sums are the same; only f32 rounding order differs).
+    let plain = Command::new(env!("CARGO_BIN_EXE_kvmerger"))
+        .args(P)
+        .env("KVMERGER_KERNELS", "plain")
+        .output()
+        .unwrap();
+    let widest = kvmerger(P);
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&plain.stdout),
+        String::from_utf8_lossy(&widest.stdout)
+    );
+}

@@ -156,8 +156,8 @@ const LANES: usize = 8;
 
 fn best_of_block(block: &[f32], keys: &[f32], dim: usize) -> [(usize, f32); ROWS] {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
+    if crate::simd::avx2() {
+        // SAFETY: the CPU supports AVX2, checked by `simd::avx2`.
         return unsafe { best_of_block_avx2(block, keys, dim) };
     }
     best_of_block_portable(block, keys, dim)

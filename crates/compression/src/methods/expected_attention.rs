@@ -150,8 +150,9 @@ impl ExpectedAttention {
 /// `s mu.k + s^2 k^T Sigma k / 2 + bias` for the slots from `from` on, into `out`.
 fn expected_logits(data: &HeadData, m: &QueryMoments, from: usize, cov: bool, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function is compiled for.
+    if crate::simd::avx2() {
+        // SAFETY: the CPU supports the features the function is compiled for
+        // (checked by `simd::avx2`).
         return unsafe { expected_logits_avx2(data, m, from, cov, out) };
     }
     expected_logits_plain(data, m, from, cov, out)

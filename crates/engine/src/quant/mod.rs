@@ -22,8 +22,8 @@
 //! - rows are split into chunks over the rayon pool (a multiple of the
 //!   thread count); small products stay on the calling thread.
 //!
-//! The AVX2 kernels are chosen at run time (`is_x86_feature_detected!`, or
-//! never with `KVMERGER_NO_SIMD=1`); the portable ones (`scalar`) define the
+//! The AVX2 kernels are chosen at run time ([`crate::kernels::Family::active`]:
+//! the CPU's features, or `KVMERGER_KERNELS=plain`); the portable ones (`scalar`) define the
 //! arithmetic and give the same integer sums, so results differ only by f32
 //! rounding order.
 //!
@@ -667,13 +667,7 @@ impl Isa {
             use std::sync::OnceLock;
             static ISA: OnceLock<Isa> = OnceLock::new();
             *ISA.get_or_init(|| {
-                let off =
-                    std::env::var_os("KVMERGER_NO_SIMD").is_some_and(|v| !v.is_empty() && v != "0");
-                if !off
-                    && is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c")
-                {
+                if crate::kernels::Family::active() >= crate::kernels::Family::Avx2 {
                     Isa::Avx2
                 } else {
                     Isa::Scalar
