@@ -28,7 +28,9 @@
 //!
 //! **Tight budgets** (less than [`TIGHT_SHARE`], 17.7%, of the slots kept): where the
 //! options leave them unset, nothing is merged and kvzip keeps [`TIGHT_SINKS`] (64)
-//! sinks instead of 4, the best of the dev split's study at 12.5%. The share is
+//! sinks instead of 4, the best of the dev split's study at 12.5%; below
+//! [`VERY_TIGHT_SHARE`] (8.8%) it keeps [`VERY_TIGHT_SINKS`] (128), the best at
+//! 6.25%. The share is
 //! judged from the slots a call is given, so re-compression while decoding (a
 //! `recompress_margin`, which trims a margin off an already small cache) runs with
 //! the ordinary settings.
@@ -57,7 +59,7 @@ pub const OPTIONS: &[OptionDoc] = &[
     OptionDoc { key: "selector", default: "kvzip", help: "scorer that picks the kept slots (its options pass through)" },
     OptionDoc { key: "scope", default: "auto", help: "who shares the budget: head, layer (Ada-KV) or model (auto: model for kvzip, head otherwise)" },
     OptionDoc { key: "alpha", default: "auto", help: "safeguard share of each head's budget with shared budgets (auto: 0.2 for layer, 0 for model)" },
-    OptionDoc { key: "merge", default: "values", help: "values (evicted neighbours' values merged into kept slots) or none (the selection alone); unset: none below 17.7% kept, where kvzip also keeps 64 sinks unless sinks= is given" },
+    OptionDoc { key: "merge", default: "values", help: "values (evicted neighbours' values merged into kept slots) or none (the selection alone); unset: none below 17.7% kept, where kvzip also keeps 64 sinks (128 below 8.8%) unless sinks= is given" },
     OptionDoc { key: "mass", default: "bias", help: "bias (damped log-mass logit bias on merged slots) or none" },
     OptionDoc { key: "epsilon", default: "0.5", help: "cosine threshold for absorbing a neighbour into a pivot" },
     OptionDoc { key: "damp", default: "0.5", help: "factor on the log attention-mass bias, in [0, 1]" },
@@ -73,8 +75,19 @@ const MIN_WEIGHT: f32 = 1e-12;
 /// sinks and no merging, 64.2. The threshold is the geometric midpoint between the
 /// two budgets measured, 12.5% and 25% (where merging ties or helps).
 pub const TIGHT_SHARE: f64 = 0.177;
-/// Sinks kvzip keeps at a tight budget, when each head's budget holds twice as many.
+/// Sinks kvzip keeps at a tight budget, when each head's budget holds them and
+/// [`SINK_MARGIN`] more.
 pub const TIGHT_SINKS: usize = 64;
+/// Below this share, a very tight budget: kvzip keeps [`VERY_TIGHT_SINKS`]. The dev
+/// split at 6.25% (docs/results/dev-qwen-kvzap, 13 paired samples of the NIAH tasks):
+/// kvzip with 128 sinks scored 50.0 against 25.0 with 64, paired +25.0 [+3.8, +50.0],
+/// 4 wins and no loss; at 12.5% (dev-qwen-tight, 24 samples) 128 and 64 sinks tie
+/// (−2.1 [−13.2, +8.3]). The threshold is the geometric midpoint of 6.25% and 12.5%.
+pub const VERY_TIGHT_SHARE: f64 = 0.088;
+/// Sinks kvzip keeps at a very tight budget.
+pub const VERY_TIGHT_SINKS: usize = 128;
+/// Slots a head's budget must hold beyond the sinks for the tight settings to apply.
+pub const SINK_MARGIN: usize = 64;
 /// The selection measured best under the query-agnostic protocol (docs/results.md,
 /// dev split): KVzip's.
 const DEFAULT_SELECTOR: &str = "kvzip";
@@ -83,9 +96,11 @@ const TIGHT_SELECTORS: &[&str] = &["kvzip", "kvzap"];
 
 pub struct KvMergerPlus {
     pub selector: Box<dyn Scorer>,
-    /// The selector at tight budgets ([`TIGHT_SHARE`]): the selector with
-    /// [`TIGHT_SINKS`] sinks, when it is kvzip or kvzap and `sinks` was not given.
-    pub tight_selector: Option<Box<dyn Scorer>>,
+    /// The selectors at tight budgets, tightest last: `(share, sinks, selector)`, the
+    /// selector with [`TIGHT_SINKS`] sinks below [`TIGHT_SHARE`] and
+    /// [`VERY_TIGHT_SINKS`] below [`VERY_TIGHT_SHARE`], when it is kvzip or kvzap
+    /// and `sinks` was not given (else empty).
+    pub tight_selectors: Vec<(f64, usize, Box<dyn Scorer>)>,
     /// Whether merging stops at tight budgets (`merge` not given).
     pub tight_no_merge: bool,
     pub scope: Scope,
@@ -127,14 +142,17 @@ impl KvMergerPlus {
             })
         };
         let selector = build(&inner)?;
-        let tight_selector =
-            if TIGHT_SELECTORS.contains(&selector_name.as_str()) && opts.get("sinks").is_none() {
+        let mut tight_selectors = Vec::new();
+        if TIGHT_SELECTORS.contains(&selector_name.as_str()) && opts.get("sinks").is_none() {
+            for (share, sinks) in [
+                (TIGHT_SHARE, TIGHT_SINKS),
+                (VERY_TIGHT_SHARE, VERY_TIGHT_SINKS),
+            ] {
                 let mut tight = inner.clone();
-                tight.set("sinks", TIGHT_SINKS);
-                Some(build(&tight)?)
-            } else {
-                None
-            };
+                tight.set("sinks", sinks);
+                tight_selectors.push((share, sinks, build(&tight)?));
+            }
+        }
         let epsilon = opts.f32_or("epsilon", 0.5)?;
         if !(-1.0..=1.0).contains(&epsilon) {
             return Err(Error::InvalidOption(format!(
@@ -165,7 +183,7 @@ impl KvMergerPlus {
         };
         Ok(KvMergerPlus {
             selector,
-            tight_selector,
+            tight_selectors,
             tight_no_merge: opts.get("merge").is_none(),
             scope,
             alpha,
@@ -187,13 +205,18 @@ impl KvMergerPlus {
         if len == 0 || kept as f64 >= TIGHT_SHARE * len as f64 {
             return (self.selector.as_ref(), self.merge);
         }
-        let fits = inputs
-            .iter()
-            .all(|i| i.budget >= 2 * TIGHT_SINKS || i.budget >= i.data.len());
-        let selector = match &self.tight_selector {
-            Some(s) if fits => s.as_ref(),
-            _ => self.selector.as_ref(),
+        let share = kept as f64 / len as f64;
+        let fits = |sinks: usize| {
+            inputs
+                .iter()
+                .all(|i| i.budget >= sinks + SINK_MARGIN || i.budget >= i.data.len())
         };
+        let selector = self
+            .tight_selectors
+            .iter()
+            .rev()
+            .find(|(below, sinks, _)| share < *below && fits(*sinks))
+            .map_or(self.selector.as_ref(), |(_, _, s)| s.as_ref());
         (selector, self.merge && !self.tight_no_merge)
     }
 

@@ -516,7 +516,7 @@ fn sparsity_budgets_move_slots_to_the_layers_that_merge_least_and_keep_the_total
 }
 
 #[test]
-fn kvmerger_plus_at_a_tight_budget_is_kvzip_with_64_sinks_unless_told_otherwise() {
+fn kvmerger_plus_at_a_tight_budget_is_kvzip_with_64_or_128_sinks_unless_told_otherwise() {
     let n = 1200;
     let h = head(n, 8, 7);
     let kvzip = |sinks: &str| {
@@ -546,4 +546,17 @@ fn kvmerger_plus_at_a_tight_budget_is_kvzip_with_64_sinks_unless_told_otherwise(
     let plan = plus(&[]).plan_head(&h.input(n / 4, mid())).unwrap();
     assert!(plan.sets.iter().any(|s| s.members.len() > 1));
     assert_eq!(plan.slots(), n / 4);
+    // 6.25% kept (under 8.8%), with room for 128 sinks and 64 more: 128 sinks.
+    let long = head(4000, 8, 11);
+    let very = long.input(250, mid());
+    let out = plus(&[]).compress(very).unwrap();
+    assert!(identical(&out, &kvzip("128").compress(very).unwrap()));
+    assert_eq!(
+        &data::positions(&out)[..128],
+        &(0..128).collect::<Vec<_>>()[..]
+    );
+    // Without that room (150 slots of 4000), the 64 sinks of the tight budget.
+    let narrow = long.input(150, mid());
+    let out = plus(&[]).compress(narrow).unwrap();
+    assert!(identical(&out, &kvzip("64").compress(narrow).unwrap()));
 }
