@@ -461,7 +461,10 @@ fn an_unknown_or_unsupported_kernel_family_is_refused_at_start() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("KVMERGER_KERNELS=avx9: unknown kernel family"), "{err}");
+    assert!(
+        err.contains("KVMERGER_KERNELS=avx9: unknown kernel family"),
+        "{err}"
+    );
     // The portable family always exists, and gives the same greedy text as the
     // widest one (the integer sums are the same; only f32 rounding order differs).
     let plain = Command::new(env!("CARGO_BIN_EXE_kvmerger"))
@@ -470,7 +473,11 @@ fn an_unknown_or_unsupported_kernel_family_is_refused_at_start() {
         .output()
         .unwrap();
     let widest = kvmerger(P);
-    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    assert!(
+        plain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
     assert_eq!(
         String::from_utf8_lossy(&plain.stdout),
         String::from_utf8_lossy(&widest.stdout)
