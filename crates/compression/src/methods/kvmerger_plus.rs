@@ -80,7 +80,7 @@ pub const TIGHT_SHARE: f64 = 0.177;
 pub const TIGHT_SINKS: usize = 64;
 /// Below this share, a very tight budget: kvzip keeps [`VERY_TIGHT_SINKS`]. The dev
 /// split at 6.25% (docs/results/dev-qwen-kvzap, 13 paired samples of the NIAH tasks):
-/// kvzip with 128 sinks scored 50.0 against 25.0 with 64, paired +25.0 [+3.8, +50.0],
+/// kvzip with 128 sinks scored 48.1 against 23.1 with 64, paired +25.0 [+3.8, +50.0],
 /// 4 wins and no loss; at 12.5% (dev-qwen-tight, 24 samples) 128 and 64 sinks tie
 /// (−2.1 [−13.2, +8.3]). The threshold is the geometric midpoint of 6.25% and 12.5%.
 pub const VERY_TIGHT_SHARE: f64 = 0.088;
