@@ -617,4 +617,9 @@ pub struct ServeArgs {
     /// Seconds shutdown (SIGTERM, Ctrl-C) waits for running requests.
     #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
     pub shutdown_grace: f64,
+    /// Refuse request fields the server does not know (a 400 naming the field); by
+    /// default they are ignored, named in a warning on stderr and in the
+    /// `x-kvmerger-ignored-fields` response header.
+    #[arg(long)]
+    pub strict_api: bool,
 }

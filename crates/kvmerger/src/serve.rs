@@ -60,6 +60,7 @@ pub fn run(a: ServeArgs, dir: &Path, threads: Option<usize>) -> Result<()> {
         handle_memory: store_size,
         kv_dtype: a.model.kv_dtype.parse().map_err(anyhow::Error::msg)?,
         threads,
+        strict_api: a.strict_api,
     };
     // Check everything but the model name before the (slow) model load.
     cfg.model_id = "pending".into();

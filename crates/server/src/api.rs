@@ -1,8 +1,10 @@
 //! The OpenAI request bodies this server accepts, checked field by field.
 //!
-//! Unknown fields are errors (naming the field), and so are parameters whose OpenAI
-//! meaning this engine does not implement (`n > 1`, `logprobs`, tools, ...): silently
-//! ignoring them would return something other than what was asked.
+//! Unknown fields are collected (each struct's `extra`) and, by default, ignored: the
+//! handler names them in a warning and in the `x-kvmerger-ignored-fields` header; with
+//! `--strict-api` they are errors naming the field. Known parameters whose OpenAI
+//! meaning this engine does not implement (`n > 1`, tools, ...) are always errors:
+//! silently ignoring them would return something other than what was asked.
 //! Extensions: `top_k`, `repetition_penalty`, `ignore_eos`, `kv_compression`.
 
 use crate::error::ApiError;
@@ -11,16 +13,16 @@ use serde::Deserialize;
 use serde_json::Value;
 
 #[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
     #[serde(default)]
     pub continuous_usage_stats: Option<bool>,
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 #[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: Value,
@@ -44,19 +46,21 @@ pub struct CompletionRequest {
     pub repetition_penalty: Option<f64>,
     pub ignore_eos: Option<bool>,
     pub kv_compression: Option<Value>,
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 #[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
     pub content: Value,
     pub name: Option<String>,
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 #[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
@@ -87,17 +91,128 @@ pub struct ChatRequest {
     pub kv_compression: Option<Value>,
     /// A stored context (`POST /v1/contexts`) whose messages come before these.
     pub kv_context: Option<String>,
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 /// `POST /v1/contexts`: a document (a system message) or messages to compress and keep.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ContextRequest {
     #[serde(default)]
     pub model: String,
     pub document: Option<String>,
     pub messages: Option<Vec<ChatMessage>>,
     pub kv_compression: Option<Value>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// Fields a request sent that this server does not know, kept to be reported.
+pub type Extra = serde_json::Map<String, Value>;
+
+/// Requests that report the unknown fields they carried, as dotted paths
+/// (`colour`, `messages.0.x`, `stream_options.y`), in the order they came.
+pub trait Unknown {
+    fn unknown_fields(&self) -> Vec<String>;
+}
+
+fn push_extra(out: &mut Vec<String>, prefix: &str, extra: &Extra) {
+    out.extend(extra.keys().map(|k| format!("{prefix}{k}")));
+}
+
+fn messages_unknown(out: &mut Vec<String>, messages: &[ChatMessage]) {
+    for (i, m) in messages.iter().enumerate() {
+        push_extra(out, &format!("messages.{i}."), &m.extra);
+    }
+}
+
+impl Unknown for CompletionRequest {
+    fn unknown_fields(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        push_extra(&mut out, "", &self.extra);
+        if let Some(o) = &self.stream_options {
+            push_extra(&mut out, "stream_options.", &o.extra);
+        }
+        out
+    }
+}
+
+impl Unknown for ChatRequest {
+    fn unknown_fields(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        push_extra(&mut out, "", &self.extra);
+        messages_unknown(&mut out, &self.messages);
+        if let Some(o) = &self.stream_options {
+            push_extra(&mut out, "stream_options.", &o.extra);
+        }
+        out
+    }
+}
+
+impl Unknown for ContextRequest {
+    fn unknown_fields(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        push_extra(&mut out, "", &self.extra);
+        if let Some(m) = &self.messages {
+            messages_unknown(&mut out, m);
+        }
+        out
+    }
+}
+
+/// The most unknown field names reported, and the longest name, in the header and log.
+const IGNORED_SHOWN: usize = 16;
+const IGNORED_NAME_CHARS: usize = 64;
+
+/// Unknown field names as a header value (and log text): printable ASCII only, each
+/// name cut to 64 characters, at most 16 names then `+N more`.
+pub fn ignored_list(fields: &[String]) -> String {
+    let mut parts: Vec<String> = fields
+        .iter()
+        .take(IGNORED_SHOWN)
+        .map(|f| {
+            let mut s: String = f
+                .chars()
+                .take(IGNORED_NAME_CHARS)
+                .map(|c| {
+                    if c.is_ascii_graphic() && c != ',' {
+                        c
+                    } else {
+                        '?'
+                    }
+                })
+                .collect();
+            if f.chars().count() > IGNORED_NAME_CHARS {
+                s.push_str("...");
+            }
+            s
+        })
+        .collect();
+    if fields.len() > IGNORED_SHOWN {
+        parts.push(format!("+{} more", fields.len() - IGNORED_SHOWN));
+    }
+    parts.join(",")
+}
+
+/// Parse a request body and find its unknown fields: with `strict`, the first one is a
+/// 400 naming it; otherwise they are returned for the caller to report and ignore.
+pub fn parse_request<T: DeserializeOwned + Unknown>(
+    body: &[u8],
+    strict: bool,
+) -> Result<(T, Vec<String>), ApiError> {
+    let req: T = parse(body)?;
+    let unknown = req.unknown_fields();
+    if strict {
+        if let Some(f) = unknown.first() {
+            let shown = ignored_list(std::slice::from_ref(f));
+            return Err(ApiError::invalid(format!(
+                "Unrecognized request argument supplied: {shown} (this server runs with --strict-api)"
+            ))
+            .with_param(f.clone())
+            .with_code("unknown_parameter"));
+        }
+    }
+    Ok((req, unknown))
 }
 
 /// Parse a body: malformed JSON and wrong field types are 400s that name what is wrong.
@@ -169,10 +284,17 @@ pub struct RawSampling<'a> {
     pub ignore_eos: Option<bool>,
 }
 
+/// A known parameter this server does not implement; `what` qualifies it (`other
+/// than 1`) and may be empty.
 pub fn unsupported(param: &str, what: &str) -> ApiError {
+    let what = if what.is_empty() {
+        String::new()
+    } else {
+        format!(" {what}")
+    };
     ApiError::param(
         param,
-        format!("'{param}' {what} is not supported by this server"),
+        format!("'{param}'{what} is not supported by this server"),
     )
     .with_code("unsupported_parameter")
 }
@@ -406,15 +528,24 @@ mod tests {
             parse::<CompletionRequest>(br#"{"model": "m", "prompt": "x", "max_tokens": "ten"}"#)
                 .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("max_tokens"));
-        let e = parse::<CompletionRequest>(br#"{"model": "m", "prompt": "x", "colour": 1}"#)
-            .unwrap_err();
+        let body = br#"{"model": "m", "prompt": "x", "colour": 1, "stream_options": {"y": 2}}"#;
+        let e = parse_request::<CompletionRequest>(body, true).unwrap_err();
         assert_eq!(e.code, Some("unknown_parameter"));
         assert!(e.message.contains("colour"), "{}", e.message);
-        let e = parse::<ChatRequest>(
-            br#"{"model": "m", "messages": [{"role": "user", "content": "hi", "x": 1}]}"#,
+        let (_, unknown) = parse_request::<CompletionRequest>(body, false).unwrap();
+        assert_eq!(unknown, vec!["colour", "stream_options.y"]);
+        let body = br#"{"model": "m", "messages": [{"role": "user", "content": "hi", "x": 1}]}"#;
+        let e = parse_request::<ChatRequest>(body, true).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages.0.x"), "{}", e.message);
+        let (_, unknown) = parse_request::<ChatRequest>(body, false).unwrap();
+        assert_eq!(unknown, vec!["messages.0.x"]);
+        // Known fields keep their checks when unknown ones ride along.
+        let e = parse_request::<CompletionRequest>(
+            br#"{"model": "m", "prompt": "x", "zz": 1, "max_tokens": "ten"}"#,
+            false,
         )
         .unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("messages[0].x"), "{}", e.message);
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
         let e = parse::<ChatRequest>(br#"{"model": "m"}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages"), "{}", e.message);
     }
@@ -435,6 +566,18 @@ mod tests {
             logit_bias: v.get("logit_bias"),
             ignore_eos: None,
         }
+    }
+
+    #[test]
+    fn ignored_field_lists_are_bounded_and_printable() {
+        let many: Vec<String> = (0..40).map(|i| format!("f{i}")).collect();
+        let l = ignored_list(&many);
+        assert!(l.ends_with(",+24 more"), "{l}");
+        let odd = vec!["a\nb,c\u{e9}".to_string(), "x".repeat(500)];
+        let l = ignored_list(&odd);
+        assert!(l.starts_with("a?b?c?,"), "{l}");
+        assert!(l.len() < 80, "{l}");
+        assert!(l.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
     }
 
     #[test]

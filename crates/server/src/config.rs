@@ -52,6 +52,9 @@ pub struct ServerConfig {
     pub kv_dtype: KvDtype,
     /// Engine threads (default: all cores).
     pub threads: Option<usize>,
+    /// Refuse request fields this server does not know (a 400 naming the field)
+    /// instead of ignoring them with a warning and an `x-kvmerger-ignored-fields` header.
+    pub strict_api: bool,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +80,7 @@ impl Default for ServerConfig {
             handle_memory: 256 << 20,
             kv_dtype: KvDtype::F16,
             threads: None,
+            strict_api: false,
         }
     }
 }

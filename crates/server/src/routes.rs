@@ -67,15 +67,17 @@ impl Request {
 }
 
 pub async fn completions(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
+    let mut ignored = Vec::new();
     let r = async {
         let body = body.map_err(|e| body_error(&app, e))?;
-        let req: CompletionRequest = api::parse(&body)?;
+        let req: CompletionRequest;
+        (req, ignored) = api::parse_request(&body, app.cfg.strict_api)?;
         check_model(&app, &req.model)?;
         if req.echo == Some(true) {
             return Err(api::unsupported("echo", "true"));
         }
         if req.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(api::unsupported("logprobs", ""));
+            return Err(api::unsupported("logprobs", "other than null"));
         }
         if req.best_of.is_some_and(|b| b != 1) {
             return Err(api::unsupported("best_of", "other than 1"));
@@ -119,13 +121,15 @@ pub async fn completions(State(app): AppState, body: Result<Bytes, BytesRejectio
         .await
     }
     .await;
-    r.unwrap_or_else(IntoResponse::into_response)
+    report_ignored(r.unwrap_or_else(IntoResponse::into_response), &ignored)
 }
 
 pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
+    let mut ignored = Vec::new();
     let r = async {
         let body = body.map_err(|e| body_error(&app, e))?;
-        let req: ChatRequest = api::parse(&body)?;
+        let req: ChatRequest;
+        (req, ignored) = api::parse_request(&body, app.cfg.strict_api)?;
         check_model(&app, &req.model)?;
         if req.messages.is_empty() {
             return Err(ApiError::param("messages", "messages must not be empty"));
@@ -134,7 +138,7 @@ pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> 
             return Err(api::unsupported("logprobs", "true"));
         }
         if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(api::unsupported("tools", ""));
+            return Err(api::unsupported("tools", "(function calling)"));
         }
         if req
             .tool_choice
@@ -213,8 +217,26 @@ pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> 
         .await
     }
     .await;
-    r.unwrap_or_else(IntoResponse::into_response)
+    report_ignored(r.unwrap_or_else(IntoResponse::into_response), &ignored)
 }
+
+/// Unknown fields a request carried (not refused: `--strict-api` is off) are named in a
+/// warning on stderr and in the `x-kvmerger-ignored-fields` response header.
+fn report_ignored(mut r: Response, ignored: &[String]) -> Response {
+    if ignored.is_empty() {
+        return r;
+    }
+    let list = api::ignored_list(ignored);
+    eprintln!(
+        "kvmerger: warning: ignored unknown request fields: {list} (--strict-api refuses them)"
+    );
+    if let Ok(v) = header::HeaderValue::from_str(&list) {
+        r.headers_mut().insert(IGNORED_FIELDS, v);
+    }
+    r
+}
+
+pub const IGNORED_FIELDS: &str = "x-kvmerger-ignored-fields";
 
 fn include_usage(stream: bool, o: Option<&api::StreamOptions>) -> bool {
     stream && o.and_then(|o| o.include_usage).unwrap_or(false)
@@ -916,9 +938,11 @@ fn context_card(app: &App, id: &str, h: &kvc::KvcHeader, bytes: Option<u64>) -> 
 /// `POST /v1/contexts`: compress a document (or messages) once and keep it; the id
 /// answers later chat requests (`kv_context`), on any server sharing the store.
 pub async fn create_context(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
+    let mut ignored = Vec::new();
     let r = async {
         let body = body.map_err(|e| body_error(&app, e))?;
-        let req: api::ContextRequest = api::parse(&body)?;
+        let req: api::ContextRequest;
+        (req, ignored) = api::parse_request(&body, app.cfg.strict_api)?;
         if !req.model.is_empty() {
             check_model(&app, &req.model)?;
         }
@@ -1033,7 +1057,7 @@ pub async fn create_context(State(app): AppState, body: Result<Bytes, BytesRejec
         Ok((StatusCode::CREATED, Json(card)).into_response())
     }
     .await;
-    r.unwrap_or_else(IntoResponse::into_response)
+    report_ignored(r.unwrap_or_else(IntoResponse::into_response), &ignored)
 }
 
 /// `GET /v1/contexts`: every stored context, most recently used first.

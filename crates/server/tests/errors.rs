@@ -188,11 +188,6 @@ fn invalid_parameters_are_400s_naming_the_parameter() {
         ),
         (
             COMPLETIONS,
-            with(completion("x", 2), "colour", json!("blue")),
-            "colour",
-        ),
-        (
-            COMPLETIONS,
             with(
                 completion("x", 2),
                 "kv_compression",
@@ -341,6 +336,105 @@ fn invalid_parameters_are_400s_naming_the_parameter() {
             "{path} {body}: param {got:?}, expected {param:?}: {e}"
         );
     }
+}
+
+/// Unknown fields are ignored, named in the `x-kvmerger-ignored-fields` header (and a
+/// warning on stderr); `--strict-api` refuses them with a 400 naming the field.
+#[test]
+fn unknown_fields_are_ignored_and_named_unless_the_api_is_strict() {
+    let s = start(|_| {});
+    let mut c = completion("Hi", 1);
+    c["colour"] = json!("blue");
+    c["stream_options"] = json!({"shade": 1});
+    let r = post(s.addr, COMPLETIONS, &c);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("x-kvmerger-ignored-fields"),
+        Some("colour,stream_options.shade")
+    );
+    let mut ch = chat("Hi", 1);
+    ch["messages"][0]["mood"] = json!("calm");
+    ch["mystery"] = json!([1, 2, 3]);
+    ch["stream"] = json!(true);
+    let r = post(s.addr, CHAT, &ch);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("x-kvmerger-ignored-fields"),
+        Some("mystery,messages.0.mood")
+    );
+    assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
+    // A request without unknown fields has no header.
+    let r = post(s.addr, COMPLETIONS, &completion("Hi", 1));
+    assert_eq!(r.header("x-kvmerger-ignored-fields"), None);
+    // Known fields keep their checks; the header still names the unknown ones.
+    let mut bad = completion("Hi", 1);
+    bad["colour"] = json!(1);
+    bad["temperature"] = json!("hot");
+    let r = post(s.addr, COMPLETIONS, &bad);
+    assert_error(&r, 400, Some("invalid_type"), Some("temperature"));
+    // Thousands of unknown fields with hostile names: a bounded, printable header.
+    let mut many = completion("Hi", 1);
+    for i in 0..5000 {
+        many[format!("f{i}\n\u{1F600},{}", "x".repeat(200))] = json!(i);
+    }
+    let r = post(s.addr, COMPLETIONS, &many);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let h = r.header("x-kvmerger-ignored-fields").unwrap();
+    assert!(h.len() < 2000 && h.ends_with("more"), "{h}");
+    drop(s);
+
+    let s = start(|c| c.strict_api = true);
+    let mut c = completion("Hi", 1);
+    c["colour"] = json!("blue");
+    let e = assert_error(
+        &post(s.addr, COMPLETIONS, &c),
+        400,
+        Some("unknown_parameter"),
+        Some("colour"),
+    );
+    assert!(e["message"].as_str().unwrap().contains("colour"), "{e}");
+    let mut ch = chat("Hi", 1);
+    ch["messages"][0]["mood"] = json!("calm");
+    assert_error(
+        &post(s.addr, CHAT, &ch),
+        400,
+        Some("unknown_parameter"),
+        Some("messages.0.mood"),
+    );
+    let ctx =
+        json!({"document": "A text.", "kv_compression": {"method": "h2o", "budget": 0.5}, "x": 1});
+    assert_error(
+        &post(s.addr, "/v1/contexts", &ctx),
+        400,
+        Some("unknown_parameter"),
+        Some("x"),
+    );
+    assert_eq!(post(s.addr, COMPLETIONS, &completion("Hi", 1)).status, 200);
+}
+
+/// Unsupported parameters are named with a readable message (no blank qualifier).
+#[test]
+fn unsupported_parameters_have_readable_messages() {
+    let s = start(|_| {});
+    let mut ch = chat("Hi", 1);
+    ch["tools"] = json!([{"type": "function", "function": {"name": "f"}}]);
+    let e = assert_error(
+        &post(s.addr, CHAT, &ch),
+        400,
+        Some("unsupported_parameter"),
+        Some("tools"),
+    );
+    let m = e["message"].as_str().unwrap();
+    assert!(!m.contains("  "), "{m}");
+    let mut c = completion("Hi", 1);
+    c["suffix"] = json!("end");
+    let e = assert_error(
+        &post(s.addr, COMPLETIONS, &c),
+        400,
+        Some("unsupported_parameter"),
+        Some("suffix"),
+    );
+    assert!(!e["message"].as_str().unwrap().contains("  "), "{e}");
 }
 
 #[test]
