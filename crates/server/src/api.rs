@@ -107,6 +107,75 @@ pub struct ContextRequest {
     pub extra: Extra,
 }
 
+/// `POST /tokenize`: llama-server's shape (`content`, `add_special`, default false) or
+/// vLLM's (`prompt`, `add_special_tokens`, default true).
+#[derive(Debug, Deserialize)]
+pub struct TokenizeRequest {
+    pub model: Option<String>,
+    pub content: Option<String>,
+    pub prompt: Option<String>,
+    pub add_special: Option<bool>,
+    pub add_special_tokens: Option<bool>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// `POST /detokenize`: `{"tokens": [ids]}`.
+#[derive(Debug, Deserialize)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Value,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl Unknown for TokenizeRequest {
+    fn unknown_fields(&self) -> Vec<String> {
+        self.extra.keys().cloned().collect()
+    }
+}
+
+impl Unknown for DetokenizeRequest {
+    fn unknown_fields(&self) -> Vec<String> {
+        self.extra.keys().cloned().collect()
+    }
+}
+
+/// Token ids to detokenize: an array of integers, each inside the vocabulary (an id
+/// outside it is a 400 naming the id).
+pub fn token_ids(v: &Value, vocab: usize) -> Result<Vec<u32>, ApiError> {
+    let Value::Array(a) = v else {
+        return Err(ApiError::param(
+            "tokens",
+            "tokens must be an array of token ids (integers)",
+        ));
+    };
+    a.iter()
+        .enumerate()
+        .map(|(i, x)| match x.as_u64() {
+            Some(t) if (t as u128) < vocab as u128 => Ok(t as u32),
+            Some(_) | None if x.is_i64() || x.is_u64() => Err(ApiError::param(
+                format!("tokens.{i}"),
+                format!("token id {x} is outside the vocabulary of {vocab}"),
+            )),
+            _ => Err(ApiError::param(
+                format!("tokens.{i}"),
+                format!("tokens must be integers, got {}", short(x)),
+            )),
+        })
+        .collect()
+}
+
+/// A value for an error message, cut to a readable length.
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 40 {
+        format!("{}...", s.chars().take(40).collect::<String>())
+    } else {
+        s
+    }
+}
+
 /// Fields a request sent that this server does not know, kept to be reported.
 pub type Extra = serde_json::Map<String, Value>;
 
@@ -565,6 +634,25 @@ mod tests {
             n: v.get("n").and_then(Value::as_i64),
             logit_bias: v.get("logit_bias"),
             ignore_eos: None,
+        }
+    }
+
+    #[test]
+    fn token_ids_are_checked_against_the_vocabulary() {
+        assert_eq!(token_ids(&json!([0, 5, 9]), 10).unwrap(), vec![0, 5, 9]);
+        let e = token_ids(&json!([1, 10]), 10).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tokens.1"));
+        assert!(e.message.contains("10"), "{}", e.message);
+        let e = token_ids(&json!([-3]), 10).unwrap_err();
+        assert!(e.message.contains("-3"), "{}", e.message);
+        for bad in [
+            json!("1 2"),
+            json!([1.5]),
+            json!(["a"]),
+            json!({"a": 1}),
+            json!([[1]]),
+        ] {
+            assert!(token_ids(&bad, 10).is_err(), "{bad}");
         }
     }
 

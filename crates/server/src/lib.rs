@@ -5,7 +5,7 @@
 //! requests run at once.
 //!
 //! - [`routes`]: `POST /v1/completions` and `/v1/chat/completions` (JSON or server-sent
-//!   events), `GET /v1/models`, `/health`, `/metrics`; [`api`]: the request bodies and
+//!   events), `GET /v1/models`, `POST /tokenize` and `/detokenize`, `/health`, `/metrics`; [`api`]: the request bodies and
 //!   their checks; [`error`]: OpenAI's error format;
 //! - [`compression`]: the `kv_compression` request field over the server's default, and
 //!   the KV bytes a request may need;
@@ -79,6 +79,8 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/contexts/{id}",
             get(routes::get_context).delete(routes::delete_context),
         )
+        .route("/tokenize", post(routes::tokenize))
+        .route("/detokenize", post(routes::detokenize))
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
         .fallback(routes::not_found)

@@ -802,6 +802,84 @@ fn stream_response(
         .into_response()
 }
 
+/// `POST /tokenize`: text to token ids, as llama-server (`content`, `add_special`) and
+/// vLLM (`prompt`, `add_special_tokens`) take it; the answer carries both shapes
+/// (`tokens`, and vLLM's `count` and `max_model_len`). A text of more tokens than the
+/// context is refused as soon as that is known.
+pub async fn tokenize(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
+    let mut ignored = Vec::new();
+    let r = async {
+        let body = body.map_err(|e| body_error(&app, e))?;
+        let req: api::TokenizeRequest;
+        (req, ignored) = api::parse_request(&body, app.cfg.strict_api)?;
+        if let Some(m) = &req.model {
+            check_model(&app, m)?;
+        }
+        let (text, param, add_special) = match (req.content, req.prompt) {
+            (Some(t), None) => (
+                t,
+                "content",
+                req.add_special.or(req.add_special_tokens).unwrap_or(false),
+            ),
+            (None, Some(t)) => (
+                t,
+                "prompt",
+                req.add_special_tokens.or(req.add_special).unwrap_or(true),
+            ),
+            _ => {
+                return Err(ApiError::param(
+                    "content",
+                    "give the text as content (llama-server) or prompt (vLLM), one of them",
+                ))
+            }
+        };
+        let a = app.clone();
+        let ctx = app.lm.model.cfg.ctx_len;
+        let tokens = tokio::task::spawn_blocking(move || {
+            a.lm.tokenizer.encode_within(&text, add_special, ctx)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
+        .map_err(|e| match e {
+            kvmerger_engine::Error::ContextOverflow { prompt, .. } => ApiError::context_length(
+                param,
+                format!(
+                    "This model's maximum context length is {ctx} tokens, and the text has \
+                     at least {prompt}."
+                ),
+            ),
+            e => ApiError::param(param, e.to_string()),
+        })?;
+        Ok(Json(json!({
+            "tokens": tokens,
+            "count": tokens.len(),
+            "max_model_len": ctx,
+        }))
+        .into_response())
+    }
+    .await;
+    report_ignored(r.unwrap_or_else(IntoResponse::into_response), &ignored)
+}
+
+/// `POST /detokenize`: token ids to text (`content`, as llama-server answers, and
+/// `prompt`, as vLLM does). Ids outside the vocabulary are a 400 naming the id.
+pub async fn detokenize(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
+    let mut ignored = Vec::new();
+    let r = async {
+        let body = body.map_err(|e| body_error(&app, e))?;
+        let req: api::DetokenizeRequest;
+        (req, ignored) = api::parse_request(&body, app.cfg.strict_api)?;
+        if let Some(m) = &req.model {
+            check_model(&app, m)?;
+        }
+        let ids = api::token_ids(&req.tokens, app.lm.tokenizer.vocab_size())?;
+        let text = app.lm.tokenizer.decode(&ids);
+        Ok::<_, ApiError>(Json(json!({"content": text, "prompt": text})).into_response())
+    }
+    .await;
+    report_ignored(r.unwrap_or_else(IntoResponse::into_response), &ignored)
+}
+
 pub async fn models(State(app): AppState) -> Json<Value> {
     Json(json!({"object": "list", "data": [model_card(&app)]}))
 }
