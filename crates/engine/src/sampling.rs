@@ -1,4 +1,11 @@
-//! Turning logits into the next token: greedy, temperature, top-k, top-p, repetition penalty.
+//! Turning logits into the next token: greedy, temperature, top-k, min-p, top-p, and
+//! the logit adjustments (repetition penalty, presence and frequency penalties, logit
+//! bias).
+//!
+//! Order: the adjustments change the logits in place (what [`Sampler::sample`] leaves
+//! in its `logits` argument), then greedy takes the largest; otherwise the logits are
+//! divided by the temperature, cut to the top k, then to the tokens of probability at
+//! least `min_p` times the largest, then to the top-p nucleus, and one is drawn.
 
 use crate::Error;
 use rand::{Rng, SeedableRng};
@@ -17,6 +24,18 @@ pub struct SamplingParams {
     /// How many recent tokens the repetition penalty looks at.
     pub repeat_last_n: usize,
     pub seed: u64,
+    /// Tokens of probability below `min_p` times the most likely one's are dropped
+    /// (after temperature and top-k); 0 disables it.
+    pub min_p: f32,
+    /// Subtracted from the logit of every token this sampler has already drawn
+    /// (OpenAI's presence penalty; the generated tokens, not the prompt's). 0 disables it.
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time this sampler has drawn it
+    /// (OpenAI's frequency penalty). 0 disables it.
+    pub frequency_penalty: f32,
+    /// Added to the logits of these token ids before anything else is decided, greedy
+    /// included (ids outside the vocabulary are ignored).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -28,6 +47,10 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             repeat_last_n: 64,
             seed: 0,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -52,6 +75,27 @@ impl SamplingParams {
                 self.repetition_penalty
             )));
         }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(Error::Sampling(format!(
+                "min-p must be in [0, 1], got {}",
+                self.min_p
+            )));
+        }
+        for (name, v) in [
+            ("presence", self.presence_penalty),
+            ("frequency", self.frequency_penalty),
+        ] {
+            if !v.is_finite() {
+                return Err(Error::Sampling(format!(
+                    "the {name} penalty must be a finite number, got {v}"
+                )));
+            }
+        }
+        if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
+            return Err(Error::Sampling(format!(
+                "the logit bias of token {t} must be a finite number, got {b}"
+            )));
+        }
         Ok(())
     }
 }
@@ -59,18 +103,49 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
+    /// How many times each token was drawn (for the presence and frequency penalties;
+    /// kept only when one is set).
+    drawn: std::collections::HashMap<u32, u32>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Sampler, Error> {
         params.validate()?;
         let rng = ChaCha8Rng::seed_from_u64(params.seed);
-        Ok(Sampler { params, rng })
+        Ok(Sampler {
+            params,
+            rng,
+            drawn: Default::default(),
+        })
     }
 
-    /// The next token given the logits and the tokens so far (for the repetition penalty).
+    /// The next token given the logits and the tokens so far (for the repetition
+    /// penalty). `logits` is left adjusted (penalties and bias applied, before
+    /// temperature): the distribution the token was drawn from is its softmax divided
+    /// by the temperature, before the top-k, min-p and top-p cuts.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        self.adjust(logits, history);
+        let t = self.pick(logits);
         let p = &self.params;
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            *self.drawn.entry(t).or_insert(0) += 1;
+        }
+        t
+    }
+
+    /// The repetition, presence and frequency penalties and the logit bias, in place.
+    fn adjust(&self, logits: &mut [f32], history: &[u32]) {
+        let p = &self.params;
+        for (&t, &n) in &self.drawn {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+            }
+        }
+        for &(t, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let from = history.len().saturating_sub(p.repeat_last_n);
             let mut seen = std::collections::HashSet::new();
@@ -86,6 +161,11 @@ impl Sampler {
                 }
             }
         }
+    }
+
+    /// The token drawn from adjusted logits.
+    fn pick(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
         if p.temperature == 0.0 {
             return argmax(logits) as u32;
         }
@@ -119,6 +199,14 @@ impl Sampler {
         let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= sum);
+        if p.min_p > 0.0 {
+            // Sorted: the most likely comes first, and what falls below the line is a tail.
+            let line = probs[0] * p.min_p;
+            let keep = probs.iter().take_while(|&&q| q >= line).count().max(1);
+            probs.truncate(keep);
+            let s: f32 = probs.iter().sum();
+            probs.iter_mut().for_each(|x| *x /= s);
+        }
         if p.top_p < 1.0 {
             let mut acc = 0.0;
             let mut keep = probs.len();
@@ -234,6 +322,66 @@ mod tests {
     }
 
     #[test]
+    fn logit_bias_moves_greedy_and_sampled_choices() {
+        let mut s = Sampler::new(SamplingParams {
+            logit_bias: vec![(2, 100.0), (99, 5.0)],
+            ..Default::default()
+        })
+        .unwrap();
+        let mut logits = [3.0, 1.0, -2.0];
+        assert_eq!(s.sample(&mut logits, &[]), 2);
+        assert_eq!(logits, [3.0, 1.0, 98.0], "the adjusted logits are left");
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.5,
+            logit_bias: vec![(0, -100.0)],
+            seed: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        for _ in 0..50 {
+            assert_ne!(s.sample(&mut [5.0, 0.0, 0.0], &[]), 0);
+        }
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_drawn_tokens() {
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.3,
+            ..Default::default()
+        })
+        .unwrap();
+        // The prompt's tokens (history) are not penalised, only drawn ones.
+        assert_eq!(s.sample(&mut [1.0, 0.5], &[0, 0, 0]), 0);
+        // Token 0 now loses 0.8: 0.2 < 0.5.
+        let mut l = [1.0, 0.5];
+        assert_eq!(s.sample(&mut l, &[]), 1);
+        assert!((l[0] - 0.2).abs() < 1e-6, "{l:?}");
+        // Drawn again after: 0 has 1 draw (-0.8), 1 has 1 draw (-0.8).
+        let mut l = [1.0, 0.5];
+        assert_eq!(s.sample(&mut l, &[]), 0);
+        let mut l = [1.0, 0.5];
+        s.sample(&mut l, &[]);
+        assert!((l[0] - (1.0 - 0.5 - 0.6)).abs() < 1e-6, "{l:?}");
+    }
+
+    #[test]
+    fn min_p_drops_the_unlikely_tail() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            min_p: 0.5,
+            seed: 5,
+            ..Default::default()
+        })
+        .unwrap();
+        // p(1) / p(0) = e^-0.5 > 0.5 stays; the others are far below.
+        for _ in 0..100 {
+            let t = s.sample(&mut [2.0, 1.5, -1.0, -3.0], &[]);
+            assert!(t < 2, "{t}");
+        }
+    }
+
+    #[test]
     fn invalid_values_are_rejected() {
         for p in [
             SamplingParams {
@@ -254,6 +402,18 @@ mod tests {
             },
             SamplingParams {
                 repetition_penalty: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                min_p: 1.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                presence_penalty: f32::INFINITY,
+                ..Default::default()
+            },
+            SamplingParams {
+                logit_bias: vec![(1, f32::NAN)],
                 ..Default::default()
             },
         ] {

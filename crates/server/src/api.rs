@@ -43,6 +43,7 @@ pub struct CompletionRequest {
     pub suffix: Option<String>,
     pub user: Option<String>,
     pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
     pub repetition_penalty: Option<f64>,
     pub ignore_eos: Option<bool>,
     pub kv_compression: Option<Value>,
@@ -86,6 +87,7 @@ pub struct ChatRequest {
     pub store: Option<bool>,
     pub metadata: Option<Value>,
     pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
     pub repetition_penalty: Option<f64>,
     pub ignore_eos: Option<bool>,
     pub kv_compression: Option<Value>,
@@ -330,19 +332,26 @@ pub struct Sampling {
     pub temperature: f32,
     pub top_p: f32,
     pub top_k: usize,
+    pub min_p: f32,
     pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Token id and bias, in the order given (ids not yet checked against the vocabulary).
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
 }
 
 /// The raw common fields, from either request type.
+#[derive(Default)]
 pub struct RawSampling<'a> {
     pub max_tokens: Option<i64>,
     pub max_tokens_param: &'static str,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
     pub repetition_penalty: Option<f64>,
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
@@ -355,6 +364,104 @@ pub struct RawSampling<'a> {
 
 /// A known parameter this server does not implement; `what` qualifies it (`other
 /// than 1`) and may be empty.
+/// The sampling fields both request types share, by name: one place that reads them.
+macro_rules! raw_sampling {
+    ($req:expr, $max_tokens:expr, $param:expr) => {
+        RawSampling {
+            max_tokens: $max_tokens,
+            max_tokens_param: $param,
+            temperature: $req.temperature,
+            top_p: $req.top_p,
+            top_k: $req.top_k,
+            min_p: $req.min_p,
+            repetition_penalty: $req.repetition_penalty,
+            presence_penalty: $req.presence_penalty,
+            frequency_penalty: $req.frequency_penalty,
+            seed: $req.seed,
+            stop: $req.stop.as_ref(),
+            n: $req.n,
+            logit_bias: $req.logit_bias.as_ref(),
+            ignore_eos: $req.ignore_eos,
+        }
+    };
+}
+
+impl CompletionRequest {
+    pub fn sampling(&self) -> Result<RawSampling<'_>, ApiError> {
+        Ok(raw_sampling!(self, self.max_tokens, "max_tokens"))
+    }
+}
+
+impl ChatRequest {
+    /// `max_completion_tokens` (OpenAI's newer name) or `max_tokens`, not both.
+    pub fn sampling(&self) -> Result<RawSampling<'_>, ApiError> {
+        if self.max_tokens.is_some() && self.max_completion_tokens.is_some() {
+            return Err(ApiError::param(
+                "max_completion_tokens",
+                "give max_tokens or max_completion_tokens, not both",
+            ));
+        }
+        Ok(match self.max_completion_tokens {
+            Some(m) => raw_sampling!(self, Some(m), "max_completion_tokens"),
+            None => raw_sampling!(self, self.max_tokens, "max_tokens"),
+        })
+    }
+}
+
+/// The most `logit_bias` entries a request may give.
+pub const MAX_LOGIT_BIAS: usize = 1024;
+
+/// `logit_bias`: an object from token ids (as strings, OpenAI's form) to biases in
+/// [-100, 100].
+fn parse_logit_bias(v: Option<&Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let o = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(o)) => o,
+        Some(other) => {
+            return Err(ApiError::param(
+                "logit_bias",
+                format!(
+                    "logit_bias must be an object from token ids to biases, like {{\"50256\": -100}}, got {}",
+                    short(other)
+                ),
+            ))
+        }
+    };
+    if o.len() > MAX_LOGIT_BIAS {
+        return Err(ApiError::param(
+            "logit_bias",
+            format!(
+                "logit_bias has {} entries, more than this server's limit of {MAX_LOGIT_BIAS}",
+                o.len()
+            ),
+        ));
+    }
+    o.iter()
+        .map(|(k, b)| {
+            let shown = ignored_list(std::slice::from_ref(k));
+            let param = format!("logit_bias.{shown}");
+            let id: u32 = k.parse().map_err(|_| {
+                ApiError::param(
+                    param.clone(),
+                    format!(
+                        "logit_bias keys must be token ids (integers as strings), got '{shown}'"
+                    ),
+                )
+            })?;
+            match b.as_f64() {
+                Some(x) if (-100.0..=100.0).contains(&x) => Ok((id, x as f32)),
+                _ => Err(ApiError::param(
+                    param,
+                    format!(
+                        "a logit bias must be a number in [-100, 100], got {}",
+                        short(b)
+                    ),
+                )),
+            }
+        })
+        .collect()
+}
+
 pub fn unsupported(param: &str, what: &str) -> ApiError {
     let what = if what.is_empty() {
         String::new()
@@ -424,36 +531,44 @@ impl RawSampling<'_> {
                 format!("repetition_penalty must be in (0, 10] (and at least about 1.2e-38), got {repetition_penalty}"),
             ));
         }
-        for (name, v) in [
+        let mut penalties = [0f32; 2];
+        for (out, (name, v)) in penalties.iter_mut().zip([
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if let Some(x) = v {
-                if x != 0.0 {
-                    return Err(unsupported(
-                        name,
-                        "other than 0 (use the repetition_penalty extension)",
-                    ));
-                }
+        ]) {
+            let x = v.unwrap_or(0.0);
+            if !(-2.0..=2.0).contains(&x) {
+                return Err(ApiError::param(
+                    name,
+                    format!("{name} must be between -2 and 2, got {x}"),
+                ));
             }
+            *out = x as f32;
+        }
+        let min_p = self.min_p.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&min_p) {
+            return Err(ApiError::param(
+                "min_p",
+                format!("min_p must be between 0 (off) and 1, got {min_p}"),
+            ));
         }
         if let Some(n) = self.n {
             if n != 1 {
                 return Err(unsupported("n", "other than 1"));
             }
         }
-        if let Some(b) = self.logit_bias {
-            if !(b.is_null() || b.as_object().is_some_and(|o| o.is_empty())) {
-                return Err(unsupported("logit_bias", "with entries"));
-            }
-        }
+        let logit_bias = parse_logit_bias(self.logit_bias)?;
         let stop = parse_stop(self.stop)?;
         Ok(Sampling {
             max_tokens,
             temperature: temperature as f32,
             top_p: top_p as f32,
             top_k,
+            min_p: min_p as f32,
             repetition_penalty: repetition_penalty as f32,
+            presence_penalty: penalties[0],
+            frequency_penalty: penalties[1],
+            logit_bias,
             // Negative seeds are valid in OpenAI's API; any 64 bits make a seed here.
             seed: self.seed.unwrap_or(0) as u64,
             stop,
@@ -626,6 +741,7 @@ mod tests {
             temperature: v.get("temperature").and_then(Value::as_f64),
             top_p: v.get("top_p").and_then(Value::as_f64),
             top_k: v.get("top_k").and_then(Value::as_i64),
+            min_p: v.get("min_p").and_then(Value::as_f64),
             repetition_penalty: v.get("repetition_penalty").and_then(Value::as_f64),
             presence_penalty: v.get("presence_penalty").and_then(Value::as_f64),
             frequency_penalty: v.get("frequency_penalty").and_then(Value::as_f64),
@@ -675,6 +791,16 @@ mod tests {
             .unwrap();
         assert_eq!(ok.max_tokens, Some(5));
         assert_eq!(ok.stop, vec!["a", "b"]);
+        let ok = raw(&json!({"logit_bias": {"5": -100, "7": 2.5}, "min_p": 0.1,
+                             "presence_penalty": -2, "frequency_penalty": 1.5}))
+        .validate(100)
+        .unwrap();
+        assert_eq!(ok.logit_bias, vec![(5, -100.0), (7, 2.5)]);
+        assert_eq!((ok.presence_penalty, ok.frequency_penalty), (-2.0, 1.5));
+        let many: serde_json::Map<String, Value> =
+            (0..2000).map(|i| (i.to_string(), json!(1))).collect();
+        let e = raw(&json!({"logit_bias": many})).validate(100).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("logit_bias"));
         let cases = [
             (json!({"max_tokens": 0}), "max_tokens"),
             (json!({"max_tokens": 101}), "max_tokens"),
@@ -684,8 +810,16 @@ mod tests {
             (json!({"top_k": -2}), "top_k"),
             (json!({"repetition_penalty": 0}), "repetition_penalty"),
             (json!({"n": 2}), "n"),
-            (json!({"frequency_penalty": 0.5}), "frequency_penalty"),
-            (json!({"logit_bias": {"5": 10}}), "logit_bias"),
+            (json!({"frequency_penalty": 2.5}), "frequency_penalty"),
+            (json!({"presence_penalty": -2.01}), "presence_penalty"),
+            (json!({"min_p": 1.5}), "min_p"),
+            (json!({"min_p": -0.1}), "min_p"),
+            (json!({"logit_bias": [5]}), "logit_bias"),
+            (json!({"logit_bias": "5"}), "logit_bias"),
+            (json!({"logit_bias": {"x": 10}}), "logit_bias.x"),
+            (json!({"logit_bias": {"-1": 10}}), "logit_bias.-1"),
+            (json!({"logit_bias": {"5": 101}}), "logit_bias.5"),
+            (json!({"logit_bias": {"5": "1"}}), "logit_bias.5"),
             (json!({"stop": [1]}), "stop"),
             (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
             (json!({"stop": [""]}), "stop"),

@@ -85,22 +85,7 @@ pub async fn completions(State(app): AppState, body: Result<Bytes, BytesRejectio
         if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return Err(api::unsupported("suffix", ""));
         }
-        let sampling = RawSampling {
-            max_tokens: req.max_tokens,
-            max_tokens_param: "max_tokens",
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            repetition_penalty: req.repetition_penalty,
-            presence_penalty: req.presence_penalty,
-            frequency_penalty: req.frequency_penalty,
-            seed: req.seed,
-            stop: req.stop.as_ref(),
-            n: req.n,
-            logit_bias: req.logit_bias.as_ref(),
-            ignore_eos: req.ignore_eos,
-        }
-        .validate(app.cfg.max_tokens_limit)?;
+        let sampling = sampling(&app, req.sampling()?)?;
         let prompt = api::parse_prompt(&req.prompt)?;
         let (spec, compressor, protocol) = compression(&app, req.kv_compression.as_ref())?;
         let stream = req.stream.unwrap_or(false);
@@ -152,32 +137,7 @@ pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> 
                 return Err(api::unsupported("response_format", "other than text"));
             }
         }
-        if req.max_tokens.is_some() && req.max_completion_tokens.is_some() {
-            return Err(ApiError::param(
-                "max_completion_tokens",
-                "give max_tokens or max_completion_tokens, not both",
-            ));
-        }
-        let (max_tokens, max_tokens_param) = match req.max_completion_tokens {
-            Some(m) => (Some(m), "max_completion_tokens"),
-            None => (req.max_tokens, "max_tokens"),
-        };
-        let sampling = RawSampling {
-            max_tokens,
-            max_tokens_param,
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            repetition_penalty: req.repetition_penalty,
-            presence_penalty: req.presence_penalty,
-            frequency_penalty: req.frequency_penalty,
-            seed: req.seed,
-            stop: req.stop.as_ref(),
-            n: req.n,
-            logit_bias: req.logit_bias.as_ref(),
-            ignore_eos: req.ignore_eos,
-        }
-        .validate(app.cfg.max_tokens_limit)?;
+        let sampling = sampling(&app, req.sampling()?)?;
         let mut messages = Vec::with_capacity(req.messages.len());
         for (i, m) in req.messages.iter().enumerate() {
             let role = api::message_role(i, &m.role)?;
@@ -237,6 +197,20 @@ fn report_ignored(mut r: Response, ignored: &[String]) -> Response {
 }
 
 pub const IGNORED_FIELDS: &str = "x-kvmerger-ignored-fields";
+
+/// The sampling settings of a request (either endpoint), checked: ranges, and
+/// `logit_bias` ids inside the vocabulary.
+fn sampling(app: &App, raw: RawSampling<'_>) -> Result<Sampling, ApiError> {
+    let s = raw.validate(app.cfg.max_tokens_limit)?;
+    let vocab = app.lm.model.cfg.vocab;
+    if let Some((id, _)) = s.logit_bias.iter().find(|(t, _)| *t as usize >= vocab) {
+        return Err(ApiError::param(
+            format!("logit_bias.{id}"),
+            format!("token id {id} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    Ok(s)
+}
 
 fn include_usage(stream: bool, o: Option<&api::StreamOptions>) -> bool {
     stream && o.and_then(|o| o.include_usage).unwrap_or(false)
@@ -437,13 +411,18 @@ fn prepare(
         .with_param(req.prompt_param)
         .with_code("kv_memory_exceeded"));
     }
+    let r = &req.sampling;
     let sampling = SamplingParams {
-        temperature: req.sampling.temperature,
-        top_k: req.sampling.top_k,
-        top_p: req.sampling.top_p,
-        repetition_penalty: req.sampling.repetition_penalty,
+        temperature: r.temperature,
+        top_k: r.top_k,
+        top_p: r.top_p,
+        repetition_penalty: r.repetition_penalty,
         repeat_last_n: 64,
-        seed: req.sampling.seed,
+        seed: r.seed,
+        min_p: r.min_p,
+        presence_penalty: r.presence_penalty,
+        frequency_penalty: r.frequency_penalty,
+        logit_bias: r.logit_bias.clone(),
     };
     sampling
         .validate()
@@ -1053,22 +1032,14 @@ pub async fn create_context(State(app): AppState, body: Result<Bytes, BytesRejec
                 "a context handle keeps a compressed context: give kv_compression (the server's default compresses nothing)",
             ));
         }
-        let sampling = RawSampling {
-            max_tokens: Some(1),
-            max_tokens_param: "max_tokens",
-            temperature: None,
-            top_p: None,
-            top_k: None,
-            repetition_penalty: None,
-            presence_penalty: None,
-            frequency_penalty: None,
-            seed: None,
-            stop: None,
-            n: None,
-            logit_bias: None,
-            ignore_eos: None,
-        }
-        .validate(app.cfg.max_tokens_limit)?;
+        let sampling = sampling(
+            &app,
+            RawSampling {
+                max_tokens: Some(1),
+                max_tokens_param: "max_tokens",
+                ..RawSampling::default()
+            },
+        )?;
         if app.shutting_down.load(Relaxed) {
             return Err(ApiError::shutting_down());
         }

@@ -183,8 +183,63 @@ fn invalid_parameters_are_400s_naming_the_parameter() {
         ),
         (
             COMPLETIONS,
-            with(completion("x", 2), "frequency_penalty", json!(1.0)),
+            with(completion("x", 2), "frequency_penalty", json!(2.5)),
             "frequency_penalty",
+        ),
+        (
+            CHAT,
+            with(chat("x", 2), "presence_penalty", json!("high")),
+            "presence_penalty",
+        ),
+        (
+            CHAT,
+            with(chat("x", 2), "presence_penalty", json!(-3)),
+            "presence_penalty",
+        ),
+        (
+            COMPLETIONS,
+            with(completion("x", 2), "min_p", json!(2)),
+            "min_p",
+        ),
+        (CHAT, with(chat("x", 2), "min_p", json!([0.1])), "min_p"),
+        (
+            COMPLETIONS,
+            with(completion("x", 2), "logit_bias", json!([1, 2])),
+            "logit_bias",
+        ),
+        (
+            CHAT,
+            with(chat("x", 2), "logit_bias", json!({"49152": 5})),
+            "logit_bias.49152",
+        ),
+        (
+            CHAT,
+            with(chat("x", 2), "logit_bias", json!({"99999999999": 5})),
+            "logit_bias.99999999999",
+        ),
+        (
+            COMPLETIONS,
+            with(completion("x", 2), "logit_bias", json!({"hello": 5})),
+            "logit_bias.hello",
+        ),
+        (
+            COMPLETIONS,
+            with(completion("x", 2), "logit_bias", json!({"5": 1000})),
+            "logit_bias.5",
+        ),
+        (
+            COMPLETIONS,
+            with(completion("x", 2), "logit_bias", json!({"5": null})),
+            "logit_bias.5",
+        ),
+        (
+            COMPLETIONS,
+            with(
+                completion("x", 2),
+                "logit_bias",
+                Value::Object((0..5000).map(|i| (i.to_string(), json!(1))).collect()),
+            ),
+            "logit_bias",
         ),
         (
             COMPLETIONS,
@@ -682,6 +737,10 @@ fn random_body(rng: &mut ChaCha8Rng) -> (&'static str, Vec<u8>) {
         "logprobs",
         "echo",
         "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "min_p",
+        "logit_bias",
         "ignore_eos",
         "max_completion_tokens",
         "response_format",

@@ -58,6 +58,7 @@ pub fn sampling(s: &SamplingArgs) -> Result<GenerateParams> {
         repetition_penalty: s.repeat_penalty,
         repeat_last_n: 64,
         seed: s.seed,
+        ..SamplingParams::default()
     };
     sampling.validate()?;
     if s.max_tokens == 0 {
