@@ -233,6 +233,60 @@ impl Sampler {
     }
 }
 
+/// A drawn token's log-probability and the most likely tokens' at its step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// Up to the number asked for, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The lowest log-probability reported (OpenAI's floor): what would be minus infinity
+/// (a token a tiny temperature leaves no chance) has no JSON number.
+pub const MIN_LOGPROB: f32 = -9999.0;
+
+/// Log-probabilities of `token` and of the `top` most likely tokens under the
+/// distribution a sampler draws from: the softmax of the adjusted logits (as
+/// [`Sampler::sample`] leaves them: penalties and logit bias applied) divided by
+/// `temperature` (pass 1 for greedy decoding), before the top-k, min-p and top-p cuts.
+pub fn logprobs(logits: &[f32], temperature: f32, token: u32, top: usize) -> TokenLogprobs {
+    let t = if temperature > 0.0 && temperature.is_finite() {
+        temperature as f64
+    } else {
+        1.0
+    };
+    let clamp = |l: f32| {
+        if l.is_nan() {
+            f32::MIN as f64
+        } else {
+            l.clamp(f32::MIN, f32::MAX) as f64
+        }
+    };
+    let max = logits.iter().map(|&l| clamp(l)).fold(f64::MIN, f64::max);
+    let z = |l: f32| (clamp(l) - max) / t;
+    let lse = logits.iter().map(|&l| z(l).exp()).sum::<f64>().ln();
+    let lp = |i: usize| {
+        logits
+            .get(i)
+            .map_or(MIN_LOGPROB, |&l| ((z(l) - lse) as f32).max(MIN_LOGPROB))
+    };
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let top = top.min(idx.len());
+    // On the clamped values: a NaN logit is the least likely, not the most.
+    let by = |a: &u32, b: &u32| clamp(logits[*b as usize]).total_cmp(&clamp(logits[*a as usize]));
+    if top > 0 && top < idx.len() {
+        idx.select_nth_unstable_by(top - 1, by);
+    }
+    idx.truncate(top);
+    idx.sort_unstable_by(by);
+    TokenLogprobs {
+        token,
+        logprob: lp(token as usize),
+        top: idx.into_iter().map(|i| (i, lp(i as usize))).collect(),
+    }
+}
+
 pub fn argmax(x: &[f32]) -> usize {
     let mut best = 0;
     for (i, &v) in x.iter().enumerate() {
@@ -379,6 +433,25 @@ mod tests {
             let t = s.sample(&mut [2.0, 1.5, -1.0, -3.0], &[]);
             assert!(t < 2, "{t}");
         }
+    }
+
+    #[test]
+    fn logprobs_are_a_normalised_distribution_after_temperature() {
+        let logits = [1.0f32, 3.0, 2.0, f32::NAN];
+        let l = logprobs(&logits, 1.0, 2, 2);
+        let total: f64 = (0..4)
+            .map(|i| (logprobs(&logits, 1.0, i, 0).logprob as f64).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+        assert_eq!(l.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((l.logprob - l.top[1].1).abs() < 1e-6);
+        // A higher temperature flattens the distribution; a tiny one floors the rest.
+        let hot = logprobs(&logits, 2.0, 1, 0).logprob;
+        assert!(hot < l.top[0].1, "{hot}");
+        let cold = logprobs(&logits, 1e-30, 0, 1);
+        assert_eq!(cold.logprob, MIN_LOGPROB);
+        assert_eq!(cold.top, vec![(1, 0.0)]);
+        assert_eq!(logprobs(&logits, 1.0, 0, 50).top.len(), 4);
     }
 
     #[test]

@@ -462,6 +462,44 @@ fn parse_logit_bias(v: Option<&Value>) -> Result<Vec<(u32, f32)>, ApiError> {
         .collect()
 }
 
+/// The most alternatives per token: chat's `top_logprobs`, completions' `logprobs`.
+pub const MAX_TOP_LOGPROBS_CHAT: i64 = 20;
+pub const MAX_LOGPROBS_COMPLETION: i64 = 5;
+
+/// Chat's `logprobs` (true: report them) and `top_logprobs` (0 to 20 alternatives,
+/// with `logprobs` true): the alternatives per token when reported.
+pub fn chat_logprobs(logprobs: Option<bool>, top: Option<i64>) -> Result<Option<usize>, ApiError> {
+    let on = logprobs == Some(true);
+    match top {
+        Some(n) if !(0..=MAX_TOP_LOGPROBS_CHAT).contains(&n) => Err(ApiError::param(
+            "top_logprobs",
+            format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS_CHAT}, got {n}"),
+        )),
+        Some(n) if n > 0 && !on => Err(ApiError::param(
+            "top_logprobs",
+            "top_logprobs needs logprobs set to true",
+        )),
+        _ => Ok(on.then_some(top.unwrap_or(0) as usize)),
+    }
+}
+
+/// Completions' `logprobs`: null (off) or an integer 0 to 5, the alternatives per token.
+pub fn completion_logprobs(v: Option<&Value>) -> Result<Option<usize>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => match x.as_i64() {
+            Some(n) if (0..=MAX_LOGPROBS_COMPLETION).contains(&n) => Ok(Some(n as usize)),
+            _ => Err(ApiError::param(
+                "logprobs",
+                format!(
+                    "logprobs must be null or an integer between 0 and {MAX_LOGPROBS_COMPLETION} (the alternatives per token), got {}",
+                    short(x)
+                ),
+            )),
+        },
+    }
+}
+
 pub fn unsupported(param: &str, what: &str) -> ApiError {
     let what = if what.is_empty() {
         String::new()
@@ -769,6 +807,35 @@ mod tests {
             json!([[1]]),
         ] {
             assert!(token_ids(&bad, 10).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn logprobs_settings_are_checked() {
+        assert_eq!(chat_logprobs(None, None).unwrap(), None);
+        assert_eq!(chat_logprobs(Some(true), None).unwrap(), Some(0));
+        assert_eq!(chat_logprobs(Some(true), Some(20)).unwrap(), Some(20));
+        assert_eq!(chat_logprobs(Some(false), Some(0)).unwrap(), None);
+        for (on, top) in [
+            (Some(true), Some(21)),
+            (Some(true), Some(-1)),
+            (None, Some(3)),
+        ] {
+            let e = chat_logprobs(on, top).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("top_logprobs"));
+        }
+        assert_eq!(completion_logprobs(Some(&json!(5))).unwrap(), Some(5));
+        assert_eq!(completion_logprobs(Some(&json!(null))).unwrap(), None);
+        for bad in [
+            json!(6),
+            json!(-1),
+            json!(true),
+            json!("2"),
+            json!(1.5),
+            json!([1]),
+        ] {
+            let e = completion_logprobs(Some(&bad)).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("logprobs"), "{bad}");
         }
     }
 

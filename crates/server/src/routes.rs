@@ -18,7 +18,8 @@ use kvmerger_engine::chat::Message;
 use kvmerger_engine::compress::Compressor;
 use kvmerger_engine::generate::{GenerateParams, StopReason};
 use kvmerger_engine::kvc;
-use kvmerger_engine::sampling::SamplingParams;
+use kvmerger_engine::load::LoadedModel;
+use kvmerger_engine::sampling::{SamplingParams, TokenLogprobs};
 use kvmerger_engine::sequence::Sequence;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
@@ -58,6 +59,8 @@ struct Request {
     include_usage: bool,
     /// The field the prompt came from, for errors about its length.
     prompt_param: &'static str,
+    /// Report log-probabilities, with this many alternatives per token.
+    logprobs: Option<usize>,
 }
 
 impl Request {
@@ -76,9 +79,7 @@ pub async fn completions(State(app): AppState, body: Result<Bytes, BytesRejectio
         if req.echo == Some(true) {
             return Err(api::unsupported("echo", "true"));
         }
-        if req.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(api::unsupported("logprobs", "other than null"));
-        }
+        let logprobs = api::completion_logprobs(req.logprobs.as_ref())?;
         if req.best_of.is_some_and(|b| b != 1) {
             return Err(api::unsupported("best_of", "other than 1"));
         }
@@ -101,6 +102,7 @@ pub async fn completions(State(app): AppState, body: Result<Bytes, BytesRejectio
                 stream,
                 include_usage: include_usage(stream, req.stream_options.as_ref()),
                 prompt_param: "prompt",
+                logprobs,
             },
         )
         .await
@@ -119,9 +121,7 @@ pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> 
         if req.messages.is_empty() {
             return Err(ApiError::param("messages", "messages must not be empty"));
         }
-        if req.logprobs == Some(true) || req.top_logprobs.is_some_and(|n| n > 0) {
-            return Err(api::unsupported("logprobs", "true"));
-        }
+        let logprobs = api::chat_logprobs(req.logprobs, req.top_logprobs)?;
         if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(api::unsupported("tools", "(function calling)"));
         }
@@ -172,6 +172,7 @@ pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> 
                 stream,
                 include_usage: include_usage(stream, req.stream_options.as_ref()),
                 prompt_param: "messages",
+                logprobs,
             },
         )
         .await
@@ -280,6 +281,8 @@ async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
         prompt_tokens,
+        logprobs: req.logprobs,
+        lm: app.lm.clone(),
     };
     if req.stream {
         Ok(stream_response(meta, rx, req.include_usage))
@@ -479,6 +482,7 @@ fn prepare(
         arrived,
         deadline: arrived + app.cfg.request_timeout,
         events,
+        logprobs: req.logprobs,
     };
     Ok((job, req))
 }
@@ -577,6 +581,70 @@ struct Meta {
     model: String,
     created: u64,
     prompt_tokens: usize,
+    /// Log-probabilities asked for (alternatives per token).
+    logprobs: Option<usize>,
+    /// For the text of tokens in log-probabilities.
+    lm: Arc<LoadedModel>,
+}
+
+impl Meta {
+    /// A token's text and bytes (a piece of a UTF-8 character shows as U+FFFD in the
+    /// text; its bytes are exact).
+    fn token(&self, id: u32) -> (String, Vec<u8>) {
+        let t = &self.lm.tokenizer;
+        match t.token_bytes(id) {
+            Some(b) => (String::from_utf8_lossy(b).into_owned(), b.to_vec()),
+            None => {
+                let s = t.decode(&[id]);
+                let b = s.clone().into_bytes();
+                (s, b)
+            }
+        }
+    }
+
+    /// The `logprobs` of a choice (or chunk) holding these tokens, in the endpoint's
+    /// shape; `offset` is the text offset (characters) of the first one, advanced past
+    /// them. Null when none were asked for.
+    fn logprobs(&self, tokens: &[TokenLogprobs], offset: &mut usize) -> Value {
+        if self.logprobs.is_none() {
+            return Value::Null;
+        }
+        match self.kind {
+            Kind::Chat => {
+                let entry = |id: u32, lp: f32| {
+                    let (text, bytes) = self.token(id);
+                    json!({"token": text, "logprob": lp, "bytes": bytes})
+                };
+                let content: Vec<Value> = tokens
+                    .iter()
+                    .map(|t| {
+                        let mut e = entry(t.token, t.logprob);
+                        e["top_logprobs"] = t.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+                        e
+                    })
+                    .collect();
+                json!({"content": content, "refusal": null})
+            }
+            Kind::Completion => {
+                let (mut texts, mut lps, mut tops, mut offsets) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for t in tokens {
+                    let text = self.token(t.token).0;
+                    offsets.push(*offset);
+                    *offset += text.chars().count();
+                    texts.push(text);
+                    lps.push(t.logprob);
+                    let top: serde_json::Map<String, Value> = t
+                        .top
+                        .iter()
+                        .map(|&(id, lp)| (self.token(id).0, json!(lp)))
+                        .collect();
+                    tops.push(Value::Object(top));
+                }
+                json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+            }
+        }
+    }
 }
 
 fn finish_reason(r: StopReason) -> &'static str {
@@ -616,21 +684,24 @@ fn usage(meta: &Meta, report: Option<&PromptReport>, done: &Finished) -> Value {
 async fn collect(meta: Meta, mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Response, ApiError> {
     let mut text = String::new();
     let mut report = None;
+    let mut lps = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Prefilled(r) => report = Some(r),
             Event::Text(t) => text.push_str(&t),
+            Event::Logprobs(l) => lps.push(l),
             Event::Failed(e) => return Err(e),
             Event::Done(done) => {
+                let logprobs = meta.logprobs(&lps, &mut 0);
                 let choice = match meta.kind {
                     Kind::Completion => json!({
-                        "index": 0, "text": text, "logprobs": null,
+                        "index": 0, "text": text, "logprobs": logprobs,
                         "finish_reason": finish_reason(done.reason),
                     }),
                     Kind::Chat => json!({
                         "index": 0,
                         "message": {"role": "assistant", "content": text},
-                        "logprobs": null,
+                        "logprobs": logprobs,
                         "finish_reason": finish_reason(done.reason),
                     }),
                 };
@@ -666,13 +737,26 @@ struct StreamState {
     report: Option<PromptReport>,
     out: VecDeque<sse::Event>,
     ended: bool,
+    /// Log-probabilities of tokens whose text has not been sent yet (held back while
+    /// it may be part of a stop string).
+    pending: Vec<TokenLogprobs>,
+    /// Text offset of the next token (completions' `text_offset`).
+    offset: usize,
 }
 
 impl StreamState {
-    fn chunk(&self, text: Option<&str>, role: bool, finish: Option<&str>) -> sse::Event {
+    /// A chunk with `text` (and the log-probabilities pending, unless it is the role's).
+    fn chunk(&mut self, text: Option<&str>, role: bool, finish: Option<&str>) -> sse::Event {
+        let logprobs = if role || self.pending.is_empty() {
+            Value::Null
+        } else {
+            let l = self.meta.logprobs(&self.pending, &mut self.offset);
+            self.pending.clear();
+            l
+        };
         let choice = match self.meta.kind {
             Kind::Completion => json!({
-                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish,
+                "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish,
             }),
             Kind::Chat => {
                 let mut delta = json!({});
@@ -683,7 +767,7 @@ impl StreamState {
                 if let Some(t) = text {
                     delta["content"] = json!(t);
                 }
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
         };
         self.data(json!({
@@ -713,6 +797,7 @@ impl StreamState {
                 let e = self.chunk(Some(&t), false, None);
                 self.out.push_back(e);
             }
+            Some(Event::Logprobs(l)) => self.pending.push(l),
             Some(Event::Done(done)) => {
                 let e = self.chunk(None, false, Some(finish_reason(done.reason)));
                 self.out.push_back(e);
@@ -761,6 +846,8 @@ fn stream_response(
         report: None,
         out: VecDeque::new(),
         ended: false,
+        pending: Vec::new(),
+        offset: 0,
     };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
         loop {
@@ -1053,6 +1140,7 @@ pub async fn create_context(State(app): AppState, body: Result<Bytes, BytesRejec
             stream: false,
             include_usage: false,
             prompt_param: if req.document.is_some() { "document" } else { "messages" },
+            logprobs: None,
         };
         let arrived = Instant::now();
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -1080,7 +1168,7 @@ pub async fn create_context(State(app): AppState, body: Result<Bytes, BytesRejec
         let context = loop {
             match rx.recv().await {
                 Some(Event::Prefilled(r)) => report = Some(r),
-                Some(Event::Text(_)) => {}
+                Some(Event::Text(_)) | Some(Event::Logprobs(_)) => {}
                 Some(Event::Failed(e)) => return Err(e),
                 Some(Event::Done(d)) => break d.context,
                 None => return Err(ApiError::internal("the engine stopped before the context was compressed")),

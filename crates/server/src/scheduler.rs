@@ -24,6 +24,7 @@ use kvmerger_compression::{KvDtype, Protocol};
 use kvmerger_engine::compress::{release_freed_memory, CompressReport, Compressor};
 use kvmerger_engine::generate::{Decoder, GenerateParams, Step, StopReason};
 use kvmerger_engine::load::LoadedModel;
+use kvmerger_engine::sampling::TokenLogprobs;
 use kvmerger_engine::sequence::Sequence;
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -61,14 +62,18 @@ pub struct Job {
     pub arrived: Instant,
     pub deadline: Instant,
     pub events: UnboundedSender<Event>,
+    /// Report each generated token's log-probability and this many alternatives'
+    /// ([`Event::Logprobs`], sent before the step's text).
+    pub logprobs: Option<usize>,
 }
 
-/// What a request's handler hears from the engine, in order: `Prefilled`, `Text`s, then
-/// `Done` or `Failed`.
+/// What a request's handler hears from the engine, in order: `Prefilled`, `Text`s (each
+/// token's `Logprobs` before its text, when asked), then `Done` or `Failed`.
 #[derive(Debug)]
 pub enum Event {
     Prefilled(PromptReport),
     Text(String),
+    Logprobs(TokenLogprobs),
     Done(Finished),
     Failed(ApiError),
 }
@@ -613,7 +618,22 @@ impl<'m> Engine<'m> {
             let mut piece = String::new();
             let before = s.decoder.tokens().len();
             let step = s.decoder.step(&mut l, &mut piece);
-            generated += s.decoder.tokens().len() - before;
+            let drawn = s.decoder.tokens().len() - before;
+            generated += drawn;
+            if let (Some(top), 1) = (s.job.logprobs, drawn) {
+                // `l` holds the logits the token was drawn from (adjusted in place).
+                let token = s.decoder.tokens()[before];
+                let lp = kvmerger_engine::sampling::logprobs(
+                    &l,
+                    s.job.params.sampling.temperature,
+                    token,
+                    top,
+                );
+                if s.job.events.send(Event::Logprobs(lp)).is_err() {
+                    exits.push((i, Exit::Cancelled));
+                    continue;
+                }
+            }
             if !s.first_token {
                 s.first_token = true;
                 let m = &self.sched.metrics;

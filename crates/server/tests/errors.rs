@@ -168,8 +168,41 @@ fn invalid_parameters_are_400s_naming_the_parameter() {
         ),
         (
             COMPLETIONS,
-            with(completion("x", 2), "logprobs", json!(5)),
+            with(completion("x", 2), "logprobs", json!(6)),
             "logprobs",
+        ),
+        (
+            COMPLETIONS,
+            with(completion("x", 2), "logprobs", json!(true)),
+            "logprobs",
+        ),
+        (
+            CHAT,
+            with(chat("x", 2), "logprobs", json!("yes")),
+            "logprobs",
+        ),
+        (
+            CHAT,
+            with(chat("x", 2), "top_logprobs", json!(3)),
+            "top_logprobs",
+        ),
+        (
+            CHAT,
+            with(
+                with(chat("x", 2), "logprobs", json!(true)),
+                "top_logprobs",
+                json!(21),
+            ),
+            "top_logprobs",
+        ),
+        (
+            CHAT,
+            with(
+                with(chat("x", 2), "logprobs", json!(true)),
+                "top_logprobs",
+                json!([1]),
+            ),
+            "top_logprobs",
         ),
         (
             COMPLETIONS,
@@ -735,6 +768,7 @@ fn random_body(rng: &mut ChaCha8Rng) -> (&'static str, Vec<u8>) {
         "stream_options",
         "kv_compression",
         "logprobs",
+        "top_logprobs",
         "echo",
         "repetition_penalty",
         "presence_penalty",

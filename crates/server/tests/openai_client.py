@@ -130,6 +130,22 @@ seeded = [client.completions.create(model=model, prompt="Once upon a time", max_
                                     temperature=0.9, seed=11).choices[0].text for _ in range(2)]
 out["seeded_equal"] = seeded[0] == seeded[1]
 
+# Log-probabilities, as the client's types read them.
+r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                   max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+lp = r.choices[0].logprobs.content
+out["chat_logprobs"] = {"content": r.choices[0].message.content,
+                        "tokens": [t.token for t in lp],
+                        "logprobs": [t.logprob for t in lp],
+                        "top": [[x.logprob for x in t.top_logprobs] for t in lp]}
+r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=4,
+                              temperature=0, logprobs=3)
+lp = r.choices[0].logprobs
+out["completion_logprobs"] = {"text": r.choices[0].text, "tokens": lp.tokens,
+                              "token_logprobs": lp.token_logprobs,
+                              "top": [len(t) for t in lp.top_logprobs],
+                              "text_offset": lp.text_offset}
+
 # Errors, as the client's exception classes.
 errors = {}
 def expect(name, fn):

@@ -99,6 +99,30 @@ fn the_official_openai_client_works_against_the_server() {
     assert_eq!(o["stop"]["finish_reason"], "stop");
     assert!(!o["stop"]["text"].as_str().unwrap().contains(" 7"));
     assert_eq!(o["seeded_equal"], true);
+    // Log-probabilities: one per token, below 0, the greedy choice the most likely.
+    let c = &o["chat_logprobs"];
+    let tokens: Vec<&str> = c["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.concat(), c["content"].as_str().unwrap(), "{c}");
+    for (lp, top) in c["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(c["top"].as_array().unwrap())
+    {
+        let lp = lp.as_f64().unwrap();
+        assert!(lp <= 0.0, "{c}");
+        assert_eq!(top.as_array().unwrap().len(), 2, "{c}");
+        assert!((top[0].as_f64().unwrap() - lp).abs() < 1e-6, "{c}");
+    }
+    let p = &o["completion_logprobs"];
+    assert_eq!(p["tokens"].as_array().unwrap().len(), 4, "{p}");
+    assert_eq!(p["top"], serde_json::json!([3, 3, 3, 3]), "{p}");
+    assert_eq!(p["text_offset"][0], 0, "{p}");
     // Errors arrive as the client's exception classes with OpenAI's codes.
     let e = &o["errors"];
     assert_eq!(e["unknown_model"]["status"], 404);
