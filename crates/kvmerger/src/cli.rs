@@ -622,4 +622,8 @@ pub struct ServeArgs {
     /// `x-kvmerger-ignored-fields` response header.
     #[arg(long)]
     pub strict_api: bool,
+    /// The log on stderr (a line per finished request, warnings, start and stop):
+    /// `text` (key=value) or `json` (one object a line).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 }

@@ -61,6 +61,11 @@ pub fn run(a: ServeArgs, dir: &Path, threads: Option<usize>) -> Result<()> {
         kv_dtype: a.model.kv_dtype.parse().map_err(anyhow::Error::msg)?,
         threads,
         strict_api: a.strict_api,
+        log: kvmerger_server::log::Logger::new(
+            a.log_format
+                .parse()
+                .map_err(|e| anyhow!("--log-format: {e}"))?,
+        ),
     };
     // Check everything but the model name before the (slow) model load.
     cfg.model_id = "pending".into();

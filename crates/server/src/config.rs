@@ -55,6 +55,8 @@ pub struct ServerConfig {
     /// Refuse request fields this server does not know (a 400 naming the field)
     /// instead of ignoring them with a warning and an `x-kvmerger-ignored-fields` header.
     pub strict_api: bool,
+    /// The log on stderr: one line per finished request, warnings (`text` or `json`).
+    pub log: crate::log::Logger,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +83,7 @@ impl Default for ServerConfig {
             kv_dtype: KvDtype::F16,
             threads: None,
             strict_api: false,
+            log: crate::log::Logger::default(),
         }
     }
 }

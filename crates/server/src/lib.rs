@@ -11,7 +11,7 @@
 //!   the KV bytes a request may need;
 //! - [`scheduler`]: one engine thread that admits requests by KV memory, prefills in
 //!   chunks and decodes every running request in one batched forward pass;
-//! - [`metrics`]: Prometheus text.
+//! - [`metrics`]: Prometheus text; [`log`]: the log on stderr (a line per request).
 //!
 //! HTTP runs on tokio; compute runs on the engine thread (and its rayon pool), never on
 //! the async runtime. Limits (body size, API key, request time) are middleware layers;
@@ -22,6 +22,7 @@ pub mod compression;
 pub mod config;
 pub mod contexts;
 pub mod error;
+pub mod log;
 pub mod metrics;
 pub mod routes;
 pub mod scheduler;
@@ -182,7 +183,8 @@ pub async fn serve(
         }))
     });
     if persist {
-        eprintln!("context store: {}", store.describe());
+        cfg.log
+            .message("info", &format!("context store: {}", store.describe()));
     }
     let (sched, engine) =
         Scheduler::start(lm.clone(), limits, metrics.clone(), pool, writer.clone())
@@ -201,12 +203,19 @@ pub async fn serve(
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let app2 = app.clone();
     let header_timeout = app.cfg.header_timeout;
-    let server = serve_connections(listener, router(app.clone()), header_timeout, async move {
-        shutdown.await;
-        app2.shutting_down.store(true, Relaxed);
-        app2.sched.close();
-        let _ = fired_tx.send(());
-    });
+    let log = app.cfg.log.clone();
+    let server = serve_connections(
+        listener,
+        router(app.clone()),
+        header_timeout,
+        log,
+        async move {
+            shutdown.await;
+            app2.shutting_down.store(true, Relaxed);
+            app2.sched.close();
+            let _ = fired_tx.send(());
+        },
+    );
     let mut server = std::pin::pin!(server);
     let result = tokio::select! {
         _ = &mut server => Ok(()),
@@ -243,6 +252,7 @@ async fn serve_connections(
     listener: tokio::net::TcpListener,
     router: Router,
     header_timeout: Duration,
+    log: log::Logger,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -255,7 +265,7 @@ async fn serve_connections(
             r = listener.accept() => match r {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    accept_error(e).await;
+                    accept_error(&log, e).await;
                     continue;
                 }
             },
@@ -275,7 +285,7 @@ async fn serve_connections(
 /// A failed accept: a connection that went away before it was accepted is nothing; out
 /// of file descriptors (or similar), wait a second so that connections can close rather
 /// than spin.
-async fn accept_error(e: std::io::Error) {
+async fn accept_error(log: &log::Logger, e: std::io::Error) {
     use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
     if matches!(
         e.kind(),
@@ -283,7 +293,10 @@ async fn accept_error(e: std::io::Error) {
     ) {
         return;
     }
-    eprintln!("kvmerger: accepting a connection failed: {e}");
+    log.message(
+        "error",
+        &format!("kvmerger: accepting a connection failed: {e}"),
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
@@ -361,25 +374,29 @@ pub fn run(cfg: ServerConfig, lm: LoadedModel) -> Result<(), String> {
             .await
             .map_err(|e| format!("binding {}: {e}", cfg.addr))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        eprintln!(
-            "kvmerger: serving {} on http://{addr} (KV memory {:.0} MiB, compression {} {}{})",
-            cfg.model_id,
-            cfg.kv_memory as f64 / (1 << 20) as f64,
-            cfg.compression.method,
-            cfg.compression.budget_text(),
-            if cfg.api_key.is_some() {
-                ", API key required"
-            } else {
-                ""
-            }
+        let log = cfg.log.clone();
+        log.message(
+            "info",
+            &format!(
+                "kvmerger: serving {} on http://{addr} (KV memory {:.0} MiB, compression {} {}{})",
+                cfg.model_id,
+                cfg.kv_memory as f64 / (1 << 20) as f64,
+                cfg.compression.method,
+                cfg.compression.budget_text(),
+                if cfg.api_key.is_some() {
+                    ", API key required"
+                } else {
+                    ""
+                }
+            ),
         );
-        serve(cfg, lm, listener, shutdown_signal()).await?;
-        eprintln!("kvmerger: stopped");
+        serve(cfg, lm, listener, shutdown_signal(log.clone())).await?;
+        log.message("info", "kvmerger: stopped");
         Ok(())
     })
 }
 
-async fn shutdown_signal() {
+async fn shutdown_signal(log: log::Logger) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -398,5 +415,8 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    eprintln!("kvmerger: shutting down (finishing running requests)");
+    log.message(
+        "info",
+        "kvmerger: shutting down (finishing running requests)",
+    );
 }

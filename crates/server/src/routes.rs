@@ -71,6 +71,7 @@ impl Request {
 
 pub async fn completions(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
     let mut ignored = Vec::new();
+    let mut line = Some(LogLine::new(&app, "completions"));
     let r = async {
         let body = body.map_err(|e| body_error(&app, e))?;
         let req: CompletionRequest;
@@ -92,6 +93,7 @@ pub async fn completions(State(app): AppState, body: Result<Bytes, BytesRejectio
         let stream = req.stream.unwrap_or(false);
         run(
             app.clone(),
+            &mut line,
             Request {
                 kind: Kind::Completion,
                 input: Input::Prompt(prompt),
@@ -108,11 +110,25 @@ pub async fn completions(State(app): AppState, body: Result<Bytes, BytesRejectio
         .await
     }
     .await;
-    report_ignored(r.unwrap_or_else(IntoResponse::into_response), &ignored)
+    if let Some(l) = line.as_mut() {
+        l.ignored = ignored.len();
+        if let Err(e) = &r {
+            l.failed(e);
+        }
+    }
+    // The warning first, then the request's line.
+    let response = report_ignored(
+        &app,
+        r.unwrap_or_else(IntoResponse::into_response),
+        &ignored,
+    );
+    drop(line);
+    response
 }
 
 pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
     let mut ignored = Vec::new();
+    let mut line = Some(LogLine::new(&app, "chat"));
     let r = async {
         let body = body.map_err(|e| body_error(&app, e))?;
         let req: ChatRequest;
@@ -162,6 +178,7 @@ pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> 
         let stream = req.stream.unwrap_or(false);
         run(
             app.clone(),
+            &mut line,
             Request {
                 kind: Kind::Chat,
                 input: Input::Messages(messages),
@@ -178,18 +195,39 @@ pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> 
         .await
     }
     .await;
-    report_ignored(r.unwrap_or_else(IntoResponse::into_response), &ignored)
+    if let Some(l) = line.as_mut() {
+        l.ignored = ignored.len();
+        if let Err(e) = &r {
+            l.failed(e);
+        }
+    }
+    // The warning first, then the request's line.
+    let response = report_ignored(
+        &app,
+        r.unwrap_or_else(IntoResponse::into_response),
+        &ignored,
+    );
+    drop(line);
+    response
 }
 
 /// Unknown fields a request carried (not refused: `--strict-api` is off) are named in a
 /// warning on stderr and in the `x-kvmerger-ignored-fields` response header.
-fn report_ignored(mut r: Response, ignored: &[String]) -> Response {
+fn report_ignored(app: &App, mut r: Response, ignored: &[String]) -> Response {
     if ignored.is_empty() {
         return r;
     }
     let list = api::ignored_list(ignored);
-    eprintln!(
-        "kvmerger: warning: ignored unknown request fields: {list} (--strict-api refuses them)"
+    app.cfg.log.line(
+        "warn",
+        "ignored_fields",
+        &[
+            ("fields", json!(list)),
+            (
+                "note",
+                json!("unknown request fields, ignored (--strict-api refuses them)"),
+            ),
+        ],
     );
     if let Ok(v) = header::HeaderValue::from_str(&list) {
         r.headers_mut().insert(IGNORED_FIELDS, v);
@@ -252,7 +290,11 @@ fn compression(app: &App, v: Option<&Value>) -> Result<RequestCompression, ApiEr
 }
 
 /// Tokenize (off the async threads), check lengths and memory, queue, answer.
-async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
+async fn run(
+    app: Arc<App>,
+    line: &mut Option<LogLine>,
+    req: Request,
+) -> Result<Response, ApiError> {
     if app.shutting_down.load(Relaxed) {
         return Err(ApiError::shutting_down());
     }
@@ -284,10 +326,13 @@ async fn run(app: Arc<App>, req: Request) -> Result<Response, ApiError> {
         logprobs: req.logprobs,
         lm: app.lm.clone(),
     };
+    if let Some(l) = line.as_mut() {
+        l.id = Some(meta.id.clone());
+    }
     if req.stream {
-        Ok(stream_response(meta, rx, req.include_usage))
+        Ok(stream_response(meta, rx, req.include_usage, line.take()))
     } else {
-        collect(meta, rx).await
+        collect(meta, rx, line).await
     }
 }
 
@@ -575,6 +620,95 @@ fn context_split(app: &App, req: &Request, prompt: &[u32]) -> Result<(Protocol, 
     Ok((Protocol::Agnostic, end))
 }
 
+/// The log line of one generation request, written once, when dropped: after the
+/// answer (or the stream's last event), on a refusal, or when the client went away
+/// first (`status=cancelled`).
+struct LogLine {
+    log: crate::log::Logger,
+    endpoint: &'static str,
+    model: String,
+    arrived: Instant,
+    id: Option<String>,
+    report: Option<PromptReport>,
+    done: Option<Finished>,
+    error: Option<(u16, Option<&'static str>, Option<String>)>,
+    ignored: usize,
+}
+
+impl LogLine {
+    fn new(app: &App, endpoint: &'static str) -> LogLine {
+        LogLine {
+            log: app.cfg.log.clone(),
+            endpoint,
+            model: app.cfg.model_id.clone(),
+            arrived: Instant::now(),
+            id: None,
+            report: None,
+            done: None,
+            error: None,
+            ignored: 0,
+        }
+    }
+
+    fn failed(&mut self, e: &ApiError) {
+        self.error = Some((e.status.as_u16(), e.code, e.param.clone()));
+    }
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        let (status, level) = match (&self.error, &self.done) {
+            (Some((s, ..)), _) if *s >= 500 => (json!(s), "error"),
+            (Some((s, ..)), _) => (json!(s), "warn"),
+            (None, Some(_)) => (json!(200), "info"),
+            (None, None) => (json!("cancelled"), "warn"),
+        };
+        let r = self.report.as_ref();
+        let d = self.done.as_ref();
+        let e = self.error.as_ref();
+        let ms = |x: f64| (x * 10.0).round() / 10.0;
+        self.log.line(
+            level,
+            "request",
+            &[
+                ("id", json!(self.id)),
+                ("endpoint", json!(self.endpoint)),
+                ("model", json!(self.model)),
+                ("status", status),
+                ("method", json!(r.map(|r| &r.method))),
+                ("budget", json!(r.map(|r| &r.budget))),
+                (
+                    "kept",
+                    json!(r.map(|r| if r.slots_full == 0 {
+                        1.0
+                    } else {
+                        r.slots_kept as f64 / r.slots_full as f64
+                    })),
+                ),
+                ("prompt_tokens", json!(r.map(|r| r.prompt_tokens))),
+                ("cached_tokens", json!(r.map(|r| r.cached_tokens))),
+                ("completion_tokens", json!(d.map(|d| d.completion_tokens))),
+                ("ttft_ms", json!(d.and_then(|d| d.first_token_ms).map(ms))),
+                (
+                    "tokens_per_s",
+                    json!(d.and_then(|d| d.tokens_per_s).map(ms)),
+                ),
+                (
+                    "duration_ms",
+                    json!(ms(self.arrived.elapsed().as_secs_f64() * 1e3)),
+                ),
+                ("finish_reason", json!(d.map(|d| finish_reason(d.reason)))),
+                ("error", json!(e.and_then(|e| e.1))),
+                ("param", json!(e.and_then(|e| e.2.as_deref()))),
+                (
+                    "ignored_fields",
+                    json!((self.ignored > 0).then_some(self.ignored)),
+                ),
+            ],
+        );
+    }
+}
+
 struct Meta {
     id: String,
     kind: Kind,
@@ -681,17 +815,29 @@ fn usage(meta: &Meta, report: Option<&PromptReport>, done: &Finished) -> Value {
     u
 }
 
-async fn collect(meta: Meta, mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Response, ApiError> {
+async fn collect(
+    meta: Meta,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    line: &mut Option<LogLine>,
+) -> Result<Response, ApiError> {
     let mut text = String::new();
     let mut report = None;
     let mut lps = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
-            Event::Prefilled(r) => report = Some(r),
+            Event::Prefilled(r) => {
+                if let Some(l) = line.as_mut() {
+                    l.report = Some(r.clone());
+                }
+                report = Some(r)
+            }
             Event::Text(t) => text.push_str(&t),
             Event::Logprobs(l) => lps.push(l),
             Event::Failed(e) => return Err(e),
             Event::Done(done) => {
+                if let Some(l) = line.as_mut() {
+                    l.done = Some(done.clone());
+                }
                 let logprobs = meta.logprobs(&lps, &mut 0);
                 let choice = match meta.kind {
                     Kind::Completion => json!({
@@ -742,6 +888,8 @@ struct StreamState {
     pending: Vec<TokenLogprobs>,
     /// Text offset of the next token (completions' `text_offset`).
     offset: usize,
+    /// Written when the stream ends or is dropped (the client went away).
+    line: Option<LogLine>,
 }
 
 impl StreamState {
@@ -787,6 +935,9 @@ impl StreamState {
     fn on(&mut self, ev: Option<Event>) {
         match ev {
             Some(Event::Prefilled(r)) => {
+                if let Some(l) = self.line.as_mut() {
+                    l.report = Some(r.clone());
+                }
                 self.report = Some(r);
                 if self.meta.kind == Kind::Chat {
                     let e = self.chunk(None, true, None);
@@ -799,6 +950,9 @@ impl StreamState {
             }
             Some(Event::Logprobs(l)) => self.pending.push(l),
             Some(Event::Done(done)) => {
+                if let Some(l) = self.line.as_mut() {
+                    l.done = Some(done.clone());
+                }
                 let e = self.chunk(None, false, Some(finish_reason(done.reason)));
                 self.out.push_back(e);
                 if self.include_usage {
@@ -817,14 +971,19 @@ impl StreamState {
                 self.ended = true;
             }
             Some(Event::Failed(e)) => {
+                if let Some(l) = self.line.as_mut() {
+                    l.failed(&e);
+                }
                 let ev = self.data(e.body());
                 self.out.push_back(ev);
                 self.ended = true;
             }
             None => {
-                let ev = self.data(
-                    ApiError::internal("the engine stopped before the request finished").body(),
-                );
+                let e = ApiError::internal("the engine stopped before the request finished");
+                if let Some(l) = self.line.as_mut() {
+                    l.failed(&e);
+                }
+                let ev = self.data(e.body());
                 self.out.push_back(ev);
                 self.ended = true;
             }
@@ -838,8 +997,10 @@ fn stream_response(
     meta: Meta,
     rx: mpsc::UnboundedReceiver<Event>,
     include_usage: bool,
+    line: Option<LogLine>,
 ) -> Response {
     let state = StreamState {
+        line,
         meta,
         rx,
         include_usage,
@@ -924,7 +1085,11 @@ pub async fn tokenize(State(app): AppState, body: Result<Bytes, BytesRejection>)
         .into_response())
     }
     .await;
-    report_ignored(r.unwrap_or_else(IntoResponse::into_response), &ignored)
+    report_ignored(
+        &app,
+        r.unwrap_or_else(IntoResponse::into_response),
+        &ignored,
+    )
 }
 
 /// `POST /detokenize`: token ids to text (`content`, as llama-server answers, and
@@ -943,7 +1108,11 @@ pub async fn detokenize(State(app): AppState, body: Result<Bytes, BytesRejection
         Ok::<_, ApiError>(Json(json!({"content": text, "prompt": text})).into_response())
     }
     .await;
-    report_ignored(r.unwrap_or_else(IntoResponse::into_response), &ignored)
+    report_ignored(
+        &app,
+        r.unwrap_or_else(IntoResponse::into_response),
+        &ignored,
+    )
 }
 
 pub async fn models(State(app): AppState) -> Json<Value> {
@@ -1194,7 +1363,11 @@ pub async fn create_context(State(app): AppState, body: Result<Bytes, BytesRejec
         Ok((StatusCode::CREATED, Json(card)).into_response())
     }
     .await;
-    report_ignored(r.unwrap_or_else(IntoResponse::into_response), &ignored)
+    report_ignored(
+        &app,
+        r.unwrap_or_else(IntoResponse::into_response),
+        &ignored,
+    )
 }
 
 /// `GET /v1/contexts`: every stored context, most recently used first.

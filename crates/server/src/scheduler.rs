@@ -107,6 +107,11 @@ pub struct Finished {
     pub recompressions: usize,
     /// A compress-only job's compressed context, as a compressed-context file.
     pub context: Option<Vec<u8>>,
+    /// From arrival to the first sampled token (none for a compress-only job).
+    pub first_token_ms: Option<f64>,
+    /// Tokens generated after the first, per second since the first (the decode rate;
+    /// none with fewer than two tokens).
+    pub tokens_per_s: Option<f64>,
 }
 
 /// Admission and batching settings.
@@ -237,7 +242,8 @@ struct Seq<'m> {
     decoder: Decoder<'m>,
     reserved: usize,
     prefill_started: Option<Instant>,
-    first_token: bool,
+    /// When the first token was sampled.
+    first_token: Option<Instant>,
     /// The cached context this sequence started from, and the prompt tokens it held.
     source: Option<u64>,
     cached_tokens: usize,
@@ -475,7 +481,7 @@ impl<'m> Engine<'m> {
                 decoder,
                 reserved: need,
                 prefill_started: None,
-                first_token: false,
+                first_token: None,
                 source,
                 cached_tokens,
                 compress_ms: 0.0,
@@ -634,8 +640,8 @@ impl<'m> Engine<'m> {
                     continue;
                 }
             }
-            if !s.first_token {
-                s.first_token = true;
+            if s.first_token.is_none() {
+                s.first_token = Some(Instant::now());
                 let m = &self.sched.metrics;
                 m.time_to_first_token_us
                     .fetch_add(s.job.arrived.elapsed().as_micros() as u64, Relaxed);
@@ -685,9 +691,18 @@ impl<'m> Engine<'m> {
                             std::mem::take(&mut s.job.context_extra),
                         )
                     });
+                    let n = s.decoder.tokens().len();
+                    let rate = s.first_token.and_then(|t| {
+                        let secs = t.elapsed().as_secs_f64();
+                        (n > 1 && secs > 0.0).then(|| (n - 1) as f64 / secs)
+                    });
                     let _ = s.job.events.send(Event::Done(Finished {
+                        first_token_ms: s
+                            .first_token
+                            .map(|t| (t - s.job.arrived).as_secs_f64() * 1e3),
+                        tokens_per_s: rate,
                         reason,
-                        completion_tokens: s.decoder.tokens().len(),
+                        completion_tokens: n,
                         kv_bytes_final: s.seq.kv_bytes(),
                         recompressions: s.seq.decode_passes(),
                         context,
