@@ -243,7 +243,7 @@ def main():
         # Weights paged in on both replicas before anything is timed.
         for _ in range(2):
             ask(client, args.model, [{"role": "system", "content": "Say hi."},
-                                     {"role": "user", "content": "Hi"}], 2, extra)
+                                     {"role": "user", "content": "Hi"}], 2, {})
 
         def round_of(label):
             rows = []
@@ -265,7 +265,7 @@ def main():
             stop(procs["nginx"])
             procs["nginx"] = start_nginx(work, pport, [p1b, p2])
         ask(client, args.model, [{"role": "system", "content": "Say hi."},
-                                 {"role": "user", "content": "Hi"}], 2, extra)
+                                 {"role": "user", "content": "Hi"}], 2, {})
         second = round_of("round_2_after_restart")
         if args.store == "redis":
             sizes = redis_entries(rport)
