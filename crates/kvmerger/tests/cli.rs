@@ -483,3 +483,23 @@ fn an_unknown_or_unsupported_kernel_family_is_refused_at_start() {
         String::from_utf8_lossy(&widest.stdout)
     );
 }
+
+/// Every `kvmerger ...` example in the README parses, and the cheap ones run
+/// (scripts/check_readme.py, which lists them).
+#[test]
+fn the_readme_examples_parse_and_the_cheap_ones_run() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new("python3")
+        .arg(root.join("scripts/check_readme.py"))
+        .args(["--bin", env!("CARGO_BIN_EXE_kvmerger"), "--readme"])
+        .arg(root.join("README.md"))
+        .output()
+        .expect("python3 runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("README commands parsed"), "{text}");
+}
