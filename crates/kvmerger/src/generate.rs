@@ -9,7 +9,9 @@ use crate::shared::session::{
 use crate::shared::text::read_text;
 use anyhow::{bail, Result};
 use kvmerger_engine::chat::Message;
-use kvmerger_engine::generate::GenerateParams;
+use kvmerger_engine::generate::{GenerateParams, Generation};
+use kvmerger_engine::load::LoadedModel;
+use kvmerger_engine::sequence::Sequence;
 use std::io::Write;
 
 fn read_prompt(a: &GenerateArgs) -> Result<String> {
@@ -73,14 +75,7 @@ pub fn run(a: GenerateArgs, dir: &std::path::Path) -> Result<()> {
     if !split.question.is_empty() {
         seq.append(&lm.model, &split.question)?;
     }
-    let mut out = std::io::stdout().lock();
-    let gen = decode_sequence(&lm, &mut seq, &params, &mut |s| {
-        let _ = out.write_all(s.as_bytes());
-        let _ = out.flush();
-        true
-    })?;
-    drop(out);
-    println!();
+    let gen = decode_to_stdout(&lm, &mut seq, &params)?;
     let what = if context.is_some() {
         format!(
             "context {} tokens in {:.2}s ({:.1} tok/s, KV {:.1} MiB), question {} tokens",
@@ -140,14 +135,7 @@ fn generate_from_kv(
     }
     let loaded = t0.elapsed().as_secs_f64();
     seq.append(&lm.model, &question)?;
-    let mut out = std::io::stdout().lock();
-    let gen = decode_sequence(&lm, &mut seq, params, &mut |s| {
-        let _ = out.write_all(s.as_bytes());
-        let _ = out.flush();
-        true
-    })?;
-    drop(out);
-    println!();
+    let gen = decode_to_stdout(&lm, &mut seq, params)?;
     eprintln!(
         "[{}] context {} tokens from {} ({}, {:.1} MiB), question {} tokens; first token after {:.2}s; generated {} tokens in {:.2}s, stop: {:?}",
         lm.name,
@@ -162,4 +150,22 @@ fn generate_from_kv(
         gen.stop
     );
     Ok(())
+}
+
+/// Decodes from `seq`, writing each piece to standard output as it comes, then a
+/// newline.
+fn decode_to_stdout(
+    lm: &LoadedModel,
+    seq: &mut Sequence,
+    params: &GenerateParams,
+) -> Result<Generation> {
+    let mut out = std::io::stdout().lock();
+    let gen = decode_sequence(lm, seq, params, &mut |s| {
+        let _ = out.write_all(s.as_bytes());
+        let _ = out.flush();
+        true
+    })?;
+    drop(out);
+    println!();
+    Ok(gen)
 }

@@ -110,20 +110,7 @@ pub async fn completions(State(app): AppState, body: Result<Bytes, BytesRejectio
         .await
     }
     .await;
-    if let Some(l) = line.as_mut() {
-        l.ignored = ignored.len();
-        if let Err(e) = &r {
-            l.failed(e);
-        }
-    }
-    // The warning first, then the request's line.
-    let response = report_ignored(
-        &app,
-        r.unwrap_or_else(IntoResponse::into_response),
-        &ignored,
-    );
-    drop(line);
-    response
+    conclude(&app, line, &ignored, r)
 }
 
 pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
@@ -195,18 +182,24 @@ pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> 
         .await
     }
     .await;
+    conclude(&app, line, &ignored, r)
+}
+
+/// The response of a completions or chat handler, with its ignored fields named and
+/// its log line finished: the warning first, then the request's line.
+fn conclude(
+    app: &App,
+    mut line: Option<LogLine>,
+    ignored: &[String],
+    r: Result<Response, ApiError>,
+) -> Response {
     if let Some(l) = line.as_mut() {
         l.ignored = ignored.len();
         if let Err(e) = &r {
             l.failed(e);
         }
     }
-    // The warning first, then the request's line.
-    let response = report_ignored(
-        &app,
-        r.unwrap_or_else(IntoResponse::into_response),
-        &ignored,
-    );
+    let response = report_ignored(app, r.unwrap_or_else(IntoResponse::into_response), ignored);
     drop(line);
     response
 }
