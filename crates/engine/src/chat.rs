@@ -29,6 +29,26 @@ pub struct Message {
     /// `system`, `user`, `assistant` (or whatever else the template knows).
     pub role: String,
     pub content: String,
+    /// An assistant turn's tool calls, as OpenAI's API gives them (`[{"id", "type":
+    /// "function", "function": {"name", "arguments"}}]`, with `arguments` parsed into
+    /// JSON where it parses, since templates write it with `tojson`).
+    pub tool_calls: Option<serde_json::Value>,
+    /// A tool turn's answer is to this call.
+    pub tool_call_id: Option<String>,
+    /// A tool turn's function name.
+    pub name: Option<String>,
+}
+
+/// How [`ChatTemplate::render_with`] renders a conversation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RenderOptions<'a> {
+    /// End with the opening of a new assistant turn.
+    pub add_generation_prompt: bool,
+    /// Continue the final (assistant) message instead: the text ends where that
+    /// message's content ends, with no end-of-turn after it (assistant prefill).
+    pub continue_final_message: bool,
+    /// Tools (OpenAI's `tools` array) for templates that describe them to the model.
+    pub tools: Option<&'a serde_json::Value>,
 }
 
 impl Message {
@@ -36,6 +56,9 @@ impl Message {
         Message {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
     pub fn system(content: impl Into<String>) -> Message {
@@ -47,6 +70,21 @@ impl Message {
     pub fn assistant(content: impl Into<String>) -> Message {
         Message::new("assistant", content)
     }
+}
+
+/// A message as templates see it: `role`, `content`, and the tool fields when set.
+fn message_value(m: &Message) -> Value {
+    let mut v = serde_json::json!({"role": m.role, "content": m.content});
+    if let Some(calls) = &m.tool_calls {
+        v["tool_calls"] = calls.clone();
+    }
+    if let Some(id) = &m.tool_call_id {
+        v["tool_call_id"] = serde_json::json!(id);
+    }
+    if let Some(n) = &m.name {
+        v["name"] = serde_json::json!(n);
+    }
+    Value::from(minijinja::value::Serde(v))
 }
 
 /// Which template a [`ChatTemplate`] runs.
@@ -252,15 +290,67 @@ impl ChatTemplate {
     /// Renders a conversation; with `add_generation_prompt` the text ends
     /// with the opening of an assistant turn.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let input: usize = messages.iter().map(|m| m.content.len()).sum();
+        self.render_with(
+            messages,
+            &RenderOptions {
+                add_generation_prompt,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Renders a conversation with tools, or continuing its final assistant message.
+    pub fn render_with(&self, messages: &[Message], opts: &RenderOptions) -> Result<String> {
+        if opts.continue_final_message {
+            if opts.add_generation_prompt {
+                return Err(Error::Invalid(
+                    "continue_final_message and add_generation_prompt cannot both be set".into(),
+                ));
+            }
+            return self.render_continued(messages, opts);
+        }
+        self.render_raw(messages, opts)
+    }
+
+    /// The conversation cut right after the final assistant message's content.
+    fn render_continued(&self, messages: &[Message], opts: &RenderOptions) -> Result<String> {
+        let last =
+            match messages.last() {
+                Some(m) if m.role == "assistant" && !m.content.trim().is_empty() => m,
+                _ => return Err(Error::Invalid(
+                    "continue_final_message needs a final assistant message with text to continue"
+                        .into(),
+                )),
+            };
+        let text = self.render_raw(messages, opts)?;
+        let content = last.content.as_str();
+        let end = text
+            .rfind(content)
+            .map(|at| at + content.len())
+            .or_else(|| {
+                let t = content.trim();
+                text.rfind(t).map(|at| at + t.len())
+            })
+            .ok_or_else(|| {
+                Error::Template(
+                    "the chat template does not show the final assistant message verbatim,                      so it cannot be continued"
+                        .into(),
+                )
+            })?;
+        Ok(text[..end].to_string())
+    }
+
+    fn render_raw(&self, messages: &[Message], opts: &RenderOptions) -> Result<String> {
+        let add_generation_prompt = opts.add_generation_prompt;
+        let input: usize = messages.iter().map(|m| m.content.len()).sum::<usize>()
+            + opts.tools.map_or(0, |t| t.to_string().len());
         let count = messages.len();
-        let messages: Vec<Value> = messages
-            .iter()
-            .map(|m| context! { role => m.role.clone(), content => m.content.clone() })
-            .collect();
+        let messages: Vec<Value> = messages.iter().map(message_value).collect();
+        let tools = opts.tools.map(|t| Value::from(minijinja::value::Serde(t)));
         let ctx = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
+            tools => tools,
             bos_token => self.bos_token.clone(),
             eos_token => self.eos_token.clone(),
         };

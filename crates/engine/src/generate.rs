@@ -36,6 +36,23 @@ pub enum StopReason {
     Context,
     /// The callback asked to stop.
     Cancelled,
+    /// A [`TokenConstraint`] failed (its message is in [`Decoder::constraint_error`]).
+    Constraint,
+}
+
+/// A constraint on which tokens may come next (structured outputs: a JSON schema, a
+/// tool call's grammar). The decoder asks it for a mask before each sample and tells it
+/// every token drawn. Implemented outside the engine (the server wraps llguidance).
+pub trait TokenConstraint: Send {
+    /// Sets the logits of tokens that may not come next to negative infinity.
+    /// End-of-sequence tokens stay allowed exactly when the constrained text may end.
+    fn mask(&mut self, logits: &mut [f32]) -> Result<(), String>;
+    /// The token drawn (never an end-of-sequence token).
+    fn accept(&mut self, token: u32) -> Result<(), String>;
+    /// The constrained text is complete: nothing but end-of-sequence may follow.
+    fn is_finished(&self) -> bool;
+    /// An independent copy in the same state (for `n` > 1 choices).
+    fn fork(&self) -> Box<dyn TokenConstraint>;
 }
 
 #[derive(Clone, Debug)]
@@ -95,6 +112,8 @@ pub enum Step {
 /// time. [`crate::sequence::Sequence::generate`] drives it over one cache; a server drives many of them over a
 /// batched forward pass.
 pub struct Decoder<'t> {
+    tok: &'t Tokenizer,
+    params: GenerateParams,
     sampler: Sampler,
     stops: &'t [u32],
     history: Vec<u32>,
@@ -107,11 +126,15 @@ pub struct Decoder<'t> {
     max_tokens: usize,
     stop: Vec<String>,
     ignore_eos: bool,
+    constraint: Option<Box<dyn TokenConstraint>>,
+    constraint_error: Option<String>,
 }
 
 impl<'t> Decoder<'t> {
     pub fn new(tok: &'t Tokenizer, prompt: &[u32], params: &GenerateParams) -> Result<Self, Error> {
         Ok(Decoder {
+            tok,
+            params: params.clone(),
             sampler: Sampler::new(params.sampling.clone())?,
             stops: tok.stop_ids(),
             history: prompt.to_vec(),
@@ -123,7 +146,45 @@ impl<'t> Decoder<'t> {
             max_tokens: params.max_tokens,
             stop: params.stop.clone(),
             ignore_eos: params.ignore_eos,
+            constraint: None,
+            constraint_error: None,
         })
+    }
+
+    /// Only tokens `c` allows are drawn from now on.
+    pub fn with_constraint(mut self, c: Box<dyn TokenConstraint>) -> Self {
+        self.constraint = Some(c);
+        self
+    }
+
+    /// A decoder for another choice over the same prompt (`n` > 1), before any token
+    /// is drawn: the same settings and constraint, sampling with `seed`.
+    pub fn fork(&self, prompt: &[u32], seed: u64) -> Result<Decoder<'t>, Error> {
+        let mut params = self.params.clone();
+        params.sampling.seed = seed;
+        let d = Decoder::new(self.tok, prompt, &params)?;
+        Ok(match &self.constraint {
+            Some(c) => d.with_constraint(c.fork()),
+            None => d,
+        })
+    }
+
+    /// Why the generation stopped with [`StopReason::Constraint`].
+    pub fn constraint_error(&self) -> Option<&str> {
+        self.constraint_error.as_deref()
+    }
+
+    /// The constraint's mask on `logits`; Some(reason) when the generation must stop.
+    fn constrain(&mut self, logits: &mut [f32]) -> Option<StopReason> {
+        let c = self.constraint.as_mut()?;
+        if c.is_finished() {
+            return Some(StopReason::Eos);
+        }
+        if let Err(e) = c.mask(logits) {
+            self.constraint_error = Some(e);
+            return Some(StopReason::Constraint);
+        }
+        None
     }
 
     /// Sample the next token from `logits` (the last position's). Text that became
@@ -132,9 +193,18 @@ impl<'t> Decoder<'t> {
         if self.tokens.len() >= self.max_tokens {
             return Step::Stop(StopReason::MaxTokens);
         }
+        if let Some(reason) = self.constrain(logits) {
+            return Step::Stop(reason);
+        }
         let next = self.sampler.sample(logits, &self.history);
-        if !self.ignore_eos && self.stops.contains(&next) {
+        if (!self.ignore_eos || self.constraint.is_some()) && self.stops.contains(&next) {
             return Step::Stop(StopReason::Eos);
+        }
+        if let Some(c) = self.constraint.as_mut() {
+            if let Err(e) = c.accept(next) {
+                self.constraint_error = Some(e);
+                return Step::Stop(StopReason::Constraint);
+            }
         }
         self.tokens.push(next);
         self.history.push(next);

@@ -3,7 +3,7 @@
 //! to the compressed cache afterwards (the query-agnostic protocol), and the prompts
 //! of KVzip's context reconstruction pass.
 
-use crate::chat::Message;
+use crate::chat::{Message, RenderOptions};
 use crate::load::LoadedModel;
 use crate::Error;
 
@@ -69,7 +69,21 @@ impl LoadedModel {
         add_generation_prompt: bool,
         limit: usize,
     ) -> Result<Vec<u32>, Error> {
-        let text = self.template.render(messages, add_generation_prompt)?;
+        let opts = RenderOptions {
+            add_generation_prompt,
+            ..Default::default()
+        };
+        self.encode_chat(messages, &opts, limit)
+    }
+
+    /// [`Self::encode_conversation`] with tools or a continued final message.
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        opts: &RenderOptions,
+        limit: usize,
+    ) -> Result<Vec<u32>, Error> {
+        let text = self.template.render_with(messages, opts)?;
         let inside: Vec<_> = messages
             .iter()
             .map(|m| self.tokenizer.control_token_ranges(&m.content))
@@ -86,9 +100,12 @@ impl LoadedModel {
             // Whole tokens' bytes became ASCII, so this stays UTF-8.
             let content = String::from_utf8(bytes)
                 .map_err(|_| Error::Invalid("a message is not UTF-8 text".into()))?;
-            masked.push(Message::new(m.role.clone(), content));
+            masked.push(Message {
+                content,
+                ..m.clone()
+            });
         }
-        let other = self.template.render(&masked, add_generation_prompt)?;
+        let other = self.template.render_with(&masked, opts)?;
         if other.len() != text.len() {
             return Err(Error::Invalid(
                 "a message contains control-token text (such as <|im_end|>), and this chat \

@@ -3,9 +3,11 @@
 //! Unknown fields are collected (each struct's `extra`) and, by default, ignored: the
 //! handler names them in a warning and in the `x-kvmerger-ignored-fields` header; with
 //! `--strict-api` they are errors naming the field. Known parameters whose OpenAI
-//! meaning this engine does not implement (`n > 1`, tools, ...) are always errors:
-//! silently ignoring them would return something other than what was asked.
-//! Extensions: `top_k`, `repetition_penalty`, `ignore_eos`, `kv_compression`.
+//! meaning this engine does not implement (`echo`, `suffix`, `best_of` > 1, image
+//! parts, ...) are always errors: silently ignoring them would return something other
+//! than what was asked.
+//! Extensions: `top_k`, `repetition_penalty`, `ignore_eos`, `kv_compression`,
+//! `kv_context`, and vLLM's `continue_final_message` / `add_generation_prompt`.
 
 use crate::error::ApiError;
 use serde::de::DeserializeOwned;
@@ -57,6 +59,10 @@ pub struct ChatMessage {
     #[serde(default)]
     pub content: Value,
     pub name: Option<String>,
+    /// An assistant turn's calls (`[{"id", "type": "function", "function": {"name", "arguments"}}]`).
+    pub tool_calls: Option<Value>,
+    /// A tool turn answers this call.
+    pub tool_call_id: Option<String>,
     #[serde(flatten)]
     pub extra: Extra,
 }
@@ -93,6 +99,12 @@ pub struct ChatRequest {
     pub kv_compression: Option<Value>,
     /// A stored context (`POST /v1/contexts`) whose messages come before these.
     pub kv_context: Option<String>,
+    /// Continue the final assistant message (vLLM's name; the default when the last
+    /// message is the assistant's).
+    pub continue_final_message: Option<bool>,
+    /// Open a new assistant turn after the messages (vLLM's name; the default unless
+    /// the last message is the assistant's).
+    pub add_generation_prompt: Option<bool>,
     #[serde(flatten)]
     pub extra: Extra,
 }
@@ -341,6 +353,8 @@ pub struct Sampling {
     pub seed: u64,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Choices to generate (`n`), 1 to [`MAX_N`].
+    pub n: usize,
 }
 
 /// The raw common fields, from either request type.
@@ -500,6 +514,9 @@ pub fn completion_logprobs(v: Option<&Value>) -> Result<Option<usize>, ApiError>
     }
 }
 
+/// The most choices one request may ask for (`n`).
+pub const MAX_N: usize = 16;
+
 pub fn unsupported(param: &str, what: &str) -> ApiError {
     let what = if what.is_empty() {
         String::new()
@@ -590,11 +607,16 @@ impl RawSampling<'_> {
                 format!("min_p must be between 0 (off) and 1, got {min_p}"),
             ));
         }
-        if let Some(n) = self.n {
-            if n != 1 {
-                return Err(unsupported("n", "other than 1"));
+        let n = match self.n {
+            None => 1,
+            Some(n) if (1..=MAX_N as i64).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(ApiError::param(
+                    "n",
+                    format!("n must be between 1 and {MAX_N}, got {n}"),
+                ))
             }
-        }
+        };
         let logit_bias = parse_logit_bias(self.logit_bias)?;
         let stop = parse_stop(self.stop)?;
         Ok(Sampling {
@@ -611,6 +633,7 @@ impl RawSampling<'_> {
             seed: self.seed.unwrap_or(0) as u64,
             stop,
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            n,
         })
     }
 }
@@ -723,13 +746,14 @@ pub fn message_role(i: usize, role: &str) -> Result<&'static str, ApiError> {
         "system" | "developer" => Ok("system"),
         "user" => Ok("user"),
         "assistant" => Ok("assistant"),
-        "tool" | "function" => Err(unsupported(
+        "tool" => Ok("tool"),
+        "function" => Err(unsupported(
             &format!("messages.{i}.role"),
-            &format!("'{role}' (tools are not supported)"),
+            "'function' (deprecated by OpenAI: use 'tool')",
         )),
         other => Err(ApiError::param(
             format!("messages.{i}.role"),
-            format!("unknown role '{other}' (expected system, developer, user or assistant)"),
+            format!("unknown role '{other}' (expected system, developer, user, assistant or tool)"),
         )),
     }
 }
@@ -876,7 +900,8 @@ mod tests {
             (json!({"top_p": 0}), "top_p"),
             (json!({"top_k": -2}), "top_k"),
             (json!({"repetition_penalty": 0}), "repetition_penalty"),
-            (json!({"n": 2}), "n"),
+            (json!({"n": 0}), "n"),
+            (json!({"n": 17}), "n"),
             (json!({"frequency_penalty": 2.5}), "frequency_penalty"),
             (json!({"presence_penalty": -2.01}), "presence_penalty"),
             (json!({"min_p": 1.5}), "min_p"),
@@ -939,7 +964,8 @@ mod tests {
         );
         assert!(message_text(0, &json!(5)).is_err());
         assert_eq!(message_role(0, "developer").unwrap(), "system");
-        assert!(message_role(1, "tool").is_err());
+        assert_eq!(message_role(1, "tool").unwrap(), "tool");
+        assert!(message_role(1, "function").is_err());
         assert!(message_role(1, "wizard").is_err());
     }
 }

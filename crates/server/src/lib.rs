@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod routes;
 pub mod scheduler;
 pub mod store;
+pub mod structured;
 
 pub use compression::RequestRecipe;
 pub use config::{parse_bytes, ServerConfig};
@@ -63,6 +64,8 @@ pub struct App {
     pub store: Arc<dyn store::ContextStore>,
     /// Whether `store` is the configured (persistent, shared) one.
     pub persist: bool,
+    /// Structured outputs' vocabulary and grammar compiler (built on first use).
+    pub grammars: structured::Grammars,
 }
 
 /// The routes with their layers: request counting, API key, request time limit, body limit.
@@ -199,6 +202,7 @@ pub async fn serve(
         next_id: AtomicU64::new(1),
         store,
         persist,
+        grammars: Default::default(),
     });
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let app2 = app.clone();

@@ -5,6 +5,7 @@ use crate::api::{self, ChatRequest, CompletionRequest, Prompt, RawSampling, Samp
 use crate::compression::{estimate, request_protocol, RequestRecipe};
 use crate::error::ApiError;
 use crate::scheduler::{Event, Finished, Job, PromptReport};
+use crate::structured::{self, Tool, ToolChoice, ToolFormat};
 use crate::App;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -14,13 +15,14 @@ use axum::response::sse::{self, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kvmerger_compression::{Protocol, Recipe};
-use kvmerger_engine::chat::Message;
+use kvmerger_engine::chat::{Message, RenderOptions};
 use kvmerger_engine::compress::Compressor;
 use kvmerger_engine::generate::{GenerateParams, StopReason};
 use kvmerger_engine::kvc;
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::sampling::{SamplingParams, TokenLogprobs};
 use kvmerger_engine::sequence::Sequence;
+use llguidance::api::TopLevelGrammar;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -61,6 +63,80 @@ struct Request {
     prompt_param: &'static str,
     /// Report log-probabilities, with this many alternatives per token.
     logprobs: Option<usize>,
+    /// How chat messages become the prompt.
+    render: Render,
+    /// The grammar the answer must follow, and the field that asked for it.
+    grammar: Option<(TopLevelGrammar, &'static str)>,
+    /// Tools the model may call (their calls are parsed out of the answer).
+    tools: Option<ToolSetup>,
+}
+
+/// How a chat's messages are rendered (the template's options).
+#[derive(Clone, Debug, Default)]
+struct Render {
+    tools: Option<Value>,
+    continue_final: bool,
+    add_generation_prompt: bool,
+}
+
+impl Render {
+    fn options(&self) -> RenderOptions<'_> {
+        RenderOptions {
+            add_generation_prompt: self.add_generation_prompt,
+            continue_final_message: self.continue_final,
+            tools: self.tools.as_ref(),
+        }
+    }
+}
+
+/// The tools of a request whose answer may call them.
+#[derive(Clone, Debug)]
+struct ToolSetup {
+    tools: Vec<Tool>,
+    format: ToolFormat,
+}
+
+/// A chat message, checked: role, text, and the tool fields.
+fn chat_message(i: usize, m: &api::ChatMessage) -> Result<Message, ApiError> {
+    let role = api::message_role(i, &m.role)?;
+    let mut out = Message::new(role, api::message_text(i, &m.content)?);
+    if let Some(calls) = m.tool_calls.as_ref().filter(|c| !c.is_null()) {
+        let param = format!("messages.{i}.tool_calls");
+        let Some(list) = calls.as_array().filter(|_| role == "assistant") else {
+            return Err(ApiError::param(
+                param,
+                "tool_calls must be an array, on an assistant message",
+            ));
+        };
+        let mut parsed = Vec::with_capacity(list.len());
+        for (j, c) in list.iter().enumerate() {
+            let f = c.get("function");
+            let name = f.and_then(|f| f.get("name")).and_then(Value::as_str);
+            let args = f.and_then(|f| f.get("arguments"));
+            let (Some(name), Some(args)) = (name, args) else {
+                return Err(ApiError::param(
+                    format!("{param}.{j}"),
+                    "a tool call is {\"id\", \"type\": \"function\", \"function\": {\"name\", \"arguments\"}}",
+                ));
+            };
+            // Templates write the arguments with `tojson`: give them the object.
+            let args = match args {
+                Value::String(s) => serde_json::from_str(s).unwrap_or_else(|_| args.clone()),
+                other => other.clone(),
+            };
+            parsed.push(json!({
+                "id": c.get("id").cloned().unwrap_or(Value::Null),
+                "type": "function",
+                "function": {"name": name, "arguments": args},
+            }));
+        }
+        out.tool_calls = Some(Value::Array(parsed));
+    }
+    if role == "tool" {
+        out.tool_call_id = m.tool_call_id.clone();
+    }
+    out.name = m.name.clone();
+    Ok(out)
 }
 
 impl Request {
@@ -105,6 +181,9 @@ pub async fn completions(State(app): AppState, body: Result<Bytes, BytesRejectio
                 include_usage: include_usage(stream, req.stream_options.as_ref()),
                 prompt_param: "prompt",
                 logprobs,
+                render: Render::default(),
+                grammar: None,
+                tools: None,
             },
         )
         .await
@@ -125,27 +204,50 @@ pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> 
             return Err(ApiError::param("messages", "messages must not be empty"));
         }
         let logprobs = api::chat_logprobs(req.logprobs, req.top_logprobs)?;
-        if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(api::unsupported("tools", "(function calling)"));
-        }
-        if req
-            .tool_choice
-            .as_ref()
-            .is_some_and(|t| !(t.is_null() || t == "none" || t == "auto"))
-        {
-            return Err(api::unsupported("tool_choice", "other than none"));
-        }
-        if let Some(f) = &req.response_format {
-            if !(f.is_null() || f.get("type").and_then(Value::as_str) == Some("text")) {
-                return Err(api::unsupported("response_format", "other than text"));
-            }
-        }
         let sampling = sampling(&app, req.sampling()?)?;
+        let tools = structured::tools(req.tools.as_deref().unwrap_or(&[]))?;
+        let choice = structured::tool_choice(req.tool_choice.as_ref(), &tools)?;
+        let format = ToolFormat::of(app.lm.template.source());
+        let grammar = match structured::tool_grammar(&tools, &choice, format) {
+            Some(g) => Some((g, "tools")),
+            None => structured::response_format(req.response_format.as_ref())?
+                .map(|g| (g, "response_format")),
+        };
         let mut messages = Vec::with_capacity(req.messages.len());
         for (i, m) in req.messages.iter().enumerate() {
-            let role = api::message_role(i, &m.role)?;
-            messages.push(Message::new(role, api::message_text(i, &m.content)?));
+            messages.push(chat_message(i, m)?);
         }
+        let last_is_assistant = messages.last().is_some_and(|m| m.role == "assistant");
+        let continue_final = req.continue_final_message.unwrap_or(
+            last_is_assistant && req.add_generation_prompt != Some(true),
+        );
+        if continue_final && !last_is_assistant {
+            return Err(ApiError::param(
+                "continue_final_message",
+                "continue_final_message needs the last message to be the assistant's",
+            ));
+        }
+        if continue_final && req.add_generation_prompt == Some(true) {
+            return Err(ApiError::param(
+                "add_generation_prompt",
+                "add_generation_prompt and continue_final_message cannot both be true",
+            ));
+        }
+        let template_tools = !tools.is_empty() && choice != ToolChoice::None;
+        if template_tools && !app.lm.template.source().contains("tools") {
+            // The template cannot show the tools: a system message describes them.
+            let text = structured::tools_system_text(&tools);
+            match messages.first_mut() {
+                Some(m) if m.role == "system" => m.content = format!("{}\n\n{text}", m.content),
+                _ => messages.insert(0, Message::system(text)),
+            }
+        }
+        let render = Render {
+            tools: template_tools.then(|| Value::Array(req.tools.clone().unwrap_or_default())),
+            continue_final,
+            add_generation_prompt: !continue_final && req.add_generation_prompt != Some(false),
+        };
+        let tool_setup = (template_tools).then_some(ToolSetup { tools, format });
         let (spec, compressor, protocol) = match &req.kv_context {
             // A stored context's messages come first, compressed as they were.
             Some(id) => {
@@ -177,6 +279,9 @@ pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> 
                 include_usage: include_usage(stream, req.stream_options.as_ref()),
                 prompt_param: "messages",
                 logprobs,
+                render,
+                grammar,
+                tools: tool_setup,
             },
         )
         .await
@@ -318,6 +423,8 @@ async fn run(
         prompt_tokens,
         logprobs: req.logprobs,
         lm: app.lm.clone(),
+        tools: req.tools.clone(),
+        n: req.sampling.n,
     };
     if let Some(l) = line.as_mut() {
         l.id = Some(meta.id.clone());
@@ -369,12 +476,16 @@ fn prepare(
             ids.clone()
         }
         // Control tokens written inside messages stay text: a user cannot forge turns.
-        Input::Messages(m) | Input::Context(m) => lm
-            .encode_conversation(
-                m,
-                matches!(req.input, Input::Messages(_)),
-                ctx.saturating_sub(1),
-            )
+        Input::Messages(m) => lm
+            .encode_chat(m, &req.render.options(), ctx.saturating_sub(1))
+            .map_err(|e| match e {
+                kvmerger_engine::Error::ContextOverflow { prompt, .. } => {
+                    too_long("messages", prompt)
+                }
+                e => ApiError::param("messages", e.to_string()),
+            })?,
+        Input::Context(m) => lm
+            .encode_conversation(m, false, ctx.saturating_sub(1))
             .map_err(|e| match e {
                 kvmerger_engine::Error::ContextOverflow { prompt, .. } => {
                     too_long("messages", prompt)
@@ -436,12 +547,15 @@ fn prepare(
         s.slot_bytes,
     );
     let budget = s.limits().kv_memory;
-    if est.prefill_peak > budget {
+    // Every further choice holds a copy of the compressed prompt and its generation.
+    let need = est.prefill_peak + (req.sampling.n - 1) * est.steady.max(est.prefill_peak);
+    if need > budget {
         let mib = |b: usize| b as f64 / (1 << 20) as f64;
         return Err(ApiError::invalid(format!(
-            "This request needs up to {:.1} MiB of KV cache ({p} prompt tokens, up to {max_tokens} generated), \
+            "This request needs up to {:.1} MiB of KV cache ({p} prompt tokens, up to {max_tokens} generated{}), \
              more than this server's KV memory budget of {:.1} MiB. Shorten the prompt, lower max_tokens{}.",
-            mib(est.prefill_peak),
+            mib(need),
+            if req.sampling.n > 1 { format!(", {} choices", req.sampling.n) } else { String::new() },
             mib(budget),
             match &req.compressor {
                 c if c.is_noop() => " or ask for kv_compression",
@@ -468,6 +582,13 @@ fn prepare(
     sampling
         .validate()
         .map_err(|e| ApiError::invalid(e.to_string()))?;
+    let constraint = match &req.grammar {
+        Some((g, param)) => Some(
+            Box::new(app.grammars.constraint(&app.lm, g.clone(), param)?)
+                as Box<dyn kvmerger_engine::generate::TokenConstraint>,
+        ),
+        None => None,
+    };
     // Cached contexts are matched on everything that shapes a compressed cache.
     let cache_key = if req.compressor.is_noop() {
         "full".into()
@@ -521,6 +642,8 @@ fn prepare(
         deadline: arrived + app.cfg.request_timeout,
         events,
         logprobs: req.logprobs,
+        constraint,
+        n: req.sampling.n,
     };
     Ok((job, req))
 }
@@ -602,9 +725,13 @@ fn context_split(app: &App, req: &Request, prompt: &[u32]) -> Result<(Protocol, 
              has none: put the document in a message of its own, or use \"aware\"",
         );
     }
+    let opts = RenderOptions {
+        tools: req.render.tools.as_ref(),
+        ..Default::default()
+    };
     let context = app
         .lm
-        .encode_conversation(&m[..last_user], false, usize::MAX)
+        .encode_chat(&m[..last_user], &opts, usize::MAX)
         .map_err(|e| ApiError::param("messages", e.to_string()))?;
     let end = kvmerger_engine::sequence::common_prefix(&context, prompt);
     if end == 0 || end >= prompt.len() {
@@ -712,6 +839,36 @@ struct Meta {
     logprobs: Option<usize>,
     /// For the text of tokens in log-probabilities.
     lm: Arc<LoadedModel>,
+    /// Tools whose calls are parsed out of the answer.
+    tools: Option<ToolSetup>,
+    /// Choices.
+    n: usize,
+}
+
+impl Meta {
+    /// The answer's content and tool calls (OpenAI's shape), and whether there are any.
+    fn answer(&self, text: &str) -> (Value, Option<Value>) {
+        let Some(t) = &self.tools else {
+            return (json!(text), None);
+        };
+        let (content, calls) = structured::parse_tool_calls(text, &t.tools, t.format);
+        if calls.is_empty() {
+            return (json!(text), None);
+        }
+        let calls = calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                json!({
+                    "index": i,
+                    "id": format!("call_{}_{i}", self.id),
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                })
+            })
+            .collect();
+        (json!(content), Some(Value::Array(calls)))
+    }
 }
 
 impl Meta {
@@ -776,7 +933,10 @@ impl Meta {
 
 fn finish_reason(r: StopReason) -> &'static str {
     match r {
-        StopReason::Eos | StopReason::StopString | StopReason::Cancelled => "stop",
+        StopReason::Eos
+        | StopReason::StopString
+        | StopReason::Cancelled
+        | StopReason::Constraint => "stop",
         StopReason::MaxTokens | StopReason::Context => "length",
     }
 }
@@ -800,6 +960,7 @@ fn usage(meta: &Meta, report: Option<&PromptReport>, done: &Finished) -> Value {
             "kv_bytes": r.kv_bytes,
             "kv_bytes_final": done.kv_bytes_final,
             "recompressions": done.recompressions,
+            "choices": meta.n,
             "queue_ms": r.queue_ms,
             "prefill_ms": r.prefill_ms,
             "compress_ms": r.compress_ms,
@@ -808,14 +969,58 @@ fn usage(meta: &Meta, report: Option<&PromptReport>, done: &Finished) -> Value {
     u
 }
 
+/// The choices' `Finished` as one, for usage: tokens and bytes summed over choices,
+/// timings from choice 0.
+fn combined(done: &[Option<Finished>]) -> Finished {
+    let all: Vec<&Finished> = done.iter().flatten().collect();
+    let mut f = all[0].clone();
+    f.completion_tokens = all.iter().map(|d| d.completion_tokens).sum();
+    f.kv_bytes_final = all.iter().map(|d| d.kv_bytes_final).sum();
+    f.recompressions = all.iter().map(|d| d.recompressions).sum();
+    f
+}
+
+impl Meta {
+    /// One choice of a finished answer, in the endpoint's shape.
+    fn choice(&self, index: usize, text: &str, logprobs: Value, reason: StopReason) -> Value {
+        match self.kind {
+            Kind::Completion => json!({
+                "index": index, "text": text, "logprobs": logprobs,
+                "finish_reason": finish_reason(reason),
+            }),
+            Kind::Chat => {
+                let (content, calls) = self.answer(text);
+                let mut message = json!({"role": "assistant", "content": content});
+                let mut finish = finish_reason(reason);
+                if let Some(mut calls) = calls {
+                    // `index` belongs to streamed deltas only.
+                    for c in calls.as_array_mut().into_iter().flatten() {
+                        c.as_object_mut().map(|o| o.remove("index"));
+                    }
+                    message["tool_calls"] = calls;
+                    finish = "tool_calls";
+                }
+                json!({
+                    "index": index,
+                    "message": message,
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                })
+            }
+        }
+    }
+}
+
 async fn collect(
     meta: Meta,
     mut rx: mpsc::UnboundedReceiver<Event>,
     line: &mut Option<LogLine>,
 ) -> Result<Response, ApiError> {
-    let mut text = String::new();
+    let n = meta.n;
+    let mut texts = vec![String::new(); n];
+    let mut lps = vec![Vec::new(); n];
+    let mut done: Vec<Option<Finished>> = vec![None; n];
     let mut report = None;
-    let mut lps = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Prefilled(r) => {
@@ -824,33 +1029,32 @@ async fn collect(
                 }
                 report = Some(r)
             }
-            Event::Text(t) => text.push_str(&t),
-            Event::Logprobs(l) => lps.push(l),
+            Event::Text(k, t) => texts[k].push_str(&t),
+            Event::Logprobs(k, l) => lps[k].push(l),
             Event::Failed(e) => return Err(e),
-            Event::Done(done) => {
-                if let Some(l) = line.as_mut() {
-                    l.done = Some(done.clone());
+            Event::Done(k, d) => {
+                done[k] = Some(d);
+                if done.iter().any(Option::is_none) {
+                    continue;
                 }
-                let logprobs = meta.logprobs(&lps, &mut 0);
-                let choice = match meta.kind {
-                    Kind::Completion => json!({
-                        "index": 0, "text": text, "logprobs": logprobs,
-                        "finish_reason": finish_reason(done.reason),
-                    }),
-                    Kind::Chat => json!({
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": logprobs,
-                        "finish_reason": finish_reason(done.reason),
-                    }),
-                };
+                let all = combined(&done);
+                if let Some(l) = line.as_mut() {
+                    l.done = Some(all.clone());
+                }
+                let choices: Vec<Value> = (0..n)
+                    .map(|k| {
+                        let lp = meta.logprobs(&lps[k], &mut 0);
+                        let reason = done[k].as_ref().map_or(StopReason::Eos, |d| d.reason);
+                        meta.choice(k, &texts[k], lp, reason)
+                    })
+                    .collect();
                 let body = json!({
                     "id": meta.id,
                     "object": object(meta.kind, false),
                     "created": meta.created,
                     "model": meta.model,
-                    "choices": [choice],
-                    "usage": usage(&meta, report.as_ref(), &done),
+                    "choices": choices,
+                    "usage": usage(&meta, report.as_ref(), &all),
                 });
                 return Ok(Json(body).into_response());
             }
@@ -876,28 +1080,38 @@ struct StreamState {
     report: Option<PromptReport>,
     out: VecDeque<sse::Event>,
     ended: bool,
-    /// Log-probabilities of tokens whose text has not been sent yet (held back while
-    /// it may be part of a stop string).
-    pending: Vec<TokenLogprobs>,
-    /// Text offset of the next token (completions' `text_offset`).
-    offset: usize,
+    /// Per choice: log-probabilities of tokens whose text has not been sent yet (held
+    /// back while it may be part of a stop string).
+    pending: Vec<Vec<TokenLogprobs>>,
+    /// Per choice: text offset of the next token (completions' `text_offset`).
+    offset: Vec<usize>,
     /// Written when the stream ends or is dropped (the client went away).
     line: Option<LogLine>,
+    /// Per choice, with tools: the answer, held until it is known whether it calls them.
+    held: Vec<String>,
+    done: Vec<Option<Finished>>,
 }
 
 impl StreamState {
-    /// A chunk with `text` (and the log-probabilities pending, unless it is the role's).
-    fn chunk(&mut self, text: Option<&str>, role: bool, finish: Option<&str>) -> sse::Event {
-        let logprobs = if role || self.pending.is_empty() {
+    /// A chunk of choice `k` with `text` (and its pending log-probabilities, unless it
+    /// is the role's).
+    fn chunk(
+        &mut self,
+        k: usize,
+        text: Option<&str>,
+        role: bool,
+        finish: Option<&str>,
+    ) -> sse::Event {
+        let logprobs = if role || self.pending[k].is_empty() {
             Value::Null
         } else {
-            let l = self.meta.logprobs(&self.pending, &mut self.offset);
-            self.pending.clear();
+            let l = self.meta.logprobs(&self.pending[k], &mut self.offset[k]);
+            self.pending[k].clear();
             l
         };
         let choice = match self.meta.kind {
             Kind::Completion => json!({
-                "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish,
+                "index": k, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish,
             }),
             Kind::Chat => {
                 let mut delta = json!({});
@@ -908,7 +1122,7 @@ impl StreamState {
                 if let Some(t) = text {
                     delta["content"] = json!(t);
                 }
-                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+                json!({"index": k, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
         };
         self.data(json!({
@@ -924,6 +1138,36 @@ impl StreamState {
         sse::Event::default().data(v.to_string())
     }
 
+    /// Choice `k` is over: its held answer (tool calls) and its finishing chunk.
+    fn finish_choice(&mut self, k: usize, reason: StopReason) {
+        let mut finish = finish_reason(reason);
+        if self.meta.tools.is_some() {
+            let held = std::mem::take(&mut self.held[k]);
+            let (content, calls) = self.meta.answer(&held);
+            if let Some(c) = content.as_str().filter(|c| !c.is_empty()) {
+                let e = self.chunk(k, Some(c), false, None);
+                self.out.push_back(e);
+            }
+            if let Some(calls) = calls {
+                // One delta per call, each whole (name and all its arguments).
+                for c in calls.as_array().into_iter().flatten() {
+                    let e = self.data(json!({
+                        "id": self.meta.id,
+                        "object": object(self.meta.kind, true),
+                        "created": self.meta.created,
+                        "model": self.meta.model,
+                        "choices": [{"index": k, "delta": {"tool_calls": [c]},
+                                     "logprobs": null, "finish_reason": null}],
+                    }));
+                    self.out.push_back(e);
+                }
+                finish = "tool_calls";
+            }
+        }
+        let e = self.chunk(k, None, false, Some(finish));
+        self.out.push_back(e);
+    }
+
     /// Turn the next engine event into SSE events; false when the stream is over.
     fn on(&mut self, ev: Option<Event>) {
         match ev {
@@ -933,23 +1177,31 @@ impl StreamState {
                 }
                 self.report = Some(r);
                 if self.meta.kind == Kind::Chat {
-                    let e = self.chunk(None, true, None);
-                    self.out.push_back(e);
+                    for k in 0..self.meta.n {
+                        let e = self.chunk(k, None, true, None);
+                        self.out.push_back(e);
+                    }
                 }
             }
-            Some(Event::Text(t)) => {
-                let e = self.chunk(Some(&t), false, None);
+            Some(Event::Text(k, t)) if self.meta.tools.is_some() => self.held[k].push_str(&t),
+            Some(Event::Text(k, t)) => {
+                let e = self.chunk(k, Some(&t), false, None);
                 self.out.push_back(e);
             }
-            Some(Event::Logprobs(l)) => self.pending.push(l),
-            Some(Event::Done(done)) => {
+            Some(Event::Logprobs(k, l)) => self.pending[k].push(l),
+            Some(Event::Done(k, d)) => {
+                let reason = d.reason;
+                self.done[k] = Some(d);
+                self.finish_choice(k, reason);
+                if self.done.iter().any(Option::is_none) {
+                    return;
+                }
+                let all = combined(&self.done);
                 if let Some(l) = self.line.as_mut() {
-                    l.done = Some(done.clone());
+                    l.done = Some(all.clone());
                 }
-                let e = self.chunk(None, false, Some(finish_reason(done.reason)));
-                self.out.push_back(e);
                 if self.include_usage {
-                    let u = usage(&self.meta, self.report.as_ref(), &done);
+                    let u = usage(&self.meta, self.report.as_ref(), &all);
                     let e = self.data(json!({
                         "id": self.meta.id,
                         "object": object(self.meta.kind, true),
@@ -992,6 +1244,7 @@ fn stream_response(
     include_usage: bool,
     line: Option<LogLine>,
 ) -> Response {
+    let n = meta.n;
     let state = StreamState {
         line,
         meta,
@@ -1000,8 +1253,10 @@ fn stream_response(
         report: None,
         out: VecDeque::new(),
         ended: false,
-        pending: Vec::new(),
-        offset: 0,
+        pending: vec![Vec::new(); n],
+        offset: vec![0; n],
+        held: vec![String::new(); n],
+        done: vec![None; n],
     };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
         loop {
@@ -1303,6 +1558,9 @@ pub async fn create_context(State(app): AppState, body: Result<Bytes, BytesRejec
             include_usage: false,
             prompt_param: if req.document.is_some() { "document" } else { "messages" },
             logprobs: None,
+            render: Render::default(),
+            grammar: None,
+            tools: None,
         };
         let arrived = Instant::now();
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -1330,9 +1588,9 @@ pub async fn create_context(State(app): AppState, body: Result<Bytes, BytesRejec
         let context = loop {
             match rx.recv().await {
                 Some(Event::Prefilled(r)) => report = Some(r),
-                Some(Event::Text(_)) | Some(Event::Logprobs(_)) => {}
+                Some(Event::Text(..)) | Some(Event::Logprobs(..)) => {}
                 Some(Event::Failed(e)) => return Err(e),
-                Some(Event::Done(d)) => break d.context,
+                Some(Event::Done(_, d)) => break d.context,
                 None => return Err(ApiError::internal("the engine stopped before the context was compressed")),
             }
         };

@@ -22,7 +22,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use kvmerger_compression::{KvDtype, Protocol};
 use kvmerger_engine::compress::{release_freed_memory, CompressReport, Compressor};
-use kvmerger_engine::generate::{Decoder, GenerateParams, Step, StopReason};
+use kvmerger_engine::generate::{Decoder, GenerateParams, Step, StopReason, TokenConstraint};
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::sampling::TokenLogprobs;
 use kvmerger_engine::sequence::Sequence;
@@ -65,16 +65,57 @@ pub struct Job {
     /// Report each generated token's log-probability and this many alternatives'
     /// ([`Event::Logprobs`], sent before the step's text).
     pub logprobs: Option<usize>,
+    /// Only tokens this allows are sampled (structured outputs, forced tool calls).
+    pub constraint: Option<Box<dyn TokenConstraint>>,
+    /// Choices to generate (`n`): after the prompt is prefilled and compressed, its
+    /// cache is copied for each further choice, never computed again.
+    pub n: usize,
+}
+
+impl Job {
+    /// The cache this job may hold at once: the prompt's peak, plus a compressed copy
+    /// and its generation for every further choice.
+    pub fn need(&self) -> usize {
+        self.estimate.prefill_peak
+            + self.n.saturating_sub(1) * self.estimate.steady.max(self.estimate.prefill_peak)
+    }
+
+    /// The same request for choice `choice`, sharing its channel and deadline.
+    fn fork(&self) -> Job {
+        Job {
+            prompt: self.prompt.clone(),
+            params: self.params.clone(),
+            compressor: self.compressor.clone(),
+            method: self.method.clone(),
+            budget: self.budget.clone(),
+            estimate: self.estimate,
+            context_end: self.context_end,
+            protocol: self.protocol,
+            cache_key: self.cache_key.clone(),
+            store_key: None,
+            preloaded: None,
+            compress_only: false,
+            context_extra: serde_json::Value::Null,
+            arrived: self.arrived,
+            deadline: self.deadline,
+            events: self.events.clone(),
+            logprobs: self.logprobs,
+            constraint: None,
+            n: 1,
+        }
+    }
 }
 
 /// What a request's handler hears from the engine, in order: `Prefilled`, `Text`s (each
-/// token's `Logprobs` before its text, when asked), then `Done` or `Failed`.
+/// token's `Logprobs` before its text, when asked), then `Done` or `Failed`. Each
+/// choice's events carry its index (0 to `n` - 1); a job ends after `n` `Done`s or
+/// one `Failed`.
 #[derive(Debug)]
 pub enum Event {
     Prefilled(PromptReport),
-    Text(String),
-    Logprobs(TokenLogprobs),
-    Done(Finished),
+    Text(usize, String),
+    Logprobs(usize, TokenLogprobs),
+    Done(usize, Finished),
     Failed(ApiError),
 }
 
@@ -250,6 +291,8 @@ struct Seq<'m> {
     compress_ms: f64,
     /// Whether the context came from the context store (it is not written back).
     from_store: bool,
+    /// Which of the request's `n` choices this is (0 prefills; the others are copies).
+    choice: usize,
 }
 
 impl Seq<'_> {
@@ -381,7 +424,7 @@ impl<'m> Engine<'m> {
             // A reused context needs its copy plus one slot a token for the rest.
             let need = match &found {
                 Some(m) => m.bytes + (job.prompt.len() - m.tokens) * token_bytes,
-                None => job.estimate.prefill_peak,
+                None => job.need(),
             };
             // Room comes first from cached contexts, least recently used first (the one
             // this job reuses last: its copy is taken before it can go).
@@ -399,8 +442,12 @@ impl<'m> Engine<'m> {
                 break;
             }
             let job = queue.pop_front().expect("front exists");
+            let mut job = job;
             let decoder = match Decoder::new(&self.lm.tokenizer, &job.prompt, &job.params) {
-                Ok(d) => d,
+                Ok(d) => match job.constraint.take() {
+                    Some(c) => d.with_constraint(c),
+                    None => d,
+                },
                 Err(e) => {
                     let _ = job
                         .events
@@ -409,7 +456,6 @@ impl<'m> Engine<'m> {
                     continue;
                 }
             };
-            let mut job = job;
             // A context read from the store serves the prompt unless the memory cache
             // serves more of it.
             let preloaded = job.preloaded.take();
@@ -486,6 +532,7 @@ impl<'m> Engine<'m> {
                 cached_tokens,
                 compress_ms: 0.0,
                 from_store,
+                choice: 0,
                 job,
             });
         }
@@ -564,6 +611,7 @@ impl<'m> Engine<'m> {
         };
         let mut generated = 0;
         let mut exits = Vec::new();
+        let mut forks = Vec::new();
         for (&(i, n), mut l) in order.iter().zip(logits) {
             let s = &mut self.running[i];
             let after = match s.phase {
@@ -620,47 +668,29 @@ impl<'m> Engine<'m> {
                     continue;
                 }
             }
-            let mut l = s.seq.take_logits();
-            let mut piece = String::new();
-            let before = s.decoder.tokens().len();
-            let step = s.decoder.step(&mut l, &mut piece);
-            let drawn = s.decoder.tokens().len() - before;
-            generated += drawn;
-            if let (Some(top), 1) = (s.job.logprobs, drawn) {
-                // `l` holds the logits the token was drawn from (adjusted in place).
-                let token = s.decoder.tokens()[before];
-                let lp = kvmerger_engine::sampling::logprobs(
-                    &l,
-                    s.job.params.sampling.temperature,
-                    token,
-                    top,
-                );
-                if s.job.events.send(Event::Logprobs(lp)).is_err() {
-                    exits.push((i, Exit::Cancelled));
-                    continue;
-                }
-            }
-            if s.first_token.is_none() {
-                s.first_token = Some(Instant::now());
-                let m = &self.sched.metrics;
-                m.time_to_first_token_us
-                    .fetch_add(s.job.arrived.elapsed().as_micros() as u64, Relaxed);
-                m.first_tokens.fetch_add(1, Relaxed);
-            }
-            if !piece.is_empty() && s.job.events.send(Event::Text(piece)).is_err() {
-                exits.push((i, Exit::Cancelled));
-                continue;
-            }
-            match step {
-                Step::Stop(reason) => exits.push((i, Exit::Finished(reason))),
-                Step::Token(t) => {
-                    if s.seq.cache.n_seen + 1 > model.cfg.ctx_len {
-                        exits.push((i, Exit::Finished(StopReason::Context)));
-                    } else {
-                        s.phase = Phase::Decode { pending: t };
-                        s.reserved = reservation(s);
+            let l = s.seq.take_logits();
+            // The prompt is in and compressed: further choices start from copies.
+            if s.job.n > 1 && s.first_token.is_none() {
+                match fork_choices(s, &l) {
+                    Ok(f) => forks.extend(f),
+                    Err(e) => {
+                        exits.push((i, Exit::Failed(e)));
+                        continue;
                     }
                 }
+            }
+            let (drawn, exit) = sample(s, l, &self.sched.metrics, model.cfg.ctx_len);
+            generated += drawn;
+            if let Some(e) = exit {
+                exits.push((i, e));
+            }
+        }
+        for (mut f, l) in forks {
+            let (drawn, exit) = sample(&mut f, l, &self.sched.metrics, model.cfg.ctx_len);
+            generated += drawn;
+            self.running.push(f);
+            if let Some(e) = exit {
+                exits.push((self.running.len() - 1, e));
             }
         }
         self.sched.metrics.step(n_seqs, prompt_tokens, generated);
@@ -681,7 +711,7 @@ impl<'m> Engine<'m> {
                     let mut rest = String::new();
                     s.decoder.finish(reason, &mut rest);
                     if !rest.is_empty() {
-                        let _ = s.job.events.send(Event::Text(rest));
+                        let _ = s.job.events.send(Event::Text(s.choice, rest));
                     }
                     let context = s.job.compress_only.then(|| {
                         kvmerger_engine::kvc::encode(
@@ -696,25 +726,30 @@ impl<'m> Engine<'m> {
                         let secs = t.elapsed().as_secs_f64();
                         (n > 1 && secs > 0.0).then(|| (n - 1) as f64 / secs)
                     });
-                    let _ = s.job.events.send(Event::Done(Finished {
-                        first_token_ms: s
-                            .first_token
-                            .map(|t| (t - s.job.arrived).as_secs_f64() * 1e3),
-                        tokens_per_s: rate,
-                        reason,
-                        completion_tokens: n,
-                        kv_bytes_final: s.seq.kv_bytes(),
-                        recompressions: s.seq.decode_passes(),
-                        context,
-                    }));
+                    let _ = s.job.events.send(Event::Done(
+                        s.choice,
+                        Finished {
+                            first_token_ms: s
+                                .first_token
+                                .map(|t| (t - s.job.arrived).as_secs_f64() * 1e3),
+                            tokens_per_s: rate,
+                            reason,
+                            completion_tokens: n,
+                            kv_bytes_final: s.seq.kv_bytes(),
+                            recompressions: s.seq.decode_passes(),
+                            context,
+                        },
+                    ));
                     m.finished(match reason {
-                        StopReason::Eos | StopReason::StopString => "stop",
+                        StopReason::Eos | StopReason::StopString | StopReason::Constraint => "stop",
                         _ => "length",
                     });
-                    m.request_us
-                        .fetch_add(s.job.arrived.elapsed().as_micros() as u64, Relaxed);
-                    m.requests_done.fetch_add(1, Relaxed);
-                    if self.sched.limits.context_reuse {
+                    if s.choice == 0 {
+                        m.request_us
+                            .fetch_add(s.job.arrived.elapsed().as_micros() as u64, Relaxed);
+                        m.requests_done.fetch_add(1, Relaxed);
+                    }
+                    if self.sched.limits.context_reuse && s.choice == 0 {
                         let key = std::mem::take(&mut s.job.cache_key);
                         let end = s.job.context_end;
                         self.contexts
@@ -785,6 +820,78 @@ impl<'m> Engine<'m> {
             .running_peak
             .fetch_max(self.running.len(), Relaxed);
     }
+}
+
+/// Copies of `s` for its request's further choices, each to sample its first token
+/// from `logits` (the prompt's last), with its own seed and constraint.
+fn fork_choices<'m>(s: &Seq<'m>, logits: &[f32]) -> Result<Vec<(Seq<'m>, Vec<f32>)>, ApiError> {
+    let seed = s.job.params.sampling.seed;
+    (1..s.job.n)
+        .map(|k| {
+            let decoder = s
+                .decoder
+                .fork(&s.job.prompt, seed.wrapping_add(k as u64))
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            let f = Seq {
+                job: s.job.fork(),
+                seq: s.seq.clone(),
+                phase: Phase::Prefill,
+                decoder,
+                reserved: 0,
+                prefill_started: s.prefill_started,
+                first_token: None,
+                source: None,
+                cached_tokens: s.cached_tokens,
+                compress_ms: s.compress_ms,
+                // Not kept as a context of its own (choice 0 is).
+                from_store: true,
+                choice: k,
+            };
+            Ok((f, logits.to_vec()))
+        })
+        .collect()
+}
+
+/// Sample `s`'s next token from `l` and send its text (and log-probabilities): how
+/// many tokens were drawn, and the exit when the choice is over.
+fn sample(s: &mut Seq<'_>, mut l: Vec<f32>, m: &Metrics, ctx_len: usize) -> (usize, Option<Exit>) {
+    let mut piece = String::new();
+    let before = s.decoder.tokens().len();
+    let step = s.decoder.step(&mut l, &mut piece);
+    let drawn = s.decoder.tokens().len() - before;
+    if let (Some(top), 1) = (s.job.logprobs, drawn) {
+        // `l` holds the logits the token was drawn from (adjusted in place).
+        let token = s.decoder.tokens()[before];
+        let lp =
+            kvmerger_engine::sampling::logprobs(&l, s.job.params.sampling.temperature, token, top);
+        if s.job.events.send(Event::Logprobs(s.choice, lp)).is_err() {
+            return (drawn, Some(Exit::Cancelled));
+        }
+    }
+    if s.first_token.is_none() {
+        s.first_token = Some(Instant::now());
+        if s.choice == 0 {
+            m.time_to_first_token_us
+                .fetch_add(s.job.arrived.elapsed().as_micros() as u64, Relaxed);
+            m.first_tokens.fetch_add(1, Relaxed);
+        }
+    }
+    if !piece.is_empty() && s.job.events.send(Event::Text(s.choice, piece)).is_err() {
+        return (drawn, Some(Exit::Cancelled));
+    }
+    let exit = match step {
+        Step::Stop(reason) => Some(Exit::Finished(reason)),
+        Step::Token(t) => {
+            if s.seq.cache.n_seen + 1 > ctx_len {
+                Some(Exit::Finished(StopReason::Context))
+            } else {
+                s.phase = Phase::Decode { pending: t };
+                s.reserved = reservation(s);
+                None
+            }
+        }
+    };
+    (drawn, exit)
 }
 
 /// The context is in the cache: the sequence compresses it (after any pass its

@@ -160,7 +160,8 @@ fn invalid_parameters_are_400s_naming_the_parameter() {
             with(completion("x", 2), "repetition_penalty", json!(1e-308)),
             "repetition_penalty",
         ),
-        (COMPLETIONS, with(completion("x", 2), "n", json!(3)), "n"),
+        (COMPLETIONS, with(completion("x", 2), "n", json!(17)), "n"),
+        (COMPLETIONS, with(completion("x", 2), "n", json!(0)), "n"),
         (
             COMPLETIONS,
             with(completion("x", 2), "echo", json!(true)),
@@ -366,7 +367,7 @@ fn invalid_parameters_are_400s_naming_the_parameter() {
             with(
                 chat("x", 2),
                 "messages",
-                json!([{"role": "tool", "content": "x"}]),
+                json!([{"role": "function", "content": "x"}]),
             ),
             "messages.0.role",
         ),
@@ -390,12 +391,27 @@ fn invalid_parameters_are_400s_naming_the_parameter() {
         ),
         (
             CHAT,
+            with(chat("x", 2), "tools", json!([{"type": "retrieval"}])),
+            "tools.0.type",
+        ),
+        (
+            CHAT,
+            with(chat("x", 2), "tool_choice", json!("required")),
+            "tool_choice",
+        ),
+        (
+            CHAT,
             with(
                 chat("x", 2),
-                "tools",
-                json!([{"type": "function", "function": {"name": "f"}}]),
+                "messages",
+                json!([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": 3}]),
             ),
-            "tools",
+            "messages.1.tool_calls",
+        ),
+        (
+            CHAT,
+            with(chat("x", 2), "continue_final_message", json!(true)),
+            "continue_final_message",
         ),
         (
             CHAT,
@@ -404,12 +420,17 @@ fn invalid_parameters_are_400s_naming_the_parameter() {
         ),
         (
             CHAT,
+            with(chat("x", 2), "response_format", json!({"type": "xml"})),
+            "response_format.type",
+        ),
+        (
+            CHAT,
             with(
                 chat("x", 2),
                 "response_format",
-                json!({"type": "json_object"}),
+                json!({"type": "json_schema", "json_schema": {"name": "x"}}),
             ),
-            "response_format",
+            "response_format.json_schema.schema",
         ),
         (CHAT, with(chat("x", 2), "model", Value::Null), "model"),
     ];
@@ -505,12 +526,12 @@ fn unknown_fields_are_ignored_and_named_unless_the_api_is_strict() {
 fn unsupported_parameters_have_readable_messages() {
     let s = start(|_| {});
     let mut ch = chat("Hi", 1);
-    ch["tools"] = json!([{"type": "function", "function": {"name": "f"}}]);
+    ch["messages"] = json!([{"role": "function", "content": "x"}]);
     let e = assert_error(
         &post(s.addr, CHAT, &ch),
         400,
         Some("unsupported_parameter"),
-        Some("tools"),
+        Some("messages.0.role"),
     );
     let m = e["message"].as_str().unwrap();
     assert!(!m.contains("  "), "{m}");
@@ -568,7 +589,7 @@ fn a_huge_text_prompt_is_refused_without_tokenizing_all_of_it() {
             .wrapping_add(1442695040888963407);
         let n = 3 + (x >> 60) as usize;
         for k in 0..n {
-            text.push((b'a' + ((x >> (8 * k)) % 26) as u8) as char);
+            text.push((b'a' + ((x >> ((8 * k) % 64)) % 26) as u8) as char);
         }
         text.push(' ');
     }
@@ -778,6 +799,10 @@ fn random_body(rng: &mut ChaCha8Rng) -> (&'static str, Vec<u8>) {
         "ignore_eos",
         "max_completion_tokens",
         "response_format",
+        "tools",
+        "tool_choice",
+        "continue_final_message",
+        "add_generation_prompt",
         "user",
         "zzz",
     ];

@@ -7,19 +7,23 @@
 mod common;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::process::Command;
 
 const KEY: &str = "test-key-123";
 
 fn run_client() -> Value {
     let s = start(|c| c.api_key = Some(KEY.into()));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
+    run_script("openai_client.py", &s, MODEL, &[KEY])
+}
+
+fn run_script(name: &str, s: &kvmerger_server::RunningServer, model: &str, args: &[&str]) -> Value {
+    let script = format!("{}/tests/{name}", env!("CARGO_MANIFEST_DIR"));
     let out = Command::new("python3")
         .arg(script)
         .arg(format!("http://{}/v1", s.addr))
-        .arg(MODEL)
-        .arg(KEY)
+        .arg(model)
+        .args(args)
         .output()
         .unwrap_or_else(|e| {
             panic!("could not run python3 ({e}): install Python 3 and `pip install -r scripts/requirements-reference.txt`")
@@ -118,6 +122,17 @@ fn the_official_openai_client_works_against_the_server() {
         assert!(lp <= 0.0, "{c}");
         assert_eq!(top.as_array().unwrap().len(), 2, "{c}");
         assert!((top[0].as_f64().unwrap() - lp).abs() < 1e-6, "{c}");
+        // Alternatives are a distribution's most likely tokens: probabilities that
+        // fall and sum to at most 1.
+        let tops: Vec<f64> = top
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert!(tops.windows(2).all(|w| w[0] >= w[1]), "{c}");
+        let mass: f64 = tops.iter().map(|x| x.exp()).sum();
+        assert!(mass <= 1.0 + 1e-5, "{c}");
     }
     let p = &o["completion_logprobs"];
     assert_eq!(p["tokens"].as_array().unwrap().len(), 4, "{p}");
@@ -150,4 +165,141 @@ fn the_official_openai_client_works_against_the_server() {
         n("followup", "cached_tokens") >= n("first", "prompt_tokens"),
         "{r}"
     );
+}
+
+const QWEN: &str = "qwen2.5-0.5b";
+
+fn parse(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// Structured outputs, tools, `n` and assistant prefill, as the official client sees
+/// them, from qwen2.5 (whose chat template describes tools to the model).
+#[test]
+fn structured_outputs_tools_n_and_prefill_through_the_openai_client() {
+    let s = start_model(QWEN, |c| c.context_reuse = false);
+    let o = run_script("openai_structured.py", &s, QWEN, &[]);
+
+    // A JSON schema with a nested object and an enum: the answer parses and follows it.
+    for name in ["schema", "schema_stream"] {
+        let r = &o[name];
+        assert_eq!(r["finish_reason"], "stop", "{name}: {r}");
+        let v = parse(r["content"].as_str().unwrap());
+        let obj = v.as_object().unwrap_or_else(|| panic!("{v}"));
+        let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(keys, ["address", "age", "job", "name"], "{v}");
+        assert!(v["name"].is_string() && v["age"].is_i64(), "{v}");
+        assert!(
+            v["address"]["city"].is_string() && v["address"]["country"].is_string(),
+            "{v}"
+        );
+        assert!(
+            ["student", "engineer", "artist"].contains(&v["job"].as_str().unwrap()),
+            "{v}"
+        );
+    }
+    assert_eq!(o["schema"]["content"], o["schema_stream"]["content"]);
+    let v = parse(o["json_object"]["content"].as_str().unwrap());
+    assert!(v.is_object(), "{v}");
+    assert_eq!(o["json_object"]["finish_reason"], "stop");
+
+    // Tools: a forced call names an offered function with arguments that parse and
+    // follow its schema; a named choice calls that function.
+    let t = &o["tools"];
+    for name in ["tool_required", "tool_named"] {
+        let r = &t[name];
+        assert_eq!(r["finish_reason"], "tool_calls", "{name}: {r}");
+        let call = &r["calls"][0];
+        assert!(call["id"].as_str().is_some_and(|i| !i.is_empty()), "{r}");
+        let args = parse(call["arguments"].as_str().unwrap());
+        assert!(args["city"].is_string(), "{name}: {args}");
+        if call["name"] == "get_weather" {
+            assert!(
+                ["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()),
+                "{args}"
+            );
+        }
+    }
+    assert_eq!(t["tool_named"]["calls"][0]["name"], "get_time");
+    // Streamed: the same call as tool_calls deltas.
+    assert_eq!(t["tool_stream"]["finish_reason"], "tool_calls");
+    assert_eq!(
+        t["tool_stream"]["names"][0],
+        t["tool_required"]["calls"][0]["name"]
+    );
+    assert_eq!(
+        t["tool_stream"]["arguments"],
+        t["tool_required"]["calls"][0]["arguments"]
+    );
+    // Left to choose, the model either calls a tool properly or answers in text.
+    let auto = &t["tool_auto"];
+    match auto["finish_reason"].as_str() {
+        Some("tool_calls") => {
+            assert!(parse(auto["calls"][0]["arguments"].as_str().unwrap()).is_object())
+        }
+        _ => assert!(
+            auto["content"].as_str().is_some_and(|c| !c.is_empty()),
+            "{auto}"
+        ),
+    }
+    // The tool's result, sent back as a tool message, is answered in text.
+    let back = &t["tool_result"];
+    assert_eq!(back["finish_reason"], "stop", "{back}");
+    assert!(
+        back["content"].as_str().is_some_and(|c| c.contains("17")),
+        "{back}"
+    );
+
+    // n = 3: three choices from one prompt, each counted in the usage.
+    let n = &o["n"];
+    assert_eq!(n["three"]["indexes"], json!([0, 1, 2]), "{n}");
+    assert_eq!(n["three"]["prompt_tokens"], n["one"]["prompt_tokens"]);
+    assert_eq!(n["three"]["kv_cache"]["choices"], 3);
+    // Choice 0 has the request's seed: the same text as the single choice.
+    assert_eq!(n["three"]["texts"][0], n["one"]["text"], "{n}");
+    let texts: Vec<&str> = n["three"]["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(texts[1] != texts[0] || texts[2] != texts[0], "{n}");
+
+    // Assistant prefill continues the message; a new turn does not.
+    let p = o["prefill"]["content"].as_str().unwrap();
+    assert!(p.to_lowercase().contains("blue"), "{p}");
+    assert!(!p.to_lowercase().starts_with("red"), "{p}");
+    assert!(o["new_turn"]["prompt_tokens"].as_u64() > o["prefill"]["prompt_tokens"].as_u64());
+
+    // The prompt of an n = 3 request is prefilled once: the server's count of prompt
+    // tokens grows by one prompt, and the three choices took about one prefill's time.
+    let prompt_tokens = |s: &kvmerger_server::RunningServer| -> u64 {
+        let m = get(s.addr, "/metrics").text();
+        m.lines()
+            .find_map(|l| l.strip_prefix("kvmerger_prompt_tokens_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no kvmerger_prompt_tokens_total in {m}")) as u64
+    };
+    let doc: String = (0..150).map(|i| format!("Item {i} is a box. ")).collect();
+    let body = |n: u64| {
+        json!({"model": QWEN, "messages": [{"role": "user", "content": doc.clone()}],
+               "max_tokens": 2, "temperature": 1.0, "n": n,
+               "kv_compression": {"method": "kvzip", "budget": 0.5}})
+    };
+    let before = prompt_tokens(&s);
+    let t0 = std::time::Instant::now();
+    let r = post(s.addr, "/v1/chat/completions", &body(3));
+    let t3 = t0.elapsed().as_secs_f64();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = r.json();
+    let after = prompt_tokens(&s);
+    assert_eq!(r["choices"].as_array().unwrap().len(), 3);
+    let p = r["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(after - before, p, "{r}");
+    let t0 = std::time::Instant::now();
+    let r1 = post(s.addr, "/v1/chat/completions", &body(1));
+    let t1 = t0.elapsed().as_secs_f64();
+    assert_eq!(r1.status, 200);
+    assert!(t3 < 1.5 * t1, "n=3 took {t3:.2} s against n=1's {t1:.2} s");
 }

@@ -13,21 +13,31 @@ use std::time::{Duration, Instant};
 pub const MODEL: &str = "smollm2-135m";
 
 pub fn model() -> LoadedModel {
+    model_named(MODEL)
+}
+
+/// A model of the project's catalogue, fetched on first use.
+pub fn model_named(name: &str) -> LoadedModel {
     let dir = kvmerger_assets::data_dir(None);
-    let path = kvmerger_assets::fetch(MODEL, &dir, &kvmerger_assets::NoProgress)
-        .unwrap_or_else(|e| panic!("could not fetch test model {MODEL}: {e}"));
+    let path = kvmerger_assets::fetch(name, &dir, &kvmerger_assets::NoProgress)
+        .unwrap_or_else(|e| panic!("could not fetch test model {name}: {e}"));
     LoadedModel::open(&path).unwrap()
 }
 
 /// A server on 127.0.0.1 with a free port, configured by `f`.
 pub fn start(f: impl FnOnce(&mut ServerConfig)) -> RunningServer {
+    start_model(MODEL, f)
+}
+
+/// [`start`] with another model of the catalogue (served under its name).
+pub fn start_model(name: &str, f: impl FnOnce(&mut ServerConfig)) -> RunningServer {
     let mut cfg = ServerConfig {
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        model_id: MODEL.into(),
+        model_id: name.into(),
         ..ServerConfig::default()
     };
     f(&mut cfg);
-    RunningServer::start(cfg, model()).expect("server starts")
+    RunningServer::start(cfg, model_named(name)).expect("server starts")
 }
 
 #[derive(Debug)]
