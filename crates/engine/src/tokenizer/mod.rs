@@ -234,6 +234,226 @@ fn parse_byte_token(t: &str) -> Option<u8> {
     u8::from_str_radix(hex, 16).ok()
 }
 
+/// Reads `tokenizer.ggml.token_type`, one per token; absent means all normal.
+fn token_types(f: &Meta, n: usize) -> Result<Vec<TokenType>> {
+    match meta(f, "tokenizer.ggml.token_type") {
+        None => Ok(vec![TokenType::Normal; n]),
+        Some(v) => {
+            let key = "tokenizer.ggml.token_type";
+            let arr = v
+                .as_array()
+                .ok_or_else(|| missing(key, "an array of integers"))?;
+            if arr.len() != n {
+                return Err(Error::Tokenizer(format!(
+                    "{key} has {} entries for {n} tokens",
+                    arr.len()
+                )));
+            }
+            arr.iter()
+                .map(|x| {
+                    x.as_i64()
+                        .map(TokenType::from_gguf)
+                        .ok_or_else(|| missing(key, "an array of integers"))
+                })
+                .collect::<Result<_>>()
+        }
+    }
+}
+
+/// Maps the text of each normal token to its id; the first of duplicates wins.
+fn normal_token_ids(tokens: &[String], types: &[TokenType]) -> hash::FastMap<String, u32> {
+    let mut normal = hash::FastMap::default();
+    normal.reserve(tokens.len());
+    for (id, t) in tokens.iter().enumerate() {
+        if types[id].is_textual() {
+            normal.entry(t.clone()).or_insert(id as u32);
+        }
+    }
+    normal
+}
+
+/// Finds the `<0xNN>` token of each byte value, preferring tokens typed as bytes.
+fn byte_token_ids(tokens: &[String], types: &[TokenType]) -> [Option<u32>; 256] {
+    let mut byte_tokens = [None; 256];
+    for (id, t) in tokens.iter().enumerate() {
+        if matches!(
+            types[id],
+            TokenType::Byte | TokenType::Normal | TokenType::Undefined
+        ) {
+            if let Some(b) = parse_byte_token(t) {
+                let slot = &mut byte_tokens[b as usize];
+                if slot.is_none() || types[id] == TokenType::Byte {
+                    *slot = Some(id as u32);
+                }
+            }
+        }
+    }
+    byte_tokens
+}
+
+/// Reads `tokenizer.ggml.scores`, one number per token (SentencePiece models need it).
+fn token_scores(f: &Meta, n: usize) -> Result<Vec<f32>> {
+    let key = "tokenizer.ggml.scores";
+    match meta(f, key) {
+        None => Err(missing(key, "an array of numbers")),
+        Some(v) => {
+            let arr = v
+                .as_array()
+                .ok_or_else(|| missing(key, "an array of numbers"))?;
+            if arr.len() != n {
+                return Err(Error::Tokenizer(format!(
+                    "{key} has {} entries for {n} tokens",
+                    arr.len()
+                )));
+            }
+            arr.iter()
+                .map(|x| {
+                    x.as_f64()
+                        .map(|s| s as f32)
+                        .ok_or_else(|| missing(key, "an array of numbers"))
+                })
+                .collect::<Result<Vec<f32>>>()
+        }
+    }
+}
+
+/// The end-of-turn id and the sorted stop ids, from metadata ids and control token names.
+fn eot_and_stops(
+    tokens: &[String],
+    types: &[TokenType],
+    eos: Option<u32>,
+    eot_key: Option<u32>,
+    eom: Option<u32>,
+) -> (Option<u32>, Vec<u32>) {
+    let control_named = |name: &str| {
+        tokens
+            .iter()
+            .position(|t| t == name)
+            .filter(|&id| types[id] == TokenType::Control)
+            .map(|id| id as u32)
+    };
+    let eot = eot_key
+        .or_else(|| EOT_NAMES.iter().find_map(|n| control_named(n)))
+        .or(eos);
+    let mut stops: Vec<u32> = [eos, eot_key, eom].into_iter().flatten().collect();
+    stops.extend(END_OF_TURN_NAMES.iter().filter_map(|n| control_named(n)));
+    stops.extend(eot);
+    stops.sort_unstable();
+    stops.dedup();
+    (eot, stops)
+}
+
+/// The encoding model a GGUF vocabulary names, with what each token decodes to.
+struct VocabModel {
+    model: Model,
+    pre_name: Option<String>,
+    bytes: Vec<Box<[u8]>>,
+    strip_space_prefix: bool,
+}
+
+impl VocabModel {
+    /// Builds the model that `tokenizer.ggml.model` names, or says why it cannot.
+    fn build(
+        f: &Meta,
+        model_name: &str,
+        tokens: &[String],
+        types: &[TokenType],
+        normal: hash::FastMap<String, u32>,
+        byte_tokens: [Option<u32>; 256],
+        unk: Option<u32>,
+    ) -> Result<VocabModel> {
+        match model_name {
+            "gpt2" => VocabModel::gpt2(f, tokens, types, &normal, &byte_tokens, unk),
+            "llama" => VocabModel::llama(f, tokens, types, normal, byte_tokens, unk),
+            "none" | "no_vocab" => Err(Error::Tokenizer(
+                "the model file has no vocabulary (tokenizer.ggml.model = none)".into(),
+            )),
+            other => Err(Error::Tokenizer(format!(
+                "tokenizer.ggml.model '{other}' is not supported (supported: gpt2, llama)"
+            ))),
+        }
+    }
+
+    /// Builds a byte-level BPE model from `tokenizer.ggml.merges` and `.pre`.
+    fn gpt2(
+        f: &Meta,
+        tokens: &[String],
+        types: &[TokenType],
+        normal: &hash::FastMap<String, u32>,
+        byte_tokens: &[Option<u32>; 256],
+        unk: Option<u32>,
+    ) -> Result<VocabModel> {
+        let merges = req_str_array(f, "tokenizer.ggml.merges")?;
+        let pre = meta(f, "tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        let pre = bpe::PreTokenizer::for_name(pre)?;
+        let pre_name = pre.description.clone();
+        let bpe = bpe::ByteBpe::new(
+            &merges,
+            &|s| normal.get(s).copied(),
+            &|b| byte_tokens[b as usize].or(unk),
+            pre,
+            || normal.clone(),
+        )?;
+        let dec = bpe::ByteDecoder::new();
+        let bytes: Vec<Box<[u8]>> = tokens
+            .iter()
+            .zip(types)
+            .map(|(t, ty)| {
+                if ty.is_textual() {
+                    let mut v = Vec::with_capacity(t.len());
+                    dec.decode(t, &mut v);
+                    v.into_boxed_slice()
+                } else if *ty == TokenType::Byte {
+                    parse_byte_token(t).map_or_else(|| t.as_bytes().into(), |b| Box::from([b]))
+                } else {
+                    t.as_bytes().into()
+                }
+            })
+            .collect();
+        Ok(VocabModel {
+            model: Model::Bpe(bpe),
+            pre_name: Some(pre_name),
+            bytes,
+            strip_space_prefix: false,
+        })
+    }
+
+    /// Builds a SentencePiece-style model from `tokenizer.ggml.scores`.
+    fn llama(
+        f: &Meta,
+        tokens: &[String],
+        types: &[TokenType],
+        normal: hash::FastMap<String, u32>,
+        byte_tokens: [Option<u32>; 256],
+        unk: Option<u32>,
+    ) -> Result<VocabModel> {
+        let scores = token_scores(f, tokens.len())?;
+        let add_space_prefix = opt_bool(f, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
+        let bytes = tokens
+            .iter()
+            .zip(types)
+            .map(|(t, ty)| match ty {
+                TokenType::Byte => {
+                    parse_byte_token(t).map_or_else(|| t.as_bytes().into(), |b| Box::from([b]))
+                }
+                TokenType::Normal | TokenType::Undefined => {
+                    t.replace(spm::SPACE, " ").into_bytes().into_boxed_slice()
+                }
+                _ => t.as_bytes().into(),
+            })
+            .collect();
+        let spm = spm::Spm::new(normal, scores, byte_tokens, unk, add_space_prefix);
+        Ok(VocabModel {
+            model: Model::Spm(spm),
+            pre_name: None,
+            bytes,
+            strip_space_prefix: add_space_prefix,
+        })
+    }
+}
+
 impl Tokenizer {
     /// Builds the tokenizer a GGUF file describes (`tokenizer.ggml.*`).
     pub fn from_gguf(f: &GgufFile) -> Result<Tokenizer> {
@@ -253,28 +473,7 @@ impl Tokenizer {
                 "vocabulary of {n} tokens is too large"
             )));
         }
-        let types: Vec<TokenType> = match meta(f, "tokenizer.ggml.token_type") {
-            None => vec![TokenType::Normal; n],
-            Some(v) => {
-                let key = "tokenizer.ggml.token_type";
-                let arr = v
-                    .as_array()
-                    .ok_or_else(|| missing(key, "an array of integers"))?;
-                if arr.len() != n {
-                    return Err(Error::Tokenizer(format!(
-                        "{key} has {} entries for {n} tokens",
-                        arr.len()
-                    )));
-                }
-                arr.iter()
-                    .map(|x| {
-                        x.as_i64()
-                            .map(TokenType::from_gguf)
-                            .ok_or_else(|| missing(key, "an array of integers"))
-                    })
-                    .collect::<Result<_>>()?
-            }
-        };
+        let types = token_types(f, n)?;
         let bos = opt_id(f, "tokenizer.ggml.bos_token_id", n)?;
         let eos = opt_id(f, "tokenizer.ggml.eos_token_id", n)?;
         let unk = opt_id(f, "tokenizer.ggml.unknown_token_id", n)?;
@@ -284,114 +483,9 @@ impl Tokenizer {
         let add_bos = opt_bool(f, "tokenizer.ggml.add_bos_token").unwrap_or(is_spm);
         let add_eos = opt_bool(f, "tokenizer.ggml.add_eos_token").unwrap_or(false);
 
-        // Normal tokens by text; the first of duplicates wins.
-        let mut normal = hash::FastMap::default();
-        normal.reserve(n);
-        for (id, t) in tokens.iter().enumerate() {
-            if types[id].is_textual() {
-                normal.entry(t.clone()).or_insert(id as u32);
-            }
-        }
-        let mut byte_tokens = [None; 256];
-        for (id, t) in tokens.iter().enumerate() {
-            if matches!(
-                types[id],
-                TokenType::Byte | TokenType::Normal | TokenType::Undefined
-            ) {
-                if let Some(b) = parse_byte_token(t) {
-                    let slot = &mut byte_tokens[b as usize];
-                    if slot.is_none() || types[id] == TokenType::Byte {
-                        *slot = Some(id as u32);
-                    }
-                }
-            }
-        }
-
-        let (model, pre_name, bytes, strip_space_prefix) = match model_name.as_str() {
-            "gpt2" => {
-                let merges = req_str_array(f, "tokenizer.ggml.merges")?;
-                let pre = meta(f, "tokenizer.ggml.pre")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("default");
-                let pre = bpe::PreTokenizer::for_name(pre)?;
-                let pre_name = pre.description.clone();
-                let bpe = bpe::ByteBpe::new(
-                    &merges,
-                    &|s| normal.get(s).copied(),
-                    &|b| byte_tokens[b as usize].or(unk),
-                    pre,
-                    || normal.clone(),
-                )?;
-                let dec = bpe::ByteDecoder::new();
-                let bytes: Vec<Box<[u8]>> = tokens
-                    .iter()
-                    .zip(&types)
-                    .map(|(t, ty)| {
-                        if ty.is_textual() {
-                            let mut v = Vec::with_capacity(t.len());
-                            dec.decode(t, &mut v);
-                            v.into_boxed_slice()
-                        } else if *ty == TokenType::Byte {
-                            parse_byte_token(t)
-                                .map_or_else(|| t.as_bytes().into(), |b| Box::from([b]))
-                        } else {
-                            t.as_bytes().into()
-                        }
-                    })
-                    .collect();
-                (Model::Bpe(bpe), Some(pre_name), bytes, false)
-            }
-            "llama" => {
-                let key = "tokenizer.ggml.scores";
-                let scores = match meta(f, key) {
-                    None => return Err(missing(key, "an array of numbers")),
-                    Some(v) => {
-                        let arr = v
-                            .as_array()
-                            .ok_or_else(|| missing(key, "an array of numbers"))?;
-                        if arr.len() != n {
-                            return Err(Error::Tokenizer(format!(
-                                "{key} has {} entries for {n} tokens",
-                                arr.len()
-                            )));
-                        }
-                        arr.iter()
-                            .map(|x| {
-                                x.as_f64()
-                                    .map(|s| s as f32)
-                                    .ok_or_else(|| missing(key, "an array of numbers"))
-                            })
-                            .collect::<Result<Vec<f32>>>()?
-                    }
-                };
-                let add_space_prefix =
-                    opt_bool(f, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
-                let bytes = tokens
-                    .iter()
-                    .zip(&types)
-                    .map(|(t, ty)| match ty {
-                        TokenType::Byte => parse_byte_token(t)
-                            .map_or_else(|| t.as_bytes().into(), |b| Box::from([b])),
-                        TokenType::Normal | TokenType::Undefined => {
-                            t.replace(spm::SPACE, " ").into_bytes().into_boxed_slice()
-                        }
-                        _ => t.as_bytes().into(),
-                    })
-                    .collect();
-                let spm = spm::Spm::new(normal, scores, byte_tokens, unk, add_space_prefix);
-                (Model::Spm(spm), None, bytes, add_space_prefix)
-            }
-            "none" | "no_vocab" => {
-                return Err(Error::Tokenizer(
-                    "the model file has no vocabulary (tokenizer.ggml.model = none)".into(),
-                ))
-            }
-            other => {
-                return Err(Error::Tokenizer(format!(
-                    "tokenizer.ggml.model '{other}' is not supported (supported: gpt2, llama)"
-                )))
-            }
-        };
+        let normal = normal_token_ids(&tokens, &types);
+        let byte_tokens = byte_token_ids(&tokens, &types);
+        let vocab = VocabModel::build(f, &model_name, &tokens, &types, normal, byte_tokens, unk)?;
 
         let all_specials = SpecialMatcher::new(&tokens, |id| {
             matches!(
@@ -400,30 +494,16 @@ impl Tokenizer {
             )
         })?;
         let user_specials = SpecialMatcher::new(&tokens, |id| types[id] == TokenType::UserDefined)?;
-        let control_named = |name: &str| {
-            tokens
-                .iter()
-                .position(|t| t == name)
-                .filter(|&id| types[id] == TokenType::Control)
-                .map(|id| id as u32)
-        };
-        let eot = eot_key
-            .or_else(|| EOT_NAMES.iter().find_map(|n| control_named(n)))
-            .or(eos);
-        let mut stops: Vec<u32> = [eos, eot_key, eom].into_iter().flatten().collect();
-        stops.extend(END_OF_TURN_NAMES.iter().filter_map(|n| control_named(n)));
-        stops.extend(eot);
-        stops.sort_unstable();
-        stops.dedup();
+        let (eot, stops) = eot_and_stops(&tokens, &types, eos, eot_key, eom);
 
-        let longest_token_bytes = bytes.iter().map(|b| b.len()).max().unwrap_or(0);
+        let longest_token_bytes = vocab.bytes.iter().map(|b| b.len()).max().unwrap_or(0);
         Ok(Tokenizer {
-            model,
+            model: vocab.model,
             model_name,
-            pre_name,
+            pre_name: vocab.pre_name,
             tokens,
             types,
-            bytes,
+            bytes: vocab.bytes,
             longest_token_bytes,
             all_specials,
             user_specials,
@@ -433,7 +513,7 @@ impl Tokenizer {
             stops,
             add_bos,
             add_eos,
-            strip_space_prefix,
+            strip_space_prefix: vocab.strip_space_prefix,
         })
     }
 
