@@ -347,12 +347,16 @@ impl ChatTemplate {
         let count = messages.len();
         let messages: Vec<Value> = messages.iter().map(message_value).collect();
         let tools = opts.tools.map(|t| Value::from(minijinja::value::Serde(t)));
-        let ctx = context! {
+        let base = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
-            tools => tools,
             bos_token => self.bos_token.clone(),
             eos_token => self.eos_token.clone(),
+        };
+        // `tools` is left undefined without tools, as templates test it both ways.
+        let ctx = match tools {
+            Some(tools) => context! { tools => tools, ..base },
+            None => base,
         };
         // The budget grows with the conversation; it also bounds the bytes the template
         // may allocate (minijinja charges every byte a string operation produces), so
@@ -995,5 +999,80 @@ mod tests {
             t.render(&convo(), true).unwrap(),
             "<bos><start_of_turn>user\nYou are terse.\n\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n"
         );
+    }
+
+    /// A template in the style of Qwen2.5's: tools in the system turn, calls with
+    /// `tojson`, tool answers in a user turn.
+    const TOOLS_TEMPLATE: &str = "{%- if tools %}<|im_start|>system\nTools:{% for t in tools %}\n{{ t | tojson }}{% endfor %}<|im_end|>\n{%- endif %}\
+{%- for m in messages %}{%- if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n{% for c in m.tool_calls %}<tool_call>{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}</tool_call>{% endfor %}<|im_end|>\n\
+{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>{{ m.content }}</tool_response><|im_end|>\n\
+{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}{%- endfor %}\
+{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}";
+
+    #[test]
+    fn tools_and_tool_calls_reach_the_template() {
+        let t = ChatTemplate::new(TOOLS_TEMPLATE, "", "").unwrap();
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+        let mut call = Message::assistant("");
+        call.tool_calls = Some(serde_json::json!([{"id": "c1", "type": "function",
+            "function": {"name": "f", "arguments": {"x": 1}}}]));
+        let mut answer = Message::new("tool", "42");
+        answer.tool_call_id = Some("c1".into());
+        let msgs = [Message::user("go"), call, answer];
+        let text = t
+            .render_with(
+                &msgs,
+                &RenderOptions {
+                    add_generation_prompt: true,
+                    tools: Some(&tools),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert!(text.contains(r#"Tools:{"function": {"name": "f", "parameters": {"type": "object"}}, "type": "function"}"#), "{text}");
+        assert!(
+            text.contains(r#"<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>"#),
+            "{text}"
+        );
+        assert!(text.contains("<tool_response>42</tool_response>"), "{text}");
+        assert!(text.ends_with("<|im_start|>assistant"), "{text}");
+        // Without tools the section is absent.
+        let plain = t.render(&msgs[..1], true).unwrap();
+        assert!(!plain.contains("Tools:"), "{plain}");
+    }
+
+    #[test]
+    fn a_final_assistant_message_is_continued_not_closed() {
+        let t = ChatTemplate::builtin(TemplateKind::ChatMl, "", "");
+        let msgs = [
+            Message::user("List colours."),
+            Message::assistant("Red, yellow,"),
+        ];
+        let cont = RenderOptions {
+            continue_final_message: true,
+            ..Default::default()
+        };
+        let text = t.render_with(&msgs, &cont).unwrap();
+        assert!(
+            text.ends_with("<|im_start|>assistant\nRed, yellow,"),
+            "{text}"
+        );
+        // The same conversation closed and a new turn opened, for contrast.
+        let closed = t.render(&msgs, true).unwrap();
+        assert!(closed.starts_with(&text) && closed.len() > text.len());
+        // Nothing to continue: a clear error.
+        for bad in [
+            &msgs[..1],
+            &[Message::user("x"), Message::assistant("  ")][..],
+        ] {
+            let e = t.render_with(bad, &cont).unwrap_err();
+            assert!(e.to_string().contains("final assistant message"), "{e}");
+        }
+        let both = RenderOptions {
+            continue_final_message: true,
+            add_generation_prompt: true,
+            ..Default::default()
+        };
+        assert!(t.render_with(&msgs, &both).is_err());
     }
 }

@@ -30,10 +30,14 @@ pub struct Metrics {
     pub steps: AtomicU64,
     /// Sequences summed over steps (mean batch = this / steps).
     pub step_sequences: AtomicU64,
-    pub time_to_first_token_us: AtomicU64,
-    pub first_tokens: AtomicU64,
-    pub request_us: AtomicU64,
-    pub requests_done: AtomicU64,
+    /// Arrival to the first sampled token.
+    pub time_to_first_token: Histogram,
+    /// Arrival to the last token of a finished generation.
+    pub request_latency: Histogram,
+    /// A finished generation's mean time between output tokens (from its first).
+    pub time_per_output_token: Histogram,
+    /// Arrival to admission (the wait in the queue, tokenizing included).
+    pub queue_wait: Histogram,
     /// Requests that reused a cached context, and those that found none.
     pub context_hits: AtomicU64,
     pub context_misses: AtomicU64,
@@ -55,6 +59,59 @@ pub struct Metrics {
     compression: Mutex<BTreeMap<String, MethodStats>>,
     /// (when, prompt tokens, generated tokens) per engine step, for rates.
     recent: Mutex<VecDeque<(Instant, u64, u64)>>,
+}
+
+/// Bucket bounds in seconds: 5 ms to 10 minutes, about three per decade.
+const LATENCY_BOUNDS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 600.0,
+];
+
+/// A latency histogram in Prometheus' form: counts per bucket (rendered cumulative,
+/// with `+Inf`), the sum and the count.
+#[derive(Default)]
+pub struct Histogram {
+    /// Observations at or below each bound (not cumulative), then above the last.
+    buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BOUNDS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us
+            .fetch_add(d.as_micros().min(u64::MAX as u128) as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// The histogram's lines (`# HELP`, `# TYPE`, buckets, sum, count).
+    fn render(&self, o: &mut String, name: &str, help: &str) {
+        let _ = writeln!(o, "# HELP {name} {help}");
+        let _ = writeln!(o, "# TYPE {name} histogram");
+        let mut acc = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            acc += b.load(Relaxed);
+            match LATENCY_BOUNDS.get(i) {
+                Some(le) => {
+                    let _ = writeln!(o, "{name}_bucket{{le=\"{le}\"}} {acc}");
+                }
+                None => {
+                    let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {acc}");
+                }
+            }
+        }
+        let _ = writeln!(o, "{name}_sum {}", self.sum_us.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(o, "{name}_count {}", self.count.load(Relaxed));
+    }
 }
 
 #[derive(Default, Clone, Copy)]
@@ -369,30 +426,30 @@ impl Metrics {
             "Time spent compressing, by method.",
             &rows(&|s| s.secs),
         );
-        metric(
-            "kvmerger_time_to_first_token_seconds_sum",
-            "counter",
-            "Arrival to first generated token, summed over requests.",
-            &one(c(&self.time_to_first_token_us) / 1e6),
-        );
-        metric(
-            "kvmerger_time_to_first_token_seconds_count",
-            "counter",
-            "Requests counted in the sum above.",
-            &one(c(&self.first_tokens)),
-        );
-        metric(
-            "kvmerger_request_seconds_sum",
-            "counter",
-            "Arrival to last token, summed over finished generations.",
-            &one(c(&self.request_us) / 1e6),
-        );
-        metric(
-            "kvmerger_request_seconds_count",
-            "counter",
-            "Generations counted in the sum above.",
-            &one(c(&self.requests_done)),
-        );
+        for (h, name, help) in [
+            (
+                &self.time_to_first_token,
+                "kvmerger_time_to_first_token_seconds",
+                "Arrival to the first generated token, per request.",
+            ),
+            (
+                &self.time_per_output_token,
+                "kvmerger_time_per_output_token_seconds",
+                "Mean time between output tokens after the first, per finished generation of two tokens or more.",
+            ),
+            (
+                &self.queue_wait,
+                "kvmerger_queue_wait_seconds",
+                "Arrival to admission into the running batch (tokenizing and queueing), per request.",
+            ),
+            (
+                &self.request_latency,
+                "kvmerger_request_seconds",
+                "Arrival to the last token, per finished generation.",
+            ),
+        ] {
+            h.render(&mut o, name, help);
+        }
         o
     }
 }
@@ -417,6 +474,44 @@ mod tests {
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+
+    #[test]
+    fn latency_histograms_are_cumulative_with_sum_and_count() {
+        let m = Metrics::default();
+        for ms in [3, 40, 40, 700, 2_000_000] {
+            m.time_to_first_token.observe(Duration::from_millis(ms));
+        }
+        let text = m.render(1 << 20);
+        let line = |k: &str| {
+            text.lines()
+                .find(|l| l.starts_with(k))
+                .unwrap_or_else(|| panic!("{k} missing:\n{text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .parse::<f64>()
+                .unwrap()
+        };
+        let name = "kvmerger_time_to_first_token_seconds";
+        assert!(text.contains(&format!("# TYPE {name} histogram")));
+        assert_eq!(line(&format!("{name}_bucket{{le=\"0.005\"}}")), 1.0);
+        assert_eq!(line(&format!("{name}_bucket{{le=\"0.05\"}}")), 3.0);
+        assert_eq!(line(&format!("{name}_bucket{{le=\"1\"}}")), 4.0);
+        assert_eq!(line(&format!("{name}_bucket{{le=\"600\"}}")), 4.0);
+        assert_eq!(line(&format!("{name}_bucket{{le=\"+Inf\"}}")), 5.0);
+        assert_eq!(line(&format!("{name}_count")), 5.0);
+        assert!((line(&format!("{name}_sum")) - 2000.783).abs() < 1e-6);
+        // Buckets never fall.
+        let mut last = 0.0;
+        for l in text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}_bucket")))
+        {
+            let v: f64 = l.rsplit(' ').next().unwrap().parse().unwrap();
+            assert!(v >= last, "{l}");
+            last = v;
         }
     }
 }

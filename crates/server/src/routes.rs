@@ -26,7 +26,7 @@ use llguidance::api::TopLevelGrammar;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
@@ -69,6 +69,8 @@ struct Request {
     grammar: Option<(TopLevelGrammar, &'static str)>,
     /// Tools the model may call (their calls are parsed out of the answer).
     tools: Option<ToolSetup>,
+    /// Set by `prepare` for a constrained request: its mask timings.
+    masks: Option<MaskStats>,
 }
 
 /// How a chat's messages are rendered (the template's options).
@@ -184,6 +186,7 @@ pub async fn completions(State(app): AppState, body: Result<Bytes, BytesRejectio
                 render: Render::default(),
                 grammar: None,
                 tools: None,
+                masks: None,
             },
         )
         .await
@@ -282,6 +285,7 @@ pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> 
                 render,
                 grammar,
                 tools: tool_setup,
+                masks: None,
             },
         )
         .await
@@ -428,6 +432,7 @@ async fn run(
     };
     if let Some(l) = line.as_mut() {
         l.id = Some(meta.id.clone());
+        l.masks = req.masks.clone();
     }
     if req.stream {
         Ok(stream_response(meta, rx, req.include_usage, line.take()))
@@ -438,7 +443,7 @@ async fn run(
 
 fn prepare(
     app: &App,
-    req: Request,
+    mut req: Request,
     arrived: Instant,
     events: mpsc::UnboundedSender<Event>,
 ) -> Result<(Job, Request), ApiError> {
@@ -583,10 +588,11 @@ fn prepare(
         .validate()
         .map_err(|e| ApiError::invalid(e.to_string()))?;
     let constraint = match &req.grammar {
-        Some((g, param)) => Some(
-            Box::new(app.grammars.constraint(&app.lm, g.clone(), param)?)
-                as Box<dyn kvmerger_engine::generate::TokenConstraint>,
-        ),
+        Some((g, param)) => {
+            let c = app.grammars.constraint(&app.lm, g.clone(), param)?;
+            req.masks = Some((c.mask_nanos.clone(), c.masks.clone()));
+            Some(Box::new(c) as Box<dyn kvmerger_engine::generate::TokenConstraint>)
+        }
         None => None,
     };
     // Cached contexts are matched on everything that shapes a compressed cache.
@@ -753,7 +759,11 @@ struct LogLine {
     done: Option<Finished>,
     error: Option<(u16, Option<&'static str>, Option<String>)>,
     ignored: usize,
+    /// A constrained request's mask time (ns) and masks computed.
+    masks: Option<MaskStats>,
 }
+
+type MaskStats = (Arc<AtomicU64>, Arc<AtomicU64>);
 
 impl LogLine {
     fn new(app: &App, endpoint: &'static str) -> LogLine {
@@ -767,6 +777,7 @@ impl LogLine {
             done: None,
             error: None,
             ignored: 0,
+            masks: None,
         }
     }
 
@@ -823,6 +834,13 @@ impl Drop for LogLine {
                 (
                     "ignored_fields",
                     json!((self.ignored > 0).then_some(self.ignored)),
+                ),
+                (
+                    "mask_us_per_token",
+                    json!(self.masks.as_ref().and_then(|(ns, n)| {
+                        let n = n.load(Relaxed);
+                        (n > 0).then(|| ms(ns.load(Relaxed) as f64 / n as f64 / 1e3))
+                    })),
                 ),
             ],
         );
@@ -1561,6 +1579,7 @@ pub async fn create_context(State(app): AppState, body: Result<Bytes, BytesRejec
             render: Render::default(),
             grammar: None,
             tools: None,
+            masks: None,
         };
         let arrived = Instant::now();
         let (tx, mut rx) = mpsc::unbounded_channel();

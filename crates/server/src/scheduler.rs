@@ -442,6 +442,7 @@ impl<'m> Engine<'m> {
                 break;
             }
             let job = queue.pop_front().expect("front exists");
+            self.sched.metrics.queue_wait.observe(job.arrived.elapsed());
             let mut job = job;
             let decoder = match Decoder::new(&self.lm.tokenizer, &job.prompt, &job.params) {
                 Ok(d) => match job.constraint.take() {
@@ -745,9 +746,11 @@ impl<'m> Engine<'m> {
                         _ => "length",
                     });
                     if s.choice == 0 {
-                        m.request_us
-                            .fetch_add(s.job.arrived.elapsed().as_micros() as u64, Relaxed);
-                        m.requests_done.fetch_add(1, Relaxed);
+                        m.request_latency.observe(s.job.arrived.elapsed());
+                    }
+                    if let (Some(t), true) = (s.first_token, n > 1) {
+                        m.time_per_output_token
+                            .observe(t.elapsed() / (n - 1) as u32);
                     }
                     if self.sched.limits.context_reuse && s.choice == 0 {
                         let key = std::mem::take(&mut s.job.cache_key);
@@ -871,9 +874,7 @@ fn sample(s: &mut Seq<'_>, mut l: Vec<f32>, m: &Metrics, ctx_len: usize) -> (usi
     if s.first_token.is_none() {
         s.first_token = Some(Instant::now());
         if s.choice == 0 {
-            m.time_to_first_token_us
-                .fetch_add(s.job.arrived.elapsed().as_micros() as u64, Relaxed);
-            m.first_tokens.fetch_add(1, Relaxed);
+            m.time_to_first_token.observe(s.job.arrived.elapsed());
         }
     }
     if !piece.is_empty() && s.job.events.send(Event::Text(s.choice, piece)).is_err() {
