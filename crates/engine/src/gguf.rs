@@ -222,136 +222,150 @@ impl<'a> Reader<'a> {
     }
 }
 
-impl GgufFile {
-    pub fn open(path: &Path) -> Result<GgufFile, Error> {
-        crate::check_regular_file(path, u64::MAX)?;
-        let file = std::fs::File::open(path).map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            error: e,
-        })?;
-        // SAFETY: the file is opened read-only and treated as immutable bytes.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            error: e,
-        })?;
-        let buf: &[u8] = &mmap;
-        let mut r = Reader {
-            buf,
-            pos: 0,
-            path,
-            budget: METADATA_LIMIT,
-        };
+/// One entry of the tensor directory as written: name, dimensions, type, offset.
+type DirEntry = (String, Vec<u64>, GgmlType, u64);
+
+impl<'a> Reader<'a> {
+    /// Reads the magic, the version and the tensor and metadata counts.
+    fn header(&mut self) -> Result<(u32, u64, u64), Error> {
+        let buf = self.buf;
         if buf.len() < 4 || &buf[..4] != MAGIC {
-            return Err(r.err("not a GGUF file (missing 'GGUF' magic)"));
+            return Err(self.err("not a GGUF file (missing 'GGUF' magic)"));
         }
-        r.pos = 4;
-        let version = r.u32()?;
+        self.pos = 4;
+        let version = self.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(r.err(&format!(
+            return Err(self.err(&format!(
                 "unsupported GGUF version {version} (expected 2 or 3)"
             )));
         }
-        let n_tensors = r.u64()?;
-        let n_kv = r.u64()?;
+        let n_tensors = self.u64()?;
+        let n_kv = self.u64()?;
         if n_tensors > 1 << 24 || n_kv > 1 << 24 {
-            return Err(r.err("implausible tensor or metadata count (corrupt header?)"));
+            return Err(self.err("implausible tensor or metadata count (corrupt header?)"));
         }
+        Ok((version, n_tensors, n_kv))
+    }
+
+    /// Reads `n_kv` metadata key-value pairs; a repeated key keeps its last value.
+    fn metadata(&mut self, n_kv: u64) -> Result<BTreeMap<String, Value>, Error> {
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
-            let key = r.string()?;
-            let ty = r.u32()?;
-            let v = r.value(ty, 0)?;
+            let key = self.string()?;
+            let ty = self.u32()?;
+            let v = self.value(ty, 0)?;
             metadata.insert(key, v);
         }
-        let alignment = match metadata.get("general.alignment") {
+        Ok(metadata)
+    }
+
+    /// The data alignment `general.alignment` names (32 when absent).
+    fn alignment(&self, metadata: &BTreeMap<String, Value>) -> Result<usize, Error> {
+        Ok(match metadata.get("general.alignment") {
             Some(v) => v
                 .as_u64()
                 .filter(|a| *a > 0 && a.is_power_of_two())
-                .ok_or_else(|| r.err("general.alignment is not a power of two"))?
+                .ok_or_else(|| self.err("general.alignment is not a power of two"))?
                 as usize,
             None => 32,
-        };
+        })
+    }
+
+    /// Reads the `n_tensors` entries of the tensor directory.
+    fn tensor_directory(&mut self, n_tensors: u64) -> Result<Vec<DirEntry>, Error> {
         // A tensor's entry takes at least 32 bytes (name length, one dimension, type,
         // offset): a count the rest of the file cannot hold is corrupt.
-        if n_tensors > ((buf.len() - r.pos) / 32) as u64 {
-            return Err(r.err(&format!(
+        if n_tensors > ((self.buf.len() - self.pos) / 32) as u64 {
+            return Err(self.err(&format!(
                 "file is truncated or corrupt: {n_tensors} tensors cannot fit in its {} bytes",
-                buf.len()
+                self.buf.len()
             )));
         }
         let mut infos = Vec::with_capacity(n_tensors as usize);
         for _ in 0..n_tensors {
-            let name = r.string()?;
-            let n_dims = r.u32()?;
+            let name = self.string()?;
+            let n_dims = self.u32()?;
             if n_dims == 0 || n_dims > 4 {
-                return Err(r.err(&format!("tensor '{name}' has {n_dims} dimensions")));
+                return Err(self.err(&format!("tensor '{name}' has {n_dims} dimensions")));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
-                dims.push(r.u64()?);
+                dims.push(self.u64()?);
             }
-            let ty = r.u32()?;
+            let ty = self.u32()?;
             let dtype = GgmlType::from_u32(ty).ok_or_else(|| Error::UnsupportedTensorType {
                 tensor: name.clone(),
                 ty: ty.to_string(),
             })?;
-            let offset = r.u64()?;
+            let offset = self.u64()?;
             infos.push((name, dims, dtype, offset));
         }
-        let data_start = r.pos.div_ceil(alignment) * alignment;
-        let mut tensors = BTreeMap::new();
-        for (name, dims, dtype, offset) in infos {
-            let n: u64 = dims
-                .iter()
-                .try_fold(1u64, |a, &d| a.checked_mul(d))
-                .unwrap_or(u64::MAX);
-            let bs = dtype.block_size() as u64;
-            if dims[0] % bs != 0 {
-                return Err(r.err(&format!(
-                    "tensor '{name}': row length {} is not a multiple of the {dtype:?} block size {bs}",
-                    dims[0]
-                )));
-            }
-            let size = (n / bs).checked_mul(dtype.type_size() as u64);
-            let start = (data_start as u64).checked_add(offset);
-            let end = match (start, size) {
-                (Some(s), Some(z)) => s.checked_add(z),
-                _ => None,
-            };
-            match end {
-                Some(end) if end <= buf.len() as u64 => {}
-                _ => {
-                    return Err(Error::Format {
-                        path: path.to_path_buf(),
-                        msg: format!(
-                            "file is truncated or corrupt: tensor '{name}' ({dtype:?}, dims {dims:?}) lies past the end of the file ({} bytes)",
-                            buf.len()
-                        ),
-                    })
-                }
-            }
-            if offset % alignment as u64 != 0 {
-                return Err(r.err(&format!(
-                    "tensor '{name}': offset {offset} is not a multiple of the file's alignment {alignment}"
-                )));
-            }
-            let info = TensorInfo {
-                name: name.clone(),
-                dims,
-                dtype,
-                offset: start.unwrap() as usize,
-                size: size.unwrap() as usize,
-            };
-            if tensors.insert(name.clone(), info).is_some() {
-                return Err(r.err(&format!("tensor '{name}' is listed twice")));
+        Ok(infos)
+    }
+
+    /// Checks that a directory entry's data lies whole and aligned in the file, and places it.
+    fn place_tensor(
+        &self,
+        (name, dims, dtype, offset): DirEntry,
+        data_start: usize,
+        alignment: usize,
+    ) -> Result<TensorInfo, Error> {
+        let buf = self.buf;
+        let n: u64 = dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .unwrap_or(u64::MAX);
+        let bs = dtype.block_size() as u64;
+        if dims[0] % bs != 0 {
+            return Err(self.err(&format!(
+                "tensor '{name}': row length {} is not a multiple of the {dtype:?} block size {bs}",
+                dims[0]
+            )));
+        }
+        let size = (n / bs).checked_mul(dtype.type_size() as u64);
+        let start = (data_start as u64).checked_add(offset);
+        let end = match (start, size) {
+            (Some(s), Some(z)) => s.checked_add(z),
+            _ => None,
+        };
+        match end {
+            Some(end) if end <= buf.len() as u64 => {}
+            _ => {
+                return Err(Error::Format {
+                    path: self.path.to_path_buf(),
+                    msg: format!(
+                        "file is truncated or corrupt: tensor '{name}' ({dtype:?}, dims {dims:?}) lies past the end of the file ({} bytes)",
+                        buf.len()
+                    ),
+                })
             }
         }
+        if offset % alignment as u64 != 0 {
+            return Err(self.err(&format!(
+                "tensor '{name}': offset {offset} is not a multiple of the file's alignment {alignment}"
+            )));
+        }
+        Ok(TensorInfo {
+            name,
+            dims,
+            dtype,
+            offset: start.unwrap() as usize,
+            size: size.unwrap() as usize,
+        })
+    }
+
+    /// Refuses tensors whose data overlap, or leave a gap wider than the alignment's padding.
+    fn check_layout(
+        &self,
+        tensors: &BTreeMap<String, TensorInfo>,
+        alignment: usize,
+    ) -> Result<(), Error> {
         let extents = tensors
             .values()
             .map(|t| (t.offset, t.offset + t.size, t.name.as_str()))
             .collect();
         if let Some((a, b)) = crate::first_overlap(extents) {
-            return Err(r.err(&format!(
+            return Err(self.err(&format!(
                 "tensors '{a}' and '{b}' overlap in the file (corrupt tensor directory)"
             )));
         }
@@ -367,7 +381,7 @@ impl GgufFile {
         for w in spans.windows(2) {
             let padded = w[0].1.div_ceil(alignment) * alignment;
             if w[1].0 > padded {
-                return Err(r.err(&format!(
+                return Err(self.err(&format!(
                     "tensor '{}' ends {} bytes before the next one, '{}', begins: its type or shape in the tensor directory does not match the data (corrupt or altered file)",
                     w[0].2,
                     w[1].0 - w[0].1,
@@ -375,6 +389,42 @@ impl GgufFile {
                 )));
             }
         }
+        Ok(())
+    }
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<GgufFile, Error> {
+        crate::check_regular_file(path, u64::MAX)?;
+        let file = std::fs::File::open(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            error: e,
+        })?;
+        // SAFETY: the file is opened read-only and treated as immutable bytes.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            error: e,
+        })?;
+        let mut r = Reader {
+            buf: &mmap,
+            pos: 0,
+            path,
+            budget: METADATA_LIMIT,
+        };
+        let (version, n_tensors, n_kv) = r.header()?;
+        let metadata = r.metadata(n_kv)?;
+        let alignment = r.alignment(&metadata)?;
+        let entries = r.tensor_directory(n_tensors)?;
+        let data_start = r.pos.div_ceil(alignment) * alignment;
+        let mut tensors = BTreeMap::new();
+        for entry in entries {
+            let info = r.place_tensor(entry, data_start, alignment)?;
+            let name = info.name.clone();
+            if tensors.insert(name.clone(), info).is_some() {
+                return Err(r.err(&format!("tensor '{name}' is listed twice")));
+            }
+        }
+        r.check_layout(&tensors, alignment)?;
         Ok(GgufFile {
             path: path.to_path_buf(),
             version,
