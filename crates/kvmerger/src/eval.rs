@@ -10,8 +10,10 @@ use kvmerger_assets::{self as assets, Progress};
 use kvmerger_eval::grid::{GridSpec, Protocol, Shard, WorkItem, TEXT_TASK};
 use kvmerger_eval::records::{self, Record};
 use kvmerger_eval::runner::{Observer, Runner, TextSource};
+use kvmerger_eval::sample::Sample;
 use kvmerger_eval::sources::TaskSamples;
 use kvmerger_eval::{report, tasks};
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -128,6 +130,24 @@ struct EvalBar {
 }
 
 impl EvalBar {
+    /// A progress bar on stderr, ticking twice a second (plain lines when not a terminal).
+    fn new() -> EvalBar {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "[{elapsed_precise}] [{bar:30}] {pos}/{len} samples, eta {eta} | {msg}",
+            )
+            .unwrap()
+            .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(500));
+        EvalBar {
+            bar,
+            start: std::cell::Cell::new((std::time::Instant::now(), 0)),
+            plain: !std::io::stderr().is_terminal(),
+        }
+    }
+
     fn line(&self, s: String) {
         if self.plain {
             eprintln!("{s}");
@@ -195,34 +215,73 @@ fn run_grid(a: EvalRunArgs, dir: &Path) -> Result<()> {
         Some(s) => s.parse()?,
         None => Shard::WHOLE,
     };
-    // File-based tasks.
-    let mut files = std::collections::BTreeMap::new();
+    let files = read_task_files(&a, &mut spec, spec_given)?;
+    check_grid(&spec, &files)?;
+    let ruler_dir = fetch_ruler_if_needed(&spec, dir)?;
+    let text = if spec.tasks.iter().any(|t| t == TEXT_TASK) {
+        Some(load_text(&spec.text, dir)?)
+    } else {
+        None
+    };
+    let mut model = a.model.clone();
+    model.precision = Some(model.precision_or(EVAL_PRECISION).to_string());
+    let (lm, dtype) = load_model(&model, dir)?;
+    let run = format!(
+        "{} kv={} precision={}",
+        lm.name,
+        model.kv_dtype,
+        model.precision_or(EVAL_PRECISION)
+    );
+    let mut source = TaskSamples::new(&lm, ruler_dir, spec.seed);
+    source.files = files;
+    let out = a.out.clone();
+    write_grid_file(&out, &spec, &run)?;
+    let configs = spec.configs()?.len();
+    eprintln!(
+        "{run}: {} samples × {configs} configurations (full + {} methods × {} budgets), shard {}/{}, results in {}",
+        spec.items().len(),
+        spec.methods.iter().filter(|m| *m != "full").count(),
+        spec.budgets.len(),
+        shard.index,
+        shard.count,
+        out.join(shard.file_name()).display()
+    );
+    let runner = Runner {
+        lm: &lm,
+        dtype,
+        run,
+        spec: &spec,
+        samples: &source,
+        text: text.as_ref(),
+    };
+    let obs = EvalBar::new();
+    let summary = runner.run(&out, shard, &obs);
+    obs.bar.finish_and_clear();
+    let summary = summary?;
+    eprintln!(
+        "{} samples: {} evaluated now, {} already done",
+        summary.items, summary.evaluated, summary.skipped
+    );
+    if !a.no_report {
+        write_reports(std::slice::from_ref(&out), &out, false, &[])?;
+    }
+    Ok(())
+}
+
+/// Reads the --longbench, --zeroscrolls and --ruler files into samples by task,
+/// adding their tasks to the grid unless a config or --tasks chose the tasks.
+fn read_task_files(
+    a: &EvalRunArgs,
+    spec: &mut GridSpec,
+    spec_given: bool,
+) -> Result<BTreeMap<String, Vec<Sample>>> {
+    let mut files = BTreeMap::new();
     let mut inputs: Vec<(&str, &PathBuf)> = Vec::new();
     inputs.extend(a.longbench.iter().map(|p| ("longbench", p)));
     inputs.extend(a.zeroscrolls.iter().map(|p| ("zeroscrolls", p)));
     inputs.extend(a.ruler.iter().map(|p| ("RULER", p)));
     for (kind, path) in inputs {
-        let read = match kind {
-            "longbench" => tasks::read_longbench(path, a.dataset.as_deref()),
-            "zeroscrolls" => tasks::read_zeroscrolls(path, a.dataset.as_deref()),
-            _ => tasks::read_ruler(path, None),
-        }
-        .with_context(|| format!("reading the {kind} file {}", path.display()))?;
-        for e in &read.errors {
-            eprintln!(
-                "warning: {}:{}: {} (line skipped)",
-                path.display(),
-                e.line,
-                e.message
-            );
-        }
-        if read.samples.is_empty() {
-            bail!("{}: no usable samples", path.display());
-        }
-        let mut by_task: std::collections::BTreeMap<String, Vec<_>> = Default::default();
-        for s in read.samples {
-            by_task.entry(s.task.clone()).or_default().push(s);
-        }
+        let by_task = read_task_file(kind, path, a.dataset.as_deref())?;
         for (t, mut v) in by_task {
             if files.contains_key(&t) {
                 bail!(
@@ -243,6 +302,43 @@ fn run_grid(a: EvalRunArgs, dir: &Path) -> Result<()> {
     if from_files && !spec_given {
         spec.tasks.retain(|t| files.contains_key(t));
     }
+    Ok(files)
+}
+
+/// Reads one task file of the given kind, warns of its skipped lines, and groups its
+/// samples by task.
+fn read_task_file(
+    kind: &str,
+    path: &Path,
+    dataset: Option<&str>,
+) -> Result<BTreeMap<String, Vec<Sample>>> {
+    let read = match kind {
+        "longbench" => tasks::read_longbench(path, dataset),
+        "zeroscrolls" => tasks::read_zeroscrolls(path, dataset),
+        _ => tasks::read_ruler(path, None),
+    }
+    .with_context(|| format!("reading the {kind} file {}", path.display()))?;
+    for e in &read.errors {
+        eprintln!(
+            "warning: {}:{}: {} (line skipped)",
+            path.display(),
+            e.line,
+            e.message
+        );
+    }
+    if read.samples.is_empty() {
+        bail!("{}: no usable samples", path.display());
+    }
+    let mut by_task: BTreeMap<String, Vec<_>> = Default::default();
+    for s in read.samples {
+        by_task.entry(s.task.clone()).or_default().push(s);
+    }
+    Ok(by_task)
+}
+
+/// Validates the grid against the known tasks, refuses file samples the query-agnostic
+/// protocol cannot cut, and notes tasks with fewer samples than asked for.
+fn check_grid(spec: &GridSpec, files: &BTreeMap<String, Vec<Sample>>) -> Result<()> {
     let mut known: Vec<&str> = tasks::task_names().to_vec();
     known.extend(files.keys().map(|s| s.as_str()));
     spec.validate(&known)?;
@@ -273,83 +369,33 @@ fn run_grid(a: EvalRunArgs, dir: &Path) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Fetches the RULER data when a built-in task needs it (an empty path otherwise).
+fn fetch_ruler_if_needed(spec: &GridSpec, dir: &Path) -> Result<PathBuf> {
     let needs_ruler = spec
         .tasks
         .iter()
         .any(|t| tasks::task_names().contains(&t.as_str()));
-    let ruler_dir = if needs_ruler {
+    Ok(if needs_ruler {
         let bar = Bar::new();
         let r = assets::fetch("ruler", dir, &bar);
         bar.finish();
         r.context("fetching the RULER data")?
     } else {
         PathBuf::new()
-    };
-    let text = if spec.tasks.iter().any(|t| t == TEXT_TASK) {
-        Some(load_text(&spec.text, dir)?)
-    } else {
-        None
-    };
-    let mut model = a.model.clone();
-    model.precision = Some(model.precision_or(EVAL_PRECISION).to_string());
-    let (lm, dtype) = load_model(&model, dir)?;
-    let run = format!(
-        "{} kv={} precision={}",
-        lm.name,
-        model.kv_dtype,
-        model.precision_or(EVAL_PRECISION)
-    );
-    let mut source = TaskSamples::new(&lm, ruler_dir, spec.seed);
-    source.files = files;
-    let out = a.out.clone();
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    })
+}
+
+/// Creates the output directory and writes the grid to its `grid.toml` unless one is there.
+fn write_grid_file(out: &Path, spec: &GridSpec, run: &str) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let grid_file = out.join("grid.toml");
     if !grid_file.exists() {
-        let text = toml::to_string(&spec).context("writing the grid")?;
+        let text = toml::to_string(spec).context("writing the grid")?;
         std::fs::write(&grid_file, format!("# model: {run}\n{text}"))
             .with_context(|| format!("writing {}", grid_file.display()))?;
-    }
-    let configs = spec.configs()?.len();
-    eprintln!(
-        "{run}: {} samples × {configs} configurations (full + {} methods × {} budgets), shard {}/{}, results in {}",
-        spec.items().len(),
-        spec.methods.iter().filter(|m| *m != "full").count(),
-        spec.budgets.len(),
-        shard.index,
-        shard.count,
-        out.join(shard.file_name()).display()
-    );
-    let runner = Runner {
-        lm: &lm,
-        dtype,
-        run,
-        spec: &spec,
-        samples: &source,
-        text: text.as_ref(),
-    };
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "[{elapsed_precise}] [{bar:30}] {pos}/{len} samples, eta {eta} | {msg}",
-        )
-        .unwrap()
-        .progress_chars("=> "),
-    );
-    bar.enable_steady_tick(Duration::from_millis(500));
-    let obs = EvalBar {
-        bar,
-        start: std::cell::Cell::new((std::time::Instant::now(), 0)),
-        plain: !std::io::stderr().is_terminal(),
-    };
-    let summary = runner.run(&out, shard, &obs);
-    obs.bar.finish_and_clear();
-    let summary = summary?;
-    eprintln!(
-        "{} samples: {} evaluated now, {} already done",
-        summary.items, summary.evaluated, summary.skipped
-    );
-    if !a.no_report {
-        write_reports(std::slice::from_ref(&out), &out, false, &[])?;
     }
     Ok(())
 }
