@@ -12,8 +12,8 @@ fuzz_target!(|data: &[u8]| {
     let dir = p.parent().unwrap();
     let cfg_path = dir.join("config.json");
     std::fs::write(&cfg_path, CONFIG).unwrap();
-    let cfg = kvmerger_engine::st::config_from_json(&cfg_path).unwrap();
-    if let Ok(w) = kvmerger_engine::st::SafetensorsDir::open(dir, cfg.arch) {
+    let cfg = kvmerger_engine::safetensors::config_from_json(&cfg_path).unwrap();
+    if let Ok(w) = kvmerger_engine::safetensors::SafetensorsDir::open(dir, cfg.arch) {
         let _ = kvmerger_engine::model::Model::load(cfg, &w);
     }
 });

@@ -8,7 +8,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kvmerger_compression::{HeadStore, KvDtype, SlotMeta};
 use kvmerger_engine::attention::{attend, LayerAttn, StatsRequest};
-use kvmerger_engine::exact::{matmul_balanced, matmul_exact};
+use kvmerger_engine::precision::{matmul_balanced, matmul_exact};
 use kvmerger_engine::quant::{GgmlType, QMatrix};
 use std::hint::black_box;
 

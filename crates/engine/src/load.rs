@@ -5,7 +5,7 @@ use crate::chat::ChatTemplate;
 use crate::config::Config;
 use crate::gguf::GgufFile;
 use crate::model::Model;
-use crate::st::{config_from_json, SafetensorsDir};
+use crate::safetensors::{config_from_json, SafetensorsDir};
 use crate::tokenizer::Tokenizer;
 use crate::Error;
 use std::path::{Path, PathBuf};

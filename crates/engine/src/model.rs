@@ -3,11 +3,11 @@
 use crate::attention::{attend, HeadRows, LayerAttn, StatsRequest};
 use crate::cache::{HeadAccum, KvCache, LayerRope, PrefillStats, QueryAccum};
 use crate::config::{Activation, Arch, Config, RopeStyle};
-use crate::exact::{
-    matmul_balanced, matmul_balanced_multi, matmul_exact, matmul_exact_multi, Precision,
-};
 use crate::gguf::GgufFile;
 use crate::kernels::{gelu_tanh, rms_norm, rms_norm_inplace, silu_mul};
+use crate::precision::{
+    matmul_balanced, matmul_balanced_multi, matmul_exact, matmul_exact_multi, Precision,
+};
 use crate::quant::QMatrix;
 use crate::Error;
 use kvmerger_compression::{KvDtype, SlotMeta, StatsNeeds};

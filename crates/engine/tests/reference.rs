@@ -6,10 +6,10 @@ mod common;
 
 use common::{model_path, numpy_reference_logits};
 use kvmerger_compression::{KvDtype, StatsNeeds};
-use kvmerger_engine::exact::Precision;
 use kvmerger_engine::generate::GenerateParams;
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::model::Logits;
+use kvmerger_engine::precision::Precision;
 use kvmerger_engine::sequence::Sequence;
 
 struct Reference {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 /// Resolve, fetching on first use, and load a model with a spinner.
 pub fn load_model(m: &ModelArgs, dir: &std::path::Path) -> Result<(LoadedModel, KvDtype)> {
     let dtype: KvDtype = m.kv_dtype.parse().map_err(anyhow::Error::msg)?;
-    let precision: kvmerger_engine::exact::Precision = m
+    let precision: kvmerger_engine::precision::Precision = m
         .precision_or(crate::cli::DEFAULT_PRECISION)
         .parse()
         .map_err(anyhow::Error::msg)?;
