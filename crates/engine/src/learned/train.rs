@@ -392,63 +392,14 @@ fn train_mlp(
     seed: u64,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
     use rand::Rng;
-    use rayon::prelude::*;
     let (d, k, u) = (hidden, targets, units);
     let n = x.len() / d;
-    // Feature and target standardization.
-    let mut mu = vec![0.0f64; d];
-    let mut sd = vec![0.0f64; d];
-    for row in x.chunks_exact(d) {
-        for (i, v) in row.iter().enumerate() {
-            let v = v.to_f64();
-            mu[i] += v;
-            sd[i] += v * v;
-        }
-    }
-    for i in 0..d {
-        mu[i] /= n.max(1) as f64;
-        sd[i] = (sd[i] / n.max(1) as f64 - mu[i] * mu[i]).max(1e-12).sqrt();
-    }
-    let mut ymu = vec![0.0f64; k];
-    let mut ysd = vec![0.0f64; k];
-    for row in y.chunks_exact(k) {
-        for (i, &v) in row.iter().enumerate() {
-            ymu[i] += v as f64;
-            ysd[i] += (v as f64) * (v as f64);
-        }
-    }
-    for i in 0..k {
-        ymu[i] /= n.max(1) as f64;
-        ysd[i] = (ysd[i] / n.max(1) as f64 - ymu[i] * ymu[i])
-            .max(1e-12)
-            .sqrt();
-    }
+    let scaling = Scaling::new(x, y, d, k, n);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut normal = |std: f64| {
-        let (a, b): (f64, f64) = (rng.gen_range(1e-12..1.0), rng.gen());
-        ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos() * std) as f32
-    };
-    let mut w1: Vec<f32> = (0..u * d)
-        .map(|_| normal(1.0 / (d as f64).sqrt()))
-        .collect();
-    let mut w2: Vec<f32> = (0..k * u)
-        .map(|_| normal(1.0 / (u as f64).sqrt()))
-        .collect();
-    let (mut b1, mut b2) = (vec![0.0f32; u], vec![0.0f32; k]);
-    // Adam's moments, for w1, b1, w2, b2 in that order.
-    let sizes = [u * d, u, k * u, k];
-    let mut m: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![0.0; s]).collect();
-    let mut v: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![0.0; s]).collect();
+    let mut mlp = Mlp::init(d, k, u, &mut rng);
     let batch = 256usize;
-    let steps = epochs * n.div_ceil(batch);
-    let (lr0, beta1, beta2, eps) = (2e-3f32, 0.9f32, 0.999f32, 1e-8f32);
+    let mut adam = Adam::new(epochs * n.div_ceil(batch), &[u * d, u, k * u, k]);
     let mut order: Vec<usize> = (0..n).collect();
-    let mut step = 0usize;
-    let gelu_grad = |a: f32| {
-        let c = 0.797_884_6f32;
-        let t = (c * (a + 0.044_715 * a * a * a)).tanh();
-        0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044_715 * a * a)
-    };
     for _ in 0..epochs {
         // Shuffle (Fisher-Yates).
         for i in (1..n).rev() {
@@ -456,115 +407,258 @@ fn train_mlp(
             order.swap(i, j);
         }
         for chunk in order.chunks(batch) {
-            let bn = chunk.len();
-            let z: Vec<f32> = chunk
-                .iter()
-                .flat_map(|&r| {
-                    x[r * d..(r + 1) * d]
-                        .iter()
-                        .enumerate()
-                        .map(|(i, v)| ((v.to_f64() - mu[i]) / sd[i]) as f32)
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            let (ymu, ysd) = (&ymu, &ysd);
-            let t: Vec<f32> = chunk
-                .iter()
-                .flat_map(|&r| {
-                    (0..k).map(move |i| ((y[r * k + i] as f64 - ymu[i]) / ysd[i]) as f32)
-                })
-                .collect();
-            // Forward.
-            let a: Vec<f32> = z
-                .par_chunks(d)
-                .flat_map_iter(|zr| {
-                    (0..u).map(|j| b1[j] + crate::kernels::dot_f32(&w1[j * d..(j + 1) * d], zr))
-                })
-                .collect();
-            let g: Vec<f32> = a.iter().map(|&x| super::gelu(x)).collect();
-            let mut dout = vec![0.0f32; bn * k];
-            for r in 0..bn {
-                for h in 0..k {
-                    let o = b2[h]
-                        + crate::kernels::dot_f32(&w2[h * u..(h + 1) * u], &g[r * u..(r + 1) * u]);
-                    dout[r * k + h] = 2.0 * (o - t[r * k + h]) / bn as f32;
-                }
+            let (z, t) = scaling.batch(chunk, x, y, d, k);
+            let grads = mlp.gradients(&z, &t, chunk.len());
+            adam.update(&mut mlp, &grads);
+        }
+    }
+    mlp.fold(&scaling);
+    (mlp.w1, mlp.b1, mlp.w2, mlp.b2)
+}
+
+/// The mean and standard deviation of each of `width` columns over `n` rows.
+fn column_mean_sd<T: Copy>(
+    values: &[T],
+    width: usize,
+    n: usize,
+    to_f64: impl Fn(T) -> f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut mu = vec![0.0f64; width];
+    let mut sd = vec![0.0f64; width];
+    for row in values.chunks_exact(width) {
+        for (i, &v) in row.iter().enumerate() {
+            let v = to_f64(v);
+            mu[i] += v;
+            sd[i] += v * v;
+        }
+    }
+    for i in 0..width {
+        mu[i] /= n.max(1) as f64;
+        sd[i] = (sd[i] / n.max(1) as f64 - mu[i] * mu[i]).max(1e-12).sqrt();
+    }
+    (mu, sd)
+}
+
+/// Feature and target standardization: per column, the mean and standard deviation.
+struct Scaling {
+    mu: Vec<f64>,
+    sd: Vec<f64>,
+    ymu: Vec<f64>,
+    ysd: Vec<f64>,
+}
+
+impl Scaling {
+    /// Measures the features `x` (`d` per row) and targets `y` (`k` per row) over `n` rows.
+    fn new(x: &[half::f16], y: &[f32], d: usize, k: usize, n: usize) -> Scaling {
+        let (mu, sd) = column_mean_sd(x, d, n, |v| v.to_f64());
+        let (ymu, ysd) = column_mean_sd(y, k, n, |v| v as f64);
+        Scaling { mu, sd, ymu, ysd }
+    }
+
+    /// The standardized features and targets of the rows `chunk`.
+    fn batch(
+        &self,
+        chunk: &[usize],
+        x: &[half::f16],
+        y: &[f32],
+        d: usize,
+        k: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (mu, sd) = (&self.mu, &self.sd);
+        let z: Vec<f32> = chunk
+            .iter()
+            .flat_map(|&r| {
+                x[r * d..(r + 1) * d]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| ((v.to_f64() - mu[i]) / sd[i]) as f32)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let (ymu, ysd) = (&self.ymu, &self.ysd);
+        let t: Vec<f32> = chunk
+            .iter()
+            .flat_map(|&r| (0..k).map(move |i| ((y[r * k + i] as f64 - ymu[i]) / ysd[i]) as f32))
+            .collect();
+        (z, t)
+    }
+}
+
+/// The derivative of the tanh approximation of GELU.
+fn gelu_grad(a: f32) -> f32 {
+    let c = 0.797_884_6f32;
+    let t = (c * (a + 0.044_715 * a * a * a)).tanh();
+    0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044_715 * a * a)
+}
+
+/// The MLP being trained: `d` features, `u` hidden units, `k` outputs.
+struct Mlp {
+    d: usize,
+    k: usize,
+    u: usize,
+    /// `[u][d]`
+    w1: Vec<f32>,
+    b1: Vec<f32>,
+    /// `[k][u]`
+    w2: Vec<f32>,
+    b2: Vec<f32>,
+}
+
+impl Mlp {
+    /// Random normal weights scaled by each layer's fan-in, zero biases.
+    fn init(d: usize, k: usize, u: usize, rng: &mut ChaCha8Rng) -> Mlp {
+        use rand::Rng;
+        let mut normal = |std: f64| {
+            let (a, b): (f64, f64) = (rng.gen_range(1e-12..1.0), rng.gen());
+            ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos() * std) as f32
+        };
+        let w1: Vec<f32> = (0..u * d)
+            .map(|_| normal(1.0 / (d as f64).sqrt()))
+            .collect();
+        let w2: Vec<f32> = (0..k * u)
+            .map(|_| normal(1.0 / (u as f64).sqrt()))
+            .collect();
+        let (b1, b2) = (vec![0.0f32; u], vec![0.0f32; k]);
+        Mlp {
+            d,
+            k,
+            u,
+            w1,
+            b1,
+            w2,
+            b2,
+        }
+    }
+
+    /// The mean squared error's gradients on a batch of `bn` rows (features `z`,
+    /// targets `t`), for w1, b1, w2, b2 in that order.
+    fn gradients(&self, z: &[f32], t: &[f32], bn: usize) -> [Vec<f32>; 4] {
+        use rayon::prelude::*;
+        let (d, k, u) = (self.d, self.k, self.u);
+        let (w1, b1, w2, b2) = (&self.w1, &self.b1, &self.w2, &self.b2);
+        // Forward.
+        let a: Vec<f32> = z
+            .par_chunks(d)
+            .flat_map_iter(|zr| {
+                (0..u).map(|j| b1[j] + crate::kernels::dot_f32(&w1[j * d..(j + 1) * d], zr))
+            })
+            .collect();
+        let g: Vec<f32> = a.iter().map(|&x| super::gelu(x)).collect();
+        let mut dout = vec![0.0f32; bn * k];
+        for r in 0..bn {
+            for h in 0..k {
+                let o = b2[h]
+                    + crate::kernels::dot_f32(&w2[h * u..(h + 1) * u], &g[r * u..(r + 1) * u]);
+                dout[r * k + h] = 2.0 * (o - t[r * k + h]) / bn as f32;
             }
-            // Backward.
-            let mut gw2 = vec![0.0f32; k * u];
-            let mut gb2 = vec![0.0f32; k];
-            let mut da = vec![0.0f32; bn * u];
-            for r in 0..bn {
-                for h in 0..k {
-                    let e = dout[r * k + h];
-                    gb2[h] += e;
-                    for j in 0..u {
-                        gw2[h * u + j] += e * g[r * u + j];
-                        da[r * u + j] += e * w2[h * u + j];
-                    }
-                }
+        }
+        // Backward.
+        let mut gw2 = vec![0.0f32; k * u];
+        let mut gb2 = vec![0.0f32; k];
+        let mut da = vec![0.0f32; bn * u];
+        for r in 0..bn {
+            for h in 0..k {
+                let e = dout[r * k + h];
+                gb2[h] += e;
                 for j in 0..u {
-                    da[r * u + j] *= gelu_grad(a[r * u + j]);
+                    gw2[h * u + j] += e * g[r * u + j];
+                    da[r * u + j] += e * w2[h * u + j];
                 }
             }
-            let gb1: Vec<f32> = (0..u)
-                .map(|j| (0..bn).map(|r| da[r * u + j]).sum())
-                .collect();
-            let gw1: Vec<f32> = (0..u)
-                .into_par_iter()
-                .flat_map_iter(|j| {
-                    let mut acc = vec![0.0f32; d];
-                    for r in 0..bn {
-                        let e = da[r * u + j];
-                        if e != 0.0 {
-                            for (a, zv) in acc.iter_mut().zip(&z[r * d..(r + 1) * d]) {
-                                *a += e * zv;
-                            }
+            for j in 0..u {
+                da[r * u + j] *= gelu_grad(a[r * u + j]);
+            }
+        }
+        let gb1: Vec<f32> = (0..u)
+            .map(|j| (0..bn).map(|r| da[r * u + j]).sum())
+            .collect();
+        let gw1: Vec<f32> = (0..u)
+            .into_par_iter()
+            .flat_map_iter(|j| {
+                let mut acc = vec![0.0f32; d];
+                for r in 0..bn {
+                    let e = da[r * u + j];
+                    if e != 0.0 {
+                        for (a, zv) in acc.iter_mut().zip(&z[r * d..(r + 1) * d]) {
+                            *a += e * zv;
                         }
                     }
-                    acc
-                })
-                .collect();
-            // Adam with a cosine schedule.
-            step += 1;
-            let lr = lr0 * 0.5 * (1.0 + (std::f32::consts::PI * step as f32 / steps as f32).cos());
-            let (c1, c2) = (1.0 - beta1.powi(step as i32), 1.0 - beta2.powi(step as i32));
-            for (pi, (p, gr)) in [
-                (&mut w1, &gw1),
-                (&mut b1, &gb1),
-                (&mut w2, &gw2),
-                (&mut b2, &gb2),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                let (mm, vv) = (&mut m[pi], &mut v[pi]);
-                for i in 0..p.len() {
-                    let gi = gr[i].clamp(-10.0, 10.0);
-                    mm[i] = beta1 * mm[i] + (1.0 - beta1) * gi;
-                    vv[i] = beta2 * vv[i] + (1.0 - beta2) * gi * gi;
-                    p[i] -= lr * (mm[i] / c1) / ((vv[i] / c2).sqrt() + eps);
                 }
+                acc
+            })
+            .collect();
+        [gw1, gb1, gw2, gb2]
+    }
+
+    /// Folds the standardization into the weights, so that they take raw features
+    /// and give raw targets.
+    fn fold(&mut self, s: &Scaling) {
+        let (d, k, u) = (self.d, self.k, self.u);
+        let (w1, b1, w2, b2) = (&mut self.w1, &mut self.b1, &mut self.w2, &mut self.b2);
+        for j in 0..u {
+            let mut shift = 0.0f64;
+            for i in 0..d {
+                let w = w1[j * d + i] as f64 / s.sd[i];
+                shift += w * s.mu[i];
+                w1[j * d + i] = w as f32;
+            }
+            b1[j] = (b1[j] as f64 - shift) as f32;
+        }
+        for h in 0..k {
+            for j in 0..u {
+                w2[h * u + j] = (w2[h * u + j] as f64 * s.ysd[h]) as f32;
+            }
+            b2[h] = (b2[h] as f64 * s.ysd[h] + s.ymu[h]) as f32;
+        }
+    }
+}
+
+/// Adam with a cosine learning-rate schedule over `steps` steps.
+struct Adam {
+    /// First and second moments, for w1, b1, w2, b2 in that order.
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    step: usize,
+    steps: usize,
+}
+
+impl Adam {
+    /// Zero moments for parameters of the given sizes.
+    fn new(steps: usize, sizes: &[usize]) -> Adam {
+        Adam {
+            m: sizes.iter().map(|&s| vec![0.0; s]).collect(),
+            v: sizes.iter().map(|&s| vec![0.0; s]).collect(),
+            step: 0,
+            steps,
+        }
+    }
+
+    /// Takes one step down the gradients `grads` (w1, b1, w2, b2), each clamped to ±10.
+    fn update(&mut self, mlp: &mut Mlp, grads: &[Vec<f32>; 4]) {
+        let (lr0, beta1, beta2, eps) = (2e-3f32, 0.9f32, 0.999f32, 1e-8f32);
+        self.step += 1;
+        let (step, steps) = (self.step, self.steps);
+        let lr = lr0 * 0.5 * (1.0 + (std::f32::consts::PI * step as f32 / steps as f32).cos());
+        let (c1, c2) = (1.0 - beta1.powi(step as i32), 1.0 - beta2.powi(step as i32));
+        let [gw1, gb1, gw2, gb2] = grads;
+        for (pi, (p, gr)) in [
+            (&mut mlp.w1, gw1),
+            (&mut mlp.b1, gb1),
+            (&mut mlp.w2, gw2),
+            (&mut mlp.b2, gb2),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (mm, vv) = (&mut self.m[pi], &mut self.v[pi]);
+            for i in 0..p.len() {
+                let gi = gr[i].clamp(-10.0, 10.0);
+                mm[i] = beta1 * mm[i] + (1.0 - beta1) * gi;
+                vv[i] = beta2 * vv[i] + (1.0 - beta2) * gi * gi;
+                p[i] -= lr * (mm[i] / c1) / ((vv[i] / c2).sqrt() + eps);
             }
         }
     }
-    // Fold the standardization into the weights.
-    for j in 0..u {
-        let mut shift = 0.0f64;
-        for i in 0..d {
-            let w = w1[j * d + i] as f64 / sd[i];
-            shift += w * mu[i];
-            w1[j * d + i] = w as f32;
-        }
-        b1[j] = (b1[j] as f64 - shift) as f32;
-    }
-    for h in 0..k {
-        for j in 0..u {
-            w2[h * u + j] = (w2[h * u + j] as f64 * ysd[h]) as f32;
-        }
-        b2[h] = (b2[h] as f64 * ysd[h] + ymu[h]) as f32;
-    }
-    (w1, b1, w2, b2)
 }
 
 #[cfg(test)]
