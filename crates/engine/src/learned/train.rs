@@ -145,8 +145,6 @@ pub fn train(
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<(LearnedScorer, TrainReport), Error> {
     let t0 = Instant::now();
-    let cfg = &lm.model.cfg;
-    let (n_layers, h, k) = (cfg.n_layers, cfg.hidden, cfg.n_kv_heads);
     if docs.len() <= opts.held_out {
         return Err(Error::Invalid(format!(
             "{} documents leave none to train on with {} held out",
@@ -155,16 +153,84 @@ pub fn train(
         )));
     }
     let n_train = docs.len() - opts.held_out;
-    let mut normal: Vec<Normal> = (0..n_layers).map(|_| Normal::new(h, k)).collect();
-    // For the MLP: the sampled rows themselves, per layer (f16 features).
-    let mut rows_x: Vec<Vec<half::f16>> = vec![Vec::new(); n_layers];
-    let mut rows_y: Vec<Vec<f32>> = vec![Vec::new(); n_layers];
     let mut report = TrainReport {
         train_docs: n_train,
         held_out_docs: opts.held_out,
         ..Default::default()
     };
-    for (i, text) in docs[..n_train].iter().enumerate() {
+    let TrainingRows {
+        normal,
+        rows_x,
+        rows_y,
+        tokens,
+    } = sample_training_docs(lm, &docs[..n_train], docs.len(), opts, progress)?;
+    report.train_tokens = tokens;
+    if opts.lambdas.is_empty() {
+        return Err(Error::Invalid("no ridge penalty to try".into()));
+    }
+    let mut candidates = linear_candidates(lm, &normal, opts)?;
+    if opts.mlp_units > 0 {
+        let mlp = mlp_candidate(lm, &rows_x, &rows_y, opts, n_train, docs.len(), progress);
+        candidates.push(mlp);
+    }
+    drop((rows_x, rows_y));
+    for (j, text) in docs[n_train..].iter().enumerate() {
+        let doc = collect(lm, text)?;
+        for (_, scorer, fit) in candidates.iter_mut() {
+            fit.add(scorer, &doc, &opts.budgets);
+        }
+        report.held_out_tokens += doc.rows;
+        progress(n_train + j + 1, docs.len(), "held-out documents");
+    }
+    let best = best_candidate(&candidates, opts, &mut report);
+    let (lambda, mut scorer, fit) = candidates.swap_remove(best);
+    report.mlp = scorer.units > 0;
+    report.lambda = lambda;
+    report.r2 = fit.r2();
+    report.agreement = fit.agreement(&opts.budgets);
+    report.secs = t0.elapsed().as_secs_f64();
+    scorer.training = serde_json::json!({
+        "kind": if scorer.units > 0 { "mlp" } else { "linear" },
+        "units": scorer.units,
+        "mlp_epochs": opts.mlp_epochs,
+        "lambda": if lambda.is_nan() { serde_json::Value::Null } else { lambda.into() },
+        "sample_per_doc": opts.sample_per_doc,
+        "seed": opts.seed,
+        "report": report,
+    });
+    Ok((scorer, report))
+}
+
+/// One candidate scorer: its ridge penalty (NaN for the MLP), the scorer, its held-out fit.
+type Candidate = (f64, LearnedScorer, Fit);
+
+/// What the training documents gave, per layer: the ridge regression's sums and (for
+/// the MLP) the sampled rows themselves; and how many rows were sampled in all.
+struct TrainingRows {
+    normal: Vec<Normal>,
+    /// f16 features.
+    rows_x: Vec<Vec<half::f16>>,
+    rows_y: Vec<Vec<f32>>,
+    tokens: usize,
+}
+
+/// Samples up to `opts.sample_per_doc` tokens of each training document into the
+/// per-layer sums (and rows, for the MLP); `total` is the count `progress` reports.
+fn sample_training_docs(
+    lm: &LoadedModel,
+    train_docs: &[String],
+    total: usize,
+    opts: &TrainOptions,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<TrainingRows, Error> {
+    let cfg = &lm.model.cfg;
+    let (n_layers, h, k) = (cfg.n_layers, cfg.hidden, cfg.n_kv_heads);
+    let mut normal: Vec<Normal> = (0..n_layers).map(|_| Normal::new(h, k)).collect();
+    // For the MLP: the sampled rows themselves, per layer (f16 features).
+    let mut rows_x: Vec<Vec<half::f16>> = vec![Vec::new(); n_layers];
+    let mut rows_y: Vec<Vec<f32>> = vec![Vec::new(); n_layers];
+    let mut tokens = 0;
+    for (i, text) in train_docs.iter().enumerate() {
         let doc = collect(lm, text)?;
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
         let mut rows = sample(&mut rng, doc.rows, opts.sample_per_doc.min(doc.rows)).into_vec();
@@ -184,17 +250,30 @@ pub fn train(
             }
             ne.add(&x, &y);
         }
-        report.train_tokens += rows.len();
-        progress(i + 1, docs.len(), "training documents");
+        tokens += rows.len();
+        progress(i + 1, total, "training documents");
     }
-    if opts.lambdas.is_empty() {
-        return Err(Error::Invalid("no ridge penalty to try".into()));
-    }
+    Ok(TrainingRows {
+        normal,
+        rows_x,
+        rows_y,
+        tokens,
+    })
+}
+
+/// Solves the ridge regressions once per penalty in `opts.lambdas`: one linear scorer each.
+fn linear_candidates(
+    lm: &LoadedModel,
+    normal: &[Normal],
+    opts: &TrainOptions,
+) -> Result<Vec<Candidate>, Error> {
+    let cfg = &lm.model.cfg;
+    let (n_layers, h, k) = (cfg.n_layers, cfg.hidden, cfg.n_kv_heads);
     let mut candidates = Vec::with_capacity(opts.lambdas.len());
     for &lambda in &opts.lambdas {
         let mut weights = Vec::with_capacity(n_layers * k * h);
         let mut bias = Vec::with_capacity(n_layers * k);
-        for ne in &normal {
+        for ne in normal {
             let (w, b) = ne.solve(lambda)?;
             weights.extend(w);
             bias.extend(b);
@@ -214,56 +293,69 @@ pub fn train(
             Fit::new(n_layers, opts.budgets.len()),
         ));
     }
-    if opts.mlp_units > 0 {
-        let u = opts.mlp_units;
-        let (mut w1, mut w2, mut b1, mut b2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for l in 0..n_layers {
-            let m = train_mlp(
-                &rows_x[l],
-                &rows_y[l],
-                h,
-                k,
-                u,
-                opts.mlp_epochs,
-                opts.seed ^ l as u64,
-            );
-            w1.extend(m.0);
-            b1.extend(m.1);
-            w2.extend(m.2);
-            b2.extend(m.3);
-            progress(
-                n_train,
-                docs.len(),
-                &format!("MLP layer {} of {n_layers}", l + 1),
-            );
-        }
-        w1.extend(w2);
-        b1.extend(b2);
-        candidates.push((
-            f64::NAN,
-            LearnedScorer {
-                n_layers,
-                n_kv_heads: k,
-                hidden: h,
-                units: u,
-                weights: w1,
-                bias: b1,
-                fingerprint: lm.fingerprint.clone(),
-                training: serde_json::Value::Null,
-            },
-            Fit::new(n_layers, opts.budgets.len()),
-        ));
+    Ok(candidates)
+}
+
+/// Trains the MLP of `opts.mlp_units` units on each layer's sampled rows, reporting
+/// each layer as `progress(n_train, total, ...)`.
+fn mlp_candidate(
+    lm: &LoadedModel,
+    rows_x: &[Vec<half::f16>],
+    rows_y: &[Vec<f32>],
+    opts: &TrainOptions,
+    n_train: usize,
+    total: usize,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Candidate {
+    let cfg = &lm.model.cfg;
+    let (n_layers, h, k) = (cfg.n_layers, cfg.hidden, cfg.n_kv_heads);
+    let u = opts.mlp_units;
+    let (mut w1, mut w2, mut b1, mut b2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for l in 0..n_layers {
+        let m = train_mlp(
+            &rows_x[l],
+            &rows_y[l],
+            h,
+            k,
+            u,
+            opts.mlp_epochs,
+            opts.seed ^ l as u64,
+        );
+        w1.extend(m.0);
+        b1.extend(m.1);
+        w2.extend(m.2);
+        b2.extend(m.3);
+        progress(
+            n_train,
+            total,
+            &format!("MLP layer {} of {n_layers}", l + 1),
+        );
     }
-    drop((rows_x, rows_y));
-    for (j, text) in docs[n_train..].iter().enumerate() {
-        let doc = collect(lm, text)?;
-        for (_, scorer, fit) in candidates.iter_mut() {
-            fit.add(scorer, &doc, &opts.budgets);
-        }
-        report.held_out_tokens += doc.rows;
-        progress(n_train + j + 1, docs.len(), "held-out documents");
-    }
-    // The middle budget decides (25% with the defaults); R² breaks ties.
+    w1.extend(w2);
+    b1.extend(b2);
+    (
+        f64::NAN,
+        LearnedScorer {
+            n_layers,
+            n_kv_heads: k,
+            hidden: h,
+            units: u,
+            weights: w1,
+            bias: b1,
+            fingerprint: lm.fingerprint.clone(),
+            training: serde_json::Value::Null,
+        },
+        Fit::new(n_layers, opts.budgets.len()),
+    )
+}
+
+/// Records every candidate's held-out fit in `report.tried` and returns the index of
+/// the best: the middle budget's agreement decides (25% with the defaults), R² breaks ties.
+fn best_candidate(
+    candidates: &[Candidate],
+    opts: &TrainOptions,
+    report: &mut TrainReport,
+) -> usize {
     let mid = opts.budgets.len() / 2;
     let mut best = 0;
     for (i, (lambda, _, fit)) in candidates.iter().enumerate() {
@@ -278,22 +370,7 @@ pub fn train(
             best = i;
         }
     }
-    let (lambda, mut scorer, fit) = candidates.swap_remove(best);
-    report.mlp = scorer.units > 0;
-    report.lambda = lambda;
-    report.r2 = fit.r2();
-    report.agreement = fit.agreement(&opts.budgets);
-    report.secs = t0.elapsed().as_secs_f64();
-    scorer.training = serde_json::json!({
-        "kind": if scorer.units > 0 { "mlp" } else { "linear" },
-        "units": scorer.units,
-        "mlp_epochs": opts.mlp_epochs,
-        "lambda": if lambda.is_nan() { serde_json::Value::Null } else { lambda.into() },
-        "sample_per_doc": opts.sample_per_doc,
-        "seed": opts.seed,
-        "report": report,
-    });
-    Ok((scorer, report))
+    best
 }
 
 /// Held-out fit of one scorer: sums for R² per layer, and agreement with KVzip's
