@@ -369,56 +369,7 @@ impl Config {
                 c.n_heads, c.head_dim
             ));
         }
-        match &c.rope_scaling {
-            RopeScaling::None => {}
-            RopeScaling::Linear { factor } => {
-                if !(factor.is_finite() && *factor >= 1e-2 && *factor <= 1e4) {
-                    return Err(format!(
-                        "implausible linear RoPE scaling factor {factor} (expected from 0.01 to 10000)"
-                    ));
-                }
-            }
-            RopeScaling::Yarn(y) => {
-                let ok = |x: f32, lo: f32, hi: f32| x.is_finite() && x >= lo && x <= hi;
-                if !(ok(y.factor, 1e-2, 1e4)
-                    && ok(y.beta_fast, 1e-3, 1e4)
-                    && ok(y.beta_slow, 1e-3, 1e4)
-                    && y.beta_fast > y.beta_slow
-                    && ok(y.mscale, 1e-2, 100.0)
-                    && (1..=1 << 24).contains(&y.original))
-                {
-                    return Err(format!(
-                        "implausible YaRN settings: factor {}, original context {}, beta_fast {}, beta_slow {}, mscale {}",
-                        y.factor, y.original, y.beta_fast, y.beta_slow, y.mscale
-                    ));
-                }
-            }
-            RopeScaling::Frequencies(v) | RopeScaling::LongRope { factors: v, .. } => {
-                if let RopeScaling::LongRope { mscale, .. } = &c.rope_scaling {
-                    if !(mscale.is_finite() && *mscale >= 1e-2 && *mscale <= 100.0) {
-                        return Err(format!(
-                            "implausible LongRoPE attention factor {mscale} (rope.scaling.attn_factor; expected from 0.01 to 100)"
-                        ));
-                    }
-                }
-                if v.len() != c.head_dim / 2 {
-                    return Err(format!(
-                        "{} RoPE frequency factors for heads of {} dimensions (expected {})",
-                        v.len(),
-                        c.head_dim,
-                        c.head_dim / 2
-                    ));
-                }
-                if let Some(bad) = v
-                    .iter()
-                    .find(|x| !(x.is_finite() && **x >= 1e-2 && **x <= 1e4))
-                {
-                    return Err(format!(
-                        "implausible RoPE frequency factor {bad} (rope_freqs / rope_factors_*; expected from 0.01 to 10000)"
-                    ));
-                }
-            }
-        }
+        c.validate_rope_scaling()?;
         for (what, base) in [
             ("RoPE base", c.rope_base),
             ("local RoPE base", c.rope_base_local),
@@ -443,6 +394,62 @@ impl Config {
         }
         if !(c.attn_scale.is_finite() && c.attn_scale > 0.0) {
             return Err(format!("attention scale {} is not positive", c.attn_scale));
+        }
+        Ok(())
+    }
+
+    /// Sanity bounds on the RoPE scaling settings (factors, YaRN parameters, frequency factors).
+    fn validate_rope_scaling(&self) -> Result<(), String> {
+        let c = self;
+        match &c.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => {
+                if !(factor.is_finite() && *factor >= 1e-2 && *factor <= 1e4) {
+                    return Err(format!(
+                    "implausible linear RoPE scaling factor {factor} (expected from 0.01 to 10000)"
+                ));
+                }
+            }
+            RopeScaling::Yarn(y) => {
+                let ok = |x: f32, lo: f32, hi: f32| x.is_finite() && x >= lo && x <= hi;
+                if !(ok(y.factor, 1e-2, 1e4)
+                    && ok(y.beta_fast, 1e-3, 1e4)
+                    && ok(y.beta_slow, 1e-3, 1e4)
+                    && y.beta_fast > y.beta_slow
+                    && ok(y.mscale, 1e-2, 100.0)
+                    && (1..=1 << 24).contains(&y.original))
+                {
+                    return Err(format!(
+                    "implausible YaRN settings: factor {}, original context {}, beta_fast {}, beta_slow {}, mscale {}",
+                    y.factor, y.original, y.beta_fast, y.beta_slow, y.mscale
+                ));
+                }
+            }
+            RopeScaling::Frequencies(v) | RopeScaling::LongRope { factors: v, .. } => {
+                if let RopeScaling::LongRope { mscale, .. } = &c.rope_scaling {
+                    if !(mscale.is_finite() && *mscale >= 1e-2 && *mscale <= 100.0) {
+                        return Err(format!(
+                        "implausible LongRoPE attention factor {mscale} (rope.scaling.attn_factor; expected from 0.01 to 100)"
+                    ));
+                    }
+                }
+                if v.len() != c.head_dim / 2 {
+                    return Err(format!(
+                        "{} RoPE frequency factors for heads of {} dimensions (expected {})",
+                        v.len(),
+                        c.head_dim,
+                        c.head_dim / 2
+                    ));
+                }
+                if let Some(bad) = v
+                    .iter()
+                    .find(|x| !(x.is_finite() && **x >= 1e-2 && **x <= 1e4))
+                {
+                    return Err(format!(
+                    "implausible RoPE frequency factor {bad} (rope_freqs / rope_factors_*; expected from 0.01 to 10000)"
+                ));
+                }
+            }
         }
         Ok(())
     }
