@@ -479,28 +479,7 @@ fn gguf_rope_scaling(
         }
     }
     if f.tensors.contains_key("rope_factors_long.weight") {
-        let original = f
-            .get(&k("rope.scaling.original_context_length"))
-            .and_then(|v| v.as_u64())
-            .ok_or_else(|| Error::Format {
-                path: f.path.clone(),
-                msg: "LongRoPE factors need rope.scaling.original_context_length".into(),
-            })?;
-        let long = (ctx_len as u64) > original;
-        let name = if long || !f.tensors.contains_key("rope_factors_short.weight") {
-            "rope_factors_long.weight"
-        } else {
-            "rope_factors_short.weight"
-        };
-        let factors = crate::quant::QMatrix::from_gguf(f, name)?.to_f32();
-        let mscale = match f
-            .get(&k("rope.scaling.attn_factor"))
-            .and_then(|v| v.as_f64())
-        {
-            Some(a) => a as f32,
-            None => longrope_mscale(ctx_len as f64, original as f64),
-        };
-        return Ok(RopeScaling::LongRope { factors, mscale });
+        return gguf_longrope(f, k, ctx_len);
     }
     let kind = match f.get(&k("rope.scaling.type")) {
         None => None,
@@ -525,28 +504,7 @@ fn gguf_rope_scaling(
             })
         }
         Some("linear") => factor,
-        Some("yarn") => {
-            let num = |key: &str, default: f64| {
-                f.get(&k(key)).and_then(|v| v.as_f64()).unwrap_or(default)
-            };
-            let original = f
-                .get(&k("rope.scaling.original_context_length"))
-                .and_then(|v| v.as_u64())
-                .ok_or_else(|| Error::Format {
-                    path: f.path.clone(),
-                    msg: "YaRN RoPE scaling needs rope.scaling.original_context_length".into(),
-                })?;
-            // llama.cpp's convention: the model's own attention factor (1 unless
-            // given) times YaRN's 0.1 ln(factor) + 1.
-            let mscale = num("rope.scaling.attn_factor", 1.0) * (0.1 * (factor as f64).ln() + 1.0);
-            return Ok(RopeScaling::Yarn(Yarn {
-                factor,
-                original: original as usize,
-                beta_fast: num("rope.scaling.yarn_beta_fast", 32.0) as f32,
-                beta_slow: num("rope.scaling.yarn_beta_slow", 1.0) as f32,
-                mscale: mscale as f32,
-            }));
-        }
+        Some("yarn") => return gguf_yarn(f, k, factor),
         Some(other) => {
             return Err(Error::Format {
                 path: f.path.clone(),
@@ -568,4 +526,57 @@ fn gguf_rope_scaling(
     } else {
         RopeScaling::Linear { factor: linear }
     })
+}
+
+/// LongRoPE scaling from Phi-3's `rope_factors_long.weight` / `rope_factors_short.weight`
+/// tensors and their metadata.
+fn gguf_longrope(
+    f: &GgufFile,
+    k: &dyn Fn(&str) -> String,
+    ctx_len: usize,
+) -> Result<RopeScaling, Error> {
+    let original = f
+        .get(&k("rope.scaling.original_context_length"))
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| Error::Format {
+            path: f.path.clone(),
+            msg: "LongRoPE factors need rope.scaling.original_context_length".into(),
+        })?;
+    let long = (ctx_len as u64) > original;
+    let name = if long || !f.tensors.contains_key("rope_factors_short.weight") {
+        "rope_factors_long.weight"
+    } else {
+        "rope_factors_short.weight"
+    };
+    let factors = crate::quant::QMatrix::from_gguf(f, name)?.to_f32();
+    let mscale = match f
+        .get(&k("rope.scaling.attn_factor"))
+        .and_then(|v| v.as_f64())
+    {
+        Some(a) => a as f32,
+        None => longrope_mscale(ctx_len as f64, original as f64),
+    };
+    Ok(RopeScaling::LongRope { factors, mscale })
+}
+
+/// YaRN scaling from GGUF metadata, given the already read `rope.scaling.factor`.
+fn gguf_yarn(f: &GgufFile, k: &dyn Fn(&str) -> String, factor: f32) -> Result<RopeScaling, Error> {
+    let num = |key: &str, default: f64| f.get(&k(key)).and_then(|v| v.as_f64()).unwrap_or(default);
+    let original = f
+        .get(&k("rope.scaling.original_context_length"))
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| Error::Format {
+            path: f.path.clone(),
+            msg: "YaRN RoPE scaling needs rope.scaling.original_context_length".into(),
+        })?;
+    // llama.cpp's convention: the model's own attention factor (1 unless
+    // given) times YaRN's 0.1 ln(factor) + 1.
+    let mscale = num("rope.scaling.attn_factor", 1.0) * (0.1 * (factor as f64).ln() + 1.0);
+    Ok(RopeScaling::Yarn(Yarn {
+        factor,
+        original: original as usize,
+        beta_fast: num("rope.scaling.yarn_beta_fast", 32.0) as f32,
+        beta_slow: num("rope.scaling.yarn_beta_slow", 1.0) as f32,
+        mscale: mscale as f32,
+    }))
 }
