@@ -109,100 +109,120 @@ fn check_len(name: &str, v: &[f32], len: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// Reads a matrix and checks that it has `rows` × `cols` elements.
+fn load_matrix(
+    w: &dyn WeightSource,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<QMatrix, Error> {
+    let m = w.matrix(name)?;
+    check_shape(name, &m, rows, cols)?;
+    Ok(m)
+}
+
+/// Reads a vector and checks that it has `len` elements.
+fn load_vector(w: &dyn WeightSource, name: &str, len: usize) -> Result<Vec<f32>, Error> {
+    let v = w.vector(name)?;
+    check_len(name, &v, len)?;
+    Ok(v)
+}
+
+/// Reads a vector of `len` elements if the weights have it.
+fn load_opt_vector(
+    w: &dyn WeightSource,
+    name: &str,
+    len: usize,
+) -> Result<Option<Vec<f32>>, Error> {
+    if w.has(name) {
+        load_vector(w, name, len).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Reads and checks the weights of layer `l`.
+fn load_layer(c: &Config, w: &dyn WeightSource, l: usize) -> Result<Layer, Error> {
+    let qd = c.n_heads * c.head_dim;
+    let kd = c.n_kv_heads * c.head_dim;
+    let n = |s: &str| format!("blk.{l}.{s}");
+    let gemma = c.arch == Arch::Gemma3;
+    let head_norms = gemma || c.arch == Arch::Qwen3;
+    // Phi-3 fuses Q, K and V into `attn_qkv`, and gate and up into `ffn_up`
+    // (gate first); they are cut apart here.
+    let qkv = n("attn_qkv.weight");
+    let (wq, wk, wv) = if c.arch == Arch::Phi3 && w.has(&qkv) {
+        let [q, k, v]: [QMatrix; 3] = load_matrix(w, &qkv, qd + 2 * kd, c.hidden)?
+            .split_rows(&[qd, kd, kd])?
+            .try_into()
+            .expect("three blocks");
+        (q, k, v)
+    } else {
+        (
+            load_matrix(w, &n("attn_q.weight"), qd, c.hidden)?,
+            load_matrix(w, &n("attn_k.weight"), kd, c.hidden)?,
+            load_matrix(w, &n("attn_v.weight"), kd, c.hidden)?,
+        )
+    };
+    let (w_gate, w_up) = if c.arch == Arch::Phi3 {
+        let [g, u]: [QMatrix; 2] = load_matrix(w, &n("ffn_up.weight"), 2 * c.ffn, c.hidden)?
+            .split_rows(&[c.ffn, c.ffn])?
+            .try_into()
+            .expect("two blocks");
+        (g, u)
+    } else {
+        (
+            load_matrix(w, &n("ffn_gate.weight"), c.ffn, c.hidden)?,
+            load_matrix(w, &n("ffn_up.weight"), c.ffn, c.hidden)?,
+        )
+    };
+    Ok(Layer {
+        attn_norm: load_vector(w, &n("attn_norm.weight"), c.hidden)?,
+        wq,
+        wk,
+        wv,
+        wo: load_matrix(w, &n("attn_output.weight"), c.hidden, qd)?,
+        bq: load_opt_vector(w, &n("attn_q.bias"), qd)?,
+        bk: load_opt_vector(w, &n("attn_k.bias"), kd)?,
+        bv: load_opt_vector(w, &n("attn_v.bias"), kd)?,
+        q_norm: if head_norms {
+            Some(load_vector(w, &n("attn_q_norm.weight"), c.head_dim)?)
+        } else {
+            None
+        },
+        k_norm: if head_norms {
+            Some(load_vector(w, &n("attn_k_norm.weight"), c.head_dim)?)
+        } else {
+            None
+        },
+        post_attn_norm: if gemma {
+            Some(load_vector(w, &n("post_attention_norm.weight"), c.hidden)?)
+        } else {
+            None
+        },
+        ffn_norm: load_vector(w, &n("ffn_norm.weight"), c.hidden)?,
+        w_gate,
+        w_up,
+        w_down: load_matrix(w, &n("ffn_down.weight"), c.hidden, c.ffn)?,
+        post_ffn_norm: if gemma {
+            Some(load_vector(w, &n("post_ffw_norm.weight"), c.hidden)?)
+        } else {
+            None
+        },
+    })
+}
+
 impl Model {
     pub fn load(cfg: Config, w: &dyn WeightSource) -> Result<Model, Error> {
         let c = &cfg;
-        let qd = c.n_heads * c.head_dim;
-        let kd = c.n_kv_heads * c.head_dim;
-        let mat = |name: &str, rows: usize, cols: usize| -> Result<QMatrix, Error> {
-            let m = w.matrix(name)?;
-            check_shape(name, &m, rows, cols)?;
-            Ok(m)
-        };
-        let vec = |name: &str, len: usize| -> Result<Vec<f32>, Error> {
-            let v = w.vector(name)?;
-            check_len(name, &v, len)?;
-            Ok(v)
-        };
-        let opt_vec = |name: &str, len: usize| -> Result<Option<Vec<f32>>, Error> {
-            if w.has(name) {
-                vec(name, len).map(Some)
-            } else {
-                Ok(None)
-            }
-        };
-        let embed = mat("token_embd.weight", c.vocab, c.hidden)?;
+        let embed = load_matrix(w, "token_embd.weight", c.vocab, c.hidden)?;
         let mut layers = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
-            let n = |s: &str| format!("blk.{l}.{s}");
-            let gemma = c.arch == Arch::Gemma3;
-            let head_norms = gemma || c.arch == Arch::Qwen3;
-            // Phi-3 fuses Q, K and V into `attn_qkv`, and gate and up into `ffn_up`
-            // (gate first); they are cut apart here.
-            let qkv = n("attn_qkv.weight");
-            let (wq, wk, wv) = if c.arch == Arch::Phi3 && w.has(&qkv) {
-                let [q, k, v]: [QMatrix; 3] = mat(&qkv, qd + 2 * kd, c.hidden)?
-                    .split_rows(&[qd, kd, kd])?
-                    .try_into()
-                    .expect("three blocks");
-                (q, k, v)
-            } else {
-                (
-                    mat(&n("attn_q.weight"), qd, c.hidden)?,
-                    mat(&n("attn_k.weight"), kd, c.hidden)?,
-                    mat(&n("attn_v.weight"), kd, c.hidden)?,
-                )
-            };
-            let (w_gate, w_up) = if c.arch == Arch::Phi3 {
-                let [g, u]: [QMatrix; 2] = mat(&n("ffn_up.weight"), 2 * c.ffn, c.hidden)?
-                    .split_rows(&[c.ffn, c.ffn])?
-                    .try_into()
-                    .expect("two blocks");
-                (g, u)
-            } else {
-                (
-                    mat(&n("ffn_gate.weight"), c.ffn, c.hidden)?,
-                    mat(&n("ffn_up.weight"), c.ffn, c.hidden)?,
-                )
-            };
-            layers.push(Layer {
-                attn_norm: vec(&n("attn_norm.weight"), c.hidden)?,
-                wq,
-                wk,
-                wv,
-                wo: mat(&n("attn_output.weight"), c.hidden, qd)?,
-                bq: opt_vec(&n("attn_q.bias"), qd)?,
-                bk: opt_vec(&n("attn_k.bias"), kd)?,
-                bv: opt_vec(&n("attn_v.bias"), kd)?,
-                q_norm: if head_norms {
-                    Some(vec(&n("attn_q_norm.weight"), c.head_dim)?)
-                } else {
-                    None
-                },
-                k_norm: if head_norms {
-                    Some(vec(&n("attn_k_norm.weight"), c.head_dim)?)
-                } else {
-                    None
-                },
-                post_attn_norm: if gemma {
-                    Some(vec(&n("post_attention_norm.weight"), c.hidden)?)
-                } else {
-                    None
-                },
-                ffn_norm: vec(&n("ffn_norm.weight"), c.hidden)?,
-                w_gate,
-                w_up,
-                w_down: mat(&n("ffn_down.weight"), c.hidden, c.ffn)?,
-                post_ffn_norm: if gemma {
-                    Some(vec(&n("post_ffw_norm.weight"), c.hidden)?)
-                } else {
-                    None
-                },
-            });
+            layers.push(load_layer(c, w, l)?);
         }
-        let out_norm = vec("output_norm.weight", c.hidden)?;
+        let out_norm = load_vector(w, "output_norm.weight", c.hidden)?;
         let output = if w.has("output.weight") {
-            Some(mat("output.weight", c.vocab, c.hidden)?)
+            Some(load_matrix(w, "output.weight", c.vocab, c.hidden)?)
         } else {
             None
         };
