@@ -59,6 +59,71 @@ fn parse_header(path: &Path, buf: &[u8]) -> Result<(usize, Json), Error> {
     Ok((8 + n, json))
 }
 
+/// Reads one tensor's header entry of file number `fi`, checking its type and extent.
+fn parse_entry(
+    path: &Path,
+    fi: usize,
+    data_start: usize,
+    file_len: usize,
+    name: &String,
+    info: &Json,
+) -> Result<Entry, Error> {
+    let bad = || {
+        format(
+            path,
+            format!("tensor '{name}' has a malformed header entry"),
+        )
+    };
+    let dtype = info
+        .get("dtype")
+        .and_then(|d| d.as_str())
+        .ok_or_else(bad)?
+        .to_string();
+    let shape: Vec<usize> = info
+        .get("shape")
+        .and_then(|s| s.as_array())
+        .ok_or_else(bad)?
+        .iter()
+        .map(|x| x.as_u64().map(|x| x as usize).ok_or_else(bad))
+        .collect::<Result<_, _>>()?;
+    let offs = info
+        .get("data_offsets")
+        .and_then(|s| s.as_array())
+        .ok_or_else(bad)?;
+    if offs.len() != 2 {
+        return Err(bad());
+    }
+    let s = offs[0].as_u64().ok_or_else(bad)? as usize;
+    let e = offs[1].as_u64().ok_or_else(bad)? as usize;
+    let elem = match dtype.as_str() {
+        "F32" => 4,
+        "F16" | "BF16" => 2,
+        other => {
+            return Err(Error::UnsupportedTensorType {
+                tensor: name.clone(),
+                ty: other.to_string(),
+            });
+        }
+    };
+    let bytes = shape.iter().try_fold(elem, |a: usize, &d| a.checked_mul(d));
+    let end = data_start.checked_add(e);
+    if e < s || Some(e - s) != bytes || end.is_none_or(|end| end > file_len) {
+        return Err(format(
+            path,
+            format!(
+                "tensor '{name}' lies past the end of the file or has the wrong size (truncated?)"
+            ),
+        ));
+    }
+    Ok(Entry {
+        file: fi,
+        dtype,
+        shape,
+        start: data_start + s,
+        end: data_start + e,
+    })
+}
+
 impl SafetensorsDir {
     pub fn open(dir: &Path, arch: Arch) -> Result<SafetensorsDir, Error> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -85,58 +150,7 @@ impl SafetensorsDir {
                 if name == "__metadata__" {
                     continue;
                 }
-                let bad = || {
-                    format(
-                        path,
-                        format!("tensor '{name}' has a malformed header entry"),
-                    )
-                };
-                let dtype = info
-                    .get("dtype")
-                    .and_then(|d| d.as_str())
-                    .ok_or_else(bad)?
-                    .to_string();
-                let shape: Vec<usize> = info
-                    .get("shape")
-                    .and_then(|s| s.as_array())
-                    .ok_or_else(bad)?
-                    .iter()
-                    .map(|x| x.as_u64().map(|x| x as usize).ok_or_else(bad))
-                    .collect::<Result<_, _>>()?;
-                let offs = info
-                    .get("data_offsets")
-                    .and_then(|s| s.as_array())
-                    .ok_or_else(bad)?;
-                if offs.len() != 2 {
-                    return Err(bad());
-                }
-                let s = offs[0].as_u64().ok_or_else(bad)? as usize;
-                let e = offs[1].as_u64().ok_or_else(bad)? as usize;
-                let elem = match dtype.as_str() {
-                    "F32" => 4,
-                    "F16" | "BF16" => 2,
-                    other => {
-                        return Err(Error::UnsupportedTensorType {
-                            tensor: name.clone(),
-                            ty: other.to_string(),
-                        });
-                    }
-                };
-                let bytes = shape.iter().try_fold(elem, |a: usize, &d| a.checked_mul(d));
-                let end = data_start.checked_add(e);
-                if e < s || Some(e - s) != bytes || end.is_none_or(|end| end > map.len()) {
-                    return Err(format(
-                        path,
-                        format!("tensor '{name}' lies past the end of the file or has the wrong size (truncated?)"),
-                    ));
-                }
-                let entry = Entry {
-                    file: fi,
-                    dtype,
-                    shape,
-                    start: data_start + s,
-                    end: data_start + e,
-                };
+                let entry = parse_entry(path, fi, data_start, map.len(), name, info)?;
                 if entries.insert(name.clone(), entry).is_some() {
                     return Err(format(
                         path,
