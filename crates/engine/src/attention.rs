@@ -657,13 +657,30 @@ fn attend_one(
     out: &mut [f32],
 ) -> Vec<HeadRows> {
     let t = 1;
-    let d = p.head_dim;
-    let group = p.n_heads / p.n_kv_heads;
+    let units = decode_units(&p, stores, positions);
+    let keep_e = req.any();
+    let parts: Vec<Partial> = units
+        .par_iter()
+        .map(|&u| run_unit(&p, &stores[u.g], q, t, positions, u, keep_e))
+        .collect();
+    let (den, factors) = combine_units(&p, &units, &parts, t, out);
+    if !keep_e {
+        return Vec::new();
+    }
+    let mut rows = empty_rows(&p, stores, t, req);
+    fold_decode_stats(&p, &units, &parts, &factors, &den, req, &mut rows);
+    rows
+}
+
+/// The units of one decoding step: each KV head's visible keys cut into ranges of at
+/// most `DECODE_SPLIT` keys.
+fn decode_units(p: &LayerAttn, stores: &[HeadStore], positions: &[u32]) -> Vec<Unit> {
+    let t = 1;
     let mut units = Vec::new();
     for (g, store) in stores.iter().enumerate().take(p.n_kv_heads) {
         let n = store.len();
         let n_old = n - t;
-        let (lo, hi) = visible(&p, store.meta(), n_old, positions[0], 0);
+        let (lo, hi) = visible(p, store.meta(), n_old, positions[0], 0);
         let parts = (hi - lo).div_ceil(DECODE_SPLIT).max(1);
         let step = (hi - lo).div_ceil(parts);
         for c in 0..parts {
@@ -677,16 +694,25 @@ fn attend_one(
             });
         }
     }
-    let keep_e = req.any();
-    let parts: Vec<Partial> = units
-        .par_iter()
-        .map(|&u| run_unit(&p, &stores[u.g], q, t, positions, u, keep_e))
-        .collect();
+    units
+}
 
+/// Combines each (query, head) over the units that cover it into `out`; returns the
+/// softmax denominators and, per unit and row, the factor that brings its exponentials
+/// to the common shift.
+fn combine_units(
+    p: &LayerAttn,
+    units: &[Unit],
+    parts: &[Partial],
+    t: usize,
+    out: &mut [f32],
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let d = p.head_dim;
+    let group = p.n_heads / p.n_kv_heads;
     // Combine each (query, head) over the units that cover it.
     let nq = t * p.n_heads;
     let mut mx = vec![f32::NEG_INFINITY; nq];
-    for (u, part) in units.iter().zip(&parts) {
+    for (u, part) in units.iter().zip(parts) {
         for (r, &m) in part.m.iter().enumerate() {
             let (i, hh) = (u.i0 + r / group, r % group);
             let k = i * p.n_heads + u.g * group + hh;
@@ -698,7 +724,7 @@ fn attend_one(
     // Per unit and row, the factor that brings its exponentials to the common shift.
     let factors: Vec<Vec<f32>> = units
         .iter()
-        .zip(&parts)
+        .zip(parts)
         .map(|(u, part)| {
             part.m
                 .iter()
@@ -727,14 +753,23 @@ fn attend_one(
             o.iter_mut().for_each(|v| *v *= inv);
         }
     }
-    if !keep_e {
-        return Vec::new();
-    }
-    // Statistics: each query head's normalised softmax rows, folded as requested.
-    let mut rows = empty_rows(&p, stores, t, req);
+    (den, factors)
+}
+
+/// Statistics: each query head's normalised softmax rows, folded as requested.
+fn fold_decode_stats(
+    p: &LayerAttn,
+    units: &[Unit],
+    parts: &[Partial],
+    factors: &[Vec<f32>],
+    den: &[f32],
+    req: StatsRequest,
+    rows: &mut [HeadRows],
+) {
+    let group = p.n_heads / p.n_kv_heads;
     rows.par_iter_mut().enumerate().for_each(|(h, hr)| {
         let (g, hh) = (h / group, h % group);
-        for ((u, part), f) in units.iter().zip(&parts).zip(&factors) {
+        for ((u, part), f) in units.iter().zip(parts).zip(factors) {
             if u.g != g {
                 continue;
             }
@@ -770,7 +805,6 @@ fn attend_one(
             }
         }
     });
-    rows
 }
 
 #[cfg(test)]
