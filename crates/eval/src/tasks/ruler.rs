@@ -238,7 +238,81 @@ fn niah(ctx: &Ctx, spec: Spec) -> Result<Sample, Error> {
     };
     let vocab: &[String] = essay.as_ref().map_or(&[], |e| &e.vocab);
 
-    // Keys, values and needles.
+    let num_k = spec.num_k.max(spec.num_q);
+    let nd = niah_needles(ctx, &spec, vocab);
+    let Needles {
+        keys,
+        needles,
+        query,
+        placement,
+        ..
+    } = &nd;
+    // Distractor needles of the needle haystack: their own stream, never a real key.
+    let real_keys: HashSet<String> = keys.iter().cloned().collect();
+    let distractors = |n: usize| -> Vec<String> {
+        let mut r = ctx.rng(1);
+        (0..n)
+            .map(|_| loop {
+                let k = spec.k.draw(&mut r, vocab);
+                if !real_keys.contains(&k) {
+                    return needle_text(spec.v, &k, &spec.v.draw(&mut r, vocab));
+                }
+            })
+            .collect()
+    };
+
+    let (head, tail, answer_prefix) = niah_template(&spec, query);
+
+    let build = |n: usize| -> (String, Vec<(usize, usize)>) {
+        match spec.hay {
+            Hay::Repeat => place(&vec![NOISE; n], "\n", needles, placement),
+            Hay::Needles => {
+                let d = distractors(n);
+                let units: Vec<&str> = d.iter().map(String::as_str).collect();
+                place(&units, "\n", needles, placement)
+            }
+            Hay::Essay => {
+                let e = essay.as_ref().expect("essay loaded");
+                let sents = essay_sentences(e, n);
+                let units: Vec<&str> = sents.iter().map(String::as_str).collect();
+                place(&units, " ", needles, placement)
+            }
+        }
+    };
+    let fitted = ctx.fit(ctx.task, ctx.cfg.length, 1, UNBOUNDED, budget, |n| {
+        let (context, offsets) = build(n);
+        let input = format!("{head}{context}{tail}");
+        let tokens = ctx.count(&format!("{input}{answer_prefix}"));
+        Ok(((input, context.len(), offsets), tokens))
+    })?;
+    let (input, context_len, offsets) = fitted.out;
+    let extra = niah_extra(&spec, &nd, num_k, &head, context_len, &offsets, fitted.n);
+    Ok(ctx.sample(
+        input,
+        answer_prefix,
+        nd.answers,
+        Metric::StringMatchAll,
+        MAX_NEW,
+        fitted.tokens,
+        fitted.n,
+        extra,
+    ))
+}
+
+/// The keys, values and needles of a NIAH sample, and where the needles go.
+struct Needles {
+    keys: Vec<String>,
+    needles: Vec<String>,
+    asked: Vec<usize>,
+    answers: Vec<String>,
+    query: String,
+    answer_needle: usize,
+    depth_target: f64,
+    placement: Placement,
+}
+
+/// Draws the keys, values and needles of a NIAH sample and their placement.
+fn niah_needles(ctx: &Ctx, spec: &Spec, vocab: &[String]) -> Needles {
     let mut rng = ctx.rng(0);
     let num_k = spec.num_k.max(spec.num_q);
     let mut used = HashSet::new();
@@ -274,22 +348,21 @@ fn niah(ctx: &Ctx, spec: Spec) -> Result<Sample, Error> {
             .zip(&other_depths)
             .map(|(&i, &d)| (ruler_depth(d), i)),
     );
+    Needles {
+        keys,
+        needles,
+        asked,
+        answers,
+        query,
+        answer_needle,
+        depth_target,
+        placement,
+    }
+}
 
-    // Distractor needles of the needle haystack: their own stream, never a real key.
-    let real_keys: HashSet<String> = keys.iter().cloned().collect();
-    let distractors = |n: usize| -> Vec<String> {
-        let mut r = ctx.rng(1);
-        (0..n)
-            .map(|_| loop {
-                let k = spec.k.draw(&mut r, vocab);
-                if !real_keys.contains(&k) {
-                    return needle_text(spec.v, &k, &spec.v.draw(&mut r, vocab));
-                }
-            })
-            .collect()
-    };
-
-    // Template (RULER's, in its one-needle form when one value is asked).
+/// The template around the haystack (RULER's, in its one-needle form when one value is
+/// asked): the head, the tail and the answer prefix.
+fn niah_template(spec: &Spec, query: &str) -> (String, String, String) {
     let one = spec.num_q * spec.num_v == 1;
     let t = if one {
         spec.v.singular()
@@ -309,36 +382,33 @@ fn niah(ctx: &Ctx, spec: Spec) -> Result<Sample, Error> {
     );
     let answer_prefix =
         format!(" The special magic {t} for {query} mentioned in the provided text {are}");
+    (head, tail, answer_prefix)
+}
 
-    let build = |n: usize| -> (String, Vec<(usize, usize)>) {
-        match spec.hay {
-            Hay::Repeat => place(&vec![NOISE; n], "\n", &needles, &placement),
-            Hay::Needles => {
-                let d = distractors(n);
-                let units: Vec<&str> = d.iter().map(String::as_str).collect();
-                place(&units, "\n", &needles, &placement)
-            }
-            Hay::Essay => {
-                let e = essay.as_ref().expect("essay loaded");
-                let sents = essay_sentences(e, n);
-                let units: Vec<&str> = sents.iter().map(String::as_str).collect();
-                place(&units, " ", &needles, &placement)
-            }
-        }
-    };
-    let fitted = ctx.fit(ctx.task, ctx.cfg.length, 1, UNBOUNDED, budget, |n| {
-        let (context, offsets) = build(n);
-        let input = format!("{head}{context}{tail}");
-        let tokens = ctx.count(&format!("{input}{answer_prefix}"));
-        Ok(((input, context.len(), offsets), tokens))
-    })?;
-    let (input, context_len, offsets) = fitted.out;
+/// The sample's extra fields: needle depths and positions, needle counts and the keys.
+fn niah_extra(
+    spec: &Spec,
+    nd: &Needles,
+    num_k: usize,
+    head: &str,
+    context_len: usize,
+    offsets: &[(usize, usize)],
+    fitted_n: usize,
+) -> Map<String, Value> {
+    let Needles {
+        keys,
+        needles,
+        asked,
+        answer_needle,
+        depth_target,
+        ..
+    } = nd;
     let rel = |off: usize| off as f64 / context_len.max(1) as f64;
     let depth = offsets
         .iter()
-        .find(|(i, _)| *i == answer_needle)
+        .find(|(i, _)| *i == *answer_needle)
         .map(|&(_, o)| rel(o))
-        .unwrap_or(depth_target);
+        .unwrap_or(*depth_target);
     let mut extra = Map::new();
     extra.insert("depth".into(), json!(depth));
     extra.insert("depth_target".into(), json!(depth_target));
@@ -355,7 +425,7 @@ fn niah(ctx: &Ctx, spec: Spec) -> Result<Sample, Error> {
     );
     extra.insert("num_needles".into(), json!(needles.len()));
     let haystack_needles = if spec.hay == Hay::Needles {
-        fitted.n
+        fitted_n
     } else {
         0
     };
@@ -367,16 +437,7 @@ fn niah(ctx: &Ctx, spec: Spec) -> Result<Sample, Error> {
         "keys".into(),
         Value::from(asked.iter().map(|&k| keys[k].clone()).collect::<Vec<_>>()),
     );
-    Ok(ctx.sample(
-        input,
-        answer_prefix,
-        answers,
-        Metric::StringMatchAll,
-        MAX_NEW,
-        fitted.tokens,
-        fitted.n,
-        extra,
-    ))
+    extra
 }
 
 // ---------------------------------------------------------------------------------
