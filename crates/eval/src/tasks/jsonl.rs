@@ -543,24 +543,9 @@ pub fn read_zeroscrolls(path: &Path, dataset: Option<&str>) -> Result<JsonlSampl
     let mut out = JsonlSamples::default();
     let mut by_id: HashMap<String, usize> = HashMap::new();
     for (line, text) in lines(path)? {
-        let read = text.and_then(|t| parse_object(&t)).and_then(|obj| {
-            let id = match obj.get("id") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Number(n)) => n.to_string(),
-                Some(_) => return Err("field `id` is not a string".to_string()),
-                None => return Err("missing field `id`".to_string()),
-            };
-            let input = string(&obj, "input")?;
-            let output = match obj.get("output") {
-                None => return Err("missing field `output`".to_string()),
-                Some(Value::Null) => {
-                    return Err("field `output` is null (the test split has no answers)".into())
-                }
-                Some(Value::String(s)) => s.clone(),
-                Some(_) => return Err("field `output` is not a string".into()),
-            };
-            Ok((id, input, output, obj))
-        });
+        let read = text
+            .and_then(|t| parse_object(&t))
+            .and_then(zeroscrolls_fields);
         let (id, input, output, obj) = match read {
             Ok(x) => x,
             Err(message) => {
@@ -590,25 +575,7 @@ pub fn read_zeroscrolls(path: &Path, dataset: Option<&str>) -> Result<JsonlSampl
             }
             continue;
         }
-        let mut meta = Map::new();
-        meta.insert("dataset".into(), json!(ds));
-        meta.insert("line".into(), json!(line));
-        meta.insert("id".into(), json!(id));
-        for f in [
-            "pid",
-            "document_start_index",
-            "document_end_index",
-            "query_start_index",
-            "query_end_index",
-            "truncation_seperator",
-        ] {
-            if let Some(v) = obj.get(f).filter(|v| !v.is_null()) {
-                meta.insert(f.into(), v.clone());
-            }
-        }
-        if ds == "quality" {
-            meta.insert("postprocess".into(), json!("choice_letter"));
-        }
+        let meta = zeroscrolls_meta(ds, line, &id, &obj);
         by_id.insert(id, out.samples.len());
         // ZeroSCROLLS gives the query's start as a character index.
         let question_at = obj
@@ -628,6 +595,57 @@ pub fn read_zeroscrolls(path: &Path, dataset: Option<&str>) -> Result<JsonlSampl
         });
     }
     Ok(out)
+}
+
+/// The id, input and output of a parsed ZeroSCROLLS line, and the object itself.
+fn zeroscrolls_fields(
+    obj: Map<String, Value>,
+) -> Result<(String, String, String, Map<String, Value>), String> {
+    let id = match obj.get("id") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(_) => return Err("field `id` is not a string".to_string()),
+        None => return Err("missing field `id`".to_string()),
+    };
+    let input = string(&obj, "input")?;
+    let output = match obj.get("output") {
+        None => return Err("missing field `output`".to_string()),
+        Some(Value::Null) => {
+            return Err("field `output` is null (the test split has no answers)".into())
+        }
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err("field `output` is not a string".into()),
+    };
+    Ok((id, input, output, obj))
+}
+
+/// The metadata of a ZeroSCROLLS sample: its dataset, line, id and the file's indices.
+fn zeroscrolls_meta(
+    ds: &str,
+    line: usize,
+    id: &str,
+    obj: &Map<String, Value>,
+) -> Map<String, Value> {
+    let mut meta = Map::new();
+    meta.insert("dataset".into(), json!(ds));
+    meta.insert("line".into(), json!(line));
+    meta.insert("id".into(), json!(id));
+    for f in [
+        "pid",
+        "document_start_index",
+        "document_end_index",
+        "query_start_index",
+        "query_end_index",
+        "truncation_seperator",
+    ] {
+        if let Some(v) = obj.get(f).filter(|v| !v.is_null()) {
+            meta.insert(f.into(), v.clone());
+        }
+    }
+    if ds == "quality" {
+        meta.insert("postprocess".into(), json!("choice_letter"));
+    }
+    meta
 }
 
 // ---------------------------------------------------------------------------------
