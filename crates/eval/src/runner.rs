@@ -10,6 +10,7 @@ use kvmerger_compression::KvDtype;
 use kvmerger_engine::compress::{CompressReport, Compressor};
 use kvmerger_engine::generate::GenerateParams;
 use kvmerger_engine::load::LoadedModel;
+use kvmerger_engine::prompt::SplitPrompt;
 use kvmerger_engine::sequence::Sequence;
 use std::path::Path;
 use std::sync::Arc;
@@ -291,53 +292,10 @@ impl Runner<'_> {
         let sample = self.samples.sample(&item.task, item.length, item.index)?;
         let lm = self.lm;
         let model = &lm.model;
-        // LongBench feeds its few-shot and code datasets as raw text.
-        let chat = sample.meta.get("chat_template") != Some(&serde_json::Value::Bool(false));
-        let agnostic = configs.iter().any(|p| !p.aware());
-        let split = match sample.split() {
-            Some((context, question)) => {
-                lm.split_prompt(context, question, &sample.answer_prefix, chat)?
-            }
-            None if agnostic => {
-                return Err(Error::msg(format!(
-                    "{} sample {}: the sample does not say where its question starts, which \
-                     the query-agnostic protocol needs (run it with --protocol aware)",
-                    item.task, item.index
-                )))
-            }
-            // Query-aware only: the whole prompt is the context.
-            None => lm.split_prompt(&sample.input, "", &sample.answer_prefix, chat)?,
-        };
+        let split = self.split_sample(item, &sample, configs)?;
         self.check_fits(split.context.len() + split.question.len())?;
-        obs.stage(item, &format!("prefilling {} tokens", split.context.len()));
-        let mut base = self.shared_sequence(configs);
-        base.protect(split.prefix);
-        let prefill_s = base.feed(model, &split.context)?;
-        // Query-aware configurations compress context and question together: their
-        // copy is fed the question before any pass runs.
-        let mut full = None;
-        let mut aware_question_s = 0.0;
-        if configs.iter().any(|p| p.aware()) {
-            let mut f = base.clone();
-            aware_question_s = f.feed(model, &split.question)?;
-            obs.stage(item, "passes over the context and question (query-aware)");
-            f.score_for(
-                lm,
-                configs
-                    .iter()
-                    .filter(|p| p.aware())
-                    .map(|p| p.compressor.as_ref()),
-            )?;
-            full = Some(f);
-        }
-        obs.stage(item, "passes over the context");
-        base.score_for(
-            lm,
-            configs
-                .iter()
-                .filter(|p| !p.aware())
-                .map(|p| p.compressor.as_ref()),
-        )?;
+        let (base, full, prefill_s, aware_question_s) =
+            self.prefill_and_pass(item, configs, &split, obs)?;
         let params = GenerateParams {
             max_tokens: sample.max_new_tokens.max(1),
             ..Default::default()
@@ -394,6 +352,79 @@ impl Runner<'_> {
             out.push(r);
         }
         Ok(out)
+    }
+
+    /// The sample's prompt cut after its context (the whole prompt is the context when
+    /// the sample has no question and every configuration is query-aware).
+    fn split_sample(
+        &self,
+        item: &WorkItem,
+        sample: &Sample,
+        configs: &[&Prepared],
+    ) -> Result<SplitPrompt, Error> {
+        let lm = self.lm;
+        // LongBench feeds its few-shot and code datasets as raw text.
+        let chat = sample.meta.get("chat_template") != Some(&serde_json::Value::Bool(false));
+        let agnostic = configs.iter().any(|p| !p.aware());
+        let split = match sample.split() {
+            Some((context, question)) => {
+                lm.split_prompt(context, question, &sample.answer_prefix, chat)?
+            }
+            None if agnostic => {
+                return Err(Error::msg(format!(
+                    "{} sample {}: the sample does not say where its question starts, which \
+                     the query-agnostic protocol needs (run it with --protocol aware)",
+                    item.task, item.index
+                )))
+            }
+            // Query-aware only: the whole prompt is the context.
+            None => lm.split_prompt(&sample.input, "", &sample.answer_prefix, chat)?,
+        };
+        Ok(split)
+    }
+
+    /// Prefills the context and runs the configurations' passes; returns the shared
+    /// sequence, its query-aware copy (if any configuration is query-aware), the
+    /// prefill time and the query-aware copy's question time.
+    fn prefill_and_pass(
+        &self,
+        item: &WorkItem,
+        configs: &[&Prepared],
+        split: &SplitPrompt,
+        obs: &dyn Observer,
+    ) -> Result<(Sequence, Option<Sequence>, f64, f64), Error> {
+        let lm = self.lm;
+        let model = &lm.model;
+        obs.stage(item, &format!("prefilling {} tokens", split.context.len()));
+        let mut base = self.shared_sequence(configs);
+        base.protect(split.prefix);
+        let prefill_s = base.feed(model, &split.context)?;
+        // Query-aware configurations compress context and question together: their
+        // copy is fed the question before any pass runs.
+        let mut full = None;
+        let mut aware_question_s = 0.0;
+        if configs.iter().any(|p| p.aware()) {
+            let mut f = base.clone();
+            aware_question_s = f.feed(model, &split.question)?;
+            obs.stage(item, "passes over the context and question (query-aware)");
+            f.score_for(
+                lm,
+                configs
+                    .iter()
+                    .filter(|p| p.aware())
+                    .map(|p| p.compressor.as_ref()),
+            )?;
+            full = Some(f);
+        }
+        obs.stage(item, "passes over the context");
+        base.score_for(
+            lm,
+            configs
+                .iter()
+                .filter(|p| !p.aware())
+                .map(|p| p.compressor.as_ref()),
+        )?;
+        Ok((base, full, prefill_s, aware_question_s))
     }
 
     /// The token ids of text-task sample `index`: `length` context tokens followed by
