@@ -571,132 +571,160 @@ fn markdown_with(records: &[Record], paired: &[PairedRow]) -> String {
     for run in runs {
         let cs: Vec<&Cell> = cells.iter().filter(|c| c.run == run).collect();
         let _ = writeln!(s, "### {run}\n");
-        let cols: BTreeSet<(String, usize)> = cs
-            .iter()
-            .filter(|c| c.score.is_some())
-            .map(|c| (c.task.clone(), c.length))
-            .collect();
-        let cols: Vec<(String, usize)> = cols.into_iter().collect();
-        let find = |cfg: &str, t: &str, l: usize| {
-            cs.iter()
-                .find(|c| c.config == cfg && c.task == t && c.length == l)
-                .copied()
-        };
-        if !cols.is_empty() {
-            let _ = write!(s, "| config | KV kept |");
-            for (t, l) in &cols {
-                let _ = write!(s, " {t} {} |", short_len(*l));
-            }
-            let _ = writeln!(s, " mean |");
-            let _ = writeln!(s, "|---|---:|{}---:|", "---:|".repeat(cols.len()));
-            let budget_of = |cfg: &str| {
-                cs.iter()
-                    .find(|c| c.config == cfg)
-                    .map(|c| c.budget.clone())
-            };
-            // Best compressed score per (budget, column), and the row mean.
-            let row_mean = |cfg: &str| {
-                mean(
-                    cols.iter()
-                        .filter_map(|(t, l)| find(cfg, t, *l).and_then(|c| c.score)),
-                )
-            };
-            let best = |cfg: &str, col: Option<&(String, usize)>| -> bool {
-                let Some(b) = budget_of(cfg) else {
-                    return false;
-                };
-                if cfg == "full" {
-                    return false;
-                }
-                let val = |c: &str| match col {
-                    Some((t, l)) => find(c, t, *l).and_then(|x| x.score),
-                    None => row_mean(c),
-                };
-                let Some(mine) = val(cfg) else { return false };
-                order
-                    .iter()
-                    .filter(|o| o.as_str() != "full" && budget_of(o) == Some(b.clone()))
-                    .filter_map(|o| val(o))
-                    .all(|v| v <= mine + 1e-12)
-            };
-            for cfg in &order {
-                let row: Vec<&Cell> = cs
-                    .iter()
-                    .filter(|c| c.config == *cfg && c.score.is_some())
-                    .copied()
-                    .collect();
-                if row.is_empty() {
-                    continue;
-                }
-                let kv = mean(row.iter().map(|c| c.kv_ratio)).unwrap_or(1.0);
-                let _ = write!(s, "| {cfg} | {:.0}% |", kv * 100.0);
-                for col in &cols {
-                    match find(cfg, &col.0, col.1).and_then(|c| c.score.map(|v| (v, c.n))) {
-                        Some((v, _)) if best(cfg, Some(col)) => {
-                            let _ = write!(s, " **{:.1}** |", v * 100.0);
-                        }
-                        Some((v, _)) => {
-                            let _ = write!(s, " {:.1} |", v * 100.0);
-                        }
-                        None => s.push_str(" |"),
-                    }
-                }
-                match row_mean(cfg) {
-                    Some(m) if best(cfg, None) => {
-                        let _ = writeln!(s, " **{:.1}** |", m * 100.0);
-                    }
-                    Some(m) => {
-                        let _ = writeln!(s, " {:.1} |", m * 100.0);
-                    }
-                    None => s.push_str(" |\n"),
-                }
-            }
-            let ns: BTreeSet<usize> = cs
-                .iter()
-                .filter(|c| c.score.is_some())
-                .map(|c| c.n)
-                .collect();
-            let ns: Vec<String> = ns.iter().map(|n| n.to_string()).collect();
-            let _ = writeln!(
-                s,
-                "\nScores ×100, mean over {} samples per cell; bold: the best compressed configuration at that budget.\n",
-                ns.join("/")
-            );
-            let pooled: Vec<&PairedRow> = paired
-                .iter()
-                .filter(|r| r.run == run && r.task == ALL_TASKS)
-                .collect();
-            if !pooled.is_empty() {
-                s.push_str(&paired_markdown(&pooled));
-            }
-        }
-        let text: Vec<&Cell> = cs.iter().filter(|c| c.ppl.is_some()).copied().collect();
-        if !text.is_empty() {
-            let _ = writeln!(s, "| config | length | KV kept | perplexity | KL vs full | top-1 agreement | samples |");
-            let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
-            let lengths: BTreeSet<usize> = text.iter().map(|c| c.length).collect();
-            for l in lengths {
-                for cfg in &order {
-                    if let Some(c) = text.iter().find(|c| c.config == *cfg && c.length == l) {
-                        let _ = writeln!(
-                            s,
-                            "| {cfg} | {} | {:.0}% | {} | {} | {} | {} |",
-                            short_len(l),
-                            c.kv_ratio * 100.0,
-                            opt(c.ppl, 3),
-                            opt(c.kl, 4),
-                            c.top1
-                                .map(|v| format!("{:.1}%", v * 100.0))
-                                .unwrap_or_default(),
-                            c.n
-                        );
-                    }
-                }
-            }
-            s.push('\n');
-        }
+        write_score_table(&mut s, run, &cs, &order, paired);
+        write_text_table(&mut s, &cs, &order);
     }
     s
+}
+
+/// The run's score table (one row per configuration, one column per task and length,
+/// best compressed scores in bold), with its note and the pooled paired rows.
+fn write_score_table(
+    s: &mut String,
+    run: &str,
+    cs: &[&Cell],
+    order: &[String],
+    paired: &[PairedRow],
+) {
+    let cols: BTreeSet<(String, usize)> = cs
+        .iter()
+        .filter(|c| c.score.is_some())
+        .map(|c| (c.task.clone(), c.length))
+        .collect();
+    let cols: Vec<(String, usize)> = cols.into_iter().collect();
+    if cols.is_empty() {
+        return;
+    }
+    let _ = write!(s, "| config | KV kept |");
+    for (t, l) in &cols {
+        let _ = write!(s, " {t} {} |", short_len(*l));
+    }
+    let _ = writeln!(s, " mean |");
+    let _ = writeln!(s, "|---|---:|{}---:|", "---:|".repeat(cols.len()));
+    write_score_rows(s, cs, order, &cols);
+    let ns: BTreeSet<usize> = cs
+        .iter()
+        .filter(|c| c.score.is_some())
+        .map(|c| c.n)
+        .collect();
+    let ns: Vec<String> = ns.iter().map(|n| n.to_string()).collect();
+    let _ = writeln!(
+        s,
+        "\nScores ×100, mean over {} samples per cell; bold: the best compressed configuration at that budget.\n",
+        ns.join("/")
+    );
+    let pooled: Vec<&PairedRow> = paired
+        .iter()
+        .filter(|r| r.run == run && r.task == ALL_TASKS)
+        .collect();
+    if !pooled.is_empty() {
+        s.push_str(&paired_markdown(&pooled));
+    }
+}
+
+/// The rows of a score table: each configuration's scores and mean, the best
+/// compressed ones at each budget in bold.
+fn write_score_rows(s: &mut String, cs: &[&Cell], order: &[String], cols: &[(String, usize)]) {
+    let find = |cfg: &str, t: &str, l: usize| {
+        cs.iter()
+            .find(|c| c.config == cfg && c.task == t && c.length == l)
+            .copied()
+    };
+    let budget_of = |cfg: &str| {
+        cs.iter()
+            .find(|c| c.config == cfg)
+            .map(|c| c.budget.clone())
+    };
+    // Best compressed score per (budget, column), and the row mean.
+    let row_mean = |cfg: &str| {
+        mean(
+            cols.iter()
+                .filter_map(|(t, l)| find(cfg, t, *l).and_then(|c| c.score)),
+        )
+    };
+    let best = |cfg: &str, col: Option<&(String, usize)>| -> bool {
+        let Some(b) = budget_of(cfg) else {
+            return false;
+        };
+        if cfg == "full" {
+            return false;
+        }
+        let val = |c: &str| match col {
+            Some((t, l)) => find(c, t, *l).and_then(|x| x.score),
+            None => row_mean(c),
+        };
+        let Some(mine) = val(cfg) else { return false };
+        order
+            .iter()
+            .filter(|o| o.as_str() != "full" && budget_of(o) == Some(b.clone()))
+            .filter_map(|o| val(o))
+            .all(|v| v <= mine + 1e-12)
+    };
+    for cfg in order {
+        let row: Vec<&Cell> = cs
+            .iter()
+            .filter(|c| c.config == *cfg && c.score.is_some())
+            .copied()
+            .collect();
+        if row.is_empty() {
+            continue;
+        }
+        let kv = mean(row.iter().map(|c| c.kv_ratio)).unwrap_or(1.0);
+        let _ = write!(s, "| {cfg} | {:.0}% |", kv * 100.0);
+        for col in cols {
+            match find(cfg, &col.0, col.1).and_then(|c| c.score.map(|v| (v, c.n))) {
+                Some((v, _)) if best(cfg, Some(col)) => {
+                    let _ = write!(s, " **{:.1}** |", v * 100.0);
+                }
+                Some((v, _)) => {
+                    let _ = write!(s, " {:.1} |", v * 100.0);
+                }
+                None => s.push_str(" |"),
+            }
+        }
+        match row_mean(cfg) {
+            Some(m) if best(cfg, None) => {
+                let _ = writeln!(s, " **{:.1}** |", m * 100.0);
+            }
+            Some(m) => {
+                let _ = writeln!(s, " {:.1} |", m * 100.0);
+            }
+            None => s.push_str(" |\n"),
+        }
+    }
+}
+
+/// The run's text-task table: perplexity, KL and top-1 agreement per configuration
+/// and length.
+fn write_text_table(s: &mut String, cs: &[&Cell], order: &[String]) {
+    let text: Vec<&Cell> = cs.iter().filter(|c| c.ppl.is_some()).copied().collect();
+    if !text.is_empty() {
+        let _ = writeln!(
+            s,
+            "| config | length | KV kept | perplexity | KL vs full | top-1 agreement | samples |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
+        let lengths: BTreeSet<usize> = text.iter().map(|c| c.length).collect();
+        for l in lengths {
+            for cfg in order {
+                if let Some(c) = text.iter().find(|c| c.config == *cfg && c.length == l) {
+                    let _ = writeln!(
+                        s,
+                        "| {cfg} | {} | {:.0}% | {} | {} | {} | {} |",
+                        short_len(l),
+                        c.kv_ratio * 100.0,
+                        opt(c.ppl, 3),
+                        opt(c.kl, 4),
+                        c.top1
+                            .map(|v| format!("{:.1}%", v * 100.0))
+                            .unwrap_or_default(),
+                        c.n
+                    );
+                }
+            }
+        }
+        s.push('\n');
+    }
 }
 
 fn slug(s: &str) -> String {
