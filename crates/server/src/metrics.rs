@@ -187,17 +187,16 @@ impl Metrics {
 
     pub fn render(&self, kv_budget: usize) -> String {
         let mut o = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, rows: &[(String, f64)]| {
-            let _ = writeln!(o, "# HELP {name} {help}");
-            let _ = writeln!(o, "# TYPE {name} {kind}");
-            for (labels, v) in rows {
-                let _ = writeln!(o, "{name}{labels} {v}");
-            }
-        };
-        let one = |v: f64| vec![(String::new(), v)];
-        let g = |a: &AtomicUsize| a.load(Relaxed) as f64;
-        let c = |a: &AtomicU64| a.load(Relaxed) as f64;
+        self.render_traffic(&mut o);
+        self.render_contexts(&mut o);
+        self.render_engine(&mut o, kv_budget);
+        self.render_compression(&mut o);
+        self.render_latency(&mut o);
+        o
+    }
 
+    /// HTTP responses, generations by ending, tokens and token rates.
+    fn render_traffic(&self, o: &mut String) {
         let http: Vec<(String, f64)> = lock(&self.http)
             .iter()
             .map(|((route, status), n)| {
@@ -208,6 +207,7 @@ impl Metrics {
             })
             .collect();
         metric(
+            o,
             "kvmerger_http_requests_total",
             "counter",
             "HTTP responses by route and status code.",
@@ -218,18 +218,21 @@ impl Metrics {
             .map(|(k, n)| (format!("{{reason=\"{k}\"}}"), *n as f64))
             .collect();
         metric(
+            o,
             "kvmerger_generations_total",
             "counter",
             "Generations by how they ended: stop, length, cancelled (client gone), timeout, error.",
             &fin,
         );
         metric(
+            o,
             "kvmerger_prompt_tokens_total",
             "counter",
             "Prompt tokens prefilled.",
             &one(c(&self.prompt_tokens)),
         );
         metric(
+            o,
             "kvmerger_generated_tokens_total",
             "counter",
             "Tokens generated.",
@@ -237,36 +240,46 @@ impl Metrics {
         );
         let (pp, tg) = self.rates();
         metric(
+            o,
             "kvmerger_prompt_tokens_per_second",
             "gauge",
             "Prompt tokens prefilled per second over the last 10 s.",
             &one(pp),
         );
         metric(
+            o,
             "kvmerger_generated_tokens_per_second",
             "gauge",
             "Tokens generated per second over the last 10 s, all requests together.",
             &one(tg),
         );
+    }
+
+    /// The context cache in memory and the context store.
+    fn render_contexts(&self, o: &mut String) {
         metric(
+            o,
             "kvmerger_context_cache_hits_total",
             "counter",
             "Requests whose prompt started with a cached context (same recipe, same tokens).",
             &one(c(&self.context_hits)),
         );
         metric(
+            o,
             "kvmerger_context_cache_misses_total",
             "counter",
             "Requests that found no cached context to reuse.",
             &one(c(&self.context_misses)),
         );
         metric(
+            o,
             "kvmerger_context_cache_reused_tokens_total",
             "counter",
             "Prompt tokens not prefilled because a cached context held them.",
             &one(c(&self.context_tokens_reused)),
         );
         metric(
+            o,
             "kvmerger_context_cache_evictions_total",
             "counter",
             "Cached contexts evicted (least recently used) to make room.",
@@ -304,80 +317,100 @@ impl Metrics {
                 &self.store_errors,
             ),
         ] {
-            metric(name, "counter", help, &one(c(v)));
+            metric(o, name, "counter", help, &one(c(v)));
         }
         metric(
+            o,
             "kvmerger_context_cache_entries",
             "gauge",
             "Cached contexts held.",
             &one(g(&self.context_entries)),
         );
         metric(
+            o,
             "kvmerger_context_cache_bytes",
             "gauge",
             "Bytes held by cached contexts (part of the KV memory budget).",
             &one(g(&self.context_bytes)),
         );
+    }
+
+    /// The queue, the running batch, engine steps and KV memory.
+    fn render_engine(&self, o: &mut String, kv_budget: usize) {
         metric(
+            o,
             "kvmerger_queue_depth",
             "gauge",
             "Requests waiting for admission.",
             &one(g(&self.queue_depth)),
         );
         metric(
+            o,
             "kvmerger_running_requests",
             "gauge",
             "Requests admitted (prefilling or decoding).",
             &one(g(&self.running)),
         );
         metric(
+            o,
             "kvmerger_running_requests_peak",
             "gauge",
             "Most requests admitted at once since start.",
             &one(g(&self.running_peak)),
         );
         metric(
+            o,
             "kvmerger_engine_steps_total",
             "counter",
             "Batched forward passes.",
             &one(c(&self.steps)),
         );
         metric(
+            o,
             "kvmerger_engine_step_sequences_total",
             "counter",
             "Sequences summed over batched forward passes (divide by steps for the mean batch).",
             &one(c(&self.step_sequences)),
         );
         metric(
+            o,
             "kvmerger_kv_memory_budget_bytes",
             "gauge",
             "KV cache memory shared by running requests.",
             &one(kv_budget as f64),
         );
         metric(
+            o,
             "kvmerger_kv_bytes_in_use",
             "gauge",
             "Bytes held by the KV caches of running requests.",
             &one(g(&self.kv_bytes_in_use)),
         );
         metric(
+            o,
             "kvmerger_kv_bytes_reserved",
             "gauge",
             "Bytes admission has reserved for running requests (upper bounds of their caches).",
             &one(g(&self.kv_bytes_reserved)),
         );
         metric(
+            o,
             "kvmerger_kv_bytes_saved",
             "gauge",
             "Bytes the running requests' caches would hold more without compression.",
             &one(g(&self.kv_bytes_saved)),
         );
         metric(
+            o,
             "kvmerger_kv_bytes_peak",
             "gauge",
             "Most bytes held by KV caches at once since start.",
             &one(g(&self.kv_bytes_peak)),
         );
+    }
+
+    /// Compression passes and what they released, by method.
+    fn render_compression(&self, o: &mut String) {
         let comp = lock(&self.compression).clone();
         let rows = |f: &dyn Fn(&MethodStats) -> f64| -> Vec<(String, f64)> {
             comp.iter()
@@ -385,30 +418,35 @@ impl Metrics {
                 .collect()
         };
         metric(
+            o,
             "kvmerger_compression_passes_total",
             "counter",
             "Compression passes (after prefill, and re-compressions while decoding) by method.",
             &rows(&|s| s.passes as f64),
         );
         metric(
+            o,
             "kvmerger_compression_bytes_before_total",
             "counter",
             "KV bytes going into compression passes, by method.",
             &rows(&|s| s.bytes_before as f64),
         );
         metric(
+            o,
             "kvmerger_compression_bytes_after_total",
             "counter",
             "KV bytes coming out of compression passes, by method.",
             &rows(&|s| s.bytes_after as f64),
         );
         metric(
+            o,
             "kvmerger_kv_bytes_saved_total",
             "counter",
             "KV bytes released by compression since start, by method.",
             &rows(&|s| (s.bytes_before - s.bytes_after) as f64),
         );
         metric(
+            o,
             "kvmerger_compression_ratio",
             "gauge",
             "Achieved compression by method: bytes after over bytes before, over all passes.",
@@ -421,11 +459,16 @@ impl Metrics {
             }),
         );
         metric(
+            o,
             "kvmerger_compression_seconds_total",
             "counter",
             "Time spent compressing, by method.",
             &rows(&|s| s.secs),
         );
+    }
+
+    /// The latency histograms.
+    fn render_latency(&self, o: &mut String) {
         for (h, name, help) in [
             (
                 &self.time_to_first_token,
@@ -448,10 +491,30 @@ impl Metrics {
                 "Arrival to the last token, per finished generation.",
             ),
         ] {
-            h.render(&mut o, name, help);
+            h.render(o, name, help);
         }
-        o
     }
+}
+
+/// One metric family in Prometheus' text format: help, type, and a line per label set.
+fn metric(o: &mut String, name: &str, kind: &str, help: &str, rows: &[(String, f64)]) {
+    let _ = writeln!(o, "# HELP {name} {help}");
+    let _ = writeln!(o, "# TYPE {name} {kind}");
+    for (labels, v) in rows {
+        let _ = writeln!(o, "{name}{labels} {v}");
+    }
+}
+
+fn one(v: f64) -> Vec<(String, f64)> {
+    vec![(String::new(), v)]
+}
+
+fn g(a: &AtomicUsize) -> f64 {
+    a.load(Relaxed) as f64
+}
+
+fn c(a: &AtomicU64) -> f64 {
+    a.load(Relaxed) as f64
 }
 
 #[cfg(test)]

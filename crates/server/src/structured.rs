@@ -130,7 +130,8 @@ pub struct Llg {
     matcher: Matcher,
     stops: Vec<u32>,
     eos: u32,
-    /// Time spent computing masks, and how many (for the log and the docs' cost).
+    /// Time spent in llguidance (masks, applying them, advancing the parser with each
+    /// drawn token), and how many masks (for the log and the docs' cost).
     pub mask_nanos: Arc<AtomicU64>,
     pub masks: Arc<AtomicU64>,
 }
@@ -140,10 +141,24 @@ impl TokenConstraint for Llg {
         let t0 = Instant::now();
         let m = self.matcher.compute_mask().map_err(|e| e.to_string())?;
         let eos_ok = m.is_allowed(self.eos);
-        for (i, l) in logits.iter_mut().enumerate() {
-            if !m.is_allowed(i as u32) {
-                *l = f32::NEG_INFINITY;
+        // 32 tokens a word: most words allow none (or all) of theirs.
+        for (w, chunk) in m.as_slice().iter().zip(logits.chunks_mut(32)) {
+            match *w {
+                u32::MAX => {}
+                0 => chunk.fill(f32::NEG_INFINITY),
+                w => {
+                    for (b, l) in chunk.iter_mut().enumerate() {
+                        if w >> b & 1 == 0 {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                }
             }
+        }
+        // Logits past the mask's words (none when the sizes agree) are not allowed.
+        let covered = m.as_slice().len() * 32;
+        if logits.len() > covered {
+            logits[covered..].fill(f32::NEG_INFINITY);
         }
         for &s in &self.stops {
             if let Some(l) = logits.get_mut(s as usize) {
@@ -159,7 +174,11 @@ impl TokenConstraint for Llg {
     }
 
     fn accept(&mut self, token: u32) -> Result<(), String> {
-        self.matcher.consume_token(token).map_err(|e| e.to_string())
+        let t0 = Instant::now();
+        let r = self.matcher.consume_token(token).map_err(|e| e.to_string());
+        self.mask_nanos
+            .fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+        r
     }
 
     fn is_finished(&self) -> bool {
