@@ -607,6 +607,8 @@ mod tests {
     /// hidden states and `q_proj.weight` alone, so for a model with a query bias,
     /// Qwen2's, its mean leaves the bias out; ours is the mean of the real queries.)
     #[test]
+    // Over 100 lines on purpose: kvpress's computation is written out step by step in f64
+    // beside ours, so that the two can be read side by side.
     fn expected_attention_equals_the_reference_formula() {
         use kvmerger_compression::{
             registry, HeadData, HeadInput, HeadPos, HeadStats, Options, SlotMeta,

@@ -521,6 +521,8 @@ mod x86 {
     /// Q5_0's -16 times the sums of the fixed-point values) are taken eight blocks at
     /// a time.
     #[inline(always)]
+    // Over 100 lines on purpose: one unrolled AVX2 kernel (fixed-point blocks of 32),
+    // whose accumulators live in registers across the whole loop.
     unsafe fn fixed_b32<const KIND: u8, const TS: usize, const NR: usize>(
         rows: [*const u8; NR],
         a: &Fixed16,

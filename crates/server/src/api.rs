@@ -531,6 +531,37 @@ pub fn unsupported(param: &str, what: &str) -> ApiError {
 }
 
 impl RawSampling<'_> {
+    /// `presence_penalty` and `frequency_penalty`, checked (-2 to 2, OpenAI's ranges).
+    fn penalties(&self) -> Result<[f32; 2], ApiError> {
+        let mut penalties = [0f32; 2];
+        for (out, (name, v)) in penalties.iter_mut().zip([
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ]) {
+            let x = v.unwrap_or(0.0);
+            if !(-2.0..=2.0).contains(&x) {
+                return Err(ApiError::param(
+                    name,
+                    format!("{name} must be between -2 and 2, got {x}"),
+                ));
+            }
+            *out = x as f32;
+        }
+        Ok(penalties)
+    }
+
+    /// `n`, checked (1 to [`MAX_N`]).
+    fn choices(&self) -> Result<usize, ApiError> {
+        match self.n {
+            None => Ok(1),
+            Some(n) if (1..=MAX_N as i64).contains(&n) => Ok(n as usize),
+            Some(n) => Err(ApiError::param(
+                "n",
+                format!("n must be between 1 and {MAX_N}, got {n}"),
+            )),
+        }
+    }
+
     pub fn validate(&self, max_tokens_limit: usize) -> Result<Sampling, ApiError> {
         let max_tokens = match self.max_tokens {
             None => None,
@@ -586,20 +617,7 @@ impl RawSampling<'_> {
                 format!("repetition_penalty must be in (0, 10] (and at least about 1.2e-38), got {repetition_penalty}"),
             ));
         }
-        let mut penalties = [0f32; 2];
-        for (out, (name, v)) in penalties.iter_mut().zip([
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ]) {
-            let x = v.unwrap_or(0.0);
-            if !(-2.0..=2.0).contains(&x) {
-                return Err(ApiError::param(
-                    name,
-                    format!("{name} must be between -2 and 2, got {x}"),
-                ));
-            }
-            *out = x as f32;
-        }
+        let penalties = self.penalties()?;
         let min_p = self.min_p.unwrap_or(0.0);
         if !(0.0..=1.0).contains(&min_p) {
             return Err(ApiError::param(
@@ -607,16 +625,7 @@ impl RawSampling<'_> {
                 format!("min_p must be between 0 (off) and 1, got {min_p}"),
             ));
         }
-        let n = match self.n {
-            None => 1,
-            Some(n) if (1..=MAX_N as i64).contains(&n) => n as usize,
-            Some(n) => {
-                return Err(ApiError::param(
-                    "n",
-                    format!("n must be between 1 and {MAX_N}, got {n}"),
-                ))
-            }
-        };
+        let n = self.choices()?;
         let logit_bias = parse_logit_bias(self.logit_bias)?;
         let stop = parse_stop(self.stop)?;
         Ok(Sampling {

@@ -447,6 +447,68 @@ fn prepare(
     arrived: Instant,
     events: mpsc::UnboundedSender<Event>,
 ) -> Result<(Job, Request), ApiError> {
+    let prompt = prompt_tokens(app, &req)?;
+    let p = prompt.len();
+    let max_tokens = check_lengths(app, &req, p)?;
+    // Where compression stops (after the length checks: splitting a chat tokenizes
+    // its context again).
+    let (protocol, context_end) = context_split(app, &req, &prompt)?;
+    check_compression(app, &req, context_end)?;
+    let est = check_memory(app, &req, p, max_tokens)?;
+    let sampling = sampling_params(&req.sampling)?;
+    let constraint = match &req.grammar {
+        Some((g, param)) => {
+            let c = app.grammars.constraint(&app.lm, g.clone(), param)?;
+            req.masks = Some((c.mask_nanos.clone(), c.masks.clone()));
+            Some(Box::new(c) as Box<dyn kvmerger_engine::generate::TokenConstraint>)
+        }
+        None => None,
+    };
+    let (cache_key, store_key) = cache_keys(app, &req, protocol, &prompt, context_end);
+    let preloaded = store_key
+        .as_deref()
+        .and_then(|k| load_stored(app, k, &prompt[..context_end]));
+    // The context's messages go with it: a stored context is also a handle.
+    let context_extra = match &req.input {
+        Input::Context(m) => json!({"messages": messages_json(m)}),
+        Input::Messages(m) if protocol == Protocol::Agnostic => {
+            let last_user = m.iter().rposition(|m| m.role == "user").unwrap_or(0);
+            json!({"messages": messages_json(&m[..last_user]), "tokens": context_end})
+        }
+        _ => Value::Null,
+    };
+    let job = Job {
+        prompt,
+        params: GenerateParams {
+            max_tokens,
+            sampling,
+            stop: req.sampling.stop.clone(),
+            ignore_eos: req.sampling.ignore_eos,
+        },
+        compressor: req.compressor.clone(),
+        method: req.spec.method.clone(),
+        budget: req.spec.budget_text(),
+        estimate: est,
+        context_end,
+        protocol,
+        cache_key,
+        store_key,
+        preloaded,
+        compress_only: req.compress_only(),
+        context_extra,
+        arrived,
+        deadline: arrived + app.cfg.request_timeout,
+        events,
+        logprobs: req.logprobs,
+        constraint,
+        n: req.sampling.n,
+    };
+    Ok((job, req))
+}
+
+/// The request's prompt as token ids, refused (naming its field) as soon as it is known
+/// not to fit the context.
+fn prompt_tokens(app: &App, req: &Request) -> Result<Vec<u32>, ApiError> {
     let lm = &app.lm;
     let ctx = lm.model.cfg.ctx_len;
     // Tokenizing stops as soon as the prompt is known not to fit: a huge prompt costs
@@ -498,10 +560,15 @@ fn prepare(
                 e => ApiError::param("messages", e.to_string()),
             })?,
     };
-    if prompt.is_empty() {
+    Ok(prompt)
+}
+
+/// A prompt of `p` tokens checked against the context: the tokens to generate at most.
+fn check_lengths(app: &App, req: &Request, p: usize) -> Result<usize, ApiError> {
+    let ctx = app.lm.model.cfg.ctx_len;
+    if p == 0 {
         return Err(ApiError::param(req.prompt_param, "the prompt is empty"));
     }
-    let p = prompt.len();
     if p >= ctx {
         return Err(ApiError::context_length(
             req.prompt_param,
@@ -525,11 +592,13 @@ fn prepare(
         Some(m) => m,
         None => app.cfg.default_max_tokens.min(ctx - p),
     };
-    // Where compression stops (after the length checks: splitting a chat tokenizes
-    // its context again).
-    let (protocol, context_end) = context_split(app, &req, &prompt)?;
-    // Settings that cannot bring this prompt to its budget are refused before the
-    // prefill, not after it.
+    Ok(max_tokens)
+}
+
+/// Settings that cannot bring this prompt to its budget are refused before the
+/// prefill, not after it.
+fn check_compression(app: &App, req: &Request, context_end: usize) -> Result<(), ApiError> {
+    let lm = &app.lm;
     let c = &req.compressor;
     c.check_prompt(lm.model.cfg.n_layers, context_end)
         .and_then(|_| match c.is_noop() {
@@ -542,6 +611,16 @@ fn prepare(
             }
             e => ApiError::param("kv_compression", e.to_string()),
         })?;
+    Ok(())
+}
+
+/// The request's KV memory bound, refused when it exceeds the server's budget.
+fn check_memory(
+    app: &App,
+    req: &Request,
+    p: usize,
+    max_tokens: usize,
+) -> Result<kvmerger_engine::compress::KvEstimate, ApiError> {
     let s = &app.sched;
     let est = estimate(
         &req.compressor,
@@ -571,7 +650,11 @@ fn prepare(
         .with_param(req.prompt_param)
         .with_code("kv_memory_exceeded"));
     }
-    let r = &req.sampling;
+    Ok(est)
+}
+
+/// The engine's sampling settings from the request's, checked.
+fn sampling_params(r: &Sampling) -> Result<SamplingParams, ApiError> {
     let sampling = SamplingParams {
         temperature: r.temperature,
         top_k: r.top_k,
@@ -587,14 +670,18 @@ fn prepare(
     sampling
         .validate()
         .map_err(|e| ApiError::invalid(e.to_string()))?;
-    let constraint = match &req.grammar {
-        Some((g, param)) => {
-            let c = app.grammars.constraint(&app.lm, g.clone(), param)?;
-            req.masks = Some((c.mask_nanos.clone(), c.masks.clone()));
-            Some(Box::new(c) as Box<dyn kvmerger_engine::generate::TokenConstraint>)
-        }
-        None => None,
-    };
+    Ok(sampling)
+}
+
+/// The keys the compressed context is matched on in memory and kept under in the store
+/// (none when nothing is compressed or kept).
+fn cache_keys(
+    app: &App,
+    req: &Request,
+    protocol: Protocol,
+    prompt: &[u32],
+    context_end: usize,
+) -> (String, Option<String>) {
     // Cached contexts are matched on everything that shapes a compressed cache.
     let cache_key = if req.compressor.is_noop() {
         "full".into()
@@ -607,51 +694,13 @@ fn prepare(
         (!req.compressor.is_noop() && context_end > 0 && (app.persist || req.compress_only()))
             .then(|| {
                 crate::store::key(
-                    &lm.fingerprint,
+                    &app.lm.fingerprint,
                     &cache_key,
                     &format!("{:?}", app.cfg.kv_dtype),
                     &prompt[..context_end],
                 )
             });
-    let preloaded = store_key
-        .as_deref()
-        .and_then(|k| load_stored(app, k, &prompt[..context_end]));
-    // The context's messages go with it: a stored context is also a handle.
-    let context_extra = match &req.input {
-        Input::Context(m) => json!({"messages": messages_json(m)}),
-        Input::Messages(m) if protocol == Protocol::Agnostic => {
-            let last_user = m.iter().rposition(|m| m.role == "user").unwrap_or(0);
-            json!({"messages": messages_json(&m[..last_user]), "tokens": context_end})
-        }
-        _ => Value::Null,
-    };
-    let job = Job {
-        prompt,
-        params: GenerateParams {
-            max_tokens,
-            sampling,
-            stop: req.sampling.stop.clone(),
-            ignore_eos: req.sampling.ignore_eos,
-        },
-        compressor: req.compressor.clone(),
-        method: req.spec.method.clone(),
-        budget: req.spec.budget_text(),
-        estimate: est,
-        context_end,
-        protocol,
-        cache_key,
-        store_key,
-        preloaded,
-        compress_only: req.compress_only(),
-        context_extra,
-        arrived,
-        deadline: arrived + app.cfg.request_timeout,
-        events,
-        logprobs: req.logprobs,
-        constraint,
-        n: req.sampling.n,
-    };
-    Ok((job, req))
+    (cache_key, store_key)
 }
 
 fn messages_json(m: &[Message]) -> Value {
@@ -1516,6 +1565,64 @@ fn context_card(app: &App, id: &str, h: &kvc::KvcHeader, bytes: Option<u64>) -> 
 
 /// `POST /v1/contexts`: compress a document (or messages) once and keep it; the id
 /// answers later chat requests (`kv_context`), on any server sharing the store.
+/// The request that compresses a context handle's messages (nothing is generated).
+fn context_job_request(
+    app: &App,
+    messages: Vec<Message>,
+    spec: Recipe,
+    compressor: Arc<Compressor>,
+    prompt_param: &'static str,
+) -> Result<Request, ApiError> {
+    let sampling = sampling(
+        app,
+        RawSampling {
+            max_tokens: Some(1),
+            max_tokens_param: "max_tokens",
+            ..RawSampling::default()
+        },
+    )?;
+    Ok(Request {
+        kind: Kind::Chat,
+        input: Input::Context(messages),
+        sampling,
+        spec,
+        compressor,
+        protocol: Some(Protocol::Agnostic),
+        stream: false,
+        include_usage: false,
+        prompt_param,
+        logprobs: None,
+        render: Render::default(),
+        grammar: None,
+        tools: None,
+        masks: None,
+    })
+}
+
+/// A context request's messages: its `document` as a system message, or its `messages`.
+fn context_request_messages(req: &api::ContextRequest) -> Result<Vec<Message>, ApiError> {
+    match (&req.document, &req.messages) {
+        (Some(d), None) => {
+            if d.trim().is_empty() {
+                return Err(ApiError::param("document", "the document is empty"));
+            }
+            Ok(vec![Message::new("system", d)])
+        }
+        (None, Some(ms)) if !ms.is_empty() => {
+            let mut v = Vec::with_capacity(ms.len());
+            for (i, m) in ms.iter().enumerate() {
+                let role = api::message_role(i, &m.role)?;
+                v.push(Message::new(role, api::message_text(i, &m.content)?));
+            }
+            Ok(v)
+        }
+        _ => Err(ApiError::param(
+            "document",
+            "give the context as document (text) or messages (a list), one of them",
+        )),
+    }
+}
+
 pub async fn create_context(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
     let mut ignored = Vec::new();
     let r = async {
@@ -1525,28 +1632,7 @@ pub async fn create_context(State(app): AppState, body: Result<Bytes, BytesRejec
         if !req.model.is_empty() {
             check_model(&app, &req.model)?;
         }
-        let messages = match (&req.document, &req.messages) {
-            (Some(d), None) => {
-                if d.trim().is_empty() {
-                    return Err(ApiError::param("document", "the document is empty"));
-                }
-                vec![Message::new("system", d)]
-            }
-            (None, Some(ms)) if !ms.is_empty() => {
-                let mut v = Vec::with_capacity(ms.len());
-                for (i, m) in ms.iter().enumerate() {
-                    let role = api::message_role(i, &m.role)?;
-                    v.push(Message::new(role, api::message_text(i, &m.content)?));
-                }
-                v
-            }
-            _ => {
-                return Err(ApiError::param(
-                    "document",
-                    "give the context as document (text) or messages (a list), one of them",
-                ))
-            }
-        };
+        let messages = context_request_messages(&req)?;
         let (spec, compressor, _) = compression(&app, req.kv_compression.as_ref())?;
         if compressor.is_noop() {
             return Err(ApiError::param(
@@ -1554,33 +1640,11 @@ pub async fn create_context(State(app): AppState, body: Result<Bytes, BytesRejec
                 "a context handle keeps a compressed context: give kv_compression (the server's default compresses nothing)",
             ));
         }
-        let sampling = sampling(
-            &app,
-            RawSampling {
-                max_tokens: Some(1),
-                max_tokens_param: "max_tokens",
-                ..RawSampling::default()
-            },
-        )?;
         if app.shutting_down.load(Relaxed) {
             return Err(ApiError::shutting_down());
         }
-        let request = Request {
-            kind: Kind::Chat,
-            input: Input::Context(messages),
-            sampling,
-            spec,
-            compressor,
-            protocol: Some(Protocol::Agnostic),
-            stream: false,
-            include_usage: false,
-            prompt_param: if req.document.is_some() { "document" } else { "messages" },
-            logprobs: None,
-            render: Render::default(),
-            grammar: None,
-            tools: None,
-            masks: None,
-        };
+        let param = if req.document.is_some() { "document" } else { "messages" };
+        let request = context_job_request(&app, messages, spec, compressor, param)?;
         let arrived = Instant::now();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let a = app.clone();

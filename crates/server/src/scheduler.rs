@@ -465,43 +465,8 @@ impl<'m> Engine<'m> {
                     .as_ref()
                     .is_none_or(|p| f.tokens > p.tokens().len())
             });
-            let reused = found.and_then(|m| Some((m, self.contexts.take(&m)?)));
-            let m = &self.sched.metrics;
-            let from_store = reused.is_none() && preloaded.is_some();
-            let (seq, source, cached_tokens) = match (reused, preloaded) {
-                (None, Some(seq)) => {
-                    m.store_hits.fetch_add(1, Relaxed);
-                    m.context_tokens_reused
-                        .fetch_add(seq.tokens().len() as u64, Relaxed);
-                    let n = seq.tokens().len();
-                    (seq, None, n)
-                }
-                (reused, _) => match reused {
-                    Some((found, mut seq)) => {
-                        m.context_hits.fetch_add(1, Relaxed);
-                        m.context_tokens_reused
-                            .fetch_add(found.tokens as u64, Relaxed);
-                        seq.cache.reserve(job.prompt.len() - found.tokens);
-                        (seq, Some(found.id), found.tokens)
-                    }
-                    None => {
-                        if l.context_reuse {
-                            m.context_misses.fetch_add(1, Relaxed);
-                        }
-                        let mut seq =
-                            Sequence::new(&self.lm.model, l.kv_dtype, job.compressor.clone());
-                        // Room for the prompt (or, compressing during prefill, one chunk
-                        // past the budget): its rows are not moved as it grows.
-                        seq.cache
-                            .reserve(if job.compressor.compresses_during_prefill() {
-                                0
-                            } else {
-                                job.prompt.len()
-                            });
-                        (seq, None, 0)
-                    }
-                },
-            };
+            let (seq, source, cached_tokens, from_store) =
+                self.starting_cache(&job, found, preloaded);
             // Long work on it (a long prefill chunk, KVzip's pass) stops at its deadline
             // or when the server aborts, instead of holding the engine.
             let mut seq = seq;
@@ -520,7 +485,7 @@ impl<'m> Engine<'m> {
             while reserved + need + self.contexts.bytes() > l.kv_memory
                 && self.contexts.evict_one(None)
             {
-                m.context_evictions.fetch_add(1, Relaxed);
+                self.sched.metrics.context_evictions.fetch_add(1, Relaxed);
             }
             self.running.push(Seq {
                 seq,
@@ -539,6 +504,55 @@ impl<'m> Engine<'m> {
         }
     }
 
+    /// The cache a job starts from: a context cached in memory (`found`), one read from
+    /// the store (`preloaded`), or a new one; with the cached context it came from, the
+    /// prompt tokens it already holds, and whether it came from the store.
+    fn starting_cache(
+        &mut self,
+        job: &Job,
+        found: Option<crate::contexts::Match>,
+        preloaded: Option<Sequence>,
+    ) -> (Sequence, Option<u64>, usize, bool) {
+        let l = self.sched.limits;
+        let reused = found.and_then(|m| Some((m, self.contexts.take(&m)?)));
+        let m = &self.sched.metrics;
+        let from_store = reused.is_none() && preloaded.is_some();
+        let (seq, source, cached_tokens) = match (reused, preloaded) {
+            (None, Some(seq)) => {
+                m.store_hits.fetch_add(1, Relaxed);
+                m.context_tokens_reused
+                    .fetch_add(seq.tokens().len() as u64, Relaxed);
+                let n = seq.tokens().len();
+                (seq, None, n)
+            }
+            (reused, _) => match reused {
+                Some((found, mut seq)) => {
+                    m.context_hits.fetch_add(1, Relaxed);
+                    m.context_tokens_reused
+                        .fetch_add(found.tokens as u64, Relaxed);
+                    seq.cache.reserve(job.prompt.len() - found.tokens);
+                    (seq, Some(found.id), found.tokens)
+                }
+                None => {
+                    if l.context_reuse {
+                        m.context_misses.fetch_add(1, Relaxed);
+                    }
+                    let mut seq = Sequence::new(&self.lm.model, l.kv_dtype, job.compressor.clone());
+                    // Room for the prompt (or, compressing during prefill, one chunk
+                    // past the budget): its rows are not moved as it grows.
+                    seq.cache
+                        .reserve(if job.compressor.compresses_during_prefill() {
+                            0
+                        } else {
+                            job.prompt.len()
+                        });
+                    (seq, None, 0)
+                }
+            },
+        };
+        (seq, source, cached_tokens, from_store)
+    }
+
     /// Remove sequences whose client went away or whose time is up.
     fn drop_gone(&mut self) {
         let now = Instant::now();
@@ -555,6 +569,9 @@ impl<'m> Engine<'m> {
     }
 
     /// One batched forward pass and what follows it.
+    // Over 100 lines on purpose: the pass gathers segments that borrow the running
+    // sequences, runs the model once, then hands each sequence its logits; the borrows
+    // tie the gathering to the pass.
     fn step(&mut self) {
         let model = &self.lm.model;
         let mut chunk_left = self.sched.limits.prefill_step;
@@ -617,44 +634,14 @@ impl<'m> Engine<'m> {
             let s = &mut self.running[i];
             let after = match s.phase {
                 Phase::Prefill => {
-                    let end = s.prefill_end();
-                    let r = s.seq.after_prefill_segment(
-                        &s.job.prompt[..end],
-                        n,
-                        std::mem::take(&mut l),
-                    );
-                    match r {
-                        Ok(Some(r)) => record(&self.sched.metrics, &r),
-                        Ok(None) => {}
-                        Err(e) => {
-                            exits.push((i, Exit::Failed(ApiError::internal(e.to_string()))));
+                    match prefilled(s, n, std::mem::take(&mut l), self.sched, self.lm) {
+                        Prefilled::Sample => Ok(None),
+                        Prefilled::Wait => continue,
+                        Prefilled::Exit(e) => {
+                            exits.push((i, e));
                             continue;
                         }
                     }
-                    if s.seq.tokens().len() < end {
-                        // More prompt chunks to come.
-                        continue;
-                    }
-                    if let Err(e) = compress_context(s, self.sched, self.lm) {
-                        exits.push((i, Exit::Failed(e)));
-                        continue;
-                    }
-                    // Stored as soon as it is compressed: a question to another replica
-                    // can find it while this one is still answering.
-                    if !s.job.compress_only {
-                        Self::store_context(self.sched, self.lm, s);
-                    }
-                    if s.seq.tokens().len() < s.job.prompt.len() {
-                        // The question, appended uncompressed in the next passes.
-                        s.reserved = reservation(s);
-                        continue;
-                    }
-                    report_prompt(s);
-                    if s.job.compress_only {
-                        exits.push((i, Exit::Finished(StopReason::MaxTokens)));
-                        continue;
-                    }
-                    Ok(None)
                 }
                 Phase::Decode { pending } => s
                     .seq
@@ -823,6 +810,54 @@ impl<'m> Engine<'m> {
             .running_peak
             .fetch_max(self.running.len(), Relaxed);
     }
+}
+
+/// What a prefill chunk's pass leaves a sequence to do.
+enum Prefilled {
+    /// More prompt to feed (chunks, or the question after a compressed context).
+    Wait,
+    /// The prompt is in: sample the first token.
+    Sample,
+    Exit(Exit),
+}
+
+/// After a pass over `n` prompt tokens of `s` with logits `l`: record its statistics,
+/// and once the context is in, compress it, keep it in the store, and report the prompt.
+fn prefilled(
+    s: &mut Seq<'_>,
+    n: usize,
+    l: Vec<f32>,
+    sched: &Scheduler,
+    lm: &LoadedModel,
+) -> Prefilled {
+    let end = s.prefill_end();
+    match s.seq.after_prefill_segment(&s.job.prompt[..end], n, l) {
+        Ok(Some(r)) => record(&sched.metrics, &r),
+        Ok(None) => {}
+        Err(e) => return Prefilled::Exit(Exit::Failed(ApiError::internal(e.to_string()))),
+    }
+    if s.seq.tokens().len() < end {
+        // More prompt chunks to come.
+        return Prefilled::Wait;
+    }
+    if let Err(e) = compress_context(s, sched, lm) {
+        return Prefilled::Exit(Exit::Failed(e));
+    }
+    // Stored as soon as it is compressed: a question to another replica can find it
+    // while this one is still answering.
+    if !s.job.compress_only {
+        Engine::store_context(sched, lm, s);
+    }
+    if s.seq.tokens().len() < s.job.prompt.len() {
+        // The question, appended uncompressed in the next passes.
+        s.reserved = reservation(s);
+        return Prefilled::Wait;
+    }
+    report_prompt(s);
+    if s.job.compress_only {
+        return Prefilled::Exit(Exit::Finished(StopReason::MaxTokens));
+    }
+    Prefilled::Sample
 }
 
 /// Copies of `s` for its request's further choices, each to sample its first token

@@ -414,12 +414,12 @@ pub fn tool_grammar(
     })
 }
 
+/// How [`tools_system_text`] opens.
+const TOOLS_PREAMBLE: &str = "You can call these functions. To call one, answer with only a JSON object {\"name\": <function name>, \"arguments\": <arguments object>}.\n";
+
 /// A system message that describes `tools` to a model whose template does not.
 pub fn tools_system_text(tools: &[Tool]) -> String {
-    let mut s = String::from(
-        "You can call these functions. To call one, answer with only a JSON object \
-         {\"name\": <function name>, \"arguments\": <arguments object>}.\n",
-    );
+    let mut s = String::from(TOOLS_PREAMBLE);
     for t in tools {
         s.push_str(&json!({"name": t.name, "parameters": t.parameters}).to_string());
         s.push('\n');
