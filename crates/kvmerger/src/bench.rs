@@ -85,7 +85,31 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
     let (lm, dtype) = load_model(&a.model, dir)?;
     let m = &lm.model;
     let vocab = m.cfg.vocab.min(lm.tokenizer.vocab_size());
-    // Refuse, before any work, a run that would pass the model's context midway.
+    check_context(&a, m)?;
+    let threads = rayon::current_num_threads();
+    print_header(&lm, dtype, threads);
+    let reps = a.reps.max(1);
+    let comp = crate::shared::recipe::build(&a.compress)?;
+    if comp.compresses_during_prefill() {
+        return prefill_within(&a, &lm, dtype, &comp, vocab);
+    }
+    if !comp.is_noop() {
+        run_compressed(&a, &lm, dtype, &comp, vocab)?;
+        return fidelity(&a, &lm, dtype, &comp);
+    }
+    if a.pp > 0 {
+        bench_prefill(&a, m, dtype, vocab, reps)?;
+    }
+    let mut bandwidth = None;
+    if a.tg > 0 {
+        bandwidth = Some(bench_generation(&a, m, dtype, vocab, reps)?);
+    }
+    print_memory_and_bandwidth(m, bandwidth, threads);
+    fidelity(&a, &lm, dtype, &comp)
+}
+
+/// Refuses, before any work, a run that would pass the model's context midway.
+fn check_context(a: &BenchArgs, m: &kvmerger_engine::model::Model) -> Result<()> {
     // Saturating: a count of 2^64 - 1 is refused, not wrapped into a small one.
     let longest =
         a.pp.max(a.ctx)
@@ -100,7 +124,16 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
             m.cfg.ctx_len
         );
     }
-    let threads = rayon::current_num_threads();
+    Ok(())
+}
+
+/// Prints the model line and the header of the speed table.
+fn print_header(
+    lm: &kvmerger_engine::load::LoadedModel,
+    dtype: kvmerger_compression::KvDtype,
+    threads: usize,
+) {
+    let m = &lm.model;
     println!(
         "model {} ({}, {} layers, weights {:.1} MiB), threads {threads}, KV {:?}, precision {:?}, kernels {}",
         lm.name,
@@ -113,67 +146,83 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
     );
     println!("| test | tokens | seconds | tok/s |");
     println!("|---|---|---|---|");
-    let reps = a.reps.max(1);
-    let comp = crate::shared::recipe::build(&a.compress)?;
-    if comp.compresses_during_prefill() {
-        return prefill_within(&a, &lm, dtype, &comp, vocab);
+}
+
+/// Times `pp` prompt tokens fed uncompressed, best of `reps`, and prints the pp row.
+fn bench_prefill(
+    a: &BenchArgs,
+    m: &kvmerger_engine::model::Model,
+    dtype: kvmerger_compression::KvDtype,
+    vocab: usize,
+    reps: usize,
+) -> Result<()> {
+    let mut best = f64::INFINITY;
+    for r in 0..reps {
+        let toks = bench_tokens(a.pp, vocab, r);
+        let mut seq = Sequence::uncompressed(m, dtype);
+        best = best.min(seq.feed(m, &toks)?);
     }
-    if !comp.is_noop() {
-        run_compressed(&a, &lm, dtype, &comp, vocab)?;
-        return fidelity(&a, &lm, dtype, &comp);
-    }
-    if a.pp > 0 {
-        let mut best = f64::INFINITY;
-        for r in 0..reps {
-            let toks = bench_tokens(a.pp, vocab, r);
-            let mut seq = Sequence::uncompressed(m, dtype);
-            best = best.min(seq.feed(m, &toks)?);
+    println!(
+        "| pp{} | {} | {:.3} | {:.1} |",
+        a.pp,
+        a.pp,
+        best,
+        a.pp as f64 / best
+    );
+    Ok(())
+}
+
+/// Times `tg` uncompressed generation steps, best of `reps`, prints the tg row and
+/// returns the average KV bytes read per step and the tokens per second.
+fn bench_generation(
+    a: &BenchArgs,
+    m: &kvmerger_engine::model::Model,
+    dtype: kvmerger_compression::KvDtype,
+    vocab: usize,
+    reps: usize,
+) -> Result<(usize, f64)> {
+    let mut best = f64::INFINITY;
+    let mut kv_read = 0usize;
+    for r in 0..reps {
+        let mut seq = Sequence::uncompressed(m, dtype);
+        let ctx = a.ctx.max(1);
+        seq.feed(m, &bench_tokens(ctx, vocab, r + 100))?;
+        // Untimed steps first: the first steps after loading pay for weights
+        // not yet in memory (one run measured 10.6 tok/s, the next 18.1).
+        for _ in 0..WARM_UP_STEPS {
+            let next = argmax(seq.logits()) as u32;
+            seq.step(m, next)?;
         }
-        println!(
-            "| pp{} | {} | {:.3} | {:.1} |",
-            a.pp,
-            a.pp,
-            best,
-            a.pp as f64 / best
-        );
-    }
-    let mut bandwidth = None;
-    if a.tg > 0 {
-        let mut best = f64::INFINITY;
-        let mut kv_read = 0usize;
-        for r in 0..reps {
-            let mut seq = Sequence::uncompressed(m, dtype);
-            let ctx = a.ctx.max(1);
-            seq.feed(m, &bench_tokens(ctx, vocab, r + 100))?;
-            // Untimed steps first: the first steps after loading pay for weights
-            // not yet in memory (one run measured 10.6 tok/s, the next 18.1).
-            for _ in 0..WARM_UP_STEPS {
-                let next = argmax(seq.logits()) as u32;
-                seq.step(m, next)?;
-            }
-            let kv_start = seq.kv_bytes();
-            let t0 = Instant::now();
-            for _ in 0..a.tg {
-                let next = argmax(seq.logits()) as u32;
-                seq.step(m, next)?;
-            }
-            best = best.min(t0.elapsed().as_secs_f64());
-            // Each step reads the whole cache: on average its size half-way.
-            kv_read = (kv_start + seq.kv_bytes()) / 2;
+        let kv_start = seq.kv_bytes();
+        let t0 = Instant::now();
+        for _ in 0..a.tg {
+            let next = argmax(seq.logits()) as u32;
+            seq.step(m, next)?;
         }
-        let label = if a.ctx > 0 {
-            format!("tg{} @ ctx {}", a.tg, a.ctx)
-        } else {
-            format!("tg{}", a.tg)
-        };
-        println!(
-            "| {label} | {} | {:.3} | {:.1} |",
-            a.tg,
-            best,
-            a.tg as f64 / best
-        );
-        bandwidth = Some((kv_read, a.tg as f64 / best));
+        best = best.min(t0.elapsed().as_secs_f64());
+        // Each step reads the whole cache: on average its size half-way.
+        kv_read = (kv_start + seq.kv_bytes()) / 2;
     }
+    let label = if a.ctx > 0 {
+        format!("tg{} @ ctx {}", a.tg, a.ctx)
+    } else {
+        format!("tg{}", a.tg)
+    };
+    println!(
+        "| {label} | {} | {:.3} | {:.1} |",
+        a.tg,
+        best,
+        a.tg as f64 / best
+    );
+    Ok((kv_read, a.tg as f64 / best))
+}
+
+/// Prints peak resident memory, then the generation's read bandwidth against a read loop's.
+fn print_memory_and_bandwidth(
+    m: &kvmerger_engine::model::Model,
+    bandwidth: Option<(usize, f64)>,
+    threads: usize,
+) {
     println!(
         "peak resident memory: {:.1} MiB",
         peak_rss_bytes() as f64 / (1 << 20) as f64
@@ -194,7 +243,6 @@ pub fn run(a: BenchArgs, dir: &std::path::Path) -> Result<()> {
             loop_rate / 1e9
         );
     }
-    fidelity(&a, &lm, dtype, &comp)
 }
 
 /// Compression during prefill: `pp` tokens fed in chunks, each followed by compression
