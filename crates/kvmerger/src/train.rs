@@ -178,38 +178,10 @@ pub fn run(a: TrainArgs, dir: &Path) -> Result<()> {
             a.held_out
         );
     }
-    let lengths: Vec<usize> = a
-        .lengths
-        .split(',')
-        .map(|s| s.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .context("--lengths must be token counts separated by commas")?;
-    if lengths.iter().any(|&l| l < 64) {
-        bail!("--lengths: every passage needs at least 64 tokens");
-    }
+    let lengths = parse_lengths(&a.lengths)?;
     let (lm, _) = crate::shared::session::load_model(&a.model, dir)?;
-    let longest = lengths.iter().max().copied().unwrap_or(0);
-    // The pass repeats the passage in chunks after it.
-    let pass = longest.min(kvmerger_engine::reconstruct::CHUNK) + 64;
-    if longest + pass > lm.model.cfg.ctx_len {
-        bail!(
-            "--lengths: a passage of {longest} tokens and its reconstruction pass do not fit the model's context of {}",
-            lm.model.cfg.ctx_len
-        );
-    }
-    let lambdas: Vec<f64> = a
-        .lambda
-        .split(',')
-        .map(|s| s.trim().parse::<f64>())
-        .collect::<Result<_, _>>()
-        .context("--lambda must be numbers separated by commas")?;
-    if lambdas.is_empty()
-        || lambdas
-            .iter()
-            .any(|l| !(l.is_finite() && *l > 0.0 && *l <= 1e3))
-    {
-        bail!("--lambda: every penalty must be in (0, 1000]");
-    }
+    check_passages_fit(&lengths, &lm)?;
+    let lambdas = parse_lambdas(&a.lambda)?;
     let texts = texts(&a.texts, dir)?;
     let docs = passages(&lm, &texts, &lengths, a.docs, a.facts, a.seed)?;
     let opts = TrainOptions {
@@ -221,6 +193,66 @@ pub fn run(a: TrainArgs, dir: &Path) -> Result<()> {
         seed: a.seed,
         ..Default::default()
     };
+    let (mut scorer, report) = train_with_bar(&lm, &docs, &opts)?;
+    let out = write_scorer(&a, dir, &lm, &mut scorer)?;
+    print_report(&lm.name, &report);
+    println!("{}", out.display());
+    Ok(())
+}
+
+/// Parses `--lengths` (token counts separated by commas, each at least 64).
+fn parse_lengths(spec: &str) -> Result<Vec<usize>> {
+    let lengths: Vec<usize> = spec
+        .split(',')
+        .map(|s| s.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .context("--lengths must be token counts separated by commas")?;
+    if lengths.iter().any(|&l| l < 64) {
+        bail!("--lengths: every passage needs at least 64 tokens");
+    }
+    Ok(lengths)
+}
+
+/// Refuses passages that, with their reconstruction pass, pass the model's context.
+fn check_passages_fit(lengths: &[usize], lm: &LoadedModel) -> Result<()> {
+    let longest = lengths.iter().max().copied().unwrap_or(0);
+    // The pass repeats the passage in chunks after it.
+    let pass = longest.min(kvmerger_engine::reconstruct::CHUNK) + 64;
+    if longest + pass > lm.model.cfg.ctx_len {
+        bail!(
+            "--lengths: a passage of {longest} tokens and its reconstruction pass do not fit the model's context of {}",
+            lm.model.cfg.ctx_len
+        );
+    }
+    Ok(())
+}
+
+/// Parses `--lambda` (ridge penalties separated by commas, each in (0, 1000]).
+fn parse_lambdas(spec: &str) -> Result<Vec<f64>> {
+    let lambdas: Vec<f64> = spec
+        .split(',')
+        .map(|s| s.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .context("--lambda must be numbers separated by commas")?;
+    if lambdas.is_empty()
+        || lambdas
+            .iter()
+            .any(|l| !(l.is_finite() && *l > 0.0 && *l <= 1e3))
+    {
+        bail!("--lambda: every penalty must be in (0, 1000]");
+    }
+    Ok(lambdas)
+}
+
+/// Trains the scorer on `docs` behind a progress bar, cleared when done.
+fn train_with_bar(
+    lm: &LoadedModel,
+    docs: &[String],
+    opts: &TrainOptions,
+) -> Result<(
+    kvmerger_engine::learned::LearnedScorer,
+    kvmerger_engine::learned::train::TrainReport,
+)> {
     let bar = ProgressBar::new(docs.len() as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -230,12 +262,21 @@ pub fn run(a: TrainArgs, dir: &Path) -> Result<()> {
         .progress_chars("=> "),
     );
     bar.set_message("scoring with KVzip's pass");
-    let result = train(&lm, &docs, &opts, &mut |done, _, what| {
+    let result = train(lm, docs, opts, &mut |done, _, what| {
         bar.set_message(what.to_string());
         bar.set_position(done as u64);
     });
     bar.finish_and_clear();
-    let (mut scorer, report) = result?;
+    Ok(result?)
+}
+
+/// Records the training run in the scorer and writes it to `--output` or the data directory.
+fn write_scorer(
+    a: &TrainArgs,
+    dir: &Path,
+    lm: &LoadedModel,
+    scorer: &mut kvmerger_engine::learned::LearnedScorer,
+) -> Result<std::path::PathBuf> {
     scorer.training["texts"] = a.texts.clone().into();
     scorer.training["lengths"] = a.lengths.clone().into();
     scorer.training["docs"] = a.docs.into();
@@ -250,11 +291,16 @@ pub fn run(a: TrainArgs, dir: &Path) -> Result<()> {
             .with_context(|| format!("creating {}", parent.display()))?;
     }
     scorer.write(&out)?;
+    Ok(out)
+}
+
+/// Prints the training summary (R², ridge penalty, agreement with KVzip) to stderr.
+fn print_report(name: &str, report: &kvmerger_engine::learned::train::TrainReport) {
     let r2 = &report.r2;
     let mean_r2 = r2.iter().sum::<f64>() / r2.len().max(1) as f64;
     eprintln!(
         "[{}] trained on {} tokens of {} documents in {:.0}s; held out {} documents ({} tokens): R² {:.3} (layers {:.2}..{:.2})",
-        lm.name,
+        name,
         report.train_tokens,
         report.train_docs,
         report.secs,
@@ -267,7 +313,7 @@ pub fn run(a: TrainArgs, dir: &Path) -> Result<()> {
     eprintln!(
         "  ridge penalty {} (of {:?})",
         report.lambda,
-        lambdas_tried(&report)
+        lambdas_tried(report)
     );
     for (b, share) in &report.agreement {
         eprintln!(
@@ -276,8 +322,6 @@ pub fn run(a: TrainArgs, dir: &Path) -> Result<()> {
             share * 100.0
         );
     }
-    println!("{}", out.display());
-    Ok(())
 }
 
 fn lambdas_tried(r: &kvmerger_engine::learned::train::TrainReport) -> Vec<f64> {
