@@ -44,6 +44,28 @@ struct Outcome {
 }
 
 pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
+    check_args(&a)?;
+    let mut runs = build_runs(&a)?;
+    let (lm, dtype) = load_model(&a.model, dir)?;
+    // A method that needs a trained scorer this model lacks is left out, with a note.
+    runs.retain(|(label, c)| match lm.model.check_learned(c.needs()) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("note: {label} left out: {e}");
+            false
+        }
+    });
+    let (all, tokens, prefill) = run_seeds(&a, &lm, dtype, &runs)?;
+    if a.seeds == 1 {
+        print_one_seed(&a, &lm.name, &runs, &all, tokens, prefill);
+    } else {
+        print_seed_summary(&a, &lm.name, &runs, &all, tokens);
+    }
+    Ok(())
+}
+
+/// Refuses a document length, needle count or seed count out of range.
+fn check_args(a: &DemoArgs) -> Result<()> {
     if a.length < 64 {
         bail!("--length must be at least 64 tokens");
     }
@@ -53,6 +75,11 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
     if a.seeds == 0 || a.seeds > 1000 {
         bail!("--seeds must be between 1 and 1000");
     }
+    Ok(())
+}
+
+/// The labelled compressors to compare: `full` first, then each method at each budget.
+fn build_runs(a: &DemoArgs) -> Result<Vec<(String, Arc<Compressor>)>> {
     let mut runs: Vec<(String, Arc<Compressor>)> =
         vec![("full".into(), Arc::new(Compressor::none()))];
     for b in &a.budgets {
@@ -73,19 +100,21 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
             ));
         }
     }
-    let (lm, dtype) = load_model(&a.model, dir)?;
-    // A method that needs a trained scorer this model lacks is left out, with a note.
-    runs.retain(|(label, c)| match lm.model.check_learned(c.needs()) {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("note: {label} left out: {e}");
-            false
-        }
-    });
+    Ok(runs)
+}
+
+/// Runs one document per seed; returns each run's outcomes, and the first document's
+/// tokens and prefill time.
+fn run_seeds(
+    a: &DemoArgs,
+    lm: &kvmerger_engine::load::LoadedModel,
+    dtype: kvmerger_compression::KvDtype,
+    runs: &[(String, Arc<Compressor>)],
+) -> Result<(Vec<Vec<Outcome>>, usize, f64)> {
     let mut all: Vec<Vec<Outcome>> = (0..runs.len()).map(|_| Vec::new()).collect();
     let mut shown = None;
     for seed in a.seed..a.seed + a.seeds {
-        let (tokens, prefill, outcomes) = one_document(&a, &lm, dtype, &runs, seed)?;
+        let (tokens, prefill, outcomes) = one_document(a, lm, dtype, runs, seed)?;
         if shown.is_none() {
             shown = Some((tokens, prefill));
         }
@@ -94,56 +123,75 @@ pub fn run(a: DemoArgs, dir: &std::path::Path) -> Result<()> {
         }
     }
     let (tokens, prefill) = shown.expect("at least one seed");
+    Ok((all, tokens, prefill))
+}
+
+/// Prints the table for a single document: answers, memory and timings per run.
+fn print_one_seed(
+    a: &DemoArgs,
+    name: &str,
+    runs: &[(String, Arc<Compressor>)],
+    all: &[Vec<Outcome>],
+    tokens: usize,
+    prefill: f64,
+) {
     let n = a.needles;
-    if a.seeds == 1 {
+    println!(
+        "model {}, document {tokens} tokens, read in {prefill:.2}s; {n} questions asked of each compressed copy\n",
+        name
+    );
+    println!(
+        "| method | right answers | KV cache | kept | compress | per answer | a wrong answer |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let full_bytes = all[0][0].kv_bytes;
+    for ((label, _), o) in runs.iter().zip(all) {
+        let o = &o[0];
         println!(
-            "model {}, document {tokens} tokens, read in {prefill:.2}s; {n} questions asked of each compressed copy\n",
-            lm.name
+            "| {label} | {}/{n} | {:.2} MiB | {:.0}% | {:.1} ms | {:.2}s | {} |",
+            o.right,
+            mib(o.kv_bytes),
+            100.0 * o.kv_bytes as f64 / full_bytes as f64,
+            o.compress_s * 1e3,
+            o.decode_s / n as f64,
+            o.wrong.clone().unwrap_or_default()
         );
-        println!(
-            "| method | right answers | KV cache | kept | compress | per answer | a wrong answer |"
-        );
-        println!("|---|---|---|---|---|---|---|");
-        let full_bytes = all[0][0].kv_bytes;
-        for ((label, _), o) in runs.iter().zip(&all) {
-            let o = &o[0];
-            println!(
-                "| {label} | {}/{n} | {:.2} MiB | {:.0}% | {:.1} ms | {:.2}s | {} |",
-                o.right,
-                mib(o.kv_bytes),
-                100.0 * o.kv_bytes as f64 / full_bytes as f64,
-                o.compress_s * 1e3,
-                o.decode_s / n as f64,
-                o.wrong.clone().unwrap_or_default()
-            );
-        }
-    } else {
-        println!(
-            "model {}, documents of about {tokens} tokens with {n} facts, seeds {}..{}: right answers per document\n",
-            lm.name,
-            a.seed,
-            a.seed + a.seeds - 1
-        );
-        println!("| method | mean | min | median | max | all right | compress (median) |");
-        println!("|---|---|---|---|---|---|---|");
-        for ((label, _), os) in runs.iter().zip(&all) {
-            let mut r: Vec<usize> = os.iter().map(|o| o.right).collect();
-            r.sort_unstable();
-            let mut c: Vec<f64> = os.iter().map(|o| o.compress_s).collect();
-            c.sort_by(f64::total_cmp);
-            println!(
-                "| {label} | {:.2}/{n} | {} | {} | {} | {} of {} | {:.1} ms |",
-                r.iter().sum::<usize>() as f64 / r.len() as f64,
-                r[0],
-                r[r.len() / 2],
-                r[r.len() - 1],
-                r.iter().filter(|&&x| x == n).count(),
-                r.len(),
-                c[c.len() / 2] * 1e3
-            );
-        }
     }
-    Ok(())
+}
+
+/// Prints the table over several seeds: right answers per document and median compress time.
+fn print_seed_summary(
+    a: &DemoArgs,
+    name: &str,
+    runs: &[(String, Arc<Compressor>)],
+    all: &[Vec<Outcome>],
+    tokens: usize,
+) {
+    let n = a.needles;
+    println!(
+        "model {}, documents of about {tokens} tokens with {n} facts, seeds {}..{}: right answers per document\n",
+        name,
+        a.seed,
+        a.seed + a.seeds - 1
+    );
+    println!("| method | mean | min | median | max | all right | compress (median) |");
+    println!("|---|---|---|---|---|---|---|");
+    for ((label, _), os) in runs.iter().zip(all) {
+        let mut r: Vec<usize> = os.iter().map(|o| o.right).collect();
+        r.sort_unstable();
+        let mut c: Vec<f64> = os.iter().map(|o| o.compress_s).collect();
+        c.sort_by(f64::total_cmp);
+        println!(
+            "| {label} | {:.2}/{n} | {} | {} | {} | {} of {} | {:.1} ms |",
+            r.iter().sum::<usize>() as f64 / r.len() as f64,
+            r[0],
+            r[r.len() / 2],
+            r[r.len() - 1],
+            r.iter().filter(|&&x| x == n).count(),
+            r.len(),
+            c[c.len() / 2] * 1e3
+        );
+    }
 }
 
 /// One document (its facts placed by `seed`) read once, compressed by every run, and
