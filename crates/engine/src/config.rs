@@ -231,15 +231,7 @@ impl Config {
     }
 
     pub fn from_gguf(f: &GgufFile) -> Result<Config, Error> {
-        let arch_name = f.str("general.architecture")?.to_string();
-        let arch = match arch_name.as_str() {
-            "llama" => Arch::Llama,
-            "qwen2" => Arch::Qwen2,
-            "qwen3" => Arch::Qwen3,
-            "gemma3" => Arch::Gemma3,
-            "phi3" => Arch::Phi3,
-            _ => return Err(Error::UnsupportedArchitecture(arch_name)),
-        };
+        let arch = gguf_arch(f)?;
         let a = arch.name();
         let k = |s: &str| format!("{a}.{s}");
         let hidden = f.u64(&k("embedding_length"))? as usize;
@@ -253,33 +245,9 @@ impl Config {
             None if n_heads > 0 => hidden / n_heads,
             None => 0,
         };
-        let vocab = match f.get(&k("vocab_size")).and_then(|v| v.as_u64()) {
-            Some(v) => v as usize,
-            None => f
-                .tensor("token_embd.weight")?
-                .dims
-                .get(1)
-                .copied()
-                .unwrap_or(0) as usize,
-        };
-        let (rope_style, activation, embed_scale, sliding_window) = match arch {
-            Arch::Llama => (RopeStyle::Adjacent, Activation::Silu, 1.0, None),
-            // Phi-3's sliding window (2047 in the mini 4k model) is not applied, as
-            // llama.cpp does not apply it either: attention is over the whole cache.
-            Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => {
-                (RopeStyle::Neox, Activation::Silu, 1.0, None)
-            }
-            Arch::Gemma3 => (
-                RopeStyle::Neox,
-                Activation::GeluTanh,
-                (hidden as f32).sqrt(),
-                Some(
-                    f.get(&k("attention.sliding_window"))
-                        .and_then(|v| v.as_u64())
-                        .unwrap_or(512) as usize,
-                ),
-            ),
-        };
+        let vocab = gguf_vocab(f, &k)?;
+        let (rope_style, activation, embed_scale, sliding_window) =
+            gguf_arch_style(f, &k, arch, hidden);
         let rope_base = f
             .get(&k("rope.freq_base"))
             .and_then(|v| v.as_f64())
@@ -288,17 +256,7 @@ impl Config {
             .get(&k("context_length"))
             .and_then(|v| v.as_u64())
             .unwrap_or(4096) as usize;
-        if let Some(rot) = f.get(&k("rope.dimension_count")).and_then(|v| v.as_u64()) {
-            if rot != head_dim as u64 {
-                return Err(Error::Format {
-                    path: f.path.clone(),
-                    msg: format!(
-                        "RoPE over {rot} of each head's {head_dim} dimensions (partial rotary \
-                         embedding, as in Phi-4-mini) is not supported"
-                    ),
-                });
-            }
-        }
+        gguf_check_full_rotary(f, &k, head_dim)?;
         let rope_scaling = gguf_rope_scaling(f, &k, ctx_len)?;
         let cfg = Config {
             arch,
@@ -453,6 +411,77 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The architecture named by `general.architecture`, or an error if unsupported.
+fn gguf_arch(f: &GgufFile) -> Result<Arch, Error> {
+    let arch_name = f.str("general.architecture")?.to_string();
+    Ok(match arch_name.as_str() {
+        "llama" => Arch::Llama,
+        "qwen2" => Arch::Qwen2,
+        "qwen3" => Arch::Qwen3,
+        "gemma3" => Arch::Gemma3,
+        "phi3" => Arch::Phi3,
+        _ => return Err(Error::UnsupportedArchitecture(arch_name)),
+    })
+}
+
+/// The vocabulary size: the `vocab_size` key, else the token embedding's second dimension.
+fn gguf_vocab(f: &GgufFile, k: &dyn Fn(&str) -> String) -> Result<usize, Error> {
+    Ok(match f.get(&k("vocab_size")).and_then(|v| v.as_u64()) {
+        Some(v) => v as usize,
+        None => f
+            .tensor("token_embd.weight")?
+            .dims
+            .get(1)
+            .copied()
+            .unwrap_or(0) as usize,
+    })
+}
+
+/// The architecture's RoPE style, activation, embedding scale and sliding window.
+fn gguf_arch_style(
+    f: &GgufFile,
+    k: &dyn Fn(&str) -> String,
+    arch: Arch,
+    hidden: usize,
+) -> (RopeStyle, Activation, f32, Option<usize>) {
+    match arch {
+        Arch::Llama => (RopeStyle::Adjacent, Activation::Silu, 1.0, None),
+        // Phi-3's sliding window (2047 in the mini 4k model) is not applied, as
+        // llama.cpp does not apply it either: attention is over the whole cache.
+        Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => (RopeStyle::Neox, Activation::Silu, 1.0, None),
+        Arch::Gemma3 => (
+            RopeStyle::Neox,
+            Activation::GeluTanh,
+            (hidden as f32).sqrt(),
+            Some(
+                f.get(&k("attention.sliding_window"))
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(512) as usize,
+            ),
+        ),
+    }
+}
+
+/// Refuses a partial rotary embedding (RoPE over fewer dimensions than the head's).
+fn gguf_check_full_rotary(
+    f: &GgufFile,
+    k: &dyn Fn(&str) -> String,
+    head_dim: usize,
+) -> Result<(), Error> {
+    if let Some(rot) = f.get(&k("rope.dimension_count")).and_then(|v| v.as_u64()) {
+        if rot != head_dim as u64 {
+            return Err(Error::Format {
+                path: f.path.clone(),
+                msg: format!(
+                    "RoPE over {rot} of each head's {head_dim} dimensions (partial rotary \
+                     embedding, as in Phi-4-mini) is not supported"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// RoPE scaling from GGUF metadata (`rope.scaling.type`, `rope.scaling.factor`),
