@@ -185,6 +185,18 @@ fn missing(key: &str, what: &str) -> Error {
     ))
 }
 
+/// `v` as an array of one entry per token (`n`), or an error naming `key`.
+fn per_token<'a>(v: &'a Value, key: &str, n: usize, what: &str) -> Result<&'a [Value]> {
+    let arr = v.as_array().ok_or_else(|| missing(key, what))?;
+    if arr.len() != n {
+        return Err(Error::Tokenizer(format!(
+            "{key} has {} entries for {n} tokens",
+            arr.len()
+        )));
+    }
+    Ok(arr)
+}
+
 fn req_str<'a>(f: &'a Meta, key: &str) -> Result<&'a str> {
     meta(f, key)
         .and_then(|v| v.as_str())
@@ -240,16 +252,8 @@ fn token_types(f: &Meta, n: usize) -> Result<Vec<TokenType>> {
         None => Ok(vec![TokenType::Normal; n]),
         Some(v) => {
             let key = "tokenizer.ggml.token_type";
-            let arr = v
-                .as_array()
-                .ok_or_else(|| missing(key, "an array of integers"))?;
-            if arr.len() != n {
-                return Err(Error::Tokenizer(format!(
-                    "{key} has {} entries for {n} tokens",
-                    arr.len()
-                )));
-            }
-            arr.iter()
+            per_token(v, key, n, "an array of integers")?
+                .iter()
                 .map(|x| {
                     x.as_i64()
                         .map(TokenType::from_gguf)
@@ -296,24 +300,14 @@ fn token_scores(f: &Meta, n: usize) -> Result<Vec<f32>> {
     let key = "tokenizer.ggml.scores";
     match meta(f, key) {
         None => Err(missing(key, "an array of numbers")),
-        Some(v) => {
-            let arr = v
-                .as_array()
-                .ok_or_else(|| missing(key, "an array of numbers"))?;
-            if arr.len() != n {
-                return Err(Error::Tokenizer(format!(
-                    "{key} has {} entries for {n} tokens",
-                    arr.len()
-                )));
-            }
-            arr.iter()
-                .map(|x| {
-                    x.as_f64()
-                        .map(|s| s as f32)
-                        .ok_or_else(|| missing(key, "an array of numbers"))
-                })
-                .collect::<Result<Vec<f32>>>()
-        }
+        Some(v) => per_token(v, key, n, "an array of numbers")?
+            .iter()
+            .map(|x| {
+                x.as_f64()
+                    .map(|s| s as f32)
+                    .ok_or_else(|| missing(key, "an array of numbers"))
+            })
+            .collect::<Result<Vec<f32>>>(),
     }
 }
 
