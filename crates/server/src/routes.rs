@@ -632,7 +632,7 @@ fn check_memory(
     );
     let budget = s.limits().kv_memory;
     // Every further choice holds a copy of the compressed prompt and its generation.
-    let need = est.prefill_peak + (req.sampling.n - 1) * est.steady.max(est.prefill_peak);
+    let need = crate::scheduler::kv_need(&est, req.sampling.n);
     if need > budget {
         let mib = |b: usize| b as f64 / (1 << 20) as f64;
         return Err(ApiError::invalid(format!(

@@ -76,8 +76,7 @@ impl Job {
     /// The cache this job may hold at once: the prompt's peak, plus a compressed copy
     /// and its generation for every further choice.
     pub fn need(&self) -> usize {
-        self.estimate.prefill_peak
-            + self.n.saturating_sub(1) * self.estimate.steady.max(self.estimate.prefill_peak)
+        kv_need(&self.estimate, self.n)
     }
 
     /// The same request for choice `choice`, sharing its channel and deadline.
@@ -104,6 +103,12 @@ impl Job {
             n: 1,
         }
     }
+}
+
+/// The KV bytes a request of `n` choices may hold at once: the prompt's peak, plus a
+/// compressed copy and its generation for every further choice.
+pub fn kv_need(est: &KvEstimate, n: usize) -> usize {
+    est.prefill_peak + n.saturating_sub(1) * est.steady.max(est.prefill_peak)
 }
 
 /// What a request's handler hears from the engine, in order: `Prefilled`, `Text`s (each
