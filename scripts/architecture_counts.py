@@ -9,7 +9,7 @@
 Counted:
 - import cycles between the files of each crate (strongly connected components of the
   graph "file A names an item of file B"; test modules left out), and whether each one
-  lies inside the kernel internals (engine/src/quant/);
+  lies inside the kernel internals (tensors/src/quant/);
 - the places that start KVzip's reconstruction pass (calls of `reconstruction_scores`);
 - `is_noop` calls and `Option<Compressor>` / `Option<&Compressor>` outside the crates
   that define the lifecycle (compression and engine);
@@ -259,7 +259,7 @@ def main():
     # and they name its items, so edges between a module and its direct parent are
     # left out; what remains is a cycle between siblings or across folders.
     all_cycles = [(c, cyc) for c, cyc, in relaxed]
-    kernel = [c for c in all_cycles if c[0] == "engine" and all(m[0] == "quant" for m in c[1])]
+    kernel = [c for c in all_cycles if c[0] == "tensors" and all(m[0] == "quant" for m in c[1])]
     other = [c for c in all_cycles if c not in kernel]
     fmt = lambda c: f"{c[0]}: " + " <-> ".join("::".join(m) for m in c[1])
     print(f"import cycles between files, a folder's mod.rs and its own files left out: {len(all_cycles)} ({len(kernel)} inside the kernel internals, {len(other)} elsewhere)")

@@ -19,7 +19,7 @@
 //! over the bytes: the checksum, then a copy of each head's slots.
 
 use crate::cache::KvCache;
-use crate::compress::Compressor;
+use crate::compressor::Compressor;
 use crate::load::LoadedModel;
 use crate::sequence::Sequence;
 use crate::Error;
@@ -394,5 +394,5 @@ pub fn decode(bytes: &[u8], lm: &LoadedModel) -> Result<(Sequence, KvcHeader), K
 
 /// Reads a compressed-context file of at most `limit` bytes (regular files only).
 pub fn read_file(path: &std::path::Path, limit: u64) -> Result<Vec<u8>, Error> {
-    crate::read_file(path, limit)
+    kvmerger_tensors::files::read_file(path, limit)
 }

@@ -23,7 +23,7 @@
 //! calls) run the same steps over a pass shared with other sequences.
 
 use crate::cache::{KvCache, PrefillStats};
-use crate::compress::{CompressReport, Compressor};
+use crate::compressor::{CompressReport, Compressor};
 use crate::generate::{GenerateParams, Generation};
 use crate::load::LoadedModel;
 use crate::model::{Logits, Model, Segment};
@@ -593,7 +593,7 @@ impl Sequence {
                 heads
                     .iter()
                     .map(|h| match self.targets.get(l) {
-                        Some(&t) => crate::compress::head_bound(h.len(), t, margin, remaining),
+                        Some(&t) => crate::compressor::head_bound(h.len(), t, margin, remaining),
                         None => h.len() + remaining,
                     })
                     .sum::<usize>()
@@ -667,6 +667,13 @@ impl Sequence {
 
     pub fn is_compressed(&self) -> bool {
         self.compressed_at.is_some()
+    }
+
+    /// Whether the context still has to be compressed: the sequence's method compresses
+    /// and has not yet done so. A caller that feeds a prompt in parts stops at the
+    /// context's end while this holds.
+    pub fn awaits_compression(&self) -> bool {
+        !self.compressor.is_noop() && !self.is_compressed()
     }
 
     /// Tokens fed when the cache was last compressed (0 if never): the sequence can be

@@ -8,7 +8,7 @@ use kvmerger_compression::{
 };
 use kvmerger_engine::attention::{attend, LayerAttn, StatsRequest};
 use kvmerger_engine::cache::PrefillStats;
-use kvmerger_engine::compress::Compressor;
+use kvmerger_engine::compressor::Compressor;
 use kvmerger_engine::generate::GenerateParams;
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::model::Logits;

@@ -7,7 +7,7 @@ mod common;
 
 use common::model_path;
 use kvmerger_compression::{KvDtype, Recipe};
-use kvmerger_engine::compress::Compressor;
+use kvmerger_engine::compressor::Compressor;
 use kvmerger_engine::kvc::{self, KvcError};
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::sequence::Sequence;

@@ -7,7 +7,7 @@ mod common;
 use common::model_path;
 use kvmerger_compression::{Budget, KvDtype, Options, Schedule, StatsNeeds};
 use kvmerger_engine::cache::KvCache;
-use kvmerger_engine::compress::Compressor;
+use kvmerger_engine::compressor::Compressor;
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::model::Logits;
 use kvmerger_engine::sequence::Sequence;

@@ -16,7 +16,7 @@ use kvmerger_compression::{
     Budget, HeadInput, HeadPos, HeadStats, HeadStore, KvDtype, Options, Schedule,
 };
 use kvmerger_engine::cache::KvCache;
-use kvmerger_engine::compress::Compressor;
+use kvmerger_engine::compressor::Compressor;
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::sequence::Sequence;
 use std::fmt::Write as _;

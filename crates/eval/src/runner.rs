@@ -7,7 +7,7 @@ use crate::records::{Record, RecordFile, Timing};
 use crate::sample::Sample;
 use crate::{metrics, Error};
 use kvmerger_compression::KvDtype;
-use kvmerger_engine::compress::{CompressReport, Compressor};
+use kvmerger_engine::compressor::{CompressReport, Compressor};
 use kvmerger_engine::generate::GenerateParams;
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::prompt::SplitPrompt;

@@ -3,7 +3,7 @@
 use crate::cli::BenchArgs;
 use crate::shared::session::load_model;
 use anyhow::{bail, Result};
-use kvmerger_engine::compress::Compressor;
+use kvmerger_engine::compressor::Compressor;
 use kvmerger_engine::sampling::argmax;
 use kvmerger_engine::sequence::Sequence;
 use std::sync::Arc;
@@ -271,7 +271,7 @@ fn prefill_within(
     );
     let slot = seq.cache.slot_bytes();
     let bound =
-        kvmerger_engine::compress::estimate(comp, pp, 0, m.cfg.n_layers, m.cfg.n_kv_heads, slot)
+        kvmerger_engine::compressor::estimate(comp, pp, 0, m.cfg.n_layers, m.cfg.n_kv_heads, slot)
             .prefill_peak;
     let full = pp * seq.cache.token_bytes();
     let prefill_rss = peak_rss_bytes();

@@ -10,7 +10,7 @@ use crate::shared::session::load_model;
 use crate::shared::text::document;
 use anyhow::{anyhow, bail, Result};
 use kvmerger_compression::{Budget, Recipe};
-use kvmerger_engine::compress::Compressor;
+use kvmerger_engine::compressor::Compressor;
 use kvmerger_engine::generate::GenerateParams;
 use kvmerger_engine::sequence::Sequence;
 use kvmerger_eval::metrics::fold_case_and_accents;

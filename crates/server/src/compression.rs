@@ -16,7 +16,7 @@
 use crate::error::ApiError;
 use kvmerger_compression::recipe::Value as RecipeValue;
 use kvmerger_compression::{Protocol, Recipe, RecipeError, ScheduleFiles};
-use kvmerger_engine::compress::Compressor;
+use kvmerger_engine::compressor::Compressor;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -78,7 +78,7 @@ impl RequestRecipe for Recipe {
     }
 }
 
-pub use kvmerger_engine::compress::{estimate, KvEstimate};
+pub use kvmerger_engine::compressor::{estimate, KvEstimate};
 
 /// The protocol a request's `kv_compression` names, if it names one:
 /// `{"protocol": "agnostic"}` compresses a chat's messages before its last user message

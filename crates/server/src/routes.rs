@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kvmerger_compression::{Protocol, Recipe};
 use kvmerger_engine::chat::{Message, RenderOptions};
-use kvmerger_engine::compress::Compressor;
+use kvmerger_engine::compressor::Compressor;
 use kvmerger_engine::generate::{GenerateParams, StopReason};
 use kvmerger_engine::kvc;
 use kvmerger_engine::load::LoadedModel;
@@ -620,7 +620,7 @@ fn check_memory(
     req: &Request,
     p: usize,
     max_tokens: usize,
-) -> Result<kvmerger_engine::compress::KvEstimate, ApiError> {
+) -> Result<kvmerger_engine::compressor::KvEstimate, ApiError> {
     let s = &app.sched;
     let est = estimate(
         &req.compressor,

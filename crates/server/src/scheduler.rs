@@ -21,7 +21,7 @@ use crate::contexts::ContextCache;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use kvmerger_compression::{KvDtype, Protocol};
-use kvmerger_engine::compress::{release_freed_memory, CompressReport, Compressor};
+use kvmerger_engine::compressor::{release_freed_memory, CompressReport, Compressor};
 use kvmerger_engine::generate::{Decoder, GenerateParams, Step, StopReason, TokenConstraint};
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::sampling::TokenLogprobs;
@@ -304,7 +304,7 @@ impl Seq<'_> {
     /// Where the prompt's prefill stops next: at the context's end while the context
     /// still has to be compressed, else at the prompt's end.
     fn prefill_end(&self) -> usize {
-        if !self.job.compressor.is_noop() && !self.seq.is_compressed() {
+        if self.seq.awaits_compression() {
             self.job.context_end
         } else {
             self.job.prompt.len()

@@ -7,7 +7,7 @@
 //! keeps at a budget the scorer keeps too.
 
 use super::{LearnedScorer, Normal};
-use crate::compress::Compressor;
+use crate::compressor::Compressor;
 use crate::load::LoadedModel;
 use crate::sequence::Sequence;
 use crate::Error;

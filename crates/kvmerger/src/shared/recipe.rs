@@ -4,7 +4,7 @@ use crate::cli::CompressArgs;
 use anyhow::{anyhow, bail, Context, Result};
 use kvmerger_compression::recipe::Value;
 use kvmerger_compression::{registry, Recipe, RecipeError, ScheduleFiles};
-use kvmerger_engine::compress::{CompressReport, Compressor};
+use kvmerger_engine::compressor::{CompressReport, Compressor};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

@@ -7,7 +7,7 @@ use crate::cli::{ModelArgs, SamplingArgs};
 use anyhow::{bail, Context, Result};
 use kvmerger_assets::{self as assets, ModelSource, Progress};
 use kvmerger_compression::KvDtype;
-use kvmerger_engine::compress::Compressor;
+use kvmerger_engine::compressor::Compressor;
 use kvmerger_engine::generate::{GenerateParams, Generation};
 use kvmerger_engine::kvc;
 use kvmerger_engine::load::LoadedModel;

@@ -1,7 +1,7 @@
 //! Model hyperparameters, read from GGUF metadata or a Hugging Face config.json.
 
-use crate::gguf::GgufFile;
 use crate::Error;
+use kvmerger_tensors::gguf::GgufFile;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
@@ -545,7 +545,7 @@ fn gguf_rope_scaling(
         }
     };
     if f.tensors.contains_key("rope_freqs.weight") {
-        let v = crate::quant::QMatrix::from_gguf(f, "rope_freqs.weight")?.to_f32();
+        let v = kvmerger_tensors::quant::QMatrix::from_gguf(f, "rope_freqs.weight")?.to_f32();
         return Ok(RopeScaling::Frequencies(
             v.into_iter().map(|x| x * linear).collect(),
         ));
@@ -577,7 +577,7 @@ fn gguf_longrope(
     } else {
         "rope_factors_short.weight"
     };
-    let factors = crate::quant::QMatrix::from_gguf(f, name)?.to_f32();
+    let factors = kvmerger_tensors::quant::QMatrix::from_gguf(f, name)?.to_f32();
     let mscale = match f
         .get(&k("rope.scaling.attn_factor"))
         .and_then(|v| v.as_f64())

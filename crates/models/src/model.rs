@@ -1,16 +1,16 @@
 //! The forward pass of llama, qwen2, qwen3, gemma3 and phi3 models, over the engine's KV cache.
 
-use crate::attention::{attend, HeadRows, LayerAttn, StatsRequest};
 use crate::cache::{HeadAccum, KvCache, LayerRope, PrefillStats, QueryAccum};
 use crate::config::{Activation, Arch, Config, RopeStyle};
-use crate::gguf::GgufFile;
-use crate::kernels::{gelu_tanh, rms_norm, rms_norm_inplace, silu_mul};
-use crate::precision::{
-    matmul_balanced, matmul_balanced_multi, matmul_exact, matmul_exact_multi, Precision,
-};
-use crate::quant::QMatrix;
 use crate::Error;
 use kvmerger_compression::{KvDtype, SlotMeta, StatsNeeds};
+use kvmerger_tensors::attention::{attend, HeadRows, LayerAttn, StatsRequest};
+use kvmerger_tensors::gguf::GgufFile;
+use kvmerger_tensors::kernels::{gelu_tanh, rms_norm, rms_norm_inplace, silu_mul};
+use kvmerger_tensors::precision::{
+    matmul_balanced, matmul_balanced_multi, matmul_exact, matmul_exact_multi, Precision,
+};
+use kvmerger_tensors::quant::QMatrix;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -366,7 +366,7 @@ impl Model {
     /// (window and last-row statistics refer to the end of `tokens`, the prompt) and
     /// accumulated attention is added to each slot's score. KVzip's reconstruction
     /// scores are not a statistic of a forward pass: they come from
-    /// [`crate::reconstruct`] (a [`crate::sequence::Sequence`] runs it), so
+    /// the engine crate's `reconstruct` module (a `Sequence` runs it), so
     /// `needs.reconstruction` is ignored here and a method that needs them reports
     /// them missing rather than reading something else.
     pub fn forward(
@@ -386,7 +386,7 @@ impl Model {
 
     /// [`Model::forward`] where `needs.reconstruction` asks for the largest attention
     /// each slot receives from the fed tokens' queries (over the query heads of its
-    /// group): what KVzip's reconstruction pass ([`crate::reconstruct`]) measures.
+    /// group): what KVzip's reconstruction pass (the engine's `reconstruct`) measures.
     pub fn forward_peak(
         &self,
         tokens: &[u32],
@@ -407,7 +407,7 @@ impl Model {
         needs: StatsNeeds,
         mut stats: Option<&mut PrefillStats>,
         logits: Logits,
-        cancel: Option<&crate::Cancel>,
+        cancel: Option<&kvmerger_tensors::Cancel>,
     ) -> Result<Vec<f32>, Error> {
         if tokens.is_empty() {
             return Err(Error::Invalid("no tokens to process".into()));
@@ -418,7 +418,7 @@ impl Model {
         let total = tokens.len();
         let mut out = Vec::new();
         for (ci, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
-            crate::check_cancel(cancel)?;
+            kvmerger_tensors::check_cancel(cancel)?;
             let start = ci * PREFILL_CHUNK;
             let last_chunk = start + chunk.len() == total;
             let want = match logits {

@@ -35,9 +35,9 @@ mod spm;
 #[cfg(test)]
 mod tests;
 
-use crate::gguf::{GgufFile, Value};
 use crate::Error;
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use kvmerger_tensors::gguf::{GgufFile, Value};
 use merge::Merger;
 use std::collections::BTreeMap;
 
@@ -522,14 +522,14 @@ impl Tokenizer {
         return Tokenizer::from_tokenizer_json_impl(path);
         #[cfg(not(feature = "hf-tokenizers"))]
         return Err(Error::Tokenizer(format!(
-            "{}: reading tokenizer.json needs kvmerger-engine's `hf-tokenizers` feature",
+            "{}: reading tokenizer.json needs kvmerger-text's `hf-tokenizers` feature",
             path.display()
         )));
     }
 
     #[cfg(feature = "hf-tokenizers")]
     fn from_tokenizer_json_impl(path: &std::path::Path) -> Result<Tokenizer> {
-        let text = crate::read_text_file(path, 256 << 20)?;
+        let text = kvmerger_tensors::files::read_text_file(path, 256 << 20)?;
         let invalid = |e: &dyn std::fmt::Display| {
             Error::Tokenizer(format!(
                 "{}: not a valid tokenizer.json: {e}",
@@ -575,7 +575,7 @@ impl Tokenizer {
         }
         let config = path.parent().map(|d| d.join("tokenizer_config.json"));
         let config: Option<serde_json::Value> = config
-            .and_then(|p| crate::read_text_file(&p, 64 << 20).ok())
+            .and_then(|p| kvmerger_tensors::files::read_text_file(&p, 64 << 20).ok())
             .and_then(|s| serde_json::from_str(&s).ok());
         let config_token = |key: &str| -> Option<u32> {
             let v = config.as_ref()?.get(key)?;
@@ -680,7 +680,7 @@ impl Tokenizer {
     /// [`encode_within`](Self::encode_within), except that control tokens starting
     /// inside the byte ranges `plain` are encoded as plain characters: text that a
     /// user wrote inside a rendered conversation
-    /// ([`LoadedModel::encode_conversation`](crate::load::LoadedModel::encode_conversation)).
+    /// (the engine's `LoadedModel::encode_conversation`).
     pub fn encode_within_plain(
         &self,
         text: &str,

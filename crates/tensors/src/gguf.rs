@@ -364,7 +364,7 @@ impl<'a> Reader<'a> {
             .values()
             .map(|t| (t.offset, t.offset + t.size, t.name.as_str()))
             .collect();
-        if let Some((a, b)) = crate::first_overlap(extents) {
+        if let Some((a, b)) = crate::files::first_overlap(extents) {
             return Err(self.err(&format!(
                 "tensors '{a}' and '{b}' overlap in the file (corrupt tensor directory)"
             )));
@@ -395,7 +395,7 @@ impl<'a> Reader<'a> {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile, Error> {
-        crate::check_regular_file(path, u64::MAX)?;
+        crate::files::check_regular_file(path, u64::MAX)?;
         let file = std::fs::File::open(path).map_err(|e| Error::Io {
             path: path.to_path_buf(),
             error: e,

@@ -5,8 +5,8 @@ use crate::config::{
     llama3_frequency_factors, Activation, Arch, Config, RopeScaling, RopeStyle, Yarn,
 };
 use crate::model::WeightSource;
-use crate::quant::QMatrix;
 use crate::Error;
+use kvmerger_tensors::quant::QMatrix;
 use memmap2::Mmap;
 use serde_json::Value as Json;
 use std::collections::BTreeMap;
@@ -138,7 +138,7 @@ impl SafetensorsDir {
         let mut maps = Vec::new();
         let mut entries = BTreeMap::new();
         for (fi, path) in files.iter().enumerate() {
-            crate::check_regular_file(path, u64::MAX)?;
+            kvmerger_tensors::files::check_regular_file(path, u64::MAX)?;
             let f = std::fs::File::open(path).map_err(io(path))?;
             // SAFETY: read-only mapping of a file treated as immutable bytes.
             let map = unsafe { Mmap::map(&f) }.map_err(io(path))?;
@@ -163,7 +163,7 @@ impl SafetensorsDir {
                 .filter(|(_, en)| en.file == fi)
                 .map(|(name, en)| (en.start, en.end, name.as_str()))
                 .collect();
-            if let Some((a, b)) = crate::first_overlap(extents) {
+            if let Some((a, b)) = kvmerger_tensors::files::first_overlap(extents) {
                 return Err(format(
                     path,
                     format!("tensors '{a}' and '{b}' overlap in the file"),
@@ -270,7 +270,7 @@ impl WeightSource for SafetensorsDir {
 
 /// Hyperparameters from a Hugging Face config.json.
 pub fn config_from_json(path: &Path) -> Result<Config, Error> {
-    let text = crate::read_text_file(path, 64 << 20)?;
+    let text = kvmerger_tensors::files::read_text_file(path, 64 << 20)?;
     let root: Json =
         serde_json::from_str(&text).map_err(|e| format(path, format!("not valid JSON: {e}")))?;
     // Multimodal gemma3 configs nest the language model's settings.

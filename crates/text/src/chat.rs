@@ -15,8 +15,8 @@
 //! `<start_of_turn>` format when the vocabulary has those tokens, ChatML
 //! otherwise.
 
-use crate::gguf::{GgufFile, Value as GgufValue};
 use crate::Error;
+use kvmerger_tensors::gguf::{GgufFile, Value as GgufValue};
 use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{context, Environment, ErrorKind};
 use std::collections::BTreeMap;
@@ -169,9 +169,10 @@ impl ChatTemplate {
     /// `eos_token`; a built-in fallback when the file or the template is
     /// missing or does not work.
     pub fn from_tokenizer_config(path: &std::path::Path) -> ChatTemplate {
-        let config: Option<serde_json::Value> = crate::read_text_file(path, 64 << 20)
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok());
+        let config: Option<serde_json::Value> =
+            kvmerger_tensors::files::read_text_file(path, 64 << 20)
+                .ok()
+                .and_then(|s| serde_json::from_str(&s).ok());
         let Some(config) = config else {
             let mut t = ChatTemplate::builtin(TemplateKind::ChatMl, "", "");
             t.fallback_reason = Some(format!("{} could not be read as JSON", path.display()));

@@ -3,13 +3,13 @@
 //! the fast 8-bit path), and decoding attention over 1k, 4k and 16k cached slots (f16
 //! and q8_0).
 //!
-//! `cargo bench -p kvmerger-engine --bench kernels` (add a filter to run a subset).
+//! `cargo bench -p kvmerger-tensors --bench kernels` (add a filter to run a subset).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kvmerger_compression::{HeadStore, KvDtype, SlotMeta};
-use kvmerger_engine::attention::{attend, LayerAttn, StatsRequest};
-use kvmerger_engine::precision::{matmul_balanced, matmul_exact};
-use kvmerger_engine::quant::{GgmlType, QMatrix};
+use kvmerger_tensors::attention::{attend, LayerAttn, StatsRequest};
+use kvmerger_tensors::precision::{matmul_balanced, matmul_exact};
+use kvmerger_tensors::quant::{GgmlType, QMatrix};
 use std::hint::black_box;
 
 fn values(n: usize, salt: usize) -> Vec<f32> {
