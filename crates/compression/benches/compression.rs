@@ -41,12 +41,7 @@ fn kvmerger(c: &mut Criterion) {
                     .compress(HeadInput {
                         data: black_box(&data),
                         stats: &stats,
-                        pos: HeadPos {
-                            layer: 0,
-                            n_layers: 1,
-                            kv_head: 0,
-                            n_kv_heads: 1,
-                        },
+                        pos: HeadPos::SINGLE,
                         budget: n * 35 / 100,
                     })
                     .unwrap()

@@ -141,6 +141,17 @@ pub struct HeadPos {
     pub n_kv_heads: usize,
 }
 
+impl HeadPos {
+    /// The only KV head of a one-layer model: where a head compressed on its own (an
+    /// example, a benchmark, a test) sits.
+    pub const SINGLE: HeadPos = HeadPos {
+        layer: 0,
+        n_layers: 1,
+        kv_head: 0,
+        n_kv_heads: 1,
+    };
+}
+
 /// Everything a method reads to compress one head.
 #[derive(Clone, Copy, Debug)]
 pub struct HeadInput<'a> {

@@ -323,12 +323,7 @@ mod tests {
         let input = HeadInput {
             data: &data,
             stats: &stats,
-            pos: HeadPos {
-                layer: 0,
-                n_layers: 1,
-                kv_head: 0,
-                n_kv_heads: 1,
-            },
+            pos: HeadPos::SINGLE,
             budget: 4,
         };
         let scores = m.expected_scores(&input).unwrap();
@@ -352,12 +347,7 @@ mod tests {
             .compress(HeadInput {
                 data: &data,
                 stats: &HeadStats::default(),
-                pos: HeadPos {
-                    layer: 0,
-                    n_layers: 1,
-                    kv_head: 0,
-                    n_kv_heads: 1,
-                },
+                pos: HeadPos::SINGLE,
                 budget: 6,
             })
             .unwrap_err();

@@ -106,12 +106,7 @@ mod tests {
             .compress(HeadInput {
                 data: &d,
                 stats: &Default::default(),
-                pos: crate::HeadPos {
-                    layer: 0,
-                    n_layers: 1,
-                    kv_head: 0,
-                    n_kv_heads: 1,
-                },
+                pos: crate::HeadPos::SINGLE,
                 budget: 2,
             })
             .unwrap();
