@@ -15,75 +15,22 @@
 //!
 //! Options: `scope` (`model`), `sinks` (4).
 
-use super::{OptionDoc, Stat};
-use crate::method::{HeadInput, Options, StatsNeeds};
-use crate::scorer::Scorer;
-use crate::select::Scope;
-use crate::Error;
+use super::OptionDoc;
 
 pub const SUMMARY: &str =
     "KVzap: KVzip's scores predicted from hidden states by a trained per-layer model (no extra pass)";
-pub const OPTIONS: &[OptionDoc] = &[
-    OptionDoc {
-        key: "scope",
-        default: "model",
-        help: "who shares the budget: model (one threshold over all heads), layer or head",
-    },
-    OptionDoc {
-        key: "sinks",
-        default: "4",
-        help: "initial slots always kept",
-    },
-];
+/// KVzip's options.
+pub const OPTIONS: &[OptionDoc] = super::kvzip::OPTIONS;
 
-#[derive(Clone, Debug)]
-pub struct KvZap {
-    pub scope: Scope,
-    pub sinks: usize,
-}
-
-impl KvZap {
-    pub fn from_options(opts: &Options) -> Result<Self, Error> {
-        super::check_options("kvzap", opts, OPTIONS)?;
-        Ok(KvZap {
-            scope: Scope::parse("scope", opts.get("scope").unwrap_or("model"))?,
-            sinks: opts.usize_or("sinks", 4)?,
-        })
-    }
-}
-
-impl Scorer for KvZap {
-    fn name(&self) -> &str {
-        "kvzap"
-    }
-    fn needs(&self) -> StatsNeeds {
-        StatsNeeds {
-            learned: true,
-            ..Default::default()
-        }
-    }
-    fn always_kept(&self) -> Option<(&'static str, usize)> {
-        Some(("sinks", self.sinks))
-    }
-    fn scope(&self) -> Scope {
-        self.scope
-    }
-    fn scores(&self, input: &HeadInput<'_>) -> Result<Vec<f32>, Error> {
-        let predicted = super::stat(input, Stat::Learned, "kvzap")?;
-        let sinks = self.sinks.min(predicted.len());
-        Ok(predicted
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| if i < sinks { f32::INFINITY } else { p.exp() })
-            .collect())
-    }
-}
+/// KVzip's scorer reading the predicted scores.
+pub type KvZap = super::kvzip::KvZip<true>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::method::HeadStats;
-    use crate::scorer::Selection;
+    use crate::method::{HeadInput, HeadStats};
+    use crate::scorer::{Scorer, Selection};
+    use crate::select::Scope;
     use crate::store::{HeadData, SlotMeta};
     use crate::{HeadPos, Method};
 
@@ -106,12 +53,7 @@ mod tests {
             .compress(HeadInput {
                 data: &d,
                 stats: &stats,
-                pos: HeadPos {
-                    layer: 0,
-                    n_layers: 1,
-                    kv_head: 0,
-                    n_kv_heads: 1,
-                },
+                pos: HeadPos::SINGLE,
                 budget: 4,
             })
             .unwrap();
@@ -134,12 +76,7 @@ mod tests {
             .scores(&HeadInput {
                 data: &d,
                 stats: &HeadStats::default(),
-                pos: HeadPos {
-                    layer: 0,
-                    n_layers: 1,
-                    kv_head: 0,
-                    n_kv_heads: 1,
-                },
+                pos: HeadPos::SINGLE,
                 budget: 1,
             })
             .unwrap_err()

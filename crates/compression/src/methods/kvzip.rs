@@ -37,29 +37,35 @@ pub const OPTIONS: &[OptionDoc] = &[
     },
 ];
 
+/// KVzip's selection. `PREDICTED` says where the scores come from: KVzip's
+/// reconstruction pass (`kvzip`), or KVzap's prediction of them from hidden states
+/// (`kvzap`, [`KvZap`](super::kvzap::KvZap)); the options and the selection are the same.
 #[derive(Clone, Debug)]
-pub struct KvZip {
+pub struct KvZip<const PREDICTED: bool = false> {
     pub scope: Scope,
     pub sinks: usize,
 }
 
-impl KvZip {
+impl<const PREDICTED: bool> KvZip<PREDICTED> {
+    const NAME: &'static str = if PREDICTED { "kvzap" } else { "kvzip" };
+
     pub fn from_options(opts: &Options) -> Result<Self, Error> {
-        super::check_options("kvzip", opts, OPTIONS)?;
-        Ok(KvZip {
+        super::check_options(Self::NAME, opts, OPTIONS)?;
+        Ok(Self {
             scope: Scope::parse("scope", opts.get("scope").unwrap_or("model"))?,
             sinks: opts.usize_or("sinks", 4)?,
         })
     }
 }
 
-impl Scorer for KvZip {
+impl<const PREDICTED: bool> Scorer for KvZip<PREDICTED> {
     fn name(&self) -> &str {
-        "kvzip"
+        Self::NAME
     }
     fn needs(&self) -> StatsNeeds {
         StatsNeeds {
-            reconstruction: true,
+            reconstruction: !PREDICTED,
+            learned: PREDICTED,
             ..Default::default()
         }
     }
@@ -70,7 +76,13 @@ impl Scorer for KvZip {
         self.scope
     }
     fn scores(&self, input: &HeadInput<'_>) -> Result<Vec<f32>, Error> {
-        let mut s = super::stat(input, Stat::Reconstruction, "kvzip")?.to_vec();
+        let mut s: Vec<f32> = if PREDICTED {
+            // KVzap predicts the log of KVzip's score.
+            let predicted = super::stat(input, Stat::Learned, Self::NAME)?;
+            predicted.iter().map(|p| p.exp()).collect()
+        } else {
+            super::stat(input, Stat::Reconstruction, Self::NAME)?.to_vec()
+        };
         let sinks = self.sinks.min(s.len());
         s[..sinks].iter_mut().for_each(|x| *x = f32::INFINITY);
         Ok(s)
