@@ -1,16 +1,8 @@
 //! What each baseline keeps, on heads built so the right answer is known.
 
-use crate::data::{head, identical, mid, positions};
+use crate::data::{build, head, identical, mid, positions};
 use kvmerger_compression::methods::pyramidkv::PyramidKv;
-use kvmerger_compression::{registry, HeadData, HeadInput, HeadStats, Method, Options, SlotMeta};
-
-fn build(name: &str, pairs: &[(&str, &str)]) -> Box<dyn Method> {
-    let mut o = Options::new();
-    for (k, v) in pairs {
-        o.set(k, v);
-    }
-    registry::build(name, &o).unwrap()
-}
+use kvmerger_compression::{HeadData, HeadInput, HeadStats, Method, Options, SlotMeta};
 
 /// `n` slots with one-hot-ish keys `[1, i]` and values `[i, i]`.
 fn ramp(n: usize) -> HeadData {
@@ -25,16 +17,20 @@ fn ramp(n: usize) -> HeadData {
     d
 }
 
+/// What `m` makes of `data` with these statistics at `budget`, in a middle layer.
+fn compress(m: &dyn Method, data: &HeadData, stats: &HeadStats, budget: usize) -> HeadData {
+    m.compress(HeadInput {
+        data,
+        stats,
+        pos: mid(),
+        budget,
+    })
+    .unwrap()
+}
+
+/// The positions `m` keeps.
 fn run(m: &dyn Method, data: &HeadData, stats: &HeadStats, budget: usize) -> Vec<u32> {
-    positions(
-        &m.compress(HeadInput {
-            data,
-            stats,
-            pos: mid(),
-            budget,
-        })
-        .unwrap(),
-    )
+    positions(&compress(m, data, stats, budget))
 }
 
 #[test]
@@ -164,15 +160,7 @@ fn cam_moves_evicted_values_forward_without_losing_them_when_every_merge_is_cert
         accumulated: Some(vec![1.0; 40]),
         ..Default::default()
     };
-    let m = build("cam", &[("m", "4")]);
-    let out = m
-        .compress(HeadInput {
-            data: &d,
-            stats: &stats,
-            pos: mid(),
-            budget: 12,
-        })
-        .unwrap();
+    let out = compress(&*build("cam", &[("m", "4")]), &d, &stats, 12);
     let total_in: f32 = d.values.iter().sum();
     let total_out: f32 = out.values.iter().sum();
     assert!(
@@ -192,14 +180,7 @@ fn cam_does_not_merge_slots_that_drew_no_attention() {
         ..Default::default()
     };
     for mode in ["deterministic", "sample"] {
-        let out = build("cam", &[("mode", mode)])
-            .compress(HeadInput {
-                data: &d,
-                stats: &stats,
-                pos: mid(),
-                budget: 12,
-            })
-            .unwrap();
+        let out = compress(&*build("cam", &[("mode", mode)]), &d, &stats, 12);
         assert!(out
             .meta
             .iter()
@@ -233,14 +214,7 @@ fn d2o_merges_every_evicted_slot_into_an_identical_kept_key() {
         accumulated: Some((0..30).map(|i| i as f32).collect()),
         ..Default::default()
     };
-    let out = build("d2o", &[])
-        .compress(HeadInput {
-            data: &d,
-            stats: &stats,
-            pos: mid(),
-            budget: 6,
-        })
-        .unwrap();
+    let out = compress(&*build("d2o", &[]), &d, &stats, 6);
     assert_eq!(out.len(), 6);
     assert_eq!(out.meta.iter().map(|x| x.count).sum::<u32>(), 30);
     assert!(out

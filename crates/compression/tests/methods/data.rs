@@ -1,7 +1,9 @@
 //! Small generated heads: keys correlated with their neighbours (as RoPE'd keys are),
 //! with occasional jumps, so merging sets of several sizes appear.
 
-use kvmerger_compression::{HeadData, HeadInput, HeadPos, HeadStats, QueryMoments, SlotMeta};
+use kvmerger_compression::{
+    registry, HeadData, HeadInput, HeadPos, HeadStats, Method, Options, QueryMoments, SlotMeta,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -19,6 +21,20 @@ impl Head {
             budget,
         }
     }
+}
+
+/// Options from `(key, value)` pairs.
+pub fn options(pairs: &[(&str, &str)]) -> Options {
+    let mut o = Options::new();
+    for (k, v) in pairs {
+        o.set(k, v);
+    }
+    o
+}
+
+/// The registered method `name` with these options.
+pub fn build(name: &str, pairs: &[(&str, &str)]) -> Box<dyn Method> {
+    registry::build(name, &options(pairs)).unwrap()
 }
 
 pub fn pos(layer: usize, n_layers: usize) -> HeadPos {

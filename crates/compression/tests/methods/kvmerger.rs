@@ -1,19 +1,15 @@
 //! KVMerger and KVMerger+: sets, weights, protected slots, budgets and attention mass.
 
-use crate::data::{self, attend, head, head_with, identical, mid, unchanged, Head};
+use crate::data::{self, attend, build, head, head_with, identical, mid, options, unchanged, Head};
 use kvmerger_compression::methods::kvmerger::{merge_sets, KvMerger, MergePlan};
 use kvmerger_compression::methods::kvmerger_plus::KvMergerPlus;
 use kvmerger_compression::{
-    HeadData, HeadInput, HeadPos, HeadStats, MassCorrection, Method, Options, SlotMeta,
+    HeadData, HeadInput, HeadPos, HeadStats, MassCorrection, Method, SlotMeta,
 };
 use proptest::prelude::*;
 
 fn kvmerger(pairs: &[(&str, &str)]) -> KvMerger {
-    let mut o = Options::new();
-    for (k, v) in pairs {
-        o.set(k, v);
-    }
-    KvMerger::from_options(&o).unwrap()
+    KvMerger::from_options(&options(pairs)).unwrap()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -142,6 +138,17 @@ fn identical_run() -> Head {
     h
 }
 
+/// Options under which `kvmerger` merges [`identical_run`]'s run of identical keys into
+/// one slot: paper mode, a threshold only (near-)identical neighbours pass, a quarter of
+/// the budget recent, no heavy hitters, no layer skipped.
+const MERGE_IDENTICAL: [(&str, &str); 5] = [
+    ("mode", "paper"),
+    ("epsilon", "0.999"),
+    ("recent", "0.25"),
+    ("heavy", "0"),
+    ("skip_layers", "none"),
+];
+
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
@@ -152,14 +159,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn a_set_of_identical_keys_with_the_log_count_bias_reproduces_full_attention() {
     let h = identical_run();
-    let params = [
-        ("mode", "paper"),
-        ("epsilon", "0.999"),
-        ("recent", "0.25"),
-        ("heavy", "0"),
-        ("skip_layers", "none"),
-    ];
-    let m = kvmerger(&params);
+    let m = kvmerger(&MERGE_IDENTICAL);
     let plan = m.plan(&h.input(6, mid())).unwrap();
     assert!(
         plan.sets.iter().any(|s| s.members == (2..8)),
@@ -178,7 +178,7 @@ fn a_set_of_identical_keys_with_the_log_count_bias_reproduces_full_attention() {
         );
     }
     // Without the mass correction the same merge changes the output.
-    let none = kvmerger(&[params.as_slice(), &[("mass", "none")]].concat());
+    let none = kvmerger(&[MERGE_IDENTICAL.as_slice(), &[("mass", "none")]].concat());
     let out = none.compress(h.input(6, mid())).unwrap();
     let worst = (0..12).map(|q| {
         max_abs_diff(
@@ -219,15 +219,10 @@ fn merging_merged_slots_again_keeps_the_bias_at_the_log_of_the_total_count() {
 #[test]
 fn value_scaling_multiplies_merged_values_by_the_set_size() {
     let h = identical_run();
-    let params = [
-        ("mode", "paper"),
-        ("epsilon", "0.999"),
-        ("recent", "0.25"),
-        ("heavy", "0"),
-        ("skip_layers", "none"),
-    ];
-    let bias = kvmerger(&params).compress(h.input(6, mid())).unwrap();
-    let scale_m = kvmerger(&[params.as_slice(), &[("mass", "scale")]].concat());
+    let bias = kvmerger(&MERGE_IDENTICAL)
+        .compress(h.input(6, mid()))
+        .unwrap();
+    let scale_m = kvmerger(&[MERGE_IDENTICAL.as_slice(), &[("mass", "scale")]].concat());
     assert_eq!(scale_m.mass_correction(), MassCorrection::ValueScale);
     let scaled = scale_m.compress(h.input(6, mid())).unwrap();
     let j = bias.meta.iter().position(|x| x.count == 6).unwrap();
@@ -325,11 +320,11 @@ fn a_window_score_reads_the_window_statistic() {
 }
 
 fn plus(pairs: &[(&str, &str)]) -> KvMergerPlus {
-    let mut o = Options::new();
-    for (k, v) in pairs {
-        o.set(k, v);
-    }
-    KvMergerPlus::from_options(&o, &kvmerger_compression::registry::build_scorer).unwrap()
+    KvMergerPlus::from_options(
+        &options(pairs),
+        &kvmerger_compression::registry::build_scorer,
+    )
+    .unwrap()
 }
 
 proptest! {
@@ -341,9 +336,7 @@ proptest! {
         let h = head(n, 8, seed);
         let budget = ((n as f64 * cut) as usize).clamp(4, n - 1);
         let m = plus(&[("selector", "snapkv"), ("window", "4")]);
-        let mut o = Options::new();
-        o.set("window", 4);
-        let snap = kvmerger_compression::registry::build("snapkv", &o).unwrap();
+        let snap = build("snapkv", &[("window", "4")]);
         let out = m.compress(h.input(budget, mid())).unwrap();
         let reference = snap.compress(h.input(budget, mid())).unwrap();
         prop_assert_eq!(data::positions(&out), data::positions(&reference));
@@ -373,11 +366,7 @@ proptest! {
         let mut pairs = vec![("selector", selector)];
         pairs.extend_from_slice(extra);
         let m = plus(&pairs);
-        let mut o = Options::new();
-        for (k, v) in extra {
-            o.set(k, v);
-        }
-        let alone = kvmerger_compression::registry::build(selector, &o).unwrap();
+        let alone = build(selector, extra);
         let input = h.input(budget, mid());
         let out = m.compress(input).unwrap();
         let reference = alone.compress(input).unwrap();
@@ -519,11 +508,7 @@ fn sparsity_budgets_move_slots_to_the_layers_that_merge_least_and_keep_the_total
 fn kvmerger_plus_at_a_tight_budget_is_kvzip_with_64_or_128_sinks_unless_told_otherwise() {
     let n = 1200;
     let h = head(n, 8, 7);
-    let kvzip = |sinks: &str| {
-        let mut o = Options::new();
-        o.set("sinks", sinks);
-        kvmerger_compression::registry::build("kvzip", &o).unwrap()
-    };
+    let kvzip = |sinks: &str| build("kvzip", &[("sinks", sinks)]);
     // 12.5% kept: kvzip's selection with 64 sinks, nothing merged.
     let tight = h.input(n / 8, mid());
     let out = plus(&[]).compress(tight).unwrap();

@@ -1,18 +1,10 @@
 //! Errors: unknown methods and options, invalid values, windows that do not fit, missing statistics.
 
-use crate::data::{head, mid};
+use crate::data::{head, mid, options as opts};
 use kvmerger_compression::{registry, Error, HeadInput, HeadStats, Options};
 
 /// Option pairs as written in a test table.
 type Pairs = &'static [(&'static str, &'static str)];
-
-fn opts(pairs: &[(&str, &str)]) -> Options {
-    let mut o = Options::new();
-    for (k, v) in pairs {
-        o.set(k, v);
-    }
-    o
-}
 
 #[test]
 fn an_unknown_method_is_an_error_that_lists_the_known_ones() {
