@@ -246,6 +246,11 @@ fn parse_byte_token(t: &str) -> Option<u8> {
     u8::from_str_radix(hex, 16).ok()
 }
 
+/// What a byte token decodes to: its byte, or its text where it is not `<0xNN>`.
+fn byte_token_bytes(t: &str) -> Box<[u8]> {
+    parse_byte_token(t).map_or_else(|| t.as_bytes().into(), |b| Box::from([b]))
+}
+
 /// Reads `tokenizer.ggml.token_type`, one per token; absent means all normal.
 fn token_types(f: &Meta, n: usize) -> Result<Vec<TokenType>> {
     match meta(f, "tokenizer.ggml.token_type") {
@@ -345,20 +350,23 @@ struct VocabModel {
     strip_space_prefix: bool,
 }
 
+/// What an encoding model is built from: the metadata, each token's text and type, the
+/// ids of the normal tokens and of the byte tokens, and the unknown token.
+struct VocabParts<'a> {
+    f: &'a Meta,
+    tokens: &'a [String],
+    types: &'a [TokenType],
+    normal: hash::FastMap<String, u32>,
+    byte_tokens: [Option<u32>; 256],
+    unk: Option<u32>,
+}
+
 impl VocabModel {
     /// Builds the model that `tokenizer.ggml.model` names, or says why it cannot.
-    fn build(
-        f: &Meta,
-        model_name: &str,
-        tokens: &[String],
-        types: &[TokenType],
-        normal: hash::FastMap<String, u32>,
-        byte_tokens: [Option<u32>; 256],
-        unk: Option<u32>,
-    ) -> Result<VocabModel> {
+    fn build(model_name: &str, parts: VocabParts<'_>) -> Result<VocabModel> {
         match model_name {
-            "gpt2" => VocabModel::gpt2(f, tokens, types, &normal, &byte_tokens, unk),
-            "llama" => VocabModel::llama(f, tokens, types, normal, byte_tokens, unk),
+            "gpt2" => VocabModel::gpt2(parts),
+            "llama" => VocabModel::llama(parts),
             "none" | "no_vocab" => Err(Error::Tokenizer(
                 "the model file has no vocabulary (tokenizer.ggml.model = none)".into(),
             )),
@@ -369,38 +377,32 @@ impl VocabModel {
     }
 
     /// Builds a byte-level BPE model from `tokenizer.ggml.merges` and `.pre`.
-    fn gpt2(
-        f: &Meta,
-        tokens: &[String],
-        types: &[TokenType],
-        normal: &hash::FastMap<String, u32>,
-        byte_tokens: &[Option<u32>; 256],
-        unk: Option<u32>,
-    ) -> Result<VocabModel> {
-        let merges = req_str_array(f, "tokenizer.ggml.merges")?;
-        let pre = meta(f, "tokenizer.ggml.pre")
+    fn gpt2(p: VocabParts<'_>) -> Result<VocabModel> {
+        let merges = req_str_array(p.f, "tokenizer.ggml.merges")?;
+        let pre = meta(p.f, "tokenizer.ggml.pre")
             .and_then(|v| v.as_str())
             .unwrap_or("default");
         let pre = bpe::PreTokenizer::for_name(pre)?;
         let pre_name = pre.description.clone();
         let bpe = bpe::ByteBpe::new(
             &merges,
-            &|s| normal.get(s).copied(),
-            &|b| byte_tokens[b as usize].or(unk),
+            &|s| p.normal.get(s).copied(),
+            &|b| p.byte_tokens[b as usize].or(p.unk),
             pre,
-            || normal.clone(),
+            || p.normal.clone(),
         )?;
         let dec = bpe::ByteDecoder::new();
-        let bytes: Vec<Box<[u8]>> = tokens
+        let bytes: Vec<Box<[u8]>> = p
+            .tokens
             .iter()
-            .zip(types)
+            .zip(p.types)
             .map(|(t, ty)| {
                 if ty.is_textual() {
                     let mut v = Vec::with_capacity(t.len());
                     dec.decode(t, &mut v);
                     v.into_boxed_slice()
                 } else if *ty == TokenType::Byte {
-                    parse_byte_token(t).map_or_else(|| t.as_bytes().into(), |b| Box::from([b]))
+                    byte_token_bytes(t)
                 } else {
                     t.as_bytes().into()
                 }
@@ -415,30 +417,22 @@ impl VocabModel {
     }
 
     /// Builds a SentencePiece-style model from `tokenizer.ggml.scores`.
-    fn llama(
-        f: &Meta,
-        tokens: &[String],
-        types: &[TokenType],
-        normal: hash::FastMap<String, u32>,
-        byte_tokens: [Option<u32>; 256],
-        unk: Option<u32>,
-    ) -> Result<VocabModel> {
-        let scores = token_scores(f, tokens.len())?;
-        let add_space_prefix = opt_bool(f, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
-        let bytes = tokens
+    fn llama(p: VocabParts<'_>) -> Result<VocabModel> {
+        let scores = token_scores(p.f, p.tokens.len())?;
+        let add_space_prefix = opt_bool(p.f, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
+        let bytes = p
+            .tokens
             .iter()
-            .zip(types)
+            .zip(p.types)
             .map(|(t, ty)| match ty {
-                TokenType::Byte => {
-                    parse_byte_token(t).map_or_else(|| t.as_bytes().into(), |b| Box::from([b]))
-                }
+                TokenType::Byte => byte_token_bytes(t),
                 TokenType::Normal | TokenType::Undefined => {
                     t.replace(spm::SPACE, " ").into_bytes().into_boxed_slice()
                 }
                 _ => t.as_bytes().into(),
             })
             .collect();
-        let spm = spm::Spm::new(normal, scores, byte_tokens, unk, add_space_prefix);
+        let spm = spm::Spm::new(p.normal, scores, p.byte_tokens, p.unk, add_space_prefix);
         Ok(VocabModel {
             model: Model::Spm(spm),
             pre_name: None,
@@ -479,7 +473,17 @@ impl Tokenizer {
 
         let normal = normal_token_ids(&tokens, &types);
         let byte_tokens = byte_token_ids(&tokens, &types);
-        let vocab = VocabModel::build(f, &model_name, &tokens, &types, normal, byte_tokens, unk)?;
+        let vocab = VocabModel::build(
+            &model_name,
+            VocabParts {
+                f,
+                tokens: &tokens,
+                types: &types,
+                normal,
+                byte_tokens,
+                unk,
+            },
+        )?;
 
         let all_specials = SpecialMatcher::new(&tokens, |id| {
             matches!(
@@ -992,12 +996,7 @@ impl<'a> Detokenizer<'a> {
     /// U+FFFD) and resets.
     pub fn flush(&mut self) -> Option<String> {
         let text = if self.tok.is_hf() {
-            let done = self
-                .tok
-                .decode_impl(&self.ids[self.prefix..self.read], self.skip_special);
-            let all = self
-                .tok
-                .decode_impl(&self.ids[self.prefix..], self.skip_special);
+            let (done, all) = self.hf_window();
             all.get(done.len()..).unwrap_or_default().to_string()
         } else {
             String::from_utf8_lossy(&self.pending).into_owned()
@@ -1009,14 +1008,21 @@ impl<'a> Detokenizer<'a> {
         (!text.is_empty()).then_some(text)
     }
 
-    fn push_hf(&mut self, id: u32) -> Option<String> {
-        self.ids.push(id);
+    /// tokenizer.json: the text of the ids since `prefix` already returned (those before
+    /// `read`), and of all of them.
+    fn hf_window(&self) -> (String, String) {
         let done = self
             .tok
             .decode_impl(&self.ids[self.prefix..self.read], self.skip_special);
         let all = self
             .tok
             .decode_impl(&self.ids[self.prefix..], self.skip_special);
+        (done, all)
+    }
+
+    fn push_hf(&mut self, id: u32) -> Option<String> {
+        self.ids.push(id);
+        let (done, all) = self.hf_window();
         if all.len() <= done.len() || all.ends_with('\u{fffd}') {
             return None;
         }
