@@ -13,7 +13,10 @@
 //! cargo run --release -p kvmerger-compression --example fidelity [slots] [rho]
 //! ```
 
-use kvmerger_compression::{registry, HeadData, HeadInput, HeadPos, HeadStats, Options, SlotMeta};
+mod common;
+
+use common::normal;
+use kvmerger_compression::{HeadData, HeadInput, HeadStats, SlotMeta};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -25,12 +28,6 @@ struct Sim {
     data: HeadData,
     stats: HeadStats,
     future: Vec<Vec<f32>>,
-}
-
-fn normal(rng: &mut ChaCha8Rng) -> f32 {
-    let u: f32 = rng.gen_range(1e-7..1.0);
-    let v: f32 = rng.gen_range(0.0..1.0);
-    (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
 }
 
 fn softmax_row(q: &[f32], keys: &[f32], upto: usize) -> Vec<f32> {
@@ -142,12 +139,7 @@ fn main() {
     let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(1024);
     let rho: f32 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(0.9);
     let sims: Vec<Sim> = (0..3).map(|s| simulate(n, rho, s)).collect();
-    let pos = HeadPos {
-        layer: 5,
-        n_layers: 30,
-        kv_head: 0,
-        n_kv_heads: 1,
-    };
+    let pos = common::mid_layer(1);
     let variants: &[(&str, &[(&str, &str)])] = &[
         ("streaming", &[]),
         ("h2o", &[]),
@@ -183,19 +175,7 @@ fn main() {
     }
     println!();
     for (name, pairs) in variants {
-        let mut opts = Options::new();
-        for (k, v) in pairs.iter() {
-            opts.set(k, v);
-        }
-        let method = registry::build(name, &opts).unwrap();
-        let label = format!(
-            "{name} {}",
-            pairs
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
+        let (method, label) = common::variant(name, pairs);
         print!("{label:<32}");
         for budget in budgets {
             let mut err = 0.0;

@@ -5,18 +5,16 @@
 //! cargo run --release -p kvmerger-compression --example timing [slots] [dim]
 //! ```
 
-use kvmerger_compression::{registry, HeadData, HeadInput, HeadPos, HeadStats, Options, SlotMeta};
-use rand::{Rng, SeedableRng};
+mod common;
+
+use kvmerger_compression::{HeadData, HeadInput, HeadStats, SlotMeta};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
 
 fn head(n: usize, dim: usize) -> (HeadData, HeadStats) {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let mut normal = move || -> f32 {
-        let u: f32 = rng.gen_range(1e-7..1.0);
-        let v: f32 = rng.gen_range(0.0..1.0);
-        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
-    };
+    let mut normal = move || common::normal(&mut rng);
     let mut data = HeadData::new(dim);
     let mut key: Vec<f32> = (0..dim).map(|_| normal()).collect();
     for i in 0..n {
@@ -55,12 +53,7 @@ fn main() {
     let n = args.first().copied().unwrap_or(4096);
     let dim = args.get(1).copied().unwrap_or(64);
     let (data, stats) = head(n, dim);
-    let pos = HeadPos {
-        layer: 5,
-        n_layers: 30,
-        kv_head: 0,
-        n_kv_heads: 3,
-    };
+    let pos = common::mid_layer(3);
     let variants: &[(&str, &[(&str, &str)])] = &[
         ("kvmerger", &[]),
         ("kvmerger", &[("mode", "paper")]),
@@ -83,11 +76,7 @@ fn main() {
     );
     for budget in [n / 2, n * 35 / 100] {
         for (name, pairs) in variants {
-            let mut opts = Options::new();
-            for (k, v) in pairs.iter() {
-                opts.set(k, v);
-            }
-            let method = registry::build(name, &opts).unwrap();
+            let (method, label) = common::variant(name, pairs);
             let input = HeadInput {
                 data: &data,
                 stats: &stats,
@@ -107,14 +96,6 @@ fn main() {
                 .map(|(b, a)| (b - a) * 1e3 / times.len() as f64);
             times.sort_by(f64::total_cmp);
             let median = times[times.len() / 2];
-            let label = format!(
-                "{name} {}",
-                pairs
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            );
             let cpu = cpu.map_or("-".to_string(), |c| format!("{c:.3}"));
             println!(
                 "{label:<34} {budget:>7} {median:>12.3} {:>12.1} {cpu:>12}",
