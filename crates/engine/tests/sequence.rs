@@ -6,7 +6,7 @@ mod common;
 
 use common::model_path;
 use kvmerger_compression::{Budget, KvDtype, Options, Schedule, StatsNeeds};
-use kvmerger_engine::cache::KvCache;
+use kvmerger_engine::cache::{KvCache, PrefillStats};
 use kvmerger_engine::compressor::Compressor;
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::model::Logits;
@@ -20,6 +20,25 @@ const QUESTION: &str = "Where did Alice write the number of hives?";
 
 fn open(id: &str) -> LoadedModel {
     LoadedModel::open(&model_path(id)).unwrap()
+}
+
+/// KVzip's statistic by hand: `input` fed to `cache` with the peak attention each slot
+/// receives (`needs.reconstruction`).
+fn peak_stats(lm: &LoadedModel, input: &[u32], cache: &mut KvCache) -> PrefillStats {
+    let mut st = PrefillStats::default();
+    lm.model
+        .forward_peak(
+            input,
+            cache,
+            StatsNeeds {
+                reconstruction: true,
+                ..Default::default()
+            },
+            Some(&mut st),
+            Logits::Last,
+        )
+        .unwrap();
+    st
 }
 
 #[test]
@@ -157,20 +176,7 @@ fn the_reconstruction_pass_scores_every_context_slot_and_leaves_the_cache_as_it_
     let mut input = prompts.first.clone();
     input.extend_from_slice(&prompts.suffix);
     input.extend_from_slice(&s.context[s.prefix..]);
-    let mut st = Default::default();
-    lm.model
-        .forward_peak(
-            &input,
-            &mut direct,
-            StatsNeeds {
-                reconstruction: true,
-                ..Default::default()
-            },
-            Some(&mut st),
-            Logits::Last,
-        )
-        .unwrap();
-    let st: kvmerger_engine::cache::PrefillStats = st;
+    let st = peak_stats(&lm, &input, &mut direct);
     let want = st.heads[3][2].reconstruction.as_ref().unwrap();
     let got = seq.stats.heads[3][2].reconstruction.as_ref().unwrap();
     for j in s.prefix..n {
@@ -219,19 +225,7 @@ fn each_reconstruction_chunk_attends_over_the_whole_context() {
     input.extend_from_slice(&s.context[c0 - 8..c0]);
     input.extend_from_slice(&prompts.suffix);
     input.extend_from_slice(&s.context[c0..c1]);
-    let mut st = kvmerger_engine::cache::PrefillStats::default();
-    lm.model
-        .forward_peak(
-            &input,
-            &mut cache,
-            StatsNeeds {
-                reconstruction: true,
-                ..Default::default()
-            },
-            Some(&mut st),
-            Logits::Last,
-        )
-        .unwrap();
+    let st = peak_stats(&lm, &input, &mut cache);
     for (l, g) in [(0, 0), (11, 1), (29, 2)] {
         let want = st.heads[l][g].reconstruction.as_ref().unwrap();
         let got = seq.stats.heads[l][g].reconstruction.as_ref().unwrap();
