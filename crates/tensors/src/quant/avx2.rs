@@ -64,6 +64,36 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
     _mm256_and_si256(v, _mm256_set1_epi8(0x0f))
 }
 
+/// Q6_K: one half (`h`, 128 weights) of the 256-weight super-block at `p`, as four
+/// groups of 32 unsigned 6-bit values (low nibbles from `ql`, high two bits from `qh`),
+/// in the order of the block's sub-blocks `4h .. 4h + 4`.
+#[inline(always)]
+unsafe fn q6k_half(p: *const u8, h: usize) -> [__m256i; 4] {
+    let mask = _mm256_set1_epi8(0x0f);
+    let m30 = _mm256_set1_epi8(0x30);
+    let ql0 = loadu(p.add(64 * h));
+    let ql1 = loadu(p.add(64 * h + 32));
+    let qh = loadu(p.add(128 + 32 * h));
+    [
+        _mm256_or_si256(
+            _mm256_and_si256(ql0, mask),
+            _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(ql1, mask),
+            _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), mask),
+            _mm256_and_si256(qh, m30),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), mask),
+            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+        ),
+    ]
+}
+
 /// The 32 bits of `qh` -> 32 bytes, `0x10` where the bit is set.
 #[inline(always)]
 unsafe fn bits_to_0x10(qh: u32) -> __m256i {
@@ -432,8 +462,6 @@ unsafe fn dot_q6_k(row: &[u8], a: ActRow<'_>) -> f32 {
     let nsb = a.nb / 8;
     let rp = row.as_ptr();
     let xp = a.qs.as_ptr() as *const u8;
-    let mask = _mm256_set1_epi8(0x0f);
-    let m30 = _mm256_set1_epi8(0x30);
     // Picks i16 lanes (2j, 2j+1) of a dword-broadcast vector: low half <- word 0, high half <- word 1.
     let spread = _mm256_setr_epi8(
         0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
@@ -457,27 +485,7 @@ unsafe fn dot_q6_k(row: &[u8], a: ActRow<'_>) -> f32 {
         );
         accm = _mm256_fmadd_ps(t, _mm256_set1_ps(-32.0 * d), accm);
         for h in 0..2 {
-            let ql0 = loadu(p.add(64 * h));
-            let ql1 = loadu(p.add(64 * h + 32));
-            let qh = loadu(p.add(128 + 32 * h));
-            let qs = [
-                _mm256_or_si256(
-                    _mm256_and_si256(ql0, mask),
-                    _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(ql1, mask),
-                    _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), mask),
-                    _mm256_and_si256(qh, m30),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), mask),
-                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
-                ),
-            ];
+            let qs = q6k_half(p, h);
             for (g, &q) in qs.iter().enumerate() {
                 let j = 4 * h + g;
                 let b = 8 * s + j;
@@ -604,44 +612,13 @@ pub(crate) unsafe fn decode_row(
             }
         }
         GgmlType::Q6_K => {
-            let mask = _mm256_set1_epi8(0x0f);
-            let m30 = _mm256_set1_epi8(0x30);
             for s in 0..nb / 8 {
                 let p = rp.add(s * 210);
                 let dd = f16_1(p.add(208));
                 for h in 0..2 {
-                    let ql0 = loadu(p.add(64 * h));
-                    let ql1 = loadu(p.add(64 * h + 32));
-                    let qh = loadu(p.add(128 + 32 * h));
-                    let b = 8 * s + 4 * h;
-                    st(
-                        b,
-                        _mm256_or_si256(
-                            _mm256_and_si256(ql0, mask),
-                            _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
-                        ),
-                    );
-                    st(
-                        b + 1,
-                        _mm256_or_si256(
-                            _mm256_and_si256(ql1, mask),
-                            _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
-                        ),
-                    );
-                    st(
-                        b + 2,
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), mask),
-                            _mm256_and_si256(qh, m30),
-                        ),
-                    );
-                    st(
-                        b + 3,
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), mask),
-                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
-                        ),
-                    );
+                    for (g, q) in q6k_half(p, h).into_iter().enumerate() {
+                        st(8 * s + 4 * h + g, q);
+                    }
                 }
                 for j in 0..8 {
                     let b = 8 * s + j;
@@ -945,33 +922,12 @@ pub(crate) unsafe fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) -
             }
         }
         GgmlType::Q6_K => {
-            let m30 = _mm256_set1_epi8(0x30);
             let c32 = _mm256_set1_epi32(32);
             for s in 0..n / 256 {
                 let p = sp.add(s * 210);
                 let dd = f16_1(p.add(208));
                 for h in 0..2 {
-                    let ql0 = loadu(p.add(64 * h));
-                    let ql1 = loadu(p.add(64 * h + 32));
-                    let qh = loadu(p.add(128 + 32 * h));
-                    let groups = [
-                        _mm256_or_si256(
-                            _mm256_and_si256(ql0, mask),
-                            _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(ql1, mask),
-                            _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), mask),
-                            _mm256_and_si256(qh, m30),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), mask),
-                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
-                        ),
-                    ];
+                    let groups = q6k_half(p, h);
                     for (g, &q) in groups.iter().enumerate() {
                         let j = 4 * h + g;
                         let o = op.add(256 * s + 32 * j);

@@ -287,16 +287,7 @@ fn quant_sym(b: &[f32], off: i32, qmax: i32, five: Option<()>, out: &mut Vec<u8>
         .map(|v| ((v * id).round() as i32 + off).clamp(0, qmax) as u8)
         .collect();
     put_f16(out, d);
-    if five.is_some() {
-        let qh = q
-            .iter()
-            .enumerate()
-            .fold(0u32, |h, (i, &v)| h | (((v >> 4) as u32 & 1) << i));
-        out.extend_from_slice(&qh.to_le_bytes());
-    }
-    for j in 0..16 {
-        out.push((q[j] & 0x0f) | ((q[j + 16] & 0x0f) << 4));
-    }
+    put_low_high(&q, five.is_some(), out);
 }
 
 /// Q4_1 / Q5_1: `q * d + m`.
@@ -311,7 +302,14 @@ fn quant_affine(b: &[f32], qmax: i32, out: &mut Vec<u8>) {
         .collect();
     put_f16(out, d);
     put_f16(out, min);
-    if qmax == 31 {
+    put_low_high(&q, qmax == 31, out);
+}
+
+/// A 32-value block's 4- or 5-bit values `q` as Q4_0/Q4_1/Q5_0/Q5_1 store them: with
+/// `five`, the fifth bits as one little-endian u32; then the low nibbles, value `j` and
+/// value `j + 16` in one byte.
+fn put_low_high(q: &[u8], five: bool, out: &mut Vec<u8>) {
+    if five {
         let qh = q
             .iter()
             .enumerate()
