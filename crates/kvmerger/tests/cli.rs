@@ -18,6 +18,33 @@ fn fails(args: &[&str]) -> String {
     err
 }
 
+/// Runs with `input` on standard input, expects success, and returns stdout and stderr.
+fn succeeds_with_stdin(args: &[&str], input: &[u8]) -> (String, String) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvmerger"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    (String::from_utf8(out.stdout).unwrap(), err)
+}
+
+/// Runs with the kernel family `KVMERGER_KERNELS` names.
+fn with_kernels(args: &[&str], family: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kvmerger"))
+        .args(args)
+        .env("KVMERGER_KERNELS", family)
+        .output()
+        .unwrap()
+}
+
 const P: &[&str] = &[
     "generate",
     "-m",
@@ -36,28 +63,16 @@ fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
 fn unknown_methods_and_options_are_named() {
     assert!(fails(&with(&["--method", "nope", "--budget", "0.5"]))
         .contains("unknown compression method 'nope'"));
-    let e = fails(&with(&[
-        "--method",
-        "kvmerger",
-        "--budget",
-        "0.5",
-        "--opt",
-        "colour=blue",
-    ]));
-    assert!(e.contains("has no option 'colour'"), "{e}");
-    let e = fails(&with(&[
-        "--method",
-        "kvmerger",
-        "--budget",
-        "0.5",
-        "--opt",
-        "epsilon=lots",
-    ]));
-    assert!(e.contains("epsilon"), "{e}");
-    assert!(fails(&with(&[
-        "--method", "h2o", "--budget", "0.5", "--opt", "novalue"
-    ]))
-    .contains("key=value"));
+    for (method, opt, want) in [
+        ("kvmerger", "colour=blue", "has no option 'colour'"),
+        ("kvmerger", "epsilon=lots", "epsilon"),
+        ("h2o", "novalue", "key=value"),
+    ] {
+        let e = fails(&with(&[
+            "--method", method, "--budget", "0.5", "--opt", opt,
+        ]));
+        assert!(e.contains(want), "{method} --opt {opt}: {e}");
+    }
 }
 
 #[test]
@@ -169,32 +184,16 @@ fn eval_names_unknown_tasks_methods_and_bad_grids() {
         e.contains("unknown task 'niah_nope'") && e.contains("niah_single_1"),
         "{e}"
     );
-    let e = fails(&[
-        "eval",
-        "run",
-        "--methods",
-        "zip",
-        "--tasks",
-        "passkey",
-        "-o",
-        out,
-    ]);
-    assert!(e.contains("unknown compression method 'zip'"), "{e}");
-    let e = fails(&[
-        "eval",
-        "run",
-        "--budgets",
-        "1.5",
-        "--tasks",
-        "passkey",
-        "-o",
-        out,
-    ]);
-    assert!(e.contains("budget"), "{e}");
-    let e = fails(&[
-        "eval", "run", "--shard", "4/4", "--tasks", "passkey", "-o", out,
-    ]);
-    assert!(e.contains("0 <= i < n"), "{e}");
+    for (option, value, want) in [
+        ("--methods", "zip", "unknown compression method 'zip'"),
+        ("--budgets", "1.5", "budget"),
+        ("--shard", "4/4", "0 <= i < n"),
+    ] {
+        let e = fails(&[
+            "eval", "run", option, value, "--tasks", "passkey", "-o", out,
+        ]);
+        assert!(e.contains(want), "{option} {value}: {e}");
+    }
     let grid = dir.path().join("grid.toml");
     std::fs::write(&grid, "tasks = [\"passkey\"]\nlenghts = [4096]\n").unwrap();
     let e = fails(&["eval", "run", "--config", grid.to_str().unwrap(), "-o", out]);
@@ -374,9 +373,8 @@ const SIGPIPE: i32 = 13;
 /// second turn is not prefilled and compressed again.
 #[test]
 fn chat_compresses_once_and_appends_later_turns() {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvmerger"))
-        .args([
+    let (out, err) = succeeds_with_stdin(
+        &[
             "chat",
             "-m",
             "smollm2-135m",
@@ -390,26 +388,10 @@ fn chat_compresses_once_and_appends_later_turns() {
             "0.5",
             "--system",
             "You answer in one short sentence. The blue door's code is 4812; the red door's is 7730.",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("the binary runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"What is the blue door's code?\nAnd the red door's?\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    let answers: Vec<&str> = std::str::from_utf8(&out.stdout)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect();
+        ],
+        b"What is the blue door's code?\nAnd the red door's?\n",
+    );
+    let answers: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(answers.len(), 2, "{answers:?}\n{err}");
     assert_eq!(err.matches("[keydiff] KV cache").count(), 1, "{err}");
 }
@@ -418,9 +400,8 @@ fn chat_compresses_once_and_appends_later_turns() {
 /// a backslash and an n), and `-f -` reads the prompt from standard input.
 #[test]
 fn stop_escapes_are_understood_and_a_prompt_can_come_from_standard_input() {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvmerger"))
-        .args([
+    let (out, err) = succeeds_with_stdin(
+        &[
             "generate",
             "-m",
             "smollm2-135m",
@@ -430,23 +411,11 @@ fn stop_escapes_are_understood_and_a_prompt_can_come_from_standard_input() {
             "16",
             "--stop",
             "\\n\\n",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"The capital of France is")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+        ],
+        b"The capital of France is",
+    );
     // Greedy: " Paris.\n\nThe answer is:" (the reference), cut at the blank line.
-    assert_eq!(String::from_utf8_lossy(&out.stdout), " Paris.\n", "{err}");
+    assert_eq!(out, " Paris.\n", "{err}");
     assert!(err.contains("StopString"), "{err}");
     let e = fails(&with(&["--stop", "a\\q"]));
     assert!(e.contains("unknown escape"), "{e}");
@@ -454,11 +423,7 @@ fn stop_escapes_are_understood_and_a_prompt_can_come_from_standard_input() {
 
 #[test]
 fn an_unknown_or_unsupported_kernel_family_is_refused_at_start() {
-    let out = Command::new(env!("CARGO_BIN_EXE_kvmerger"))
-        .args(P)
-        .env("KVMERGER_KERNELS", "avx9")
-        .output()
-        .unwrap();
+    let out = with_kernels(P, "avx9");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -467,11 +432,7 @@ fn an_unknown_or_unsupported_kernel_family_is_refused_at_start() {
     );
     // The portable family always exists, and gives the same greedy text as the
     // widest one (the integer sums are the same; only f32 rounding order differs).
-    let plain = Command::new(env!("CARGO_BIN_EXE_kvmerger"))
-        .args(P)
-        .env("KVMERGER_KERNELS", "plain")
-        .output()
-        .unwrap();
+    let plain = with_kernels(P, "plain");
     let widest = kvmerger(P);
     assert!(
         plain.status.success(),
