@@ -6,7 +6,7 @@ use kvmerger_compression::KvDtype;
 use kvmerger_engine::load::LoadedModel;
 use kvmerger_eval::grid::{GridSpec, Shard, WorkItem};
 use kvmerger_eval::records::{self, Record};
-use kvmerger_eval::runner::{Observer, Runner, TextSource};
+use kvmerger_eval::runner::{Observer, Quiet, Runner, TextSource};
 use kvmerger_eval::sources::TaskSamples;
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
@@ -62,17 +62,6 @@ fn runner<'a>(
     }
 }
 
-fn run(
-    lm: &LoadedModel,
-    spec: &GridSpec,
-    out: &Path,
-    shard: Shard,
-    obs: &dyn Observer,
-) -> kvmerger_eval::runner::RunSummary {
-    let src = TaskSamples::new(lm, fetch("ruler"), spec.seed);
-    runner(lm, spec, &src, None).run(out, shard, obs).unwrap()
-}
-
 fn results(dir: &Path) -> Vec<Record> {
     let c = records::collect(&[dir.to_path_buf()]).unwrap();
     assert!(c.bad.is_empty() && c.conflicts.is_empty());
@@ -83,14 +72,13 @@ fn results(dir: &Path) -> Vec<Record> {
 fn an_interrupted_grid_rerun_gives_identical_results_and_shards_merge_to_the_whole() {
     let lm = model();
     let spec = spec();
+    // The grid, written to `out`, for as long as `obs` lets it go on.
+    let run = |out: &Path, shard: Shard, obs: &dyn Observer| {
+        let src = TaskSamples::new(&lm, fetch("ruler"), spec.seed);
+        runner(&lm, &spec, &src, None).run(out, shard, obs).unwrap()
+    };
     let whole = tempfile::tempdir().unwrap();
-    let s = run(
-        &lm,
-        &spec,
-        whole.path(),
-        Shard::WHOLE,
-        &kvmerger_eval::runner::Quiet,
-    );
+    let s = run(whole.path(), Shard::WHOLE, &Quiet);
     assert_eq!((s.items, s.evaluated, s.skipped), (4, 4, 0));
     let reference = results(whole.path());
     // Every sample has all three configurations, and the needle was found with the full cache.
@@ -108,8 +96,6 @@ fn an_interrupted_grid_rerun_gives_identical_results_and_shards_merge_to_the_who
     // Interrupted after one sample, with a torn line as if killed mid-write, then rerun.
     let resumed = tempfile::tempdir().unwrap();
     let s = run(
-        &lm,
-        &spec,
         resumed.path(),
         Shard::WHOLE,
         &StopAfter { left: Cell::new(1) },
@@ -120,41 +106,17 @@ fn an_interrupted_grid_rerun_gives_identical_results_and_shards_merge_to_the_who
     let mut text = std::fs::read_to_string(&file).unwrap();
     text.push_str("{\"run\":\"smollm2\",\"task\":\"pass");
     std::fs::write(&file, text).unwrap();
-    let s = run(
-        &lm,
-        &spec,
-        resumed.path(),
-        Shard::WHOLE,
-        &kvmerger_eval::runner::Quiet,
-    );
+    let s = run(resumed.path(), Shard::WHOLE, &Quiet);
     assert_eq!((s.items, s.skipped, s.evaluated), (4, 1, 3));
     assert_eq!(results(resumed.path()), reference);
     // A third run has nothing left to do.
-    let s = run(
-        &lm,
-        &spec,
-        resumed.path(),
-        Shard::WHOLE,
-        &kvmerger_eval::runner::Quiet,
-    );
+    let s = run(resumed.path(), Shard::WHOLE, &Quiet);
     assert_eq!((s.skipped, s.evaluated), (4, 0));
 
     // Two shards in two directories, merged, are the whole grid.
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    run(
-        &lm,
-        &spec,
-        a.path(),
-        Shard { index: 0, count: 2 },
-        &kvmerger_eval::runner::Quiet,
-    );
-    run(
-        &lm,
-        &spec,
-        b.path(),
-        Shard { index: 1, count: 2 },
-        &kvmerger_eval::runner::Quiet,
-    );
+    run(a.path(), Shard { index: 0, count: 2 }, &Quiet);
+    run(b.path(), Shard { index: 1, count: 2 }, &Quiet);
     let merged = records::collect(&[a.path().to_path_buf(), b.path().to_path_buf()]).unwrap();
     let merged: Vec<Record> = merged.records.iter().map(Record::without_timing).collect();
     assert_eq!(merged, reference);
@@ -192,9 +154,7 @@ fn text_tasks_score_perplexity_and_fidelity_against_the_full_cache() {
     let src = TaskSamples::new(&lm, PathBuf::new(), 0);
     let runner = runner(&lm, &spec, &src, Some(&source));
     let dir = tempfile::tempdir().unwrap();
-    runner
-        .run(dir.path(), Shard::WHOLE, &kvmerger_eval::runner::Quiet)
-        .unwrap();
+    runner.run(dir.path(), Shard::WHOLE, &Quiet).unwrap();
     let rs = results(dir.path());
     assert_eq!(rs.len(), 5);
     let full = rs.iter().find(|r| r.config == "full").unwrap();
@@ -234,7 +194,7 @@ fn a_schedule_for_another_depth_is_refused_before_any_work() {
     let runner = runner(&lm, &spec, &src, None);
     let out = dir.path().join("out");
     let e = runner
-        .run(&out, Shard::WHOLE, &kvmerger_eval::runner::Quiet)
+        .run(&out, Shard::WHOLE, &Quiet)
         .unwrap_err()
         .to_string();
     assert!(e.contains("3 layers") && e.contains("has 30"), "{e}");
