@@ -168,6 +168,19 @@ enum Kind {
 
 const QA_PASSAGES: &str = "Answer the question using the passages below. Reply with the answer alone, without any other words.\n\nThe passages:\n{context}\n\nUsing the passages above, answer the question. Reply with the answer alone, without any other words.\n\nQuestion: {input}\nAnswer:";
 
+/// The multi-document QA datasets (hotpotqa, 2wikimqa, musique): one prompt, short
+/// answers scored by F1.
+const fn passages_qa(name: &'static str) -> LongBench {
+    LongBench {
+        name,
+        template: QA_PASSAGES,
+        max_new_tokens: 32,
+        metric: Kind::QaF1,
+        first_line: false,
+        chat_template: true,
+    }
+}
+
 const LONGBENCH: &[LongBench] = &[
     LongBench {
         name: "narrativeqa",
@@ -201,30 +214,9 @@ const LONGBENCH: &[LongBench] = &[
         first_line: false,
         chat_template: true,
     },
-    LongBench {
-        name: "hotpotqa",
-        template: QA_PASSAGES,
-        max_new_tokens: 32,
-        metric: Kind::QaF1,
-        first_line: false,
-        chat_template: true,
-    },
-    LongBench {
-        name: "2wikimqa",
-        template: QA_PASSAGES,
-        max_new_tokens: 32,
-        metric: Kind::QaF1,
-        first_line: false,
-        chat_template: true,
-    },
-    LongBench {
-        name: "musique",
-        template: QA_PASSAGES,
-        max_new_tokens: 32,
-        metric: Kind::QaF1,
-        first_line: false,
-        chat_template: true,
-    },
+    passages_qa("hotpotqa"),
+    passages_qa("2wikimqa"),
+    passages_qa("musique"),
     LongBench {
         name: "dureader",
         template: "请根据下面的若干篇文章回答问题。\n\n文章：{context}\n\n请根据以上文章回答问题。\n\n问题：{input}\n回答：",
