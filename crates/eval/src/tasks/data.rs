@@ -158,6 +158,20 @@ fn dedup(v: Vec<String>) -> Vec<String> {
     v.into_iter().filter(|s| seen.insert(s.clone())).collect()
 }
 
+/// The documents once each, sorted (a document's id is its index, whatever the order
+/// of the file).
+fn distinct(docs: impl Iterator<Item = String>) -> Vec<String> {
+    docs.collect::<BTreeSet<_>>().into_iter().collect()
+}
+
+/// Each document's id.
+fn ids(docs: &[String]) -> HashMap<&str, usize> {
+    docs.iter()
+        .enumerate()
+        .map(|(i, d)| (d.as_str(), i))
+        .collect()
+}
+
 /// SQuAD 2.0 (dev): answerable questions, one paragraph each, the rest of the article
 /// as preferred distractors — as RULER's `read_squad`.
 pub(crate) fn load_squad(dir: &Path) -> Result<QaSet, Error> {
@@ -187,18 +201,12 @@ pub(crate) fn load_squad(dir: &Path) -> Result<QaSet, Error> {
     }
     let path = dir.join(SQUAD_FILE);
     let file: File = parse(&path)?;
-    let docs: Vec<String> = file
-        .data
-        .iter()
-        .flat_map(|a| a.paragraphs.iter().map(|p| p.context.clone()))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let id: HashMap<&str, usize> = docs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| (d.as_str(), i))
-        .collect();
+    let docs = distinct(
+        file.data
+            .iter()
+            .flat_map(|a| a.paragraphs.iter().map(|p| p.context.clone())),
+    );
+    let id = ids(&docs);
     let mut questions = Vec::new();
     for a in &file.data {
         let article: Vec<usize> = a
@@ -240,17 +248,12 @@ pub(crate) fn load_hotpot(dir: &Path) -> Result<QaSet, Error> {
     let path = dir.join(HOTPOT_FILE);
     let items: Vec<Item> = parse(&path)?;
     let doc = |t: &str, p: &[String]| format!("{t}\n{}", p.concat());
-    let docs: Vec<String> = items
-        .iter()
-        .flat_map(|d| d.context.iter().map(|(t, p)| doc(t, p)))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let id: HashMap<&str, usize> = docs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| (d.as_str(), i))
-        .collect();
+    let docs = distinct(
+        items
+            .iter()
+            .flat_map(|d| d.context.iter().map(|(t, p)| doc(t, p))),
+    );
+    let id = ids(&docs);
     let questions = items
         .iter()
         .map(|d| {
