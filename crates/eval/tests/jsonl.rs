@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use kvmerger_eval::metrics::score_sample;
-use kvmerger_eval::tasks::{self, read_longbench, read_zeroscrolls, Error};
+use kvmerger_eval::tasks::{self, read_longbench, read_zeroscrolls, Error, JsonlSamples};
 use kvmerger_eval::Metric;
 use serde_json::json;
 
@@ -15,6 +15,19 @@ fn write(dir: &Path, name: &str, lines: &[String]) -> PathBuf {
     }
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     path
+}
+
+/// The ids of the samples read, in order.
+fn ids(read: &JsonlSamples) -> Vec<&str> {
+    read.samples
+        .iter()
+        .map(|s| s.meta["id"].as_str().unwrap())
+        .collect()
+}
+
+/// The numbers of the lines that could not be read.
+fn error_lines(read: &JsonlSamples) -> Vec<usize> {
+    read.errors.iter().map(|e| e.line).collect()
 }
 
 fn longbench_line(dataset: &str, id: &str) -> String {
@@ -48,14 +61,8 @@ fn longbench_reads_good_lines_and_reports_bad_ones_by_number() {
     ];
     let path = write(dir.path(), "hotpotqa.jsonl", &lines);
     let read = read_longbench(&path, None).unwrap();
-    let ids: Vec<&str> = read
-        .samples
-        .iter()
-        .map(|s| s.meta["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["a", "b", "d"]);
-    let lines_with_errors: Vec<usize> = read.errors.iter().map(|e| e.line).collect();
-    assert_eq!(lines_with_errors, [2, 5, 7]);
+    assert_eq!(ids(&read), ["a", "b", "d"]);
+    assert_eq!(error_lines(&read), [2, 5, 7]);
     assert!(
         read.errors[0].message.contains("JSON"),
         "{}",
@@ -170,10 +177,7 @@ fn longbench_dataset_names_are_checked() {
     let read = read_longbench(&path, None).unwrap();
     assert_eq!(read.samples.len(), 1);
     assert_eq!(read.samples[0].task, "longbench/qmsum");
-    assert_eq!(
-        read.errors.iter().map(|e| e.line).collect::<Vec<_>>(),
-        [2, 3]
-    );
+    assert_eq!(error_lines(&read), [2, 3]);
     assert!(read.errors[0].message.contains("no_such_set"));
     assert!(read.errors[1].message.contains("`dataset`"));
     // A line of another dataset than the one asked for is an error too.
@@ -229,20 +233,12 @@ fn zeroscrolls_reads_lines_groups_references_and_reports_errors() {
     );
     // The dataset comes from the folder's name.
     let read = read_zeroscrolls(&path, None).unwrap();
-    let ids: Vec<&str> = read
-        .samples
-        .iter()
-        .map(|s| s.meta["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["a", "b", "d"]);
+    assert_eq!(ids(&read), ["a", "b", "d"]);
     assert_eq!(
         read.samples[0].references,
         ["first answer", "second answer"]
     );
-    assert_eq!(
-        read.errors.iter().map(|e| e.line).collect::<Vec<_>>(),
-        [4, 5, 6]
-    );
+    assert_eq!(error_lines(&read), [4, 5, 6]);
     assert!(read.errors[1].message.contains("`input`"));
     assert!(read.errors[2].message.contains("`output`"));
     let s = &read.samples[2];
