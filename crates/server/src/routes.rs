@@ -1,7 +1,7 @@
 //! Handlers: parse and check a request, turn it into a [`Job`], hand it to the
 //! scheduler, and answer as JSON or as server-sent events.
 
-use crate::api::{self, ChatRequest, CompletionRequest, Prompt, RawSampling, Sampling};
+use crate::api::{self, ChatRequest, CompletionRequest, Prompt, RawSampling, Sampling, Unknown};
 use crate::compression::{estimate, request_protocol, RequestRecipe};
 use crate::error::ApiError;
 use crate::scheduler::{Event, Finished, Job, PromptReport};
@@ -23,6 +23,7 @@ use kvmerger_engine::load::LoadedModel;
 use kvmerger_engine::sampling::{SamplingParams, TokenLogprobs};
 use kvmerger_engine::sequence::Sequence;
 use llguidance::api::TopLevelGrammar;
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -142,66 +143,80 @@ fn chat_message(i: usize, m: &api::ChatMessage) -> Result<Message, ApiError> {
 }
 
 impl Request {
+    /// A request of `kind` for `input`, with its checked sampling and compression; it
+    /// neither streams nor reports log-probabilities, renders a chat as the template
+    /// does by default, and has no grammar or tools (an endpoint sets what it takes).
+    fn new(
+        kind: Kind,
+        input: Input,
+        prompt_param: &'static str,
+        sampling: Sampling,
+        (spec, compressor, protocol): RequestCompression,
+    ) -> Request {
+        Request {
+            kind,
+            input,
+            sampling,
+            spec,
+            compressor,
+            protocol,
+            stream: false,
+            include_usage: false,
+            prompt_param,
+            logprobs: None,
+            render: Render::default(),
+            grammar: None,
+            tools: None,
+            masks: None,
+        }
+    }
+
     fn compress_only(&self) -> bool {
         matches!(self.input, Input::Context(_))
     }
 }
 
 pub async fn completions(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
-    let mut ignored = Vec::new();
-    let mut line = Some(LogLine::new(&app, "completions"));
-    let r = async {
-        let body = body.map_err(|e| body_error(&app, e))?;
-        let req: CompletionRequest;
-        (req, ignored) = api::parse_request(&body, app.cfg.strict_api)?;
-        check_model(&app, &req.model)?;
-        if req.echo == Some(true) {
-            return Err(api::unsupported("echo", "true"));
-        }
-        let logprobs = api::completion_logprobs(req.logprobs.as_ref())?;
-        if req.best_of.is_some_and(|b| b != 1) {
-            return Err(api::unsupported("best_of", "other than 1"));
-        }
-        if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-            return Err(api::unsupported("suffix", ""));
-        }
-        let sampling = sampling(&app, req.sampling()?)?;
-        let prompt = api::parse_prompt(&req.prompt)?;
-        let (spec, compressor, protocol) = compression(&app, req.kv_compression.as_ref())?;
-        let stream = req.stream.unwrap_or(false);
-        run(
-            app.clone(),
-            &mut line,
-            Request {
-                kind: Kind::Completion,
-                input: Input::Prompt(prompt),
-                sampling,
-                spec,
-                compressor,
-                protocol,
+    handle_json(
+        app,
+        body,
+        Some("completions"),
+        async |app, req: CompletionRequest, line| {
+            check_model(&app, &req.model)?;
+            if req.echo == Some(true) {
+                return Err(api::unsupported("echo", "true"));
+            }
+            let logprobs = api::completion_logprobs(req.logprobs.as_ref())?;
+            if req.best_of.is_some_and(|b| b != 1) {
+                return Err(api::unsupported("best_of", "other than 1"));
+            }
+            if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+                return Err(api::unsupported("suffix", ""));
+            }
+            let sampling = sampling(&app, req.sampling()?)?;
+            let prompt = api::parse_prompt(&req.prompt)?;
+            let kv = compression(&app, req.kv_compression.as_ref())?;
+            let (stream, include_usage) = streaming(req.stream, req.stream_options.as_ref());
+            let request = Request {
                 stream,
-                include_usage: include_usage(stream, req.stream_options.as_ref()),
-                prompt_param: "prompt",
+                include_usage,
                 logprobs,
-                render: Render::default(),
-                grammar: None,
-                tools: None,
-                masks: None,
-            },
-        )
-        .await
-    }
-    .await;
-    conclude(&app, line, &ignored, r)
+                ..Request::new(
+                    Kind::Completion,
+                    Input::Prompt(prompt),
+                    "prompt",
+                    sampling,
+                    kv,
+                )
+            };
+            run(app, line, request).await
+        },
+    )
+    .await
 }
 
 pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
-    let mut ignored = Vec::new();
-    let mut line = Some(LogLine::new(&app, "chat"));
-    let r = async {
-        let body = body.map_err(|e| body_error(&app, e))?;
-        let req: ChatRequest;
-        (req, ignored) = api::parse_request(&body, app.cfg.strict_api)?;
+    handle_json(app, body, Some("chat"), async |app, req: ChatRequest, line| {
         check_model(&app, &req.model)?;
         if req.messages.is_empty() {
             return Err(ApiError::param("messages", "messages must not be empty"));
@@ -251,7 +266,7 @@ pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> 
             add_generation_prompt: !continue_final && req.add_generation_prompt != Some(false),
         };
         let tool_setup = (template_tools).then_some(ToolSetup { tools, format });
-        let (spec, compressor, protocol) = match &req.kv_context {
+        let kv = match &req.kv_context {
             // A stored context's messages come first, compressed as they were.
             Some(id) => {
                 if req.kv_compression.is_some() {
@@ -267,35 +282,55 @@ pub async fn chat(State(app): AppState, body: Result<Bytes, BytesRejection>) -> 
             }
             None => compression(&app, req.kv_compression.as_ref())?,
         };
-        let stream = req.stream.unwrap_or(false);
-        run(
-            app.clone(),
-            &mut line,
-            Request {
-                kind: Kind::Chat,
-                input: Input::Messages(messages),
-                sampling,
-                spec,
-                compressor,
-                protocol,
-                stream,
-                include_usage: include_usage(stream, req.stream_options.as_ref()),
-                prompt_param: "messages",
-                logprobs,
-                render,
-                grammar,
-                tools: tool_setup,
-                masks: None,
-            },
-        )
-        .await
+        let (stream, include_usage) = streaming(req.stream, req.stream_options.as_ref());
+        let request = Request {
+            stream,
+            include_usage,
+            logprobs,
+            render,
+            grammar,
+            tools: tool_setup,
+            ..Request::new(Kind::Chat, Input::Messages(messages), "messages", sampling, kv)
+        };
+        run(app, line, request).await
+    })
+    .await
+}
+
+/// A handler of a JSON body: read the body as a `T` and `handle` it, then name the
+/// unknown fields it carried and finish the request's log line, where it has one
+/// (`endpoint`: completions and chat are logged).
+async fn handle_json<T: DeserializeOwned + Unknown>(
+    app: Arc<App>,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Option<&'static str>,
+    handle: impl AsyncFnOnce(Arc<App>, T, &mut Option<LogLine>) -> Result<Response, ApiError>,
+) -> Response {
+    let mut ignored = Vec::new();
+    let mut line = endpoint.map(|e| LogLine::new(&app, e));
+    let r = async {
+        let req = read_request(&app, body, &mut ignored)?;
+        handle(app.clone(), req, &mut line).await
     }
     .await;
     conclude(&app, line, &ignored, r)
 }
 
-/// The response of a completions or chat handler, with its ignored fields named and
-/// its log line finished: the warning first, then the request's line.
+/// A request body, read and parsed as a `T` ([`api::parse_request`]); the unknown
+/// fields it carried go to `ignored`.
+fn read_request<T: DeserializeOwned + Unknown>(
+    app: &App,
+    body: Result<Bytes, BytesRejection>,
+    ignored: &mut Vec<String>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|e| body_error(app, e))?;
+    let (req, unknown) = api::parse_request(&body, app.cfg.strict_api)?;
+    *ignored = unknown;
+    Ok(req)
+}
+
+/// The response of a handler, with its ignored fields named and its log line (if any)
+/// finished: the warning first, then the request's line.
 fn conclude(
     app: &App,
     mut line: Option<LogLine>,
@@ -353,8 +388,14 @@ fn sampling(app: &App, raw: RawSampling<'_>) -> Result<Sampling, ApiError> {
     Ok(s)
 }
 
-fn include_usage(stream: bool, o: Option<&api::StreamOptions>) -> bool {
-    stream && o.and_then(|o| o.include_usage).unwrap_or(false)
+/// `stream`, and whether the stream ends with a usage chunk
+/// (`stream_options.include_usage`).
+fn streaming(stream: Option<bool>, o: Option<&api::StreamOptions>) -> (bool, bool) {
+    let stream = stream.unwrap_or(false);
+    (
+        stream,
+        stream && o.and_then(|o| o.include_usage).unwrap_or(false),
+    )
 }
 
 fn body_error(app: &App, e: BytesRejection) -> ApiError {
@@ -1349,85 +1390,77 @@ fn stream_response(
 /// (`tokens`, and vLLM's `count` and `max_model_len`). A text of more tokens than the
 /// context is refused as soon as that is known.
 pub async fn tokenize(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
-    let mut ignored = Vec::new();
-    let r = async {
-        let body = body.map_err(|e| body_error(&app, e))?;
-        let req: api::TokenizeRequest;
-        (req, ignored) = api::parse_request(&body, app.cfg.strict_api)?;
-        if let Some(m) = &req.model {
-            check_model(&app, m)?;
-        }
-        let (text, param, add_special) = match (req.content, req.prompt) {
-            (Some(t), None) => (
-                t,
-                "content",
-                req.add_special.or(req.add_special_tokens).unwrap_or(false),
-            ),
-            (None, Some(t)) => (
-                t,
-                "prompt",
-                req.add_special_tokens.or(req.add_special).unwrap_or(true),
-            ),
-            _ => {
-                return Err(ApiError::param(
-                    "content",
-                    "give the text as content (llama-server) or prompt (vLLM), one of them",
-                ))
+    handle_json(
+        app,
+        body,
+        None,
+        async |app, req: api::TokenizeRequest, _| {
+            if let Some(m) = &req.model {
+                check_model(&app, m)?;
             }
-        };
-        let a = app.clone();
-        let ctx = app.lm.model.cfg.ctx_len;
-        let tokens = tokio::task::spawn_blocking(move || {
-            a.lm.tokenizer.encode_within(&text, add_special, ctx)
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
-        .map_err(|e| match e {
-            kvmerger_engine::Error::ContextOverflow { prompt, .. } => ApiError::context_length(
-                param,
-                format!(
-                    "This model's maximum context length is {ctx} tokens, and the text has \
-                     at least {prompt}."
+            let (text, param, add_special) = match (req.content, req.prompt) {
+                (Some(t), None) => (
+                    t,
+                    "content",
+                    req.add_special.or(req.add_special_tokens).unwrap_or(false),
                 ),
-            ),
-            e => ApiError::param(param, e.to_string()),
-        })?;
-        Ok(Json(json!({
-            "tokens": tokens,
-            "count": tokens.len(),
-            "max_model_len": ctx,
-        }))
-        .into_response())
-    }
-    .await;
-    report_ignored(
-        &app,
-        r.unwrap_or_else(IntoResponse::into_response),
-        &ignored,
+                (None, Some(t)) => (
+                    t,
+                    "prompt",
+                    req.add_special_tokens.or(req.add_special).unwrap_or(true),
+                ),
+                _ => {
+                    return Err(ApiError::param(
+                        "content",
+                        "give the text as content (llama-server) or prompt (vLLM), one of them",
+                    ))
+                }
+            };
+            let a = app.clone();
+            let ctx = app.lm.model.cfg.ctx_len;
+            let tokens = tokio::task::spawn_blocking(move || {
+                a.lm.tokenizer.encode_within(&text, add_special, ctx)
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
+            .map_err(|e| match e {
+                kvmerger_engine::Error::ContextOverflow { prompt, .. } => ApiError::context_length(
+                    param,
+                    format!(
+                        "This model's maximum context length is {ctx} tokens, and the text has \
+                     at least {prompt}."
+                    ),
+                ),
+                e => ApiError::param(param, e.to_string()),
+            })?;
+            Ok(Json(json!({
+                "tokens": tokens,
+                "count": tokens.len(),
+                "max_model_len": ctx,
+            }))
+            .into_response())
+        },
     )
+    .await
 }
 
 /// `POST /detokenize`: token ids to text (`content`, as llama-server answers, and
 /// `prompt`, as vLLM does). Ids outside the vocabulary are a 400 naming the id.
 pub async fn detokenize(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
-    let mut ignored = Vec::new();
-    let r = async {
-        let body = body.map_err(|e| body_error(&app, e))?;
-        let req: api::DetokenizeRequest;
-        (req, ignored) = api::parse_request(&body, app.cfg.strict_api)?;
-        if let Some(m) = &req.model {
-            check_model(&app, m)?;
-        }
-        let ids = api::token_ids(&req.tokens, app.lm.tokenizer.vocab_size())?;
-        let text = app.lm.tokenizer.decode(&ids);
-        Ok::<_, ApiError>(Json(json!({"content": text, "prompt": text})).into_response())
-    }
-    .await;
-    report_ignored(
-        &app,
-        r.unwrap_or_else(IntoResponse::into_response),
-        &ignored,
+    handle_json(
+        app,
+        body,
+        None,
+        async |app, req: api::DetokenizeRequest, _| {
+            if let Some(m) = &req.model {
+                check_model(&app, m)?;
+            }
+            let ids = api::token_ids(&req.tokens, app.lm.tokenizer.vocab_size())?;
+            let text = app.lm.tokenizer.decode(&ids);
+            Ok(Json(json!({"content": text, "prompt": text})).into_response())
+        },
     )
+    .await
 }
 
 pub async fn models(State(app): AppState) -> Json<Value> {
@@ -1581,22 +1614,13 @@ fn context_job_request(
             ..RawSampling::default()
         },
     )?;
-    Ok(Request {
-        kind: Kind::Chat,
-        input: Input::Context(messages),
-        sampling,
-        spec,
-        compressor,
-        protocol: Some(Protocol::Agnostic),
-        stream: false,
-        include_usage: false,
+    Ok(Request::new(
+        Kind::Chat,
+        Input::Context(messages),
         prompt_param,
-        logprobs: None,
-        render: Render::default(),
-        grammar: None,
-        tools: None,
-        masks: None,
-    })
+        sampling,
+        (spec, compressor, Some(Protocol::Agnostic)),
+    ))
 }
 
 /// A context request's messages: its `document` as a system message, or its `messages`.
@@ -1624,11 +1648,7 @@ fn context_request_messages(req: &api::ContextRequest) -> Result<Vec<Message>, A
 }
 
 pub async fn create_context(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
-    let mut ignored = Vec::new();
-    let r = async {
-        let body = body.map_err(|e| body_error(&app, e))?;
-        let req: api::ContextRequest;
-        (req, ignored) = api::parse_request(&body, app.cfg.strict_api)?;
+    handle_json(app, body, None, async |app, req: api::ContextRequest, _| {
         if !req.model.is_empty() {
             check_model(&app, &req.model)?;
         }
@@ -1695,13 +1715,8 @@ pub async fn create_context(State(app): AppState, body: Result<Bytes, BytesRejec
         }
         card["stored_in"] = json!(app.store.describe());
         Ok((StatusCode::CREATED, Json(card)).into_response())
-    }
-    .await;
-    report_ignored(
-        &app,
-        r.unwrap_or_else(IntoResponse::into_response),
-        &ignored,
-    )
+    })
+    .await
 }
 
 /// `GET /v1/contexts`: every stored context, most recently used first.
