@@ -10,39 +10,6 @@ use serde_json::{json, Value};
 const CHAT: &str = "/v1/chat/completions";
 const COMPLETIONS: &str = "/v1/completions";
 
-/// A document of numbered facts, about 600 tokens.
-fn document() -> String {
-    (0..30)
-        .map(|i| {
-            format!(
-                "Fact {i}: the {} door of house {} opens with code {}.\n",
-                ["red", "blue", "green", "white", "black"][i % 5],
-                i * 3 + 1,
-                1000 + i * 37
-            )
-        })
-        .collect()
-}
-
-fn ask(doc: &str, question: &str, kv: Value) -> Value {
-    json!({
-        "model": MODEL,
-        "messages": [
-            {"role": "system", "content": format!("Answer from this document.\n{doc}")},
-            {"role": "user", "content": question},
-        ],
-        "max_tokens": 8, "temperature": 0, "kv_compression": kv,
-    })
-}
-
-fn answer(r: &Resp) -> String {
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 /// Whether gauge `name` shows `v` within a few seconds (the engine publishes its gauges
 /// just after it answers).
 fn gauge(addr: std::net::SocketAddr, name: &str, v: f64) -> bool {
@@ -51,12 +18,6 @@ fn gauge(addr: std::net::SocketAddr, name: &str, v: f64) -> bool {
 
 fn usage(r: &Resp) -> Value {
     r.json()["usage"].clone()
-}
-
-fn cached(r: &Resp) -> u64 {
-    usage(r)["prompt_tokens_details"]["cached_tokens"]
-        .as_u64()
-        .unwrap()
 }
 
 const QUESTIONS: [&str; 3] = [

@@ -13,43 +13,18 @@ use std::process::{Child, Command, Stdio};
 
 const CHAT: &str = "/v1/chat/completions";
 
-fn document() -> String {
-    (0..30)
-        .map(|i| {
-            format!(
-                "Fact {i}: the {} door of house {} opens with code {}.\n",
-                ["red", "blue", "green", "white", "black"][i % 5],
-                i * 3 + 1,
-                1000 + i * 37
-            )
-        })
-        .collect()
-}
-
-fn ask(question: &str) -> Value {
-    json!({
-        "model": MODEL,
-        "messages": [
-            {"role": "system", "content": format!("Answer from this document.\n{}", document())},
-            {"role": "user", "content": question},
-        ],
-        "max_tokens": 8, "temperature": 0,
-        "kv_compression": {"method": "keydiff", "budget": 0.5, "protocol": "agnostic"},
-    })
-}
-
-fn answer(r: &Resp) -> (String, u64) {
-    assert_eq!(r.status, 200, "{}", r.text());
-    let v = r.json();
-    (
-        v["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .to_string(),
-        v["usage"]["prompt_tokens_details"]["cached_tokens"]
-            .as_u64()
-            .unwrap(),
+/// A question about the document, compressed by KeyDiff to half (agnostic protocol).
+fn ask_keydiff(question: &str) -> Value {
+    ask(
+        &document(),
+        question,
+        json!({"method": "keydiff", "budget": 0.5, "protocol": "agnostic"}),
     )
+}
+
+/// A chat response's text and the prompt tokens it reused; the response must be a 200.
+fn answer_cached(r: &Resp) -> (String, u64) {
+    (answer(r), cached(r))
 }
 
 fn disk(dir: &Path) -> StoreSpec {
@@ -79,10 +54,10 @@ fn entries(dir: &Path, n: usize) -> Vec<std::path::PathBuf> {
 fn a_restarted_server_answers_from_the_context_it_stored_as_before() {
     let dir = tempfile::tempdir().unwrap();
     let first = start(|c| c.context_store = Some(disk(dir.path())));
-    let (a1, c1) = answer(&post(
+    let (a1, c1) = answer_cached(&post(
         first.addr,
         CHAT,
-        &ask("Which code opens the blue door of house 4?"),
+        &ask_keydiff("Which code opens the blue door of house 4?"),
     ));
     assert_eq!(c1, 0, "nothing stored yet");
     first.stop().unwrap();
@@ -90,10 +65,10 @@ fn a_restarted_server_answers_from_the_context_it_stored_as_before() {
     assert_eq!(files.len(), 1, "one context, one file");
     // A fresh process: the same question and another one, both served from the file.
     let second = start(|c| c.context_store = Some(disk(dir.path())));
-    let (a2, c2) = answer(&post(
+    let (a2, c2) = answer_cached(&post(
         second.addr,
         CHAT,
-        &ask("Which code opens the blue door of house 4?"),
+        &ask_keydiff("Which code opens the blue door of house 4?"),
     ));
     assert_eq!(a2, a1, "the stored context answers as the one computed");
     assert!(c2 > 500, "the document came from the store: {c2}");
@@ -103,10 +78,10 @@ fn a_restarted_server_answers_from_the_context_it_stored_as_before() {
     );
     // Without a store, a cold server computes the same answer.
     let cold = start(|_| {});
-    let (a3, c3) = answer(&post(
+    let (a3, c3) = answer_cached(&post(
         cold.addr,
         CHAT,
-        &ask("Which code opens the blue door of house 4?"),
+        &ask_keydiff("Which code opens the blue door of house 4?"),
     ));
     assert_eq!((a3, c3), (a1, 0));
 }
@@ -115,10 +90,10 @@ fn a_restarted_server_answers_from_the_context_it_stored_as_before() {
 fn corrupt_truncated_and_foreign_entries_are_recomputed_never_served() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(|c| c.context_store = Some(disk(dir.path())));
-    let (want, _) = answer(&post(
+    let (want, _) = answer_cached(&post(
         s.addr,
         CHAT,
-        &ask("What colour is the door of house 28?"),
+        &ask_keydiff("What colour is the door of house 28?"),
     ));
     s.stop().unwrap();
     let file = entries(dir.path(), 1).remove(0);
@@ -136,10 +111,10 @@ fn corrupt_truncated_and_foreign_entries_are_recomputed_never_served() {
     ] {
         std::fs::write(&file, &bytes).unwrap();
         let s = start(|c| c.context_store = Some(disk(dir.path())));
-        let (got, cached) = answer(&post(
+        let (got, cached) = answer_cached(&post(
             s.addr,
             CHAT,
-            &ask("What colour is the door of house 28?"),
+            &ask_keydiff("What colour is the door of house 28?"),
         ));
         assert_eq!(got, want, "{what}");
         assert_eq!(cached, 0, "{what}: recomputed, not served");
@@ -179,7 +154,7 @@ fn a_context_handle_answers_chats_and_can_be_listed_and_deleted() {
         &json!({"model": MODEL, "kv_context": id, "messages": [{"role": "user", "content": q}],
                 "max_tokens": 8, "temperature": 0}),
     );
-    let (a, cached) = answer(&by_handle);
+    let (a, cached) = answer_cached(&by_handle);
     assert!(cached >= card["tokens"].as_u64().unwrap(), "{cached}");
     // The same document and question sent whole get the same answer.
     let whole = post(
@@ -189,7 +164,7 @@ fn a_context_handle_answers_chats_and_can_be_listed_and_deleted() {
                 "max_tokens": 8, "temperature": 0,
                 "kv_compression": {"method": "keydiff", "budget": 0.5, "protocol": "agnostic"}}),
     );
-    assert_eq!(answer(&whole).0, a);
+    assert_eq!(answer_cached(&whole).0, a);
     let list = get(s.addr, "/v1/contexts").json();
     assert!(list["data"]
         .as_array()
@@ -282,14 +257,14 @@ fn two_replicas_share_contexts_through_redis_and_survive_its_loss() {
     let a = start(|c| c.context_store = Some(redis.spec()));
     let b = start(|c| c.context_store = Some(redis.spec()));
     let q = "Which code opens the white door of house 10?";
-    let (first, c0) = answer(&post(a.addr, CHAT, &ask(q)));
+    let (first, c0) = answer_cached(&post(a.addr, CHAT, &ask_keydiff(q)));
     assert_eq!(c0, 0);
     // Replica b finds what a stored (once a's writer has written it).
     assert!(eventually(20, || metric(
         a.addr,
         "kvmerger_context_store_writes_total"
     ) == 1.0));
-    let (second, c1) = answer(&post(b.addr, CHAT, &ask(q)));
+    let (second, c1) = answer_cached(&post(b.addr, CHAT, &ask_keydiff(q)));
     assert_eq!(second, first);
     assert!(c1 > 500, "{c1}");
     assert_eq!(metric(b.addr, "kvmerger_context_store_hits_total"), 1.0);

@@ -285,3 +285,46 @@ pub fn long_text(words: usize) -> String {
     }
     s
 }
+
+/// A document of numbered facts, about 600 tokens: a context to compress and keep.
+pub fn document() -> String {
+    (0..30)
+        .map(|i| {
+            format!(
+                "Fact {i}: the {} door of house {} opens with code {}.\n",
+                ["red", "blue", "green", "white", "black"][i % 5],
+                i * 3 + 1,
+                1000 + i * 37
+            )
+        })
+        .collect()
+}
+
+/// A chat asking `question` about `doc` (in the system message), greedy, 8 tokens, with
+/// `kv` as its `kv_compression`.
+pub fn ask(doc: &str, question: &str, kv: Value) -> Value {
+    serde_json::json!({
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": format!("Answer from this document.\n{doc}")},
+            {"role": "user", "content": question},
+        ],
+        "max_tokens": 8, "temperature": 0, "kv_compression": kv,
+    })
+}
+
+/// A chat response's text; the response must be a 200.
+pub fn answer(r: &Resp) -> String {
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The prompt tokens a response reused from a kept context.
+pub fn cached(r: &Resp) -> u64 {
+    r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap()
+}
