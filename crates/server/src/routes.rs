@@ -1,7 +1,10 @@
 //! Handlers: parse and check a request, turn it into a [`Job`], hand it to the
 //! scheduler, and answer as JSON or as server-sent events.
 
-use crate::api::{self, ChatRequest, CompletionRequest, Prompt, RawSampling, Sampling, Unknown};
+use crate::api::{
+    self, ChatRequest, CompletionRequest, DetokenizeRequest, Prompt, RawSampling, Sampling,
+    TokenizeRequest, Unknown,
+};
 use crate::compression::{estimate, request_protocol, RequestRecipe};
 use crate::error::ApiError;
 use crate::scheduler::{Event, Finished, Job, PromptReport};
@@ -1390,76 +1393,66 @@ fn stream_response(
 /// (`tokens`, and vLLM's `count` and `max_model_len`). A text of more tokens than the
 /// context is refused as soon as that is known.
 pub async fn tokenize(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
-    handle_json(
-        app,
-        body,
-        None,
-        async |app, req: api::TokenizeRequest, _| {
-            if let Some(m) = &req.model {
-                check_model(&app, m)?;
-            }
-            let (text, param, add_special) = match (req.content, req.prompt) {
-                (Some(t), None) => (
-                    t,
+    handle_json(app, body, None, async |app, req: TokenizeRequest, _| {
+        if let Some(m) = &req.model {
+            check_model(&app, m)?;
+        }
+        let (text, param, add_special) = match (req.content, req.prompt) {
+            (Some(t), None) => (
+                t,
+                "content",
+                req.add_special.or(req.add_special_tokens).unwrap_or(false),
+            ),
+            (None, Some(t)) => (
+                t,
+                "prompt",
+                req.add_special_tokens.or(req.add_special).unwrap_or(true),
+            ),
+            _ => {
+                return Err(ApiError::param(
                     "content",
-                    req.add_special.or(req.add_special_tokens).unwrap_or(false),
-                ),
-                (None, Some(t)) => (
-                    t,
-                    "prompt",
-                    req.add_special_tokens.or(req.add_special).unwrap_or(true),
-                ),
-                _ => {
-                    return Err(ApiError::param(
-                        "content",
-                        "give the text as content (llama-server) or prompt (vLLM), one of them",
-                    ))
-                }
-            };
-            let a = app.clone();
-            let ctx = app.lm.model.cfg.ctx_len;
-            let tokens = tokio::task::spawn_blocking(move || {
-                a.lm.tokenizer.encode_within(&text, add_special, ctx)
-            })
-            .await
-            .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
-            .map_err(|e| match e {
-                kvmerger_engine::Error::ContextOverflow { prompt, .. } => ApiError::context_length(
-                    param,
-                    format!(
-                        "This model's maximum context length is {ctx} tokens, and the text has \
+                    "give the text as content (llama-server) or prompt (vLLM), one of them",
+                ))
+            }
+        };
+        let a = app.clone();
+        let ctx = app.lm.model.cfg.ctx_len;
+        let tokens = tokio::task::spawn_blocking(move || {
+            a.lm.tokenizer.encode_within(&text, add_special, ctx)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
+        .map_err(|e| match e {
+            kvmerger_engine::Error::ContextOverflow { prompt, .. } => ApiError::context_length(
+                param,
+                format!(
+                    "This model's maximum context length is {ctx} tokens, and the text has \
                      at least {prompt}."
-                    ),
                 ),
-                e => ApiError::param(param, e.to_string()),
-            })?;
-            Ok(Json(json!({
-                "tokens": tokens,
-                "count": tokens.len(),
-                "max_model_len": ctx,
-            }))
-            .into_response())
-        },
-    )
+            ),
+            e => ApiError::param(param, e.to_string()),
+        })?;
+        Ok(Json(json!({
+            "tokens": tokens,
+            "count": tokens.len(),
+            "max_model_len": ctx,
+        }))
+        .into_response())
+    })
     .await
 }
 
 /// `POST /detokenize`: token ids to text (`content`, as llama-server answers, and
 /// `prompt`, as vLLM does). Ids outside the vocabulary are a 400 naming the id.
 pub async fn detokenize(State(app): AppState, body: Result<Bytes, BytesRejection>) -> Response {
-    handle_json(
-        app,
-        body,
-        None,
-        async |app, req: api::DetokenizeRequest, _| {
-            if let Some(m) = &req.model {
-                check_model(&app, m)?;
-            }
-            let ids = api::token_ids(&req.tokens, app.lm.tokenizer.vocab_size())?;
-            let text = app.lm.tokenizer.decode(&ids);
-            Ok(Json(json!({"content": text, "prompt": text})).into_response())
-        },
-    )
+    handle_json(app, body, None, async |app, req: DetokenizeRequest, _| {
+        if let Some(m) = &req.model {
+            check_model(&app, m)?;
+        }
+        let ids = api::token_ids(&req.tokens, app.lm.tokenizer.vocab_size())?;
+        let text = app.lm.tokenizer.decode(&ids);
+        Ok(Json(json!({"content": text, "prompt": text})).into_response())
+    })
     .await
 }
 
