@@ -94,6 +94,38 @@ unsafe fn q6k_half(p: *const u8, h: usize) -> [__m256i; 4] {
     ]
 }
 
+/// Q4_K / Q5_K: the 64 weights of sub-blocks `2c` and `2c + 1` of the super-block at
+/// `p` (quants at `p + qs_off`), as two vectors of 32 unsigned values: the low and the
+/// high nibbles of one 32-byte row, with Q5_K's fifth bits (`five`; `qh`, the block's
+/// 32 bytes of high bits) put in as 0x10.
+#[inline(always)]
+unsafe fn q45k_pair(
+    p: *const u8,
+    qs_off: usize,
+    qh: __m256i,
+    c: usize,
+    five: bool,
+) -> [__m256i; 2] {
+    let mask = _mm256_set1_epi8(0x0f);
+    let x10 = _mm256_set1_epi8(0x10);
+    let v = loadu(p.add(qs_off + 32 * c));
+    let mut lo = _mm256_and_si256(v, mask);
+    let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    if five {
+        let bit = _mm256_set1_epi8(1 << (2 * c));
+        let bit2 = _mm256_set1_epi8(2 << (2 * c));
+        lo = _mm256_or_si256(
+            lo,
+            _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit), x10),
+        );
+        hi = _mm256_or_si256(
+            hi,
+            _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit2), bit2), x10),
+        );
+    }
+    [lo, hi]
+}
+
 /// The 32 bits of `qh` -> 32 bytes, `0x10` where the bit is set.
 #[inline(always)]
 unsafe fn bits_to_0x10(qh: u32) -> __m256i {
@@ -565,8 +597,6 @@ pub(crate) unsafe fn decode_row(
             let five = ty == GgmlType::Q5_K;
             let ts = ty.type_size();
             let qs_off = if five { 48 } else { 16 };
-            let mask = _mm256_set1_epi8(0x0f);
-            let x10 = _mm256_set1_epi8(0x10);
             for s in 0..nb / 8 {
                 let p = rp.add(s * ts);
                 let dd = f16_1(p);
@@ -579,27 +609,7 @@ pub(crate) unsafe fn decode_row(
                 };
                 for c in 0..4 {
                     let b = 8 * s + 2 * c;
-                    let v = loadu(p.add(qs_off + 32 * c));
-                    let mut lo = _mm256_and_si256(v, mask);
-                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                    if five {
-                        let bit = _mm256_set1_epi8(1 << (2 * c));
-                        let bit2 = _mm256_set1_epi8(2 << (2 * c));
-                        lo = _mm256_or_si256(
-                            lo,
-                            _mm256_and_si256(
-                                _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit),
-                                x10,
-                            ),
-                        );
-                        hi = _mm256_or_si256(
-                            hi,
-                            _mm256_and_si256(
-                                _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit2), bit2),
-                                x10,
-                            ),
-                        );
-                    }
+                    let [lo, hi] = q45k_pair(p, qs_off, qh, c, five);
                     st(b, lo);
                     st(b + 1, hi);
                     let (s1, m1) = k_scale_min(scales, 2 * c);
@@ -821,7 +831,6 @@ pub(crate) unsafe fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) -
     assert!(n / ty.block_size() * ty.block_size() == n && src.len() >= ty.row_bytes(n));
     let sp = src.as_ptr();
     let op = out.as_mut_ptr();
-    let mask = _mm256_set1_epi8(0x0f);
     match ty {
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
             float_row_to_f32(ty, src, out);
@@ -874,7 +883,6 @@ pub(crate) unsafe fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) -
             let five = ty == GgmlType::Q5_K;
             let ts = ty.type_size();
             let qs_off = if five { 48 } else { 16 };
-            let x10 = _mm256_set1_epi8(0x10);
             for s in 0..n / 256 {
                 let p = sp.add(s * ts);
                 let dd = f16_1(p);
@@ -886,27 +894,7 @@ pub(crate) unsafe fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) -
                     _mm256_setzero_si256()
                 };
                 for c in 0..4 {
-                    let v = loadu(p.add(qs_off + 32 * c));
-                    let mut lo = _mm256_and_si256(v, mask);
-                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                    if five {
-                        let bit = _mm256_set1_epi8(1 << (2 * c));
-                        let bit2 = _mm256_set1_epi8(2 << (2 * c));
-                        lo = _mm256_or_si256(
-                            lo,
-                            _mm256_and_si256(
-                                _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit),
-                                x10,
-                            ),
-                        );
-                        hi = _mm256_or_si256(
-                            hi,
-                            _mm256_and_si256(
-                                _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit2), bit2),
-                                x10,
-                            ),
-                        );
-                    }
+                    let [lo, hi] = q45k_pair(p, qs_off, qh, c, five);
                     for (j, q) in [(2 * c, lo), (2 * c + 1, hi)] {
                         let (sc, m) = k_scale_min(scales, j);
                         // d1 * q - m1
