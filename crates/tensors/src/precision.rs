@@ -956,15 +956,10 @@ mod tests {
         GgmlType::Q6_K,
     ];
 
+    /// Whether the balanced kernels run: the active kernel family (the CPU's widest, or
+    /// the one `KVMERGER_KERNELS` forces) has AVX2, FMA and F16C.
     fn has_kernels() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
+        crate::kernels::Family::active() >= crate::kernels::Family::Avx2
     }
 
     /// Rounding to 16-bit fixed point is off by at most half a step, a step is the

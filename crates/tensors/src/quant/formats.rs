@@ -90,8 +90,8 @@ pub(crate) fn dequantize_row_scalar(ty: GgmlType, src: &[u8], out: &mut [f32]) {
         GgmlType::Q5_0 => blocks.for_each(|(b, o)| dequant_q5_0(b, o)),
         GgmlType::Q5_1 => blocks.for_each(|(b, o)| dequant_q5_1(b, o)),
         GgmlType::Q8_0 => blocks.for_each(|(b, o)| dequant_q8_0(b, o)),
-        GgmlType::Q4_K => blocks.for_each(|(b, o)| dequant_q4_k(b, o)),
-        GgmlType::Q5_K => blocks.for_each(|(b, o)| dequant_q5_k(b, o)),
+        GgmlType::Q4_K => blocks.for_each(|(b, o)| dequant_q45_k::<false>(b, o)),
+        GgmlType::Q5_K => blocks.for_each(|(b, o)| dequant_q45_k::<true>(b, o)),
         GgmlType::Q6_K => blocks.for_each(|(b, o)| dequant_q6_k(b, o)),
         GgmlType::Q8_K => blocks.for_each(|(b, o)| dequant_q8_k(b, o)),
     }
@@ -148,11 +148,17 @@ fn dequant_q8_0(b: &[u8], o: &mut [f32]) {
     }
 }
 
-fn dequant_q4_k(b: &[u8], o: &mut [f32]) {
+/// Q4_K (`FIVE` false) and Q5_K: sub-block `j` of 32 is `d * sc[j] * q - dmin * m[j]`,
+/// Q5_K's fifth bits coming from the 32 bytes after the scales (bit `j` of byte `l`).
+fn dequant_q45_k<const FIVE: bool>(b: &[u8], o: &mut [f32]) {
     let d = f16_at(b, 0);
     let dmin = f16_at(b, 2);
     let scales = &b[4..16];
-    let qs = &b[16..144];
+    let (qh, qs) = if FIVE {
+        (&b[16..48], &b[48..176])
+    } else {
+        (&b[0..0], &b[16..144])
+    };
     for c in 0..4 {
         let (s1, m1) = k_scale_min(scales, 2 * c);
         let (s2, m2) = k_scale_min(scales, 2 * c + 1);
@@ -160,27 +166,14 @@ fn dequant_q4_k(b: &[u8], o: &mut [f32]) {
         let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
         let q = &qs[32 * c..32 * c + 32];
         for l in 0..32 {
-            o[64 * c + l] = d1 * (q[l] & 0x0f) as f32 - m1;
-            o[64 * c + 32 + l] = d2 * (q[l] >> 4) as f32 - m2;
-        }
-    }
-}
-
-fn dequant_q5_k(b: &[u8], o: &mut [f32]) {
-    let d = f16_at(b, 0);
-    let dmin = f16_at(b, 2);
-    let scales = &b[4..16];
-    let qh = &b[16..48];
-    let qs = &b[48..176];
-    for c in 0..4 {
-        let (s1, m1) = k_scale_min(scales, 2 * c);
-        let (s2, m2) = k_scale_min(scales, 2 * c + 1);
-        let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
-        let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
-        let q = &qs[32 * c..32 * c + 32];
-        for l in 0..32 {
-            let h1 = ((qh[l] >> (2 * c)) & 1) << 4;
-            let h2 = ((qh[l] >> (2 * c + 1)) & 1) << 4;
+            let (h1, h2) = if FIVE {
+                (
+                    ((qh[l] >> (2 * c)) & 1) << 4,
+                    ((qh[l] >> (2 * c + 1)) & 1) << 4,
+                )
+            } else {
+                (0, 0)
+            };
             o[64 * c + l] = d1 * ((q[l] & 0x0f) | h1) as f32 - m1;
             o[64 * c + 32 + l] = d2 * ((q[l] >> 4) | h2) as f32 - m2;
         }
