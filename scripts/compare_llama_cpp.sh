@@ -19,6 +19,11 @@
 #   KVMERGER_HOME   the kvmerger data directory (models are read from $KVMERGER_HOME/models)
 #   LLAMA_CPP_DIR   where llama.cpp is built (default: $KVMERGER_HOME/llama.cpp)
 #   KVMERGER_BIN    the kvmerger binary (default: built with cargo --release)
+#   KVMERGER_KERNELS  kvmerger's kernel family (avx512, avx2; see docs/performance.md).
+#                   With `avx2`, llama.cpp is a second build with AVX2 as its widest
+#                   instructions (no AVX-512, no VNNI; $LLAMA_CPP_DIR/build-avx2), so
+#                   that an AVX-512 machine measures both programs as an AVX2-only
+#                   server would run them.
 #   LLAMA_BENCH_ARGS  extra llama-bench flags
 #   OMP_WAIT_POLICY   unset (the default): every llama.cpp test runs twice, with
 #                   OpenMP's default wait policy (threads spin at barriers) and with
@@ -65,7 +70,17 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-LLAMA_BENCH="$LLAMA_DIR/build/bin/llama-bench"
+# The llama.cpp build: native (every instruction this CPU has), or AVX2 at most when
+# kvmerger's kernels are forced to avx2.
+if [ "${KVMERGER_KERNELS:-}" = avx2 ]; then
+    LLAMA_BUILD="$LLAMA_DIR/build-avx2"
+    LLAMA_ISA=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+               -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_BF16=OFF)
+else
+    LLAMA_BUILD="$LLAMA_DIR/build"
+    LLAMA_ISA=(-DGGML_NATIVE=ON)
+fi
+LLAMA_BENCH="$LLAMA_BUILD/bin/llama-bench"
 
 # The version whose vendored llama.cpp scripts/fetch_vocab_tests.sh also reads.
 LLAMA_CPP_PYTHON_VERSION=0.3.36
@@ -95,18 +110,18 @@ build_llama_cpp() {
     if [ ! -d "$srcdir" ]; then
         tar xzf "$tarball" -C "$LLAMA_DIR/src"
     fi
-    echo "== building llama-bench from $(basename "$srcdir") (vendored llama.cpp)" >&2
+    echo "== building llama-bench from $(basename "$srcdir") (vendored llama.cpp; ${LLAMA_ISA[*]})" >&2
     # GGML_NATIVE compiles for this CPU, AMX included where it has it, whatever the
     # GGML_AMX_* options say; its AMX kernels crash here (the VM does not grant the
     # tile state), so the compiler is told not to use AMX at all.
     local no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-    cmake -S "$srcdir/vendor/llama.cpp" -B "$LLAMA_DIR/build" \
-        -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    cmake -S "$srcdir/vendor/llama.cpp" -B "$LLAMA_BUILD" \
+        -DCMAKE_BUILD_TYPE=Release "${LLAMA_ISA[@]}" \
         -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
         -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
         -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >&2
-    cmake --build "$LLAMA_DIR/build" --target llama-bench -j "$(nproc)" >&2
+    cmake --build "$LLAMA_BUILD" --target llama-bench -j "$(nproc)" >&2
 }
 
 build_llama_cpp
@@ -188,7 +203,7 @@ timed() { # out err cmd...
         echo "failed: $* (its last error lines below)" >&2
         grep -v -E '^\s+(Command being timed|User time|System time|Percent of CPU|Elapsed|Average|Maximum|Major|Minor|Voluntary|Involuntary|Swaps|File system|Socket|Signals|Page size|Exit status)' "$err" | tail -15 >&2
         case "$*" in
-            *llama-bench*) echo "(a llama-bench built by an older version of this script may use AMX, which crashes on some VMs: delete $LLAMA_DIR/build to rebuild it)" >&2 ;;
+            *llama-bench*) echo "(a llama-bench built by an older version of this script may use AMX, which crashes on some VMs: delete $LLAMA_BUILD to rebuild it)" >&2 ;;
         esac
         exit 1
     fi
@@ -208,7 +223,7 @@ else
     POLICIES=(default passive)
 fi
 echo "llama.cpp: $LLAMA_BENCH ${LLAMA_BENCH_ARGS:-} (OMP_WAIT_POLICY: ${POLICIES[*]}; the faster run of each test counts)"
-echo "kvmerger: $KVMERGER_BIN ${EXTRA[*]}"
+echo "kvmerger: $KVMERGER_BIN ${EXTRA[*]} (kernels: ${KVMERGER_KERNELS:-the widest this CPU runs})"
 echo
 SUMMARY="$WORK/summary"
 printf "| model | test | llama.cpp tok/s | kvmerger tok/s | kvmerger / llama.cpp |\n|---|---|---|---|---|\n" >"$SUMMARY"
