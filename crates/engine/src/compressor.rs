@@ -142,8 +142,14 @@ impl Compressor {
         Ok(())
     }
 
+    /// The statistics the method reads from the forward pass: none for a compressor
+    /// that changes nothing (a method at its whole budget gathers nothing either).
     pub fn needs(&self) -> StatsNeeds {
-        self.method.needs()
+        if self.is_noop() {
+            StatsNeeds::default()
+        } else {
+            self.method.needs()
+        }
     }
 
     /// Whether this recipe compresses during prefill, chunk by chunk: its sequences

@@ -80,11 +80,7 @@ pub struct ContextReport {
 impl Sequence {
     /// An empty sequence compressed by `compressor`, collecting what it needs.
     pub fn new(model: &Model, dtype: KvDtype, compressor: Arc<Compressor>) -> Sequence {
-        let needs = if compressor.is_noop() {
-            StatsNeeds::default()
-        } else {
-            compressor.needs()
-        };
+        let needs = compressor.needs();
         Sequence::with_needs(model, dtype, compressor, needs)
     }
 
@@ -376,10 +372,7 @@ impl Sequence {
         lm: &LoadedModel,
         compressors: impl IntoIterator<Item = &'c Compressor>,
     ) -> Result<f64, Error> {
-        if compressors
-            .into_iter()
-            .any(|c| !c.is_noop() && c.needs().reconstruction)
-        {
+        if compressors.into_iter().any(|c| c.needs().reconstruction) {
             self.score(lm)
         } else {
             Ok(0.0)

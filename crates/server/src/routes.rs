@@ -645,10 +645,7 @@ fn check_compression(app: &App, req: &Request, context_end: usize) -> Result<(),
     let lm = &app.lm;
     let c = &req.compressor;
     c.check_prompt(lm.model.cfg.n_layers, context_end)
-        .and_then(|_| match c.is_noop() {
-            true => Ok(()),
-            false => lm.model.check_learned(c.needs()),
-        })
+        .and_then(|_| lm.model.check_learned(c.needs()))
         .map_err(|e| match e {
             kvmerger_engine::Error::Recipe(e) => {
                 ApiError::param(format!("kv_compression.{}", e.field), e.message)
