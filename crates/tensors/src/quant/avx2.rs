@@ -10,7 +10,7 @@
 use super::act::{ActRow, QActs};
 use super::formats::k_scale_min;
 use super::panel::{Panel, SumsT, PR};
-use super::GgmlType;
+use super::{GgmlType, FR};
 use std::arch::x86_64::*;
 
 #[inline(always)]
@@ -707,10 +707,10 @@ pub(crate) unsafe fn tile<const KIND: u8, const RT: usize, const T: usize>(
         xq[t] = a.qs.as_ptr().add((t0 + t) * a.cols) as *const u8;
         let xd = a.d.as_ptr().add((t0 + t) * nb);
         for b in 0..nb {
-            let dw4 = _mm_loadu_ps(dp.add(b * PR));
-            _mm_storeu_ps(
+            let dw = _mm256_loadu_ps(dp.add(b * PR));
+            _mm256_storeu_ps(
                 sb.add((b * T + t) * PR),
-                _mm_mul_ps(dw4, _mm_broadcast_ss(&*xd.add(b))),
+                _mm256_mul_ps(dw, _mm256_set1_ps(*xd.add(b))),
             );
         }
     }
@@ -729,6 +729,103 @@ pub(crate) unsafe fn tile<const KIND: u8, const RT: usize, const T: usize>(
             }
         }
         r0 += RT;
+    }
+}
+
+/// The interleaved tile for [`K_U`] and [`K_U16`] panels: `out[(t0+t)*ld + r] =
+/// W[r] . x[t0+t] + mins[(t0+t)*PR + r]` for the first `rr` rows and `T` tokens.
+///
+/// One register holds 4 bytes of each of the `PR` rows ([`Panel::qi`]); a
+/// `vpmaddubsw` against 4 broadcast activation bytes adds every row's pairs
+/// into 16-bit lanes. `STEPS` such products add up in 16 bits before a
+/// `vpmaddwd` widens them (by ones, or by the rows' scales of each 16 for
+/// `K_U16`): with weights below `2^k` and activations within ±127, `STEPS`
+/// is at most `32767 / (2 * 127 * (2^k - 1))`, which the caller checks
+/// ([`steps_for`]). The block's integer sums then meet the rows' scales times
+/// the token's block scale in one `vfmadd`. Integer sums are exact, so the
+/// result equals the row-major tile's up to the order of f32 additions.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn tile_interleaved<const KIND: u8, const T: usize, const STEPS: usize>(
+    pan: &Panel,
+    a: &QActs,
+    t0: usize,
+    rr: usize,
+    mins: &[f32],
+    out: *mut f32,
+    ld: usize,
+) {
+    const { assert!(PR == 8 && STEPS >= 1 && 8 % STEPS == 0) };
+    let nb = pan.nb;
+    assert!(
+        KIND != K_S
+            && a.n >= t0 + T
+            && pan.qi.len() >= nb * PR * 32
+            && (KIND != K_U16 || (STEPS <= 4 && pan.sv.len() >= 2 * nb))
+            && mins.len() >= (t0 + T) * PR
+            && rr <= PR
+    );
+    let mut xq = [std::ptr::null::<u8>(); T];
+    let mut xd = [std::ptr::null::<f32>(); T];
+    for t in 0..T {
+        xq[t] = a.qs.as_ptr().add((t0 + t) * a.cols) as *const u8;
+        xd[t] = a.d.as_ptr().add((t0 + t) * nb);
+    }
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..nb {
+        let wp = pan.qi.as_ptr().add(b * PR * 32);
+        let mut isum = [_mm256_setzero_si256(); T];
+        let mut s = 0;
+        while s < 8 {
+            let mut s16 = [_mm256_setzero_si256(); T];
+            for j in s..s + STEPS {
+                let w = loadu(wp.add(j * 32));
+                for t in 0..T {
+                    let x = _mm256_set1_epi32(std::ptr::read_unaligned(
+                        xq[t].add(32 * b + 4 * j) as *const i32
+                    ));
+                    s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(w, x));
+                }
+            }
+            let widen = if KIND == K_U16 {
+                loadu(pan.sv.as_ptr().add(2 * b + s / 4) as *const u8)
+            } else {
+                ones
+            };
+            for t in 0..T {
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(s16[t], widen));
+            }
+            s += STEPS;
+        }
+        let dw = _mm256_loadu_ps(pan.d.as_ptr().add(b * PR));
+        for t in 0..T {
+            let sc = _mm256_mul_ps(dw, _mm256_set1_ps(*xd[t].add(b)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), sc, acc[t]);
+        }
+    }
+    for t in 0..T {
+        let v = _mm256_add_ps(acc[t], _mm256_loadu_ps(mins.as_ptr().add((t0 + t) * PR)));
+        let o = out.add((t0 + t) * ld);
+        if rr == PR {
+            _mm256_storeu_ps(o, v);
+        } else {
+            let mut tmp = [0f32; PR];
+            _mm256_storeu_ps(tmp.as_mut_ptr(), v);
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), o, rr);
+        }
+    }
+}
+
+/// Products of 4-byte steps that add up in 16-bit lanes before widening (see
+/// [`tile_interleaved`]): 8, 4, 2 or 1 for weights up to 15, 31, 63 or 127.
+pub(crate) fn steps_for(max_weight: u32) -> usize {
+    let max_pair = 2 * 127 * max_weight.max(1) as usize;
+    match 32767 / max_pair {
+        8.. => 8,
+        4..=7 => 4,
+        2..=3 => 2,
+        _ => 1,
     }
 }
 
@@ -1034,7 +1131,7 @@ pub(crate) unsafe fn float_matvec_rows(
     }
 }
 
-/// Float tile: `PR` rows of f32 weights (`w[r*cols..]`) x `T` tokens of `x`.
+/// Float tile: `FR` rows of f32 weights (`w[r*cols..]`) x `T` tokens of `x`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn float_tile<const T: usize>(
     w: &[f32],
@@ -1045,14 +1142,14 @@ pub(crate) unsafe fn float_tile<const T: usize>(
     out: *mut f32,
     ld: usize,
 ) {
-    debug_assert!(w.len() >= PR * cols && x.len() >= (t0 + T) * cols);
-    let mut acc = [[_mm256_setzero_ps(); T]; PR];
+    debug_assert!(w.len() >= FR * cols && x.len() >= (t0 + T) * cols);
+    let mut acc = [[_mm256_setzero_ps(); T]; FR];
     let wp = w.as_ptr();
     let xp = x.as_ptr().add(t0 * cols);
     let main = cols / 8 * 8;
     let mut c = 0;
     while c < main {
-        for r in 0..PR {
+        for r in 0..FR {
             let wv = _mm256_loadu_ps(wp.add(r * cols + c));
             for t in 0..T {
                 acc[r][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(t * cols + c)), acc[r][t]);

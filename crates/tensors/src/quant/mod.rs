@@ -451,7 +451,7 @@ impl QMatrix {
                         }
                     });
                 } else {
-                    par_rows(rows, PR, work, |r0, r1| {
+                    par_rows(rows, FR, work, |r0, r1| {
                         self.float_panel_rows(isa, x, n, r0, r1, dst.get())
                     });
                 }
@@ -591,14 +591,14 @@ impl QMatrix {
         }
     }
 
-    /// Float weights, `n` tokens, rows `r0..r1`: decode `PR` rows to f32, then tiles.
+    /// Float weights, `n` tokens, rows `r0..r1`: decode `FR` rows to f32, then tiles.
     fn float_panel_rows(&self, isa: Isa, x: &[f32], n: usize, r0: usize, r1: usize, out: *mut f32) {
         let (rows, cols) = (self.rows, self.cols);
-        let mut w = vec![0f32; PR * cols];
+        let mut w = vec![0f32; FR * cols];
         let mut r = r0;
         while r < r1 {
-            let rr = (r1 - r).min(PR);
-            for i in 0..PR {
+            let rr = (r1 - r).min(FR);
+            for i in 0..FR {
                 if i < rr {
                     let wr = &mut w[i * cols..(i + 1) * cols];
                     match isa {
@@ -645,6 +645,9 @@ impl QMatrix {
         }
     }
 }
+
+/// Rows per panel of float weights (F32, F16, BF16) decoded to f32.
+pub(crate) const FR: usize = 4;
 
 /// Token counts from which matmul decodes weight panels once and reuses them.
 const MIN_PANEL_TOKENS: usize = 4;

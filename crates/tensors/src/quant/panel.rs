@@ -3,13 +3,16 @@
 //! tokens.
 
 use super::act::QActs;
-use super::scalar::{blk_isum, decode_blk, kind, Blk, Kind};
+use super::scalar::{blk_isum, decode_blk, kind, max_weight, Blk, Kind};
 use super::{Isa, QMatrix};
 
-/// Rows per panel.
-pub(crate) const PR: usize = 4;
-/// Tokens per tile (the widest tile kernel).
+/// Rows per panel (the lanes of one AVX2 register of i32 or f32).
+pub(crate) const PR: usize = 8;
+/// Tokens per tile (the widest row-major tile kernel, for [`Kind::Signed`]).
 pub(crate) const PT: usize = 2;
+/// Tokens per interleaved tile (the unsigned kinds).
+#[cfg(target_arch = "x86_64")]
+const IT: usize = 4;
 /// Rows per register tile (divides `PR`).
 #[cfg(target_arch = "x86_64")]
 const RT: usize = 4;
@@ -30,6 +33,16 @@ pub(crate) struct Panel {
     pub nm: usize,
     /// `[PR][nm]` offsets.
     pub m: Vec<f32>,
+    /// The weight bytes row-interleaved for the unsigned tile kernels: block
+    /// `b`, step `s` (bytes `4s..4s+4` of the block) holds those 4 bytes of the
+    /// `PR` rows side by side, `[nb][8][PR][4]`, so that one `vpmaddubsw`
+    /// against 4 broadcast activation bytes gives every row's partial sums.
+    /// Empty for [`Kind::Signed`] (its tile multiplies row-major blocks).
+    pub qi: Vec<u8>,
+    /// `[nb][2][PR * 2]`: each row's integer scale of the first and second 16
+    /// of a block, twice (the `vpmaddwd` operand for interleaved products of
+    /// [`Kind::Unsigned16`]; else empty).
+    pub sv: Vec<[i16; 2 * PR]>,
 }
 
 impl Panel {
@@ -52,6 +65,37 @@ impl Panel {
             },
             nm,
             m: vec![0.0; PR * nm],
+            qi: if kind == Kind::Signed {
+                Vec::new()
+            } else {
+                vec![0; nb * PR * 32]
+            },
+            sv: if kind == Kind::Unsigned16 {
+                vec![[0; 2 * PR]; 2 * nb]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Fills `qi` and `sv` from `q` and `sc` (see their docs).
+    fn interleave(&mut self) {
+        if self.kind == Kind::Signed {
+            return;
+        }
+        for b in 0..self.nb {
+            for r in 0..PR {
+                let src = &self.q[(b * PR + r) * 32..][..32];
+                for s in 0..8 {
+                    let o = ((b * 8 + s) * PR + r) * 4;
+                    self.qi[o..o + 4].copy_from_slice(&src[4 * s..4 * s + 4]);
+                }
+                if self.kind == Kind::Unsigned16 {
+                    let [s0, s1] = self.sc[b * PR + r];
+                    self.sv[2 * b][2 * r..2 * r + 2].fill(s0);
+                    self.sv[2 * b + 1][2 * r..2 * r + 2].fill(s1);
+                }
+            }
         }
     }
 
@@ -103,6 +147,9 @@ impl Panel {
                 }
             }
             self.spread_scales(r);
+        }
+        if isa != Isa::Scalar {
+            self.interleave();
         }
     }
 
@@ -182,6 +229,8 @@ pub(crate) fn panel_rows(
     ld: usize,
 ) {
     let kd = kind(w.dtype);
+    #[cfg(target_arch = "x86_64")]
+    let steps = super::avx2::steps_for(max_weight(w.dtype));
     let mut pan = Panel::new(kd, a.nb);
     #[cfg(target_arch = "x86_64")]
     let (mut mins, mut sbuf) = (vec![0f32; sums.npad * PR], Vec::new());
@@ -204,10 +253,18 @@ pub(crate) fn panel_rows(
                         super::avx2::panel_mins(&pan, sums, t0, t1, &mut mins);
                     }
                     let mut t = t0;
-                    while t < t1 {
-                        let tt = (t1 - t).min(PT);
-                        avx2_tile(kd, tt, &pan, a, t, rr, &mins, &mut sbuf, o, ld);
-                        t += tt;
+                    if kd == Kind::Signed {
+                        while t < t1 {
+                            let tt = (t1 - t).min(PT);
+                            avx2_tile(kd, tt, &pan, a, t, rr, &mins, &mut sbuf, o, ld);
+                            t += tt;
+                        }
+                    } else {
+                        while t < t1 {
+                            let tt = (t1 - t).min(IT);
+                            avx2_interleaved(kd, steps, tt, &pan, a, t, rr, &mins, o, ld);
+                            t += tt;
+                        }
                     }
                 },
                 _ => scalar_panel(&pan, a, t0, t1, rr, o, ld),
@@ -261,6 +318,44 @@ unsafe fn avx2_tile_k<const K: u8>(
         4 if PT > 4 => tile::<K, RT, 4>(pan, a, t, rr, mins, sbuf, o, ld),
         5 if PT > 5 => tile::<K, RT, 5>(pan, a, t, rr, mins, sbuf, o, ld),
         _ => tile::<K, RT, PT>(pan, a, t, rr, mins, sbuf, o, ld),
+    }
+}
+
+/// Dispatches [`super::avx2::tile_interleaved`] on the kind, the steps that
+/// add up in 16 bits, and the token count (`1..=IT`).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn avx2_interleaved(
+    kd: Kind,
+    steps: usize,
+    tt: usize,
+    pan: &Panel,
+    a: &QActs,
+    t: usize,
+    rr: usize,
+    mins: &[f32],
+    o: *mut f32,
+    ld: usize,
+) {
+    use super::avx2::{tile_interleaved, K_U, K_U16};
+    macro_rules! by_tokens {
+        ($k:expr, $s:expr) => {
+            match tt {
+                1 => tile_interleaved::<$k, 1, $s>(pan, a, t, rr, mins, o, ld),
+                2 => tile_interleaved::<$k, 2, $s>(pan, a, t, rr, mins, o, ld),
+                3 => tile_interleaved::<$k, 3, $s>(pan, a, t, rr, mins, o, ld),
+                _ => tile_interleaved::<$k, IT, $s>(pan, a, t, rr, mins, o, ld),
+            }
+        };
+    }
+    match (kd, steps) {
+        (Kind::Unsigned, 8) => by_tokens!(K_U, 8),
+        (Kind::Unsigned, 4) => by_tokens!(K_U, 4),
+        (Kind::Unsigned, 2) => by_tokens!(K_U, 2),
+        (Kind::Unsigned, _) => by_tokens!(K_U, 1),
+        (Kind::Unsigned16, 4 | 8) => by_tokens!(K_U16, 4),
+        (Kind::Unsigned16, 2) => by_tokens!(K_U16, 2),
+        _ => by_tokens!(K_U16, 1),
     }
 }
 

@@ -42,6 +42,17 @@ pub(crate) fn kind(ty: GgmlType) -> Kind {
     }
 }
 
+/// The largest weight byte a panel of `ty` holds (unsigned kinds: the
+/// quantized values before their offset).
+pub(crate) fn max_weight(ty: GgmlType) -> u32 {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K => 15,
+        GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K => 31,
+        GgmlType::Q6_K => 63,
+        _ => 127,
+    }
+}
+
 /// Block `b` (of 32 elements) of a quantized row.
 pub(crate) fn decode_blk(ty: GgmlType, row: &[u8], b: usize) -> Blk {
     let mut k = Blk {

@@ -196,12 +196,12 @@ fn isas_agree() {
         return;
     }
     let cols = 768;
-    let x: Vec<f32> = rand_vec(5 * cols, 4)
+    let x: Vec<f32> = rand_vec(11 * cols, 4)
         .iter()
         .map(|v| v * v * v * 10.0)
         .collect();
-    let a = act::QActs::quantize(Isa::Scalar, &x, 5, cols);
-    let b = act::QActs::quantize(isa, &x, 5, cols);
+    let a = act::QActs::quantize(Isa::Scalar, &x, 11, cols);
+    let b = act::QActs::quantize(isa, &x, 11, cols);
     assert_eq!(a.qs, b.qs);
     assert_eq!(a.d, b.d);
     assert_eq!(a.ds, b.ds);
@@ -213,7 +213,7 @@ fn isas_agree() {
             .map(|v| v * (1.0 + v * v * 4.0))
             .collect();
         let m = QMatrix::quantize(ty, rows, cols, &w);
-        for n in [1, 2, 4, 5] {
+        for n in [1, 2, 4, 5, 11] {
             let mut o1 = vec![0f32; n * rows];
             let mut o2 = vec![0f32; n * rows];
             m.matmul_isa(Isa::Scalar, &x[..n * cols], n, &mut o1);
@@ -226,6 +226,43 @@ fn isas_agree() {
                     o1[i],
                     o2[i]
                 );
+            }
+        }
+    }
+}
+
+/// The kernels' 16-bit partial sums do not saturate at the extremes: every
+/// weight at its format's largest (or smallest) value and every activation at
+/// +-127, where integer sums are largest. The scalar kernels add in i32.
+#[test]
+fn extreme_blocks_do_not_saturate() {
+    let isa = Isa::detect();
+    if isa == Isa::Scalar {
+        return;
+    }
+    let (rows, cols, n) = (19, 512, 7);
+    for ty in GgmlType::ALL {
+        for sw in [1.0f32, -1.0] {
+            // One opposite weight per block sets the range, the rest sit at an end.
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| if i % 32 == 0 { -sw } else { sw })
+                .collect();
+            let m = QMatrix::quantize(ty, rows, cols, &w);
+            for sx in [1.0f32, -1.0] {
+                let x = vec![sx; n * cols];
+                let mut o1 = vec![0f32; n * rows];
+                let mut o2 = vec![0f32; n * rows];
+                m.matmul_isa(Isa::Scalar, &x, n, &mut o1);
+                m.matmul_isa(isa, &x, n, &mut o2);
+                let scale = o1.iter().fold(1e-6f32, |s, v| s.max(v.abs()));
+                for i in 0..o1.len() {
+                    assert!(
+                        (o1[i] - o2[i]).abs() <= 2e-5 * scale,
+                        "{ty} weights {sw} x {sx} [{i}]: {} vs {}",
+                        o1[i],
+                        o2[i]
+                    );
+                }
             }
         }
     }
