@@ -9,7 +9,7 @@
 
 use super::act::{ActRow, QActs};
 use super::formats::k_scale_min;
-use super::panel::{Panel, SumsT, PR};
+use super::panel::{Panel, PR};
 use super::{GgmlType, FR};
 use std::arch::x86_64::*;
 
@@ -646,58 +646,22 @@ pub(crate) unsafe fn decode_row(
     true
 }
 
-/// `mins[t*PR + r] = sum_j pan.m[r][j] * sums[j][t]` for tokens `t0..t1`
-/// (rounded out to multiples of 8 within the padding).
+/// Computes `out[(t0+t)*ld + r] = W[r] . x[t0+t]` for the first `rr` rows of a
+/// [`K_S`] panel (Q8_0, Q8_K: signed bytes, no offsets) and `T` tokens, `RT`
+/// rows at a time.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn panel_mins(pan: &Panel, sums: &SumsT, t0: usize, t1: usize, mins: &mut [f32]) {
-    let (nm, npad) = (pan.nm, sums.npad);
-    assert!(
-        sums.v.len() >= nm * npad
-            && mins.len() >= npad * PR
-            && pan.m.len() >= PR * nm
-            && t1 <= npad
-    );
-    let mp = pan.m.as_ptr();
-    let sp = sums.v.as_ptr();
-    let mut t = t0 / 8 * 8;
-    while t < t1 {
-        let mut acc = [_mm256_setzero_ps(); PR];
-        for j in 0..nm {
-            let s = _mm256_loadu_ps(sp.add(j * npad + t));
-            for (r, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(_mm256_set1_ps(*mp.add(r * nm + j)), s, *a);
-            }
-        }
-        // Transpose 4 rows x 8 tokens into [t][PR].
-        let mut tmp = [[0f32; 8]; PR];
-        for r in 0..PR {
-            _mm256_storeu_ps(tmp[r].as_mut_ptr(), acc[r]);
-        }
-        for i in 0..8 {
-            for r in 0..PR {
-                mins[(t + i) * PR + r] = tmp[r][i];
-            }
-        }
-        t += 8;
-    }
-}
-
-/// Computes `out[(t0+t)*ld + r] = W[r] . x[t0+t] + mins[(t0+t)*PR + r]` for the
-/// first `rr` rows of the panel and `T` tokens, `RT` rows at a time.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn tile<const KIND: u8, const RT: usize, const T: usize>(
+pub(crate) unsafe fn tile_signed<const RT: usize, const T: usize>(
     pan: &Panel,
     a: &QActs,
     t0: usize,
     rr: usize,
-    mins: &[f32],
     sbuf: &mut Vec<f32>,
     out: *mut f32,
     ld: usize,
 ) {
+    const { assert!(PR == 8 && PR % RT == 0) };
     let nb = pan.nb;
-    debug_assert!(a.n >= t0 + T && pan.q.len() >= nb * PR * 32 && PR / RT * RT == PR);
+    assert!(a.n >= t0 + T && pan.q.len() >= nb * PR * 32 && pan.d.len() >= nb * PR && rr <= PR);
     // Products of weight and activation scales, [b][t][PR].
     sbuf.resize(nb * T * PR, 0.0);
     let sb = sbuf.as_mut_ptr();
@@ -716,24 +680,45 @@ pub(crate) unsafe fn tile<const KIND: u8, const RT: usize, const T: usize>(
     }
     let mut r0 = 0;
     while r0 < rr {
-        let acc = tile_rows::<KIND, RT, T>(pan, r0, &xq, sb);
+        let acc = tile_signed_rows::<RT, T>(pan, r0, &xq, sb);
         for r in 0..RT.min(rr - r0) {
             for t in 0..T {
-                let v = hsum(acc[r][t])
-                    + if KIND == K_S {
-                        0.0
-                    } else {
-                        mins[(t0 + t) * PR + r0 + r]
-                    };
-                *out.add((t0 + t) * ld + r0 + r) = v;
+                *out.add((t0 + t) * ld + r0 + r) = hsum(acc[r][t]);
             }
         }
         r0 += RT;
     }
 }
 
+#[inline(always)]
+unsafe fn tile_signed_rows<const RT: usize, const T: usize>(
+    pan: &Panel,
+    r0: usize,
+    xq: &[*const u8; T],
+    sb: *const f32,
+) -> [[__m256; T]; RT] {
+    let nb = pan.nb;
+    let mut acc = [[_mm256_setzero_ps(); T]; RT];
+    let qp = pan.q.as_ptr().add(r0 * 32);
+    let ones = _mm256_set1_epi16(1);
+    for b in 0..nb {
+        let sbb = sb.add(b * T * PR + r0);
+        for r in 0..RT {
+            let w = loadu(qp.add((b * PR + r) * 32));
+            let aw = _mm256_abs_epi8(w);
+            for t in 0..T {
+                let xs = _mm256_sign_epi8(loadu(xq[t].add(32 * b)), w);
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), ones);
+                let s = bcast_mem(sbb.add(t * PR + r));
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][t]);
+            }
+        }
+    }
+    acc
+}
+
 /// The interleaved tile for [`K_U`] and [`K_U16`] panels: `out[(t0+t)*ld + r] =
-/// W[r] . x[t0+t] + mins[(t0+t)*PR + r]` for the first `rr` rows and `T` tokens.
+/// W[r] . x[t0+t]` for the first `rr` rows and `T` tokens.
 ///
 /// One register holds 4 bytes of each of the `PR` rows ([`Panel::qi`]); a
 /// `vpmaddubsw` against 4 broadcast activation bytes adds every row's pairs
@@ -742,8 +727,10 @@ pub(crate) unsafe fn tile<const KIND: u8, const RT: usize, const T: usize>(
 /// `K_U16`): with weights below `2^k` and activations within ±127, `STEPS`
 /// is at most `32767 / (2 * 127 * (2^k - 1))`, which the caller checks
 /// ([`steps_for`]). The block's integer sums then meet the rows' scales times
-/// the token's block scale in one `vfmadd`. Integer sums are exact, so the
-/// result equals the row-major tile's up to the order of f32 additions.
+/// the token's block scale in one `vfmadd`, and the rows' offsets
+/// ([`Panel::mi`]) the token's block sums (`ds`, `ds16`) in another. Integer
+/// sums are exact, so the result equals the scalar kernel's up to the order
+/// of f32 additions.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn tile_interleaved<const KIND: u8, const T: usize, const STEPS: usize>(
@@ -751,7 +738,6 @@ pub(crate) unsafe fn tile_interleaved<const KIND: u8, const T: usize, const STEP
     a: &QActs,
     t0: usize,
     rr: usize,
-    mins: &[f32],
     out: *mut f32,
     ld: usize,
 ) {
@@ -761,8 +747,12 @@ pub(crate) unsafe fn tile_interleaved<const KIND: u8, const T: usize, const STEP
         KIND != K_S
             && a.n >= t0 + T
             && pan.qi.len() >= nb * PR * 32
+            && pan.d.len() >= nb * PR
+            && pan.mi.len() >= pan.nm * PR
+            && pan.nm == if KIND == K_U16 { 2 * nb } else { nb }
             && (KIND != K_U16 || (STEPS <= 4 && pan.sv.len() >= 2 * nb))
-            && mins.len() >= (t0 + T) * PR
+            && a.ds.len() >= (t0 + T) * nb
+            && a.ds16.len() >= (t0 + T) * 2 * nb
             && rr <= PR
     );
     let mut xq = [std::ptr::null::<u8>(); T];
@@ -799,13 +789,25 @@ pub(crate) unsafe fn tile_interleaved<const KIND: u8, const T: usize, const STEP
             s += STEPS;
         }
         let dw = _mm256_loadu_ps(pan.d.as_ptr().add(b * PR));
+        let mp = pan.mi.as_ptr();
         for t in 0..T {
             let sc = _mm256_mul_ps(dw, _mm256_set1_ps(*xd[t].add(b)));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), sc, acc[t]);
+            if KIND == K_U16 {
+                let ds = a.ds16.as_ptr().add((t0 + t) * 2 * nb + 2 * b);
+                let m0 = _mm256_loadu_ps(mp.add(2 * b * PR));
+                let m1 = _mm256_loadu_ps(mp.add((2 * b + 1) * PR));
+                acc[t] = _mm256_fmadd_ps(m0, _mm256_set1_ps(*ds), acc[t]);
+                acc[t] = _mm256_fmadd_ps(m1, _mm256_set1_ps(*ds.add(1)), acc[t]);
+            } else {
+                let ds = *a.ds.as_ptr().add((t0 + t) * nb + b);
+                acc[t] =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(mp.add(b * PR)), _mm256_set1_ps(ds), acc[t]);
+            }
         }
     }
     for t in 0..T {
-        let v = _mm256_add_ps(acc[t], _mm256_loadu_ps(mins.as_ptr().add((t0 + t) * PR)));
+        let v = acc[t];
         let o = out.add((t0 + t) * ld);
         if rr == PR {
             _mm256_storeu_ps(o, v);
@@ -827,59 +829,6 @@ pub(crate) fn steps_for(max_weight: u32) -> usize {
         2..=3 => 2,
         _ => 1,
     }
-}
-
-#[inline(always)]
-unsafe fn tile_rows<const KIND: u8, const RT: usize, const T: usize>(
-    pan: &Panel,
-    r0: usize,
-    xq: &[*const u8; T],
-    sb: *const f32,
-) -> [[__m256; T]; RT] {
-    let nb = pan.nb;
-    let mut acc = [[_mm256_setzero_ps(); T]; RT];
-    let qp = pan.q.as_ptr().add(r0 * 32);
-    let scp = pan.scv.as_ptr().add(r0);
-    let ones = _mm256_set1_epi16(1);
-    for b in 0..nb {
-        let sbb = sb.add(b * T * PR + r0);
-        for r in 0..RT {
-            let w = loadu(qp.add((b * PR + r) * 32));
-            match KIND {
-                K_U => {
-                    for t in 0..T {
-                        let p = _mm256_madd_epi16(
-                            _mm256_maddubs_epi16(w, loadu(xq[t].add(32 * b))),
-                            ones,
-                        );
-                        let s = bcast_mem(sbb.add(t * PR + r));
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][t]);
-                    }
-                }
-                K_U16 => {
-                    let scv = loadu(scp.add(b * PR + r) as *const u8);
-                    for t in 0..T {
-                        let p = _mm256_madd_epi16(
-                            _mm256_maddubs_epi16(w, loadu(xq[t].add(32 * b))),
-                            scv,
-                        );
-                        let s = bcast_mem(sbb.add(t * PR + r));
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][t]);
-                    }
-                }
-                _ => {
-                    let aw = _mm256_abs_epi8(w);
-                    for t in 0..T {
-                        let xs = _mm256_sign_epi8(loadu(xq[t].add(32 * b)), w);
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), ones);
-                        let s = bcast_mem(sbb.add(t * PR + r));
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][t]);
-                    }
-                }
-            }
-        }
-    }
-    acc
 }
 
 // ---------------------------------------------------------------------------

@@ -7,18 +7,22 @@
 //! How [`QMatrix::matmul`] works, for quantized weights:
 //!
 //! - the activations are quantized once per call to 8 bits in blocks of 32
-//!   (`act`): one scale per block, or per super-block of 256 for the K-quants;
+//!   (`act`): one scale per block, for the K-quants too;
 //! - one token (`n == 1`, decoding): each row is dotted straight from the
 //!   file's blocks (`avx2::matvec_rows`): integer dot products per block
 //!   (`vpmaddubsw`/`vpmaddwd`), block scales eight at a time, two rows per
 //!   pass, weight rows prefetched ahead (decoding streams weights from DRAM);
-//! - several tokens (prefill): four rows at a time are decoded into a panel
-//!   of integer blocks (`panel`), which tile kernels reuse for every token
-//!   (4 rows x 2 tokens of accumulators); tokens go in blocks that keep their
-//!   activations in L2; the K-quants add up integer sums over each
-//!   super-block; the per-block offsets (`m` of Q4_1, `-8 d` of Q4_0, the
-//!   mins of Q4_K, ...) are applied through per-block activation sums, as a
-//!   small f32 product;
+//! - several tokens (prefill): eight rows at a time are decoded into a panel
+//!   of integer blocks (`panel`), a group of panels of about 256 KiB once per
+//!   call, and tile kernels reuse them for every token; tokens go in blocks
+//!   that keep their activations in L2. For the unsigned kinds (every format
+//!   but Q8_0) the panel is also row-interleaved, 4 bytes of each of the 8
+//!   rows in one register, so that one `vpmaddubsw` against 4 broadcast
+//!   activation bytes serves all 8 rows, and several such products add up in
+//!   16 bits before they are widened (4 tokens x 8 rows a tile); the
+//!   per-block offsets (`m` of Q4_1, `-8 d` of Q4_0, the mins of Q4_K, ...)
+//!   join through the activations' block sums in the same tile. Q8_0's signed
+//!   bytes go through a row-major tile (`vpsignb`, 4 rows x 2 tokens);
 //! - rows are split into chunks over the rayon pool (a multiple of the
 //!   thread count); small products stay on the calling thread.
 //!
@@ -458,10 +462,8 @@ impl QMatrix {
             }
             _ => {
                 let a = QActs::quantize(isa, x, n, cols);
-                let sums = (n >= MIN_PANEL_TOKENS)
-                    .then(|| panel::SumsT::new(&a, scalar::kind(self.dtype)));
                 par_rows(rows, self.row_align(n), work, |r0, r1| {
-                    self.quant_rows(isa, &a, sums.as_ref(), r0, r1, dst)
+                    self.quant_rows(isa, &a, r0, r1, dst)
                 });
             }
         }
@@ -477,19 +479,11 @@ impl QMatrix {
     }
 
     /// Quantized weights: rows `r0..r1` of every token of `a` into `dst`
-    /// (`sums` present for the panel path).
-    fn quant_rows(
-        &self,
-        isa: Isa,
-        a: &QActs,
-        sums: Option<&panel::SumsT>,
-        r0: usize,
-        r1: usize,
-        dst: SyncPtr,
-    ) {
+    /// (through panels from `MIN_PANEL_TOKENS` tokens).
+    fn quant_rows(&self, isa: Isa, a: &QActs, r0: usize, r1: usize, dst: SyncPtr) {
         let rows = self.rows;
-        match sums {
-            None => {
+        match a.n >= MIN_PANEL_TOKENS {
+            false => {
                 // A few tokens: rows in slices that stay in L1/L2 while every
                 // token goes over them.
                 let step = if a.n == 1 {
@@ -509,7 +503,7 @@ impl QMatrix {
                     s0 = s1;
                 }
             }
-            Some(sums) => panel::panel_rows(isa, self, a, sums, r0, r1, dst.get(), rows),
+            true => panel::panel_rows(isa, self, a, r0, r1, dst.get(), rows),
         }
     }
 
@@ -567,12 +561,8 @@ impl QMatrix {
             }
             return;
         }
-        // Activations once, offset sums once per matrix.
+        // Activations once for every matrix.
         let a = QActs::quantize(isa, x, n, cols);
-        let sums: Vec<Option<panel::SumsT>> = mats
-            .iter()
-            .map(|m| (n >= MIN_PANEL_TOKENS).then(|| panel::SumsT::new(&a, scalar::kind(m.dtype))))
-            .collect();
         let dsts: Vec<SyncPtr> = outs.iter_mut().map(|o| SyncPtr(o.as_mut_ptr())).collect();
         let mut tasks = Vec::new();
         for (i, m) in mats.iter().enumerate() {
@@ -580,9 +570,8 @@ impl QMatrix {
                 tasks.push((i, r0, r1));
             }
         }
-        let run = |&(i, r0, r1): &(usize, usize, usize)| {
-            mats[i].quant_rows(isa, &a, sums[i].as_ref(), r0, r1, dsts[i])
-        };
+        let run =
+            |&(i, r0, r1): &(usize, usize, usize)| mats[i].quant_rows(isa, &a, r0, r1, dsts[i]);
         let total: usize = mats.iter().map(|m| m.rows * cols * n).sum();
         if rayon::current_num_threads() <= 1 || total < MIN_PARALLEL_WORK {
             tasks.iter().for_each(run);

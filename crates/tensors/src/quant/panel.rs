@@ -8,10 +8,10 @@ use super::{Isa, QMatrix};
 
 /// Rows per panel (the lanes of one AVX2 register of i32 or f32).
 pub(crate) const PR: usize = 8;
-/// Tokens per tile (the widest row-major tile kernel, for [`Kind::Signed`]).
-pub(crate) const PT: usize = 2;
-/// Tokens per interleaved tile (the unsigned kinds).
+/// Tokens per tile of the row-major kernel ([`Kind::Signed`]).
 #[cfg(target_arch = "x86_64")]
+const PT: usize = 2;
+/// Tokens per interleaved tile (the unsigned kinds).
 const IT: usize = 4;
 /// Rows per register tile (divides `PR`).
 #[cfg(target_arch = "x86_64")]
@@ -43,6 +43,9 @@ pub(crate) struct Panel {
     /// of a block, twice (the `vpmaddwd` operand for interleaved products of
     /// [`Kind::Unsigned16`]; else empty).
     pub sv: Vec<[i16; 2 * PR]>,
+    /// `[nm][PR]`: `m` transposed, the rows' offsets of one block (or 16) side
+    /// by side (unsigned kinds; else empty).
+    pub mi: Vec<f32>,
 }
 
 impl Panel {
@@ -75,13 +78,20 @@ impl Panel {
             } else {
                 Vec::new()
             },
+            mi: vec![0.0; nm * PR],
         }
     }
 
-    /// Fills `qi` and `sv` from `q` and `sc` (see their docs).
+    /// Fills `qi`, `sv` and `mi` from `q`, `sc` and `m` (see their docs).
     fn interleave(&mut self) {
         if self.kind == Kind::Signed {
             return;
+        }
+        let nm = self.nm;
+        for r in 0..PR {
+            for j in 0..nm {
+                self.mi[j * PR + r] = self.m[r * nm + j];
+            }
         }
         for b in 0..self.nb {
             for r in 0..PR {
@@ -181,48 +191,20 @@ impl Panel {
     }
 }
 
-/// Activation block sums laid out `[j][npad]` (token-contiguous, `npad` a
-/// multiple of 8, zero padded), per 32 or per 16 elements.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub(crate) struct SumsT {
-    pub npad: usize,
-    pub v: Vec<f32>,
-}
-
-impl SumsT {
-    pub fn new(a: &QActs, kind: Kind) -> SumsT {
-        let npad = a.n.div_ceil(8) * 8;
-        let (src, per) = match kind {
-            Kind::Unsigned => (&a.ds, a.nb),
-            Kind::Unsigned16 => (&a.ds16, 2 * a.nb),
-            Kind::Signed => {
-                return SumsT {
-                    npad,
-                    v: Vec::new(),
-                }
-            }
-        };
-        let mut v = vec![0f32; per * npad];
-        for t in 0..a.n {
-            for j in 0..per {
-                v[j * npad + t] = src[t * per + j];
-            }
-        }
-        SumsT { npad, v }
-    }
-}
-
 /// Activation bytes per token block: small enough to stay in L2 while a
 /// row chunk's panels sweep over them.
 const TOKEN_BLOCK_BYTES: usize = 256 << 10;
 
-/// Rows `r0..r1` of `out[t*ld + r]` for all tokens of `a`, through panels.
-#[allow(clippy::too_many_arguments)]
+/// Weight bytes of the panels decoded at once (kept, like the activations'
+/// token block, in L2 while every token block goes over them).
+const PANEL_GROUP_BYTES: usize = 256 << 10;
+
+/// Rows `r0..r1` of `out[t*ld + r]` for all tokens of `a`, through panels:
+/// a group of panels is decoded once, then every token block goes over it.
 pub(crate) fn panel_rows(
     isa: Isa,
     w: &QMatrix,
     a: &QActs,
-    sums: &SumsT,
     r0: usize,
     r1: usize,
     out: *mut f32,
@@ -231,93 +213,70 @@ pub(crate) fn panel_rows(
     let kd = kind(w.dtype);
     #[cfg(target_arch = "x86_64")]
     let steps = super::avx2::steps_for(max_weight(w.dtype));
-    let mut pan = Panel::new(kd, a.nb);
+    let group = (PANEL_GROUP_BYTES / (PR * a.cols)).clamp(1, (r1 - r0).div_ceil(PR).max(1));
+    let mut pans: Vec<Panel> = (0..group).map(|_| Panel::new(kd, a.nb)).collect();
     #[cfg(target_arch = "x86_64")]
-    let (mut mins, mut sbuf) = (vec![0f32; sums.npad * PR], Vec::new());
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = sums;
-    let tb = (TOKEN_BLOCK_BYTES / a.cols / PT * PT).max(16 * PT);
-    let mut t0 = 0;
-    while t0 < a.n {
-        let t1 = (t0 + tb).min(a.n);
-        let mut r = r0;
-        while r < r1 {
-            let rr = (r1 - r).min(PR);
-            pan.decode(isa, w, r, rr);
-            // SAFETY: the caller owns out[t*ld + r0..r1] for every t.
-            let o = unsafe { out.add(r) };
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe {
-                    if kd != Kind::Signed {
-                        super::avx2::panel_mins(&pan, sums, t0, t1, &mut mins);
-                    }
-                    let mut t = t0;
-                    if kd == Kind::Signed {
-                        while t < t1 {
-                            let tt = (t1 - t).min(PT);
-                            avx2_tile(kd, tt, &pan, a, t, rr, &mins, &mut sbuf, o, ld);
-                            t += tt;
-                        }
-                    } else {
-                        while t < t1 {
-                            let tt = (t1 - t).min(IT);
-                            avx2_interleaved(kd, steps, tt, &pan, a, t, rr, &mins, o, ld);
-                            t += tt;
-                        }
-                    }
-                },
-                _ => scalar_panel(&pan, a, t0, t1, rr, o, ld),
-            }
-            r += rr;
+    let mut sbuf = Vec::new();
+    let tb = (TOKEN_BLOCK_BYTES / a.cols / IT * IT).max(16 * IT);
+    let mut g0 = r0;
+    while g0 < r1 {
+        let mut g1 = g0;
+        let mut np = 0;
+        while np < group && g1 < r1 {
+            let rr = (r1 - g1).min(PR);
+            pans[np].decode(isa, w, g1, rr);
+            np += 1;
+            g1 += rr;
         }
-        t0 = t1;
+        let mut t0 = 0;
+        while t0 < a.n {
+            let t1 = (t0 + tb).min(a.n);
+            for (i, pan) in pans[..np].iter().enumerate() {
+                let r = g0 + i * PR;
+                let rr = (g1 - r).min(PR);
+                // SAFETY: the caller owns out[t*ld + r0..r1] for every t.
+                let o = unsafe { out.add(r) };
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe {
+                        let mut t = t0;
+                        while t < t1 {
+                            t += if kd == Kind::Signed {
+                                let tt = (t1 - t).min(PT);
+                                avx2_signed(tt, pan, a, t, rr, &mut sbuf, o, ld);
+                                tt
+                            } else {
+                                let tt = (t1 - t).min(IT);
+                                avx2_interleaved(kd, steps, tt, pan, a, t, rr, o, ld);
+                                tt
+                            };
+                        }
+                    },
+                    _ => scalar_panel(pan, a, t0, t1, rr, o, ld),
+                }
+            }
+            t0 = t1;
+        }
+        g0 = g1;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn avx2_tile(
-    kd: Kind,
+unsafe fn avx2_signed(
     tt: usize,
     pan: &Panel,
     a: &QActs,
     t: usize,
     rr: usize,
-    mins: &[f32],
     sbuf: &mut Vec<f32>,
     o: *mut f32,
     ld: usize,
 ) {
-    use super::avx2::{K_S, K_U, K_U16};
-    match kd {
-        Kind::Unsigned => avx2_tile_k::<K_U>(tt, pan, a, t, rr, mins, sbuf, o, ld),
-        Kind::Unsigned16 => avx2_tile_k::<K_U16>(tt, pan, a, t, rr, mins, sbuf, o, ld),
-        Kind::Signed => avx2_tile_k::<K_S>(tt, pan, a, t, rr, mins, sbuf, o, ld),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn avx2_tile_k<const K: u8>(
-    tt: usize,
-    pan: &Panel,
-    a: &QActs,
-    t: usize,
-    rr: usize,
-    mins: &[f32],
-    sbuf: &mut Vec<f32>,
-    o: *mut f32,
-    ld: usize,
-) {
-    use super::avx2::tile;
+    use super::avx2::tile_signed;
     match tt {
-        1 => tile::<K, RT, 1>(pan, a, t, rr, mins, sbuf, o, ld),
-        2 => tile::<K, RT, 2>(pan, a, t, rr, mins, sbuf, o, ld),
-        3 if PT > 3 => tile::<K, RT, 3>(pan, a, t, rr, mins, sbuf, o, ld),
-        4 if PT > 4 => tile::<K, RT, 4>(pan, a, t, rr, mins, sbuf, o, ld),
-        5 if PT > 5 => tile::<K, RT, 5>(pan, a, t, rr, mins, sbuf, o, ld),
-        _ => tile::<K, RT, PT>(pan, a, t, rr, mins, sbuf, o, ld),
+        1 => tile_signed::<RT, 1>(pan, a, t, rr, sbuf, o, ld),
+        _ => tile_signed::<RT, PT>(pan, a, t, rr, sbuf, o, ld),
     }
 }
 
@@ -333,7 +292,6 @@ unsafe fn avx2_interleaved(
     a: &QActs,
     t: usize,
     rr: usize,
-    mins: &[f32],
     o: *mut f32,
     ld: usize,
 ) {
@@ -341,10 +299,10 @@ unsafe fn avx2_interleaved(
     macro_rules! by_tokens {
         ($k:expr, $s:expr) => {
             match tt {
-                1 => tile_interleaved::<$k, 1, $s>(pan, a, t, rr, mins, o, ld),
-                2 => tile_interleaved::<$k, 2, $s>(pan, a, t, rr, mins, o, ld),
-                3 => tile_interleaved::<$k, 3, $s>(pan, a, t, rr, mins, o, ld),
-                _ => tile_interleaved::<$k, IT, $s>(pan, a, t, rr, mins, o, ld),
+                1 => tile_interleaved::<$k, 1, $s>(pan, a, t, rr, o, ld),
+                2 => tile_interleaved::<$k, 2, $s>(pan, a, t, rr, o, ld),
+                3 => tile_interleaved::<$k, 3, $s>(pan, a, t, rr, o, ld),
+                _ => tile_interleaved::<$k, IT, $s>(pan, a, t, rr, o, ld),
             }
         };
     }

@@ -231,6 +231,42 @@ fn isas_agree() {
     }
 }
 
+/// Products big enough for several panel groups (rows) and token blocks
+/// (tokens) agree between the scalar and SIMD kernels.
+#[test]
+fn panel_groups_and_token_blocks_agree() {
+    let isa = Isa::detect();
+    if isa == Isa::Scalar {
+        return;
+    }
+    let (rows, cols, n) = (150, 4096, 70);
+    let x: Vec<f32> = rand_vec(n * cols, 5)
+        .iter()
+        .map(|v| v * v * v * 10.0)
+        .collect();
+    for ty in [
+        GgmlType::Q4_K,
+        GgmlType::Q5_0,
+        GgmlType::Q6_K,
+        GgmlType::Q8_0,
+    ] {
+        let m = QMatrix::quantize(ty, rows, cols, &rand_vec(rows * cols, 9));
+        let mut o1 = vec![0f32; n * rows];
+        let mut o2 = vec![0f32; n * rows];
+        m.matmul_isa(Isa::Scalar, &x, n, &mut o1);
+        m.matmul_isa(isa, &x, n, &mut o2);
+        let scale = o1.iter().fold(0f32, |s, v| s.max(v.abs()));
+        for i in 0..o1.len() {
+            assert!(
+                (o1[i] - o2[i]).abs() <= 2e-5 * scale,
+                "{ty} [{i}]: {} vs {}",
+                o1[i],
+                o2[i]
+            );
+        }
+    }
+}
+
 /// The kernels' 16-bit partial sums do not saturate at the extremes: every
 /// weight at its format's largest (or smallest) value and every activation at
 /// +-127, where integer sums are largest. The scalar kernels add in i32.
