@@ -659,7 +659,7 @@ pub(crate) unsafe fn tile_signed<const RT: usize, const T: usize>(
     out: *mut f32,
     ld: usize,
 ) {
-    const { assert!(PR == 8 && PR % RT == 0) };
+    const { assert!(PR == 8 && PR.is_multiple_of(RT)) };
     let nb = pan.nb;
     assert!(a.n >= t0 + T && pan.q.len() >= nb * PR * 32 && pan.d.len() >= nb * PR && rr <= PR);
     // Products of weight and activation scales, [b][t][PR].
