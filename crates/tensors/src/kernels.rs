@@ -15,7 +15,8 @@ pub enum Family {
     /// AVX2 with FMA and F16C.
     Avx2,
     /// AVX-512F on top of AVX2 (wider GEMM and attention kernels; the quantized
-    /// products stay AVX2).
+    /// products stay AVX2, except the 8-bit prefill tiles, which use AVX-512
+    /// VNNI's `vpdpbusd` on CPUs that have it).
     Avx512,
 }
 

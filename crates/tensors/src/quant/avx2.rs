@@ -741,83 +741,127 @@ pub(crate) unsafe fn tile_interleaved<const KIND: u8, const T: usize, const STEP
     out: *mut f32,
     ld: usize,
 ) {
-    const { assert!(PR == 8 && STEPS >= 1 && 8 % STEPS == 0) };
-    let nb = pan.nb;
-    assert!(
-        KIND != K_S
-            && a.n >= t0 + T
-            && pan.qi.len() >= nb * PR * 32
-            && pan.d.len() >= nb * PR
-            && pan.mi.len() >= pan.nm * PR
-            && pan.nm == if KIND == K_U16 { 2 * nb } else { nb }
-            && (KIND != K_U16 || (STEPS <= 4 && pan.sv.len() >= 2 * nb))
-            && a.ds.len() >= (t0 + T) * nb
-            && a.ds16.len() >= (t0 + T) * 2 * nb
-            && rr <= PR
-    );
-    let mut xq = [std::ptr::null::<u8>(); T];
-    let mut xd = [std::ptr::null::<f32>(); T];
-    for t in 0..T {
-        xq[t] = a.qs.as_ptr().add((t0 + t) * a.cols) as *const u8;
-        xd[t] = a.d.as_ptr().add((t0 + t) * nb);
-    }
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); T];
-    for b in 0..nb {
-        let wp = pan.qi.as_ptr().add(b * PR * 32);
-        let mut isum = [_mm256_setzero_si256(); T];
-        let mut s = 0;
-        while s < 8 {
-            let mut s16 = [_mm256_setzero_si256(); T];
-            for j in s..s + STEPS {
-                let w = loadu(wp.add(j * 32));
+    interleaved_tile!(false, pan, a, t0, rr, out, ld)
+}
+
+/// [`tile_interleaved`] for [`K_U`] with AVX-512 VNNI's `vpdpbusd` (on
+/// 256-bit registers): one instruction per step, no 16-bit partial sums.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub(crate) unsafe fn tile_interleaved_vnni<const T: usize>(
+    pan: &Panel,
+    a: &QActs,
+    t0: usize,
+    rr: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    const KIND: u8 = K_U;
+    const STEPS: usize = 8;
+    interleaved_tile!(true, pan, a, t0, rr, out, ld)
+}
+
+/// The body of [`tile_interleaved`] and [`tile_interleaved_vnni`] (a macro, so
+/// that each is compiled with its own target features). `KIND`, `T` and
+/// `STEPS` are the caller's constants.
+macro_rules! interleaved_tile {
+    ($vnni:literal, $pan:expr, $a:expr, $t0:expr, $rr:expr, $out:expr, $ld:expr) => {{
+        let (pan, a, t0, rr, out, ld): (&Panel, &QActs, usize, usize, *mut f32, usize) =
+            ($pan, $a, $t0, $rr, $out, $ld);
+        const { assert!(PR == 8 && STEPS >= 1 && 8 % STEPS == 0) };
+        let nb = pan.nb;
+        assert!(
+            KIND != K_S
+                && a.n >= t0 + T
+                && pan.qi.len() >= nb * PR * 32
+                && pan.d.len() >= nb * PR
+                && pan.mi.len() >= pan.nm * PR
+                && pan.nm == if KIND == K_U16 { 2 * nb } else { nb }
+                && (KIND != K_U16 || (STEPS <= 4 && pan.sv.len() >= 2 * nb))
+                && a.ds.len() >= (t0 + T) * nb
+                && a.ds16.len() >= (t0 + T) * 2 * nb
+                && rr <= PR
+        );
+        let mut xq = [std::ptr::null::<u8>(); T];
+        let mut xd = [std::ptr::null::<f32>(); T];
+        for t in 0..T {
+            xq[t] = a.qs.as_ptr().add((t0 + t) * a.cols) as *const u8;
+            xd[t] = a.d.as_ptr().add((t0 + t) * nb);
+        }
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); T];
+        for b in 0..nb {
+            let wp = pan.qi.as_ptr().add(b * PR * 32);
+            let mut isum = [_mm256_setzero_si256(); T];
+            let mut s = 0;
+            if $vnni {
+                // One instruction per step: u8 x i8 products added into i32 lanes.
+                for j in 0..8 {
+                    let w = loadu(wp.add(j * 32));
+                    for t in 0..T {
+                        let x = _mm256_set1_epi32(std::ptr::read_unaligned(
+                            xq[t].add(32 * b + 4 * j) as *const i32,
+                        ));
+                        isum[t] = _mm256_dpbusd_epi32(isum[t], w, x);
+                    }
+                }
+                s = 8;
+            }
+            while s < 8 {
+                let mut s16 = [_mm256_setzero_si256(); T];
+                for j in s..s + STEPS {
+                    let w = loadu(wp.add(j * 32));
+                    for t in 0..T {
+                        let x = _mm256_set1_epi32(std::ptr::read_unaligned(
+                            xq[t].add(32 * b + 4 * j) as *const i32,
+                        ));
+                        s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(w, x));
+                    }
+                }
+                let widen = if KIND == K_U16 {
+                    loadu(pan.sv.as_ptr().add(2 * b + s / 4) as *const u8)
+                } else {
+                    ones
+                };
                 for t in 0..T {
-                    let x = _mm256_set1_epi32(std::ptr::read_unaligned(
-                        xq[t].add(32 * b + 4 * j) as *const i32
-                    ));
-                    s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(w, x));
+                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(s16[t], widen));
+                }
+                s += STEPS;
+            }
+            let dw = _mm256_loadu_ps(pan.d.as_ptr().add(b * PR));
+            let mp = pan.mi.as_ptr();
+            for t in 0..T {
+                let sc = _mm256_mul_ps(dw, _mm256_set1_ps(*xd[t].add(b)));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), sc, acc[t]);
+                if KIND == K_U16 {
+                    let ds = a.ds16.as_ptr().add((t0 + t) * 2 * nb + 2 * b);
+                    let m0 = _mm256_loadu_ps(mp.add(2 * b * PR));
+                    let m1 = _mm256_loadu_ps(mp.add((2 * b + 1) * PR));
+                    acc[t] = _mm256_fmadd_ps(m0, _mm256_set1_ps(*ds), acc[t]);
+                    acc[t] = _mm256_fmadd_ps(m1, _mm256_set1_ps(*ds.add(1)), acc[t]);
+                } else {
+                    let ds = *a.ds.as_ptr().add((t0 + t) * nb + b);
+                    acc[t] = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(mp.add(b * PR)),
+                        _mm256_set1_ps(ds),
+                        acc[t],
+                    );
                 }
             }
-            let widen = if KIND == K_U16 {
-                loadu(pan.sv.as_ptr().add(2 * b + s / 4) as *const u8)
-            } else {
-                ones
-            };
-            for t in 0..T {
-                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(s16[t], widen));
-            }
-            s += STEPS;
         }
-        let dw = _mm256_loadu_ps(pan.d.as_ptr().add(b * PR));
-        let mp = pan.mi.as_ptr();
         for t in 0..T {
-            let sc = _mm256_mul_ps(dw, _mm256_set1_ps(*xd[t].add(b)));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), sc, acc[t]);
-            if KIND == K_U16 {
-                let ds = a.ds16.as_ptr().add((t0 + t) * 2 * nb + 2 * b);
-                let m0 = _mm256_loadu_ps(mp.add(2 * b * PR));
-                let m1 = _mm256_loadu_ps(mp.add((2 * b + 1) * PR));
-                acc[t] = _mm256_fmadd_ps(m0, _mm256_set1_ps(*ds), acc[t]);
-                acc[t] = _mm256_fmadd_ps(m1, _mm256_set1_ps(*ds.add(1)), acc[t]);
+            let v = acc[t];
+            let o = out.add((t0 + t) * ld);
+            if rr == PR {
+                _mm256_storeu_ps(o, v);
             } else {
-                let ds = *a.ds.as_ptr().add((t0 + t) * nb + b);
-                acc[t] =
-                    _mm256_fmadd_ps(_mm256_loadu_ps(mp.add(b * PR)), _mm256_set1_ps(ds), acc[t]);
+                let mut tmp = [0f32; PR];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), v);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), o, rr);
             }
         }
-    }
-    for t in 0..T {
-        let v = acc[t];
-        let o = out.add((t0 + t) * ld);
-        if rr == PR {
-            _mm256_storeu_ps(o, v);
-        } else {
-            let mut tmp = [0f32; PR];
-            _mm256_storeu_ps(tmp.as_mut_ptr(), v);
-            std::ptr::copy_nonoverlapping(tmp.as_ptr(), o, rr);
-        }
-    }
+    }};
 }
+use interleaved_tile;
 
 /// Products of 4-byte steps that add up in 16-bit lanes before widening (see
 /// [`tile_interleaved`]): 8, 4, 2 or 1 for weights up to 15, 31, 63 or 127.

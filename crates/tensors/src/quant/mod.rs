@@ -27,7 +27,9 @@
 //!   thread count); small products stay on the calling thread.
 //!
 //! The AVX2 kernels are chosen at run time ([`crate::kernels::Family::active`]:
-//! the CPU's features, or `KVMERGER_KERNELS=plain`); the portable ones (`scalar`) define the
+//! the CPU's features, or `KVMERGER_KERNELS=plain`); with the `avx512` family on
+//! a CPU with AVX-512 VNNI the unsigned prefill tiles use `vpdpbusd` ([`vnni`]).
+//! The portable kernels (`scalar`) define the
 //! arithmetic and give the same integer sums, so results differ only by f32
 //! rounding order.
 //!
@@ -669,6 +671,20 @@ impl Isa {
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Scalar
     }
+}
+
+/// Whether the prefill tiles of the unsigned formats may use AVX-512 VNNI's
+/// `vpdpbusd`: the CPU has AVX-512 VNNI and VL, and the active kernel family
+/// is `avx512` (so `KVMERGER_KERNELS=avx2` measures what an AVX2-only CPU runs).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn vnni() -> bool {
+    use std::sync::OnceLock;
+    static VNNI: OnceLock<bool> = OnceLock::new();
+    *VNNI.get_or_init(|| {
+        crate::kernels::Family::active() == crate::kernels::Family::Avx512
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vl")
+    })
 }
 
 /// `out[r] = W[r] . x` for rows `r0..r1` and one token.

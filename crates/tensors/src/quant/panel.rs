@@ -281,7 +281,8 @@ unsafe fn avx2_signed(
 }
 
 /// Dispatches [`super::avx2::tile_interleaved`] on the kind, the steps that
-/// add up in 16 bits, and the token count (`1..=IT`).
+/// add up in 16 bits, and the token count (`1..=IT`); unsigned panels go to
+/// the VNNI version where [`super::vnni`] allows.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn avx2_interleaved(
@@ -304,6 +305,15 @@ unsafe fn avx2_interleaved(
                 3 => tile_interleaved::<$k, 3, $s>(pan, a, t, rr, o, ld),
                 _ => tile_interleaved::<$k, IT, $s>(pan, a, t, rr, o, ld),
             }
+        };
+    }
+    if kd == Kind::Unsigned && super::vnni() {
+        use super::avx2::tile_interleaved_vnni;
+        return match tt {
+            1 => tile_interleaved_vnni::<1>(pan, a, t, rr, o, ld),
+            2 => tile_interleaved_vnni::<2>(pan, a, t, rr, o, ld),
+            3 => tile_interleaved_vnni::<3>(pan, a, t, rr, o, ld),
+            _ => tile_interleaved_vnni::<IT>(pan, a, t, rr, o, ld),
         };
     }
     match (kd, steps) {
