@@ -741,46 +741,54 @@ pub(crate) unsafe fn tile_interleaved<const KIND: u8, const T: usize, const STEP
     out: *mut f32,
     ld: usize,
 ) {
-    interleaved_tile!(false, pan, a, t0, rr, out, ld)
+    const NP: usize = 1;
+    interleaved_tile!(false, [pan], a, t0, [rr], [out], ld)
 }
 
 /// [`tile_interleaved`] for [`K_U`] with AVX-512 VNNI's `vpdpbusd` (on
-/// 256-bit registers): one instruction per step, no 16-bit partial sums.
+/// 256-bit registers, of which AVX-512VL gives 32): one instruction per step,
+/// no 16-bit partial sums, and `NP` panels a tile (each activation broadcast
+/// serves `NP * PR` rows).
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-pub(crate) unsafe fn tile_interleaved_vnni<const T: usize>(
-    pan: &Panel,
+pub(crate) unsafe fn tile_interleaved_vnni<const T: usize, const NP: usize>(
+    pans: [&Panel; NP],
     a: &QActs,
     t0: usize,
-    rr: usize,
-    out: *mut f32,
+    rr: [usize; NP],
+    out: [*mut f32; NP],
     ld: usize,
 ) {
     const KIND: u8 = K_U;
     const STEPS: usize = 8;
-    interleaved_tile!(true, pan, a, t0, rr, out, ld)
+    interleaved_tile!(true, pans, a, t0, rr, out, ld)
 }
 
 /// The body of [`tile_interleaved`] and [`tile_interleaved_vnni`] (a macro, so
-/// that each is compiled with its own target features). `KIND`, `T` and
-/// `STEPS` are the caller's constants.
+/// that each is compiled with its own target features). `KIND`, `T`, `STEPS`
+/// and `NP` (panels a tile) are the caller's constants.
 macro_rules! interleaved_tile {
-    ($vnni:literal, $pan:expr, $a:expr, $t0:expr, $rr:expr, $out:expr, $ld:expr) => {{
-        let (pan, a, t0, rr, out, ld): (&Panel, &QActs, usize, usize, *mut f32, usize) =
-            ($pan, $a, $t0, $rr, $out, $ld);
-        const { assert!(PR == 8 && STEPS >= 1 && 8 % STEPS == 0) };
-        let nb = pan.nb;
-        assert!(
-            KIND != K_S
-                && a.n >= t0 + T
-                && pan.qi.len() >= nb * PR * 32
-                && pan.d.len() >= nb * PR
-                && pan.mi.len() >= pan.nm * PR
-                && pan.nm == if KIND == K_U16 { 2 * nb } else { nb }
-                && (KIND != K_U16 || (STEPS <= 4 && pan.sv.len() >= 2 * nb))
-                && a.ds.len() >= (t0 + T) * nb
-                && a.ds16.len() >= (t0 + T) * 2 * nb
-                && rr <= PR
-        );
+    ($vnni:literal, $pans:expr, $a:expr, $t0:expr, $rr:expr, $out:expr, $ld:expr) => {{
+        let pans: [&Panel; NP] = $pans;
+        let a: &QActs = $a;
+        let (t0, ld): (usize, usize) = ($t0, $ld);
+        let rr: [usize; NP] = $rr;
+        let out: [*mut f32; NP] = $out;
+        const { assert!(PR == 8 && STEPS >= 1 && 8 % STEPS == 0 && NP >= 1) };
+        let nb = pans[0].nb;
+        for p in 0..NP {
+            let pan = pans[p];
+            assert!(
+                KIND != K_S
+                    && pan.nb == nb
+                    && pan.qi.len() >= nb * PR * 32
+                    && pan.d.len() >= nb * PR
+                    && pan.mi.len() >= pan.nm * PR
+                    && pan.nm == if KIND == K_U16 { 2 * nb } else { nb }
+                    && (KIND != K_U16 || (STEPS <= 4 && pan.sv.len() >= 2 * nb))
+                    && rr[p] <= PR
+            );
+        }
+        assert!(a.n >= t0 + T && a.ds.len() >= (t0 + T) * nb && a.ds16.len() >= (t0 + T) * 2 * nb);
         let mut xq = [std::ptr::null::<u8>(); T];
         let mut xd = [std::ptr::null::<f32>(); T];
         for t in 0..T {
@@ -788,75 +796,92 @@ macro_rules! interleaved_tile {
             xd[t] = a.d.as_ptr().add((t0 + t) * nb);
         }
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); T];
+        let mut acc = [[_mm256_setzero_ps(); T]; NP];
         for b in 0..nb {
-            let wp = pan.qi.as_ptr().add(b * PR * 32);
-            let mut isum = [_mm256_setzero_si256(); T];
+            let mut wp = [std::ptr::null::<u8>(); NP];
+            for p in 0..NP {
+                wp[p] = pans[p].qi.as_ptr().add(b * PR * 32);
+            }
+            let mut isum = [[_mm256_setzero_si256(); T]; NP];
             let mut s = 0;
             if $vnni {
                 // One instruction per step: u8 x i8 products added into i32 lanes.
                 for j in 0..8 {
-                    let w = loadu(wp.add(j * 32));
+                    let mut w = [_mm256_setzero_si256(); NP];
+                    for p in 0..NP {
+                        w[p] = loadu(wp[p].add(j * 32));
+                    }
                     for t in 0..T {
                         let x = _mm256_set1_epi32(std::ptr::read_unaligned(
                             xq[t].add(32 * b + 4 * j) as *const i32,
                         ));
-                        isum[t] = _mm256_dpbusd_epi32(isum[t], w, x);
+                        for p in 0..NP {
+                            isum[p][t] = _mm256_dpbusd_epi32(isum[p][t], w[p], x);
+                        }
                     }
                 }
                 s = 8;
             }
             while s < 8 {
-                let mut s16 = [_mm256_setzero_si256(); T];
+                let mut s16 = [[_mm256_setzero_si256(); T]; NP];
                 for j in s..s + STEPS {
-                    let w = loadu(wp.add(j * 32));
+                    let mut w = [_mm256_setzero_si256(); NP];
+                    for p in 0..NP {
+                        w[p] = loadu(wp[p].add(j * 32));
+                    }
                     for t in 0..T {
                         let x = _mm256_set1_epi32(std::ptr::read_unaligned(
                             xq[t].add(32 * b + 4 * j) as *const i32,
                         ));
-                        s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(w, x));
+                        for p in 0..NP {
+                            s16[p][t] = _mm256_add_epi16(s16[p][t], _mm256_maddubs_epi16(w[p], x));
+                        }
                     }
                 }
-                let widen = if KIND == K_U16 {
-                    loadu(pan.sv.as_ptr().add(2 * b + s / 4) as *const u8)
-                } else {
-                    ones
-                };
-                for t in 0..T {
-                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(s16[t], widen));
+                for p in 0..NP {
+                    let widen = if KIND == K_U16 {
+                        loadu(pans[p].sv.as_ptr().add(2 * b + s / 4) as *const u8)
+                    } else {
+                        ones
+                    };
+                    for t in 0..T {
+                        isum[p][t] =
+                            _mm256_add_epi32(isum[p][t], _mm256_madd_epi16(s16[p][t], widen));
+                    }
                 }
                 s += STEPS;
             }
-            let dw = _mm256_loadu_ps(pan.d.as_ptr().add(b * PR));
-            let mp = pan.mi.as_ptr();
-            for t in 0..T {
-                let sc = _mm256_mul_ps(dw, _mm256_set1_ps(*xd[t].add(b)));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), sc, acc[t]);
-                if KIND == K_U16 {
-                    let ds = a.ds16.as_ptr().add((t0 + t) * 2 * nb + 2 * b);
-                    let m0 = _mm256_loadu_ps(mp.add(2 * b * PR));
-                    let m1 = _mm256_loadu_ps(mp.add((2 * b + 1) * PR));
-                    acc[t] = _mm256_fmadd_ps(m0, _mm256_set1_ps(*ds), acc[t]);
-                    acc[t] = _mm256_fmadd_ps(m1, _mm256_set1_ps(*ds.add(1)), acc[t]);
-                } else {
-                    let ds = *a.ds.as_ptr().add((t0 + t) * nb + b);
-                    acc[t] = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(mp.add(b * PR)),
-                        _mm256_set1_ps(ds),
-                        acc[t],
-                    );
+            for p in 0..NP {
+                let dw = _mm256_loadu_ps(pans[p].d.as_ptr().add(b * PR));
+                let mp = pans[p].mi.as_ptr();
+                for t in 0..T {
+                    let sc = _mm256_mul_ps(dw, _mm256_set1_ps(*xd[t].add(b)));
+                    acc[p][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[p][t]), sc, acc[p][t]);
+                    if KIND == K_U16 {
+                        let ds = a.ds16.as_ptr().add((t0 + t) * 2 * nb + 2 * b);
+                        let m0 = _mm256_loadu_ps(mp.add(2 * b * PR));
+                        let m1 = _mm256_loadu_ps(mp.add((2 * b + 1) * PR));
+                        acc[p][t] = _mm256_fmadd_ps(m0, _mm256_set1_ps(*ds), acc[p][t]);
+                        acc[p][t] = _mm256_fmadd_ps(m1, _mm256_set1_ps(*ds.add(1)), acc[p][t]);
+                    } else {
+                        let ds = *a.ds.as_ptr().add((t0 + t) * nb + b);
+                        let m = _mm256_loadu_ps(mp.add(b * PR));
+                        acc[p][t] = _mm256_fmadd_ps(m, _mm256_set1_ps(ds), acc[p][t]);
+                    }
                 }
             }
         }
-        for t in 0..T {
-            let v = acc[t];
-            let o = out.add((t0 + t) * ld);
-            if rr == PR {
-                _mm256_storeu_ps(o, v);
-            } else {
-                let mut tmp = [0f32; PR];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), v);
-                std::ptr::copy_nonoverlapping(tmp.as_ptr(), o, rr);
+        for p in 0..NP {
+            for t in 0..T {
+                let v = acc[p][t];
+                let o = out[p].add((t0 + t) * ld);
+                if rr[p] == PR {
+                    _mm256_storeu_ps(o, v);
+                } else {
+                    let mut tmp = [0f32; PR];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), v);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), o, rr[p]);
+                }
             }
         }
     }};

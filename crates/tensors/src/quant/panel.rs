@@ -231,11 +231,32 @@ pub(crate) fn panel_rows(
         let mut t0 = 0;
         while t0 < a.n {
             let t1 = (t0 + tb).min(a.n);
-            for (i, pan) in pans[..np].iter().enumerate() {
+            // With VNNI, unsigned panels go two at a time (16 rows a tile).
+            #[cfg(target_arch = "x86_64")]
+            let pairs = isa == Isa::Avx2 && kd == Kind::Unsigned && super::vnni();
+            let mut i = 0;
+            while i < np {
+                let pan = &pans[i];
                 let r = g0 + i * PR;
                 let rr = (g1 - r).min(PR);
                 // SAFETY: the caller owns out[t*ld + r0..r1] for every t.
                 let o = unsafe { out.add(r) };
+                #[cfg(target_arch = "x86_64")]
+                if pairs && i + 1 < np {
+                    let rr2 = (g1 - r - PR).min(PR);
+                    // SAFETY: as above; VNNI checked by `super::vnni`.
+                    unsafe {
+                        let o2 = out.add(r + PR);
+                        let mut t = t0;
+                        while t < t1 {
+                            let tt = (t1 - t).min(IT);
+                            avx2_vnni_pair(tt, [pan, &pans[i + 1]], a, t, [rr, rr2], [o, o2], ld);
+                            t += tt;
+                        }
+                    }
+                    i += 2;
+                    continue;
+                }
                 match isa {
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 => unsafe {
@@ -254,6 +275,7 @@ pub(crate) fn panel_rows(
                     },
                     _ => scalar_panel(pan, a, t0, t1, rr, o, ld),
                 }
+                i += 1;
             }
             t0 = t1;
         }
@@ -308,13 +330,7 @@ unsafe fn avx2_interleaved(
         };
     }
     if kd == Kind::Unsigned && super::vnni() {
-        use super::avx2::tile_interleaved_vnni;
-        return match tt {
-            1 => tile_interleaved_vnni::<1>(pan, a, t, rr, o, ld),
-            2 => tile_interleaved_vnni::<2>(pan, a, t, rr, o, ld),
-            3 => tile_interleaved_vnni::<3>(pan, a, t, rr, o, ld),
-            _ => tile_interleaved_vnni::<IT>(pan, a, t, rr, o, ld),
-        };
+        return avx2_vnni_pair(tt, [pan], a, t, [rr], [o], ld);
     }
     match (kd, steps) {
         (Kind::Unsigned, 8) => by_tokens!(K_U, 8),
@@ -324,6 +340,27 @@ unsafe fn avx2_interleaved(
         (Kind::Unsigned16, 4 | 8) => by_tokens!(K_U16, 4),
         (Kind::Unsigned16, 2) => by_tokens!(K_U16, 2),
         _ => by_tokens!(K_U16, 1),
+    }
+}
+
+/// Dispatches [`super::avx2::tile_interleaved_vnni`] on the token count
+/// (`1..=IT`), for `NP` unsigned panels side by side.
+#[cfg(target_arch = "x86_64")]
+unsafe fn avx2_vnni_pair<const NP: usize>(
+    tt: usize,
+    pans: [&Panel; NP],
+    a: &QActs,
+    t: usize,
+    rr: [usize; NP],
+    o: [*mut f32; NP],
+    ld: usize,
+) {
+    use super::avx2::tile_interleaved_vnni;
+    match tt {
+        1 => tile_interleaved_vnni::<1, NP>(pans, a, t, rr, o, ld),
+        2 => tile_interleaved_vnni::<2, NP>(pans, a, t, rr, o, ld),
+        3 => tile_interleaved_vnni::<3, NP>(pans, a, t, rr, o, ld),
+        _ => tile_interleaved_vnni::<IT, NP>(pans, a, t, rr, o, ld),
     }
 }
 
