@@ -214,20 +214,26 @@ fn isas_agree() {
             .collect();
         let m = QMatrix::quantize(ty, rows, cols, &w);
         for n in [1, 2, 4, 5, 11] {
-            let mut o1 = vec![0f32; n * rows];
-            let mut o2 = vec![0f32; n * rows];
-            m.matmul_isa(Isa::Scalar, &x[..n * cols], n, &mut o1);
-            m.matmul_isa(isa, &x[..n * cols], n, &mut o2);
-            let scale = o1.iter().fold(0f32, |s, v| s.max(v.abs()));
-            for i in 0..o1.len() {
-                assert!(
-                    (o1[i] - o2[i]).abs() <= 2e-5 * scale,
-                    "{ty} n={n} [{i}]: {} vs {}",
-                    o1[i],
-                    o2[i]
-                );
-            }
+            assert_isa_matches_scalar(isa, &m, &x[..n * cols], n, &format!("{ty} n={n}"));
         }
+    }
+}
+
+/// `m`'s product with `n` tokens of `x` under `isa` is the scalar kernel's, up to
+/// the order of f32 additions (2e-5 of the largest output).
+fn assert_isa_matches_scalar(isa: Isa, m: &QMatrix, x: &[f32], n: usize, what: &str) {
+    let mut o1 = vec![0f32; n * m.rows()];
+    let mut o2 = vec![0f32; n * m.rows()];
+    m.matmul_isa(Isa::Scalar, x, n, &mut o1);
+    m.matmul_isa(isa, x, n, &mut o2);
+    let scale = o1.iter().fold(1e-6f32, |s, v| s.max(v.abs()));
+    for i in 0..o1.len() {
+        assert!(
+            (o1[i] - o2[i]).abs() <= 2e-5 * scale,
+            "{what} [{i}]: {} vs {}",
+            o1[i],
+            o2[i]
+        );
     }
 }
 
@@ -251,19 +257,7 @@ fn panel_groups_and_token_blocks_agree() {
         GgmlType::Q8_0,
     ] {
         let m = QMatrix::quantize(ty, rows, cols, &rand_vec(rows * cols, 9));
-        let mut o1 = vec![0f32; n * rows];
-        let mut o2 = vec![0f32; n * rows];
-        m.matmul_isa(Isa::Scalar, &x, n, &mut o1);
-        m.matmul_isa(isa, &x, n, &mut o2);
-        let scale = o1.iter().fold(0f32, |s, v| s.max(v.abs()));
-        for i in 0..o1.len() {
-            assert!(
-                (o1[i] - o2[i]).abs() <= 2e-5 * scale,
-                "{ty} [{i}]: {} vs {}",
-                o1[i],
-                o2[i]
-            );
-        }
+        assert_isa_matches_scalar(isa, &m, &x, n, &format!("{ty}"));
     }
 }
 
@@ -286,19 +280,7 @@ fn extreme_blocks_do_not_saturate() {
             let m = QMatrix::quantize(ty, rows, cols, &w);
             for sx in [1.0f32, -1.0] {
                 let x = vec![sx; n * cols];
-                let mut o1 = vec![0f32; n * rows];
-                let mut o2 = vec![0f32; n * rows];
-                m.matmul_isa(Isa::Scalar, &x, n, &mut o1);
-                m.matmul_isa(isa, &x, n, &mut o2);
-                let scale = o1.iter().fold(1e-6f32, |s, v| s.max(v.abs()));
-                for i in 0..o1.len() {
-                    assert!(
-                        (o1[i] - o2[i]).abs() <= 2e-5 * scale,
-                        "{ty} weights {sw} x {sx} [{i}]: {} vs {}",
-                        o1[i],
-                        o2[i]
-                    );
-                }
+                assert_isa_matches_scalar(isa, &m, &x, n, &format!("{ty} weights {sw} x {sx}"));
             }
         }
     }
