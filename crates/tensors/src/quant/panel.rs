@@ -26,9 +26,6 @@ pub(crate) struct Panel {
     pub d: Vec<f32>,
     /// `[nb][PR]` integer scales of each 16 ([`Kind::Unsigned16`]).
     pub sc: Vec<[i16; 2]>,
-    /// `[nb][PR]` the same, spread over the 16 lanes of a `vpmaddwd`
-    /// operand ([`Kind::Unsigned16`] only, else empty).
-    pub scv: Vec<[i16; 16]>,
     /// Offsets per row: `nb` ([`Kind::Unsigned`]), `2 nb` ([`Kind::Unsigned16`]) or 0.
     pub nm: usize,
     /// `[PR][nm]` offsets.
@@ -61,11 +58,6 @@ impl Panel {
             q: vec![0; nb * PR * 32],
             d: vec![0.0; nb * PR],
             sc: vec![[1, 1]; nb * PR],
-            scv: if kind == Kind::Unsigned16 {
-                vec![[0; 16]; nb * PR]
-            } else {
-                Vec::new()
-            },
             nm,
             m: vec![0.0; PR * nm],
             qi: if kind == Kind::Signed {
@@ -137,7 +129,6 @@ impl Panel {
                     )
                 };
                 if done {
-                    self.spread_scales(r);
                     continue;
                 }
             }
@@ -156,21 +147,9 @@ impl Panel {
                     Kind::Signed => {}
                 }
             }
-            self.spread_scales(r);
         }
         if isa != Isa::Scalar {
             self.interleave();
-        }
-    }
-
-    fn spread_scales(&mut self, r: usize) {
-        if self.kind == Kind::Unsigned16 {
-            for b in 0..self.nb {
-                let [s0, s1] = self.sc[b * PR + r];
-                let v = &mut self.scv[b * PR + r];
-                v[..8].fill(s0);
-                v[8..].fill(s1);
-            }
         }
     }
 
