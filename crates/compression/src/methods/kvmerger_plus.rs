@@ -64,6 +64,7 @@ pub const OPTIONS: &[OptionDoc] = &[
     OptionDoc { key: "epsilon", default: "0.5", help: "cosine threshold for absorbing a neighbour into a pivot" },
     OptionDoc { key: "damp", default: "0.5", help: "factor on the log attention-mass bias, in [0, 1]" },
     OptionDoc { key: "cap", default: "1.386", help: "largest bias added to a merged slot (ln 4)" },
+    OptionDoc { key: "evicted", default: "drop", help: "what becomes of the slots neither kept nor merged: drop, or mean (one slot per head holds their mean key and value, logit bias ln of their number; it takes one slot of the budget)" },
 ];
 
 const MIN_WEIGHT: f32 = 1e-12;
@@ -110,6 +111,8 @@ pub struct KvMergerPlus {
     pub epsilon: f32,
     pub damp: f32,
     pub cap: f32,
+    /// The evicted slots of each head become one slot (`evicted=mean`).
+    pub evicted_mean: bool,
 }
 
 /// What `kvmerger+` does to one head. Every slot is in exactly one of `protected`, a
@@ -192,6 +195,7 @@ impl KvMergerPlus {
             epsilon,
             damp: super::fraction_or(opts, "damp", 0.5)?,
             cap,
+            evicted_mean: opts.choice_or("evicted", &["drop", "mean"], "drop")? == "mean",
         })
     }
 
@@ -344,6 +348,9 @@ impl KvMergerPlus {
             }
             out.push(data.key(p), &value, meta);
         }
+        if self.evicted_mean && !plan.dropped.is_empty() {
+            out = with_evicted_mean(out, data, &plan.dropped);
+        }
         out
     }
 
@@ -372,11 +379,64 @@ impl KvMergerPlus {
             .map_err(|e| scorer::missing_as("kvmerger+", e))
     }
 
+    /// `input` with one slot of its budget set aside for the evicted slots' mean
+    /// (`evicted=mean`, when the head loses anything).
+    fn reserve<'a>(&self, input: HeadInput<'a>) -> HeadInput<'a> {
+        let mut i = input;
+        if self.evicted_mean && i.budget < i.data.len() {
+            i.budget = i
+                .budget
+                .saturating_sub(1)
+                .max(self.min_slots().min(i.budget));
+        }
+        i
+    }
+
     fn kept_alone(&self, input: &HeadInput<'_>, scores: &[f32]) -> Vec<usize> {
         let mut k = super::top_k(scores, (0..scores.len()).collect(), input.budget);
         k.sort_unstable();
         k
     }
+}
+
+/// `kept` (in position order) with one more slot standing for the `evicted` slots of
+/// `data`: their mean key and mean value, a logit bias of their mean bias plus the log
+/// of their number (for any query, exp(q·mean k + ln n) is at most the attention mass
+/// the evicted keys drew: the exponential is convex), their counts and scores summed,
+/// at the position of the newest of them.
+fn with_evicted_mean(kept: HeadData, data: &HeadData, evicted: &[usize]) -> HeadData {
+    let d = data.dim;
+    let n = evicted.len() as f32;
+    let (mut key, mut value) = (vec![0.0f32; d], vec![0.0f32; d]);
+    let mut meta = data.meta[evicted[evicted.len() - 1]];
+    meta.count = 0;
+    meta.score = 0.0;
+    let mut bias = 0.0f32;
+    for &i in evicted {
+        key.iter_mut()
+            .zip(data.key(i))
+            .for_each(|(a, x)| *a += x / n);
+        value
+            .iter_mut()
+            .zip(data.value(i))
+            .for_each(|(a, x)| *a += x / n);
+        meta.count += data.meta[i].count;
+        meta.score += data.meta[i].score;
+        bias += data.meta[i].bias / n;
+    }
+    meta.bias = bias + n.ln();
+    let at = kept.meta.partition_point(|m| m.position <= meta.position);
+    let mut out = HeadData::new(d);
+    for j in 0..kept.len() {
+        if j == at {
+            out.push(&key, &value, meta);
+        }
+        out.push(kept.key(j), kept.value(j), kept.meta[j]);
+    }
+    if at == kept.len() {
+        out.push(&key, &value, meta);
+    }
+    out
 }
 
 fn mask(n: usize, idx: &[usize]) -> Vec<bool> {
@@ -398,7 +458,7 @@ impl Method for KvMergerPlus {
         self.selector.always_kept().map_or(0, |(_, k)| k)
     }
     fn mass_correction(&self) -> MassCorrection {
-        if self.merge && self.mass {
+        if (self.merge && self.mass) || self.evicted_mean {
             MassCorrection::LogitBias
         } else {
             MassCorrection::None
@@ -416,7 +476,7 @@ impl Method for KvMergerPlus {
         )?;
         let (selector, merge) = self.settings(std::slice::from_ref(&input));
         let scores = Self::head_scores(selector, &input)?;
-        let kept = self.kept_alone(&input, &scores);
+        let kept = self.kept_alone(&self.reserve(input), &scores);
         Ok(self.finish(&input, &kept, &scores, merge))
     }
     fn compress_all(&self, inputs: &[HeadInput<'_>]) -> Result<Vec<HeadData>, Error> {
@@ -432,7 +492,8 @@ impl Method for KvMergerPlus {
             .par_iter()
             .map(|i| Self::head_scores(selector, i))
             .collect::<Result<_, _>>()?;
-        let kept = select::kept_shared(inputs, &scores, self.scope, self.alpha);
+        let reserved: Vec<HeadInput<'_>> = inputs.iter().map(|&i| self.reserve(i)).collect();
+        let kept = select::kept_shared(&reserved, &scores, self.scope, self.alpha);
         Ok(inputs
             .par_iter()
             .zip(&kept)

@@ -545,3 +545,70 @@ fn kvmerger_plus_at_a_tight_budget_is_kvzip_with_64_or_128_sinks_unless_told_oth
     let out = plus(&[]).compress(narrow).unwrap();
     assert!(identical(&out, &kvzip("64").compress(narrow).unwrap()));
 }
+
+#[test]
+fn evicted_slots_become_one_mean_slot_that_reproduces_identical_keys_and_bounds_their_mass() {
+    // identical_run's slots 2..8 share one key. Window votes keep 0, 1 and 8, the
+    // window keeps 9..12: with one slot of the 7 set aside, the evicted are exactly
+    // the identical run, and their mean slot reproduces full attention.
+    let mut h = identical_run();
+    h.stats.window = Some(vec![
+        2.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0,
+    ]);
+    let opts = [
+        ("selector", "snapkv"),
+        ("window", "3"),
+        ("kernel", "1"),
+        ("merge", "none"),
+        ("evicted", "mean"),
+    ];
+    let out = plus(&opts).compress(h.input(7, mid())).unwrap();
+    assert_eq!(out.len(), 7);
+    assert_eq!(data::positions(&out), vec![0, 1, 7, 8, 9, 10, 11]);
+    assert_eq!(out.meta[2].count, 6);
+    for q in 0..12 {
+        let query = h.data.key(q);
+        let (full, kept) = (attend(query, &h.data), attend(query, &out));
+        assert!(max_abs_diff(&full, &kept) < 1e-5, "query {q}");
+    }
+    // Without it, the run is gone and attention changes.
+    let dropped = plus(&opts[..4]).compress(h.input(7, mid())).unwrap();
+    assert_eq!(dropped.len(), 7);
+    assert!(
+        max_abs_diff(
+            &attend(h.data.key(0), &h.data),
+            &attend(h.data.key(0), &dropped)
+        ) > 1e-3
+    );
+
+    // Unrelated keys under KVzip's selection: the budget holds, and for any query the
+    // mean slot draws at most the mass its members drew.
+    let n = 300;
+    let h = head(n, 16, 5);
+    let out = plus(&[("evicted", "mean"), ("sinks", "4")])
+        .compress(h.input(40, mid()))
+        .unwrap();
+    assert_eq!(out.len(), 40);
+    let mean = (0..out.len()).find(|&i| out.meta[i].count > 1).unwrap();
+    let kept: Vec<u32> = data::positions(&out)
+        .into_iter()
+        .enumerate()
+        .filter(|&(i, _)| i != mean)
+        .map(|(_, p)| p)
+        .collect();
+    let evicted: Vec<usize> = (0..n).filter(|&i| !kept.contains(&(i as u32))).collect();
+    assert_eq!(out.meta[mean].count as usize, evicted.len());
+    let scale = 1.0 / 4.0f32;
+    let logit =
+        |q: &[f32], k: &[f32], b: f32| q.iter().zip(k).map(|(a, c)| a * c).sum::<f32>() * scale + b;
+    for q in (0..n).step_by(17) {
+        let query = h.data.key(q);
+        let bound = logit(query, out.key(mean), out.meta[mean].bias).exp();
+        let mass: f32 = evicted
+            .iter()
+            .map(|&i| logit(query, h.data.key(i), h.data.meta[i].bias).exp())
+            .sum();
+        assert!(bound <= mass * 1.0001, "query {q}: {bound} > {mass}");
+        assert!(bound > 0.0);
+    }
+}
