@@ -22,6 +22,15 @@
 //!    other queries give to the absorbed slots. With `damp=1` and a high cap, identical
 //!    keys reproduce full attention exactly.
 //!
+//! 5. **Evicted** (`evicted=mean`; off by default): the slots neither kept nor merged
+//!    become one slot per head, their mean key and mean value, with a logit bias of
+//!    their mean bias plus the log of their number, placed at the newest one's
+//!    position. For any query its weight is at most the attention mass the evicted
+//!    slots drew (the exponential is convex), so a head whose attention was spread
+//!    over them keeps most of that mass on their mean value instead of pouring it onto
+//!    the kept slots. It takes one slot of the head's budget. In a sliding-window layer
+//!    it stays visible as long as the newest evicted slot does.
+//!
 //! Scores at or below zero are read as 1e-12 so the ratios stay finite (the cap bounds
 //! them). Count and score of a merged slot are the members' sums; its position is the
 //! pivot's.
@@ -41,7 +50,7 @@
 //! (`bias` or `none`), `epsilon` (0.5: the independent study found KVMerger at 0.5
 //! better than at 0.75, and with fixed keys a lower threshold only mixes values),
 //! `damp` (0.5), `cap` (ln 4 = 1.386: a merged slot draws at most 4 times its pivot's
-//! own attention). Every other option goes to the selector (`window=16` for snapkv).
+//! own attention), `evicted` (`drop` or `mean`). Every other option goes to the selector (`window=16` for snapkv).
 //!
 //! What was measured, and why these defaults: docs/kvmerger-method.md.
 
