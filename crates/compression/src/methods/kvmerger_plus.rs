@@ -59,7 +59,7 @@ use super::{OptionDoc, ScorerFactory};
 use crate::method::{HeadInput, MassCorrection, Method, Options, StatsNeeds};
 use crate::scorer::{self, Scorer};
 use crate::select::{self, Scope};
-use crate::store::HeadData;
+use crate::store::{HeadData, SlotMeta};
 use crate::Error;
 
 pub const SUMMARY: &str =
@@ -73,7 +73,7 @@ pub const OPTIONS: &[OptionDoc] = &[
     OptionDoc { key: "epsilon", default: "0.5", help: "cosine threshold for absorbing a neighbour into a pivot" },
     OptionDoc { key: "damp", default: "0.5", help: "factor on the log attention-mass bias, in [0, 1]" },
     OptionDoc { key: "cap", default: "1.386", help: "largest bias added to a merged slot (ln 4)" },
-    OptionDoc { key: "evicted", default: "drop", help: "what becomes of the slots neither kept nor merged: drop, or mean (one slot per head holds their mean key and value, logit bias ln of their number; it takes one slot of the budget)" },
+    OptionDoc { key: "evicted", default: "drop", help: "what becomes of the slots neither kept nor merged: drop, or mean (one slot per head holds their mean key and value, logit bias their mean bias plus ln of their number; it takes one slot of the budget)" },
 ];
 
 const MIN_WEIGHT: f32 = 1e-12;
@@ -331,7 +331,17 @@ impl KvMergerPlus {
         order.sort_unstable_by_key(|x| x.0);
         let mut out = HeadData::new(data.dim);
         let mut value = vec![0.0f32; data.dim];
+        // The evicted slots' mean goes in before the first slot past its position.
+        let mut evicted = (self.evicted_mean && !plan.dropped.is_empty())
+            .then(|| evicted_mean(data, &plan.dropped));
         for (p, set) in order {
+            if evicted
+                .as_ref()
+                .is_some_and(|e| e.2.position < data.meta[p].position)
+            {
+                let (k, v, m) = evicted.take().expect("checked");
+                out.push(&k, &v, m);
+            }
             let set = match set {
                 Some(set) if set.members.len() > 1 => set,
                 _ => {
@@ -357,8 +367,8 @@ impl KvMergerPlus {
             }
             out.push(data.key(p), &value, meta);
         }
-        if self.evicted_mean && !plan.dropped.is_empty() {
-            out = with_evicted_mean(out, data, &plan.dropped);
+        if let Some((k, v, m)) = evicted {
+            out.push(&k, &v, m);
         }
         out
     }
@@ -408,12 +418,12 @@ impl KvMergerPlus {
     }
 }
 
-/// `kept` (in position order) with one more slot standing for the `evicted` slots of
-/// `data`: their mean key and mean value, a logit bias of their mean bias plus the log
-/// of their number (for any query, exp(q·mean k + ln n) is at most the attention mass
-/// the evicted keys drew: the exponential is convex), their counts and scores summed,
-/// at the position of the newest of them.
-fn with_evicted_mean(kept: HeadData, data: &HeadData, evicted: &[usize]) -> HeadData {
+/// The one slot standing for the `evicted` slots of `data` (key, value, metadata):
+/// their mean key and mean value, a logit bias of their mean bias plus the log of their
+/// number (for any query, exp(q·mean k + ln n) is at most the attention mass the
+/// evicted keys drew: the exponential is convex), their counts and scores summed, at
+/// the position of the newest of them.
+fn evicted_mean(data: &HeadData, evicted: &[usize]) -> (Vec<f32>, Vec<f32>, SlotMeta) {
     let d = data.dim;
     let n = evicted.len() as f32;
     let (mut key, mut value) = (vec![0.0f32; d], vec![0.0f32; d]);
@@ -434,18 +444,7 @@ fn with_evicted_mean(kept: HeadData, data: &HeadData, evicted: &[usize]) -> Head
         bias += data.meta[i].bias / n;
     }
     meta.bias = bias + n.ln();
-    let at = kept.meta.partition_point(|m| m.position <= meta.position);
-    let mut out = HeadData::new(d);
-    for j in 0..kept.len() {
-        if j == at {
-            out.push(&key, &value, meta);
-        }
-        out.push(kept.key(j), kept.value(j), kept.meta[j]);
-    }
-    if at == kept.len() {
-        out.push(&key, &value, meta);
-    }
-    out
+    (key, value, meta)
 }
 
 fn mask(n: usize, idx: &[usize]) -> Vec<bool> {
