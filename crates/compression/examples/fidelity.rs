@@ -157,14 +157,29 @@ fn main() {
         ("kvmerger", &[("chain", "first")]),
         ("kvmerger", &[("score", "window")]),
         ("kvmerger", &[("mode", "paper")]),
-        ("kvmerger+", &[("selector", "snapkv")]),
+        ("kvmerger+", &[("selector", "snapkv"), ("merge", "values")]),
         (
             "kvmerger+",
-            &[("selector", "snapkv"), ("damp", "1"), ("cap", "100")],
+            &[
+                ("selector", "snapkv"),
+                ("merge", "values"),
+                ("damp", "1"),
+                ("cap", "100"),
+            ],
         ),
-        ("kvmerger+", &[("selector", "snapkv"), ("damp", "0")]),
-        ("kvmerger+", &[("selector", "snapkv"), ("epsilon", "0.75")]),
-        ("kvmerger+", &[("selector", "snapkv"), ("merge", "none")]),
+        (
+            "kvmerger+",
+            &[("selector", "snapkv"), ("merge", "values"), ("damp", "0")],
+        ),
+        (
+            "kvmerger+",
+            &[
+                ("selector", "snapkv"),
+                ("merge", "values"),
+                ("epsilon", "0.75"),
+            ],
+        ),
+        ("kvmerger+", &[("selector", "snapkv")]),
         ("kvmerger", &[("heavy", "0")]),
     ];
     println!("{n} slots x {DIM} dims, rho {rho}; mean relative error of {FUTURE} future queries' attention output, 3 heads");

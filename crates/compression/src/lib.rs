@@ -40,7 +40,7 @@
 //! | `kvzap` | KVzip's scores predicted from hidden states by a trained per-layer model (KVzap) | learned |
 //! | `adakv` | any scorer's best slots over all heads of a layer (Ada-KV) | the scorer's |
 //! | `kvmerger` | recent + heavy hitters, similar consecutive keys merged (KVMerger) | accumulated, window, queries, reconstruction or none |
-//! | `kvmerger+` | a scorer's selection (KVzip's by default), neighbours' values merged into kept keys, mass bias | the selector's |
+//! | `kvmerger+` | a scorer's selection (KVzip's by default) with sinks sized to the budget; `merge=values`: neighbours' values merged into kept keys, mass bias | the selector's |
 //!
 //! Every method returns at most its budget of slots except `full`, `pyramidkv` (whose
 //! lower layers get more than the mean, by design) and `kvmerger` in `mode=paper`.

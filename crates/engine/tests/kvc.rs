@@ -51,7 +51,10 @@ fn every_storage_type_and_method_family_round_trips_to_the_same_answers() {
         ("keydiff@0.5", KvDtype::F32),
         ("keydiff@0.5", KvDtype::Q8_0),
         ("kvmerger@0.5", KvDtype::F16),
-        ("kvmerger+:selector=snapkv,scope=head@0.5", KvDtype::F16),
+        (
+            "kvmerger+:selector=snapkv,scope=head,merge=values@0.5",
+            KvDtype::F16,
+        ),
         ("h2o:prefill_chunk=32,recompress_margin=8@64", KvDtype::Q8_0),
         ("kvzip@0.25", KvDtype::F16),
     ] {

@@ -1,11 +1,16 @@
-//! `kvmerger+`: KVMerger rebuilt on a strong selection, following the spec's evidence
-//! that *which* tokens stay exact decides most of the score and that merging helps, if
-//! at all, on top of a strong selector, with keys left unchanged.
+//! `kvmerger+`: KVMerger rebuilt on a strong selection, following the evidence that
+//! *which* tokens stay exact decides most of the score and that merging helps, if at
+//! all, on top of a strong selector, with keys left unchanged.
 //!
 //! 1. **Selection**: any scorer (`selector`, see `kvmerger methods`) picks the kept
 //!    slots, per head or with budgets shared between heads (`scope`, Ada-KV's
-//!    safeguard `alpha`), exactly as the selector alone would. So `kvmerger+` with
-//!    `merge=none` *is* its selector, and the rest measures merging alone.
+//!    safeguard `alpha`), exactly as the selector alone would. With the default
+//!    `merge=none`, `kvmerger+` *is* its selector, with sinks sized to the budget
+//!    (below): at 17.7% kept and above, KVzip's selection exactly.
+//!
+//! **Merging** (`merge=values`, off by default: measured as an ablation on RULER it won
+//! at no budget and lost at 16k tokens with 25% kept; docs/kvmerger-method.md):
+//!
 //! 2. **Pivots**: every kept slot with a finite score (slots a selector always keeps,
 //!    such as sinks or an observation window, score infinity and stay unchanged)
 //!    absorbs its evicted neighbours as consecutive runs: first its older neighbours,
@@ -36,17 +41,15 @@
 //! pivot's.
 //!
 //! **Tight budgets** (less than [`TIGHT_SHARE`], 17.7%, of the slots kept): where the
-//! options leave them unset, nothing is merged and kvzip keeps [`TIGHT_SINKS`] (64)
-//! sinks instead of 4, the best of the dev split's study at 12.5%; below
-//! [`VERY_TIGHT_SHARE`] (8.8%) it keeps [`VERY_TIGHT_SINKS`] (128), the best at
-//! 6.25%. The share is
-//! judged from the slots a call is given, so re-compression while decoding (a
-//! `recompress_margin`, which trims a margin off an already small cache) runs with
-//! the ordinary settings.
+//! options leave them unset, kvzip keeps [`TIGHT_SINKS`] (64) sinks instead of 4, the
+//! best of the dev split's study at 12.5%; below [`VERY_TIGHT_SHARE`] (8.8%) it keeps
+//! [`VERY_TIGHT_SINKS`] (128), the best at 6.25%. The share is judged from the slots a
+//! call is given, so re-compression while decoding (a `recompress_margin`, which trims
+//! a margin off an already small cache) runs with the ordinary settings.
 //!
 //! Options: `selector` (`kvzip`, the dev split's best), `scope` (`auto`: `model` for
 //! kvzip, else `head`; `layer` or `model` share budgets), `alpha` (0.2 with
-//! `scope=layer`, else 0), `merge` (`values` or `none`), `mass`
+//! `scope=layer`, else 0), `merge` (`none` or `values`), `mass`
 //! (`bias` or `none`), `epsilon` (0.5: the independent study found KVMerger at 0.5
 //! better than at 0.75, and with fixed keys a lower threshold only mixes values),
 //! `damp` (0.5), `cap` (ln 4 = 1.386: a merged slot draws at most 4 times its pivot's
@@ -63,12 +66,12 @@ use crate::store::{HeadData, SlotMeta};
 use crate::Error;
 
 pub const SUMMARY: &str =
-    "KVMerger+: a scorer's selection; evicted neighbours' values merged into kept keys, damped log-mass bias";
+    "KVMerger+: KVzip's selection (or any scorer's) with sinks sized to the budget; merge=values folds evicted neighbours' values into kept keys";
 pub const OPTIONS: &[OptionDoc] = &[
-    OptionDoc { key: "selector", default: "kvzip", help: "scorer that picks the kept slots (its options pass through)" },
+    OptionDoc { key: "selector", default: "kvzip", help: "scorer that picks the kept slots (its options pass through); kvzip and kvzap keep 64 sinks below 17.7% kept and 128 below 8.8%, unless sinks= is given" },
     OptionDoc { key: "scope", default: "auto", help: "who shares the budget: head, layer (Ada-KV) or model (auto: model for kvzip, head otherwise)" },
     OptionDoc { key: "alpha", default: "auto", help: "safeguard share of each head's budget with shared budgets (auto: 0.2 for layer, 0 for model)" },
-    OptionDoc { key: "merge", default: "values", help: "values (evicted neighbours' values merged into kept slots) or none (the selection alone); unset: none below 17.7% kept, where kvzip also keeps 64 sinks (128 below 8.8%) unless sinks= is given" },
+    OptionDoc { key: "merge", default: "none", help: "none (the selection alone) or values (evicted neighbours' values merged into kept slots; off by default: on RULER it won at no budget and lost at 16k tokens, 25% kept)" },
     OptionDoc { key: "mass", default: "bias", help: "bias (damped log-mass logit bias on merged slots) or none" },
     OptionDoc { key: "epsilon", default: "0.5", help: "cosine threshold for absorbing a neighbour into a pivot" },
     OptionDoc { key: "damp", default: "0.5", help: "factor on the log attention-mass bias, in [0, 1]" },
@@ -77,13 +80,12 @@ pub const OPTIONS: &[OptionDoc] = &[
 ];
 
 const MIN_WEIGHT: f32 = 1e-12;
-/// Below this share of the prompt kept, a tight budget: where `merge` is not set,
-/// nothing is merged, and where kvzip selects with its default sinks, it keeps
-/// [`TIGHT_SINKS`] instead. The dev split at 12.5% (docs/results/dev-qwen-tight, 24
+/// Below this share of the prompt kept, a tight budget: where kvzip selects with its
+/// default sinks, it keeps [`TIGHT_SINKS`] instead. The dev split at 12.5% (docs/results/dev-qwen-tight, 24
 /// paired samples): kvzip's selection with 64 sinks and no merging scored 68.1
 /// against 54.2 for the default at 25%'s settings, paired +14.0 [+2.5, +26.6]; with 4
 /// sinks and no merging, 64.2. The threshold is the geometric midpoint between the
-/// two budgets measured, 12.5% and 25% (where merging ties or helps).
+/// two budgets measured, 12.5% and 25%.
 pub const TIGHT_SHARE: f64 = 0.177;
 /// Sinks kvzip keeps at a tight budget, when each head's budget holds them and
 /// [`SINK_MARGIN`] more.
@@ -111,8 +113,6 @@ pub struct KvMergerPlus {
     /// [`VERY_TIGHT_SINKS`] below [`VERY_TIGHT_SHARE`], when it is kvzip or kvzap
     /// and `sinks` was not given (else empty).
     pub tight_selectors: Vec<(f64, usize, Box<dyn Scorer>)>,
-    /// Whether merging stops at tight budgets (`merge` not given).
-    pub tight_no_merge: bool,
     pub scope: Scope,
     pub alpha: f32,
     pub merge: bool,
@@ -196,10 +196,9 @@ impl KvMergerPlus {
         Ok(KvMergerPlus {
             selector,
             tight_selectors,
-            tight_no_merge: opts.get("merge").is_none(),
             scope,
             alpha,
-            merge: opts.choice_or("merge", &["values", "none"], "values")? == "values",
+            merge: opts.choice_or("merge", &["values", "none"], "none")? == "values",
             mass: opts.choice_or("mass", &["bias", "none"], "bias")? == "bias",
             epsilon,
             damp: super::fraction_or(opts, "damp", 0.5)?,
@@ -208,15 +207,15 @@ impl KvMergerPlus {
         })
     }
 
-    /// The selector and whether to merge for these heads: the configured ones, or
-    /// at a tight budget (less than [`TIGHT_SHARE`] of their slots kept in all) the
-    /// tight ones, where the options left them to the default.
-    fn settings(&self, inputs: &[HeadInput<'_>]) -> (&dyn Scorer, bool) {
+    /// The selector for these heads: the configured one, or at a tight budget (less
+    /// than [`TIGHT_SHARE`] of their slots kept in all) a tight one, where the options
+    /// left the sinks to the default.
+    fn selector_for(&self, inputs: &[HeadInput<'_>]) -> &dyn Scorer {
         let (kept, len) = inputs.iter().fold((0usize, 0usize), |(k, n), i| {
             (k + i.budget.min(i.data.len()), n + i.data.len())
         });
         if len == 0 || kept as f64 >= TIGHT_SHARE * len as f64 {
-            return (self.selector.as_ref(), self.merge);
+            return self.selector.as_ref();
         }
         let share = kept as f64 / len as f64;
         let fits = |sinks: usize| {
@@ -230,24 +229,14 @@ impl KvMergerPlus {
             .rev()
             .find(|(below, sinks, _)| share < *below && fits(*sinks))
             .map_or(self.selector.as_ref(), |(_, _, s)| s.as_ref());
-        (selector, self.merge && !self.tight_no_merge)
+        selector
     }
 
     /// The protected slots, sets and value weights for a head, given the slots the
     /// selection keeps (`kept`, ascending) and the selector's `scores`.
     pub fn plan(&self, data: &HeadData, kept: &[usize], scores: &[f32]) -> PlusPlan {
-        self.plan_merging(data, kept, scores, self.merge)
-    }
-
-    fn plan_merging(
-        &self,
-        data: &HeadData,
-        kept: &[usize],
-        scores: &[f32],
-        merge: bool,
-    ) -> PlusPlan {
         let n = data.len();
-        if kept.len() >= n || !merge {
+        if kept.len() >= n || !self.merge {
             let kept_set: Vec<bool> = mask(n, kept);
             return PlusPlan {
                 protected: kept.to_vec(),
@@ -373,23 +362,17 @@ impl KvMergerPlus {
         out
     }
 
-    fn finish(
-        &self,
-        input: &HeadInput<'_>,
-        kept: &[usize],
-        scores: &[f32],
-        merge: bool,
-    ) -> HeadData {
-        let plan = self.plan_merging(input.data, kept, scores, merge);
+    fn finish(&self, input: &HeadInput<'_>, kept: &[usize], scores: &[f32]) -> HeadData {
+        let plan = self.plan(input.data, kept, scores);
         self.apply(&plan, input.data, scores)
     }
 
     /// The selection, scores and plan for one head on its own budget.
     pub fn plan_head(&self, input: &HeadInput<'_>) -> Result<PlusPlan, Error> {
-        let (selector, merge) = self.settings(std::slice::from_ref(input));
+        let selector = self.selector_for(std::slice::from_ref(input));
         let scores = Self::head_scores(selector, input)?;
         let kept = self.kept_alone(input, &scores);
-        Ok(self.plan_merging(input.data, &kept, &scores, merge))
+        Ok(self.plan(input.data, &kept, &scores))
     }
 
     fn head_scores(selector: &dyn Scorer, input: &HeadInput<'_>) -> Result<Vec<f32>, Error> {
@@ -482,10 +465,10 @@ impl Method for KvMergerPlus {
             "kvmerger+",
             "the selector's window",
         )?;
-        let (selector, merge) = self.settings(std::slice::from_ref(&input));
+        let selector = self.selector_for(std::slice::from_ref(&input));
         let scores = Self::head_scores(selector, &input)?;
         let kept = self.kept_alone(&self.reserve(input), &scores);
-        Ok(self.finish(&input, &kept, &scores, merge))
+        Ok(self.finish(&input, &kept, &scores))
     }
     fn compress_all(&self, inputs: &[HeadInput<'_>]) -> Result<Vec<HeadData>, Error> {
         use rayon::prelude::*;
@@ -495,7 +478,7 @@ impl Method for KvMergerPlus {
             "kvmerger+",
             "the selector's window",
         )?;
-        let (selector, merge) = self.settings(inputs);
+        let selector = self.selector_for(inputs);
         let scores: Vec<Vec<f32>> = inputs
             .par_iter()
             .map(|i| Self::head_scores(selector, i))
@@ -510,7 +493,7 @@ impl Method for KvMergerPlus {
                 if k.len() >= i.data.len() {
                     i.data.clone()
                 } else {
-                    self.finish(i, k, s, merge)
+                    self.finish(i, k, s)
                 }
             })
             .collect())

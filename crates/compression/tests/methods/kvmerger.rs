@@ -335,7 +335,7 @@ proptest! {
         n in 5usize..200, cut in 0.05f64..0.95, seed in any::<u64>()) {
         let h = head(n, 8, seed);
         let budget = ((n as f64 * cut) as usize).clamp(4, n - 1);
-        let m = plus(&[("selector", "snapkv"), ("window", "4")]);
+        let m = plus(&[("selector", "snapkv"), ("window", "4"), ("merge", "values")]);
         let snap = build("snapkv", &[("window", "4")]);
         let out = m.compress(h.input(budget, mid())).unwrap();
         let reference = snap.compress(h.input(budget, mid())).unwrap();
@@ -365,7 +365,7 @@ proptest! {
         ][which];
         let mut pairs = vec![("selector", selector)];
         pairs.extend_from_slice(extra);
-        let m = plus(&pairs);
+        let m = plus(&[pairs.as_slice(), &[("merge", "values")]].concat());
         let alone = build(selector, extra);
         let input = h.input(budget, mid());
         let out = m.compress(input).unwrap();
@@ -386,10 +386,12 @@ proptest! {
             }
         }
         prop_assert!(seen.iter().all(|&c| c == 1), "every slot is kept, merged or dropped once");
-        // Without merging, kvmerger+ is its selector, bit for bit.
-        pairs.push(("merge", "none"));
+        // Without merging (the default, or said), kvmerger+ is its selector, bit for bit.
         let bare = plus(&pairs).compress(input).unwrap();
         prop_assert!(data::identical(&bare, &reference));
+        pairs.push(("merge", "none"));
+        let said = plus(&pairs).compress(input).unwrap();
+        prop_assert!(data::identical(&said, &reference));
     }
 }
 
@@ -408,6 +410,7 @@ fn kvmerger_plus_with_full_mass_reproduces_attention_over_identical_keys() {
         ("epsilon", "0.999"),
         ("damp", "1"),
         ("cap", "100"),
+        ("merge", "values"),
     ]);
     let plan = m.plan_head(&h.input(7, mid())).unwrap();
     assert!(
@@ -505,7 +508,7 @@ fn sparsity_budgets_move_slots_to_the_layers_that_merge_least_and_keep_the_total
 }
 
 #[test]
-fn kvmerger_plus_at_a_tight_budget_is_kvzip_with_64_or_128_sinks_unless_told_otherwise() {
+fn kvmerger_plus_is_kvzip_with_sinks_sized_to_the_budget_and_merges_only_when_told() {
     let n = 1200;
     let h = head(n, 8, 7);
     let kvzip = |sinks: &str| build("kvzip", &[("sinks", sinks)]);
@@ -522,15 +525,22 @@ fn kvmerger_plus_at_a_tight_budget_is_kvzip_with_64_or_128_sinks_unless_told_oth
     assert!(plan.sets.iter().any(|s| s.members.len() > 1));
     let out = plus(&[("sinks", "4")]).compress(tight).unwrap();
     assert!(identical(&out, &kvzip("4").compress(tight).unwrap()));
-    // A budget under twice the tight sinks keeps kvzip's default sinks (still no
-    // merging).
+    // A budget under twice the tight sinks keeps kvzip's default sinks.
     let small = h.input(100, mid());
     let out = plus(&[]).compress(small).unwrap();
     assert!(identical(&out, &kvzip("4").compress(small).unwrap()));
-    // 25% kept: the default settings, which merge.
-    let plan = plus(&[]).plan_head(&h.input(n / 4, mid())).unwrap();
+    // 25% kept: kvzip's selection with its own 4 sinks, nothing merged; merging when
+    // asked, on the same selection.
+    let quarter = h.input(n / 4, mid());
+    let out = plus(&[]).compress(quarter).unwrap();
+    assert!(identical(&out, &kvzip("4").compress(quarter).unwrap()));
+    assert!(plus(&[]).plan_head(&quarter).unwrap().sets.is_empty());
+    let plan = plus(&[("merge", "values")]).plan_head(&quarter).unwrap();
     assert!(plan.sets.iter().any(|s| s.members.len() > 1));
     assert_eq!(plan.slots(), n / 4);
+    let merged = plus(&[("merge", "values")]).compress(quarter).unwrap();
+    assert_eq!(data::positions(&merged), data::positions(&out));
+    assert!(!identical(&merged, &out));
     // 6.25% kept (under 8.8%), with room for 128 sinks and 64 more: 128 sinks.
     let long = head(4000, 8, 11);
     let very = long.input(250, mid());

@@ -18,6 +18,7 @@ fn small_options(name: &str) -> Options {
             o.set("selector", "snapkv");
             o.set("window", 3);
             o.set("kernel", 3);
+            o.set("merge", "values");
         }
         "cam" => {
             o.set("sinks", 2);
