@@ -59,6 +59,7 @@ fn main() {
         ("kvmerger", &[("mode", "paper")]),
         ("kvmerger", &[("chain", "first")]),
         ("kvmerger+", &[]),
+        ("kvmerger+", &[("merge", "values")]),
         ("h2o", &[]),
         ("snapkv", &[]),
         ("pyramidkv", &[]),

@@ -27,18 +27,18 @@
 //!    other queries give to the absorbed slots. With `damp=1` and a high cap, identical
 //!    keys reproduce full attention exactly.
 //!
-//! 5. **Evicted** (`evicted=mean`; off by default): the slots neither kept nor merged
-//!    become one slot per head, their mean key and mean value, with a logit bias of
-//!    their mean bias plus the log of their number, placed at the newest one's
-//!    position. For any query its weight is at most the attention mass the evicted
-//!    slots drew (the exponential is convex), so a head whose attention was spread
-//!    over them keeps most of that mass on their mean value instead of pouring it onto
-//!    the kept slots. It takes one slot of the head's budget. In a sliding-window layer
-//!    it stays visible as long as the newest evicted slot does.
-//!
 //! Scores at or below zero are read as 1e-12 so the ratios stay finite (the cap bounds
 //! them). Count and score of a merged slot are the members' sums; its position is the
 //! pivot's.
+//!
+//! **Evicted** (`evicted=mean`; off by default, with or without merging): the slots
+//! neither kept nor merged become one slot per head, their mean key and mean value,
+//! with a logit bias of their mean bias plus the log of their number, placed at the
+//! newest one's position. For any query its weight is at most the attention mass the
+//! evicted slots drew (the exponential is convex), so a head whose attention was
+//! spread over them keeps most of that mass on their mean value instead of pouring it
+//! onto the kept slots. It takes one slot of the head's budget. In a sliding-window
+//! layer it stays visible as long as the newest evicted slot does.
 //!
 //! **Tight budgets** (less than [`TIGHT_SHARE`], 17.7%, of the slots kept): where the
 //! options leave them unset, kvzip keeps [`TIGHT_SINKS`] (64) sinks instead of 4, the
@@ -72,20 +72,21 @@ pub const OPTIONS: &[OptionDoc] = &[
     OptionDoc { key: "scope", default: "auto", help: "who shares the budget: head, layer (Ada-KV) or model (auto: model for kvzip, head otherwise)" },
     OptionDoc { key: "alpha", default: "auto", help: "safeguard share of each head's budget with shared budgets (auto: 0.2 for layer, 0 for model)" },
     OptionDoc { key: "merge", default: "none", help: "none (the selection alone) or values (evicted neighbours' values merged into kept slots; off by default: on RULER it won at no budget and lost at 16k tokens, 25% kept)" },
-    OptionDoc { key: "mass", default: "bias", help: "bias (damped log-mass logit bias on merged slots) or none" },
-    OptionDoc { key: "epsilon", default: "0.5", help: "cosine threshold for absorbing a neighbour into a pivot" },
-    OptionDoc { key: "damp", default: "0.5", help: "factor on the log attention-mass bias, in [0, 1]" },
-    OptionDoc { key: "cap", default: "1.386", help: "largest bias added to a merged slot (ln 4)" },
+    OptionDoc { key: "mass", default: "bias", help: "with merge=values: bias (damped log-mass logit bias on merged slots) or none" },
+    OptionDoc { key: "epsilon", default: "0.5", help: "with merge=values: cosine threshold for absorbing a neighbour into a pivot" },
+    OptionDoc { key: "damp", default: "0.5", help: "with merge=values: factor on the log attention-mass bias, in [0, 1]" },
+    OptionDoc { key: "cap", default: "1.386", help: "with merge=values: largest bias added to a merged slot (ln 4)" },
     OptionDoc { key: "evicted", default: "drop", help: "what becomes of the slots neither kept nor merged: drop, or mean (one slot per head holds their mean key and value, logit bias their mean bias plus ln of their number; it takes one slot of the budget)" },
 ];
 
 const MIN_WEIGHT: f32 = 1e-12;
 /// Below this share of the prompt kept, a tight budget: where kvzip selects with its
-/// default sinks, it keeps [`TIGHT_SINKS`] instead. The dev split at 12.5% (docs/results/dev-qwen-tight, 24
-/// paired samples): kvzip's selection with 64 sinks and no merging scored 68.1
-/// against 54.2 for the default at 25%'s settings, paired +14.0 [+2.5, +26.6]; with 4
-/// sinks and no merging, 64.2. The threshold is the geometric midpoint between the
-/// two budgets measured, 12.5% and 25%.
+/// default sinks, it keeps [`TIGHT_SINKS`] instead. The dev split at 12.5%
+/// (docs/results/dev-qwen-tight, 24 paired samples): kvzip's selection with 64 sinks
+/// and no merging scored 68.1 against 54.2 for `merge=values` with 4 sinks (the
+/// default at 25% then), paired +14.0 [+2.5, +26.6]; with 4 sinks and no merging,
+/// 64.2. The threshold is the geometric midpoint between the two budgets measured,
+/// 12.5% and 25%.
 pub const TIGHT_SHARE: f64 = 0.177;
 /// Sinks kvzip keeps at a tight budget, when each head's budget holds them and
 /// [`SINK_MARGIN`] more.
